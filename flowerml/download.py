@@ -1,0 +1,380 @@
+"""Fetching one file over HTTP(S) into a local path, safely.
+
+This module owns the transfer itself: streaming to ``<dest>.part``, resuming with ``Range``,
+retrying transient failures with capped exponential backoff, refusing redirects that downgrade
+https to http, verifying the MD5 and only then moving the file into place with ``os.replace``.
+It also owns the streaming checksum helpers (`md5_of`, `sha256_of`) and `redact_url`, which
+strips credentials from a URL before it is named in an error.
+
+Bad input (a 404, a non-http scheme, a wrong checksum) raises `SourceError`; a failure that may
+pass later (5xx, throttling, a flaky connection) raises `DownloadError` once the retries are spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from flowerml.errors import DownloadError, SourceError
+
+__all__ = [
+    "RETRY_STATUSES",
+    "check_redirect",
+    "check_url",
+    "download_file",
+    "md5_of",
+    "redact_url",
+    "sha256_of",
+]
+
+Progress = Callable[[int, int | None], None]
+
+# Statuses that say "try again later" rather than "this URL is wrong".
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+ALLOWED_SCHEMES = frozenset({"http", "https"})
+MAX_REDIRECTS = 20
+
+# Transport failures worth retrying. LocalProtocolError and UnsupportedProtocol are left out on
+# purpose: they are our own mistakes and would fail the same way every time.
+_RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+)
+
+# Indirection so tests can observe the backoff delays without sleeping.
+_sleep = time.sleep
+
+
+# --- checksums -----------------------------------------------------------------------------
+
+
+def _digest_of(path: Path, algorithm: str, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        # Read in chunks: the archive is ~330 MB and must not be held in memory.
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def md5_of(path: str | os.PathLike[str]) -> str:
+    """Hex MD5 of a file, read in chunks (the published Flowers-102 checksums are MD5)."""
+    return _digest_of(Path(path), "md5")
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    return _digest_of(Path(path), "sha256")
+
+
+# --- URLs ----------------------------------------------------------------------------------
+
+
+def redact_url(url: str | httpx.URL) -> str:
+    """The URL as it may appear in a message: no ``user:pass@``, no query string.
+
+    The query is dropped too because presigned URLs carry their signature there.
+    """
+    try:
+        parts = urlsplit(str(url))
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _scheme(url: str | httpx.URL) -> str:
+    try:
+        return urlsplit(str(url)).scheme.lower()
+    except ValueError:
+        return ""
+
+
+def check_url(url: str | httpx.URL) -> None:
+    """Raise `SourceError` unless ``url`` is an absolute http or https URL."""
+    if _scheme(url) not in ALLOWED_SCHEMES:
+        raise SourceError(f"{redact_url(url)}: only http and https URLs can be downloaded")
+
+
+def check_redirect(from_url: str | httpx.URL, to_url: str | httpx.URL) -> None:
+    """Raise `SourceError` if following ``from_url -> to_url`` is unsafe.
+
+    Unsafe means a scheme other than http(s), or https downgraded to http (which would expose
+    the transfer, and any credentials, to anyone on the path).
+    """
+    if _scheme(to_url) not in ALLOWED_SCHEMES:
+        raise SourceError(
+            f"{redact_url(from_url)}: refusing redirect to non-http(s) URL {redact_url(to_url)}"
+        )
+    if _scheme(from_url) == "https" and _scheme(to_url) == "http":
+        raise SourceError(
+            f"{redact_url(from_url)}: refusing redirect that downgrades https to http "
+            f"({redact_url(to_url)})"
+        )
+
+
+# --- one attempt ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """An attempt that failed in a way worth retrying."""
+
+    reason: str
+    retry_after: float | None = None
+
+
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """``bytes 10-99/100`` -> (10, 99, 100); ``bytes */100`` -> (None, None, 100).
+
+    Unknown parts are None; a malformed header gives (None, None, None).
+    """
+    if not value:
+        return None, None, None
+    unit, _, rest = value.strip().partition(" ")
+    if unit.lower() != "bytes":
+        return None, None, None
+    span, _, total_text = rest.strip().partition("/")
+    total = int(total_text) if total_text.strip().isdigit() else None
+    start_text, dash, end_text = span.strip().partition("-")
+    if dash and start_text.isdigit() and end_text.isdigit():
+        return int(start_text), int(end_text), total
+    return None, None, total
+
+
+def _int_header(response: httpx.Response, name: str) -> int | None:
+    value = response.headers.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    # Only the numeric form: an HTTP-date would need the server's clock to agree with ours.
+    value = response.headers.get("Retry-After", "").strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _status_text(response: httpx.Response) -> str:
+    return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+
+
+def _part_size(part: Path) -> int:
+    try:
+        return part.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _open(client: httpx.Client, url: str, headers: dict[str, str]) -> httpx.Response:
+    """Send GET and follow redirects by hand, vetting each hop before it is requested."""
+    request = client.build_request("GET", url, headers=headers)
+    for _ in range(MAX_REDIRECTS + 1):
+        response = client.send(request, stream=True, follow_redirects=False)
+        if response.next_request is None:
+            return response
+        response.close()
+        # Checked before the next request goes out, so a downgrade never hits the wire.
+        check_redirect(request.url, response.next_request.url)
+        request = response.next_request
+    raise SourceError(f"{redact_url(url)}: more than {MAX_REDIRECTS} redirects")
+
+
+def _attempt(
+    client: httpx.Client,
+    url: str,
+    part: Path,
+    progress: Progress | None,
+    chunk_size: int,
+) -> _Retry | None:
+    """Try once to bring ``part`` to the complete file. None means it is complete."""
+    offset = _part_size(part)
+    # identity: ranges and Content-Length must count the bytes of the file itself, and a
+    # server that gzips a .tgz "for transport" must not get it decoded into a .tar.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+
+    with _open(client, url, headers) as response:
+        status = response.status_code
+
+        if status == 416 and offset:
+            _, _, total = _parse_content_range(response.headers.get("Content-Range"))
+            if total == offset:
+                # The part already holds every byte (e.g. we stopped just before the rename).
+                return None
+            part.unlink(missing_ok=True)
+            return _Retry(f"{_status_text(response)} for a {offset}-byte partial file")
+
+        if status in RETRY_STATUSES:
+            return _Retry(_status_text(response), _retry_after(response))
+
+        if status >= 500:
+            # A server failure we do not expect to clear within seconds; still transient.
+            raise DownloadError(f"{redact_url(url)}: {_status_text(response)}")
+
+        if status not in (200, 206):
+            raise SourceError(f"{redact_url(url)}: {_status_text(response)}")
+
+        length = _int_header(response, "Content-Length")
+        if status == 206:
+            start, end, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                # Not the bytes we asked for; appending them would corrupt the file.
+                part.unlink(missing_ok=True)
+                return _Retry(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+            if length is None and end is not None:
+                length = end - start + 1
+        else:
+            # 200: the server sent the whole file (it ignored or did not get our Range), so the
+            # part is started over rather than appended to.
+            offset = 0
+            total = length
+
+        return _stream_body(response, part, offset, length, total, progress, chunk_size)
+
+
+def _stream_body(
+    response: httpx.Response,
+    part: Path,
+    offset: int,
+    length: int | None,
+    total: int | None,
+    progress: Progress | None,
+    chunk_size: int,
+) -> _Retry | None:
+    """Write the body to ``part`` at ``offset``; judge whether the file is now complete."""
+    limit = total if total is not None else (offset + length if length is not None else None)
+    written = offset
+    # "ab" after a 206 appends to what we have; "wb" after a 200 truncates it. An exception
+    # (connection dropped) leaves the bytes so far on disk for the next Range request.
+    with open(part, "ab" if offset else "wb") as fh:
+        # iter_raw: the exact bytes the server stores, never content-decoded.
+        for chunk in response.iter_raw(chunk_size):
+            written += len(chunk)
+            if limit is not None and written > limit:
+                break
+            fh.write(chunk)
+            if progress is not None:
+                progress(written, total)
+        else:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    if limit is not None and written > limit:
+        # More bytes than announced: we cannot tell which are wrong, so nothing is kept.
+        part.unlink(missing_ok=True)
+        return _Retry(f"received more than the announced {limit} bytes")
+    if limit is not None and written < limit:
+        # Keep the part: the next attempt resumes from here.
+        return _Retry(f"incomplete body: {written} of {limit} bytes")
+    return None
+
+
+# --- the public entry point ----------------------------------------------------------------
+
+
+def _delay(attempt: int, backoff: float, max_backoff: float, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return min(retry_after, max_backoff)
+    return min(backoff * 2**attempt, max_backoff)
+
+
+def _verify_md5(path: Path, expected_md5: str | None) -> str | None:
+    """None if ``path`` matches (or nothing is expected), else the actual MD5."""
+    if expected_md5 is None:
+        return None
+    actual = md5_of(path)
+    return None if actual == expected_md5.strip().lower() else actual
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike[str],
+    *,
+    expected_md5: str | None = None,
+    retries: int = 5,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    max_backoff: float = 30.0,
+    progress: Progress | None = None,
+    chunk_size: int = 1 << 20,
+) -> Path:
+    """Download ``url`` to ``dest`` and return ``dest``.
+
+    Streams into ``<dest>.part`` and resumes it with ``Range`` across retries and across calls.
+    Retries 429/500/502/503/504 and connection errors ``retries`` times with backoff
+    ``backoff * 2**attempt`` (capped at ``max_backoff``; a numeric Retry-After wins, same cap),
+    then raises `DownloadError`. Any other 4xx, a non-http(s) URL or redirect, an https->http
+    redirect, or an MD5 mismatch raises `SourceError`. ``dest`` appears only once complete and
+    verified. An existing ``dest`` that matches ``expected_md5`` (or any, when None) is returned
+    without a request. ``progress(bytes_so_far, total_or_None)`` is called as bytes arrive.
+    """
+    check_url(url)
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    safe_url = redact_url(url)
+
+    if dest.exists():
+        if _verify_md5(dest, expected_md5) is None:
+            return dest
+        # A corrupt file must not stay looking complete, whatever happens next.
+        dest.unlink()
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    client = httpx.Client(timeout=httpx.Timeout(timeout), follow_redirects=False)
+    with client:
+        _transfer(client, url, part, retries, backoff, max_backoff, progress, chunk_size)
+
+    actual = _verify_md5(part, expected_md5)
+    if actual is not None:
+        # A finished file with the wrong bytes would only resume into the same wrong file.
+        part.unlink(missing_ok=True)
+        raise SourceError(
+            f"{dest.name}: MD5 mismatch: expected {expected_md5}, got {actual} "
+            f"(downloaded from {safe_url})"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def _transfer(
+    client: httpx.Client,
+    url: str,
+    part: Path,
+    retries: int,
+    backoff: float,
+    max_backoff: float,
+    progress: Progress | None,
+    chunk_size: int,
+) -> None:
+    """Run attempts until ``part`` is complete; DownloadError after ``retries`` retries."""
+    last: _Retry | None = None
+    last_exc: Exception | None = None
+    for attempt in range(retries + 1):
+        if last is not None:
+            _sleep(_delay(attempt - 1, backoff, max_backoff, last.retry_after))
+        try:
+            last = _attempt(client, url, part, progress, chunk_size)
+            last_exc = None
+        except _RETRY_EXCEPTIONS as exc:
+            # The reason names the class only: short, stable, and free of the library's wording.
+            last, last_exc = _Retry(type(exc).__name__), exc
+        if last is None:
+            return
+    assert last is not None
+    raise DownloadError(
+        f"{redact_url(url)}: download failed after {retries} retries: {last.reason}"
+    ) from last_exc

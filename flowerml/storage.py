@@ -1,0 +1,520 @@
+"""The object-store contract and its two implementations: `LocalStore` and `S3Store`.
+
+Both give the same guarantees: objects appear whole or not at all, create-only writes
+(`if_none_match=True`) never overwrite, and compare-and-swap replaces (`if_match=etag`)
+succeed for exactly one writer. This is the only module that imports boto3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowerml.errors import FlowermlError, TransientError, UserError
+
+Payload = bytes | Path
+ProgressFn = Callable[[int], None]
+"""Called once per transferred object with its size in bytes."""
+
+
+class StoreError(FlowermlError):
+    """Base of the store's errors."""
+
+
+class ObjectNotFound(StoreError, UserError):
+    """The key does not exist."""
+
+
+class PreconditionFailed(StoreError):
+    """A create-only or compare-and-swap write lost: re-read and decide again."""
+
+
+class StoreAccessError(StoreError, UserError):
+    """The bucket does not exist, or credentials are missing or refused."""
+
+
+class StoreUnreachable(StoreError, TransientError, UserError):
+    """The endpoint did not answer (after the client's own retries)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What `head` and `list` report about one object."""
+
+    key: str
+    size: int
+    etag: str
+
+
+class Store(ABC):
+    """One object store, addressed by '/'-separated keys below its root."""
+
+    def __init__(self, concurrency: int = 16) -> None:
+        self.concurrency = concurrency
+
+    @property
+    @abstractmethod
+    def uri(self) -> str:
+        """Where this store lives, without credentials."""
+
+    def check(self) -> None:
+        """Fail early with a clear error when the store cannot be used."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> str:
+        """Write an object; returns its etag. Raises PreconditionFailed when a condition fails."""
+
+    @abstractmethod
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """An object's content and the etag of exactly that content."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> str:
+        """Upload a local file (large ones in parts); returns its etag."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: Path) -> Path:
+        """Download an object to `path`, which appears whole or not at all."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """An object's size and etag, or None when absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with `prefix`, in key order."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; absent objects are fine."""
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.get_with_etag(key)[0]
+
+    def exists(self, key: str) -> bool:
+        return self.head(key) is not None
+
+    def upload_many(self, items: Iterable[tuple[str, Payload]], *,
+                    progress: ProgressFn | None = None) -> int:
+        """Upload (key, bytes-or-path) pairs in parallel; `items` may be a lazy stream."""
+
+        def upload(item: tuple[str, Payload]) -> int:
+            key, payload = item
+            if isinstance(payload, Path):
+                self.put_file(key, payload)
+                return payload.stat().st_size
+            self.put_bytes(key, payload)
+            return len(payload)
+
+        return run_bounded(upload, items, self.concurrency, progress)
+
+    def download_many(self, items: Iterable[tuple[str, Path]], *,
+                      progress: ProgressFn | None = None) -> int:
+        """Download (key, path) pairs in parallel."""
+
+        def download(item: tuple[str, Path]) -> int:
+            return self.get_file(*item).stat().st_size
+
+        return run_bounded(download, items, self.concurrency, progress)
+
+
+def run_bounded(work: Callable[[Any], int], items: Iterable[Any], concurrency: int,
+                progress: ProgressFn | None = None) -> int:
+    """Run `work` over `items` on a thread pool, holding at most 2x`concurrency` items at once.
+
+    The bound keeps memory flat when `items` streams payloads out of a large archive. The
+    first error cancels what has not started and is raised once the rest has finished.
+    """
+    done = 0
+    in_flight: set[Future[int]] = set()
+
+    def collect(futures: set[Future[int]]) -> None:
+        nonlocal done
+        for future in futures:
+            size = future.result()
+            done += 1
+            if progress:
+                progress(size)
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="flowerml-io") as pool:
+        try:
+            for item in items:
+                if len(in_flight) >= 2 * concurrency:
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    collect(finished)
+                in_flight.add(pool.submit(work, item))
+            finished, in_flight = wait(in_flight)
+            collect(finished)
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
+    return done
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the store's root."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# LocalStore
+
+
+class LocalStore(Store):
+    """A directory on a local or shared filesystem, with the same atomicity as S3."""
+
+    LOCK_DIR = ".flowerml-locks"
+
+    def __init__(self, root: Path | str, concurrency: int = 16) -> None:
+        super().__init__(concurrency)
+        self.root = Path(root).expanduser().resolve()
+        self._local_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreAccessError(f"cannot create store directory {self.root}: "
+                                   f"{error.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise StoreAccessError(f"store directory {self.root} is not writable")
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    @staticmethod
+    def _etag(stat: os.stat_result) -> str:
+        # Every write renames a fresh file into place, so (inode, mtime, size) changes with it.
+        return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return Path(name)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> str:
+        path = self._path(key)
+        temp = self._write_temp(path, data)
+        try:
+            if if_none_match:
+                self._link_exclusive(temp, path, key)
+            elif if_match is not None:
+                with self._lock(key):
+                    current = self.head(key)
+                    if current is None or current.etag != if_match:
+                        raise PreconditionFailed(f"{key}: changed since it was read")
+                    os.replace(temp, path)
+            else:
+                os.replace(temp, path)
+        finally:
+            temp.unlink(missing_ok=True)
+        return self._etag(path.stat())
+
+    @staticmethod
+    def _link_exclusive(temp: Path, path: Path, key: str) -> None:
+        try:
+            os.link(temp, path)  # atomic, and fails when the name exists
+        except FileExistsError:
+            raise PreconditionFailed(f"{key}: already exists") from None
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        """Serialise compare-and-swap on one key across threads and processes."""
+        with self._locks_guard:
+            local = self._local_locks.setdefault(key, threading.Lock())
+        lock_dir = self.root / self.LOCK_DIR
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = lock_dir / hashlib.sha256(key.encode()).hexdigest()
+        with local, open(lock_file, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        try:
+            with open(self._path(key), "rb") as handle:
+                return handle.read(), self._etag(os.fstat(handle.fileno()))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(f"{key}: not found in {self.uri}") from None
+
+    def put_file(self, key: str, path: Path) -> str:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            _copy_file(path, Path(name))
+            os.replace(name, dest)
+        finally:
+            Path(name).unlink(missing_ok=True)
+        return self._etag(dest.stat())
+
+    def get_file(self, key: str, path: Path) -> Path:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(f"{key}: not found in {self.uri}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            _copy_file(source, Path(name))
+            os.replace(name, path)
+        finally:
+            Path(name).unlink(missing_ok=True)
+        return path
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            stat = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not os.path.isfile(self._path(key)):
+            return None
+        return ObjectInfo(key, stat.st_size, self._etag(stat))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if not self.root.is_dir():
+            return
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return
+        keys = []
+        for directory, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel_dir = os.path.relpath(directory, self.root)
+            for filename in filenames:
+                if filename.startswith("."):
+                    continue
+                key = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        for key in sorted(keys):
+            info = self.head(key)
+            if info is not None:
+                yield info
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    shutil.copyfile(source, dest)
+
+
+# --------------------------------------------------------------------------------------------
+# S3Store
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """Overrides of boto3's standard configuration chain; None keeps boto3's own value."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str | None = None
+    request_checksum_calculation: str | None = None
+    response_checksum_validation: str | None = None
+
+
+class S3Store(Store):
+    """A bucket (and optional prefix) on AWS S3 or any S3-compatible endpoint."""
+
+    MULTIPART_THRESHOLD = 64 * 1024 * 1024
+
+    def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None,
+                 concurrency: int = 16) -> None:
+        super().__init__(concurrency)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = build_s3_client(options or S3Options(), concurrency)
+        self.endpoint = self.client.meta.endpoint_url
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self) -> str:
+        return f"bucket '{self.bucket}' at {self.endpoint}"
+
+    def _translate(self, error: Exception, key: str | None = None) -> Exception:
+        """Map a boto3 failure to our typed errors; messages never carry credentials."""
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError,
+            HTTPClientError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        if isinstance(error, NoCredentialsError | PartialCredentialsError):
+            return StoreAccessError(f"no usable AWS credentials for {self._where()} (set "
+                                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+        if isinstance(error, ConnectionError | HTTPClientError):
+            return StoreUnreachable(f"cannot reach S3 endpoint {self.endpoint} "
+                                    f"(bucket '{self.bucket}'): {type(error).__name__}")
+        if isinstance(error, ClientError):
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code == "NoSuchBucket":
+                return StoreAccessError(f"{self._where()} does not exist")
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return ObjectNotFound(f"{key}: not found in {self.uri}")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return PreconditionFailed(f"{key}: precondition failed ({code})")
+            if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId",
+                                         "SignatureDoesNotMatch", "ExpiredToken"):
+                return StoreAccessError(f"access denied to {self._where()} ({code})")
+            if status is not None and status >= 500:
+                return StoreUnreachable(f"S3 endpoint {self.endpoint} failed: HTTP {status}")
+        return error
+
+    @contextlib.contextmanager
+    def _translated(self, key: str | None = None) -> Iterator[None]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError) as error:
+            translated = self._translate(error, key)
+            if translated is error:
+                raise
+            raise translated from None
+
+    def check(self) -> None:
+        try:
+            with self._translated():
+                self.client.head_bucket(Bucket=self.bucket)
+        except ObjectNotFound:  # head_bucket has no body, so a missing bucket is a bare 404
+            raise StoreAccessError(f"{self._where()} does not exist") from None
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> str:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if if_none_match:
+            args["IfNoneMatch"] = "*"
+        if if_match is not None:
+            args["IfMatch"] = if_match
+        with self._translated(key):
+            return self.client.put_object(**args)["ETag"]
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        with self._translated(key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.MULTIPART_THRESHOLD,
+                              max_concurrency=self.concurrency, use_threads=True)
+
+    def put_file(self, key: str, path: Path) -> str:
+        with self._translated(key):
+            self.client.upload_file(str(path), self.bucket, self._key(key),
+                                    Config=self._transfer_config())
+        info = self.head(key)
+        return info.etag if info else ""
+
+    def get_file(self, key: str, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            with self._translated(key):
+                self.client.download_file(self.bucket, self._key(key), name,
+                                          Config=self._transfer_config())
+            os.replace(name, path)
+        finally:
+            Path(name).unlink(missing_ok=True)
+        return path
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            with self._translated(key):
+                response = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(key, response["ContentLength"], response["ETag"])
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        with self._translated(prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(item["Key"][strip:], item["Size"], item["ETag"])
+
+    def delete(self, key: str) -> None:
+        with self._translated(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:
+    """A boto3 S3 client: the standard AWS chain, with our overrides on top."""
+    import boto3
+    from botocore.config import Config
+
+    config_args: dict[str, Any] = {
+        "max_pool_connections": max(10, concurrency * 2),
+        "retries": {"max_attempts": 4, "mode": "standard"},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    }
+    if options.addressing_style:
+        config_args["s3"] = {"addressing_style": options.addressing_style}
+    if options.request_checksum_calculation:
+        config_args["request_checksum_calculation"] = options.request_checksum_calculation
+    if options.response_checksum_validation:
+        config_args["response_checksum_validation"] = options.response_checksum_validation
+    session = boto3.session.Session(region_name=options.region)
+    return session.client("s3", endpoint_url=options.endpoint_url, config=Config(**config_args))
+
+
+def parse_store_uri(uri: str) -> tuple[str, str] | Path:
+    """('bucket', 'prefix') for s3:// URIs, else the local directory."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        return bucket, prefix
+    if uri.startswith("file://"):
+        return Path(uri[7:])
+    return Path(uri)
+
+
+def open_store(uri: str, *, s3: S3Options | None = None, concurrency: int = 16) -> Store:
+    """The store a URI names: `s3://bucket/prefix` or a local directory."""
+    where = parse_store_uri(uri)
+    if isinstance(where, Path):
+        return LocalStore(where, concurrency=concurrency)
+    bucket, prefix = where
+    return S3Store(bucket, prefix, s3, concurrency=concurrency)

@@ -1,0 +1,176 @@
+"""The store contract, run against LocalStore and S3Store (moto's real HTTP endpoint)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from flowerml.storage import (
+    LocalStore,
+    ObjectNotFound,
+    PreconditionFailed,
+    S3Options,
+    S3Store,
+    Store,
+    StoreAccessError,
+    StoreUnreachable,
+    open_store,
+    run_bounded,
+)
+from tests.conftest import store_keys
+
+
+def test_put_get_head_list_delete(store: Store) -> None:
+    etag = store.put_bytes("a/b/one.txt", b"one")
+    store.put_bytes("a/two.txt", b"two!")
+    store.put_bytes("c.txt", b"c")
+    assert store.get_bytes("a/b/one.txt") == b"one"
+    head = store.head("a/b/one.txt")
+    assert head is not None and head.size == 3 and head.etag == etag
+    assert store.head("a/missing") is None
+    assert not store.exists("a/missing") and store.exists("c.txt")
+    assert store_keys(store, "a/") == ["a/b/one.txt", "a/two.txt"]
+    assert store_keys(store) == ["a/b/one.txt", "a/two.txt", "c.txt"]
+    store.delete("a/two.txt")
+    store.delete("a/two.txt")  # absent is fine
+    assert store_keys(store, "a/") == ["a/b/one.txt"]
+
+
+def test_get_missing_raises_not_found(store: Store) -> None:
+    with pytest.raises(ObjectNotFound, match="nothing/here"):
+        store.get_bytes("nothing/here")
+
+
+def test_create_only_never_overwrites(store: Store) -> None:
+    store.put_bytes("v/COMMITTED", b"first", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("v/COMMITTED", b"second", if_none_match=True)
+    assert store.get_bytes("v/COMMITTED") == b"first"
+
+
+def test_compare_and_swap(store: Store) -> None:
+    store.put_bytes("alias.json", b"v1")
+    data, etag = store.get_with_etag("alias.json")
+    assert data == b"v1"
+    new_etag = store.put_bytes("alias.json", b"v2", if_match=etag)
+    assert new_etag != etag
+    with pytest.raises(PreconditionFailed):
+        store.put_bytes("alias.json", b"v3", if_match=etag)  # stale etag loses
+    assert store.get_bytes("alias.json") == b"v2"
+
+
+def test_compare_and_swap_race_has_one_winner_per_round(store: Store) -> None:
+    store.put_bytes("alias.json", b"0")
+    wins: list[int] = []
+    start = threading.Barrier(8)
+
+    def contend(worker: int) -> None:
+        _, etag = store.get_with_etag("alias.json")
+        start.wait()
+        try:
+            store.put_bytes("alias.json", str(worker).encode(), if_match=etag)
+            wins.append(worker)
+        except PreconditionFailed:
+            pass
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if isinstance(store, LocalStore):  # moto checks then writes without a lock; real S3 does not
+        assert len(wins) == 1
+    assert store.get_bytes("alias.json").decode() in {str(w) for w in wins}
+
+
+def test_files_round_trip(store: Store, tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    source.write_bytes(bytes(range(256)) * 4096)
+    store.put_file("raw/big.bin", source)
+    dest = store.get_file("raw/big.bin", tmp_path / "out" / "big.bin")
+    assert dest.read_bytes() == source.read_bytes()
+    with pytest.raises(ObjectNotFound):
+        store.get_file("raw/none.bin", tmp_path / "out" / "none.bin")
+    assert not (tmp_path / "out" / "none.bin").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["big.bin"]  # no temp files left
+
+
+def test_upload_and_download_many_with_progress(store: Store, tmp_path: Path) -> None:
+    items = ((f"many/{i:03d}.bin", bytes([i]) * (i + 1)) for i in range(50))
+    sizes: list[int] = []
+    assert store.upload_many(items, progress=sizes.append) == 50
+    assert sorted(sizes) == list(range(1, 51))
+    assert len(store_keys(store, "many/")) == 50
+    pairs = [(f"many/{i:03d}.bin", tmp_path / "dl" / f"{i:03d}.bin") for i in range(50)]
+    assert store.download_many(pairs) == 50
+    assert (tmp_path / "dl" / "049.bin").read_bytes() == bytes([49]) * 50
+
+
+def test_invalid_keys_are_refused(store: Store) -> None:
+    for key in ("../evil", "/abs", "a//b", "a/./b", ""):
+        with pytest.raises(ValueError):
+            store.put_bytes(key, b"x")
+
+
+def test_run_bounded_raises_first_error_and_bounds_in_flight() -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(item: int) -> int:
+        with lock:
+            seen.append(item)
+        if item == 5:
+            raise RuntimeError("boom 5")
+        return 1
+
+    with pytest.raises(RuntimeError, match="boom 5"):
+        run_bounded(work, iter(range(1000)), concurrency=2)
+    assert len(seen) < 1000  # stopped consuming the stream after the failure
+
+
+def test_local_store_hides_temp_and_lock_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    store.put_bytes("x.json", b"1")
+    _, etag = store.get_with_etag("x.json")
+    store.put_bytes("x.json", b"2", if_match=etag)
+    (tmp_path / ".tmp-leftover").write_bytes(b"partial")
+    assert store_keys(store) == ["x.json"]
+
+
+def test_missing_bucket_is_a_clear_error(moto_endpoint: str, s3_options: S3Options) -> None:
+    store = S3Store("no-such-bucket", "", s3_options)
+    with pytest.raises(StoreAccessError, match="no-such-bucket.*does not exist"):
+        store.check()
+    with pytest.raises(StoreAccessError, match="no-such-bucket"):
+        store.put_bytes("k", b"v")
+
+
+def test_access_denied_names_bucket_not_secret(denying_s3_endpoint: str) -> None:
+    store = S3Store("guarded", "", S3Options(endpoint_url=denying_s3_endpoint))
+    with pytest.raises(StoreAccessError, match="access denied to bucket 'guarded'") as caught:
+        store.check()
+    with pytest.raises(StoreAccessError):
+        store.put_bytes("k", b"v")
+    assert "testing-secret" not in str(caught.value)
+
+
+def test_unreachable_endpoint_is_a_clear_error() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = S3Store("bucket", "", S3Options(endpoint_url=f"http://127.0.0.1:{port}"))
+    with pytest.raises(StoreUnreachable, match=f"127.0.0.1:{port}") as caught:
+        store.put_bytes("k", b"v")
+    assert "testing-secret" not in str(caught.value)
+
+
+def test_open_store_parses_uris(tmp_path: Path, s3_options: S3Options) -> None:
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert isinstance(open_store(f"file://{tmp_path}"), LocalStore)
+    s3 = open_store("s3://bucket/some/prefix", s3=s3_options)
+    assert isinstance(s3, S3Store) and s3.bucket == "bucket" and s3.prefix == "some/prefix"
+    assert s3.uri == "s3://bucket/some/prefix"
