@@ -207,43 +207,59 @@ def _attempt(
     if offset:
         headers["Range"] = f"bytes={offset}-"
 
-    with _open(client, url, headers) as response:
-        status = response.status_code
+    response = _open(client, url, headers)
+    try:
+        return _handle(response, url, part, offset, progress, chunk_size)
+    finally:
+        # Also on an early return or a dropped connection: frees the pooled connection.
+        response.close()
 
-        if status == 416 and offset:
-            _, _, total = _parse_content_range(response.headers.get("Content-Range"))
-            if total == offset:
-                # The part already holds every byte (e.g. we stopped just before the rename).
-                return None
+
+def _handle(
+    response: httpx.Response,
+    url: str,
+    part: Path,
+    offset: int,
+    progress: Progress | None,
+    chunk_size: int,
+) -> _Retry | None:
+    """Act on one (non-redirect) response to a request for ``part`` from ``offset``."""
+    status = response.status_code
+
+    if status == 416 and offset:
+        _, _, total = _parse_content_range(response.headers.get("Content-Range"))
+        if total == offset:
+            # The part already holds every byte (e.g. we stopped just before the rename).
+            return None
+        part.unlink(missing_ok=True)
+        return _Retry(f"{_status_text(response)} for a {offset}-byte partial file")
+
+    if status in RETRY_STATUSES:
+        return _Retry(_status_text(response), _retry_after(response))
+
+    if status >= 500:
+        # A server failure we do not expect to clear within seconds; still transient.
+        raise DownloadError(f"{redact_url(url)}: {_status_text(response)}")
+
+    if status not in (200, 206):
+        raise SourceError(f"{redact_url(url)}: {_status_text(response)}")
+
+    length = _int_header(response, "Content-Length")
+    if status == 206:
+        start, end, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            # Not the bytes we asked for; appending them would corrupt the file.
             part.unlink(missing_ok=True)
-            return _Retry(f"{_status_text(response)} for a {offset}-byte partial file")
+            return _Retry(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
+        if length is None and end is not None:
+            length = end - start + 1
+    else:
+        # 200: the server sent the whole file (it ignored or did not get our Range), so the
+        # part is started over rather than appended to.
+        offset = 0
+        total = length
 
-        if status in RETRY_STATUSES:
-            return _Retry(_status_text(response), _retry_after(response))
-
-        if status >= 500:
-            # A server failure we do not expect to clear within seconds; still transient.
-            raise DownloadError(f"{redact_url(url)}: {_status_text(response)}")
-
-        if status not in (200, 206):
-            raise SourceError(f"{redact_url(url)}: {_status_text(response)}")
-
-        length = _int_header(response, "Content-Length")
-        if status == 206:
-            start, end, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                # Not the bytes we asked for; appending them would corrupt the file.
-                part.unlink(missing_ok=True)
-                return _Retry(f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
-            if length is None and end is not None:
-                length = end - start + 1
-        else:
-            # 200: the server sent the whole file (it ignored or did not get our Range), so the
-            # part is started over rather than appended to.
-            offset = 0
-            total = length
-
-        return _stream_body(response, part, offset, length, total, progress, chunk_size)
+    return _stream_body(response, part, offset, length, total, progress, chunk_size)
 
 
 def _stream_body(
@@ -259,10 +275,12 @@ def _stream_body(
     limit = total if total is not None else (offset + length if length is not None else None)
     written = offset
     # "ab" after a 206 appends to what we have; "wb" after a 200 truncates it. An exception
-    # (connection dropped) leaves the bytes so far on disk for the next Range request.
-    with open(part, "ab" if offset else "wb") as fh:
-        # iter_raw: the exact bytes the server stores, never content-decoded.
-        for chunk in response.iter_raw(chunk_size):
+    # (connection dropped) leaves every byte received so far on disk for the next Range
+    # request; chunk_size only sizes the write buffer.
+    with open(part, "ab" if offset else "wb", buffering=chunk_size) as fh:
+        # iter_raw: the exact bytes the server stores, never content-decoded. No chunk size:
+        # httpx would hold back a partial chunk, and lose it when the connection drops.
+        for chunk in response.iter_raw():
             written += len(chunk)
             if limit is not None and written > limit:
                 break
@@ -322,6 +340,8 @@ def download_file(
     verified. An existing ``dest`` that matches ``expected_md5`` (or any, when None) is returned
     without a request. ``progress(bytes_so_far, total_or_None)`` is called as bytes arrive.
     """
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
     check_url(url)
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")

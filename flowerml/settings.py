@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowerml.errors import SettingsError
+from flowerml.storage import S3Options, Store, open_store
 
 ChecksumWhen = Literal["when_supported", "when_required"]
 
@@ -72,6 +73,22 @@ class Settings(BaseSettings):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value or None
+
+
+    def s3_options(self) -> S3Options:
+        return S3Options(
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            addressing_style=self.s3_addressing_style,
+            request_checksum_calculation=self.s3_request_checksum_calculation,
+            response_checksum_validation=self.s3_response_checksum_validation,
+        )
+
+
+def build_store(settings: Settings) -> Store:
+    """The store the settings name, with their S3 overrides and transfer concurrency."""
+    return open_store(settings.store, s3=settings.s3_options(),
+                      concurrency=settings.transfer_concurrency)
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "FLOWERML_") -> str:

@@ -68,6 +68,7 @@ class Store(ABC):
     def uri(self) -> str:
         """Where this store lives, without credentials."""
 
+    @abstractmethod
     def check(self) -> None:
         """Fail early with a clear error when the store cannot be used."""
 

@@ -24,13 +24,15 @@ import io
 import math
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw
+from scipy.special import ndtri
 
 from flowerml.errors import UserError
 from flowerml.flowers import ARCHIVE, LABELS, NUM_CLASSES, SETID, SPLIT_KEYS, image_name
@@ -61,6 +63,9 @@ _STREAM_LABELS, _STREAM_SPLIT, _STREAM_IMAGE = 1, 2, 3
 
 # The golden-ratio step spreads successive labels' hues as far apart as possible.
 _GOLDEN = (math.sqrt(5) - 1) / 2
+
+# The standard normal's quantiles at the centres of 256 equal-probability bins.
+_NORMAL_QUANTILES = ndtri((np.arange(256) + 0.5) / 256)
 
 _PETAL_COUNTS = tuple(range(3, 13))
 _PETAL_RATIOS = (0.22, 0.38, 0.55, 0.8)  # petal width / length: needle .. round
@@ -177,7 +182,7 @@ def split_sizes(n: int) -> tuple[int, int]:
     return share, share
 
 
-def write_tgz(fileobj: io.BufferedIOBase, members: Iterator[tuple[str, bytes]]) -> None:
+def write_tgz(fileobj: BinaryIO, members: Iterator[tuple[str, bytes]]) -> None:
     """Streams a gzip-compressed tar of the ``jpg`` directory and `members` (name, bytes).
 
     Every header field that could carry the machine, user or time is fixed, including the
@@ -212,7 +217,7 @@ def mat_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return bytes(data)
 
 
-def _write_atomically(path: Path, write) -> Path:
+def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -300,8 +305,10 @@ def draw_flower(label: int, rng: np.random.Generator, width: int, height: int) -
 
     short = min(draw_w, draw_h)
     radius = short * rng.uniform(0.28, 0.45)
-    centre = (rng.uniform(radius * 0.6, draw_w - radius * 0.6),
-              rng.uniform(radius * 0.6, draw_h - radius * 0.6))
+    centre = (
+        rng.uniform(radius * 0.6, draw_w - radius * 0.6),
+        rng.uniform(radius * 0.6, draw_h - radius * 0.6),
+    )
     jitter = _colour_jitter(rng)
     if rng.random() < 0.35:
         # A smaller second flower, drawn first so the main one overlaps it.
@@ -317,8 +324,13 @@ def draw_flower(label: int, rng: np.random.Generator, width: int, height: int) -
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
     # A linear gradient between two muted foliage/sky/soil colours, in a random direction.
-    start, end = (np.array(_hsv(rng.uniform(0.05, 0.6), rng.uniform(0.1, 0.6),
-                                rng.uniform(0.15, 0.75)), dtype=np.float32) for _ in range(2))
+    start, end = (
+        np.array(
+            _hsv(rng.uniform(0.05, 0.6), rng.uniform(0.1, 0.6), rng.uniform(0.15, 0.75)),
+            dtype=np.float32,
+        )
+        for _ in range(2)
+    )
     angle = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     t = xs / max(width, 1) * math.cos(angle) + ys / max(height, 1) * math.sin(angle)
@@ -327,15 +339,18 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return pixels.clip(0, 255).astype(np.uint8)
 
 
-def _draw_leaves(draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int):
+def _draw_leaves(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, width: int, height: int
+) -> None:
     # Green clutter behind the flower, so the classifier cannot rely on a plain background.
     for _ in range(rng.integers(0, 5)):
         length = min(width, height) * rng.uniform(0.15, 0.4)
         centre = (rng.uniform(0, width), rng.uniform(0, height))
         colour = _hsv(rng.uniform(0.22, 0.4), rng.uniform(0.4, 0.8), rng.uniform(0.2, 0.55))
         draw.polygon(
-            _ellipse_points(centre, length, length * rng.uniform(0.2, 0.4),
-                            rng.uniform(0, 2 * math.pi)),
+            _ellipse_points(
+                centre, length, length * rng.uniform(0.2, 0.4), rng.uniform(0, 2 * math.pi)
+            ),
             fill=colour,
         )
 
@@ -365,8 +380,17 @@ def _draw_one_flower(
     if style.inner_ring:
         # Offset by half a petal so the inner petals show between the outer ones.
         inner = _hsv(style.petal_hue + hue_shift, petal_sat * 0.45, min(1.0, value + 0.15))
-        _draw_ring(draw, centre, style.petals, rotation + math.pi / style.petals, core,
-                   radius * 0.6, style.petal_ratio, inner, edge)
+        _draw_ring(
+            draw,
+            centre,
+            style.petals,
+            rotation + math.pi / style.petals,
+            core,
+            radius * 0.6,
+            style.petal_ratio,
+            inner,
+            edge,
+        )
 
     centre_colour = _hsv(style.centre_hue + hue_shift, 0.85, value * 0.85)
     x, y = centre
@@ -381,8 +405,11 @@ def _draw_ring(draw, centre, count, rotation, inner_radius, outer_radius, ratio,
         # Petals start just inside the centre disc and reach out to the flower's radius.
         reach = inner_radius * 0.5 + half_length
         petal_centre = (centre[0] + reach * math.cos(angle), centre[1] + reach * math.sin(angle))
-        draw.polygon(_ellipse_points(petal_centre, half_length, half_length * ratio, angle),
-                     fill=fill, outline=edge)
+        draw.polygon(
+            _ellipse_points(petal_centre, half_length, half_length * ratio, angle),
+            fill=fill,
+            outline=edge,
+        )
 
 
 def _ellipse_points(centre, semi_major, semi_minor, angle, steps: int = 20):
@@ -398,12 +425,17 @@ def _ellipse_points(centre, semi_major, semi_minor, angle, steps: int = 20):
 
 def _add_noise(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     # Sensor-like Gaussian noise, different per image, so no two images are pixel-identical.
-    sigma = rng.uniform(3.0, 9.0)
-    noise = rng.standard_normal(pixels.shape, dtype=np.float32) * sigma
-    return (pixels.astype(np.float32) + noise).clip(0, 255).astype(np.uint8)
+    # Drawn as random bytes mapped through the normal quantiles: the same distribution at
+    # integer precision, about three times faster than standard_normal at 500 px.
+    levels = np.round(_NORMAL_QUANTILES * rng.uniform(3.0, 9.0)).astype(np.int16)
+    indices = np.frombuffer(rng.bytes(pixels.size), dtype=np.uint8).reshape(pixels.shape)
+    noisy = pixels.astype(np.int16)
+    noisy += levels[indices]
+    return noisy.clip(0, 255).astype(np.uint8)
 
 
 def _hsv(hue: float, saturation: float, value: float) -> Colour:
-    r, g, b = colorsys.hsv_to_rgb(hue % 1.0, min(max(saturation, 0.0), 1.0),
-                                  min(max(value, 0.0), 1.0))
+    r, g, b = colorsys.hsv_to_rgb(
+        hue % 1.0, min(max(saturation, 0.0), 1.0), min(max(value, 0.0), 1.0)
+    )
     return round(r * 255), round(g * 255), round(b * 255)

@@ -113,3 +113,21 @@ def prefect_harness() -> Iterator[None]:
 
 def store_keys(store: Store, prefix: str = "") -> list[str]:
     return [info.key for info in store.list(prefix)]
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small archive in the official format: 4 classes x 6 images, 48 px."""
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+
+    folder = tmp_path_factory.mktemp("synthetic") / "src"
+    write_synthetic_archive(folder, SyntheticSpec(classes=4, per_class=6, image_size=48, seed=1))
+    return folder
+
+
+@pytest.fixture
+def source_copy(synthetic_source: Path, tmp_path: Path) -> Path:
+    """A private copy of the synthetic source that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(synthetic_source, tmp_path / "src"))

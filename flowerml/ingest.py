@@ -1,0 +1,400 @@
+"""Ingest: the three source files onto the store, then the official split as ImageFolder trees.
+
+Two steps, each safe to repeat and to interrupt:
+
+1. `fetch_sources` materialises the files from a source (the official site, a mirror URL, a
+   local folder or an s3:// prefix), checks what they are (gzip, .mat, not an HTML page), their
+   MD5s when verifying, the .mat consistency and the archive's members, and only then mirrors them
+   to `datasets/<name>/raw/` with a `sources.json` record written last.
+2. `publish_split` surveys the archive (sha256 and a decode check of every image), refuses
+   train/valid/test leakage, derives the content-addressed version, uploads the images that are
+   not there yet, byte-identical to the archive, then `quarantine.json`, `manifest.json` last of
+   the version, then `CURRENT`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from flowerml import flowers
+from flowerml.archive import ArchiveImage, iter_archive_images, sniff_archive, sniff_mat
+from flowerml.download import download_file, md5_of, redact_url
+from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
+from flowerml.progress import NullProgress, Progress
+from flowerml.splits import OfficialSplit, read_official_split
+from flowerml.storage import (
+    ObjectNotFound,
+    S3Options,
+    S3Store,
+    Store,
+    parse_store_uri,
+    run_bounded,
+)
+
+SOURCES_RECORD = "sources.json"
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.json"
+CURRENT = "CURRENT"
+VERSION_CHARS = 12
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How to reach and check a source."""
+
+    verify: bool = False
+    retries: int = 5
+    timeout: float = 60.0
+    s3: S3Options | None = None
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One published image."""
+
+    split: str
+    label: int
+    image: str
+    key: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest published; `to_json()` is the CLI's --json object."""
+
+    dataset: str
+    version: str
+    counts: dict[str, int]
+    uploaded: int
+    skipped: int
+    quarantined: int
+    store: str
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def dataset_prefix(dataset: str) -> str:
+    return f"datasets/{dataset}"
+
+
+def raw_key(dataset: str, name: str) -> str:
+    return f"{dataset_prefix(dataset)}/raw/{name}"
+
+
+def version_prefix(dataset: str, version: str) -> str:
+    return f"{dataset_prefix(dataset)}/{version}"
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: fetch
+
+
+def describe_source(source: str) -> str:
+    """The source as it may be logged: credentials stripped."""
+    return redact_url(source) if "://" in source else source
+
+
+def materialise_source(source: str, name: str, cache_dir: Path, options: FetchOptions) -> Path:
+    """A local path holding source file `name`, downloading it into the cache when remote."""
+    downloads = cache_dir / "downloads" / hashlib.sha256(source.encode()).hexdigest()[:16]
+    if source == "official":
+        return download_file(flowers.BASE_URL + name, downloads / name,
+                             retries=options.retries, timeout=options.timeout)
+    if source.startswith(("http://", "https://")):
+        return download_file(source.rstrip("/") + "/" + name, downloads / name,
+                             retries=options.retries, timeout=options.timeout)
+    if source.startswith("s3://"):
+        bucket, prefix = parse_store_uri(source)  # type: ignore[misc]
+        remote = S3Store(bucket, prefix, options.s3, concurrency=4)
+        try:
+            return remote.get_file(name, downloads / name)
+        except ObjectNotFound:
+            raise SourceError(f"{name}: not found under {source}") from None
+    path = Path(source).expanduser() / name
+    if not path.is_file():
+        raise SourceError(f"{name}: not found in source folder {Path(source).expanduser()}")
+    return path
+
+
+def check_source_file(path: Path, name: str, verify: bool) -> str:
+    """Check a file is what it claims to be; returns its MD5."""
+    if name == flowers.ARCHIVE:
+        sniff_archive(path)
+    else:
+        sniff_mat(path)
+    md5 = md5_of(path)
+    if verify and md5 != flowers.SOURCE_MD5[name]:
+        raise SourceError(f"{name}: MD5 mismatch: expected {flowers.SOURCE_MD5[name]}, got {md5}")
+    return md5
+
+
+def check_archive_members(archive: Path, split: OfficialSplit) -> None:
+    """Every member safe, and every image the split names present."""
+    present = {image.image_id for image in iter_archive_images(archive)}
+    check_members_cover_split(archive.name, present, split)
+
+
+def check_members_cover_split(archive_name: str, present: set[int], split: OfficialSplit) -> None:
+    missing = sorted(set(split.split_of()) - present)
+    if missing:
+        names = ", ".join(flowers.image_name(i) for i in missing[:5])
+        raise ArchiveError(f"{archive_name}: {len(missing)} image(s) named in setid.mat are "
+                           f"missing from the archive ({names})")
+
+
+def read_sources_record(store: Store, dataset: str) -> dict | None:
+    try:
+        return json.loads(store.get_bytes(raw_key(dataset, SOURCES_RECORD)))
+    except ObjectNotFound:
+        return None
+
+
+def raw_is_current(store: Store, dataset: str, record: dict | None, name: str, md5: str) -> bool:
+    """The store already mirrors this file (same MD5 in the record, same size on the store)."""
+    if not record or record["files"].get(name, {}).get("md5") != md5:
+        return False
+    info = store.head(raw_key(dataset, name))
+    return info is not None and info.size == record["files"][name]["size"]
+
+
+def official_already_mirrored(store: Store, dataset: str, record: dict | None) -> bool:
+    return all(raw_is_current(store, dataset, record, name, flowers.SOURCE_MD5[name])
+               for name in flowers.SOURCE_FILES)
+
+
+def fetch_sources(source: str, store: Store, dataset: str, cache_dir: Path,
+                  options: FetchOptions) -> dict:
+    """Mirror the three checked source files to `datasets/<name>/raw/`; returns the record."""
+    verify = options.verify or source == "official"
+    store.check()
+    record = read_sources_record(store, dataset)
+    if source == "official" and official_already_mirrored(store, dataset, record):
+        return record  # type: ignore[return-value]
+    local = {name: materialise_source(source, name, cache_dir, options)
+             for name in flowers.SOURCE_FILES}
+    md5s = {}
+    for name, path in local.items():
+        try:
+            md5s[name] = check_source_file(path, name, verify)
+        except SourceError:
+            if path.is_relative_to(cache_dir):
+                path.unlink(missing_ok=True)  # never reuse a bad download
+            raise
+    split = read_official_split(local[flowers.LABELS], local[flowers.SETID])
+    check_archive_members(local[flowers.ARCHIVE], split)
+    for name, path in local.items():
+        if not raw_is_current(store, dataset, record, name, md5s[name]):
+            store.put_file(raw_key(dataset, name), path)
+    new_record = {
+        "source": describe_source(source),
+        "verified": verify,
+        "files": {name: {"md5": md5s[name], "size": local[name].stat().st_size}
+                  for name in flowers.SOURCE_FILES},
+    }
+    if new_record != record:
+        store.put_bytes(raw_key(dataset, SOURCES_RECORD), encode_json(new_record))
+    return new_record
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: publish
+
+
+def local_raw_files(store: Store, dataset: str, record: dict, cache_dir: Path) -> dict[str, Path]:
+    """The raw files in the local cache, downloaded from the store unless already there."""
+    raw_dir = cache_dir / dataset / "raw"
+    files = {}
+    for name in flowers.SOURCE_FILES:
+        path = raw_dir / name
+        expected = record["files"][name]
+        if not (path.is_file() and path.stat().st_size == expected["size"]
+                and md5_of(path) == expected["md5"]):
+            store.get_file(raw_key(dataset, name), path)
+            if md5_of(path) != expected["md5"]:
+                path.unlink()
+                raise SourceError(f"{raw_key(dataset, name)}: MD5 differs from {SOURCES_RECORD}")
+        files[name] = path
+    return files
+
+
+def check_jpeg(data: bytes) -> str | None:
+    """None when `data` is a JPEG that decodes; otherwise why not."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG":
+                return f"not a JPEG ({image.format})"
+            width, height = image.size
+            if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
+                return f"decompression bomb ({width}x{height} pixels)"
+            # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation and
+            # corrupt data fail the same way, at a fraction of the cost.
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return f"does not decode: {error}"
+    return None
+
+
+@dataclass
+class Survey:
+    """What one pass over the archive learned: each image's size, sha256 and decode verdict."""
+
+    sizes: dict[int, int]
+    sha256: dict[int, str]
+    problems: dict[int, str]
+    present: set[int]
+
+
+def survey_archive(archive: Path, wanted: set[int], workers: int, progress: Progress) -> Survey:
+    """sha256 and decode-check every wanted image, on `workers` threads (Pillow drops the GIL)."""
+    survey = Survey({}, {}, {}, set())
+
+    def inspect(image: ArchiveImage) -> int:
+        survey.sizes[image.image_id] = len(image.data)
+        survey.sha256[image.image_id] = hashlib.sha256(image.data).hexdigest()
+        problem = check_jpeg(image.data)
+        if problem:
+            survey.problems[image.image_id] = problem
+        return len(image.data)
+
+    def wanted_images() -> Iterator[ArchiveImage]:
+        for image in iter_archive_images(archive):
+            survey.present.add(image.image_id)
+            if image.image_id in wanted:
+                yield image
+
+    progress.start("checking images", len(wanted))
+    run_bounded(inspect, wanted_images(), workers, lambda _size: progress.advance())
+    return survey
+
+
+def build_entries(split: OfficialSplit, survey: Survey) -> list[ManifestEntry]:
+    entries = []
+    for split_name, ids in split.splits.items():
+        for image_id in ids:
+            if image_id in survey.problems:
+                continue
+            label = split.label_of(image_id)
+            image = flowers.image_name(image_id)
+            entries.append(ManifestEntry(
+                split_name, label, image, f"{split_name}/{flowers.class_dir(label)}/{image}",
+                survey.sizes[image_id], survey.sha256[image_id]))
+    return sorted(entries, key=lambda e: e.key)
+
+
+def build_quarantine(split: OfficialSplit, survey: Survey) -> list[dict]:
+    where = split.split_of()
+    return [{"image": flowers.image_name(i), "split": where[i], "label": split.label_of(i),
+             "reason": survey.problems[i]} for i in sorted(survey.problems)]
+
+
+def check_leakage(entries: list[ManifestEntry]) -> None:
+    """Refuse identical bytes in two splits: a test image seen in training inflates accuracy."""
+    by_hash: dict[str, list[ManifestEntry]] = defaultdict(list)
+    for entry in entries:
+        by_hash[entry.sha256].append(entry)
+    leaks = [group for group in by_hash.values() if len({e.split for e in group}) > 1]
+    if leaks:
+        shown = "; ".join(" = ".join(f"{e.image} ({e.split})" for e in group)
+                          for group in leaks[:5])
+        raise LeakageError(f"identical images in more than one split, refusing to publish: "
+                           f"{shown}" + (f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""))
+
+
+def content_version(entries: list[ManifestEntry], quarantine: list[dict]) -> str:
+    """A prefix of the sha256 over the sorted entries: same content, same version."""
+    canonical = [[e.split, e.label, e.image, e.sha256] for e in entries]
+    canonical.append(sorted(q["image"] for q in quarantine))
+    return hashlib.sha256(encode_json(canonical)).hexdigest()[:VERSION_CHARS]
+
+
+def encode_json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def count_splits(entries: list[ManifestEntry]) -> dict[str, int]:
+    return {s: sum(1 for e in entries if e.split == s) for s in flowers.SPLITS}
+
+
+def build_manifest(dataset: str, version: str, split: OfficialSplit, entries: list[ManifestEntry],
+                   quarantine: list[dict], record: dict) -> dict:
+    names = flowers.class_names_for(split.num_classes)
+    return {
+        "dataset": dataset,
+        "version": version,
+        "classes": [{"label": label, "dir": flowers.class_dir(label), "name": names[label - 1]}
+                    for label in range(1, split.num_classes + 1)],
+        "counts": count_splits(entries),
+        "quarantined": len(quarantine),
+        "sources": record["files"],
+        "files": [asdict(e) for e in entries],
+    }
+
+
+def upload_images(store: Store, prefix: str, archive: Path, entries: list[ManifestEntry],
+                  progress: Progress) -> tuple[int, int]:
+    """Upload what is not on the store yet, straight from the archive stream; (uploaded, skipped)."""
+    existing = {info.key: info.size for info in store.list(prefix + "/")}
+    todo = {e.image: e for e in entries if existing.get(f"{prefix}/{e.key}") != e.size}
+    skipped = len(entries) - len(todo)
+    progress.start("uploading images", len(todo))
+    if not todo:
+        return 0, skipped
+    stream = ((f"{prefix}/{todo[name].key}", image.data)
+              for image in iter_archive_images(archive)
+              if (name := flowers.image_name(image.image_id)) in todo)
+    uploaded = store.upload_many(stream, progress=lambda _size: progress.advance())
+    return uploaded, skipped
+
+
+def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int | None = None,
+                  progress: Progress | None = None) -> IngestResult:
+    """Publish the official split from `datasets/<name>/raw/` as a content-addressed version."""
+    progress = progress or NullProgress()
+    workers = workers or max(2, os.cpu_count() or 2)
+    store.check()
+    record = read_sources_record(store, dataset)
+    if record is None:
+        raise DatasetNotFound(f"{raw_key(dataset, SOURCES_RECORD)}: not on {store.uri}; "
+                              "fetch the sources first (flowerml ingest)")
+    files = local_raw_files(store, dataset, record, cache_dir)
+    split = read_official_split(files[flowers.LABELS], files[flowers.SETID])
+    survey = survey_archive(files[flowers.ARCHIVE], set(split.split_of()), workers, progress)
+    check_members_cover_split(flowers.ARCHIVE, survey.present, split)
+    entries = build_entries(split, survey)
+    check_leakage(entries)
+    quarantine = build_quarantine(split, survey)
+    version = content_version(entries, quarantine)
+    prefix = version_prefix(dataset, version)
+    try:
+        manifest = store.get_bytes(f"{prefix}/{MANIFEST}")
+        uploaded, skipped = 0, len(entries)
+    except ObjectNotFound:
+        uploaded, skipped = upload_images(store, prefix, files[flowers.ARCHIVE], entries, progress)
+        store.put_bytes(f"{prefix}/{QUARANTINE}", encode_json(quarantine))
+        manifest = encode_json(build_manifest(dataset, version, split, entries, quarantine,
+                                              record))
+        store.put_bytes(f"{prefix}/{MANIFEST}", manifest)
+    store.put_bytes(f"{dataset_prefix(dataset)}/{CURRENT}", encode_json({
+        "version": version, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}))
+    return IngestResult(dataset, version, count_splits(entries), uploaded, skipped,
+                        len(quarantine), store.uri)
+
+
+def ingest(source: str, store: Store, dataset: str, cache_dir: Path, options: FetchOptions, *,
+           workers: int | None = None, progress: Progress | None = None) -> IngestResult:
+    """Fetch then publish: the whole `flowerml ingest`."""
+    fetch_sources(source, store, dataset, cache_dir, options)
+    return publish_split(store, dataset, cache_dir, workers=workers, progress=progress)

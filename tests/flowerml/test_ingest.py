@@ -1,0 +1,272 @@
+"""Ingest end to end on both stores: fetch, survey, publish, re-run, resume, refuse bad input."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowerml import flowers, ingest
+from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
+from flowerml.ingest import FetchOptions, fetch_sources, publish_split
+from flowerml.storage import LocalStore, S3Store, Store
+from tests.conftest import store_keys
+
+
+def archive_members(folder: Path) -> dict[str, bytes]:
+    with tarfile.open(folder / flowers.ARCHIVE) as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+
+
+def rewrite_archive(folder: Path, replace: dict[int, bytes]) -> None:
+    """Rewrite the folder's archive with some images' bytes replaced."""
+    members = archive_members(folder)
+    with tarfile.open(folder / flowers.ARCHIVE, "w:gz") as archive:
+        for name, data in members.items():
+            data = replace.get(int(name[10:15]), data)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def run_ingest(source: Path | str, store: Store, cache: Path, **options) -> ingest.IngestResult:
+    return ingest.ingest(str(source), store, "flowers102", cache, FetchOptions(**options))
+
+
+def test_publishes_official_split_byte_identical(store: Store, synthetic_source: Path,
+                                                 tmp_path: Path) -> None:
+    result = run_ingest(synthetic_source, store, tmp_path / "cache")
+    assert result.counts == {"train": 8, "valid": 8, "test": 8}
+    assert (result.uploaded, result.skipped, result.quarantined) == (24, 0, 0)
+    prefix = f"datasets/flowers102/{result.version}"
+    manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
+    members = archive_members(synthetic_source)
+    assert len(manifest["files"]) == 24
+    for entry in manifest["files"]:
+        published = store.get_bytes(f"{prefix}/{entry['key']}")
+        assert published == members[f"jpg/{entry['image']}"]  # never re-encoded
+        assert entry["key"] == f"{entry['split']}/{entry['label']:03d}/{entry['image']}"
+    assert [c["dir"] for c in manifest["classes"]] == ["001", "002", "003", "004"]
+    assert manifest["classes"][0]["name"] == "pink primrose"
+    assert manifest["sources"][flowers.ARCHIVE]["size"] == (
+        synthetic_source / flowers.ARCHIVE).stat().st_size
+    current = json.loads(store.get_bytes("datasets/flowers102/CURRENT"))
+    assert current["version"] == result.version
+    assert sorted(store_keys(store, "datasets/flowers102/raw/")) == [
+        f"datasets/flowers102/raw/{n}" for n in
+        ("102flowers.tgz", "imagelabels.mat", "setid.mat", "sources.json")]
+
+
+def test_rerun_uploads_nothing_and_keeps_version(store: Store, synthetic_source: Path,
+                                                 tmp_path: Path) -> None:
+    first = run_ingest(synthetic_source, store, tmp_path / "cache")
+    raw_etag = store.head("datasets/flowers102/raw/102flowers.tgz").etag
+    again = run_ingest(synthetic_source, store, tmp_path / "other-cache")
+    assert again.version == first.version
+    assert (again.uploaded, again.skipped) == (0, 24)
+    assert store.head("datasets/flowers102/raw/102flowers.tgz").etag == raw_etag
+
+
+def test_different_content_gets_a_different_version(local_store: LocalStore, tmp_path: Path,
+                                                    synthetic_source: Path) -> None:
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+
+    other = tmp_path / "other"
+    write_synthetic_archive(other, SyntheticSpec(classes=4, per_class=6, image_size=48, seed=2))
+    first = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    second = run_ingest(other, local_store, tmp_path / "cache")
+    assert first.version != second.version
+    current = json.loads(local_store.get_bytes("datasets/flowers102/CURRENT"))
+    assert current["version"] == second.version
+    assert local_store.exists(f"datasets/flowers102/{first.version}/manifest.json")
+
+
+def test_corrupt_jpeg_is_quarantined(local_store: LocalStore, source_copy: Path,
+                                     tmp_path: Path) -> None:
+    good = archive_members(source_copy)["jpg/image_00003.jpg"]
+    rewrite_archive(source_copy, {3: good[: len(good) // 2], 5: b"not a jpeg at all"})
+    result = run_ingest(source_copy, local_store, tmp_path / "cache")
+    assert result.quarantined == 2
+    assert sum(result.counts.values()) == 22
+    prefix = f"datasets/flowers102/{result.version}"
+    quarantine = json.loads(local_store.get_bytes(f"{prefix}/quarantine.json"))
+    assert [q["image"] for q in quarantine] == ["image_00003.jpg", "image_00005.jpg"]
+    assert "does not decode" in quarantine[0]["reason"]
+    keys = store_keys(local_store, prefix)
+    assert not any("image_00003" in k or "image_00005" in k for k in keys)
+
+
+def test_identical_image_in_two_splits_is_refused(local_store: LocalStore, source_copy: Path,
+                                                  tmp_path: Path) -> None:
+    from flowerml.splits import read_official_split
+
+    split = read_official_split(source_copy / flowers.LABELS, source_copy / flowers.SETID)
+    train_id, test_id = split.splits["train"][0], split.splits["test"][0]
+    members = archive_members(source_copy)
+    rewrite_archive(source_copy, {test_id: members[f"jpg/{flowers.image_name(train_id)}"]})
+    with pytest.raises(LeakageError) as caught:
+        run_ingest(source_copy, local_store, tmp_path / "cache")
+    assert f"{flowers.image_name(train_id)} (train)" in str(caught.value)
+    assert f"{flowers.image_name(test_id)} (test)" in str(caught.value)
+    assert not any(k.endswith((".jpg", "manifest.json", "CURRENT"))
+                   for k in store_keys(local_store) if "/raw/" not in k)
+
+
+def test_image_missing_from_archive_is_refused(local_store: LocalStore, source_copy: Path,
+                                               tmp_path: Path) -> None:
+    members = archive_members(source_copy)
+    del members["jpg/image_00007.jpg"]
+    with tarfile.open(source_copy / flowers.ARCHIVE, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(ArchiveError, match="1 image\\(s\\) named in setid.mat are missing "
+                                           "from the archive \\(image_00007.jpg\\)"):
+        run_ingest(source_copy, local_store, tmp_path / "cache")
+    assert store_keys(local_store) == []
+
+
+def test_publish_needs_fetched_sources(local_store: LocalStore, tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFound, match="raw/sources.json: not on"):
+        publish_split(local_store, "flowers102", tmp_path / "cache")
+
+
+def test_publish_in_a_fresh_cache_pulls_raw_from_the_store(s3_store: S3Store, tmp_path: Path,
+                                                           synthetic_source: Path) -> None:
+    fetch_sources(str(synthetic_source), s3_store, "flowers102", tmp_path / "a", FetchOptions())
+    result = publish_split(s3_store, "flowers102", tmp_path / "b", workers=2)
+    assert result.uploaded == 24
+    assert (tmp_path / "b" / "flowers102" / "raw" / flowers.ARCHIVE).read_bytes() == (
+        synthetic_source / flowers.ARCHIVE).read_bytes()
+
+
+def test_s3_source_prefix(s3_store: S3Store, local_store: LocalStore, synthetic_source: Path,
+                          tmp_path: Path) -> None:
+    for name in flowers.SOURCE_FILES:
+        s3_store.put_file(f"mirror/{name}", synthetic_source / name)
+    uri = f"{s3_store.uri}/mirror"
+    options = FetchOptions(s3=s3_store_options(s3_store))
+    result = ingest.ingest(uri, local_store, "flowers102", tmp_path / "cache", options)
+    assert result.counts["train"] == 8
+    record = json.loads(local_store.get_bytes("datasets/flowers102/raw/sources.json"))
+    assert record["source"] == uri and record["verified"] is False
+
+
+def s3_store_options(store: S3Store):
+    from flowerml.storage import S3Options
+
+    return S3Options(endpoint_url=store.endpoint, addressing_style="path")
+
+
+# --------------------------------------------------------------------------------------------
+# The download path, against a local HTTP server standing in for the official site.
+
+
+@pytest.fixture
+def http_source(synthetic_source: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """Serves a copy of the synthetic source folder over HTTP on 127.0.0.1."""
+    import shutil
+
+    root = Path(shutil.copytree(synthetic_source, tmp_path / "served"))
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_url_source(http_source: tuple[str, Path], local_store: LocalStore,
+                    tmp_path: Path) -> None:
+    url, _ = http_source
+    result = run_ingest(url, local_store, tmp_path / "cache", retries=1, timeout=5)
+    assert result.counts == {"train": 8, "valid": 8, "test": 8}
+
+
+def test_html_page_served_instead_of_archive(http_source: tuple[str, Path],
+                                             local_store: LocalStore, tmp_path: Path) -> None:
+    url, root = http_source
+    (root / flowers.ARCHIVE).write_bytes(b"<!DOCTYPE html><html>Rate limited</html>")
+    with pytest.raises(ArchiveError, match="102flowers.tgz: is an HTML page"):
+        run_ingest(url, local_store, tmp_path / "cache", retries=1, timeout=5)
+    assert store_keys(local_store) == []
+    downloads = list((tmp_path / "cache").rglob(flowers.ARCHIVE))
+    assert downloads == []  # the bad download is not kept for the next run
+
+
+def test_official_source_is_always_verified(http_source: tuple[str, Path],
+                                            local_store: LocalStore, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = http_source
+    monkeypatch.setattr(flowers, "BASE_URL", url)
+    expected = flowers.SOURCE_MD5[flowers.ARCHIVE]
+    with pytest.raises(SourceError, match=f"MD5 mismatch: expected {expected}"):
+        run_ingest("official", local_store, tmp_path / "cache", retries=1, timeout=5)
+    assert store_keys(local_store) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Interruption: kill -9 part-way, re-run, and the store equals an uninterrupted run's.
+
+
+def listing(store: Store, prefix: str) -> dict[str, tuple[int, str]]:
+    """Key -> (size, etag); S3 etags of single-part objects are their content's MD5."""
+    return {info.key: (info.size, info.etag) for info in store.list(prefix)}
+
+
+def test_killed_ingest_resumes_to_the_same_store(tmp_path: Path, moto_endpoint: str) -> None:
+    import boto3
+
+    from flowerml.storage import S3Options
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+
+    source = tmp_path / "src"
+    write_synthetic_archive(source, SyntheticSpec(classes=10, per_class=30, image_size=48))
+    client = boto3.client("s3", endpoint_url=moto_endpoint)
+    for bucket in ("interrupted", "reference"):
+        client.create_bucket(Bucket=bucket)
+    env = {**os.environ, "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
+           "FLOWERML_TRANSFER_CONCURRENCY": "1", "FLOWERML_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "flowerml.cli", "ingest", "--source", str(source),
+               "--json", "--workers", "1"]
+
+    child = subprocess.Popen([*command, "--store", "s3://interrupted/x"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    uploaded = 0
+    while time.monotonic() < deadline and child.poll() is None:
+        listed = client.list_objects_v2(Bucket="interrupted", Prefix="x/datasets/")
+        uploaded = sum(k["Key"].endswith(".jpg") for k in listed.get("Contents", []))
+        if uploaded >= 30:
+            break
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert 30 <= uploaded < 300, "the kill must land part-way through the upload"
+    interrupted = S3Store("interrupted", "x", S3Options(endpoint_url=moto_endpoint))
+    assert not any(k.endswith(("manifest.json", "CURRENT")) for k in store_keys(interrupted))
+
+    subprocess.run([*command, "--store", "s3://interrupted/x"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([*command, "--store", "s3://reference/x"], env=env, check=True,
+                   capture_output=True)
+    reference = S3Store("reference", "x", S3Options(endpoint_url=moto_endpoint))
+    assert listing(interrupted, "datasets/") == listing(reference, "datasets/")

@@ -1,0 +1,209 @@
+"""Synthetic archives must be readable exactly like the real Flowers-102 files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from flowerml.errors import UserError
+from flowerml.flowers import ARCHIVE, LABELS, MEMBER_PATTERN, SETID, SPLIT_KEYS, image_name
+from flowerml.synthetic import (
+    SyntheticSpec,
+    build_split,
+    draw_flower,
+    write_synthetic_archive,
+)
+
+SPEC = SyntheticSpec(classes=5, per_class=7, image_size=48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> dict[str, Path]:
+    return write_synthetic_archive(tmp_path_factory.mktemp("synthetic"), SPEC)
+
+
+def read_members(path: Path) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(path, mode="r:gz") as tar:
+        return {
+            info.name: (info, tar.extractfile(info).read() if info.isfile() else None)
+            for info in tar
+        }
+
+
+def load_labels(path: Path) -> np.ndarray:
+    return scipy.io.loadmat(path)["labels"]
+
+
+def load_split(path: Path) -> dict[str, np.ndarray]:
+    mat = scipy.io.loadmat(path)
+    return {key: mat[key] for key in SPLIT_KEYS.values()}
+
+
+def expected_train_valid(n: int) -> int:
+    return max(1, round(n * 0.25))
+
+
+def test_writes_exactly_the_three_source_files(archive):
+    assert set(archive) == {ARCHIVE, LABELS, SETID}
+    out_dir = archive[ARCHIVE].parent
+    for name, path in archive.items():
+        assert path == out_dir / name
+        assert path.is_file() and path.stat().st_size > 0
+    # No temporary files left behind next to them.
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(archive)
+
+
+def test_archive_holds_the_jpg_dir_and_consecutive_rgb_jpegs(archive):
+    members = read_members(archive[ARCHIVE])
+    n = SPEC.num_images
+    expected = ["jpg"] + [f"jpg/{image_name(i)}" for i in range(1, n + 1)]
+    assert list(members) == expected
+
+    directory, _ = members["jpg"]
+    assert directory.isdir()
+    for name in expected[1:]:
+        info, data = members[name]
+        assert info.isreg() and info.mode == 0o644 and info.uid == info.gid == 0
+        assert re.fullmatch(MEMBER_PATTERN, name)
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            assert not image.info.get("progressive")  # baseline, like the real archive
+            image.load()
+            assert max(image.size) == SPEC.image_size
+            assert 0.7 * SPEC.image_size - 1 <= min(image.size) <= SPEC.image_size
+
+
+def test_images_vary_in_shape_like_real_photographs(tmp_path):
+    paths = write_synthetic_archive(tmp_path, SyntheticSpec(classes=3, per_class=8, image_size=40))
+    sizes = set()
+    for _, (info, data) in read_members(paths[ARCHIVE]).items():
+        if info.isfile():
+            with Image.open(io.BytesIO(data)) as image:
+                sizes.add(image.size)
+    assert len(sizes) > 3
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
+
+
+def test_labels_are_1_based_balanced_and_not_sorted(archive):
+    labels = load_labels(archive[LABELS])
+    assert labels.shape == (1, SPEC.num_images)
+    counts = Counter(labels.ravel().tolist())
+    assert counts == {label: SPEC.per_class for label in range(1, SPEC.classes + 1)}
+    # The real archive is not ordered by class; neither is ours.
+    assert not np.all(np.diff(labels.ravel().astype(int)) >= 0)
+
+
+def test_split_covers_every_image_once_with_the_per_class_sizes(archive):
+    labels = load_labels(archive[LABELS]).ravel()
+    split = load_split(archive[SETID])
+    for ids in split.values():
+        assert ids.shape[0] == 1 and ids.ndim == 2
+        assert np.all(np.diff(ids.ravel().astype(int)) > 0)  # sorted, no repeats
+
+    all_ids = np.concatenate([ids.ravel() for ids in split.values()]).astype(int)
+    assert sorted(all_ids.tolist()) == list(range(1, SPEC.num_images + 1))
+
+    share = expected_train_valid(SPEC.per_class)
+    expected = {"trnid": share, "valid": share, "tstid": SPEC.per_class - 2 * share}
+    for key, ids in split.items():
+        per_class = Counter(labels[ids.ravel().astype(int) - 1].tolist())
+        assert per_class == {label: expected[key] for label in range(1, SPEC.classes + 1)}
+
+
+@pytest.mark.parametrize("sizes", [(3, 4, 5), (6, 10, 21), (3,)])
+def test_build_split_sizes_for_uneven_classes(sizes):
+    labels = np.concatenate([np.full(n, label + 1) for label, n in enumerate(sizes)])
+    labels = np.random.default_rng(0).permutation(labels)
+    split = build_split(labels, np.random.default_rng(1))
+
+    assert set(split) == {"trnid", "valid", "tstid"}
+    union = np.concatenate(list(split.values()))
+    assert sorted(union.tolist()) == list(range(1, len(labels) + 1))
+    for label, n in enumerate(sizes, start=1):
+        counts = {key: int(np.sum(labels[ids - 1] == label)) for key, ids in split.items()}
+        share = expected_train_valid(n)
+        assert counts == {"trnid": share, "valid": share, "tstid": n - 2 * share}
+        assert counts["tstid"] >= 1
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
+    spec = SyntheticSpec(classes=4, per_class=5, image_size=32, seed=11)
+    first = write_synthetic_archive(tmp_path / "a", spec)
+    again = write_synthetic_archive(tmp_path / "b", spec)
+    other = write_synthetic_archive(tmp_path / "c", replace(spec, seed=12))
+    for name in (ARCHIVE, LABELS, SETID):
+        assert first[name].read_bytes() == again[name].read_bytes(), name
+        assert first[name].read_bytes() != other[name].read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    ("fields", "option"),
+    [
+        ({"classes": 0}, "--classes"),
+        ({"classes": 103}, "--classes"),
+        ({"per_class": 2}, "--per-class"),
+        ({"classes": 102, "per_class": 1000}, "--per-class"),
+        ({"image_size": 31}, "--image-size"),
+        ({"seed": -1}, "--seed"),
+        ({"jpeg_quality": 0}, "--jpeg-quality"),
+        ({"jpeg_quality": 96}, "--jpeg-quality"),
+        ({"classes": "10"}, "--classes"),
+    ],
+)
+def test_invalid_spec_is_a_user_error_naming_the_field(fields, option):
+    with pytest.raises(UserError, match=re.escape(option)):
+        SyntheticSpec(**fields)
+
+
+def test_out_dir_that_is_a_file_is_a_user_error(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        write_synthetic_archive(not_a_dir, SyntheticSpec(classes=1, per_class=3, image_size=32))
+
+
+def test_images_of_one_class_all_differ(archive):
+    labels = load_labels(archive[LABELS]).ravel()
+    members = read_members(archive[ARCHIVE])
+    digests = {
+        hashlib.sha256(members[f"jpg/{image_name(i + 1)}"][1]).hexdigest()
+        for i in np.flatnonzero(labels == 1)
+    }
+    assert len(digests) == SPEC.per_class
+
+    a = np.asarray(draw_flower(1, np.random.default_rng(1), 64, 64), dtype=int)
+    b = np.asarray(draw_flower(1, np.random.default_rng(2), 64, 64), dtype=int)
+    assert a.shape == b.shape == (64, 64, 3)
+    assert np.abs(a - b).mean() > 5
+
+
+def colour_signature(label: int, samples: int = 6) -> np.ndarray:
+    """Mean RGB of the strongly coloured pixels (the flowers, not the muted background)."""
+    pixels = []
+    for k in range(samples):
+        image = draw_flower(label, np.random.default_rng(k), 64, 56)
+        hsv = np.asarray(image.convert("HSV"), dtype=float)
+        rgb = np.asarray(image, dtype=float)
+        pixels.append(rgb[hsv[..., 1] > 160])
+    return np.concatenate(pixels).mean(axis=0)
+
+
+def test_classes_have_distinct_colour_signatures():
+    first, second, again = colour_signature(1), colour_signature(2), colour_signature(1)
+    assert np.linalg.norm(first - second) > 40
+    assert np.linalg.norm(first - again) < 1e-9  # deterministic for the same seeds
+
+
+def test_draw_flower_returns_the_requested_size():
+    image = draw_flower(102, np.random.default_rng(0), 500, 375)
+    assert image.mode == "RGB" and image.size == (500, 375)
