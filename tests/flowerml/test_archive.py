@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
@@ -10,26 +9,7 @@ import pytest
 
 from flowerml.archive import iter_archive_images, sniff_archive, sniff_mat
 from flowerml.errors import ArchiveError, SourceError
-
-
-def write_tgz(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for info, data in members:
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
-    return path
-
-
-def regular(name: str, data: bytes = b"\xff\xd8jpeg") -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    return info, data
-
-
-def special(name: str, kind: bytes, target: str = "") -> tuple[tarfile.TarInfo, None]:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info, None
+from tests.builders import regular, special, write_tgz
 
 
 def test_yields_images_in_order_with_exact_bytes(tmp_path: Path) -> None:

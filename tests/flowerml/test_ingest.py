@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,23 +20,8 @@ from flowerml import flowers, ingest
 from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
 from flowerml.ingest import FetchOptions, fetch_sources, publish_split
 from flowerml.storage import LocalStore, S3Store, Store
+from tests.builders import archive_members, rewrite_archive
 from tests.conftest import store_keys
-
-
-def archive_members(folder: Path) -> dict[str, bytes]:
-    with tarfile.open(folder / flowers.ARCHIVE) as archive:
-        return {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
-
-
-def rewrite_archive(folder: Path, replace: dict[int, bytes]) -> None:
-    """Rewrite the folder's archive with some images' bytes replaced."""
-    members = archive_members(folder)
-    with tarfile.open(folder / flowers.ARCHIVE, "w:gz") as archive:
-        for name, data in members.items():
-            data = replace.get(int(name[10:15]), data)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
 
 
 def run_ingest(source: Path | str, store: Store, cache: Path, **options) -> ingest.IngestResult:
@@ -126,13 +109,7 @@ def test_identical_image_in_two_splits_is_refused(local_store: LocalStore, sourc
 
 def test_image_missing_from_archive_is_refused(local_store: LocalStore, source_copy: Path,
                                                tmp_path: Path) -> None:
-    members = archive_members(source_copy)
-    del members["jpg/image_00007.jpg"]
-    with tarfile.open(source_copy / flowers.ARCHIVE, "w:gz") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
+    rewrite_archive(source_copy, drop={7})
     with pytest.raises(ArchiveError, match="1 image\\(s\\) named in setid.mat are missing "
                                            "from the archive \\(image_00007.jpg\\)"):
         run_ingest(source_copy, local_store, tmp_path / "cache")

@@ -1,0 +1,205 @@
+"""The `flowerml` command: JSON output, and one clear line with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import socket
+import tarfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from flowerml import flowers
+from flowerml.cli import cli
+from tests.builders import archive_members, regular, rewrite_archive, rewrite_mat, special
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env)
+
+
+def ingest_args(source: Path | str, store: Path | str, *extra: str) -> list[str]:
+    return ["ingest", "--source", str(source), "--store", str(store), "--json", *extra]
+
+
+def assert_refused(result: Result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def published(store_dir: Path) -> list[Path]:
+    """Everything in a local store: empty means nothing was published (nor mirrored)."""
+    return [p for p in store_dir.rglob("*") if p.is_file()] if store_dir.exists() else []
+
+
+def test_synth_then_ingest_json(tmp_path: Path) -> None:
+    made = invoke("synth", str(tmp_path / "src"), "--classes", "3", "--per-class", "4",
+                  "--image-size", "40", "--json")
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["images"] == 12
+    result = invoke(*ingest_args(tmp_path / "src", tmp_path / "store"),
+                    env={"FLOWERML_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert set(summary) == {"dataset", "version", "counts", "uploaded", "skipped", "quarantined",
+                            "store"}
+    assert summary["counts"] == {"train": 3, "valid": 3, "test": 6}
+    assert summary["uploaded"] == 12 and summary["quarantined"] == 0
+
+
+def test_synth_bad_option(tmp_path: Path) -> None:
+    assert_refused(invoke("synth", str(tmp_path), "--classes", "0"),
+                   "--classes must be between 1 and 102 (got 0)")
+
+
+def test_invalid_setting_names_the_variable(tmp_path: Path, source_copy: Path) -> None:
+    result = invoke(*ingest_args(source_copy, tmp_path / "store"),
+                    env={"FLOWERML_TRANSFER_CONCURRENCY": "zero"})
+    assert_refused(result, "FLOWERML_TRANSFER_CONCURRENCY")
+    assert published(tmp_path / "store") == []
+
+
+def unofficial_bytes(folder: Path) -> str:
+    """The synthetic archive itself: run with --verify, its MD5 is not the official one."""
+    return "102flowers.tgz: MD5 mismatch: expected 52808999861908f626f3c1f4e79d11fa"
+
+
+def damage_truncated(folder: Path) -> str:
+    data = (folder / flowers.ARCHIVE).read_bytes()
+    (folder / flowers.ARCHIVE).write_bytes(data[: len(data) * 2 // 3])
+    return "102flowers.tgz: truncated or corrupt archive"
+
+
+def damage_html(folder: Path) -> str:
+    (folder / flowers.ARCHIVE).write_text("<!DOCTYPE html><html><title>503</title></html>")
+    return "102flowers.tgz: is an HTML page, not a gzip archive"
+
+
+def damage_member(member: tuple[tarfile.TarInfo, bytes | None]) -> Callable[[Path], str]:
+    def damage(folder: Path) -> str:
+        rewrite_archive(folder, extra=[member])
+        return f"archive member {member[0].name!r}"
+    return damage
+
+
+def damage_labels_key(folder: Path) -> str:
+    rewrite_mat(folder / flowers.LABELS, labels=None, other=np.array([[1]]))
+    return "imagelabels.mat: missing key 'labels' (found: other)"
+
+
+def damage_setid_key(folder: Path) -> str:
+    rewrite_mat(folder / flowers.SETID, tstid=None)
+    return "setid.mat: missing key 'tstid'"
+
+
+def damage_label_range(folder: Path) -> str:
+    labels = np.full((1, 24), 1, dtype=np.int32)
+    labels[0, 3] = 200
+    rewrite_mat(folder / flowers.LABELS, labels=labels)
+    return "imagelabels.mat: key 'labels' has values out of range 1..102 (e.g. 200)"
+
+
+def damage_id_in_two_splits(folder: Path) -> str:
+    import scipy.io
+
+    setid = scipy.io.loadmat(folder / flowers.SETID)
+    first_train = int(setid["trnid"][0, 0])
+    rewrite_mat(folder / flowers.SETID,
+                valid=np.append(setid["valid"], [[first_train]], axis=1))
+    return f"setid.mat: image id {first_train} appears more than once (in trnid, valid)"
+
+
+DAMAGES = {
+    "wrong-md5": unofficial_bytes,
+    "truncated-tgz": damage_truncated,
+    "html-instead-of-tgz": damage_html,
+    "dotdot-member": damage_member(regular("../evil.jpg")),
+    "absolute-member": damage_member(regular("/tmp/evil.jpg")),
+    "symlink-member": damage_member(special("jpg/image_09998.jpg", tarfile.SYMTYPE, "/etc")),
+    "hardlink-member": damage_member(special("jpg/image_09999.jpg", tarfile.LNKTYPE,
+                                             "jpg/image_00001.jpg")),
+    "labels-missing-key": damage_labels_key,
+    "setid-missing-key": damage_setid_key,
+    "label-out-of-range": damage_label_range,
+    "id-in-two-splits": damage_id_in_two_splits,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_bad_source_is_refused_and_nothing_published(damage: str, source_copy: Path,
+                                                     tmp_path: Path) -> None:
+    message = DAMAGES[damage](source_copy)
+    result = invoke(*ingest_args(source_copy, tmp_path / "store", "--verify"
+                                 if damage == "wrong-md5" else "--no-verify"),
+                    env={"FLOWERML_CACHE_DIR": str(tmp_path / "cache")})
+    assert_refused(result, message)
+    assert published(tmp_path / "store") == []
+    assert not (tmp_path / "evil.jpg").exists() and not Path("/tmp/evil.jpg").exists()
+
+
+def test_corrupt_jpeg_is_quarantined_and_ingest_succeeds(source_copy: Path,
+                                                         tmp_path: Path) -> None:
+    good = archive_members(source_copy)["jpg/image_00002.jpg"]
+    rewrite_archive(source_copy, replace={2: good[:100]})
+    result = invoke(*ingest_args(source_copy, tmp_path / "store"),
+                    env={"FLOWERML_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["quarantined"] == 1 and sum(summary["counts"].values()) == 23
+    quarantine = tmp_path / "store/datasets/flowers102" / summary["version"] / "quarantine.json"
+    assert json.loads(quarantine.read_text())[0]["image"] == "image_00002.jpg"
+
+
+def test_html_page_served_over_http(source_copy: Path, tmp_path: Path) -> None:
+    damage_html(source_copy)
+    handler = functools.partial(_Quiet, directory=str(source_copy))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = invoke(*ingest_args(f"http://127.0.0.1:{server.server_address[1]}/",
+                                     tmp_path / "store"),
+                        env={"FLOWERML_CACHE_DIR": str(tmp_path / "cache")})
+    finally:
+        server.shutdown()
+    assert_refused(result, "102flowers.tgz: is an HTML page")
+    assert published(tmp_path / "store") == []
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_missing_bucket(source_copy: Path, tmp_path: Path, moto_endpoint: str) -> None:
+    result = invoke(*ingest_args(source_copy, "s3://no-such-bucket/x"),
+                    env={"FLOWERML_S3_ENDPOINT_URL": moto_endpoint})
+    assert_refused(result, f"bucket 'no-such-bucket' at {moto_endpoint} does not exist")
+
+
+def test_access_denied(source_copy: Path, denying_s3_endpoint: str) -> None:
+    result = invoke(*ingest_args(source_copy, "s3://guarded/x"),
+                    env={"FLOWERML_S3_ENDPOINT_URL": denying_s3_endpoint})
+    assert_refused(result, f"access denied to bucket 'guarded' at {denying_s3_endpoint}")
+    assert "testing-secret" not in result.output
+
+
+def test_unreachable_endpoint(source_copy: Path, s3_bucket: str, moto_endpoint: str,
+                              tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = invoke(*ingest_args(source_copy, f"s3://{s3_bucket}/x"),
+                    env={"FLOWERML_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
+    assert_refused(result, f"cannot reach S3 endpoint http://127.0.0.1:{port}")
+    import boto3
+
+    listed = boto3.client("s3", endpoint_url=moto_endpoint).list_objects_v2(Bucket=s3_bucket)
+    assert listed.get("KeyCount", 0) == 0
