@@ -23,6 +23,8 @@ fork+exec, so with the parent holding moto's objects it would report the parent'
 
 Throughput: images/s is the number of split images over the seconds; MB/s is the archive bytes
 of those images (the JPEG members, before any re-encode) over the seconds. MB is 2**20 bytes.
+Each method also reports its own CPU seconds and the moto server's (the parent's CPU while that
+method ran): on a small machine the server's per-request cost bounds both methods.
 Targets: flowerml at least 5x the tutorial's images/s, and flowerml's peak RSS under 500 MB.
 
 Prints exactly one JSON object on stdout; progress goes to stderr.
@@ -150,7 +152,7 @@ def s3_client(endpoint: str):
 
 
 def run_flowerml(source: Path, endpoint: str, bucket: str, scratch: Path):
-    """Prepare the flowerml ingest; returns the timed callable and what it reports."""
+    """The flowerml method, ready to time: a callable that ingests and returns the upload count."""
     from flowerml.ingest import FetchOptions, ingest
     from flowerml.storage import S3Options, S3Store
 
@@ -198,6 +200,7 @@ def tutorial_upload(client, bucket: str, root: Path) -> int:
 
 
 def run_tutorial(source: Path, endpoint: str, bucket: str, scratch: Path):
+    """The tutorial's method, ready to time: prepare the folders, then upload them."""
     client = s3_client(endpoint)
     out_dir = scratch / "tutorial"
 
@@ -221,6 +224,12 @@ def peak_rss_mb() -> float:
     return kib / (MB if sys.platform == "darwin" else 1024)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(method, profile: bool) -> tuple[float, int]:
     """(seconds, uploaded) of one call of method, optionally under cProfile (to stderr)."""
     if not profile:
@@ -241,11 +250,14 @@ def timed(method, profile: bool) -> tuple[float, int]:
 
 
 def child_main(args: argparse.Namespace) -> None:
-    """Run one method and print {"seconds", "uploaded", "peak_rss_mb"} as one JSON line."""
+    """Run one method and print {"seconds", "uploaded", "cpu_seconds", "peak_rss_mb"} as one
+    JSON line."""
     runner = {"flowerml": run_flowerml, "tutorial": run_tutorial}[args.method]
     method = runner(Path(args.source), args.endpoint, args.bucket, Path(args.scratch))
+    cpu_before = cpu_seconds()
     seconds, uploaded = timed(method, args.profile)
     print(json.dumps({"seconds": seconds, "uploaded": uploaded,
+                      "cpu_seconds": round(cpu_seconds() - cpu_before, 1),
                       "peak_rss_mb": round(peak_rss_mb(), 1)}), flush=True)
 
 
@@ -259,11 +271,14 @@ def run_child(method: str, source: Path, endpoint: str, bucket: str, scratch: Pa
                "--source", str(source), "--endpoint", endpoint, "--bucket", bucket,
                "--scratch", str(scratch)] + (["--profile"] if profile else [])
     log(f"running {method} ...")
+    server_cpu = cpu_seconds()  # the parent only serves S3 meanwhile: this is moto's share
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     if done.returncode != 0:
         raise SystemExit(f"{method} failed with exit code {done.returncode}")
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    log(f"{method}: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']} MB")
+    report["server_cpu_seconds"] = round(cpu_seconds() - server_cpu, 1)
+    log(f"{method}: {report['seconds']:.1f} s, peak RSS {report['peak_rss_mb']} MB, "
+        f"CPU {report['cpu_seconds']} s + moto {report['server_cpu_seconds']} s")
     return report
 
 
@@ -275,6 +290,8 @@ def summarise(report: dict, images: int, image_bytes: int) -> dict:
         "mb_per_s": round(image_bytes / MB / seconds, 2),
         "peak_rss_mb": report["peak_rss_mb"],
         "uploaded": report["uploaded"],
+        "cpu_seconds": report["cpu_seconds"],
+        "server_cpu_seconds": report["server_cpu_seconds"],
     }
 
 

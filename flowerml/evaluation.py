@@ -1,0 +1,424 @@
+"""Evaluation of a classifier's outputs: metrics, the Markdown report, and its plots.
+
+Owns the metrics (mean cross-entropy, top-1, top-5, mean per-class accuracy, the confusion
+matrix and its most-confused pairs), computed either at once (`compute_metrics`) or batch by
+batch without keeping the logits (`MetricsAccumulator`); both go through the same code, so they
+agree. Also owns the evaluation report (`render_report`, `per_class_rows`) and its PNG plots
+(`plot_confusion_matrix`, `plot_training_curves`).
+
+Indices are 0-based inside tensors; everything a person reads uses 1-based labels (class dir
+"001" is label 1, class index 0), as in the published dataset.
+
+Plots are drawn on a bare `matplotlib.figure.Figure`, never through pyplot: nothing here selects
+or needs a display backend, changes matplotlib's global backend for the caller, or leaves figures
+registered in pyplot's global state. matplotlib is imported only when a plot is drawn, so
+importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TOP_K = 5
+MOST_CONFUSED_LIMIT = 10
+WORST_CLASSES_LIMIT = 10
+# Above this many classes a confusion matrix cell is a few pixels wide: per-cell counts and
+# per-class names on the axes would be unreadable, so they are left out.
+CELL_TEXT_MAX_CLASSES = 20
+
+
+@dataclass(frozen=True)
+class ClassAccuracy:
+    """Accuracy on one class. A class with no samples has accuracy 0.0 (never NaN)."""
+
+    label: int
+    name: str
+    accuracy: float
+    support: int
+
+
+@dataclass(frozen=True)
+class ConfusedPair:
+    """How many samples of one class were predicted as another."""
+
+    true_label: int
+    true_name: str
+    predicted_label: int
+    predicted_name: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The metrics of one evaluation. `confusion` rows are true classes, columns predictions."""
+
+    n: int
+    loss: float
+    top1: float
+    top5: float
+    mean_class_accuracy: float
+    per_class: list[ClassAccuracy]
+    confusion: np.ndarray
+    most_confused: list[ConfusedPair]
+
+    # The generated __eq__ would compare the arrays with `==` and fail on their truth value.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Metrics):
+            return NotImplemented
+        scalars = ("n", "loss", "top1", "top5", "mean_class_accuracy", "per_class",
+                   "most_confused")
+        return all(getattr(self, f) == getattr(other, f) for f in scalars) and bool(
+            np.array_equal(self.confusion, other.confusion))
+
+    # Holds a list and an array, so it cannot be hashed; say so instead of failing later.
+    __hash__ = None  # type: ignore[assignment]
+
+    def summary(self) -> dict[str, Any]:
+        """The headline numbers as plain floats and an int, ready for JSON."""
+        return {
+            "top1": float(self.top1),
+            "top5": float(self.top5),
+            "mean_class_accuracy": float(self.mean_class_accuracy),
+            "loss": float(self.loss),
+            "n": int(self.n),
+        }
+
+
+class MetricsAccumulator:
+    """Accumulates over batches without keeping all logits: running loss sum, top1/top5 correct, confusion.
+
+    `update` accepts tensors on any device; only per-sample results (a few numbers per sample)
+    are copied to the CPU, so memory does not grow with the size of the evaluated split.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.k = min(TOP_K, num_classes)
+        self.n = 0
+        self.loss_sum = 0.0
+        self.topk_correct = 0
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one batch: logits [B, C] (any float dtype), targets [B] of 0-based class indices."""
+        targets_cpu = _checked_targets(logits, targets, self.num_classes)
+        if targets_cpu.numel() == 0:
+            return
+        with torch.no_grad():
+            losses, preds, topk_hits = _batch_results(logits, targets_cpu, self.k)
+        # Summed in float64 so the total over thousands of batches does not drift.
+        self.loss_sum += float(losses.to(torch.float64).sum())
+        self.topk_correct += int(topk_hits.sum())
+        cells = torch.bincount(targets_cpu * self.num_classes + preds,
+                               minlength=self.num_classes**2)
+        self.confusion += cells.reshape(self.num_classes, self.num_classes).numpy()
+        self.n += int(targets_cpu.numel())
+
+    def result(self, class_names: Sequence[str]) -> Metrics:
+        """The metrics of everything added so far; `class_names[i]` names class index i."""
+        if self.n == 0:
+            raise ValueError("no samples to evaluate: the accumulator is empty")
+        if len(class_names) != self.num_classes:
+            raise ValueError(f"got {len(class_names)} class names for "
+                             f"{self.num_classes} classes")
+        return _build_metrics(self.n, self.loss_sum, self.topk_correct, self.confusion.copy(),
+                              list(class_names))
+
+
+def compute_metrics(logits: torch.Tensor, targets: torch.Tensor,
+                    class_names: Sequence[str]) -> Metrics:
+    """Metrics of logits [N, C] against targets [N] (0-based; index i is label i+1)."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        raise ValueError("no samples to evaluate: logits are empty")
+    accumulator = MetricsAccumulator(logits.shape[1])
+    accumulator.update(logits, targets)
+    return accumulator.result(class_names)
+
+
+def _checked_targets(logits: torch.Tensor, targets: torch.Tensor,
+                     num_classes: int) -> torch.Tensor:
+    """Validate a batch and return its targets as a CPU int64 tensor."""
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ValueError(f"logits must be [N, {num_classes}], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets must be [{logits.shape[0]}] to match the logits, "
+                         f"got shape {tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer class indices, got {targets.dtype}")
+    targets_cpu = targets.detach().to("cpu", torch.int64)
+    # Checked here, before cross_entropy: on CUDA an out-of-range target is a device-side
+    # assert that poisons the whole process instead of a catchable error.
+    if targets_cpu.numel() and (targets_cpu.min() < 0 or targets_cpu.max() >= num_classes):
+        raise ValueError(f"targets must be class indices in [0, {num_classes}), got values "
+                         f"from {int(targets_cpu.min())} to {int(targets_cpu.max())}")
+    return targets_cpu
+
+
+def _batch_results(logits: torch.Tensor, targets_cpu: torch.Tensor,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample loss, prediction and top-k hit, computed on the logits' device, moved to CPU."""
+    # float32 at least: half/bfloat16 logits (autocast) lose too much in log-softmax.
+    scores = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+    targets = targets_cpu.to(scores.device)
+    losses = F.cross_entropy(scores, targets, reduction="none")
+    preds = scores.argmax(dim=1)
+    in_top_k = (scores.topk(k, dim=1).indices == targets[:, None]).any(dim=1)
+    # topk and argmax may break ties differently; a top-1 hit always counts as a top-k hit so
+    # that top5 >= top1 holds.
+    topk_hits = in_top_k | (preds == targets)
+    return losses.cpu(), preds.cpu(), topk_hits.cpu()
+
+
+def _build_metrics(n: int, loss_sum: float, topk_correct: int, confusion: np.ndarray,
+                   names: list[str]) -> Metrics:
+    per_class = _per_class(confusion, names)
+    supported = [c.accuracy for c in per_class if c.support > 0]
+    confusion.setflags(write=False)  # Metrics is a frozen record; so is its matrix.
+    return Metrics(
+        n=n,
+        loss=loss_sum / n,
+        # The diagonal is the single source of truth for top-1, so it matches per_class.
+        top1=int(np.trace(confusion)) / n,
+        top5=topk_correct / n,
+        mean_class_accuracy=sum(supported) / len(supported),
+        per_class=per_class,
+        confusion=confusion,
+        most_confused=_most_confused(confusion, names, MOST_CONFUSED_LIMIT),
+    )
+
+
+def _per_class(confusion: np.ndarray, names: list[str]) -> list[ClassAccuracy]:
+    rows = []
+    for i, name in enumerate(names):
+        support = int(confusion[i].sum())
+        accuracy = int(confusion[i, i]) / support if support else 0.0
+        rows.append(ClassAccuracy(label=i + 1, name=name, accuracy=accuracy, support=support))
+    return rows
+
+
+def _most_confused(confusion: np.ndarray, names: list[str], limit: int) -> list[ConfusedPair]:
+    off_diagonal = confusion.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    true_idx, pred_idx = np.nonzero(off_diagonal)
+    cells = sorted(zip(true_idx.tolist(), pred_idx.tolist(), strict=True),
+                   key=lambda cell: (-int(off_diagonal[cell]), cell[0], cell[1]))
+    return [ConfusedPair(true_label=t + 1, true_name=names[t], predicted_label=p + 1,
+                         predicted_name=names[p], count=int(off_diagonal[t, p]))
+            for t, p in cells[:limit]]
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def per_class_rows(metrics: Metrics) -> list[dict[str, Any]]:
+    """One plain dict per class (label, name, accuracy, support), for a table artifact."""
+    return [{"label": c.label, "name": c.name, "accuracy": c.accuracy, "support": c.support}
+            for c in metrics.per_class]
+
+
+def render_report(metrics: Metrics, *, title: str, context: dict[str, str] | None = None,
+                  plots: dict[str, str] | None = None) -> str:
+    """The evaluation report in Markdown; `plots` maps a caption to a relative image path."""
+    sections = [f"# {_cell(title)}"]
+    if context:
+        sections.append(_table(["context", "value"], [[f"**{k}**", str(v)]
+                                                      for k, v in context.items()]))
+    sections += [_headline_section(metrics), _confused_section(metrics),
+                 _worst_section(metrics)]
+    if plots:
+        sections.append("## Plots\n\n" + "\n\n".join(
+            f"![{caption}]({_link(path)})" for caption, path in plots.items()))
+    sections.append(_per_class_section(metrics))
+    return "\n\n".join(sections) + "\n"
+
+
+def _headline_section(metrics: Metrics) -> str:
+    rows = [["top-1 accuracy", _pct(metrics.top1)],
+            ["top-5 accuracy", _pct(metrics.top5)],
+            ["mean per-class accuracy", _pct(metrics.mean_class_accuracy)],
+            ["loss (cross-entropy)", f"{metrics.loss:.4f}"],
+            ["samples", f"{metrics.n:,}"]]
+    return "## Results\n\n" + _table(["metric", "value"], rows)
+
+
+def _confused_section(metrics: Metrics) -> str:
+    heading = f"## Most confused pairs (top {MOST_CONFUSED_LIMIT})"
+    if not metrics.most_confused:
+        return f"{heading}\n\nNo sample was misclassified."
+    rows = [[f"{p.true_name} ({p.true_label})", f"{p.predicted_name} ({p.predicted_label})",
+             str(p.count)] for p in metrics.most_confused]
+    return f"{heading}\n\n" + _table(["true class", "predicted as", "count"], rows)
+
+
+def _worst_section(metrics: Metrics) -> str:
+    # Classes without samples have no accuracy to speak of; they would crowd out real ones.
+    supported = [c for c in metrics.per_class if c.support > 0]
+    worst = sorted(supported, key=lambda c: (c.accuracy, c.label))[:WORST_CLASSES_LIMIT]
+    return (f"## Worst classes (bottom {WORST_CLASSES_LIMIT})\n\n"
+            + _table(["label", "name", "accuracy", "support"], _class_cells(worst)))
+
+
+def _per_class_section(metrics: Metrics) -> str:
+    return "## Per-class accuracy\n\n" + _table(["label", "name", "accuracy", "support"],
+                                               _class_cells(metrics.per_class))
+
+
+def _class_cells(classes: Sequence[ClassAccuracy]) -> list[list[str]]:
+    return [[str(c.label), c.name, _pct(c.accuracy) if c.support else "n/a", str(c.support)]
+            for c in classes]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    # A "|" would end the cell and a newline the row; keep any text inside its cell.
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _link(path: str) -> str:
+    # CommonMark ends a bare link target at a space; the <...> form allows one.
+    return f"<{path}>" if " " in path else path
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+# --- the plots ----------------------------------------------------------------------------
+
+
+def plot_confusion_matrix(metrics: Metrics, path: Path) -> Path:
+    """Write the row-normalised confusion matrix as a PNG and return its path."""
+    from matplotlib.figure import Figure
+
+    num_classes = metrics.confusion.shape[0]
+    normalised = _row_normalised(metrics.confusion)
+    side = min(12.0, max(5.0, 0.1 * num_classes + 4))
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(normalised, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(f"Confusion matrix (row-normalised, n={metrics.n:,})")
+    if num_classes <= CELL_TEXT_MAX_CLASSES:
+        _annotate_small_matrix(ax, metrics, normalised)
+    else:
+        _label_large_matrix(ax, num_classes)
+    return _save(fig, path)
+
+
+def _row_normalised(confusion: np.ndarray) -> np.ndarray:
+    totals = confusion.sum(axis=1, keepdims=True).astype(np.float64)
+    # A class without samples stays an all-zero row instead of a row of NaNs.
+    return np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
+
+
+def _annotate_small_matrix(ax: Any, metrics: Metrics, normalised: np.ndarray) -> None:
+    ticks = range(len(metrics.per_class))
+    labels = [f"{c.label} {c.name}" for c in metrics.per_class]
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    for (row, col), count in np.ndenumerate(metrics.confusion):
+        if count:
+            # Dark text on the bright end of viridis, light text on the dark end.
+            color = "black" if normalised[row, col] > 0.6 else "white"
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=8, color=color)
+
+
+def _label_large_matrix(ax: Any, num_classes: int) -> None:
+    # Label ticks every 10 classes (1, 11, 21, ...), at 0-based positions.
+    positions = list(range(0, num_classes, 10))
+    labels = [str(p + 1) for p in positions]
+    ax.set_xticks(positions, labels)
+    ax.set_yticks(positions, labels)
+
+
+def plot_training_curves(history: Sequence[dict], path: Path) -> Path:
+    """Write loss and validation-accuracy curves per epoch as a PNG and return its path.
+
+    Rows missing a key (or holding None/NaN) are skipped for that curve only; a row without
+    "epoch" counts as epoch (row index + 1).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    _plot_series(loss_ax, history, ["train_loss", "valid_loss"], "loss", "Loss")
+    _plot_series(acc_ax, history, ["valid_top1", "valid_top5", "train_top1"], "accuracy",
+                 "Validation accuracy")
+    lr_epochs, lrs = _series(history, "lr")
+    if lrs:
+        lr_ax = acc_ax.twinx()
+        lr_ax.plot(lr_epochs, lrs, color="tab:gray", linestyle=":", label="lr")
+        # Schedules span orders of magnitude; a log axis keeps the warm-up and tail visible.
+        if min(lrs) > 0:
+            lr_ax.set_yscale("log")
+        lr_ax.set_ylabel("learning rate")
+        # One legend for both axes, so the two boxes cannot overlap each other.
+        lines = acc_ax.get_lines() + lr_ax.get_lines()
+        acc_ax.legend(lines, [line.get_label() for line in lines], loc="best")
+    return _save(fig, path)
+
+
+def _plot_series(ax: Any, history: Sequence[dict], keys: list[str], ylabel: str,
+                 title: str) -> None:
+    plotted = False
+    for key in keys:
+        epochs, values = _series(history, key)
+        if values:
+            ax.plot(epochs, values, marker="o", markersize=3, label=key)
+            plotted = True
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if plotted:
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
+
+
+def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    epochs: list[float] = []
+    values: list[float] = []
+    for index, row in enumerate(history):
+        value = row.get(key)
+        if _is_number(value) and math.isfinite(float(value)):
+            epoch = row.get("epoch")
+            epochs.append(float(epoch) if _is_number(epoch) else float(index + 1))
+            values.append(float(value))
+    return epochs, values
+
+
+def _is_number(value: object) -> bool:
+    # numbers.Real also admits numpy scalars (np.float32 is not a float subclass).
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=110)
+    # A bare Figure is not registered with pyplot; clearing it frees its artists right away.
+    fig.clear()
+    return path

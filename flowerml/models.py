@@ -1,0 +1,581 @@
+"""Backbones with a fresh classification head, where their weights come from, and how to train them.
+
+This module owns three things:
+- the architectures (`ARCHS`): torchvision's ResNet-18/34/50/101/152, AlexNet and VGG-16/19,
+  cut before their ImageNet classifier into a `backbone` that outputs `[N, feature_dim]`,
+  followed by a new `head` (`nn.Linear(feature_dim, num_classes)`);
+- the weight sources (`build_model(weights=...)`): `none` (random init), `imagenet`
+  (torchvision's download, with staging instructions when it cannot be fetched), a local
+  `.pth`/`.pt`/`.safetensors` file, or an `s3://bucket/key` object. Nothing is unpickled as
+  code: torch files load with `weights_only=True`;
+- the transfer strategies (`STRATEGIES`): `finetune` (optionally freezing the first stages)
+  and `linear-probe` (the whole backbone frozen), with the optimiser's parameter groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import numbers
+import pickle
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from flowerml.errors import UserError
+from flowerml.storage import ObjectNotFound, S3Options, check_key, open_store
+
+ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                          "alexnet", "vgg16", "vgg19")
+STRATEGIES: tuple[str, ...] = ("finetune", "linear-probe")
+
+# Pinned rather than `.DEFAULT`, so that a torchvision upgrade cannot change what "imagenet"
+# means for a run without anyone noticing. These are each arch's best ImageNet-1k weights.
+IMAGENET_WEIGHTS: dict[str, str] = {
+    "resnet18": "IMAGENET1K_V1",
+    "resnet34": "IMAGENET1K_V1",
+    "resnet50": "IMAGENET1K_V2",
+    "resnet101": "IMAGENET1K_V2",
+    "resnet152": "IMAGENET1K_V2",
+    "alexnet": "IMAGENET1K_V1",
+    "vgg16": "IMAGENET1K_V1",
+    "vgg19": "IMAGENET1K_V1",
+}
+TORCH_SUFFIXES = (".pth", ".pt")
+SAFETENSORS_SUFFIX = ".safetensors"
+RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
+RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+              nn.modules.instancenorm._InstanceNorm)
+# What a failed torchvision download can raise: network and TLS errors are OSErrors, a bad
+# hash is a RuntimeError, a damaged file already in the hub cache fails to unpickle.
+DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError, EOFError,
+                   pickle.UnpicklingError, ValueError)
+
+
+class ModelError(UserError):
+    """A bad model option: unknown arch or strategy, freeze range, or weights file."""
+
+
+class WeightsUnavailable(UserError):
+    """ImageNet weights cannot be downloaded here; the message says how to stage them."""
+
+
+class FlowerModel(nn.Module):
+    """backbone (pretrained feature extractor, outputs [N, feature_dim]) + head (a fresh
+    nn.Linear(feature_dim, num_classes)).
+
+    `frozen_stages` is how many leading backbone stages `freeze_stages` locked; `train()`
+    keeps those in eval mode, so a frozen stage is a fixed function (BatchNorm uses its
+    running statistics and does not update them; Dropout is off).
+    """
+
+    def __init__(self, arch: str, backbone: nn.Module, feature_dim: int,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+        self.frozen_stages = 0
+        self.weights_source = "none"
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def train(self, mode: bool = True) -> FlowerModel:
+        super().train(mode)
+        if mode:
+            for module in frozen_modules(self):
+                module.eval()
+        return self
+
+
+def set_train_mode(model: FlowerModel, training: bool) -> None:
+    """Switch train/eval mode; frozen stages stay in eval (same as `model.train(training)`)."""
+    model.train(training)
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+
+
+def check_arch(arch: str) -> str:
+    if arch not in ARCHS:
+        raise ModelError(f"--arch must be one of {', '.join(ARCHS)}: got {arch!r}")
+    return arch
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise ModelError(f"--strategy must be one of {', '.join(STRATEGIES)}: got {strategy!r}")
+    return strategy
+
+
+def is_resnet(arch: str) -> bool:
+    return arch.startswith("resnet")
+
+
+def torchvision_model(arch: str) -> nn.Module:
+    """The torchvision model of that name, randomly initialised (weights come later)."""
+    return torchvision.models.get_model(check_arch(arch), weights=None)
+
+
+def split_torchvision_model(arch: str, source: nn.Module) -> tuple[nn.Sequential, int]:
+    """(backbone, feature_dim): the model minus its final ImageNet classifier layer.
+
+    Children keep their torchvision names, so `backbone.state_dict()` has exactly the keys of
+    the torchvision state dict without the classifier (e.g. "layer1.0.conv1.weight").
+    """
+    if is_resnet(arch):
+        parts = OrderedDict((name, getattr(source, name))
+                            for name in (*RESNET_STEM, *RESNET_LAYERS, "avgpool"))
+        parts["flatten"] = nn.Flatten(1)
+        return nn.Sequential(parts), source.fc.in_features
+    classifier = source.classifier
+    parts = OrderedDict(features=source.features, avgpool=source.avgpool,
+                        flatten=nn.Flatten(1), classifier=classifier[:-1])
+    return nn.Sequential(parts), classifier[-1].in_features
+
+
+def dropped_classifier_prefix(arch: str) -> str:
+    """The state-dict prefix of the ImageNet classifier the fresh head replaces."""
+    if is_resnet(arch):
+        return "fc."
+    return f"classifier.{len(meta_model(arch).classifier) - 1}."
+
+
+@cache
+def meta_model(arch: str) -> nn.Module:
+    """A parameter-less instance (meta device) for reading an arch's structure cheaply."""
+    with torch.device("meta"):
+        return torchvision_model(arch)
+
+
+# --------------------------------------------------------------------------------------------
+# Building, and where the weights come from
+
+
+def build_model(arch: str, num_classes: int, *, weights: str = "none",
+                cache_dir: Path | None = None, s3: S3Options | None = None,
+                seed: int | None = None) -> FlowerModel:
+    """A FlowerModel for `arch` with `num_classes` outputs, its backbone loaded from `weights`.
+
+    `weights`: "none" (random init), "imagenet" (torchvision's download), a local file, or
+    `s3://bucket/key` (downloaded into `cache_dir`, a temporary directory when None). The head
+    is always freshly initialised; with `seed` the initialisation is reproducible and leaves
+    the global RNG untouched.
+    """
+    check_arch(arch)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+            or num_classes < 1:
+        raise ModelError(f"num_classes must be a positive integer: got {num_classes!r}")
+    if not isinstance(weights, str) or not weights.strip():
+        raise ModelError("--weights must be none, imagenet, a file path or s3://bucket/key")
+    model = _construct(arch, int(num_classes), seed)
+    weights = weights.strip()
+    if weights.lower() in ("none", "imagenet"):
+        weights = weights.lower()
+    if weights != "none":
+        state, source = _fetch_state_dict(arch, weights, cache_dir, s3)
+        load_backbone_state(model, state, source)
+        model.weights_source = source
+    return model
+
+
+def _construct(arch: str, num_classes: int, seed: int | None) -> FlowerModel:
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        backbone, feature_dim = split_torchvision_model(arch, torchvision_model(arch))
+        return FlowerModel(arch, backbone, feature_dim, num_classes)
+
+
+def _fetch_state_dict(arch: str, weights: str, cache_dir: Path | None,
+                      s3: S3Options | None) -> tuple[Mapping[str, Any], str]:
+    """(state dict, a description of where it came from) for a weights source other than none."""
+    if weights == "imagenet":
+        return download_imagenet_state(arch), f"imagenet:{imagenet_weights_name(arch)}"
+    if weights.startswith("s3://"):
+        return _load_from_s3(weights, cache_dir, s3), weights
+    path = Path(weights.removeprefix("file://")).expanduser()
+    return load_weights_file(path, label=weights), weights
+
+
+def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
+    return torchvision.models.get_model_weights(check_arch(arch))[IMAGENET_WEIGHTS[arch]]
+
+
+def imagenet_weights_name(arch: str) -> str:
+    weights = imagenet_weights(arch)
+    return f"{type(weights).__name__}.{weights.name}"
+
+
+def imagenet_file_name(arch: str) -> str:
+    """The file name torchvision caches the arch's ImageNet weights under."""
+    return Path(urlparse(imagenet_weights(arch).url).path).name
+
+
+def hub_checkpoints_dir() -> Path:
+    """Where torchvision looks for downloaded weights: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def download_imagenet_state(arch: str) -> Mapping[str, Any]:
+    """torchvision's ImageNet state dict for `arch` (hash-checked), or WeightsUnavailable.
+
+    Never falls back to random weights: a run that asked for ImageNet features and silently
+    got noise would train for hours towards a useless model.
+    """
+    cached = hub_checkpoints_dir() / imagenet_file_name(arch)
+    # torch.hub checks the hash only when it downloads; a copy staged by hand (or cut short
+    # by a full disk) would otherwise load as whatever it happens to contain.
+    if cached.is_file() and _hash_mismatch(cached):
+        raise WeightsUnavailable(_staging_message(arch, "sha256 does not match its file name"))
+    try:
+        return imagenet_weights(arch).get_state_dict(progress=False, check_hash=True,
+                                                     map_location="cpu", weights_only=True)
+    except DOWNLOAD_ERRORS as error:
+        raise WeightsUnavailable(_staging_message(arch, _one_line(error))) from None
+
+
+def _staging_message(arch: str, why: str) -> str:
+    url = imagenet_weights(arch).url
+    file = imagenet_file_name(arch)
+    target = hub_checkpoints_dir() / file
+    if target.exists():
+        why += f"; the copy at {target} is damaged: delete it"
+    return (f"ImageNet weights {imagenet_weights_name(arch)} ({url}) are unavailable: {why}. "
+            f"To stage them, download {url} on a machine with internet and put it at "
+            f"{target} (or set TORCH_HOME), or pass --weights /path/to/{file} or "
+            f"--weights s3://bucket/{file}")
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(getattr(error, "reason", None) or error).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
+
+
+def _load_from_s3(uri: str, cache_dir: Path | None, s3: S3Options | None) -> Mapping[str, Any]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ModelError(f"--weights {uri}: an S3 source needs s3://bucket/key to a file")
+    try:
+        check_key(key)  # the key also names the local copy: no "..", no empty parts
+    except ValueError as error:
+        raise ModelError(f"--weights {uri}: {error}") from None
+    _check_suffix(Path(key), uri)
+    store = open_store(f"s3://{bucket}", s3=s3)
+    if cache_dir is not None:
+        return load_weights_file(_cached_object(store, key, Path(cache_dir) / "weights" / bucket),
+                                 label=uri)
+    with tempfile.TemporaryDirectory(prefix="flowerml-weights-") as temp:
+        return load_weights_file(_download(store, key, Path(temp) / Path(key).name, uri),
+                                 label=uri)
+
+
+def _cached_object(store: Any, key: str, root: Path) -> Path:
+    """The object's local copy under `root`, downloaded again only when its etag changed."""
+    path = root / key
+    etag_file = path.with_name(path.name + ".etag")
+    info = store.head(key)
+    if info is None:
+        raise ModelError(f"--weights {store.uri}/{key}: no such object")
+    if path.is_file() and etag_file.is_file() and etag_file.read_text() == info.etag \
+            and path.stat().st_size == info.size:
+        return path
+    _download(store, key, path, f"{store.uri}/{key}")
+    etag_file.write_text(info.etag)
+    return path
+
+
+def _download(store: Any, key: str, path: Path, label: str) -> Path:
+    try:
+        return store.get_file(key, path)
+    except ObjectNotFound:
+        raise ModelError(f"--weights {label}: no such object") from None
+
+
+def _check_suffix(path: Path, label: str) -> None:
+    if path.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+        raise ModelError(f"--weights {label}: expected a {', '.join(TORCH_SUFFIXES)} or "
+                         f"{SAFETENSORS_SUFFIX} file")
+
+
+def load_weights_file(path: Path, *, label: str | None = None) -> Mapping[str, Any]:
+    """The state dict in a .safetensors or .pth/.pt file; torch files load weights-only."""
+    label = label or str(path)
+    _check_suffix(path, label)
+    if not path.is_file():
+        raise ModelError(f"--weights {label}: no such file {path}")
+    _verify_torchvision_hash(path, label)
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to parse is a bad file
+        raise ModelError(f"--weights {label}: cannot be loaded as weights: "
+                         f"{_describe_load_error(error)}") from None
+    if not isinstance(state, Mapping):
+        raise ModelError(f"--weights {label}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _describe_load_error(error: Exception) -> str:
+    """The reason without torch's advice to retry with weights_only=False (never do that)."""
+    text = str(error)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return (f"it holds a pickled object ({refused.group(1)}) and only tensors are loaded; "
+                "save model.state_dict() or a .safetensors file")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if detail:
+        return f"not a torch weights file ({detail.group(1).strip()})"
+    return _one_line(error)
+
+
+@lru_cache(maxsize=1)
+def _torchvision_file_hashes() -> dict[str, str]:
+    """{file name: sha256 prefix} of every torchvision checkpoint for our archs."""
+    hashes = {}
+    for arch in ARCHS:
+        for weights in torchvision.models.get_model_weights(arch):
+            name = Path(urlparse(weights.url).path).name
+            match = torch.hub.HASH_REGEX.search(name)
+            if match:
+                hashes[name] = match.group(1)
+    return hashes
+
+
+def _hash_mismatch(path: Path) -> str | None:
+    """For a file named like one of torchvision's: its sha256 when that contradicts the name."""
+    expected = _torchvision_file_hashes().get(path.name)
+    if not expected:
+        return None
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return None if digest.startswith(expected) else digest
+
+
+def _verify_torchvision_hash(path: Path, label: str) -> None:
+    """A staged copy of torchvision's file gets the same sha256 check as its download would."""
+    digest = _hash_mismatch(path)
+    if digest:
+        raise ModelError(f"--weights {label}: sha256 {digest[:12]}... does not match the hash "
+                         f"in torchvision's file name {path.name} (truncated or wrong file?)")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a state dict into the backbone
+
+
+def load_backbone_state(model: FlowerModel, state: Mapping[str, Any], source: str) -> None:
+    """Copy a torchvision (or FlowerModel) state dict into `model.backbone`, strictly.
+
+    Accepts {"state_dict": ...} / {"model": ...} wrappers, DDP's "module." prefix, and
+    FlowerModel's own "backbone.*" keys. The ImageNet classifier (and a saved head) is ignored:
+    the head stays fresh. Any missing, extra or mis-shaped backbone key is a ModelError, since
+    a partial load would quietly train from half-random features.
+    """
+    state = _unwrap(state)
+    wanted = model.backbone.state_dict()
+    mapped, unexpected, names = _map_keys(state, model.arch, wanted)
+    for key, target in wanted.items():
+        _check_tensor(key, target, mapped, names, source, model.arch)
+    if unexpected:
+        raise ModelError(f"--weights {source} does not fit {model.arch}: unexpected key "
+                         f"{unexpected[0]!r} (weights for another architecture?)")
+    complete = {key: mapped.get(key, target) for key, target in wanted.items()}
+    model.backbone.load_state_dict(complete, strict=True)
+
+
+def _unwrap(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    for _ in range(3):  # e.g. {"model": {"state_dict": {...}}} from a training checkpoint
+        inner = next((state[k] for k in ("state_dict", "model")
+                      if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    keys = list(state)
+    if keys and all(isinstance(k, str) and k.startswith("module.") for k in keys):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _map_keys(state: Mapping[str, Any], arch: str, wanted: Mapping[str, Tensor]
+              ) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """(backbone key -> value, the file's unexpected keys, backbone key -> the file's key)."""
+    ours = any(isinstance(k, str) and k.startswith("backbone.") for k in state)
+    prefix, dropped = ("backbone.", "head.") if ours else ("", dropped_classifier_prefix(arch))
+    mapped: dict[str, Any] = {}
+    unexpected: list[str] = []
+    names: dict[str, str] = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            unexpected.append(repr(key))
+            continue
+        if key.startswith(dropped):
+            continue
+        target = key.removeprefix(prefix)
+        if not key.startswith(prefix) or target not in wanted:
+            unexpected.append(key)
+            continue
+        mapped[target] = value
+        names[target] = key
+    return mapped, unexpected, names
+
+
+def _check_tensor(key: str, target: Tensor, mapped: Mapping[str, Any], names: Mapping[str, str],
+                  source: str, arch: str) -> None:
+    if key not in mapped:
+        # Checkpoints older than BatchNorm's counter lack it; torch fills it in the same way.
+        if key.endswith("num_batches_tracked"):
+            return
+        raise ModelError(f"--weights {source} does not fit {arch}: missing key {key!r}")
+    value = mapped[key]
+    name = names[key]
+    if not isinstance(value, Tensor):
+        raise ModelError(f"--weights {source}: key {name!r} holds a {type(value).__name__}, "
+                         "not a tensor")
+    if value.shape != target.shape:
+        raise ModelError(f"--weights {source} does not fit {arch}: key {name!r} has shape "
+                         f"{list(value.shape)}, {arch} needs {list(target.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer strategies
+
+
+def backbone_stages(model: FlowerModel) -> list[list[nn.Module]]:
+    """The backbone's stages in input order, the unit that `freeze_stages` locks.
+
+    ResNet: 0 = stem (conv1, bn1, relu, maxpool), 1..4 = layer1..layer4. AlexNet/VGG: one
+    stage per convolutional block of `features` (each ending at its MaxPool2d), then the
+    kept classifier layers as the last stage.
+    """
+    backbone = model.backbone
+    if is_resnet(model.arch):
+        stem = [getattr(backbone, name) for name in RESNET_STEM]
+        return [stem, *([getattr(backbone, name)] for name in RESNET_LAYERS)]
+    return [*_conv_blocks(backbone.features), [backbone.classifier]]
+
+
+def _conv_blocks(features: nn.Sequential) -> list[list[nn.Module]]:
+    blocks: list[list[nn.Module]] = [[]]
+    for layer in features:
+        blocks[-1].append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            blocks.append([])
+    if not blocks[-1]:
+        blocks.pop()
+    return blocks
+
+
+@cache
+def num_stages(arch: str) -> int:
+    """How many stages `freeze_stages` can lock for `arch` (5 for ResNets)."""
+    check_arch(arch)
+    if is_resnet(arch):
+        return 1 + len(RESNET_LAYERS)
+    return len(_conv_blocks(meta_model(arch).features)) + 1
+
+
+def frozen_modules(model: FlowerModel) -> Iterator[nn.Module]:
+    for stage in backbone_stages(model)[:model.frozen_stages]:
+        yield from stage
+
+
+def freeze_stages(model: FlowerModel, stages: int) -> None:
+    """Freeze exactly the first `stages` backbone stages; the rest and the head train.
+
+    Frozen parameters get requires_grad False and their modules stay in eval mode (see
+    FlowerModel.train). Calling it again with a smaller number unfreezes the later stages.
+    """
+    all_stages = backbone_stages(model)
+    if isinstance(stages, bool) or not isinstance(stages, int) \
+            or not 0 <= stages <= len(all_stages):
+        raise ModelError(f"--freeze-stages must be between 0 and {len(all_stages)} for "
+                         f"{model.arch}: got {stages!r}")
+    for index, stage in enumerate(all_stages):
+        for module in stage:
+            module.requires_grad_(index >= stages)
+    model.head.requires_grad_(True)
+    model.frozen_stages = stages
+    model.train(model.training)  # re-apply the mode so newly (un)frozen BN layers follow
+
+
+def prepare_for_strategy(model: FlowerModel, strategy: str, freeze: int = 0) -> None:
+    """Apply a strategy's freezing: finetune locks the first `freeze` stages, linear-probe all."""
+    check_strategy(strategy)
+    if strategy == "finetune":
+        freeze_stages(model, freeze)
+        return
+    everything = num_stages(model.arch)
+    if freeze not in (0, everything):
+        raise ModelError(f"--freeze-stages does not apply to --strategy linear-probe, which "
+                         f"freezes the whole backbone: got {freeze!r}")
+    freeze_stages(model, everything)
+
+
+def parameter_groups(model: FlowerModel, *, strategy: str, lr: float,
+                     backbone_lr_factor: float = 0.1,
+                     weight_decay: float = 0.0) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups, each with a "name"; frozen parameters are left out.
+
+    finetune: backbone at lr * backbone_lr_factor (pretrained features need smaller steps than
+    a new head), head at lr. linear-probe: freezes the whole backbone, head only. Biases and
+    normalisation parameters go to "*_no_decay" groups: decaying them towards zero only
+    shifts activations and fights BatchNorm's scale.
+    """
+    check_strategy(strategy)
+    if not lr > 0:
+        raise ModelError(f"--lr must be positive: got {lr!r}")
+    if not backbone_lr_factor >= 0:
+        raise ModelError(f"--backbone-lr-factor must be >= 0: got {backbone_lr_factor!r}")
+    if not weight_decay >= 0:
+        raise ModelError(f"--weight-decay must be >= 0: got {weight_decay!r}")
+    if strategy == "linear-probe":
+        prepare_for_strategy(model, strategy)
+    parts = [("head", model.head, lr)]
+    if strategy == "finetune":
+        parts.insert(0, ("backbone", model.backbone, lr * backbone_lr_factor))
+    groups = []
+    for name, module, part_lr in parts:
+        decay, no_decay = _split_decay(module)
+        for group_name, params, group_decay in ((name, decay, weight_decay),
+                                                (f"{name}_no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": group_name, "params": params, "lr": part_lr,
+                               "weight_decay": group_decay})
+    return groups
+
+
+def _split_decay(root: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(trainable params to decay, trainable biases and norm params) under `root`."""
+    decay, no_decay = [], []
+    for module in root.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(module, NORM_TYPES) or name == "bias":
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    return decay, no_decay

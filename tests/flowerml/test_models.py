@@ -1,0 +1,437 @@
+"""flowerml.models: architectures, weight sources (files, S3, ImageNet offline), strategies."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from flowerml import models
+from flowerml.models import (
+    ARCHS,
+    STRATEGIES,
+    FlowerModel,
+    ModelError,
+    WeightsUnavailable,
+    backbone_stages,
+    build_model,
+    freeze_stages,
+    load_backbone_state,
+    num_stages,
+    parameter_groups,
+    prepare_for_strategy,
+    set_train_mode,
+)
+
+FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
+                "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096}
+STAGES = {"resnet18": 5, "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6}
+
+
+def source_resnet18(seed: int = 7) -> nn.Module:
+    """A torchvision resnet18 with seeded random weights: what a staged file would hold."""
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(weights=None)
+    # Non-default BN statistics, so buffers are really compared, not just both at init values.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return model
+
+
+def assert_backbone_equals(model: FlowerModel, source: nn.Module) -> None:
+    expected = source.state_dict()
+    backbone = model.backbone.state_dict()
+    assert set(backbone) == {k for k in expected if not k.startswith("fc.")}
+    for key, tensor in backbone.items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def assert_fresh_head(model: FlowerModel, source: nn.Module, num_classes: int) -> None:
+    assert model.head.weight.shape == (num_classes, 512)
+    assert not torch.equal(model.head.weight, source.fc.weight[:num_classes])
+
+
+def save_pth(state: dict, path: Path) -> Path:
+    torch.save(state, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_builds_with_feature_dim_and_stages(arch: str) -> None:
+    model = build_model(arch, 5, weights="none", seed=0)
+    assert isinstance(model, FlowerModel)
+    assert (model.arch, model.num_classes, model.feature_dim) == (arch, 5, FEATURE_DIMS[arch])
+    assert model.head.in_features == FEATURE_DIMS[arch] and model.head.out_features == 5
+    assert len(backbone_stages(model)) == num_stages(arch)
+    if arch in STAGES:
+        assert num_stages(arch) == STAGES[arch]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "alexnet"])
+def test_forward_and_features_shapes(arch: str) -> None:
+    model = build_model(arch, 3, seed=0).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model(images).shape == (2, 3)
+        assert model.features(images).shape == (2, FEATURE_DIMS[arch])
+
+
+def test_seed_makes_init_reproducible_and_spares_global_rng() -> None:
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = build_model("resnet18", 4, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = build_model("resnet18", 4, seed=1)
+    c = build_model("resnet18", 4, seed=2)
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert torch.equal(a.backbone.conv1.weight, b.backbone.conv1.weight)
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_unknown_arch_and_bad_num_classes() -> None:
+    with pytest.raises(ModelError) as info:
+        build_model("resnet9", 10)
+    assert "--arch must be one of resnet18, resnet34" in str(info.value)
+    assert "vgg19" in str(info.value) and "'resnet9'" in str(info.value)
+    with pytest.raises(ModelError, match="--arch"):
+        num_stages("resnet9")
+    with pytest.raises(ModelError, match="num_classes"):
+        build_model("resnet18", 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight sources
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
+def test_staged_file_loads_backbone_exactly_with_fresh_head(tmp_path: Path, suffix: str) -> None:
+    from safetensors.torch import save_file
+
+    source = source_resnet18()
+    path = tmp_path / f"r18{suffix}"
+    if suffix == ".safetensors":
+        save_file(source.state_dict(), str(path))
+    else:
+        save_pth(source.state_dict(), path)
+    model = build_model("resnet18", 10, weights=str(path), seed=0)
+    assert_backbone_equals(model, source)
+    assert_fresh_head(model, source, 10)
+    assert model.weights_source == str(path)
+    # Same head as a model with no weights and the same seed: the head is never loaded.
+    assert torch.equal(model.head.weight, build_model("resnet18", 10, seed=0).head.weight)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model", "module", "flowermodel"])
+def test_wrapped_and_flowermodel_state_dicts(tmp_path: Path, wrap: str) -> None:
+    source = source_resnet18()
+    state = source.state_dict()
+    if wrap == "module":
+        state = {f"module.{k}": v for k, v in state.items()}
+    elif wrap == "flowermodel":
+        trained = build_model("resnet18", 4, seed=3)
+        trained.backbone.load_state_dict({k: v for k, v in state.items()
+                                          if not k.startswith("fc.")})
+        state = trained.state_dict()
+    else:
+        state = {wrap: state, "epoch": 3}
+    model = build_model("resnet18", 6, weights=str(save_pth(state, tmp_path / "w.pth")), seed=0)
+    assert_backbone_equals(model, source)
+    assert model.head.weight.shape == (6, 512)
+
+
+def test_vgg_family_drops_only_the_final_classifier() -> None:
+    # In memory: an AlexNet file would be 244 MB of disk I/O for the same code path.
+    torch.manual_seed(5)
+    source = torchvision.models.alexnet(weights=None)
+    model = build_model("alexnet", 7)
+    load_backbone_state(model, source.state_dict(), "alexnet.pth")
+    backbone = model.backbone.state_dict()
+    assert "classifier.4.weight" in backbone and "classifier.6.weight" not in backbone
+    for key, tensor in backbone.items():
+        assert torch.equal(tensor, source.state_dict()[key]), key
+
+
+def test_weights_from_s3(tmp_path: Path, s3_bucket: str, s3_options, moto_endpoint: str) -> None:
+    import boto3
+
+    source = source_resnet18()
+    path = save_pth(source.state_dict(), tmp_path / "r18.pth")
+    boto3.client("s3", endpoint_url=moto_endpoint).upload_file(str(path), s3_bucket,
+                                                               "weights/r18.pth")
+    uri = f"s3://{s3_bucket}/weights/r18.pth"
+    model = build_model("resnet18", 10, weights=uri, s3=s3_options, seed=0)
+    assert_backbone_equals(model, source)
+    assert_fresh_head(model, source, 10)
+    assert model.weights_source == uri
+
+    cache = tmp_path / "cache"
+    cached = build_model("resnet18", 10, weights=uri, s3=s3_options, cache_dir=cache)
+    assert_backbone_equals(cached, source)
+    assert (cache / "weights" / s3_bucket / "weights" / "r18.pth").is_file()
+    build_model("resnet18", 10, weights=uri, s3=s3_options, cache_dir=cache)  # reuses the copy
+
+    with pytest.raises(ModelError, match="no such object"):
+        build_model("resnet18", 10, weights=f"s3://{s3_bucket}/weights/absent.pth",
+                    s3=s3_options)
+
+
+class Payload:
+    """Anything that is not a tensor: weights_only loading must refuse to build it."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_mark_ran, ())
+
+
+def _mark_ran() -> Payload:
+    Payload.ran = True
+    return Payload()
+
+
+def test_pickled_object_is_refused_not_executed(tmp_path: Path) -> None:
+    path = save_pth({"conv1.weight": Payload()}, tmp_path / "evil.pth")
+    Payload.ran = False
+    with pytest.raises(ModelError) as info:
+        build_model("resnet18", 10, weights=str(path))
+    assert not Payload.ran
+    message = str(info.value)
+    assert str(path) in message and "cannot be loaded" in message
+    assert "pickled object" in message and "_mark_ran" in message
+    assert "weights_only` set to `False" not in message  # no advice to load unsafely
+
+
+def test_wrong_arch_state_dicts_name_a_key(tmp_path: Path) -> None:
+    resnet18 = save_pth(source_resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ModelError) as info:
+        build_model("resnet34", 10, weights=str(resnet18))
+    message = str(info.value)
+    assert str(resnet18) in message and "resnet34" in message
+    assert "missing key 'layer1.2.conv1.weight'" in message
+
+    model = build_model("resnet18", 10)
+    # resnet34 holds every resnet18 key with the same shape, plus more blocks: still refused.
+    with pytest.raises(ModelError, match="unexpected key 'layer1.2.conv1.weight'"):
+        load_backbone_state(model, torchvision.models.resnet34().state_dict(), "r34.pth")
+    reshaped = source_resnet18().state_dict()
+    reshaped["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)  # as in a resnet50
+    with pytest.raises(ModelError, match=r"'layer1.0.conv1.weight' has shape \[64, 64, 1, 1\]"):
+        load_backbone_state(model, reshaped, "r50.pth")
+    not_tensor = {**source_resnet18().state_dict(), "bn1.weight": [1.0]}
+    with pytest.raises(ModelError, match="'bn1.weight' holds a list"):
+        load_backbone_state(model, not_tensor, "odd.pth")
+    partial = source_resnet18().state_dict()
+    del partial["layer4.1.bn2.weight"]
+    with pytest.raises(ModelError, match="missing key 'layer4.1.bn2.weight'"):
+        load_backbone_state(model, partial, "partial.pth")
+    # Checkpoints older than BatchNorm's counter still load.
+    old = {k: v for k, v in source_resnet18().state_dict().items()
+           if not k.endswith("num_batches_tracked")}
+    load_backbone_state(model, old, "old.pth")
+    assert_backbone_equals(model, source_resnet18())
+
+
+def test_bad_weights_sources(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "r18.pth"
+    with pytest.raises(ModelError, match=str(missing)):
+        build_model("resnet18", 10, weights=str(missing))
+    text = tmp_path / "r18.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelError, match="safetensors"):
+        build_model("resnet18", 10, weights=str(text))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        build_model("resnet18", 10, weights=str(garbage))
+    not_a_dict = save_pth([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ModelError, match="not a state dict"):
+        build_model("resnet18", 10, weights=str(not_a_dict))
+    with pytest.raises(ModelError, match="s3://bucket/key"):
+        build_model("resnet18", 10, weights="s3://only-bucket")
+    with pytest.raises(ModelError, match="invalid object key"):
+        build_model("resnet18", 10, weights="s3://bucket/../escape.pth", cache_dir=tmp_path)
+
+
+def test_staged_torchvision_file_is_hash_checked(tmp_path: Path) -> None:
+    # The name torchvision downloads resnet18 to; its content here is not the real file.
+    fake = save_pth(source_resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    with pytest.raises(ModelError, match="sha256"):
+        build_model("resnet18", 10, weights=str(fake))
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_imagenet_without_network_explains_how_to_stage(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    proxy = f"http://127.0.0.1:{closed_port()}"  # refused at once, no DNS wait
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(WeightsUnavailable) as info:
+        build_model("resnet18", 10, weights="imagenet")
+    message = str(info.value)
+    assert "ResNet18_Weights.IMAGENET1K_V1" in message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
+    assert "hub/checkpoints" in message and "TORCH_HOME" in message
+    assert "--weights /path/to/resnet18-f37072fd.pth" in message
+    assert "--weights s3://bucket/resnet18-f37072fd.pth" in message
+
+
+def test_imagenet_uses_a_staged_hub_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file already in $TORCH_HOME/hub/checkpoints is used without any network access."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    source = source_resnet18()
+    staged = save_pth(source.state_dict(), checkpoints / "resnet18-f37072fd.pth")
+
+    # Our stand-in cannot match the real file's hash, so it is refused as damaged...
+    with pytest.raises(WeightsUnavailable, match="is damaged: delete it") as info:
+        build_model("resnet18", 10, weights="imagenet")
+    assert str(staged) in str(info.value)
+
+    # ...and loads once the expected hash is the stand-in's own.
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    monkeypatch.setattr(models, "_torchvision_file_hashes",
+                        lambda: {"resnet18-f37072fd.pth": digest[:8]})
+    model = build_model("resnet18", 10, weights="imagenet")
+    assert_backbone_equals(model, source)
+    assert model.weights_source == "imagenet:ResNet18_Weights.IMAGENET1K_V1"
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+
+
+def bn_layers(modules: list[nn.Module]) -> list[nn.BatchNorm2d]:
+    return [m for root in modules for m in root.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_freeze_stages_locks_params_and_keeps_frozen_bn_in_eval() -> None:
+    model = build_model("resnet18", 10, seed=0)
+    freeze_stages(model, 2)  # stem and layer1
+    stages = backbone_stages(model)
+    frozen = [p for stage in stages[:2] for m in stage for p in m.parameters()]
+    trainable = [p for stage in stages[2:] for m in stage for p in m.parameters()]
+    assert frozen and all(not p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in trainable)
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert not model.backbone.conv1.weight.requires_grad
+    assert not model.backbone.layer1[0].conv1.weight.requires_grad
+    assert model.backbone.layer2[0].conv1.weight.requires_grad
+
+    model.train()
+    assert all(not bn.training for bn in bn_layers(stages[0] + stages[1]))
+    assert all(bn.training for bn in bn_layers(stages[2] + stages[3]))
+    frozen_bn = model.backbone.bn1
+    mean_before = frozen_bn.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(frozen_bn.running_mean, mean_before)  # frozen BN statistics unchanged
+
+    set_train_mode(model, False)
+    assert not any(m.training for m in model.modules())
+    set_train_mode(model, True)
+    assert model.training and not model.backbone.bn1.training
+
+    freeze_stages(model, 0)  # unfreezes again
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(bn.training for bn in bn_layers([model.backbone]))
+
+
+def test_freeze_all_stages_of_vgg_freezes_the_whole_backbone() -> None:
+    model = build_model("alexnet", 4, seed=0)
+    stages = backbone_stages(model)
+    assert len(stages) == 4
+    assert sum(isinstance(m, nn.MaxPool2d) for stage in stages[:3] for m in stage) == 3
+    freeze_stages(model, 4)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    model.train()
+    dropout = [m for m in model.backbone.modules() if isinstance(m, nn.Dropout)]
+    assert dropout and not any(m.training for m in dropout)  # a frozen extractor is fixed
+    assert model.head.training
+
+
+@pytest.mark.parametrize(("arch", "bad", "high"), [("resnet18", 6, 5), ("resnet18", -1, 5),
+                                                   ("alexnet", 5, 4)])
+def test_freeze_out_of_range_names_option_and_range(arch: str, bad: int, high: int) -> None:
+    model = build_model(arch, 4)
+    with pytest.raises(ModelError) as info:
+        freeze_stages(model, bad)
+    assert f"--freeze-stages must be between 0 and {high} for {arch}" in str(info.value)
+
+
+def test_parameter_groups_finetune() -> None:
+    model = build_model("resnet18", 10, seed=0)
+    prepare_for_strategy(model, "finetune", freeze=1)
+    groups = parameter_groups(model, strategy="finetune", lr=0.1, backbone_lr_factor=0.1,
+                              weight_decay=1e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    assert by_name["backbone"]["lr"] == pytest.approx(0.01)
+    assert by_name["backbone_no_decay"]["lr"] == pytest.approx(0.01)
+    assert by_name["head"]["lr"] == 0.1 and by_name["head_no_decay"]["lr"] == 0.1
+    assert by_name["head"]["params"] == [model.head.weight]
+    assert by_name["head_no_decay"]["params"] == [model.head.bias]
+    assert by_name["backbone"]["weight_decay"] == 1e-4 and by_name["head"]["weight_decay"] == 1e-4
+    assert by_name["backbone_no_decay"]["weight_decay"] == 0.0
+
+    ids = {name: {id(p) for p in g["params"]} for name, g in by_name.items()}
+    all_ids = [i for group in ids.values() for i in group]
+    assert len(all_ids) == len(set(all_ids))  # no parameter twice
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(all_ids) == trainable
+    assert id(model.backbone.conv1.weight) not in trainable  # frozen stem excluded
+    assert id(model.backbone.bn1.weight) not in trainable
+    bn = model.backbone.layer1[0].bn1
+    assert {id(bn.weight), id(bn.bias)} <= ids["backbone_no_decay"]
+    assert id(model.backbone.layer1[0].conv1.weight) in ids["backbone"]
+    assert all(p.ndim > 1 for p in by_name["backbone"]["params"])
+    torch.optim.SGD(groups, lr=0.1, momentum=0.9)  # the groups are valid optimiser input
+
+
+def test_parameter_groups_linear_probe_trains_only_the_head() -> None:
+    model = build_model("resnet18", 10, seed=0)
+    groups = parameter_groups(model, strategy="linear-probe", lr=1e-3, weight_decay=1e-4)
+    assert [g["name"] for g in groups] == ["head", "head_no_decay"]
+    assert all(g["lr"] == 1e-3 for g in groups)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable == [model.head.weight, model.head.bias]
+    assert model.frozen_stages == num_stages("resnet18")
+    model.train()
+    assert not any(m.training for m in bn_layers([model.backbone]))
+
+
+def test_prepare_for_strategy_validates() -> None:
+    model = build_model("resnet18", 10)
+    with pytest.raises(ModelError) as info:
+        prepare_for_strategy(model, "distill")
+    assert "--strategy must be one of finetune, linear-probe: got 'distill'" in str(info.value)
+    with pytest.raises(ModelError, match="--strategy must be one of"):
+        parameter_groups(model, strategy="feature-extract", lr=0.1)
+    with pytest.raises(ModelError, match="--freeze-stages"):
+        prepare_for_strategy(model, "linear-probe", freeze=2)
+    with pytest.raises(ModelError, match="--lr"):
+        parameter_groups(model, strategy="finetune", lr=0.0)
+    prepare_for_strategy(model, "linear-probe")
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    prepare_for_strategy(model, "finetune", freeze=0)
+    assert all(p.requires_grad for p in model.parameters())
+    assert STRATEGIES == ("finetune", "linear-probe")
