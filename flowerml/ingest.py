@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -140,12 +141,6 @@ def check_source_file(path: Path, name: str, verify: bool) -> str:
     return md5
 
 
-def check_archive_members(archive: Path, split: OfficialSplit) -> None:
-    """Every member safe, and every image the split names present."""
-    present = {image.image_id for image in iter_archive_images(archive)}
-    check_members_cover_split(archive.name, present, split)
-
-
 def check_members_cover_split(archive_name: str, present: set[int], split: OfficialSplit) -> None:
     missing = sorted(set(split.split_of()) - present)
     if missing:
@@ -174,8 +169,32 @@ def official_already_mirrored(store: Store, dataset: str, record: dict | None) -
                for name in flowers.SOURCE_FILES)
 
 
+def raw_cache_dir(cache_dir: Path, dataset: str) -> Path:
+    return cache_dir / dataset / "raw"
+
+
+def seed_raw_cache(local: dict[str, Path], cache_dir: Path, dataset: str) -> dict[str, Path]:
+    """Put the checked files where publish looks first, so it need not download them back."""
+    raw_dir = raw_cache_dir(cache_dir, dataset)
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    seeded = {}
+    for name, path in local.items():
+        target = raw_dir / name
+        if path.resolve() != target.resolve():
+            temp = target.with_name(f".{name}.tmp")
+            temp.unlink(missing_ok=True)
+            try:
+                os.link(path, temp)  # same filesystem: no copy at all
+            except OSError:
+                shutil.copyfile(path, temp)
+            os.replace(temp, target)
+        seeded[name] = target
+    return seeded
+
+
 def fetch_sources(source: str, store: Store, dataset: str, cache_dir: Path,
-                  options: FetchOptions) -> dict:
+                  options: FetchOptions, *, workers: int | None = None,
+                  progress: Progress | None = None) -> dict:
     """Mirror the three checked source files to `datasets/<name>/raw/`; returns the record."""
     verify = options.verify or source == "official"
     store.check()
@@ -193,7 +212,10 @@ def fetch_sources(source: str, store: Store, dataset: str, cache_dir: Path,
                 path.unlink(missing_ok=True)  # never reuse a bad download
             raise
     split = read_official_split(local[flowers.LABELS], local[flowers.SETID])
-    check_archive_members(local[flowers.ARCHIVE], split)
+    local = seed_raw_cache(local, cache_dir, dataset)
+    survey = load_or_survey(local[flowers.ARCHIVE], md5s[flowers.ARCHIVE], cache_dir, dataset,
+                            workers, progress or NullProgress())
+    check_members_cover_split(flowers.ARCHIVE, survey.present, split)
     for name, path in local.items():
         if not raw_is_current(store, dataset, record, name, md5s[name]):
             store.put_file(raw_key(dataset, name), path)
@@ -214,7 +236,7 @@ def fetch_sources(source: str, store: Store, dataset: str, cache_dir: Path,
 
 def local_raw_files(store: Store, dataset: str, record: dict, cache_dir: Path) -> dict[str, Path]:
     """The raw files in the local cache, downloaded from the store unless already there."""
-    raw_dir = cache_dir / dataset / "raw"
+    raw_dir = raw_cache_dir(cache_dir, dataset)
     files = {}
     for name in flowers.SOURCE_FILES:
         path = raw_dir / name
@@ -249,19 +271,63 @@ def check_jpeg(data: bytes) -> str | None:
 
 @dataclass
 class Survey:
-    """What one pass over the archive learned: each image's size, sha256 and decode verdict."""
+    """What one pass over the archive learned: each image's size, sha256 and decode verdict.
 
+    The images themselves are staged beside it, so publishing needs no second pass over the
+    compressed archive.
+    """
+
+    folder: Path
     sizes: dict[int, int]
     sha256: dict[int, str]
     problems: dict[int, str]
     present: set[int]
 
+    def staged(self, image_id: int) -> Path:
+        return self.folder / flowers.image_name(image_id)
 
-def survey_archive(archive: Path, wanted: set[int], workers: int, progress: Progress) -> Survey:
-    """sha256 and decode-check every wanted image, on `workers` threads (Pillow drops the GIL)."""
-    survey = Survey({}, {}, {}, set())
+    def to_json(self) -> dict:
+        return {"sizes": self.sizes, "sha256": self.sha256, "problems": self.problems,
+                "present": sorted(self.present)}
+
+    @classmethod
+    def from_json(cls, folder: Path, value: dict) -> Survey:
+        def by_id(mapping: dict) -> dict:
+            return {int(k): v for k, v in mapping.items()}
+
+        return cls(folder, by_id(value["sizes"]), by_id(value["sha256"]),
+                   by_id(value["problems"]), set(value["present"]))
+
+
+def survey_folder(cache_dir: Path, dataset: str, archive_md5: str) -> Path:
+    return cache_dir / dataset / "survey" / archive_md5
+
+
+def load_or_survey(archive: Path, archive_md5: str, cache_dir: Path, dataset: str,
+                   workers: int | None, progress: Progress) -> Survey:
+    """The survey of this exact archive: from the cache, or by one pass over it."""
+    folder = survey_folder(cache_dir, dataset, archive_md5)
+    record = folder / "survey.json"
+    if record.is_file():
+        return Survey.from_json(folder, json.loads(record.read_text()))
+    survey = survey_archive(archive, folder, workers or default_workers(), progress)
+    temp = record.with_suffix(".tmp")
+    temp.write_text(json.dumps(survey.to_json()))
+    os.replace(temp, record)  # written last: it vouches for every staged image
+    return survey
+
+
+def default_workers() -> int:
+    return max(2, os.cpu_count() or 2)
+
+
+def survey_archive(archive: Path, folder: Path, workers: int, progress: Progress) -> Survey:
+    """Stage, sha256 and decode-check every image on `workers` threads (Pillow drops the GIL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    survey = Survey(folder, {}, {}, {}, set())
 
     def inspect(image: ArchiveImage) -> int:
+        survey.staged(image.image_id).write_bytes(image.data)
         survey.sizes[image.image_id] = len(image.data)
         survey.sha256[image.image_id] = hashlib.sha256(image.data).hexdigest()
         problem = check_jpeg(image.data)
@@ -269,14 +335,13 @@ def survey_archive(archive: Path, wanted: set[int], workers: int, progress: Prog
             survey.problems[image.image_id] = problem
         return len(image.data)
 
-    def wanted_images() -> Iterator[ArchiveImage]:
+    def images() -> Iterator[ArchiveImage]:
         for image in iter_archive_images(archive):
             survey.present.add(image.image_id)
-            if image.image_id in wanted:
-                yield image
+            yield image
 
-    progress.start("checking images", len(wanted))
-    run_bounded(inspect, wanted_images(), workers, lambda _size: progress.advance())
+    progress.start("checking images", None)
+    run_bounded(inspect, images(), workers, lambda _size: progress.advance())
     return survey
 
 
@@ -343,27 +408,29 @@ def build_manifest(dataset: str, version: str, split: OfficialSplit, entries: li
     }
 
 
-def upload_images(store: Store, prefix: str, archive: Path, entries: list[ManifestEntry],
+def upload_images(store: Store, prefix: str, survey: Survey, entries: list[ManifestEntry],
                   progress: Progress) -> tuple[int, int]:
-    """Upload what is not on the store yet, straight from the archive stream; (uploaded, skipped)."""
+    """Upload what is not on the store yet, from the staged images; (uploaded, skipped)."""
     existing = {info.key: info.size for info in store.list(prefix + "/")}
-    todo = {e.image: e for e in entries if existing.get(f"{prefix}/{e.key}") != e.size}
-    skipped = len(entries) - len(todo)
+    todo = [e for e in entries if existing.get(f"{prefix}/{e.key}") != e.size]
     progress.start("uploading images", len(todo))
-    if not todo:
-        return 0, skipped
-    stream = ((f"{prefix}/{todo[name].key}", image.data)
-              for image in iter_archive_images(archive)
-              if (name := flowers.image_name(image.image_id)) in todo)
+
+    def staged(entry: ManifestEntry) -> bytes:
+        data = survey.staged(int(entry.image[6:11])).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise SourceError(f"{survey.folder / entry.image}: staged image changed since the "
+                              f"survey; delete {survey.folder} and re-run")
+        return data
+
+    stream = ((f"{prefix}/{entry.key}", staged(entry)) for entry in todo)
     uploaded = store.upload_many(stream, progress=lambda _size: progress.advance())
-    return uploaded, skipped
+    return uploaded, len(entries) - len(todo)
 
 
 def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int | None = None,
                   progress: Progress | None = None) -> IngestResult:
     """Publish the official split from `datasets/<name>/raw/` as a content-addressed version."""
     progress = progress or NullProgress()
-    workers = workers or max(2, os.cpu_count() or 2)
     store.check()
     record = read_sources_record(store, dataset)
     if record is None:
@@ -371,7 +438,8 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
                               "fetch the sources first (flowerml ingest)")
     files = local_raw_files(store, dataset, record, cache_dir)
     split = read_official_split(files[flowers.LABELS], files[flowers.SETID])
-    survey = survey_archive(files[flowers.ARCHIVE], set(split.split_of()), workers, progress)
+    survey = load_or_survey(files[flowers.ARCHIVE], record["files"][flowers.ARCHIVE]["md5"],
+                            cache_dir, dataset, workers, progress)
     check_members_cover_split(flowers.ARCHIVE, survey.present, split)
     entries = build_entries(split, survey)
     check_leakage(entries)
@@ -382,7 +450,7 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
         manifest = store.get_bytes(f"{prefix}/{MANIFEST}")
         uploaded, skipped = 0, len(entries)
     except ObjectNotFound:
-        uploaded, skipped = upload_images(store, prefix, files[flowers.ARCHIVE], entries, progress)
+        uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
         store.put_bytes(f"{prefix}/{QUARANTINE}", encode_json(quarantine))
         manifest = encode_json(build_manifest(dataset, version, split, entries, quarantine,
                                               record))
@@ -396,5 +464,5 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
 def ingest(source: str, store: Store, dataset: str, cache_dir: Path, options: FetchOptions, *,
            workers: int | None = None, progress: Progress | None = None) -> IngestResult:
     """Fetch then publish: the whole `flowerml ingest`."""
-    fetch_sources(source, store, dataset, cache_dir, options)
+    fetch_sources(source, store, dataset, cache_dir, options, workers=workers, progress=progress)
     return publish_split(store, dataset, cache_dir, workers=workers, progress=progress)

@@ -24,6 +24,7 @@ from typing import Any
 from flowerml.errors import FlowermlError, TransientError, UserError
 
 Payload = bytes | Path
+SMALL_OBJECT_BYTES = 8 * 1024 * 1024
 ProgressFn = Callable[[int], None]
 """Called once per transferred object with its size in bytes."""
 
@@ -114,8 +115,11 @@ class Store(ABC):
         def upload(item: tuple[str, Payload]) -> int:
             key, payload = item
             if isinstance(payload, Path):
-                self.put_file(key, payload)
-                return payload.stat().st_size
+                size = payload.stat().st_size
+                if size > SMALL_OBJECT_BYTES:
+                    self.put_file(key, payload)
+                    return size
+                payload = payload.read_bytes()  # one request; the transfer manager costs more
             self.put_bytes(key, payload)
             return len(payload)
 

@@ -247,3 +247,20 @@ def test_killed_ingest_resumes_to_the_same_store(tmp_path: Path, moto_endpoint: 
                    capture_output=True)
     reference = S3Store("reference", "x", S3Options(endpoint_url=moto_endpoint))
     assert listing(interrupted, "datasets/") == listing(reference, "datasets/")
+
+
+def test_archive_is_decompressed_once_per_ingest(local_store: LocalStore, synthetic_source: Path,
+                                                 tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    passes: list[Path] = []
+    original = ingest.iter_archive_images
+
+    def counting(path: Path, **kwargs):
+        passes.append(path)
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(ingest, "iter_archive_images", counting)
+    result = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    assert result.uploaded == 24 and len(passes) == 1
+    again = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    assert again.skipped == 24 and len(passes) == 1  # the survey is reused from the cache
