@@ -103,6 +103,125 @@ def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
                f"quarantined {result.quarantined}")
 
 
+def new_run_id() -> str:
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def print_event(event: dict) -> None:
+    click.echo(json.dumps(event, sort_keys=True))
+    sys.stdout.flush()
+
+
+@cli.command()
+@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
+@click.option("--dataset", default=None, help="Dataset name (default: FLOWERML_DATASET).")
+@click.option("--version", "dataset_version", default=None,
+              help="Dataset version (default: the dataset's CURRENT).")
+@click.option("--recipe", default="default", show_default=True,
+              help="default, tutorial, linear-probe or demo; options below override it.")
+@click.option("--arch", default=None, help="resnet18/34/50/101/152, alexnet, vgg16, vgg19.")
+@click.option("--weights", default=None,
+              help="imagenet, none, a local .safetensors/.pth, or an s3:// URI.")
+@click.option("--strategy", default=None, help="finetune or linear-probe.")
+@click.option("--freeze-stages", type=int, default=None, help="Lock the first K stages.")
+@click.option("--augment", default=None, help="standard, tutorial or none.")
+@click.option("--optimizer", default=None, help="adam, adamw or sgd.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Head learning rate.")
+@click.option("--label-smoothing", type=float, default=None)
+@click.option("--patience", type=int, default=None, help="Early-stopping patience (0: off).")
+@click.option("--image-size", type=int, default=None)
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA.")
+@click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader workers.")
+@click.option("--run-id", default=None, help="Resume this run, or name a new one.")
+@click.option("--seed", type=int, default=None)
+@click.option("--json-progress", is_flag=True, help="One JSON line per epoch on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
+          device: str, workers: int | None, run_id: str | None, json_progress: bool,
+          as_json: bool, compile_model: bool | None, **options: Any) -> None:
+    """Fine-tune a model on the published train split, selecting on valid."""
+    from flowerml.progress import progress_for_terminal
+    from flowerml.recipes import build_config
+    from flowerml.training import fit
+
+    settings = settings_from(store=store, dataset=dataset)
+    config = build_config(recipe, compile=compile_model, **options)
+    on_event = print_event if json_progress else None
+    with progress_for_terminal(quiet=as_json or json_progress) as progress:
+        result = fit(config, store=build_store(settings), dataset=settings.dataset,
+                     run_id=run_id or new_run_id(), cache_dir=settings.cache_dir,
+                     version=dataset_version, device=device, workers=workers,
+                     s3=settings.s3_options(), on_event=on_event, progress=progress)
+    if result.rank != 0:
+        return  # under torchrun, rank 0 speaks for the run
+    if as_json:
+        emit_json(result.to_json())
+        return
+    resumed = (f", resumed from epoch {result.resumed_from_epoch}"
+               if result.resumed_from_epoch is not None else "")
+    click.echo(f"run {result.run_id}: best valid top-1 {result.best_valid_top1:.4f} "
+               f"(epoch {result.best_epoch} of {result.epochs_run}{resumed}); "
+               f"{result.images_per_second:.1f} images/s; weights {result.checkpoint}")
+    click.echo(f"next: flowerml evaluate --run {result.run_id}")
+
+
+@cli.command()
+@click.option("--run", "run_id", required=True, help="The training run to evaluate.")
+@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test",
+              show_default=True)
+@click.option("--version", "dataset_version", default=None,
+              help="Dataset version (default: the one the run trained on).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | None,
+             device: str, workers: int | None, as_json: bool) -> None:
+    """Evaluate a run's best weights on a split; writes the report next to the run."""
+    from flowerml.inference import evaluate_run
+
+    settings = settings_from(store=store)
+    outcome = evaluate_run(build_store(settings), run_id, cache_dir=settings.cache_dir,
+                           split=split, version=dataset_version, device=device, workers=workers)
+    if as_json:
+        emit_json(outcome.to_json())
+        return
+    summary = outcome.metrics.summary()
+    click.echo(f"{split}: top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f}, "
+               f"mean per-class {summary['mean_class_accuracy']:.4f}, loss "
+               f"{summary['loss']:.4f} on {summary['n']} images; report {outcome.report_key}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--run", "run_id", required=True, help="The training run whose weights to use.")
+@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
+@click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def predict(images: tuple[Path, ...], run_id: str, store: str | None, top_k: int, device: str,
+            as_json: bool) -> None:
+    """Top-k flower names with probabilities for each IMAGE."""
+    from flowerml.inference import load_trained_model, predict_images
+
+    settings = settings_from(store=store)
+    trained = load_trained_model(build_store(settings), run_id, device)
+    predictions = predict_images(trained, list(images), top_k)
+    if as_json:
+        emit_json(predictions)
+        return
+    for item in predictions:
+        best = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in item["predictions"])
+        click.echo(f"{item['image']}: {best}")
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="flowerml")
 

@@ -1,0 +1,159 @@
+"""Using a trained run: load its best weights, evaluate them on a split, predict images.
+
+Evaluation writes its report next to the run (`runs/<run_id>/eval/<split>/`): report.md,
+metrics.json, per_class.json, confusion.png and curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from flowerml.data import PublishedDataset, build_eval_loader, build_transforms, resolve_dataset
+from flowerml.distributed import select_device
+from flowerml.errors import UserError
+from flowerml.evaluation import (
+    Metrics,
+    per_class_rows,
+    plot_confusion_matrix,
+    plot_training_curves,
+    render_report,
+)
+from flowerml.models import FlowerModel, build_model
+from flowerml.runs import RunError, RunFiles, check_run_id
+from flowerml.storage import Store
+from flowerml.training import evaluate_loader
+
+
+@dataclass
+class TrainedModel:
+    """A run's best weights in a model, with what it needs to read images."""
+
+    model: FlowerModel
+    run_id: str
+    record: dict[str, Any]
+    weights_sha256: str
+    device: torch.device
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.record["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.record["config"]["image_size"])
+
+
+def load_trained_model(store: Store, run_id: str, device: str = "auto") -> TrainedModel:
+    """The best-on-valid weights of a run, checksum-verified, in eval mode."""
+    run = RunFiles(store, check_run_id(run_id))
+    if not run.exists():
+        raise RunError(f"run '{run_id}' not found on {store.uri}")
+    record = run.read_json("config.json")
+    tensors, info = run.load_weights()
+    model = build_model(record["config"]["arch"], len(record["classes"]), weights="none")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise RunError(f"{run.key('best.safetensors')}: does not fit "
+                       f"{record['config']['arch']} ({str(error).splitlines()[0]})") from None
+    placed = select_device(device)
+    return TrainedModel(model.to(placed).eval(), run_id, record, info["sha256"], placed)
+
+
+def check_same_classes(trained: TrainedModel, published: PublishedDataset) -> None:
+    if trained.class_names != published.class_names:
+        raise RunError(f"run '{trained.run_id}' has {len(trained.class_names)} classes that "
+                       f"differ from {published.dataset}@{published.version}'s "
+                       f"{published.num_classes}")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: Metrics
+    report_key: str
+    dataset_version: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.metrics.summary(), "report": self.report_key,
+                "dataset_version": self.dataset_version}
+
+
+def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "test",
+                 version: str | None = None, device: str = "auto", workers: int | None = None,
+                 batch_size: int = 64) -> Evaluation:
+    """Evaluate a run's best weights on a split and publish the report next to the run."""
+    trained = load_trained_model(store, run_id, device)
+    dataset = trained.record["dataset"]
+    published = resolve_dataset(store, dataset["name"], version or dataset["version"])
+    check_same_classes(trained, published)
+    loader = build_eval_loader(store, published, cache_dir, split=split,
+                               image_size=trained.image_size, batch_size=batch_size,
+                               workers=workers)
+    metrics = evaluate_loader(trained.model, loader, trained.device, published.class_names,
+                              amp=trained.device.type == "cuda")
+    report_key = publish_report(store, trained, published, split, metrics)
+    return Evaluation(metrics, report_key, published.version)
+
+
+def publish_report(store: Store, trained: TrainedModel, published: PublishedDataset, split: str,
+                   metrics: Metrics) -> str:
+    """Write report.md, its plots and the metrics under runs/<run_id>/eval/<split>/."""
+    run = RunFiles(store, trained.run_id)
+    prefix = f"eval/{split}"
+    history = read_history(run)
+    with tempfile.TemporaryDirectory() as temp:
+        plots = {"Confusion matrix (row-normalised)":
+                 plot_confusion_matrix(metrics, Path(temp) / "confusion.png")}
+        if history:
+            plots["Training curves"] = plot_training_curves(history, Path(temp) / "curves.png")
+        for path in plots.values():
+            store.put_file(run.key(f"{prefix}/{path.name}"), path)
+    context = {"run": trained.run_id, "dataset": f"{published.dataset}@{published.version}",
+               "split": split, "arch": trained.record["config"]["arch"],
+               "weights sha256": trained.weights_sha256[:16]}
+    report = render_report(metrics, title=f"{published.dataset} {split}: run {trained.run_id}",
+                           context=context, plots={k: v.name for k, v in plots.items()})
+    run.write_json(f"{prefix}/metrics.json", metrics.summary())
+    run.write_json(f"{prefix}/per_class.json", per_class_rows(metrics))
+    store.put_bytes(run.key(f"{prefix}/report.md"), report.encode())
+    return run.key(f"{prefix}/report.md")
+
+
+def read_history(run: RunFiles) -> list[dict]:
+    try:
+        text = run.store.get_bytes(run.key("metrics.jsonl")).decode()
+    except Exception:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"{path}: not a readable image ({error})") from None
+
+
+@torch.no_grad()
+def predict_images(trained: TrainedModel, paths: list[Path], top_k: int = 5) -> list[dict]:
+    """Top-k flower names with probabilities for each image."""
+    if not 1 <= top_k <= len(trained.class_names):
+        raise UserError(f"--top-k must be between 1 and {len(trained.class_names)} (got {top_k})")
+    transform = build_transforms("tutorial", trained.image_size, train=False)
+    batch = torch.stack([transform(open_image(path)) for path in paths]).to(trained.device)
+    probabilities = torch.softmax(trained.model(batch).float(), dim=1).cpu()
+    top = probabilities.topk(top_k, dim=1)
+    return [{"image": str(path), "predictions": [
+        {"label": int(index) + 1, "name": trained.class_names[int(index)],
+         "probability": round(float(p), 5)} for p, index in zip(values, indices, strict=True)]}
+        for path, values, indices in zip(paths, top.values, top.indices, strict=True)]

@@ -1,0 +1,106 @@
+"""Running training as a child process: stream its output, stop it whole.
+
+The child runs in its own process group (its own session), so stopping it, on timeout, on
+cancellation of the parent or on any error, stops torchrun and all of its workers with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from flowerml.errors import TransientError, UserError
+
+
+class TrainingTimeout(TransientError):
+    """The child ran past its time limit and was stopped (a retry resumes it)."""
+
+
+class TrainingCrashed(TransientError):
+    """The child died (signal, out of memory, lost GPU); a retry resumes from its checkpoint."""
+
+
+class TrainingRefused(UserError):
+    """The child rejected its input (exit code 2); retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    returncode: int
+    tail: tuple[str, ...]
+
+
+def train_command(arguments: Sequence[str], nproc_per_node: int = 1) -> list[str]:
+    """`flowerml train ...`, or the same under torchrun for several GPUs."""
+    if nproc_per_node > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc_per_node}", "-m", "flowerml.cli", "train",
+                *arguments]
+    return [sys.executable, "-m", "flowerml.cli", "train", *arguments]
+
+
+def stop_group(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the child's process group, then SIGKILL what is left after `grace` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line.rstrip("\n"))
+    lines.put(None)
+
+
+def run_child(command: Sequence[str], *, on_line: Callable[[str], None],
+              timeout: float | None = None, env: dict[str, str] | None = None,
+              grace: float = 10.0) -> ChildOutcome:
+    """Run `command`, passing each output line to `on_line`; stop its group on any exit path."""
+    process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1, env=env, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + timeout if timeout else None
+    tail: list[str] = []
+    try:
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TrainingTimeout(f"training ran past its {timeout:g} s limit and was stopped")
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            tail = [*tail[-19:], line]
+            on_line(line)
+        return ChildOutcome(process.wait(), tuple(tail))
+    finally:
+        stop_group(process, grace)
+
+
+def check_outcome(outcome: ChildOutcome) -> None:
+    """Raise the error class that tells a retry policy what to do."""
+    if outcome.returncode == 0:
+        return
+    errors = [line for line in outcome.tail if line.startswith("flowerml: error:")]
+    if outcome.returncode == 2:
+        raise TrainingRefused(errors[-1].removeprefix("flowerml: error: ") if errors
+                              else "training refused its input (exit code 2)")
+    last = outcome.tail[-1] if outcome.tail else "no output"
+    raise TrainingCrashed(f"training exited with code {outcome.returncode}: {last}")

@@ -1,0 +1,530 @@
+"""Training: `fit(...)` turns a published split into best-on-valid weights in `runs/<run_id>/`.
+
+The loop is plain PyTorch: mixed precision (bf16 where the GPU has it) and channels_last on
+CUDA, optional torch.compile, a warm-up + cosine schedule stepped per batch, label smoothing,
+early stopping on valid top-1. A checkpoint is written after every epoch, so re-running with
+the same run id resumes where the last one stopped; under torchrun the same code trains with
+DDP, rank 0 evaluating and writing. `fit` takes explicit arguments, never the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from flowerml.data import PublishedDataset, build_loaders, prepare_batch, resolve_dataset
+from flowerml.distributed import (
+    Placement,
+    barrier,
+    broadcast_flag,
+    start_placement,
+    stop_placement,
+)
+from flowerml.evaluation import Metrics, MetricsAccumulator
+from flowerml.models import FlowerModel, build_model, parameter_groups, prepare_for_strategy
+from flowerml.progress import NullProgress, Progress
+from flowerml.recipes import TrainConfig
+from flowerml.runs import RunError, RunFiles, check_run_id
+from flowerml.storage import S3Options, Store
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a training run produced; `to_json()` is `flowerml train --json`."""
+
+    run_id: str
+    checkpoint: str
+    best_valid_top1: float
+    best_epoch: int
+    epochs_run: int
+    resumed_from_epoch: int | None
+    seconds: float
+    images_per_second: float
+    stopped_early: bool = False
+    world_size: int = 1
+    history: list[dict] = field(default_factory=list)
+    rank: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("history", "rank")}
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the tensors."""
+
+    epoch: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    train_images: int = 0
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    best_head: dict[str, torch.Tensor] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain values, so weights_only loading restores them."""
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def autocast_for(device: torch.device, enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
+    """bf16 autocast on GPUs that have it, fp16 elsewhere on CUDA, fp32 on CPU."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return lambda: torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
+    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+
+
+def build_optimizer(model: FlowerModel, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, strategy=config.strategy, lr=config.lr,
+                              backbone_lr_factor=config.backbone_lr_factor,
+                              weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Linear warm-up, then cosine decay to zero (or constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch
+
+
+def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Same shuffling for the same epoch, whether or not the run was resumed."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif loader.generator is not None:
+        loader.generator.manual_seed(seed * 1000 + epoch)
+
+
+@dataclass
+class Stepper:
+    """Everything one optimisation step needs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: nn.Module
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler | None
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.criterion(self.model(inputs), targets)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach()
+
+
+def train_epoch(stepper: Stepper, loader: DataLoader, placement: Placement,
+                channels_last: bool, progress: Progress, label: str) -> tuple[float, int, float]:
+    """(mean loss, images, seconds) of one pass over the training loader."""
+    stepper.model.train()
+    progress.start(label, len(loader))
+    total_loss = torch.zeros((), device=placement.device)
+    images = 0
+    started = time.perf_counter()
+    for batch, targets in loader:
+        inputs = prepare_batch(batch, placement.device, channels_last=channels_last)
+        targets = targets.to(placement.device, non_blocking=True)
+        total_loss += stepper.step(inputs, targets) * len(targets)
+        images += len(targets)
+        progress.advance()
+    mean_loss = float(total_loss.item()) / max(1, images)  # one sync per epoch, not per step
+    return mean_loss, images * placement.world_size, time.perf_counter() - started
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader: DataLoader, device: torch.device,
+                    class_names: tuple[str, ...], *, amp: bool = False,
+                    channels_last: bool = False) -> Metrics:
+    """Metrics of `model` over every batch of `loader`."""
+    model.eval()
+    accumulator = MetricsAccumulator(len(class_names))
+    autocast = autocast_for(device, amp)
+    for batch, targets in loader:
+        inputs = prepare_batch(batch, device, channels_last=channels_last)
+        with autocast():
+            logits = model(inputs)
+        accumulator.update(logits.float(), targets.to(device))
+    return accumulator.result(class_names)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probe: features once, then many cheap epochs over them
+
+
+class HeadOnly(nn.Module):
+    """The classifier head applied to precomputed features."""
+
+    def __init__(self, model: FlowerModel) -> None:
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
+def feature_cache_key(config: TrainConfig, published: PublishedDataset, split: str) -> str:
+    identity = {"arch": config.arch, "weights": config.weights, "image_size": config.image_size,
+                "manifest": published.manifest_sha256, "split": split,
+                "seed": config.seed if config.weights == "none" else None}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_features(model: FlowerModel, loader: DataLoader, device: torch.device,
+                     amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    autocast = autocast_for(device, amp)
+    features, labels = [], []
+    for batch, targets in loader:
+        with autocast():
+            features.append(model.features(prepare_batch(batch, device)).float().cpu())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+def cached_features(model: FlowerModel, loader: DataLoader, path: Path, device: torch.device,
+                    amp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backbone's features of every image, computed once and kept on local disk."""
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["features"], saved["labels"]
+    features, labels = compute_features(model, loader, device, amp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    torch.save({"features": features, "labels": labels}, temp)
+    temp.replace(path)
+    return features, labels
+
+
+def feature_loaders(model: FlowerModel, config: TrainConfig, store: Store,
+                    published: PublishedDataset, cache_dir: Path, device: torch.device,
+                    workers: int | None) -> tuple[DataLoader, DataLoader]:
+    """Loaders over cached backbone features; the backbone sees each image once, ever."""
+    paths = {split: cache_dir / "features" / f"{feature_cache_key(config, published, split)}.pt"
+             for split in ("train", "valid")}
+    loaders = None
+    if not all(path.is_file() for path in paths.values()):
+        loaders = build_loaders(store, published, cache_dir, preset="none",
+                                image_size=config.image_size, batch_size=config.batch_size,
+                                workers=workers, seed=config.seed)
+    tensors = {split: cached_features(model, getattr(loaders, split, None), paths[split],
+                                      device, config.amp) for split in paths}
+    generator = torch.Generator().manual_seed(config.seed)
+    train = DataLoader(TensorDataset(*tensors["train"]), batch_size=config.batch_size,
+                       shuffle=True, generator=generator)
+    valid = DataLoader(TensorDataset(*tensors["valid"]), batch_size=1024)
+    return train, valid
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDataset) -> None:
+    """A run id resumes only the run it started: same configuration, same data."""
+    saved = run.read_json("config.json")
+    differing = sorted(k for k, v in config.to_json().items() if saved["config"].get(k) != v)
+    if differing:
+        shown = ", ".join(f"{k} {saved['config'].get(k)!r} -> {getattr(config, k)!r}"
+                          for k in differing[:4])
+        raise RunError(f"run '{run.run_id}' was started with a different configuration "
+                       f"({shown}); use a new --run-id")
+    if saved["dataset"]["manifest_sha256"] != published.manifest_sha256:
+        raise RunError(f"run '{run.run_id}' trained on {saved['dataset']['name']}@"
+                       f"{saved['dataset']['version']}, not @{published.version}")
+
+
+def run_record(config: TrainConfig, published: PublishedDataset, placement: Placement) -> dict:
+    return {
+        "config": config.to_json(),
+        "dataset": {"name": published.dataset, "version": published.version,
+                    "manifest_sha256": published.manifest_sha256},
+        "classes": list(published.class_names),
+        "torch": torch.__version__,
+        "device": str(placement.device),
+        "world_size": placement.world_size,
+    }
+
+
+def checkpoint_state(model: FlowerModel, stepper: Stepper, state: TrainState,
+                     linear_probe: bool) -> dict[str, Any]:
+    weights = model.head.state_dict() if linear_probe else model.state_dict()
+    return {
+        "model": weights,
+        "optimizer": stepper.optimizer.state_dict(),
+        "scheduler": stepper.scheduler.state_dict(),
+        "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
+        "rng": rng_state(),
+        "state": {k: v for k, v in asdict(state).items() if k != "best_head"},
+        "best_head": state.best_head,
+        "classes": model.num_classes,
+    }
+
+
+def restore_checkpoint(run: RunFiles, model: FlowerModel, stepper: Stepper,
+                       linear_probe: bool) -> TrainState:
+    saved = run.load_checkpoint()
+    if saved["classes"] != model.num_classes:
+        raise RunError(f"{run.key('checkpoint.pt')}: has {saved['classes']} classes but the "
+                       f"dataset has {model.num_classes}")
+    (model.head if linear_probe else model).load_state_dict(saved["model"])
+    stepper.optimizer.load_state_dict(saved["optimizer"])
+    stepper.scheduler.load_state_dict(saved["scheduler"])
+    if stepper.scaler is not None and saved["scaler"]:
+        stepper.scaler.load_state_dict(saved["scaler"])
+    restore_rng_state(saved["rng"])
+    return TrainState(**saved["state"], best_head=saved["best_head"])
+
+
+def prepare_model(config: TrainConfig, num_classes: int, placement: Placement, cache_dir: Path,
+                  s3: S3Options | None) -> FlowerModel:
+    model = build_model(config.arch, num_classes, weights=config.weights,
+                        cache_dir=cache_dir / "weights", s3=s3, seed=config.seed)
+    prepare_for_strategy(model, config.strategy, config.freeze_stages)
+    model.to(placement.device)
+    if config.channels_last and placement.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_for_training(model: nn.Module, config: TrainConfig, placement: Placement) -> nn.Module:
+    if placement.distributed:
+        ids = [placement.device.index] if placement.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    if config.compile:
+        model = torch.compile(model)
+    return model
+
+
+def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_dir: Path,
+        version: str | None = None, device: str = "auto", workers: int | None = None,
+        s3: S3Options | None = None, on_event: EventFn | None = None,
+        progress: Progress | None = None) -> FitResult:
+    """Train (or resume) run `run_id` on `dataset`, keeping the best-on-valid weights."""
+    check_run_id(run_id)
+    placement = start_placement(device)
+    try:
+        emit = on_event if on_event and placement.is_main else (lambda _event: None)
+        return _fit(config, store, dataset, run_id, Path(cache_dir), version, placement,
+                    workers, s3, emit, progress or NullProgress())
+    finally:
+        stop_placement(placement)
+
+
+def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir: Path,
+         version: str | None, placement: Placement, workers: int | None, s3: S3Options | None,
+         emit: EventFn, progress: Progress) -> FitResult:
+    run = RunFiles(store, run_id)
+    if version is None and run.exists():
+        version = run.read_json("config.json")["dataset"]["version"]
+    published = resolve_dataset(store, dataset, version)
+    if run.exists():
+        check_compatible(run, config, published)
+    elif placement.is_main:
+        run.write_json("config.json", run_record(config, published, placement))
+    seed_everything(config.seed)
+    model = prepare_model(config, published.num_classes, placement, cache_dir, s3)
+    linear_probe = config.strategy == "linear-probe"
+    if linear_probe:
+        train_loader, valid_loader = feature_loaders(model, config, store, published, cache_dir,
+                                                     placement.device, workers)
+        trained: nn.Module = HeadOnly(model)
+    else:
+        loaders = build_loaders(store, published, cache_dir, preset=config.augment,
+                                image_size=config.image_size, batch_size=config.batch_size,
+                                workers=workers, seed=config.seed,
+                                distributed=placement.distributed)
+        train_loader, valid_loader = loaders.train, loaders.valid
+        trained = model
+    optimizer = build_optimizer(model, config)
+    stepper = Stepper(wrap_for_training(trained, config, placement), optimizer,
+                      build_scheduler(optimizer, config, len(train_loader)),
+                      nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+                      autocast_for(placement.device, config.amp),
+                      torch.amp.GradScaler("cuda") if needs_grad_scaler(
+                          placement.device, config.amp) else None)
+    resumed_from = None
+    state = TrainState()
+    if run.has_checkpoint():
+        state = restore_checkpoint(run, model, stepper, linear_probe)
+        resumed_from = state.epoch
+        emit({"event": "resumed", "run_id": run_id, "from_epoch": state.epoch})
+    emit({"event": "start", "run_id": run_id, "epochs": config.epochs, "device":
+          str(placement.device), "world_size": placement.world_size,
+          "dataset": f"{published.dataset}@{published.version}"})
+    loop = EpochLoop(config, run, model, trained, stepper, placement, published, emit, progress,
+                     linear_probe)
+    loop.train(state, train_loader, valid_loader)
+    if placement.is_main and linear_probe and state.best_head is not None:
+        save_best_linear_probe(run, model, state)
+    barrier(placement)
+    result = FitResult(
+        run_id=run_id, checkpoint=run.key("best.safetensors"),
+        best_valid_top1=state.best_top1, best_epoch=state.best_epoch, epochs_run=state.epoch,
+        resumed_from_epoch=resumed_from, seconds=round(state.train_seconds, 3),
+        images_per_second=round(state.train_images / max(state.train_seconds, 1e-9), 2),
+        stopped_early=state.stopped_early, world_size=placement.world_size,
+        history=state.history, rank=placement.rank)
+    if placement.is_main:
+        run.write_json("result.json", result.to_json() | {"history": state.history})
+    return result
+
+
+def save_best_linear_probe(run: RunFiles, model: FlowerModel, state: TrainState) -> None:
+    """The full model with the best head, written once at the end of a linear probe."""
+    current = {k: v.clone() for k, v in model.head.state_dict().items()}
+    model.head.load_state_dict(state.best_head)
+    run.save_weights(model.state_dict(), epoch=state.best_epoch, valid_top1=state.best_top1)
+    model.head.load_state_dict(current)
+
+
+@dataclass
+class EpochLoop:
+    """The epochs of one run: train, validate, keep the best, checkpoint, stop early."""
+
+    config: TrainConfig
+    files: RunFiles
+    model: FlowerModel
+    trained: nn.Module
+    stepper: Stepper
+    placement: Placement
+    published: PublishedDataset
+    emit: EventFn
+    progress: Progress
+    linear_probe: bool
+
+    def train(self, state: TrainState, train_loader: DataLoader, valid_loader: DataLoader) -> None:
+        while state.epoch < self.config.epochs and not state.stopped_early:
+            epoch = state.epoch + 1
+            reseed_loader(train_loader, self.config.seed, epoch)
+            loss, images, seconds = train_epoch(
+                self.stepper, train_loader, self.placement,
+                self.config.channels_last and not self.linear_probe, self.progress,
+                f"epoch {epoch}/{self.config.epochs}")
+            state.train_images += images
+            state.train_seconds += seconds
+            stop = False
+            if self.placement.is_main:
+                stop = self.after_epoch(state, epoch, loss, images, seconds, valid_loader)
+            state.epoch = epoch
+            state.stopped_early = broadcast_flag(self.placement, stop)
+            if self.placement.is_main:
+                self.files.save_checkpoint(checkpoint_state(self.model, self.stepper, state,
+                                                          self.linear_probe), epoch)
+            barrier(self.placement)
+
+    def after_epoch(self, state: TrainState, epoch: int, loss: float, images: int,
+                    seconds: float, valid_loader: DataLoader) -> bool:
+        """Validate, record, keep the best; True when early stopping says stop."""
+        evaluated = self.trained if self.linear_probe else self.model
+        metrics = evaluate_loader(evaluated, valid_loader, self.placement.device,
+                                  self.published.class_names, amp=self.config.amp,
+                                  channels_last=self.config.channels_last
+                                  and not self.linear_probe)
+        row = {"epoch": epoch, "train_loss": round(loss, 5), "valid_loss": round(metrics.loss, 5),
+               "valid_top1": round(metrics.top1, 5), "valid_top5": round(metrics.top5, 5),
+               "lr": self.stepper.optimizer.param_groups[-1]["lr"],
+               "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 2)}
+        state.history.append(row)
+        if metrics.top1 > state.best_top1:
+            state.best_top1, state.best_epoch, state.bad_epochs = metrics.top1, epoch, 0
+            self.keep_best(state, epoch, metrics.top1)
+        else:
+            state.bad_epochs += 1
+        self.files.write_history(state.history)
+        self.emit({"event": "epoch", "epochs": self.config.epochs, **row,
+                   "best_valid_top1": round(state.best_top1, 5)})
+        return bool(self.config.patience) and state.bad_epochs >= self.config.patience
+
+    def keep_best(self, state: TrainState, epoch: int, top1: float) -> None:
+        if self.linear_probe:
+            state.best_head = {k: v.detach().cpu().clone()
+                               for k, v in self.model.head.state_dict().items()}
+        else:
+            self.files.save_weights(self.model.state_dict(), epoch=epoch, valid_top1=top1)
+
+
+def iter_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    """The JSON progress events among a training process's output lines."""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                yield json.loads(line)

@@ -1,0 +1,86 @@
+"""The training child process: streamed lines, whole-group stop, errors that guide retries."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from flowerml.launch import (
+    ChildOutcome,
+    TrainingCrashed,
+    TrainingRefused,
+    TrainingTimeout,
+    check_outcome,
+    run_child,
+    train_command,
+)
+
+GRANDCHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:  # a reaped-later zombie counts as gone
+        return handle.read().split()[2] != "Z"
+
+
+def test_streams_lines_and_returns_exit_code() -> None:
+    seen: list[str] = []
+    outcome = run_child([sys.executable, "-c", "print('a'); print('{\"x\": 1}'); exit(3)"],
+                        on_line=seen.append)
+    assert seen == ["a", '{"x": 1}']
+    assert outcome.returncode == 3 and outcome.tail == ("a", '{"x": 1}')
+
+
+def test_timeout_stops_the_whole_process_group() -> None:
+    pids: list[str] = []
+    started = time.monotonic()
+    with pytest.raises(TrainingTimeout, match="1 s limit"):
+        run_child([sys.executable, "-c", GRANDCHILD], on_line=pids.append, timeout=1, grace=1)
+    assert time.monotonic() - started < 10
+    grandchild = int(pids[0])
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild)
+
+
+def test_cancellation_in_the_parent_stops_the_group() -> None:
+    pids: list[str] = []
+
+    def cancel(line: str) -> None:
+        pids.append(line)
+        raise KeyboardInterrupt  # what a cancelled or terminated flow run raises in its thread
+
+    with pytest.raises(KeyboardInterrupt):
+        run_child([sys.executable, "-c", GRANDCHILD], on_line=cancel, grace=1)
+    deadline = time.monotonic() + 5
+    while alive(int(pids[0])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(int(pids[0]))
+
+
+def test_outcomes_map_to_retry_classes() -> None:
+    check_outcome(ChildOutcome(0, ()))
+    with pytest.raises(TrainingRefused, match="^--lr must be between"):
+        check_outcome(ChildOutcome(2, ("flowerml: error: --lr must be between 1e-07 and 10",)))
+    with pytest.raises(TrainingCrashed, match="code -9"):
+        check_outcome(ChildOutcome(-9, ("epoch 3",)))
+
+
+def test_train_command_uses_torchrun_for_several_gpus() -> None:
+    assert train_command(["--epochs", "1"])[-4:] == ["flowerml.cli", "train", "--epochs", "1"]
+    command = train_command(["--epochs", "1"], nproc_per_node=4)
+    assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+    assert "--nproc-per-node=4" in command
