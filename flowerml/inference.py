@@ -147,8 +147,9 @@ def open_image(path: Path) -> Image.Image:
 @torch.no_grad()
 def predict_images(trained: TrainedModel, paths: list[Path], top_k: int = 5) -> list[dict]:
     """Top-k flower names with probabilities for each image."""
-    if not 1 <= top_k <= len(trained.class_names):
-        raise UserError(f"--top-k must be between 1 and {len(trained.class_names)} (got {top_k})")
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (got {top_k})")
+    top_k = min(top_k, len(trained.class_names))
     transform = build_transforms("tutorial", trained.image_size, train=False)
     batch = torch.stack([transform(open_image(path)) for path in paths]).to(trained.device)
     probabilities = torch.softmax(trained.model(batch).float(), dim=1).cpu()

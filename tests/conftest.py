@@ -131,3 +131,16 @@ def source_copy(synthetic_source: Path, tmp_path: Path) -> Path:
     import shutil
 
     return Path(shutil.copytree(synthetic_source, tmp_path / "src"))
+
+
+def task_outcome(state) -> tuple[bool, str, int]:
+    """(failed, message, run count) of a task run's final state, read back from the server."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> int:
+        async with get_client() as client:
+            return (await client.read_task_run(state.state_details.task_run_id)).run_count
+
+    return state.is_failed(), state.message or "", asyncio.run(read())

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
 import pytest
 from prefect import flow
-from prefect.client.orchestration import get_client
 
 from flowerml.storage import S3Options, S3Store
 from flows.ingest import ingest_flowers
 from tasks.ingest import fetch_sources_task
 from tests.conftest import store_keys
+from tests.conftest import task_outcome as outcome
 
 
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, tmp_path: Path) -> None:
     monkeypatch.setenv("FLOWERML_S3_ENDPOINT_URL", moto_endpoint)
     monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def outcome(state) -> tuple[bool, str, int]:
-    """(failed, message, run count) of a task run's final state, read back from the server."""
-
-    async def read() -> int:
-        async with get_client() as client:
-            return (await client.read_task_run(state.state_details.task_run_id)).run_count
-
-    return state.is_failed(), state.message or "", asyncio.run(read())
 
 
 def test_ingest_flow_publishes_to_s3(prefect_harness: None, s3_env: None, s3_bucket: str,
