@@ -201,18 +201,25 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--run", "run_id", required=True, help="The training run whose weights to use.")
+@click.option("--model", "model_ref", default=None,
+              help="NAME[@ALIAS|:VERSION] from the registry (default: flowers102@production).")
+@click.option("--run", "run_id", default=None, help="Use a training run's weights instead.")
 @click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def predict(images: tuple[Path, ...], run_id: str, store: str | None, top_k: int, device: str,
-            as_json: bool) -> None:
+def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
+            store: str | None, top_k: int, device: str, as_json: bool) -> None:
     """Top-k flower names with probabilities for each IMAGE."""
     from flowerml.inference import load_trained_model, predict_images
+    from flowerml.release import load_registered_model
 
+    if model_ref and run_id:
+        raise CliError("give --model or --run, not both")
     settings = settings_from(store=store)
-    trained = load_trained_model(build_store(settings), run_id, device)
+    target = build_store(settings)
+    trained = (load_trained_model(target, run_id, device) if run_id else
+               load_registered_model(target, model_ref or "flowers102@production", device))
     predictions = predict_images(trained, list(images), top_k)
     if as_json:
         emit_json(predictions)
@@ -220,6 +227,233 @@ def predict(images: tuple[Path, ...], run_id: str, store: str | None, top_k: int
     for item in predictions:
         best = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in item["predictions"])
         click.echo(f"{item['image']}: {best}")
+
+
+
+
+DEMO_SPEC = {"classes": 10, "per_class": 30, "image_size": 96, "seed": 0}
+DEMO_THRESHOLD = 0.7
+
+
+def demo_source(cache_dir: Path) -> Path:
+    """The demo's synthetic archive, written once into the cache."""
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+
+    folder = cache_dir / "demo-source"
+    if not (folder / "setid.mat").is_file():
+        write_synthetic_archive(folder, SyntheticSpec(**DEMO_SPEC))
+    return folder
+
+
+def retrain_params(preset: str | None, source: str | None, store: str | None,
+                   dataset: str | None, threshold: float | None, tolerance: float | None,
+                   force: bool, model_name: str, alias: str, cache_dir: Path,
+                   training: dict[str, Any]) -> dict[str, Any]:
+    """The flow's parameters from the command line, the demo preset filling the gaps."""
+    from flowerml.registry import Gate
+
+    training = {k: v for k, v in training.items() if v is not None}
+    if preset == "demo":
+        source = source or str(demo_source(cache_dir))
+        training = {"recipe": "demo", **training}
+        threshold = DEMO_THRESHOLD if threshold is None else threshold
+    gate = Gate(threshold=0.95 if threshold is None else threshold,
+                tolerance=0.005 if tolerance is None else tolerance)
+    params: dict[str, Any] = {"source": source or "official", "training": training,
+                              "gate": {"threshold": gate.threshold, "tolerance": gate.tolerance,
+                                       "force": force},
+                              "model_name": model_name, "alias": alias}
+    if store:
+        params["store"] = store
+    if dataset:
+        params["dataset"] = dataset
+    return params
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["demo"]), default=None,
+              help="demo: a synthetic archive, a small CPU model, a 0.7 gate.")
+@click.option("--source", default=None, help="official (default), a folder, URL or s3:// prefix.")
+@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
+@click.option("--dataset", default=None, help="Dataset name (default: flowers102).")
+@click.option("--recipe", default=None, help="default, tutorial, linear-probe or demo.")
+@click.option("--arch", default=None)
+@click.option("--weights", default=None)
+@click.option("--strategy", default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--image-size", type=int, default=None)
+@click.option("--device", default=None, help="auto, cpu or cuda.")
+@click.option("--nproc-per-node", type=int, default=None, help="GPUs (torchrun) for training.")
+@click.option("--threshold", type=float, default=None, help="Minimum test top-1 (default 0.95).")
+@click.option("--tolerance", type=float, default=None,
+              help="Allowed drop below production (default 0.005).")
+@click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
+@click.option("--model-name", default="flowers102", show_default=True)
+@click.option("--alias", default="production", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
+            threshold: float | None, tolerance: float | None, force: bool, model_name: str,
+            alias: str, as_json: bool, **training: Any) -> None:
+    """Run the retrain flow: ingest, train, evaluate, register, promote past the gate.
+
+    Reports to PREFECT_API_URL when set; otherwise Prefect runs it in ephemeral mode.
+    """
+    import subprocess
+
+    settings = settings_from(store=store, dataset=dataset)
+    params = retrain_params(preset, source, store, dataset, threshold, tolerance, force,
+                            model_name, alias, settings.cache_dir, training)
+    # The flow runs in its own interpreter: flowerml never imports the flows package.
+    done = subprocess.run([sys.executable, "-m", "flows.retrain", json.dumps(params)],
+                          stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(done.returncode)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    if as_json:
+        emit_json(summary)
+        return
+    print_retrain_summary(summary, model_name, alias, settings)
+
+
+def print_retrain_summary(summary: dict, model_name: str, alias: str,
+                          settings: Settings) -> None:
+    metrics = summary["metrics"]
+    verdict = "PROMOTED" if summary["promoted"] else "NOT PROMOTED"
+    click.echo(f"{verdict}: {model_name} version {summary['version']} "
+               f"(run {summary['run_id']}, dataset {summary['dataset_version']})")
+    click.echo(f"test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, "
+               f"mean per-class {metrics['mean_class_accuracy']:.4f} on {metrics['n']} images")
+    for reason in summary["reasons"]:
+        click.echo(f"  - {reason}")
+    examples = sorted((settings.cache_dir / settings.dataset).glob("*/test/*/*.jpg"))
+    image = examples[0] if examples else Path("path/to/flower.jpg")
+    click.echo(f"try: flowerml predict {image} --model {model_name}@{alias}")
+
+
+@cli.group()
+def registry() -> None:
+    """The model registry: versions, aliases, promotion, rollback."""
+
+
+def open_registry(name: str, store: str | None):
+    from flowerml.registry import Registry
+
+    settings = settings_from(store=store)
+    return Registry(build_store(settings), name), settings
+
+
+@registry.command("list")
+@click.option("--store", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def registry_list(store: str | None, as_json: bool) -> None:
+    """Every registered model, with its version count and production version."""
+    from flowerml.registry import Registry, list_models
+
+    target = build_store(settings_from(store=store))
+    rows = []
+    for name in list_models(target):
+        entry = Registry(target, name)
+        production = entry.alias("production")
+        rows.append({"model": name, "versions": len(entry.versions()),
+                     "production": production.version if production else None})
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['model']}: {row['versions']} version(s), production "
+                   f"{row['production'] or '-'}")
+
+
+@registry.command("show")
+@click.argument("name")
+@click.option("--store", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def registry_show(name: str, store: str | None, as_json: bool) -> None:
+    """A model's versions (metrics, run, committed) and aliases."""
+    entry, _ = open_registry(name, store)
+    versions = [{"version": v.version, "committed": v.committed,
+                 "top1": v.card.get("metrics", {}).get("top1"),
+                 "run_id": v.card.get("lineage", {}).get("run_id"),
+                 "dataset_version": v.card.get("lineage", {}).get("dataset_version")}
+                for v in entry.versions()]
+    if not versions:
+        raise CliError(f"model '{name}' has no versions")
+    aliases = {}
+    for info in entry.store.list(f"registry/{name}/aliases/"):
+        alias_name = info.key.rsplit("/", 1)[-1]
+        if alias_name.endswith(".json") and "/history/" not in info.key:
+            state = entry.alias(alias_name[:-5])
+            aliases[state.alias] = state.version
+    if as_json:
+        emit_json({"model": name, "versions": versions, "aliases": aliases})
+        return
+    for row in versions:
+        tags = [a for a, v in aliases.items() if v == row["version"]]
+        top1 = f"{row['top1']:.4f}" if isinstance(row["top1"], float) else "-"
+        state = "" if row["committed"] else " (not committed)"
+        click.echo(f"{row['version']:06d}{state}: top-1 {top1}, run {row['run_id']}"
+                   + (f"  [{', '.join(tags)}]" if tags else ""))
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@click.option("--alias", default="production", show_default=True)
+@click.option("--threshold", type=float, default=0.95, show_default=True)
+@click.option("--tolerance", type=float, default=0.005, show_default=True)
+@click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
+@click.option("--store", default=None)
+@click.option("--device", default="auto", show_default=True)
+def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
+                     force: bool, store: str | None, device: str) -> None:
+    """Move ALIAS to VERSION if it clears the gate against the current alias."""
+    from flowerml.registry import Gate
+    from flowerml.release import promote_version
+
+    gate = Gate(threshold=threshold, tolerance=tolerance)
+    entry, settings = open_registry(name, store)
+    promoted, reasons, _ = promote_version(entry, entry.store, version, alias=alias, gate=gate,
+                                           force=force, cache_dir=settings.cache_dir,
+                                           device=device)
+    click.echo(f"{'promoted' if promoted else 'not promoted'}: {name}:{version:06d} -> {alias}")
+    for reason in reasons:
+        click.echo(f"  - {reason}")
+    if not promoted:
+        sys.exit(1)
+
+
+@registry.command("rollback")
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True)
+@click.option("--store", default=None)
+def registry_rollback(name: str, alias: str, store: str | None) -> None:
+    """Point ALIAS back at its previous version."""
+    entry, _ = open_registry(name, store)
+    state = entry.rollback(alias)
+    click.echo(f"{name}@{alias} -> {state.version:06d} (was {state.previous:06d})"
+               if state.previous else f"{name}@{alias} -> {state.version:06d}")
+
+
+@registry.command("history")
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True)
+@click.option("--store", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def registry_history(name: str, alias: str, store: str | None, as_json: bool) -> None:
+    """Every move of ALIAS, oldest first."""
+    entry, _ = open_registry(name, store)
+    rows = entry.history(alias)
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        raise CliError(f"{name} has no alias '{alias}'")
+    for row in rows:
+        forced = " (forced)" if row.get("forced") else ""
+        click.echo(f"{row['seq']:>4} {row['time']} {row['from']} -> {row['to']}{forced}: "
+                   f"{row['reason']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,45 +33,61 @@ from flowerml.training import evaluate_loader
 
 @dataclass
 class TrainedModel:
-    """A run's best weights in a model, with what it needs to read images."""
+    """Trained weights in a model (from a run or the registry), with what it needs to read images."""
 
     model: FlowerModel
-    run_id: str
-    record: dict[str, Any]
+    source: str
+    class_names: tuple[str, ...]
+    image_size: int
+    arch: str
     weights_sha256: str
     device: torch.device
 
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return tuple(self.record["classes"])
 
-    @property
-    def image_size(self) -> int:
-        return int(self.record["config"]["image_size"])
+def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], image_size: int,
+                        tensors: dict[str, torch.Tensor], *, source: str, weights_sha256: str,
+                        device: str = "auto") -> TrainedModel:
+    """A model with the given weights loaded, on `device`, in eval mode."""
+    model = build_model(arch, len(class_names), weights="none")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as error:
+        raise RunError(f"{source}: weights do not fit {arch} with {len(class_names)} classes "
+                       f"({str(error).splitlines()[0]})") from None
+    placed = select_device(device)
+    return TrainedModel(model.to(placed).eval(), source, tuple(class_names), int(image_size),
+                        arch, weights_sha256, placed)
 
 
 def load_trained_model(store: Store, run_id: str, device: str = "auto") -> TrainedModel:
-    """The best-on-valid weights of a run, checksum-verified, in eval mode."""
+    """The best-on-valid weights of a run, checksum-verified."""
     run = RunFiles(store, check_run_id(run_id))
     if not run.exists():
         raise RunError(f"run '{run_id}' not found on {store.uri}")
     record = run.read_json("config.json")
     tensors, info = run.load_weights()
-    model = build_model(record["config"]["arch"], len(record["classes"]), weights="none")
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as error:
-        raise RunError(f"{run.key('best.safetensors')}: does not fit "
-                       f"{record['config']['arch']} ({str(error).splitlines()[0]})") from None
-    placed = select_device(device)
-    return TrainedModel(model.to(placed).eval(), run_id, record, info["sha256"], placed)
+    return build_trained_model(record["config"]["arch"], record["classes"],
+                               record["config"]["image_size"], tensors, source=run_id,
+                               weights_sha256=info["sha256"], device=device)
 
 
 def check_same_classes(trained: TrainedModel, published: PublishedDataset) -> None:
     if trained.class_names != published.class_names:
-        raise RunError(f"run '{trained.run_id}' has {len(trained.class_names)} classes that "
+        raise RunError(f"{trained.source} has {len(trained.class_names)} classes that "
                        f"differ from {published.dataset}@{published.version}'s "
                        f"{published.num_classes}")
+
+
+def evaluate_model(trained: TrainedModel, store: Store, published: PublishedDataset, *,
+                   cache_dir: Path, split: str = "test", workers: int | None = None,
+                   batch_size: int = 64) -> Metrics:
+    """Metrics of a trained model on one split of a published dataset."""
+    check_same_classes(trained, published)
+    loader = build_eval_loader(store, published, cache_dir, split=split,
+                               image_size=trained.image_size, batch_size=batch_size,
+                               workers=workers)
+    return evaluate_loader(trained.model, loader, trained.device, published.class_names,
+                           amp=trained.device.type == "cuda")
 
 
 @dataclass(frozen=True)
@@ -90,14 +106,10 @@ def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "te
                  batch_size: int = 64) -> Evaluation:
     """Evaluate a run's best weights on a split and publish the report next to the run."""
     trained = load_trained_model(store, run_id, device)
-    dataset = trained.record["dataset"]
+    dataset = RunFiles(store, run_id).read_json("config.json")["dataset"]
     published = resolve_dataset(store, dataset["name"], version or dataset["version"])
-    check_same_classes(trained, published)
-    loader = build_eval_loader(store, published, cache_dir, split=split,
-                               image_size=trained.image_size, batch_size=batch_size,
-                               workers=workers)
-    metrics = evaluate_loader(trained.model, loader, trained.device, published.class_names,
-                              amp=trained.device.type == "cuda")
+    metrics = evaluate_model(trained, store, published, cache_dir=cache_dir, split=split,
+                             workers=workers, batch_size=batch_size)
     report_key = publish_report(store, trained, published, split, metrics)
     return Evaluation(metrics, report_key, published.version)
 
@@ -105,7 +117,7 @@ def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "te
 def publish_report(store: Store, trained: TrainedModel, published: PublishedDataset, split: str,
                    metrics: Metrics) -> str:
     """Write report.md, its plots and the metrics under runs/<run_id>/eval/<split>/."""
-    run = RunFiles(store, trained.run_id)
+    run = RunFiles(store, trained.source)
     prefix = f"eval/{split}"
     history = read_history(run)
     with tempfile.TemporaryDirectory() as temp:
@@ -115,10 +127,10 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
             plots["Training curves"] = plot_training_curves(history, Path(temp) / "curves.png")
         for path in plots.values():
             store.put_file(run.key(f"{prefix}/{path.name}"), path)
-    context = {"run": trained.run_id, "dataset": f"{published.dataset}@{published.version}",
-               "split": split, "arch": trained.record["config"]["arch"],
+    context = {"run": trained.source, "dataset": f"{published.dataset}@{published.version}",
+               "split": split, "arch": trained.arch,
                "weights sha256": trained.weights_sha256[:16]}
-    report = render_report(metrics, title=f"{published.dataset} {split}: run {trained.run_id}",
+    report = render_report(metrics, title=f"{published.dataset} {split}: run {trained.source}",
                            context=context, plots={k: v.name for k, v in plots.items()})
     run.write_json(f"{prefix}/metrics.json", metrics.summary())
     run.write_json(f"{prefix}/per_class.json", per_class_rows(metrics))

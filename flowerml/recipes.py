@@ -101,7 +101,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "demo": {
         "arch": "resnet18", "weights": "none", "augment": "standard", "optimizer": "adamw",
-        "lr": 2e-3, "backbone_lr_factor": 1.0, "epochs": 8, "batch_size": 32, "image_size": 64,
+        "lr": 2e-3, "backbone_lr_factor": 1.0, "epochs": 15, "batch_size": 32, "image_size": 64,
         "weight_decay": 1e-4, "warmup_epochs": 0.5, "patience": 0,
     },
 }

@@ -106,6 +106,10 @@ class RunFiles:
         self._write_verified("best.safetensors", data, "best.json", **extra)
         return sha256_hex(data)
 
+    def read_weights_bytes(self) -> bytes:
+        """The best weights as safetensors bytes, checksum-verified."""
+        return self._read_verified("best.json")[0]
+
     def load_weights(self) -> tuple[dict[str, torch.Tensor], dict]:
         data, record = self._read_verified("best.json")
         try:

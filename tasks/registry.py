@@ -1,0 +1,94 @@
+"""Prefect tasks for the registry: decide, register, promote, and tell the world.
+
+The decision is made twice on purpose: once before registering, so the card records the gate's
+verdict, and again inside `promote`, against whatever production is at that moment, so a
+promotion that raced another one re-decides instead of overwriting it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.events import emit_event
+
+from flowerml.data import resolve_dataset
+from flowerml.registry import Gate, Registry, Scorecard, decide_promotion
+from flowerml.release import build_card, champion_scorecard, register_run
+from flowerml.settings import build_store, load_settings
+from tasks.common import retry_transient
+
+
+def gate_of(gate: dict[str, Any]) -> Gate:
+    return Gate(threshold=gate["threshold"], tolerance=gate["tolerance"])
+
+
+def candidate_and_champion(model: str, alias: str, metrics: dict, dataset: str, version: str,
+                           store: str | None) -> tuple[Registry, Scorecard, Scorecard | None]:
+    settings = load_settings(store=store)
+    target = build_store(settings)
+    published = resolve_dataset(target, dataset, version)
+    registry = Registry(target, model)
+    champion = champion_scorecard(registry, target, published, alias=alias,
+                                  cache_dir=settings.cache_dir)
+    return registry, Scorecard(metrics["top1"], published.manifest_sha256), champion
+
+
+@task(name="decide-promotion", task_run_name="decide {model}@{alias}", retries=2,
+      retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: str,
+                gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
+    """The gate's verdict on a candidate against the current production model."""
+    _, candidate, champion = candidate_and_champion(model, alias, metrics, dataset, version, store)
+    promote, reasons = decide_promotion(candidate, champion, gate_of(gate), force=gate["force"])
+    return {"promote": promote, "reasons": reasons,
+            "champion_version": champion.version if champion else None}
+
+
+@task(name="register-model", task_run_name="register {run_id} as {model}", retries=2,
+      retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, Any],
+                  gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
+    """An immutable registry version of the run (COMMITTED last), with a link artifact."""
+    target = build_store(load_settings(store=store))
+    card = build_card(target, run_id, metrics, promote=decision["promote"],
+                      reasons=decision["reasons"], gate=gate)
+    registered = register_run(Registry(target, model), target, run_id, card)
+    uri = f"{target.uri}/registry/{model}/versions/{registered.version:06d}/"
+    create_link_artifact(uri, link_text=registered.label,
+                         description=f"Registered {registered.label} from run {run_id}")
+    return {"version": registered.version, "label": registered.label, "uri": uri,
+            "weights_sha256": registered.weights_sha256}
+
+
+@task(name="promote-model", task_run_name="promote {model}:{version} to {alias}", retries=2,
+      retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def promote_task(model: str, version: int, alias: str, metrics: dict, dataset: str,
+                 dataset_version: str, gate: dict[str, Any],
+                 store: str | None = None) -> dict[str, Any]:
+    """Move the alias by compare-and-swap, re-deciding if production changed meanwhile."""
+    registry, candidate, champion = candidate_and_champion(model, alias, metrics, dataset,
+                                                           dataset_version, store)
+    promoted, reasons, state = registry.promote(version, scorecard=candidate, champion=champion,
+                                                gate=gate_of(gate), alias=alias,
+                                                force=gate["force"])
+    return {"promoted": promoted, "reasons": reasons,
+            "seq": state.seq if state else None}
+
+
+def announce(model: str, summary: dict[str, Any]) -> None:
+    """The decision as a markdown artifact and a Prefect event automations can act on."""
+    verdict = "promoted" if summary["promoted"] else "rejected"
+    lines = [f"# {model}: {verdict}", "",
+             f"- version: {summary['version']}", f"- run: {summary['run_id']}",
+             f"- dataset version: {summary['dataset_version']}",
+             f"- test top-1: {summary['metrics']['top1']:.4f}", "", "## Reasons", ""]
+    lines += [f"- {reason}" for reason in summary["reasons"]]
+    create_markdown_artifact("\n".join(lines), key=None, description=f"Promotion decision: {model}")
+    emit_event(event=f"flowerml.model.{verdict}",
+               resource={"prefect.resource.id": f"flowerml.model.{model}",
+                         "prefect.resource.name": model},
+               payload={"version": summary["version"], "metrics": summary["metrics"],
+                        "reasons": summary["reasons"], "run_id": summary["run_id"],
+                        "dataset_version": summary["dataset_version"]})
