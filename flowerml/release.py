@@ -119,6 +119,7 @@ def promote_version(registry: Registry, store: Store, version: int, *, alias: st
     from flowerml.data import resolve_dataset
 
     candidate = registry.require_committed(version)
+    registry.verify(version)  # refuse bad weights before any evaluation work
     lineage = candidate.card["lineage"]
     published = resolve_dataset(store, lineage["dataset"], lineage["dataset_version"])
     champion = champion_scorecard(registry, store, published, alias=alias, cache_dir=cache_dir,

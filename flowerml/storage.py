@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -220,6 +221,20 @@ class LocalStore(Store):
             handle.write(data)
         return Path(name)
 
+    @staticmethod
+    def _advance_mtime(temp: Path, path: Path) -> None:
+        """Give each write of a key a later mtime than the last, so its etag cannot repeat.
+
+        Inodes are reused and mtimes tick coarsely: two same-sized writes in one tick would
+        otherwise share an etag, and a stale compare-and-swap could win.
+        """
+        try:
+            previous = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            previous = 0
+        stamp = max(time.time_ns(), previous + 1000)
+        os.utime(temp, ns=(stamp, stamp))
+
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
                   if_match: str | None = None) -> str:
         path = self._path(key)
@@ -232,6 +247,7 @@ class LocalStore(Store):
                     current = self.head(key)
                     if current is None or current.etag != if_match:
                         raise PreconditionFailed(f"{key}: changed since it was read")
+                    self._advance_mtime(temp, path)
                     os.replace(temp, path)
             else:
                 os.replace(temp, path)

@@ -1,0 +1,548 @@
+"""The registry: the gate, versions committed last, checksums, aliases, history and races.
+
+torch is imported inside the tests that need it: the race test's spawned workers import this
+module, and importing torch would cost each of them seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from flowerml.registry import (
+    AliasState,
+    Gate,
+    ModelVersion,
+    Registry,
+    RegistryError,
+    Scorecard,
+    decide_promotion,
+    list_models,
+    parse_model_ref,
+    render_card,
+    resolve_ref,
+)
+from flowerml.storage import LocalStore, S3Options, S3Store, Store
+
+MANIFEST = "a" * 64
+MODEL = "flowers102"
+
+
+def weights(seed: int) -> dict:
+    import torch
+
+    return {"fc.weight": torch.full((3, 2), float(seed)), "fc.bias": torch.arange(3.0) + seed}
+
+
+def card(top1: float, manifest: str = MANIFEST) -> dict:
+    return {"metrics": {"top1": top1, "top5": 0.99, "loss": 0.2}, "test_manifest_sha256": manifest,
+            "run_id": "run-1", "backbone": "resnet152"}
+
+
+def keys(store: Store, prefix: str) -> list[str]:
+    return [info.key[len(prefix):] for info in store.list(prefix)]
+
+
+def vkey(version: int, name: str) -> str:
+    return f"registry/{MODEL}/versions/{version:06d}/{name}"
+
+
+# --------------------------------------------------------------------------------------------
+# The gate
+
+
+def test_first_promotion_is_decided_by_the_threshold_alone() -> None:
+    gate = Gate(threshold=0.95)
+    ok, reasons = decide_promotion(Scorecard(0.9612, MANIFEST), None, gate)
+    assert ok
+    assert reasons == ["test top-1 0.9612 >= threshold 0.9500",
+                       "no production model yet: decided by the threshold alone"]
+    ok, reasons = decide_promotion(Scorecard(0.9400, MANIFEST), None, gate)
+    assert not ok
+    assert reasons[0] == "test top-1 0.9400 < threshold 0.9500"
+
+
+def test_regression_beyond_tolerance_is_rejected_with_the_numbers() -> None:
+    champion = Scorecard(0.9610, MANIFEST, version=3)
+    ok, reasons = decide_promotion(Scorecard(0.9400, MANIFEST), champion, Gate(0.9, 0.005))
+    assert not ok
+    assert reasons[1] == ("test top-1 0.9400 vs production v000003 0.9610: "
+                          "regression of 0.0210 beyond tolerance 0.0050")
+
+
+def test_candidate_within_tolerance_of_the_champion_is_promoted() -> None:
+    champion = Scorecard(0.9655, MANIFEST, version=3)
+    ok, reasons = decide_promotion(Scorecard(0.9612, MANIFEST), champion, Gate())
+    assert ok
+    assert reasons == ["test top-1 0.9612 >= threshold 0.9500",
+                       "test top-1 0.9612 vs production v000003 0.9655: "
+                       "-0.0043 within tolerance 0.0050"]
+    # Exactly at the edges passes despite float rounding (0.9655 - 0.005 is not exact).
+    assert decide_promotion(Scorecard(0.9605, MANIFEST), champion, Gate())[0]
+    assert decide_promotion(Scorecard(0.95, MANIFEST), None, Gate(threshold=0.95))[0]
+
+
+def test_threshold_still_applies_when_better_than_the_champion() -> None:
+    champion = Scorecard(0.80, MANIFEST, version=1)
+    ok, reasons = decide_promotion(Scorecard(0.90, MANIFEST), champion, Gate(threshold=0.95))
+    assert not ok
+    assert "+0.1000 within tolerance" in reasons[1]
+
+
+def test_force_promotes_and_says_so() -> None:
+    champion = Scorecard(0.99, MANIFEST, version=2)
+    ok, reasons = decide_promotion(Scorecard(0.5, MANIFEST), champion, Gate(), force=True)
+    assert ok
+    assert reasons[-1] == "forced: promoted regardless of the gate"
+    assert "regression of 0.4900" in reasons[1]
+
+
+def test_champion_on_another_test_manifest_must_be_re_evaluated() -> None:
+    champion = Scorecard(0.97, "b" * 64, version=2)
+    with pytest.raises(ValueError, match="different test manifest: re-evaluate it first"):
+        decide_promotion(Scorecard(0.96, MANIFEST), champion, Gate())
+    ok, reasons = decide_promotion(Scorecard(0.96, MANIFEST), champion, Gate(), force=True)
+    assert ok and "not compared" in reasons[1]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"threshold": 1.5}, "--threshold must be between 0 and 1 (got 1.5)"),
+    ({"threshold": -0.1}, "--threshold must be between 0 and 1 (got -0.1)"),
+    ({"threshold": float("nan")}, "--threshold must be between 0 and 1 (got nan)"),
+    ({"tolerance": 2}, "--tolerance must be between 0 and 1 (got 2)"),
+])
+def test_gate_validates_its_numbers(kwargs: dict, message: str) -> None:
+    with pytest.raises(RegistryError) as caught:
+        Gate(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_scorecard_from_card() -> None:
+    assert Scorecard.from_card(card(0.97), 4) == Scorecard(0.97, MANIFEST, 4)
+    with pytest.raises(RegistryError, match="version 000004 records no metrics.top1"):
+        Scorecard.from_card({"metrics": {}}, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Versions
+
+
+def test_register_writes_numbered_versions_with_card_and_files(store: Store,
+                                                               tmp_path: Path) -> None:
+    registry = Registry(store, MODEL)
+    plot = tmp_path / "curves.png"
+    plot.write_bytes(b"\x89PNG fake")
+    first = registry.register(weights(1), card(0.96),
+                              {"report.md": b"# report\n", "curves.png": plot})
+    second = registry.register(weights(2), card(0.97))
+    third = registry.register(weights(3), card(0.98))
+    assert [first.version, second.version, third.version] == [1, 2, 3]
+    assert first.label == "flowers102:000001" and first.committed
+    assert keys(store, vkey(1, "")) == ["CLAIM", "COMMITTED", "card.json", "card.md",
+                                        "curves.png", "model.safetensors", "report.md"]
+    assert store.get_bytes(vkey(1, "curves.png")) == b"\x89PNG fake"
+
+    stored = json.loads(store.get_bytes(vkey(1, "card.json")))
+    assert stored["version"] == 1 and stored["model"] == MODEL
+    assert stored["weights_sha256"] == first.weights_sha256
+    assert stored["metrics"]["top1"] == 0.96 and "registered_at" in stored
+    committed = json.loads(store.get_bytes(vkey(1, "COMMITTED")))
+    assert committed["weights_sha256"] == first.weights_sha256 and "committed_at" in committed
+
+    readable = store.get_bytes(vkey(1, "card.md")).decode()
+    assert readable.startswith("# flowers102 v000001")
+    assert "| top1 | 0.96 |" in readable and "## Metrics" in readable
+    assert "[report.md](report.md)" in readable
+    assert [v.version for v in registry.versions()] == [1, 2, 3]
+    assert registry.get(2).card["metrics"]["top1"] == 0.97
+
+
+def test_load_weights_round_trips(store: Store) -> None:
+    import torch
+
+    registry = Registry(store, MODEL)
+    version = registry.register(weights(7), card(0.96)).version
+    loaded = registry.load_weights(version)
+    assert loaded.keys() == weights(7).keys()
+    for name, tensor in weights(7).items():
+        assert torch.equal(loaded[name], tensor)
+
+
+def test_register_accepts_safetensors_bytes_and_refuses_pickles(local_store: LocalStore) -> None:
+    import torch
+    from safetensors.torch import save
+
+    registry = Registry(local_store, MODEL)
+    version = registry.register(save(weights(1)), card(0.96)).version
+    assert torch.equal(registry.load_weights(version)["fc.bias"], weights(1)["fc.bias"])
+    with pytest.raises(RegistryError, match="pickle or other format is refused"):
+        registry.register(pickle.dumps(weights(2)), card(0.96))
+    with pytest.raises(RegistryError, match="extra file name 'COMMITTED' is not allowed"):
+        registry.register(weights(2), card(0.96), {"COMMITTED": b"{}"})
+    with pytest.raises(RegistryError, match="extra file name '../x' is not allowed"):
+        registry.register(weights(2), card(0.96), {"../x": b""})
+    with pytest.raises(RegistryError, match="not JSON-serialisable"):
+        registry.register(weights(2), {"when": object()})
+    # Bad input is refused before a number is claimed: nothing half-written.
+    assert [v.version for v in registry.versions()] == [1]
+
+
+def test_interrupted_registration_is_never_committed_nor_promoted(store: Store) -> None:
+    registry = Registry(store, MODEL)
+    registry.register(weights(1), card(0.96))
+    registry.promote(1, scorecard=Scorecard(0.96, MANIFEST))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        registry.register(weights(2), card(0.99), fail_before_commit=True)
+
+    assert not store.exists(vkey(2, "COMMITTED"))
+    assert store.exists(vkey(2, "model.safetensors"))
+    assert [(v.version, v.committed) for v in registry.versions()] == [(1, True), (2, False)]
+    message = ("flowers102 version 000002 is not COMMITTED (an interrupted registration); "
+               "it cannot be promoted or loaded")
+    with pytest.raises(RegistryError) as caught:
+        registry.require_committed(2)
+    assert str(caught.value) == message
+    for attempt in (lambda: registry.promote(2, scorecard=Scorecard(0.99, MANIFEST)),
+                    lambda: registry.set_alias("production", 2, reason="manual"),
+                    lambda: registry.load_weights(2),
+                    lambda: registry.resolve(version=2)):
+        with pytest.raises(RegistryError, match="not COMMITTED"):
+            attempt()
+    assert registry.alias().version == 1 and len(registry.history()) == 1
+    assert registry.register(weights(3), card(0.97)).version == 3  # the number stays used
+
+
+def test_tampered_weights_fail_their_checksum_and_move_no_alias(store: Store) -> None:
+    from safetensors.torch import save
+
+    registry = Registry(store, MODEL)
+    registry.register(weights(1), card(0.96))
+    registry.register(weights(2), card(0.97))
+    registry.promote(1, scorecard=Scorecard(0.96, MANIFEST))
+    store.put_bytes(vkey(2, "model.safetensors"), save(weights(99)))  # valid file, wrong bytes
+
+    for attempt in (lambda: registry.load_weights(2), lambda: registry.verify(2),
+                    lambda: registry.set_alias("production", 2, reason="manual"),
+                    lambda: registry.promote(2, scorecard=Scorecard(0.97, MANIFEST))):
+        with pytest.raises(RegistryError, match="version 000002: weights fail their checksum"):
+            attempt()
+    registry.verify(1)
+    assert registry.alias().version == 1 and len(registry.history()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Aliases
+
+
+def test_promote_moves_the_alias_and_rollback_restores_it(store: Store) -> None:
+    registry = Registry(store, MODEL)
+    for seed, top1 in ((1, 0.96), (2, 0.97)):
+        registry.register(weights(seed), card(top1))
+    assert registry.alias() is None
+
+    ok, reasons, state = registry.promote(1, scorecard=Scorecard(0.96, MANIFEST))
+    assert ok and "no production model yet" in reasons[1]
+    assert (state.version, state.seq, state.previous) == (1, 1, None)
+    champion = Scorecard(0.96, MANIFEST, version=1)
+    ok, reasons, state = registry.promote(2, scorecard=Scorecard(0.97, MANIFEST),
+                                          champion=champion)
+    assert ok and "vs production v000001 0.9600: +0.0100" in reasons[1]
+    assert (state.version, state.seq, state.previous) == (2, 2, 1)
+    assert registry.alias() == state
+    assert registry.resolve().version == 2
+    assert resolve_ref(store, "flowers102@production").version == 2
+
+    rolled = registry.rollback()
+    assert (rolled.version, rolled.seq, rolled.previous) == (1, 3, 2)
+    assert registry.resolve("production").version == 1
+    history = registry.history()
+    assert [(h["seq"], h["from"], h["to"]) for h in history] == [(1, None, 1), (2, 1, 2),
+                                                                 (3, 2, 1)]
+    assert history[1]["reason"].startswith("promote: test top-1 0.9700 >= threshold")
+    assert history[2]["reason"] == "rollback" and history[2]["forced"] is False
+    assert set(history[0]) >= {"seq", "from", "to", "reason", "forced", "time"}
+    alias_doc = json.loads(store.get_bytes(f"registry/{MODEL}/aliases/production.json"))
+    assert alias_doc["alias"] == "production" and alias_doc["seq"] == 3
+    assert alias_doc["sha256"] == registry.get(1).weights_sha256
+    assert store.exists(f"registry/{MODEL}/aliases/production/history/00000003.json")
+
+
+def test_rejected_promotion_moves_nothing(store: Store) -> None:
+    registry = Registry(store, MODEL)
+    registry.register(weights(1), card(0.90))
+    ok, reasons, state = registry.promote(1, scorecard=Scorecard(0.90, MANIFEST))
+    assert not ok and state is None
+    assert reasons[0] == "test top-1 0.9000 < threshold 0.9500"
+    assert registry.alias() is None and registry.history() == []
+
+
+def test_forced_promotion_is_recorded(local_store: LocalStore) -> None:
+    registry = Registry(local_store, MODEL)
+    registry.register(weights(1), card(0.90))
+    ok, _, state = registry.promote(1, scorecard=Scorecard(0.90, MANIFEST), force=True)
+    assert ok and state.version == 1
+    entry = registry.history()[0]
+    assert entry["forced"] is True and "forced: promoted regardless" in entry["reason"]
+
+
+def test_rollback_without_previous_version(store: Store) -> None:
+    registry = Registry(store, MODEL)
+    registry.register(weights(1), card(0.96))
+    with pytest.raises(RegistryError, match="flowers102 has no alias 'production'"):
+        registry.rollback()
+    registry.set_alias("production", 1, reason="first")
+    with pytest.raises(RegistryError) as caught:
+        registry.rollback()
+    assert str(caught.value) == ("alias production of flowers102 has no previous version "
+                                 "to roll back to")
+
+
+def test_promote_decides_again_when_the_champion_changed(local_store: LocalStore) -> None:
+    registry = Registry(local_store, MODEL)
+    for seed, top1 in ((1, 0.95), (2, 0.99), (3, 0.96)):
+        registry.register(weights(seed), card(top1))
+    registry.set_alias("production", 1, reason="first")
+    other = Registry(local_store, MODEL)
+
+    class Interleaved(Registry):
+        """Another writer promotes v2 between our read of the alias and our history entry."""
+
+        moved = False
+
+        def _entry(self, *args: object, **kwargs: object) -> dict:
+            if not Interleaved.moved:
+                Interleaved.moved = True
+                other.set_alias("production", 2, reason="the other promotion")
+            return super()._entry(*args, **kwargs)
+
+    racing = Interleaved(local_store, MODEL)
+    ok, reasons, state = racing.promote(3, scorecard=Scorecard(0.96, MANIFEST),
+                                        champion=Scorecard(0.95, MANIFEST, version=1))
+    # Against v1 (0.95) it would pass; against v2 (0.99, read from its card) it is rejected.
+    assert not ok and state is None
+    assert "vs production v000002 0.9900: regression of 0.0300" in reasons[1]
+    assert registry.alias().version == 2
+    assert [h["to"] for h in registry.history()] == [1, 2]
+
+
+def test_a_crashed_move_is_rolled_forward_by_the_next_writer(store: Store,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    registry = Registry(store, MODEL)
+    for seed in (1, 2, 3):
+        registry.register(weights(seed), card(0.96))
+    registry.set_alias("production", 1, reason="first")
+
+    def crash(*args: object, **kwargs: object) -> AliasState:
+        raise RuntimeError("crashed after winning the history slot")
+
+    crashing = Registry(store, MODEL)
+    monkeypatch.setattr(crashing, "_apply", crash)
+    with pytest.raises(RuntimeError, match="crashed"):
+        crashing.set_alias("production", 2, reason="crashed move")
+    assert registry.alias().seq == 1 and len(registry.history()) == 2  # decided, not applied
+
+    state = registry.set_alias("production", 3, reason="next move")
+    assert (state.version, state.seq, state.previous) == (3, 3, 2)
+    assert_consistent(registry.history(), registry.alias())
+
+
+class DoubleWinStore(LocalStore):
+    """Lets a create-only PUT of history seq 2 report success and then lands a rival's bytes on
+    the same key, as moto's server can (it checks If-None-Match, then writes without a lock)."""
+
+    rival: bytes | None = None
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
+                  if_match: str | None = None) -> str:
+        etag = super().put_bytes(key, data, if_none_match=if_none_match, if_match=if_match)
+        if if_none_match and key.endswith("/history/00000002.json") and self.rival:
+            rival, self.rival = self.rival, None
+            super().put_bytes(key, rival)
+        return etag
+
+
+def test_a_create_that_was_overwritten_counts_as_lost(tmp_path: Path) -> None:
+    store = DoubleWinStore(tmp_path / "store")
+    registry = setup_race(store)
+    registry.set_alias("production", 1, reason="first")
+    store.rival = json.dumps({
+        "seq": 2, "from": 1, "to": 3, "sha256": registry.get(3).weights_sha256, "previous": 1,
+        "reason": "rival", "forced": False, "time": "2026-01-01T00:00:00.000+00:00",
+        "writer": "rival"}).encode()
+    state = registry.set_alias("production", 2, reason="ours")
+    history = registry.history()
+    assert [(h["seq"], h["from"], h["to"], h["reason"]) for h in history] == [
+        (1, None, 1, "first"), (2, 1, 3, "rival"), (3, 3, 2, "ours")]
+    assert (state.version, state.seq, state.previous) == (2, 3, 3)
+    assert_consistent(history, registry.alias())
+
+
+def test_unknown_and_bad_names_are_named(store: Store) -> None:
+    with pytest.raises(RegistryError, match="model name must be .* \\(got 'Flowers 102'\\)"):
+        Registry(store, "Flowers 102")
+    registry = Registry(store, MODEL)
+    with pytest.raises(RegistryError, match="flowers102 has no version 000009"):
+        registry.get(9)
+    with pytest.raises(RegistryError, match="flowers102 has no alias 'staging'"):
+        registry.resolve("staging")
+    with pytest.raises(RegistryError, match="alias name must be .*'Prod!'"):
+        registry.alias("Prod!")
+    with pytest.raises(RegistryError, match="no alias 'production'"):
+        resolve_ref(store, "tulips")
+    with pytest.raises(RegistryError, match="tulips has no version 000003"):
+        resolve_ref(store, "tulips:3")
+    registry.register(weights(1), card(0.96))
+    with pytest.raises(RegistryError, match="version 000005"):
+        registry.set_alias("production", 5, reason="manual")
+    with pytest.raises(RegistryError, match="alias or a version, not both"):
+        registry.resolve("production", 1)
+
+
+def test_parse_model_ref() -> None:
+    assert parse_model_ref("flowers102") == ("flowers102", "production", None)
+    assert parse_model_ref("flowers102", default_alias="staging") == ("flowers102", "staging",
+                                                                      None)
+    assert parse_model_ref("flowers102@canary") == ("flowers102", "canary", None)
+    assert parse_model_ref("flowers102:3") == ("flowers102", None, 3)
+    assert parse_model_ref("flowers102:000003") == ("flowers102", None, 3)
+    for bad in ("flowers102:", "flowers102:x", "flowers102:0", "flowers102@", "@prod",
+                "flowers102@a:3", "Flowers"):
+        with pytest.raises(RegistryError):
+            parse_model_ref(bad)
+
+
+def test_list_models(store: Store) -> None:
+    assert list_models(store) == []
+    Registry(store, "tulips").register(weights(1), card(0.9))
+    Registry(store, MODEL).register(weights(1), card(0.9))
+    assert list_models(store) == ["flowers102", "tulips"]
+
+
+def test_render_card_escapes_and_lists() -> None:
+    text = render_card({"model": "m", "version": 2, "notes": "a|b", "tags": ["x", 1]})
+    assert "| notes | a\\|b |" in text and "- x" in text and "- 1" in text
+
+
+def test_values_are_frozen() -> None:
+    version = ModelVersion(MODEL, 3, {}, "0" * 64, True)
+    assert version.label == "flowers102:000003"
+    with pytest.raises(AttributeError):
+        version.version = 4  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Races: many writers move one alias at once
+
+
+VERSIONS = 4
+
+
+def race_target(worker: int, round_: int) -> int:
+    return (worker + round_) % VERSIONS + 1
+
+
+def race_reason(worker: int, round_: int) -> str:
+    return f"race w{worker} r{round_}"
+
+
+def assert_consistent(history: list[dict], alias: AliasState | None) -> None:
+    """Gap-free seqs, each move chained on the previous one, the alias equal to the last move."""
+    assert [h["seq"] for h in history] == list(range(1, len(history) + 1))
+    for before, after in zip(history, history[1:], strict=False):
+        assert after["from"] == before["to"], (before, after)
+    assert alias is not None
+    assert (alias.seq, alias.version, alias.sha256) == (history[-1]["seq"], history[-1]["to"],
+                                                        history[-1]["sha256"])
+
+
+def assert_race_result(registry: Registry, workers: int, rounds: int) -> None:
+    history = registry.history("production")
+    assert_consistent(history, registry.alias("production"))
+    assert len(history) == workers * rounds
+    moves = Counter((h["reason"], h["to"]) for h in history)
+    expected = Counter((race_reason(w, r), race_target(w, r))
+                       for w in range(workers) for r in range(rounds))
+    assert moves == expected  # every attempted move exactly once, to the version it asked for
+
+
+def setup_race(store: Store) -> Registry:
+    registry = Registry(store, MODEL)
+    for seed in range(1, VERSIONS + 1):
+        registry.register(weights(seed), card(0.96))
+    return registry
+
+
+def race(registry: Registry, barrier: threading.Barrier | multiprocessing.synchronize.Barrier,
+         worker: int, rounds: int) -> None:
+    for round_ in range(rounds):
+        barrier.wait(timeout=60)  # everyone starts each round together: maximum contention
+        registry.set_alias("production", race_target(worker, round_),
+                           reason=race_reason(worker, round_))
+
+
+def test_concurrent_alias_moves_from_threads(store: Store) -> None:
+    workers, rounds = 8, 5
+    registry = setup_race(store)
+    barrier = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def run(worker: int) -> None:
+        try:
+            race(Registry(store, MODEL), barrier, worker, rounds)
+        except BaseException as error:  # surface it in the main thread
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert_race_result(registry, workers, rounds)
+
+
+def open_spec(spec: tuple[str, ...]) -> Store:
+    """Each process builds its own store: a client or file handle is never shared."""
+    if spec[0] == "local":
+        return LocalStore(spec[1])
+    _, bucket, prefix, endpoint = spec
+    return S3Store(bucket, prefix, S3Options(endpoint_url=endpoint, addressing_style="path"))
+
+
+def race_process(spec: tuple[str, ...], barrier: multiprocessing.synchronize.Barrier,
+                 worker: int, rounds: int) -> None:
+    race(Registry(open_spec(spec), MODEL), barrier, worker, rounds)
+
+
+def test_concurrent_alias_moves_from_processes(store: Store) -> None:
+    workers, rounds = 4, 5
+    registry = setup_race(store)
+    if isinstance(store, LocalStore):
+        spec: tuple[str, ...] = ("local", str(store.root))
+    else:
+        assert isinstance(store, S3Store)
+        spec = ("s3", store.bucket, store.prefix, store.endpoint)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(workers)
+    processes = [context.Process(target=race_process, args=(spec, barrier, w, rounds))
+                 for w in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join(timeout=120)
+        assert [p.exitcode for p in processes] == [0] * workers
+    finally:
+        for process in processes:  # only a hung worker is still alive here
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert_race_result(registry, workers, rounds)
