@@ -1,0 +1,123 @@
+"""`flowerml registry ...`, `predict --model` and `retrain` argument checks, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from flowerml.cli import cli
+from flowerml.data import resolve_dataset
+from flowerml.ingest import FetchOptions, ingest
+from flowerml.models import build_model
+from flowerml.registry import Registry
+from flowerml.storage import LocalStore
+
+
+@pytest.fixture
+def registry(tmp_path: Path, synthetic_source: Path) -> Registry:
+    """A registry holding two committed versions (test top-1 0.9 and 0.6) of a 4-class model."""
+    store = LocalStore(tmp_path / "store")
+    ingest(str(synthetic_source), store, "flowers102", tmp_path / "cache", FetchOptions())
+    published = resolve_dataset(store, "flowers102")
+    entry = Registry(store, "flowers102")
+    for seed, top1 in ((1, 0.9), (2, 0.6)):
+        weights = build_model("resnet18", 4, weights="none", seed=seed).state_dict()
+        entry.register(weights, card(published, top1))
+    return entry
+
+
+def card(published, top1: float) -> dict:
+    return {"arch": "resnet18", "image_size": 48,
+            "classes": [{"label": i + 1, "name": n} for i, n in enumerate(published.class_names)],
+            "metrics": {"top1": top1}, "test_manifest_sha256": published.manifest_sha256,
+            "lineage": {"dataset": published.dataset, "dataset_version": published.version}}
+
+
+def invoke(entry: Registry, *args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), env={
+        "FLOWERML_STORE": str(entry.store.root),
+        "FLOWERML_CACHE_DIR": str(entry.store.root.parent / "cache")})
+
+
+def assert_refused(result: Result, message: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_promote_reject_force_history_rollback(registry: Registry) -> None:
+    promoted = invoke(registry, "registry", "promote", "flowers102", "1", "--threshold", "0.5")
+    assert promoted.exit_code == 0, promoted.output
+    assert "no production model yet" in promoted.stdout
+    worse = invoke(registry, "registry", "promote", "flowers102", "2", "--threshold", "0.5")
+    assert worse.exit_code == 1 and "regression of 0.3000 beyond tolerance" in worse.stdout
+    assert registry.alias().version == 1
+    forced = invoke(registry, "registry", "promote", "flowers102", "2", "--force")
+    assert forced.exit_code == 0 and registry.alias().version == 2
+    history = json.loads(invoke(registry, "registry", "history", "flowers102", "--json").stdout)
+    assert [(h["seq"], h["to"], h["forced"]) for h in history] == [(1, 1, False), (2, 2, True)]
+    rolled = invoke(registry, "registry", "rollback", "flowers102")
+    assert rolled.exit_code == 0 and registry.alias().version == 1
+    shown = json.loads(invoke(registry, "registry", "show", "flowers102", "--json").stdout)
+    assert shown["aliases"] == {"production": 1} and len(shown["versions"]) == 2
+    listed = json.loads(invoke(registry, "registry", "list", "--json").stdout)
+    assert listed == [{"model": "flowers102", "versions": 2, "production": 1}]
+
+
+def test_threshold_outside_unit_interval(registry: Registry) -> None:
+    assert_refused(invoke(registry, "registry", "promote", "flowers102", "1",
+                          "--threshold", "1.5"), "--threshold must be between 0 and 1 (got 1.5)")
+    assert_refused(invoke(registry, "retrain", "--threshold", "-0.1"),
+                   "--threshold must be between 0 and 1 (got -0.1)")
+    assert registry.alias() is None and registry.history() == []
+
+
+def test_unknown_model_and_alias(registry: Registry) -> None:
+    assert_refused(invoke(registry, "registry", "show", "tulips"), "model 'tulips' has no versions")
+    assert_refused(invoke(registry, "registry", "history", "flowers102", "--alias", "staging"),
+                   "flowers102 has no alias 'staging'")
+    assert_refused(invoke(registry, "registry", "promote", "flowers102", "9"), "000009")
+    image = next(Path(registry.store.root.parent / "cache").rglob("*.jpg"))
+    assert_refused(invoke(registry, "predict", str(image), "--model", "flowers102@staging"),
+                   "staging")
+
+
+def test_rollback_with_no_previous_version(registry: Registry) -> None:
+    invoke(registry, "registry", "promote", "flowers102", "1", "--threshold", "0.5")
+    assert_refused(invoke(registry, "registry", "rollback", "flowers102"),
+                   "no previous version to roll back to")
+    assert registry.alias().version == 1
+
+
+def test_version_not_committed_cannot_be_promoted(registry: Registry) -> None:
+    published = resolve_dataset(registry.store, "flowers102")
+    weights = build_model("resnet18", 4, weights="none", seed=3).state_dict()
+    with pytest.raises(RuntimeError):
+        registry.register(weights, card(published, 0.99), fail_before_commit=True)
+    assert_refused(invoke(registry, "registry", "promote", "flowers102", "3", "--force"),
+                   "version 000003 is not COMMITTED")
+    assert registry.alias() is None
+
+
+def test_tampered_weights_refused_on_promote_and_load(registry: Registry) -> None:
+    invoke(registry, "registry", "promote", "flowers102", "1", "--threshold", "0.5")
+    key = "registry/flowers102/versions/000002/model.safetensors"
+    data = registry.store.get_bytes(key)
+    registry.store.put_bytes(key, data[:-1] + bytes([data[-1] ^ 1]))
+    assert_refused(invoke(registry, "registry", "promote", "flowers102", "2", "--force"),
+                   "checksum")
+    image = next(Path(registry.store.root.parent / "cache").rglob("*.jpg"))
+    assert_refused(invoke(registry, "predict", str(image), "--model", "flowers102:2"), "checksum")
+    assert registry.alias().version == 1 and len(registry.history()) == 1
+
+
+def test_predict_with_the_production_model(registry: Registry) -> None:
+    invoke(registry, "registry", "promote", "flowers102", "1", "--threshold", "0.5")
+    image = next(Path(registry.store.root.parent / "cache").rglob("*.jpg"))
+    result = invoke(registry, "predict", str(image), "--device", "cpu", "--top-k", "2", "--json")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)[0]["predictions"]
+    assert len(predictions) == 2 and predictions[0]["name"] in {
+        "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea"}
