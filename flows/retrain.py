@@ -98,7 +98,7 @@ def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]: 
         promoted, reasons = moved["promoted"], moved["reasons"]
     summary = {"dataset_version": version, "run_id": run_id, "metrics": metrics,
                "promoted": promoted, "version": registered["version"], "reasons": reasons}
-    announce(params.model_name, summary)
+    announce(params.model_name, {**summary, "alias": params.alias})
     return summary
 
 

@@ -91,4 +91,4 @@ def announce(model: str, summary: dict[str, Any]) -> None:
                          "prefect.resource.name": model},
                payload={"version": summary["version"], "metrics": summary["metrics"],
                         "reasons": summary["reasons"], "run_id": summary["run_id"],
-                        "dataset_version": summary["dataset_version"]})
+                        "dataset_version": summary["dataset_version"], "alias": summary["alias"]})
