@@ -44,26 +44,25 @@ def looks_like_html(head: bytes) -> bool:
     return head.lstrip().startswith(b"<")
 
 
-def sniff_archive(path: Path) -> None:
-    """Refuse a file that is not gzip data before any parsing starts."""
+def sniff(path: Path, magic: bytes, kind: str, error: type[SourceError]) -> None:
+    """Refuse a file that does not start with `magic`, naming an HTML page as such."""
     with open(path, "rb") as handle:
         head = handle.read(512)
     if looks_like_html(head):
-        raise ArchiveError(f"{path.name}: is an HTML page, not a gzip archive "
-                           "(the server sent an error or login page)")
-    if not head.startswith(GZIP_MAGIC):
-        raise ArchiveError(f"{path.name}: is not a gzip archive")
+        raise error(f"{path.name}: is an HTML page, not a {kind} "
+                    "(the server sent an error or login page)")
+    if not head.startswith(magic):
+        raise error(f"{path.name}: is not a {kind}")
+
+
+def sniff_archive(path: Path) -> None:
+    """Refuse a file that is not gzip data before any parsing starts."""
+    sniff(path, GZIP_MAGIC, "gzip archive", ArchiveError)
 
 
 def sniff_mat(path: Path) -> None:
-    """Refuse a file that is not a MATLAB 5 .mat file, naming what it looks like instead."""
-    with open(path, "rb") as handle:
-        head = handle.read(512)
-    if looks_like_html(head):
-        raise SourceError(f"{path.name}: is an HTML page, not a .mat file "
-                          "(the server sent an error or login page)")
-    if not head.startswith(MAT5_MAGIC):
-        raise SourceError(f"{path.name}: is not a MATLAB 5 .mat file")
+    """Refuse a file that is not a MATLAB 5 .mat file."""
+    sniff(path, MAT5_MAGIC, "MATLAB 5 .mat file", SourceError)
 
 
 def member_image_id(member: tarfile.TarInfo) -> int | None:

@@ -286,29 +286,14 @@ class LocalStore(Store):
 
     def put_file(self, key: str, path: Path) -> str:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
-            _copy_file(path, Path(name))
-            os.replace(name, dest)
-        finally:
-            Path(name).unlink(missing_ok=True)
+        write_atomically(dest, lambda temp: shutil.copyfile(path, temp))
         return self._etag(dest.stat())
 
     def get_file(self, key: str, path: Path) -> Path:
         source = self._path(key)
         if not source.is_file():
             raise ObjectNotFound(f"{key}: not found in {self.uri}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
-            _copy_file(source, Path(name))
-            os.replace(name, path)
-        finally:
-            Path(name).unlink(missing_ok=True)
-        return path
+        return write_atomically(path, lambda temp: shutil.copyfile(source, temp))
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
@@ -344,8 +329,17 @@ class LocalStore(Store):
         self._path(key).unlink(missing_ok=True)
 
 
-def _copy_file(source: Path, dest: Path) -> None:
-    shutil.copyfile(source, dest)
+def write_atomically(dest: Path, fill: Callable[[str], object]) -> Path:
+    """Let `fill` write a temp file beside `dest`, then rename it into place: whole or nothing."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        fill(name)
+        os.replace(name, dest)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return dest
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,17 +461,12 @@ class S3Store(Store):
         return info.etag if info else ""
 
     def get_file(self, key: str, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
+        def download(temp: str) -> None:
             with self._translated(key):
-                self.client.download_file(self.bucket, self._key(key), name,
+                self.client.download_file(self.bucket, self._key(key), temp,
                                           Config=self._transfer_config())
-            os.replace(name, path)
-        finally:
-            Path(name).unlink(missing_ok=True)
-        return path
+
+        return write_atomically(path, download)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:
