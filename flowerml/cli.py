@@ -229,8 +229,6 @@ def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
         click.echo(f"{item['image']}: {best}")
 
 
-
-
 DEMO_SPEC = {"classes": 10, "per_class": 30, "image_size": 96, "seed": 0}
 DEMO_THRESHOLD = 0.7
 

@@ -83,6 +83,11 @@ def image_name(image_id: int) -> str:
     return f"image_{image_id:05d}.jpg"
 
 
+def image_id(name: str) -> int:
+    """The 1-based id in an image file name ("image_00042.jpg" -> 42)."""
+    return int(name.removeprefix("image_").removesuffix(".jpg"))
+
+
 def class_names_for(num_classes: int) -> list[str]:
     """Names for `num_classes` labels: the real ones, or generic names beyond 102 (synthetic data)."""
     return [CLASS_NAMES[i] if i < NUM_CLASSES else f"class {i + 1}" for i in range(num_classes)]

@@ -416,7 +416,7 @@ def upload_images(store: Store, prefix: str, survey: Survey, entries: list[Manif
     progress.start("uploading images", len(todo))
 
     def staged(entry: ManifestEntry) -> bytes:
-        data = survey.staged(int(entry.image[6:11])).read_bytes()
+        data = survey.staged(flowers.image_id(entry.image)).read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise SourceError(f"{survey.folder / entry.image}: staged image changed since the "
                               f"survey; delete {survey.folder} and re-run")
