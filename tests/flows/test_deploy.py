@@ -95,3 +95,20 @@ def test_manual_deployment_runs_on_a_process_worker(prefect_server: dict, tmp_pa
                         "flowers102")
     assert registry.alias().version == 1
     assert registry.history()[0]["to"] == 1
+    event = wait_for_event(env["PREFECT_API_URL"], "flowerml.model.promoted")
+    assert event["resource"]["prefect.resource.id"] == "flowerml.model.flowers102"
+    assert event["payload"]["version"] == 1 and "top1" in event["payload"]["metrics"]
+
+
+def wait_for_event(api: str, name: str, timeout: float = 30) -> dict:
+    """The first event of that name the server has stored (it persists them asynchronously)."""
+    body = json.dumps({"filter": {"event": {"name": [name]}}}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        page = json.loads(urllib.request.urlopen(urllib.request.Request(
+            api + "/events/filter", data=body, headers={"Content-Type": "application/json"}),
+            timeout=10).read())
+        if page["events"] or time.monotonic() > deadline:
+            assert page["events"], f"no {name} event stored within {timeout} s"
+            return page["events"][0]
+        time.sleep(1)
