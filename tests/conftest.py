@@ -42,30 +42,48 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def denying_s3_endpoint() -> Iterator[str]:
-    """A moto server that enforces IAM auth, so our test credentials are refused (HTTP 403)."""
+def free_port() -> int:
+    """A loopback port nothing listens on (connecting to it is refused at once)."""
     import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process, timeout: float = 120, log: Path | None = None) -> None:
+    """Poll `url` until it answers, failing early if the serving `process` died."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer (even 403 from an auth-enforcing server) means it is up
+        except OSError:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            assert process.poll() is None, f"server for {url} exited:\n{tail}"
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout} s"
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="session")
+def denying_s3_endpoint() -> Iterator[str]:
+    """A moto server that enforces IAM auth, so our test credentials are refused (HTTP 403)."""
+    import subprocess
+    import sys
+
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                 "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
+    wait_for_http(f"{url}/moto-api/", process, timeout=60)
     yield url
     process.terminate()
     process.wait(timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import socket
 import tarfile
 import threading
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from click.testing import CliRunner, Result
 from flowerml import flowers
 from flowerml.cli import cli
 from tests.builders import archive_members, regular, rewrite_archive, rewrite_mat, special
+from tests.conftest import free_port
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -193,9 +193,7 @@ def test_access_denied(source_copy: Path, denying_s3_endpoint: str) -> None:
 
 def test_unreachable_endpoint(source_copy: Path, s3_bucket: str, moto_endpoint: str,
                               tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     result = invoke(*ingest_args(source_copy, f"s3://{s3_bucket}/x"),
                     env={"FLOWERML_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
     assert_refused(result, f"cannot reach S3 endpoint http://127.0.0.1:{port}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from flowerml.download import (
     sha256_of,
 )
 from flowerml.errors import DownloadError, SourceError
+from tests.conftest import free_port
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes: several chunks at chunk_size=4096
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -188,12 +188,6 @@ def raw_206(content_range: str, body: bytes) -> Behaviour:
         h.wfile.write(body)
 
     return behave
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- 1. plain download, checksum, skip -----------------------------------------------------
@@ -437,7 +431,7 @@ def test_unlisted_5xx_is_transient_but_not_retried_here(server: Server, tmp_path
 
 
 def test_unreachable_endpoint_is_retried_then_download_error(tmp_path: Path, sleeps):
-    url = f"http://127.0.0.1:{closed_port()}/file.bin"
+    url = f"http://127.0.0.1:{free_port()}/file.bin"
 
     with pytest.raises(DownloadError) as err:
         download_file(url, tmp_path / "file.bin", retries=3, **FAST)
@@ -545,7 +539,7 @@ def test_userinfo_is_not_in_a_404_message(server: Server, tmp_path: Path):
 
 def test_userinfo_is_not_in_retry_or_checksum_messages(server: Server, tmp_path: Path):
     with pytest.raises(DownloadError) as err:
-        url = _with_userinfo(f"http://127.0.0.1:{closed_port()}/f")
+        url = _with_userinfo(f"http://127.0.0.1:{free_port()}/f")
         download_file(url, tmp_path / "f", retries=1, **FAST)
     _assert_clean(str(err.value))
 

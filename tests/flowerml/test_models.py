@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from flowerml.models import (
     prepare_for_strategy,
     set_train_mode,
 )
+from tests.conftest import free_port
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
                 "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096}
@@ -270,16 +270,10 @@ def test_staged_torchvision_file_is_hash_checked(tmp_path: Path) -> None:
         build_model("resnet18", 10, weights=str(fake))
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_imagenet_without_network_explains_how_to_stage(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    proxy = f"http://127.0.0.1:{closed_port()}"  # refused at once, no DNS wait
+    proxy = f"http://127.0.0.1:{free_port()}"  # refused at once, no DNS wait
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(name, proxy)
     for name in ("NO_PROXY", "no_proxy"):

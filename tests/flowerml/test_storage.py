@@ -19,7 +19,7 @@ from flowerml.storage import (
     open_store,
     run_bounded,
 )
-from tests.conftest import store_keys
+from tests.conftest import free_port, store_keys
 
 
 def test_put_get_head_list_delete(store: Store) -> None:
@@ -157,11 +157,8 @@ def test_access_denied_names_bucket_not_secret(denying_s3_endpoint: str) -> None
 
 
 def test_unreachable_endpoint_is_a_clear_error() -> None:
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = S3Store("bucket", "", S3Options(endpoint_url=f"http://127.0.0.1:{port}"))
     with pytest.raises(StoreUnreachable, match=f"127.0.0.1:{port}") as caught:
         store.put_bytes("k", b"v")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,10 @@ import pytest
 
 from flowerml.registry import Registry
 from flowerml.storage import S3Options, S3Store
+from tests.conftest import free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -47,14 +41,7 @@ def prefect_server(tmp_path: Path, moto_endpoint: str):
     server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
                                str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+    wait_for_http(f"http://127.0.0.1:{port}/api/health", server, log=tmp_path / "server.log")
     yield env
     os.killpg(server.pid, 15)
     server.wait(timeout=30)

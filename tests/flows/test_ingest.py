@@ -11,7 +11,7 @@ from prefect import flow
 from flowerml.storage import S3Options, S3Store
 from flows.ingest import ingest_flowers
 from tasks.ingest import fetch_sources_task
-from tests.conftest import store_keys
+from tests.conftest import free_port, store_keys
 from tests.conftest import task_outcome as outcome
 
 
@@ -51,11 +51,8 @@ def test_bad_input_fails_once_without_retry(prefect_harness: None, s3_env: None,
 def test_unreachable_store_is_retried_then_fails(prefect_harness: None, s3_env: None,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  synthetic_source: Path) -> None:
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("FLOWERML_S3_ENDPOINT_URL", f"http://127.0.0.1:{port}")
 
     @flow
