@@ -20,6 +20,7 @@ test: $(STAMP) lint
 
 demo: $(STAMP)
 	$(BIN)/flowerml retrain --preset demo
+	@echo "(flowerml is installed in $(VENV): run '. $(VENV)/bin/activate' before the command above)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
