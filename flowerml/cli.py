@@ -378,12 +378,7 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
                 for v in entry.versions()]
     if not versions:
         raise CliError(f"model '{name}' has no versions")
-    aliases = {}
-    for info in entry.store.list(f"registry/{name}/aliases/"):
-        alias_name = info.key.rsplit("/", 1)[-1]
-        if alias_name.endswith(".json") and "/history/" not in info.key:
-            state = entry.alias(alias_name[:-5])
-            aliases[state.alias] = state.version
+    aliases = {name: state.version for name, state in entry.aliases().items()}
     if as_json:
         emit_json({"model": name, "versions": versions, "aliases": aliases})
         return

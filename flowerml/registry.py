@@ -531,6 +531,14 @@ class Registry:
         except (ValueError, KeyError, TypeError):
             raise RegistryError(f"{key}: is not a valid alias record") from None
 
+    def aliases(self) -> dict[str, AliasState]:
+        """Every alias of this model, by name."""
+        prefix = f"{self.root}/aliases/"
+        names = [info.key[len(prefix):-len(".json")] for info in self.store.list(prefix)
+                 if info.key.endswith(".json") and "/" not in info.key[len(prefix):]]
+        states = {name: self.alias(name) for name in names if _NAME.fullmatch(name)}
+        return {name: state for name, state in states.items() if state is not None}
+
     def resolve(self, alias: str | None = None, version: int | None = None) -> ModelVersion:
         """The committed version an alias points at, or a numbered one (give one, not both)."""
         if alias is not None and version is not None:
