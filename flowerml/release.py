@@ -126,3 +126,18 @@ def promote_version(registry: Registry, store: Store, version: int, *, alias: st
                                   device=device)
     return registry.promote(version, scorecard=Scorecard.from_card(candidate.card, version),
                             champion=champion, gate=gate, alias=alias, force=force)
+
+
+def judge_candidate(store: Store, model: str, alias: str, top1: float, dataset: str,
+                    version: str, gate, *, force: bool, cache_dir: Path,
+                    device: str = "auto") -> tuple[bool, list[str], Scorecard, Scorecard | None]:
+    """The gate's verdict on a candidate's test top-1 against the alias's current model."""
+    from flowerml.data import resolve_dataset
+    from flowerml.registry import decide_promotion
+
+    published = resolve_dataset(store, dataset, version)
+    champion = champion_scorecard(Registry(store, model), store, published, alias=alias,
+                                  cache_dir=cache_dir, device=device)
+    candidate = Scorecard(top1, published.manifest_sha256)
+    promote, reasons = decide_promotion(candidate, champion, gate, force=force)
+    return promote, reasons, candidate, champion

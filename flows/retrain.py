@@ -93,8 +93,8 @@ def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]: 
     registered = register_task(run_id, params.model_name, metrics, decision, gate, store=store)
     promoted, reasons = False, decision["reasons"]
     if decision["promote"]:
-        moved = promote_task(params.model_name, registered["version"], params.alias, metrics,
-                             params.dataset, version, gate, store=store)
+        moved = promote_task(params.model_name, registered["version"], params.alias,
+                             decision["candidate"], decision["champion"], gate, store=store)
         promoted, reasons = moved["promoted"], moved["reasons"]
     summary = {"dataset_version": version, "run_id": run_id, "metrics": metrics,
                "promoted": promoted, "version": registered["version"], "reasons": reasons}

@@ -1,21 +1,21 @@
 """Prefect tasks for the registry: decide, register, promote, and tell the world.
 
-The decision is made twice on purpose: once before registering, so the card records the gate's
-verdict, and again inside `promote`, against whatever production is at that moment, so a
+The gate decides before registering, so the card records its verdict; `promote` then moves the
+alias by compare-and-swap and decides again only if production moved in between, so a
 promotion that raced another one re-decides instead of overwriting it.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
-from flowerml.data import resolve_dataset
-from flowerml.registry import Gate, Registry, Scorecard, decide_promotion
-from flowerml.release import build_card, champion_scorecard, register_run
+from flowerml.registry import Gate, Registry, Scorecard
+from flowerml.release import build_card, judge_candidate, register_run
 from flowerml.settings import build_store, load_settings
 from tasks.common import retry_transient
 
@@ -24,26 +24,17 @@ def gate_of(gate: dict[str, Any]) -> Gate:
     return Gate(threshold=gate["threshold"], tolerance=gate["tolerance"])
 
 
-def candidate_and_champion(model: str, alias: str, metrics: dict, dataset: str, version: str,
-                           store: str | None) -> tuple[Registry, Scorecard, Scorecard | None]:
-    settings = load_settings(store=store)
-    target = build_store(settings)
-    published = resolve_dataset(target, dataset, version)
-    registry = Registry(target, model)
-    champion = champion_scorecard(registry, target, published, alias=alias,
-                                  cache_dir=settings.cache_dir)
-    return registry, Scorecard(metrics["top1"], published.manifest_sha256), champion
-
-
 @task(name="decide-promotion", task_run_name="decide {model}@{alias}", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: str,
                 gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     """The gate's verdict on a candidate against the current production model."""
-    _, candidate, champion = candidate_and_champion(model, alias, metrics, dataset, version, store)
-    promote, reasons = decide_promotion(candidate, champion, gate_of(gate), force=gate["force"])
-    return {"promote": promote, "reasons": reasons,
-            "champion_version": champion.version if champion else None}
+    settings = load_settings(store=store)
+    promote, reasons, candidate, champion = judge_candidate(
+        build_store(settings), model, alias, metrics["top1"], dataset, version, gate_of(gate),
+        force=gate["force"], cache_dir=settings.cache_dir)
+    return {"promote": promote, "reasons": reasons, "candidate": asdict(candidate),
+            "champion": asdict(champion) if champion else None}
 
 
 @task(name="register-model", task_run_name="register {run_id} as {model}", retries=2,
@@ -64,15 +55,15 @@ def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, An
 
 @task(name="promote-model", task_run_name="promote {model}:{version} to {alias}", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
-def promote_task(model: str, version: int, alias: str, metrics: dict, dataset: str,
-                 dataset_version: str, gate: dict[str, Any],
+def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any],
+                 champion: dict[str, Any] | None, gate: dict[str, Any],
                  store: str | None = None) -> dict[str, Any]:
-    """Move the alias by compare-and-swap, re-deciding if production changed meanwhile."""
-    registry, candidate, champion = candidate_and_champion(model, alias, metrics, dataset,
-                                                           dataset_version, store)
-    promoted, reasons, state = registry.promote(version, scorecard=candidate, champion=champion,
-                                                gate=gate_of(gate), alias=alias,
-                                                force=gate["force"])
+    """Move the alias by compare-and-swap; if production moved since the decision, decide again."""
+    registry = Registry(build_store(load_settings(store=store)), model)
+    promoted, reasons, state = registry.promote(
+        version, scorecard=Scorecard(**candidate),
+        champion=Scorecard(**champion) if champion else None, gate=gate_of(gate), alias=alias,
+        force=gate["force"])
     return {"promoted": promoted, "reasons": reasons,
             "seq": state.seq if state else None}
 
