@@ -38,10 +38,6 @@ def emit_json(value: object) -> None:
     click.echo(json.dumps(value, sort_keys=True))
 
 
-def settings_from(**overrides: object) -> Settings:
-    return load_settings(**overrides)
-
-
 @click.group(cls=FlowermlGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="flowerml")
 def cli() -> None:
@@ -87,7 +83,7 @@ def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
     from flowerml.ingest import ingest as run_ingest
     from flowerml.progress import progress_for_terminal
 
-    settings = settings_from(store=store, dataset=dataset)
+    settings = load_settings(store=store, dataset=dataset)
     options = FetchOptions(verify=verify, retries=settings.download_retries,
                            timeout=settings.download_timeout, s3=settings.s3_options())
     with progress_for_terminal(quiet=as_json) as progress:
@@ -151,7 +147,7 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
     from flowerml.recipes import build_config
     from flowerml.training import fit
 
-    settings = settings_from(store=store, dataset=dataset)
+    settings = load_settings(store=store, dataset=dataset)
     config = build_config(recipe, compile=compile_model, **options)
     on_event = print_event if json_progress else None
     with progress_for_terminal(quiet=as_json or json_progress) as progress:
@@ -187,7 +183,7 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
     """Evaluate a run's best weights on a split; writes the report next to the run."""
     from flowerml.inference import evaluate_run
 
-    settings = settings_from(store=store)
+    settings = load_settings(store=store)
     outcome = evaluate_run(build_store(settings), run_id, cache_dir=settings.cache_dir,
                            split=split, version=dataset_version, device=device, workers=workers)
     if as_json:
@@ -216,7 +212,7 @@ def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
 
     if model_ref and run_id:
         raise CliError("give --model or --run, not both")
-    settings = settings_from(store=store)
+    settings = load_settings(store=store)
     target = build_store(settings)
     trained = (load_trained_model(target, run_id, device) if run_id else
                load_registered_model(target, model_ref or "flowers102@production", device))
@@ -300,7 +296,7 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     """
     import subprocess
 
-    settings = settings_from(store=store, dataset=dataset)
+    settings = load_settings(store=store, dataset=dataset)
     params = retrain_params(preset, source, store, dataset, threshold, tolerance, force,
                             model_name, alias, settings.cache_dir, training)
     # The flow runs in its own interpreter: flowerml never imports the flows package.
@@ -338,7 +334,7 @@ def registry() -> None:
 def open_registry(name: str, store: str | None):
     from flowerml.registry import Registry
 
-    settings = settings_from(store=store)
+    settings = load_settings(store=store)
     return Registry(build_store(settings), name), settings
 
 
@@ -349,7 +345,7 @@ def registry_list(store: str | None, as_json: bool) -> None:
     """Every registered model, with its version count and production version."""
     from flowerml.registry import Registry, list_models
 
-    target = build_store(settings_from(store=store))
+    target = build_store(load_settings(store=store))
     rows = []
     for name in list_models(target):
         entry = Registry(target, name)

@@ -27,7 +27,7 @@ from flowerml.evaluation import (
 )
 from flowerml.models import FlowerModel, build_model
 from flowerml.runs import RunError, RunFiles, check_run_id
-from flowerml.storage import Store
+from flowerml.storage import ObjectNotFound, Store
 from flowerml.training import evaluate_loader
 
 
@@ -141,8 +141,8 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
 def read_history(run: RunFiles) -> list[dict]:
     try:
         text = run.store.get_bytes(run.key("metrics.jsonl")).decode()
-    except Exception:
-        return []
+    except ObjectNotFound:
+        return []  # a run evaluated before its first epoch finished has no curves yet
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 

@@ -14,9 +14,17 @@ from typing import Any
 
 import torch
 
-from flowerml.data import IMAGENET_MEAN, IMAGENET_STD, PublishedDataset
-from flowerml.inference import build_trained_model, evaluate_model
-from flowerml.registry import ModelVersion, Registry, Scorecard
+from flowerml.data import IMAGENET_MEAN, IMAGENET_STD, PublishedDataset, resolve_dataset
+from flowerml.inference import TrainedModel, build_trained_model, evaluate_model
+from flowerml.registry import (
+    AliasState,
+    Gate,
+    ModelVersion,
+    Registry,
+    Scorecard,
+    decide_promotion,
+    parse_model_ref,
+)
 from flowerml.runs import RunFiles
 from flowerml.storage import ObjectNotFound, Store
 
@@ -99,10 +107,8 @@ def champion_scorecard(registry: Registry, store: Store, published: PublishedDat
     return Scorecard(metrics.top1, published.manifest_sha256, champion.version)
 
 
-def load_registered_model(store: Store, ref: str, device: str = "auto"):
+def load_registered_model(store: Store, ref: str, device: str = "auto") -> TrainedModel:
     """A registry version (e.g. 'flowers102@production'), its weights checksum-verified."""
-    from flowerml.registry import parse_model_ref
-
     model, alias, version = parse_model_ref(ref)
     registry = Registry(store, model)
     chosen = registry.resolve(alias, version)
@@ -113,11 +119,10 @@ def load_registered_model(store: Store, ref: str, device: str = "auto"):
                                device=device)
 
 
-def promote_version(registry: Registry, store: Store, version: int, *, alias: str, gate,
-                    force: bool, cache_dir: Path, device: str = "auto"):
+def promote_version(registry: Registry, store: Store, version: int, *, alias: str, gate: Gate,
+                    force: bool, cache_dir: Path, device: str = "auto"
+                    ) -> tuple[bool, list[str], AliasState | None]:
     """`flowerml registry promote`: the gate against the current alias, on the candidate's data."""
-    from flowerml.data import resolve_dataset
-
     candidate = registry.require_committed(version)
     registry.verify(version)  # refuse bad weights before any evaluation work
     lineage = candidate.card["lineage"]
@@ -129,12 +134,9 @@ def promote_version(registry: Registry, store: Store, version: int, *, alias: st
 
 
 def judge_candidate(store: Store, model: str, alias: str, top1: float, dataset: str,
-                    version: str, gate, *, force: bool, cache_dir: Path,
+                    version: str, gate: Gate, *, force: bool, cache_dir: Path,
                     device: str = "auto") -> tuple[bool, list[str], Scorecard, Scorecard | None]:
     """The gate's verdict on a candidate's test top-1 against the alias's current model."""
-    from flowerml.data import resolve_dataset
-    from flowerml.registry import decide_promotion
-
     published = resolve_dataset(store, dataset, version)
     champion = champion_scorecard(Registry(store, model), store, published, alias=alias,
                                   cache_dir=cache_dir, device=device)
