@@ -398,14 +398,12 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
 def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
                      force: bool, store: str | None, device: str) -> None:
     """Move ALIAS to VERSION if it clears the gate against the current alias."""
-    from flowerml.registry import Gate
-    from flowerml.release import promote_version
+    from flowerml.promotion import Gate, promote_version
 
     gate = Gate(threshold=threshold, tolerance=tolerance)
     entry, settings = open_registry(name, store)
-    promoted, reasons, _ = promote_version(entry, entry.store, version, alias=alias, gate=gate,
-                                           force=force, cache_dir=settings.cache_dir,
-                                           device=device)
+    promoted, reasons, _ = promote_version(entry, version, alias=alias, gate=gate, force=force,
+                                           cache_dir=settings.cache_dir, device=device)
     click.echo(f"{'promoted' if promoted else 'not promoted'}: {name}:{version:06d} -> {alias}")
     for reason in reasons:
         click.echo(f"  - {reason}")

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flowerml.markdown import cell, table
+
 TOP_K = 5
 MOST_CONFUSED_LIMIT = 10
 WORST_CLASSES_LIMIT = 10
@@ -234,9 +236,9 @@ def per_class_rows(metrics: Metrics) -> list[dict[str, Any]]:
 def render_report(metrics: Metrics, *, title: str, context: dict[str, str] | None = None,
                   plots: dict[str, str] | None = None) -> str:
     """The evaluation report in Markdown; `plots` maps a caption to a relative image path."""
-    sections = [f"# {_cell(title)}"]
+    sections = [f"# {cell(title)}"]
     if context:
-        sections.append(_table(["context", "value"], [[f"**{k}**", str(v)]
+        sections.append(table(["context", "value"], [[f"**{k}**", str(v)]
                                                       for k, v in context.items()]))
     sections += [_headline_section(metrics), _confused_section(metrics),
                  _worst_section(metrics)]
@@ -253,7 +255,7 @@ def _headline_section(metrics: Metrics) -> str:
             ["mean per-class accuracy", _pct(metrics.mean_class_accuracy)],
             ["loss (cross-entropy)", f"{metrics.loss:.4f}"],
             ["samples", f"{metrics.n:,}"]]
-    return "## Results\n\n" + _table(["metric", "value"], rows)
+    return "## Results\n\n" + table(["metric", "value"], rows)
 
 
 def _confused_section(metrics: Metrics) -> str:
@@ -262,7 +264,7 @@ def _confused_section(metrics: Metrics) -> str:
         return f"{heading}\n\nNo sample was misclassified."
     rows = [[f"{p.true_name} ({p.true_label})", f"{p.predicted_name} ({p.predicted_label})",
              str(p.count)] for p in metrics.most_confused]
-    return f"{heading}\n\n" + _table(["true class", "predicted as", "count"], rows)
+    return f"{heading}\n\n" + table(["true class", "predicted as", "count"], rows)
 
 
 def _worst_section(metrics: Metrics) -> str:
@@ -270,28 +272,17 @@ def _worst_section(metrics: Metrics) -> str:
     supported = [c for c in metrics.per_class if c.support > 0]
     worst = sorted(supported, key=lambda c: (c.accuracy, c.label))[:WORST_CLASSES_LIMIT]
     return (f"## Worst classes (bottom {WORST_CLASSES_LIMIT})\n\n"
-            + _table(["label", "name", "accuracy", "support"], _class_cells(worst)))
+            + table(["label", "name", "accuracy", "support"], _class_cells(worst)))
 
 
 def _per_class_section(metrics: Metrics) -> str:
-    return "## Per-class accuracy\n\n" + _table(["label", "name", "accuracy", "support"],
+    return "## Per-class accuracy\n\n" + table(["label", "name", "accuracy", "support"],
                                                _class_cells(metrics.per_class))
 
 
 def _class_cells(classes: Sequence[ClassAccuracy]) -> list[list[str]]:
     return [[str(c.label), c.name, _pct(c.accuracy) if c.support else "n/a", str(c.support)]
             for c in classes]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _cell(value: object) -> str:
-    # A "|" would end the cell and a newline the row; keep any text inside its cell.
-    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _link(path: str) -> str:

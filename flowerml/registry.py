@@ -6,7 +6,7 @@ Owns everything under `registry/<model>/` on a store:
 versions/<NNNNNN>/CLAIM              create-only: allocates the number (from 000001)
 versions/<NNNNNN>/model.safetensors  weights only (never a pickle)
 versions/<NNNNNN>/card.json          the caller's card + version, model, weights_sha256, registered_at
-versions/<NNNNNN>/card.md            the card rendered for people
+versions/<NNNNNN>/card.md            the card rendered for people (by the caller's `render`)
 versions/<NNNNNN>/<extra files>      report.md, confusion.png, curves.png, ...
 versions/<NNNNNN>/COMMITTED          written LAST, create-only: {weights_sha256, committed_at}
 aliases/<alias>.json                 {alias, version, sha256, seq, previous, updated_at}: CAS only
@@ -17,25 +17,26 @@ A version without COMMITTED is an interrupted registration: it is listed, but it
 loaded or put behind an alias. Weights are verified against their sha256 whenever they are
 loaded or an alias is about to point at them.
 
-The gate is `decide_promotion`, a pure function over two `Scorecard`s. Cards are free-form, but
-a card that records `metrics.top1` and `test_manifest_sha256` lets `promote` re-decide on its
-own when the champion changes under it (see `Scorecard.from_card`).
+The registry never decides: the gate and promoting past it live in `flowerml.promotion`, which
+moves aliases with `set_alias(..., expect_seq=...)` and decides again on `AliasMoved`. Cards are
+free-form JSON; `flowerml.release` builds and renders them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import struct
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowerml.errors import UserError
+from flowerml.files import json_bytes, sha256_hex
 from flowerml.storage import ObjectNotFound, PreconditionFailed, Store
 
 if TYPE_CHECKING:
@@ -56,107 +57,20 @@ COMMITTED = "COMMITTED"
 RESERVED_FILES = frozenset({WEIGHTS, CARD_JSON, CARD_MD, CLAIM, COMMITTED})
 CARD_FIELDS = ("version", "model", "weights_sha256", "registered_at")
 
-# Scores are ratios like 5911/6149: compare with a hair of slack so that a candidate exactly at
-# the threshold (or exactly `tolerance` below the champion) is not rejected by float rounding.
-_EPSILON = 1e-9
+RenderCard = Callable[[dict, list[str]], str]
+"""(the full card, the extra files' names) -> card.md: see `release.render_card`."""
 
 
 class RegistryError(UserError):
     """An unknown model, alias or version, an uncommitted or corrupt version, or a bad name."""
 
 
-class _AliasMoved(Exception):
+class AliasMoved(Exception):
     """The alias changed since the caller decided; it must decide again against `current`."""
 
     def __init__(self, current: AliasState | None) -> None:
         super().__init__("alias moved")
         self.current = current
-
-
-# --------------------------------------------------------------------------------------------
-# The gate: pure
-
-
-def _unit_interval(value: float, option: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise RegistryError(f"{option} must be between 0 and 1 (got {value})")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Promotion rules: an absolute floor and how far below the champion a candidate may be."""
-
-    threshold: float = 0.95
-    tolerance: float = 0.005
-
-    def __post_init__(self) -> None:
-        _unit_interval(self.threshold, "--threshold")
-        _unit_interval(self.tolerance, "--tolerance")
-
-
-@dataclass(frozen=True)
-class Scorecard:
-    """What the gate compares: test top-1 and the test manifest it was measured on."""
-
-    top1: float
-    test_manifest_sha256: str
-    version: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.top1, int | float) or not 0 <= self.top1 <= 1:
-            raise ValueError(f"top1 must be a fraction between 0 and 1 (got {self.top1})")
-
-    @classmethod
-    def from_card(cls, card: dict, version: int | None = None) -> Scorecard:
-        """The scorecard a card records (`metrics.top1`, `test_manifest_sha256`)."""
-        try:
-            return cls(float(card["metrics"]["top1"]), str(card["test_manifest_sha256"]),
-                       version)
-        except (KeyError, TypeError, ValueError):
-            where = f"version {version:06d}" if version else "the card"
-            raise RegistryError(f"{where} records no metrics.top1 and test_manifest_sha256 "
-                                "to compare against; pass its scorecard instead") from None
-
-
-def decide_promotion(candidate: Scorecard, champion: Scorecard | None, gate: Gate, *,
-                     force: bool = False) -> tuple[bool, list[str]]:
-    """Whether `candidate` may replace `champion`, with the reasons in words and numbers.
-
-    Promote when test top-1 clears the threshold and, if there is a champion, is at most
-    `gate.tolerance` below it. Scores are only comparable on the same test manifest, so a
-    champion measured on another one raises ValueError: the caller re-evaluates it and calls
-    again. `force` promotes regardless, and then a stale champion is only noted, not compared.
-    """
-    passes = candidate.top1 + _EPSILON >= gate.threshold
-    sign = ">=" if passes else "<"
-    reasons = [f"test top-1 {candidate.top1:.4f} {sign} threshold {gate.threshold:.4f}"]
-    if champion is None:
-        reasons.append("no production model yet: decided by the threshold alone")
-    elif champion.test_manifest_sha256 != candidate.test_manifest_sha256:
-        if not force:
-            raise ValueError("champion was measured on a different test manifest: "
-                             "re-evaluate it first")
-        reasons.append("production was measured on a different test manifest: not compared")
-    else:
-        within, sentence = _compare(candidate, champion, gate.tolerance)
-        passes = passes and within
-        reasons.append(sentence)
-    if force:
-        return True, [*reasons, "forced: promoted regardless of the gate"]
-    return passes, reasons
-
-
-def _compare(candidate: Scorecard, champion: Scorecard, tolerance: float) -> tuple[bool, str]:
-    name = f"production v{champion.version:06d}" if champion.version else "production"
-    head = f"test top-1 {candidate.top1:.4f} vs {name} {champion.top1:.4f}"
-    delta = candidate.top1 - champion.top1
-    if delta + tolerance + _EPSILON >= 0:
-        return True, f"{head}: {delta:+.4f} within tolerance {tolerance:.4f}"
-    return False, f"{head}: regression of {-delta:.4f} beyond tolerance {tolerance:.4f}"
-
-
-DEFAULT_GATE = Gate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,17 +147,8 @@ def resolve_ref(store: Store, ref: str, default_alias: str = DEFAULT_ALIAS) -> M
 # Small pure helpers
 
 
-def _encode(value: object) -> bytes:
-    # Deterministic bytes: whoever rolls an alias forward writes exactly what its owner would.
-    return json.dumps(value, sort_keys=True, indent=1).encode()
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _weights_bytes(weights: dict[str, torch.Tensor] | bytes) -> bytes:
@@ -298,54 +203,6 @@ def _checked_card(card: dict) -> dict:
     return card
 
 
-def render_card(card: dict, files: list[str] | None = None) -> str:
-    """card.json as Markdown: a summary table, one section per nested dict or list, the files."""
-    title = f"# {card.get('model', 'model')} v{int(card.get('version', 0)):06d}"
-    scalars = {k: v for k, v in card.items() if not isinstance(v, dict | list)}
-    lines = [title, "", *_table(sorted(scalars.items(), key=_summary_order))]
-    for key in sorted(k for k, v in card.items() if isinstance(v, dict | list)):
-        lines += ["", f"## {key.replace('_', ' ').capitalize()}", ""]
-        value = card[key]
-        lines += _table(_flatten(value)) if isinstance(value, dict) else [
-            f"- {_cell(item)}" for item in value]
-    if files:
-        lines += ["", "## Files", "", *[f"- [{name}]({name})" for name in sorted(files)]]
-    return "\n".join(lines) + "\n"
-
-
-def _summary_order(item: tuple[str, Any]) -> tuple[int, str]:
-    # The registry's own fields first, in a fixed order; then the caller's, alphabetically.
-    key = item[0]
-    return (CARD_FIELDS.index(key), "") if key in CARD_FIELDS else (len(CARD_FIELDS), key)
-
-
-def _flatten(value: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key in sorted(value):
-        name = f"{prefix}{key}"
-        if isinstance(value[key], dict):
-            rows += _flatten(value[key], f"{name}.")
-        else:
-            rows.append((name, value[key]))
-    return rows
-
-
-def _table(rows: list[tuple[str, Any]]) -> list[str]:
-    if not rows:
-        return []
-    return ["| field | value |", "|---|---|", *[f"| {_cell(k)} | {_cell(v)} |" for k, v in rows]]
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.6g}"
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 # --------------------------------------------------------------------------------------------
 # The registry
 
@@ -384,32 +241,36 @@ class Registry:
 
     def register(self, weights: dict[str, torch.Tensor] | bytes, card: dict,
                  files: dict[str, bytes | Path] | None = None, *,
-                 fail_before_commit: bool = False) -> ModelVersion:
+                 render: RenderCard | None = None) -> ModelVersion:
         """Write a new version, COMMITTED last; returns it. Bad input is refused before anything
-        is written. `fail_before_commit` simulates a crash just before COMMITTED (for tests)."""
+        is written. `render` turns the full card (with the version's number, sha256 and time)
+        into card.md; without it the version has no card.md."""
         data = _weights_bytes(weights)
         extra = _checked_files(files)
         card = _checked_card(card)
         version = self._claim_next_version()
-        sha = _sha256(data)
+        sha = sha256_hex(data)
         full_card = {**card, "version": version, "model": self.model, "weights_sha256": sha,
                      "registered_at": _now()}
         self.store.put_bytes(self._version_key(version, WEIGHTS), data)
-        self.store.put_bytes(self._version_key(version, CARD_JSON), _encode(full_card))
-        self.store.put_bytes(self._version_key(version, CARD_MD),
-                             render_card(full_card, list(extra)).encode())
+        self.store.put_bytes(self._version_key(version, CARD_JSON), json_bytes(full_card))
+        if render is not None:
+            self.store.put_bytes(self._version_key(version, CARD_MD),
+                                 render(full_card, list(extra)).encode())
         for name, payload in extra.items():
             if isinstance(payload, Path):
                 self.store.put_file(self._version_key(version, name), payload)
             else:
                 self.store.put_bytes(self._version_key(version, name), payload)
-        if fail_before_commit:
-            raise RuntimeError(f"simulated crash before committing {self._v(version)}")
-        # The pointer goes last: a version is only usable once everything above is in place.
-        self.store.put_bytes(self._version_key(version, COMMITTED),
-                             _encode({"weights_sha256": sha, "committed_at": _now()}),
-                             if_none_match=True)
+        self._commit(version, sha)
         return ModelVersion(self.model, version, full_card, sha, True)
+
+    def _commit(self, version: int, sha: str) -> None:
+        """The pointer goes last: a version is only usable once everything else is in place.
+        (Tests simulate a crash before it by making this step raise.)"""
+        self.store.put_bytes(self._version_key(version, COMMITTED),
+                             json_bytes({"weights_sha256": sha, "committed_at": _now()}),
+                             if_none_match=True)
 
     def _claim_next_version(self) -> int:
         """Allocate max+1 with a create-only CLAIM; a concurrent registrar makes us try the next."""
@@ -430,7 +291,7 @@ class Registry:
         only the one whose bytes are still there may go on. Real S3 and LocalStore never
         let two through, so on them the read-back always agrees.
         """
-        data = _encode(value)
+        data = json_bytes(value)
         try:
             self.store.put_bytes(key, data, if_none_match=True)
         except PreconditionFailed:
@@ -497,7 +358,7 @@ class Registry:
         except ObjectNotFound:
             raise RegistryError(f"{self._v(version)}: {WEIGHTS} is missing") from None
         expected = {found.weights_sha256, found.card.get("weights_sha256", found.weights_sha256)}
-        actual = _sha256(data)
+        actual = sha256_hex(data)
         if expected != {actual}:
             raise RegistryError(f"{self._v(version)}: weights fail their checksum ({key} has "
                                 f"sha256 {actual}, recorded {found.weights_sha256})")
@@ -562,56 +423,20 @@ class Registry:
         entries = [self._read_json(info.key) for info in self.store.list(prefix)]
         return sorted((e for e in entries if e is not None), key=lambda e: e["seq"])
 
-    def set_alias(self, alias: str, version: int, *, reason: str,
-                  forced: bool = False) -> AliasState:
-        """Point `alias` at a committed version whose weights check out; retries until it wins."""
+    def set_alias(self, alias: str, version: int, *, reason: str, forced: bool = False,
+                  expect_seq: int | None = None) -> AliasState:
+        """Point `alias` at a committed version whose weights check out; retries until it wins.
+
+        With `expect_seq` (0: the alias is unset) it is a compare-and-swap on a decision: the
+        move happens only from that seq, and otherwise raises `AliasMoved` with the alias as it
+        is now, so the caller can decide again (see `promotion.promote`).
+        """
         check_name(alias, "alias")
         if not isinstance(reason, str) or not reason.strip():
             raise RegistryError("a reason is required to move an alias")
         target, _ = self._verified_bytes(version)  # never point an alias at bad weights
-        return self._move_alias(alias, target, reason=reason, forced=forced)
-
-    def promote(self, version: int, *, scorecard: Scorecard, champion: Scorecard | None = None,
-                gate: Gate = DEFAULT_GATE, alias: str = DEFAULT_ALIAS, force: bool = False
-                ) -> tuple[bool, list[str], AliasState | None]:
-        """Run the gate, and move `alias` to `version` when it passes.
-
-        `champion` is the scorecard of the version the alias points at, measured on the same
-        test manifest as `scorecard` (a champion without a version is taken to describe the
-        alias as first read). The decision holds only for that champion: if the alias moves
-        while we try (another promotion won), we decide again against the new champion, whose
-        scorecard then comes from its card (`Scorecard.from_card`). A new champion measured on
-        another manifest raises ValueError, like `decide_promotion`: re-evaluate and call again.
-        """
-        check_name(alias, "alias")
-        target, _ = self._verified_bytes(version)
-        candidate = scorecard if scorecard.version is not None else replace(scorecard,
-                                                                           version=version)
-        current = self.alias(alias)
-        if champion is not None and champion.version is None and current is not None:
-            champion = replace(champion, version=current.version)
-        while True:
-            promoted, reasons = decide_promotion(
-                candidate, self._champion(current, champion), gate, force=force)
-            if not promoted:
-                return False, reasons, None
-            if current is not None and current.version == version:
-                return True, [*reasons, f"v{version:06d} is already {alias}: nothing to move"], \
-                    current
-            try:
-                state = self._move_alias(alias, target, reason="promote: " + "; ".join(reasons),
-                                         forced=force, expect_seq=current.seq if current else 0)
-                return True, reasons, state
-            except _AliasMoved as moved:
-                current = moved.current
-
-    def _champion(self, current: AliasState | None,
-                  champion: Scorecard | None) -> Scorecard | None:
-        if current is None:
-            return None
-        if champion is not None and champion.version == current.version:
-            return champion
-        return Scorecard.from_card(self.get(current.version).card, current.version)
+        return self._move_alias(alias, target, reason=reason, forced=forced,
+                                expect_seq=expect_seq)
 
     def rollback(self, alias: str = DEFAULT_ALIAS, *, reason: str = "rollback") -> AliasState:
         """Move the alias back to its `previous` version (a second rollback undoes the first)."""
@@ -625,7 +450,7 @@ class Registry:
         try:
             return self._move_alias(alias, target, reason=reason, forced=False,
                                     expect_seq=current.seq)
-        except _AliasMoved as moved:
+        except AliasMoved as moved:
             # Rolling back is a decision about one state; after a concurrent move it could
             # undo someone else's change instead, so let the operator look again.
             now = f"v{moved.current.version:06d}" if moved.current else "unset"
@@ -644,13 +469,13 @@ class Registry:
 
     def _move_alias(self, alias: str, target: ModelVersion, *, reason: str, forced: bool,
                     expect_seq: int | None = None) -> AliasState:
-        """Move `alias` to `target`; with `expect_seq`, only from that seq (else _AliasMoved)."""
+        """Move `alias` to `target`; with `expect_seq`, only from that seq (else AliasMoved)."""
         writer = uuid.uuid4().hex  # recognises our entry when reading it back
         while True:
             current = self.alias(alias)                                     # 1. fresh read
             seq = current.seq if current else 0
             if expect_seq is not None and seq != expect_seq:
-                raise _AliasMoved(current)
+                raise AliasMoved(current)
             entry = self._entry(seq + 1, current, target, reason, forced, writer)
             if not self._create_verified(self._history_key(alias, seq + 1), entry):   # 2.
                 self._roll_forward(alias, current, seq + 1)  # the slot's winner may be gone
@@ -672,7 +497,7 @@ class Registry:
 
     def _swap(self, alias: str, doc: dict, etag: str | None) -> str:
         """Compare-and-swap alias.json: replace exactly `etag`, or create when there was none."""
-        data = _encode(doc)
+        data = json_bytes(doc)
         if etag is None:
             return self.store.put_bytes(self._alias_key(alias), data, if_none_match=True)
         return self.store.put_bytes(self._alias_key(alias), data, if_match=etag)

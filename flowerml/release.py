@@ -1,12 +1,10 @@
-"""Releasing a trained run: its model card, its registration, and the champion it must beat.
-
-The gate compares scores measured on the same test manifest; when the production model was
-measured on another one (the dataset changed), it is re-evaluated on the current test split
-first, so the comparison is fair.
+"""Releasing a trained run: its model card (built and rendered), its registration, and loading
+registered versions back. Whether a version may be promoted is `flowerml.promotion`'s call.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -14,19 +12,12 @@ from typing import Any
 
 import torch
 
-from flowerml.data import IMAGENET_MEAN, IMAGENET_STD, PublishedDataset, resolve_dataset
-from flowerml.inference import TrainedModel, build_trained_model, evaluate_model
-from flowerml.registry import (
-    AliasState,
-    Gate,
-    ModelVersion,
-    Registry,
-    Scorecard,
-    decide_promotion,
-    parse_model_ref,
-)
+from flowerml.inference import TrainedModel, build_trained_model
+from flowerml.markdown import cell, table
+from flowerml.registry import CARD_FIELDS, ModelVersion, Registry, parse_model_ref
 from flowerml.runs import RunFiles
 from flowerml.storage import ObjectNotFound, Store
+from flowerml.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 REPORT_FILES = ("report.md", "confusion.png", "curves.png", "metrics.json", "per_class.json")
 
@@ -74,9 +65,56 @@ def build_card(store: Store, run_id: str, metrics: dict[str, Any], *, promote: b
     }
 
 
+def render_card(card: dict, files: list[str] | None = None) -> str:
+    """card.json as Markdown: a summary table, one section per nested dict or list, the files."""
+    title = f"# {card.get('model', 'model')} v{int(card.get('version', 0)):06d}"
+    scalars = {k: v for k, v in card.items() if not isinstance(v, dict | list)}
+    lines = [title, "", *_field_table(sorted(scalars.items(), key=_summary_order))]
+    for key in sorted(k for k, v in card.items() if isinstance(v, dict | list)):
+        lines += ["", f"## {key.replace('_', ' ').capitalize()}", ""]
+        value = card[key]
+        lines += _field_table(_flatten(value)) if isinstance(value, dict) else [
+            f"- {cell(_format(item))}" for item in value]
+    if files:
+        lines += ["", "## Files", "", *[f"- [{name}]({name})" for name in sorted(files)]]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_order(item: tuple[str, Any]) -> tuple[int, str]:
+    # The registry's own fields first, in a fixed order; then the caller's, alphabetically.
+    key = item[0]
+    return (CARD_FIELDS.index(key), "") if key in CARD_FIELDS else (len(CARD_FIELDS), key)
+
+
+def _flatten(value: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key in sorted(value):
+        name = f"{prefix}{key}"
+        if isinstance(value[key], dict):
+            rows += _flatten(value[key], f"{name}.")
+        else:
+            rows.append((name, value[key]))
+    return rows
+
+
+def _field_table(rows: list[tuple[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    return table(["field", "value"], [(_format(k), _format(v)) for k, v in rows]).splitlines()
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
 def register_run(registry: Registry, store: Store, run_id: str, card: dict[str, Any], *,
                  split: str = "test") -> ModelVersion:
-    """Register a run's best weights (checksum-verified) with its card and evaluation report."""
+    """Register a run's best weights (checksum-verified) with its card, rendered, and its
+    evaluation report."""
     run = RunFiles(store, run_id)
     weights = run.read_weights_bytes()
     files = {}
@@ -85,33 +123,12 @@ def register_run(registry: Registry, store: Store, run_id: str, card: dict[str, 
             files[name] = store.get_bytes(run.key(f"eval/{split}/{name}"))
         except ObjectNotFound:
             continue
-    return registry.register(weights, card, files)
+    return registry.register(weights, card, files, render=render_card)
 
 
-def champion_scorecard(registry: Registry, store: Store, published: PublishedDataset, *,
-                       alias: str, cache_dir: Path, device: str = "auto",
-                       workers: int | None = None) -> Scorecard | None:
-    """The production model's score on this test manifest (re-evaluated if it differs)."""
-    state = registry.alias(alias)
-    if state is None:
-        return None
-    champion = registry.require_committed(state.version)
-    card = champion.card
-    if card.get("test_manifest_sha256") == published.manifest_sha256:
-        return Scorecard.from_card(card, champion.version)
-    trained = build_trained_model(card["arch"], [c["name"] for c in card["classes"]],
-                                  card["image_size"], registry.load_weights(champion.version),
-                                  source=champion.label, weights_sha256=champion.weights_sha256,
-                                  device=device)
-    metrics = evaluate_model(trained, store, published, cache_dir=cache_dir, workers=workers)
-    return Scorecard(metrics.top1, published.manifest_sha256, champion.version)
-
-
-def load_registered_model(store: Store, ref: str, device: str = "auto") -> TrainedModel:
-    """A registry version (e.g. 'flowers102@production'), its weights checksum-verified."""
-    model, alias, version = parse_model_ref(ref)
-    registry = Registry(store, model)
-    chosen = registry.resolve(alias, version)
+def load_version(registry: Registry, version: int, device: str = "auto") -> TrainedModel:
+    """A committed version as a model ready to predict, its weights checksum-verified."""
+    chosen = registry.require_committed(version)
     card = chosen.card
     return build_trained_model(card["arch"], [c["name"] for c in card["classes"]],
                                card["image_size"], registry.load_weights(chosen.version),
@@ -119,27 +136,8 @@ def load_registered_model(store: Store, ref: str, device: str = "auto") -> Train
                                device=device)
 
 
-def promote_version(registry: Registry, store: Store, version: int, *, alias: str, gate: Gate,
-                    force: bool, cache_dir: Path, device: str = "auto"
-                    ) -> tuple[bool, list[str], AliasState | None]:
-    """`flowerml registry promote`: the gate against the current alias, on the candidate's data."""
-    candidate = registry.require_committed(version)
-    registry.verify(version)  # refuse bad weights before any evaluation work
-    lineage = candidate.card["lineage"]
-    published = resolve_dataset(store, lineage["dataset"], lineage["dataset_version"])
-    champion = champion_scorecard(registry, store, published, alias=alias, cache_dir=cache_dir,
-                                  device=device)
-    return registry.promote(version, scorecard=Scorecard.from_card(candidate.card, version),
-                            champion=champion, gate=gate, alias=alias, force=force)
-
-
-def judge_candidate(store: Store, model: str, alias: str, top1: float, dataset: str,
-                    version: str, gate: Gate, *, force: bool, cache_dir: Path,
-                    device: str = "auto") -> tuple[bool, list[str], Scorecard, Scorecard | None]:
-    """The gate's verdict on a candidate's test top-1 against the alias's current model."""
-    published = resolve_dataset(store, dataset, version)
-    champion = champion_scorecard(Registry(store, model), store, published, alias=alias,
-                                  cache_dir=cache_dir, device=device)
-    candidate = Scorecard(top1, published.manifest_sha256)
-    promote, reasons = decide_promotion(candidate, champion, gate, force=force)
-    return promote, reasons, candidate, champion
+def load_registered_model(store: Store, ref: str, device: str = "auto") -> TrainedModel:
+    """A registry version (e.g. 'flowers102@production'), its weights checksum-verified."""
+    model, alias, version = parse_model_ref(ref)
+    registry = Registry(store, model)
+    return load_version(registry, registry.resolve(alias, version).version, device)

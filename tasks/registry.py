@@ -14,8 +14,9 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
-from flowerml.registry import Gate, Registry, Scorecard
-from flowerml.release import build_card, judge_candidate, register_run
+from flowerml.promotion import Gate, Scorecard, judge_candidate, promote
+from flowerml.registry import Registry
+from flowerml.release import build_card, register_run
 from flowerml.settings import build_store, load_settings
 from tasks.common import retry_transient
 
@@ -60,8 +61,8 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
                  store: str | None = None) -> dict[str, Any]:
     """Move the alias by compare-and-swap; if production moved since the decision, decide again."""
     registry = Registry(build_store(load_settings(store=store)), model)
-    promoted, reasons, state = registry.promote(
-        version, scorecard=Scorecard(**candidate),
+    promoted, reasons, state = promote(
+        registry, version, scorecard=Scorecard(**candidate),
         champion=Scorecard(**champion) if champion else None, gate=gate_of(gate), alias=alias,
         force=gate["force"])
     return {"promoted": promoted, "reasons": reasons,

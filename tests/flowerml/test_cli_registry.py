@@ -91,11 +91,17 @@ def test_rollback_with_no_previous_version(registry: Registry) -> None:
     assert registry.alias().version == 1
 
 
-def test_version_not_committed_cannot_be_promoted(registry: Registry) -> None:
+def test_version_not_committed_cannot_be_promoted(registry: Registry,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     published = resolve_dataset(registry.store, "flowers102")
     weights = build_model("resnet18", 4, weights="none", seed=3).state_dict()
+
+    def crash(version: int, sha: str) -> None:  # a registration killed just before COMMITTED
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(registry, "_commit", crash)
     with pytest.raises(RuntimeError):
-        registry.register(weights, card(published, 0.99), fail_before_commit=True)
+        registry.register(weights, card(published, 0.99))
     assert_refused(invoke(registry, "registry", "promote", "flowers102", "3", "--force"),
                    "version 000003 is not COMMITTED")
     assert registry.alias() is None

@@ -1,4 +1,5 @@
-"""The registry: the gate, versions committed last, checksums, aliases, history and races.
+"""The registry: versions committed last, checksums, aliases, history and races (the gate and
+promoting past it are tested in test_promotion.py).
 
 torch is imported inside the tests that need it: the race test's spawned workers import this
 module, and importing torch would cost each of them seconds.
@@ -15,17 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from flowerml.promotion import Scorecard, promote
 from flowerml.registry import (
     AliasState,
-    Gate,
     ModelVersion,
     Registry,
     RegistryError,
-    Scorecard,
-    decide_promotion,
     list_models,
     parse_model_ref,
-    render_card,
     resolve_ref,
 )
 from flowerml.storage import LocalStore, S3Options, S3Store, Store
@@ -54,92 +52,19 @@ def vkey(version: int, name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The gate
-
-
-def test_first_promotion_is_decided_by_the_threshold_alone() -> None:
-    gate = Gate(threshold=0.95)
-    ok, reasons = decide_promotion(Scorecard(0.9612, MANIFEST), None, gate)
-    assert ok
-    assert reasons == ["test top-1 0.9612 >= threshold 0.9500",
-                       "no production model yet: decided by the threshold alone"]
-    ok, reasons = decide_promotion(Scorecard(0.9400, MANIFEST), None, gate)
-    assert not ok
-    assert reasons[0] == "test top-1 0.9400 < threshold 0.9500"
-
-
-def test_regression_beyond_tolerance_is_rejected_with_the_numbers() -> None:
-    champion = Scorecard(0.9610, MANIFEST, version=3)
-    ok, reasons = decide_promotion(Scorecard(0.9400, MANIFEST), champion, Gate(0.9, 0.005))
-    assert not ok
-    assert reasons[1] == ("test top-1 0.9400 vs production v000003 0.9610: "
-                          "regression of 0.0210 beyond tolerance 0.0050")
-
-
-def test_candidate_within_tolerance_of_the_champion_is_promoted() -> None:
-    champion = Scorecard(0.9655, MANIFEST, version=3)
-    ok, reasons = decide_promotion(Scorecard(0.9612, MANIFEST), champion, Gate())
-    assert ok
-    assert reasons == ["test top-1 0.9612 >= threshold 0.9500",
-                       "test top-1 0.9612 vs production v000003 0.9655: "
-                       "-0.0043 within tolerance 0.0050"]
-    # Exactly at the edges passes despite float rounding (0.9655 - 0.005 is not exact).
-    assert decide_promotion(Scorecard(0.9605, MANIFEST), champion, Gate())[0]
-    assert decide_promotion(Scorecard(0.95, MANIFEST), None, Gate(threshold=0.95))[0]
-
-
-def test_threshold_still_applies_when_better_than_the_champion() -> None:
-    champion = Scorecard(0.80, MANIFEST, version=1)
-    ok, reasons = decide_promotion(Scorecard(0.90, MANIFEST), champion, Gate(threshold=0.95))
-    assert not ok
-    assert "+0.1000 within tolerance" in reasons[1]
-
-
-def test_force_promotes_and_says_so() -> None:
-    champion = Scorecard(0.99, MANIFEST, version=2)
-    ok, reasons = decide_promotion(Scorecard(0.5, MANIFEST), champion, Gate(), force=True)
-    assert ok
-    assert reasons[-1] == "forced: promoted regardless of the gate"
-    assert "regression of 0.4900" in reasons[1]
-
-
-def test_champion_on_another_test_manifest_must_be_re_evaluated() -> None:
-    champion = Scorecard(0.97, "b" * 64, version=2)
-    with pytest.raises(ValueError, match="different test manifest: re-evaluate it first"):
-        decide_promotion(Scorecard(0.96, MANIFEST), champion, Gate())
-    ok, reasons = decide_promotion(Scorecard(0.96, MANIFEST), champion, Gate(), force=True)
-    assert ok and "not compared" in reasons[1]
-
-
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"threshold": 1.5}, "--threshold must be between 0 and 1 (got 1.5)"),
-    ({"threshold": -0.1}, "--threshold must be between 0 and 1 (got -0.1)"),
-    ({"threshold": float("nan")}, "--threshold must be between 0 and 1 (got nan)"),
-    ({"tolerance": 2}, "--tolerance must be between 0 and 1 (got 2)"),
-])
-def test_gate_validates_its_numbers(kwargs: dict, message: str) -> None:
-    with pytest.raises(RegistryError) as caught:
-        Gate(**kwargs)
-    assert str(caught.value) == message
-
-
-def test_scorecard_from_card() -> None:
-    assert Scorecard.from_card(card(0.97), 4) == Scorecard(0.97, MANIFEST, 4)
-    with pytest.raises(RegistryError, match="version 000004 records no metrics.top1"):
-        Scorecard.from_card({"metrics": {}}, 4)
-
-
-# --------------------------------------------------------------------------------------------
 # Versions
 
 
 def test_register_writes_numbered_versions_with_card_and_files(store: Store,
                                                                tmp_path: Path) -> None:
+    from flowerml.release import render_card
+
     registry = Registry(store, MODEL)
     plot = tmp_path / "curves.png"
     plot.write_bytes(b"\x89PNG fake")
     first = registry.register(weights(1), card(0.96),
-                              {"report.md": b"# report\n", "curves.png": plot})
+                              {"report.md": b"# report\n", "curves.png": plot},
+                              render=render_card)
     second = registry.register(weights(2), card(0.97))
     third = registry.register(weights(3), card(0.98))
     assert [first.version, second.version, third.version] == [1, 2, 3]
@@ -193,12 +118,24 @@ def test_register_accepts_safetensors_bytes_and_refuses_pickles(local_store: Loc
     assert [v.version for v in registry.versions()] == [1]
 
 
-def test_interrupted_registration_is_never_committed_nor_promoted(store: Store) -> None:
+def crash_before_commit(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next registration stops just before COMMITTED, as a killed process would."""
+
+    def crash(version: int, sha: str) -> None:
+        raise RuntimeError(f"simulated crash before committing version {version:06d}")
+
+    monkeypatch.setattr(registry, "_commit", crash)
+
+
+def test_interrupted_registration_is_never_committed_nor_promoted(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     registry = Registry(store, MODEL)
     registry.register(weights(1), card(0.96))
-    registry.promote(1, scorecard=Scorecard(0.96, MANIFEST))
+    promote(registry, 1, scorecard=Scorecard(0.96, MANIFEST))
+    crashing = Registry(store, MODEL)
+    crash_before_commit(crashing, monkeypatch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        registry.register(weights(2), card(0.99), fail_before_commit=True)
+        crashing.register(weights(2), card(0.99))
 
     assert not store.exists(vkey(2, "COMMITTED"))
     assert store.exists(vkey(2, "model.safetensors"))
@@ -208,7 +145,7 @@ def test_interrupted_registration_is_never_committed_nor_promoted(store: Store) 
     with pytest.raises(RegistryError) as caught:
         registry.require_committed(2)
     assert str(caught.value) == message
-    for attempt in (lambda: registry.promote(2, scorecard=Scorecard(0.99, MANIFEST)),
+    for attempt in (lambda: promote(registry, 2, scorecard=Scorecard(0.99, MANIFEST)),
                     lambda: registry.set_alias("production", 2, reason="manual"),
                     lambda: registry.load_weights(2),
                     lambda: registry.resolve(version=2)):
@@ -224,12 +161,12 @@ def test_tampered_weights_fail_their_checksum_and_move_no_alias(store: Store) ->
     registry = Registry(store, MODEL)
     registry.register(weights(1), card(0.96))
     registry.register(weights(2), card(0.97))
-    registry.promote(1, scorecard=Scorecard(0.96, MANIFEST))
+    promote(registry, 1, scorecard=Scorecard(0.96, MANIFEST))
     store.put_bytes(vkey(2, "model.safetensors"), save(weights(99)))  # valid file, wrong bytes
 
     for attempt in (lambda: registry.load_weights(2), lambda: registry.verify(2),
                     lambda: registry.set_alias("production", 2, reason="manual"),
-                    lambda: registry.promote(2, scorecard=Scorecard(0.97, MANIFEST))):
+                    lambda: promote(registry, 2, scorecard=Scorecard(0.97, MANIFEST))):
         with pytest.raises(RegistryError, match="version 000002: weights fail their checksum"):
             attempt()
     registry.verify(1)
@@ -238,57 +175,6 @@ def test_tampered_weights_fail_their_checksum_and_move_no_alias(store: Store) ->
 
 # --------------------------------------------------------------------------------------------
 # Aliases
-
-
-def test_promote_moves_the_alias_and_rollback_restores_it(store: Store) -> None:
-    registry = Registry(store, MODEL)
-    for seed, top1 in ((1, 0.96), (2, 0.97)):
-        registry.register(weights(seed), card(top1))
-    assert registry.alias() is None
-
-    ok, reasons, state = registry.promote(1, scorecard=Scorecard(0.96, MANIFEST))
-    assert ok and "no production model yet" in reasons[1]
-    assert (state.version, state.seq, state.previous) == (1, 1, None)
-    champion = Scorecard(0.96, MANIFEST, version=1)
-    ok, reasons, state = registry.promote(2, scorecard=Scorecard(0.97, MANIFEST),
-                                          champion=champion)
-    assert ok and "vs production v000001 0.9600: +0.0100" in reasons[1]
-    assert (state.version, state.seq, state.previous) == (2, 2, 1)
-    assert registry.alias() == state
-    assert registry.resolve().version == 2
-    assert resolve_ref(store, "flowers102@production").version == 2
-
-    rolled = registry.rollback()
-    assert (rolled.version, rolled.seq, rolled.previous) == (1, 3, 2)
-    assert registry.resolve("production").version == 1
-    history = registry.history()
-    assert [(h["seq"], h["from"], h["to"]) for h in history] == [(1, None, 1), (2, 1, 2),
-                                                                 (3, 2, 1)]
-    assert history[1]["reason"].startswith("promote: test top-1 0.9700 >= threshold")
-    assert history[2]["reason"] == "rollback" and history[2]["forced"] is False
-    assert set(history[0]) >= {"seq", "from", "to", "reason", "forced", "time"}
-    alias_doc = json.loads(store.get_bytes(f"registry/{MODEL}/aliases/production.json"))
-    assert alias_doc["alias"] == "production" and alias_doc["seq"] == 3
-    assert alias_doc["sha256"] == registry.get(1).weights_sha256
-    assert store.exists(f"registry/{MODEL}/aliases/production/history/00000003.json")
-
-
-def test_rejected_promotion_moves_nothing(store: Store) -> None:
-    registry = Registry(store, MODEL)
-    registry.register(weights(1), card(0.90))
-    ok, reasons, state = registry.promote(1, scorecard=Scorecard(0.90, MANIFEST))
-    assert not ok and state is None
-    assert reasons[0] == "test top-1 0.9000 < threshold 0.9500"
-    assert registry.alias() is None and registry.history() == []
-
-
-def test_forced_promotion_is_recorded(local_store: LocalStore) -> None:
-    registry = Registry(local_store, MODEL)
-    registry.register(weights(1), card(0.90))
-    ok, _, state = registry.promote(1, scorecard=Scorecard(0.90, MANIFEST), force=True)
-    assert ok and state.version == 1
-    entry = registry.history()[0]
-    assert entry["forced"] is True and "forced: promoted regardless" in entry["reason"]
 
 
 def test_rollback_without_previous_version(store: Store) -> None:
@@ -301,34 +187,6 @@ def test_rollback_without_previous_version(store: Store) -> None:
         registry.rollback()
     assert str(caught.value) == ("alias production of flowers102 has no previous version "
                                  "to roll back to")
-
-
-def test_promote_decides_again_when_the_champion_changed(local_store: LocalStore) -> None:
-    registry = Registry(local_store, MODEL)
-    for seed, top1 in ((1, 0.95), (2, 0.99), (3, 0.96)):
-        registry.register(weights(seed), card(top1))
-    registry.set_alias("production", 1, reason="first")
-    other = Registry(local_store, MODEL)
-
-    class Interleaved(Registry):
-        """Another writer promotes v2 between our read of the alias and our history entry."""
-
-        moved = False
-
-        def _entry(self, *args: object, **kwargs: object) -> dict:
-            if not Interleaved.moved:
-                Interleaved.moved = True
-                other.set_alias("production", 2, reason="the other promotion")
-            return super()._entry(*args, **kwargs)
-
-    racing = Interleaved(local_store, MODEL)
-    ok, reasons, state = racing.promote(3, scorecard=Scorecard(0.96, MANIFEST),
-                                        champion=Scorecard(0.95, MANIFEST, version=1))
-    # Against v1 (0.95) it would pass; against v2 (0.99, read from its card) it is rejected.
-    assert not ok and state is None
-    assert "vs production v000002 0.9900: regression of 0.0300" in reasons[1]
-    assert registry.alias().version == 2
-    assert [h["to"] for h in registry.history()] == [1, 2]
 
 
 def test_a_crashed_move_is_rolled_forward_by_the_next_writer(store: Store,
@@ -423,11 +281,6 @@ def test_list_models(store: Store) -> None:
     Registry(store, "tulips").register(weights(1), card(0.9))
     Registry(store, MODEL).register(weights(1), card(0.9))
     assert list_models(store) == ["flowers102", "tulips"]
-
-
-def test_render_card_escapes_and_lists() -> None:
-    text = render_card({"model": "m", "version": 2, "notes": "a|b", "tags": ["x", 1]})
-    assert "| notes | a\\|b |" in text and "- x" in text and "- 1" in text
 
 
 def test_values_are_frozen() -> None:

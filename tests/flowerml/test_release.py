@@ -1,9 +1,6 @@
-"""Releasing runs: the card, registration with the report, and the champion's fair score."""
+"""Releasing runs: the card (built and rendered) and registration with the report."""
 
 from __future__ import annotations
-
-from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +9,7 @@ from flowerml.inference import evaluate_run
 from flowerml.ingest import FetchOptions, ingest
 from flowerml.recipes import build_config
 from flowerml.registry import Registry
-from flowerml.release import build_card, champion_scorecard, register_run
+from flowerml.release import build_card, register_run, render_card
 from flowerml.storage import LocalStore
 from flowerml.training import fit
 
@@ -52,37 +49,14 @@ def test_card_records_lineage_and_software(released) -> None:
     assert {"report.md", "confusion.png", "card.md", "COMMITTED"} <= keys
 
 
-def test_champion_on_the_same_manifest_is_read_from_its_card(released) -> None:
-    store, cache, registry, metrics = released
-    published = resolve_dataset(store, "flowers102")
-    score = champion_scorecard(registry, store, published, alias="production", cache_dir=cache,
-                               device="cpu")
-    assert (score.top1, score.version) == (metrics["top1"], 1)
+def test_card_md_is_rendered_from_the_full_card(released) -> None:
+    store, _, _, metrics = released
+    text = store.get_bytes("registry/flowers102/versions/000001/card.md").decode()
+    assert text.startswith("# flowers102 v000001\n")
+    assert f"| top1 | {metrics['top1']:.6g} |" in text and "## Lineage" in text
+    assert "[report.md](report.md)" in text
 
 
-def test_champion_on_another_manifest_is_re_evaluated(released, monkeypatch) -> None:
-    store, cache, registry, metrics = released
-    published = resolve_dataset(store, "flowers102")
-    calls: list[str] = []
-    import flowerml.release as release
-
-    original = release.evaluate_model
-
-    def counting(*args, **kwargs):
-        calls.append("evaluated")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(release, "evaluate_model", counting)
-    moved = replace(published, manifest_sha256="0" * 64)
-    score = champion_scorecard(registry, store, moved, alias="production", cache_dir=cache,
-                               device="cpu")
-    assert calls == ["evaluated"]
-    assert score.test_manifest_sha256 == "0" * 64 and score.version == 1
-    assert score.top1 == pytest.approx(metrics["top1"])  # same weights, same test images
-
-
-def test_no_production_model_means_no_champion(released, tmp_path: Path) -> None:
-    store, cache, _, _ = released
-    published = resolve_dataset(store, "flowers102")
-    assert champion_scorecard(Registry(store, "tulips"), store, published, alias="production",
-                              cache_dir=cache) is None
+def test_render_card_escapes_and_lists() -> None:
+    text = render_card({"model": "m", "version": 2, "notes": "a|b", "tags": ["x", 1]})
+    assert "| notes | a\\|b |" in text and "- x" in text and "- 1" in text
