@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from flowerml.data import build_loaders, prepare_batch, resolve_dataset
 from flowerml.ingest import FetchOptions, ingest
+from flowerml.loaders import build_loaders
+from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model, prepare_for_strategy
 from flowerml.recipes import build_config
 from flowerml.storage import LocalStore
@@ -41,6 +42,7 @@ from flowerml.training import (
     build_scheduler,
     needs_grad_scaler,
 )
+from flowerml.transforms import prepare_batch
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}

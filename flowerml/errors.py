@@ -46,3 +46,8 @@ class LeakageError(UserError):
 
 class DatasetNotFound(UserError):
     """A dataset or version is not published on the store."""
+
+
+class DataError(UserError):
+    """A bad preset or split, a manifest that does not check out, or local files that do not
+    match it."""

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from flowerml.data import PublishedDataset, build_eval_loader, build_transforms, resolve_dataset
 from flowerml.distributed import select_device
 from flowerml.errors import UserError
 from flowerml.evaluation import (
@@ -25,10 +24,13 @@ from flowerml.evaluation import (
     plot_training_curves,
     render_report,
 )
+from flowerml.loaders import build_eval_loader
+from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model
 from flowerml.runs import RunError, RunFiles, check_run_id
 from flowerml.storage import ObjectNotFound, Store
 from flowerml.training import evaluate_loader
+from flowerml.transforms import build_transforms
 
 
 @dataclass

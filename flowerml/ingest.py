@@ -9,7 +9,7 @@ Two steps, each safe to repeat and to interrupt:
 2. `publish_split` surveys the archive (sha256 and a decode check of every image), refuses
    train/valid/test leakage, derives the content-addressed version, uploads the images that are
    not there yet, byte-identical to the archive, then `quarantine.json`, `manifest.json` last of
-   the version, then `CURRENT`.
+   the version, then `CURRENT` (both written by `flowerml.manifest`, which owns their shape).
 """
 
 from __future__ import annotations
@@ -30,6 +30,16 @@ from flowerml import flowers
 from flowerml.archive import ArchiveImage, iter_archive_images, sniff_archive, sniff_mat
 from flowerml.download import download_file, md5_of, redact_url
 from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
+from flowerml.manifest import (
+    ManifestEntry,
+    count_splits,
+    dataset_prefix,
+    encode_json,
+    manifest_key,
+    version_prefix,
+    write_current,
+    write_manifest,
+)
 from flowerml.progress import NullProgress, Progress
 from flowerml.splits import OfficialSplit, read_official_split
 from flowerml.storage import (
@@ -42,9 +52,7 @@ from flowerml.storage import (
 )
 
 SOURCES_RECORD = "sources.json"
-MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.json"
-CURRENT = "CURRENT"
 VERSION_CHARS = 12
 
 
@@ -56,18 +64,6 @@ class FetchOptions:
     retries: int = 5
     timeout: float = 60.0
     s3: S3Options | None = None
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One published image."""
-
-    split: str
-    label: int
-    image: str
-    key: str
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -86,16 +82,8 @@ class IngestResult:
         return asdict(self)
 
 
-def dataset_prefix(dataset: str) -> str:
-    return f"datasets/{dataset}"
-
-
 def raw_key(dataset: str, name: str) -> str:
     return f"{dataset_prefix(dataset)}/raw/{name}"
-
-
-def version_prefix(dataset: str, version: str) -> str:
-    return f"{dataset_prefix(dataset)}/{version}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,29 +373,6 @@ def content_version(entries: list[ManifestEntry], quarantine: list[dict]) -> str
     return hashlib.sha256(encode_json(canonical)).hexdigest()[:VERSION_CHARS]
 
 
-def encode_json(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
-
-
-def count_splits(entries: list[ManifestEntry]) -> dict[str, int]:
-    return {s: sum(1 for e in entries if e.split == s) for s in flowers.SPLITS}
-
-
-def build_manifest(dataset: str, version: str, split: OfficialSplit, entries: list[ManifestEntry],
-                   quarantine: list[dict], record: dict) -> dict:
-    names = flowers.class_names_for(split.num_classes)
-    return {
-        "dataset": dataset,
-        "version": version,
-        "classes": [{"label": label, "dir": flowers.class_dir(label), "name": names[label - 1]}
-                    for label in range(1, split.num_classes + 1)],
-        "counts": count_splits(entries),
-        "quarantined": len(quarantine),
-        "sources": record["files"],
-        "files": [asdict(e) for e in entries],
-    }
-
-
 def upload_images(store: Store, prefix: str, survey: Survey, entries: list[ManifestEntry],
                   progress: Progress) -> tuple[int, int]:
     """Upload what is not on the store yet, from the staged images; (uploaded, skipped)."""
@@ -447,16 +412,15 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     version = content_version(entries, quarantine)
     prefix = version_prefix(dataset, version)
     try:
-        manifest = store.get_bytes(f"{prefix}/{MANIFEST}")
+        manifest = store.get_bytes(manifest_key(dataset, version))
         uploaded, skipped = 0, len(entries)
     except ObjectNotFound:
         uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
         store.put_bytes(f"{prefix}/{QUARANTINE}", encode_json(quarantine))
-        manifest = encode_json(build_manifest(dataset, version, split, entries, quarantine,
-                                              record))
-        store.put_bytes(f"{prefix}/{MANIFEST}", manifest)
-    store.put_bytes(f"{dataset_prefix(dataset)}/{CURRENT}", encode_json({
-        "version": version, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}))
+        manifest = write_manifest(store, dataset, version,
+                                  flowers.class_names_for(split.num_classes), entries,
+                                  quarantined=len(quarantine), sources=record["files"])
+    write_current(store, dataset, version, manifest)
     return IngestResult(dataset, version, count_splits(entries), uploaded, skipped,
                         len(quarantine), store.uri)
 

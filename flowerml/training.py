@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from flowerml.data import PublishedDataset, build_loaders, prepare_batch, resolve_dataset
 from flowerml.distributed import (
     Placement,
     barrier,
@@ -35,11 +34,14 @@ from flowerml.distributed import (
     stop_placement,
 )
 from flowerml.evaluation import Metrics, MetricsAccumulator
+from flowerml.loaders import build_loaders
+from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model, parameter_groups, prepare_for_strategy
 from flowerml.progress import NullProgress, Progress
 from flowerml.recipes import TrainConfig
 from flowerml.runs import RunError, RunFiles, check_run_id
 from flowerml.storage import S3Options, Store
+from flowerml.transforms import prepare_batch
 
 EventFn = Callable[[dict[str, Any]], None]
 

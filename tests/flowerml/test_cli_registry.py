@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from flowerml.cli import cli
-from flowerml.data import resolve_dataset
 from flowerml.ingest import FetchOptions, ingest
+from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model
 from flowerml.registry import Registry
 from flowerml.storage import LocalStore

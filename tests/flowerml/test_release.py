@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from flowerml.data import resolve_dataset
 from flowerml.inference import evaluate_run
 from flowerml.ingest import FetchOptions, ingest
+from flowerml.manifest import resolve_dataset
 from flowerml.recipes import build_config
 from flowerml.registry import Registry
 from flowerml.release import build_card, register_run, render_card

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from flowerml import training
-from flowerml.data import DatasetNotFound
-from flowerml.errors import UserError
+from flowerml.errors import DatasetNotFound, UserError
 from flowerml.ingest import FetchOptions, ingest
 from flowerml.recipes import build_config
 from flowerml.runs import RunError, RunFiles

@@ -1,0 +1,235 @@
+"""The dataset manifest: its type, its writer and its reader, and the CURRENT pointer to it.
+
+A published version is described by `datasets/<name>/<version>/manifest.json` (class names,
+counts, source checksums and one `ManifestEntry` per image: split, label, key, size, sha256),
+and `datasets/<name>/CURRENT` names the current version with the manifest's sha256. This module
+is the one owner of both documents:
+
+- the writer: `write_manifest` (after the images it lists) and `write_current` (after the
+  manifest), called by ingest;
+- the reader: `resolve_dataset` picks a version, checks its manifest against CURRENT's sha256
+  and every entry once, and returns a `PublishedDataset` of typed `ManifestEntry`s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flowerml import flowers
+from flowerml.errors import DataError, DatasetNotFound
+from flowerml.storage import ObjectNotFound, Store
+
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+SPLITS = flowers.SPLITS
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def dataset_prefix(dataset: str) -> str:
+    return f"datasets/{dataset}"
+
+
+def version_prefix(dataset: str, version: str) -> str:
+    return f"{dataset_prefix(dataset)}/{version}"
+
+
+def manifest_key(dataset: str, version: str) -> str:
+    return f"{version_prefix(dataset, version)}/{MANIFEST}"
+
+
+def current_key(dataset: str) -> str:
+    return f"{dataset_prefix(dataset)}/{CURRENT}"
+
+
+def encode_json(value: object) -> bytes:
+    """The canonical bytes of a JSON document: sorted keys, no spaces (stable sha256s)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def check_name(kind: str, value: str) -> str:
+    # Both become parts of store keys and local paths: refuse anything that could escape them.
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise DataError(f"invalid {kind} {value!r}: letters, digits, '.', '_' and '-' only")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The type
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One published image; `key` is its path under the version, `<split>/<NNN>/<image>`."""
+
+    split: str
+    label: int
+    image: str
+    key: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Any, num_classes: int, where: str) -> ManifestEntry:
+        """The entry `value` read from `where`; a DataError when it could write outside the
+        cache or names no real file."""
+        try:
+            entry = cls(**{name: value[name] for name in cls.__dataclass_fields__})
+        except (KeyError, TypeError):
+            entry = None
+        if entry is None or not entry.is_valid(num_classes):
+            raise DataError(f"{where}: invalid file entry {value!r}")
+        return entry
+
+    def is_valid(self, num_classes: int) -> bool:
+        return (self.split in SPLITS and isinstance(self.label, int)
+                and 1 <= self.label <= num_classes
+                and isinstance(self.size, int) and self.size >= 0
+                and isinstance(self.sha256, str) and bool(_SHA256.match(self.sha256))
+                and isinstance(self.image, str) and self.is_safe_key())
+
+    def is_safe_key(self) -> bool:
+        key = self.key
+        return (isinstance(key, str) and key.startswith(f"{self.split}/") and "\\" not in key
+                and all(part not in ("", ".", "..") for part in key.split("/")))
+
+
+def count_splits(entries: Sequence[ManifestEntry]) -> dict[str, int]:
+    return {s: sum(1 for e in entries if e.split == s) for s in SPLITS}
+
+
+@dataclass(frozen=True)
+class PublishedDataset:
+    """One published version: its identity, class names and the manifest's file entries."""
+
+    dataset: str
+    version: str
+    manifest_sha256: str
+    class_names: tuple[str, ...]  # index i is label i + 1
+    files: tuple[ManifestEntry, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def split_files(self, split: str) -> list[ManifestEntry]:
+        """The manifest entries of one split, sorted by key."""
+        check_split(split)
+        return sorted((f for f in self.files if f.split == split), key=lambda f: f.key)
+
+
+# --------------------------------------------------------------------------------------------
+# The writer
+
+
+def build_manifest(dataset: str, version: str, class_names: Sequence[str],
+                   entries: Sequence[ManifestEntry], *, quarantined: int,
+                   sources: dict) -> dict[str, Any]:
+    return {
+        "dataset": dataset,
+        "version": version,
+        "classes": [{"label": label, "dir": flowers.class_dir(label), "name": name}
+                    for label, name in enumerate(class_names, start=1)],
+        "counts": count_splits(entries),
+        "quarantined": quarantined,
+        "sources": sources,
+        "files": [entry.to_json() for entry in entries],
+    }
+
+
+def write_manifest(store: Store, dataset: str, version: str, class_names: Sequence[str],
+                   entries: Sequence[ManifestEntry], *, quarantined: int,
+                   sources: dict) -> bytes:
+    """Write the version's manifest.json, after every image it lists; its bytes."""
+    raw = encode_json(build_manifest(dataset, version, class_names, entries,
+                                     quarantined=quarantined, sources=sources))
+    store.put_bytes(manifest_key(dataset, version), raw)
+    return raw
+
+
+def write_current(store: Store, dataset: str, version: str, manifest: bytes) -> None:
+    """Point CURRENT at `version`, recording its manifest's sha256; after the manifest."""
+    store.put_bytes(current_key(dataset), encode_json({
+        "version": version, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}))
+
+
+# --------------------------------------------------------------------------------------------
+# The reader
+
+
+def not_published(store: Store, dataset: str, version: str) -> DatasetNotFound:
+    return DatasetNotFound(f"dataset '{dataset}' version '{version}' is not published on "
+                           f"{store.uri} (run flowerml ingest)")
+
+
+def read_current(store: Store, dataset: str) -> dict | None:
+    """CURRENT's {"version", "manifest_sha256"}, or None when nothing is published."""
+    key = current_key(dataset)
+    try:
+        current = json.loads(store.get_bytes(key))
+    except ObjectNotFound:
+        return None
+    except ValueError:
+        raise DataError(f"{key}: not valid JSON") from None
+    if not isinstance(current, dict) or not isinstance(current.get("version"), str):
+        raise DataError(f"{key}: has no version")
+    return current
+
+
+def resolve_dataset(store: Store, dataset: str, version: str | None = None) -> PublishedDataset:
+    """The published version `version` of `dataset` (CURRENT's when None), manifest verified."""
+    check_name("dataset name", dataset)
+    if version is not None:
+        check_name("dataset version", version)
+    current = read_current(store, dataset)
+    if version is None:
+        if current is None:
+            raise not_published(store, dataset, "CURRENT")
+        version = check_name("dataset version", current["version"])
+    key = manifest_key(dataset, version)
+    try:
+        raw = store.get_bytes(key)
+    except ObjectNotFound:
+        raise not_published(store, dataset, version) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    # CURRENT records the manifest's sha256, so the current version's file list is checked end
+    # to end; an older version's manifest is trusted as read (its files are still verified).
+    if current and current["version"] == version and current.get("manifest_sha256") not in (
+            None, digest):
+        raise DataError(f"{key}: sha256 {digest} differs from the {current['manifest_sha256']} "
+                        f"that {current_key(dataset)} records")
+    return parse_manifest(key, raw, dataset, version, digest)
+
+
+def parse_manifest(key: str, raw: bytes, dataset: str, version: str,
+                   digest: str) -> PublishedDataset:
+    """The manifest `raw` read from `key`, every entry checked once."""
+    try:
+        manifest = json.loads(raw)
+        classes = sorted(manifest["classes"], key=lambda c: int(c["label"]))
+        names = tuple(str(c["name"]) for c in classes)
+        files = list(manifest["files"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{key}: not a flowerml manifest ({type(error).__name__}: {error})"
+                        ) from None
+    if manifest.get("version", version) != version:
+        raise DataError(f"{key}: names version {manifest['version']!r}, not {version!r}")
+    if [int(c["label"]) for c in classes] != list(range(1, len(classes) + 1)):
+        raise DataError(f"{key}: class labels are not 1..{len(classes)}")
+    entries = tuple(ManifestEntry.from_json(value, len(names), key) for value in files)
+    return PublishedDataset(dataset, version, digest, names, entries)
