@@ -68,7 +68,7 @@ def publish_dataset(workdir: Path, spec: SyntheticSpec) -> tuple[LocalStore, Pat
 
 
 def build_stepper(config, num_classes: int, device: torch.device) -> tuple[Stepper, torch.nn.Module]:
-    model = build_model(config.arch, num_classes, weights="none", seed=0)
+    model = build_model(config.arch, num_classes, seed=0)
     prepare_for_strategy(model, config.strategy, config.freeze_stages)
     model.to(device)
     if config.channels_last:

@@ -29,7 +29,8 @@ def temp_beside(path: Path) -> Iterator[Path]:
     linked into place); removed on exit unless it was moved. Its name starts with a dot, so
     listings that skip hidden files never see it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    # The suffix is kept: some writers (torch.save) derive names from it.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(name)

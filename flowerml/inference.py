@@ -50,7 +50,7 @@ def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], ima
                         tensors: dict[str, torch.Tensor], *, source: str, weights_sha256: str,
                         device: str = "auto") -> TrainedModel:
     """A model with the given weights loaded, on `device`, in eval mode."""
-    model = build_model(arch, len(class_names), weights="none")
+    model = build_model(arch, len(class_names))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:

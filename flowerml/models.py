@@ -1,73 +1,45 @@
-"""Backbones with a fresh classification head, where their weights come from, and how to train them.
+"""Backbones with a fresh classification head, loading their weights, and how to train them.
 
 This module owns three things:
 - the architectures (`ARCHS`): torchvision's ResNet-18/34/50/101/152, AlexNet and VGG-16/19,
   cut before their ImageNet classifier into a `backbone` that outputs `[N, feature_dim]`,
   followed by a new `head` (`nn.Linear(feature_dim, num_classes)`);
-- the weight sources (`build_model(weights=...)`): `none` (random init), `imagenet`
-  (torchvision's download, with staging instructions when it cannot be fetched), a local
-  `.pth`/`.pt`/`.safetensors` file, or an `s3://bucket/key` object. Nothing is unpickled as
-  code: torch files load with `weights_only=True`;
+- loading a state dict into the backbone, strictly (`build_model(weights=...)` takes weights
+  already resolved to a verified local file by `flowerml.weights`: where they come from, S3
+  included, is not this module's business);
 - the transfer strategies (`STRATEGIES`): `finetune` (optionally freezing the first stages)
   and `linear-probe` (the whole backbone frozen), with the optimiser's parameter groups.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import numbers
-import pickle
-import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from functools import cache, lru_cache
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlparse
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from flowerml.errors import UserError
-from flowerml.storage import ObjectNotFound, S3Options, check_key, open_store
+
+if TYPE_CHECKING:
+    from flowerml.weights import ResolvedWeights
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                           "alexnet", "vgg16", "vgg19")
 STRATEGIES: tuple[str, ...] = ("finetune", "linear-probe")
 
-# Pinned rather than `.DEFAULT`, so that a torchvision upgrade cannot change what "imagenet"
-# means for a run without anyone noticing. These are each arch's best ImageNet-1k weights.
-IMAGENET_WEIGHTS: dict[str, str] = {
-    "resnet18": "IMAGENET1K_V1",
-    "resnet34": "IMAGENET1K_V1",
-    "resnet50": "IMAGENET1K_V2",
-    "resnet101": "IMAGENET1K_V2",
-    "resnet152": "IMAGENET1K_V2",
-    "alexnet": "IMAGENET1K_V1",
-    "vgg16": "IMAGENET1K_V1",
-    "vgg19": "IMAGENET1K_V1",
-}
-TORCH_SUFFIXES = (".pth", ".pt")
-SAFETENSORS_SUFFIX = ".safetensors"
 RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm)
-# What a failed torchvision download can raise: network and TLS errors are OSErrors, a bad
-# hash is a RuntimeError, a damaged file already in the hub cache fails to unpickle.
-DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError, EOFError,
-                   pickle.UnpicklingError, ValueError)
 
 
 class ModelError(UserError):
-    """A bad model option: unknown arch or strategy, freeze range, or weights file."""
-
-
-class WeightsUnavailable(UserError):
-    """ImageNet weights cannot be downloaded here; the message says how to stage them."""
+    """A bad model option: unknown arch or strategy, freeze range, or weights that do not fit."""
 
 
 class FlowerModel(nn.Module):
@@ -102,11 +74,6 @@ class FlowerModel(nn.Module):
             for module in frozen_modules(self):
                 module.eval()
         return self
-
-
-def set_train_mode(model: FlowerModel, training: bool) -> None:
-    """Switch train/eval mode; frozen stages stay in eval (same as `model.train(training)`)."""
-    model.train(training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,33 +133,29 @@ def meta_model(arch: str) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------
-# Building, and where the weights come from
+# Building
 
 
-def build_model(arch: str, num_classes: int, *, weights: str = "none",
-                cache_dir: Path | None = None, s3: S3Options | None = None,
+def build_model(arch: str, num_classes: int, *, weights: ResolvedWeights | None = None,
                 seed: int | None = None) -> FlowerModel:
     """A FlowerModel for `arch` with `num_classes` outputs, its backbone loaded from `weights`.
 
-    `weights`: "none" (random init), "imagenet" (torchvision's download), a local file, or
-    `s3://bucket/key` (downloaded into `cache_dir`, a temporary directory when None). The head
-    is always freshly initialised; with `seed` the initialisation is reproducible and leaves
-    the global RNG untouched.
+    `weights` comes from `flowerml.weights.resolve_weights` (None: random init). The head is
+    always freshly initialised; with `seed` the initialisation is reproducible and leaves the
+    global RNG untouched.
     """
     check_arch(arch)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
             or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer: got {num_classes!r}")
-    if not isinstance(weights, str) or not weights.strip():
-        raise ModelError("--weights must be none, imagenet, a file path or s3://bucket/key")
+    if isinstance(weights, str):
+        raise TypeError("build_model takes resolved weights: call "
+                        f"flowerml.weights.resolve_weights({weights!r}, {arch!r}) first")
     model = _construct(arch, int(num_classes), seed)
-    weights = weights.strip()
-    if weights.lower() in ("none", "imagenet"):
-        weights = weights.lower()
-    if weights != "none":
-        state, source = _fetch_state_dict(arch, weights, cache_dir, s3)
-        load_backbone_state(model, state, source)
-        model.weights_source = source
+    state = weights.state_dict() if weights is not None else None
+    if state is not None:
+        load_backbone_state(model, state, weights.source)
+        model.weights_source = weights.source
     return model
 
 
@@ -202,184 +165,6 @@ def _construct(arch: str, num_classes: int, seed: int | None) -> FlowerModel:
             torch.manual_seed(seed)
         backbone, feature_dim = split_torchvision_model(arch, torchvision_model(arch))
         return FlowerModel(arch, backbone, feature_dim, num_classes)
-
-
-def _fetch_state_dict(arch: str, weights: str, cache_dir: Path | None,
-                      s3: S3Options | None) -> tuple[Mapping[str, Any], str]:
-    """(state dict, a description of where it came from) for a weights source other than none."""
-    if weights == "imagenet":
-        return download_imagenet_state(arch), f"imagenet:{imagenet_weights_name(arch)}"
-    if weights.startswith("s3://"):
-        return _load_from_s3(weights, cache_dir, s3), weights
-    path = Path(weights.removeprefix("file://")).expanduser()
-    return load_weights_file(path, label=weights), weights
-
-
-def imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
-    return torchvision.models.get_model_weights(check_arch(arch))[IMAGENET_WEIGHTS[arch]]
-
-
-def imagenet_weights_name(arch: str) -> str:
-    weights = imagenet_weights(arch)
-    return f"{type(weights).__name__}.{weights.name}"
-
-
-def imagenet_file_name(arch: str) -> str:
-    """The file name torchvision caches the arch's ImageNet weights under."""
-    return Path(urlparse(imagenet_weights(arch).url).path).name
-
-
-def hub_checkpoints_dir() -> Path:
-    """Where torchvision looks for downloaded weights: $TORCH_HOME/hub/checkpoints."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def download_imagenet_state(arch: str) -> Mapping[str, Any]:
-    """torchvision's ImageNet state dict for `arch` (hash-checked), or WeightsUnavailable.
-
-    Never falls back to random weights: a run that asked for ImageNet features and silently
-    got noise would train for hours towards a useless model.
-    """
-    cached = hub_checkpoints_dir() / imagenet_file_name(arch)
-    # torch.hub checks the hash only when it downloads; a copy staged by hand (or cut short
-    # by a full disk) would otherwise load as whatever it happens to contain.
-    if cached.is_file() and _hash_mismatch(cached):
-        raise WeightsUnavailable(_staging_message(arch, "sha256 does not match its file name"))
-    try:
-        return imagenet_weights(arch).get_state_dict(progress=False, check_hash=True,
-                                                     map_location="cpu", weights_only=True)
-    except DOWNLOAD_ERRORS as error:
-        raise WeightsUnavailable(_staging_message(arch, _one_line(error))) from None
-
-
-def _staging_message(arch: str, why: str) -> str:
-    url = imagenet_weights(arch).url
-    file = imagenet_file_name(arch)
-    target = hub_checkpoints_dir() / file
-    if target.exists():
-        why += f"; the copy at {target} is damaged: delete it"
-    return (f"ImageNet weights {imagenet_weights_name(arch)} ({url}) are unavailable: {why}. "
-            f"To stage them, download {url} on a machine with internet and put it at "
-            f"{target} (or set TORCH_HOME), or pass --weights /path/to/{file} or "
-            f"--weights s3://bucket/{file}")
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(getattr(error, "reason", None) or error).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
-
-
-def _load_from_s3(uri: str, cache_dir: Path | None, s3: S3Options | None) -> Mapping[str, Any]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise ModelError(f"--weights {uri}: an S3 source needs s3://bucket/key to a file")
-    try:
-        check_key(key)  # the key also names the local copy: no "..", no empty parts
-    except ValueError as error:
-        raise ModelError(f"--weights {uri}: {error}") from None
-    _check_suffix(Path(key), uri)
-    store = open_store(f"s3://{bucket}", s3=s3)
-    if cache_dir is not None:
-        return load_weights_file(_cached_object(store, key, Path(cache_dir) / "weights" / bucket),
-                                 label=uri)
-    with tempfile.TemporaryDirectory(prefix="flowerml-weights-") as temp:
-        return load_weights_file(_download(store, key, Path(temp) / Path(key).name, uri),
-                                 label=uri)
-
-
-def _cached_object(store: Any, key: str, root: Path) -> Path:
-    """The object's local copy under `root`, downloaded again only when its etag changed."""
-    path = root / key
-    etag_file = path.with_name(path.name + ".etag")
-    info = store.head(key)
-    if info is None:
-        raise ModelError(f"--weights {store.uri}/{key}: no such object")
-    if path.is_file() and etag_file.is_file() and etag_file.read_text() == info.etag \
-            and path.stat().st_size == info.size:
-        return path
-    _download(store, key, path, f"{store.uri}/{key}")
-    etag_file.write_text(info.etag)
-    return path
-
-
-def _download(store: Any, key: str, path: Path, label: str) -> Path:
-    try:
-        return store.get_file(key, path)
-    except ObjectNotFound:
-        raise ModelError(f"--weights {label}: no such object") from None
-
-
-def _check_suffix(path: Path, label: str) -> None:
-    if path.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        raise ModelError(f"--weights {label}: expected a {', '.join(TORCH_SUFFIXES)} or "
-                         f"{SAFETENSORS_SUFFIX} file")
-
-
-def load_weights_file(path: Path, *, label: str | None = None) -> Mapping[str, Any]:
-    """The state dict in a .safetensors or .pth/.pt file; torch files load weights-only."""
-    label = label or str(path)
-    _check_suffix(path, label)
-    if not path.is_file():
-        raise ModelError(f"--weights {label}: no such file {path}")
-    _verify_torchvision_hash(path, label)
-    try:
-        if path.suffix == SAFETENSORS_SUFFIX:
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to parse is a bad file
-        raise ModelError(f"--weights {label}: cannot be loaded as weights: "
-                         f"{_describe_load_error(error)}") from None
-    if not isinstance(state, Mapping):
-        raise ModelError(f"--weights {label}: holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-def _describe_load_error(error: Exception) -> str:
-    """The reason without torch's advice to retry with weights_only=False (never do that)."""
-    text = str(error)
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if refused:
-        return (f"it holds a pickled object ({refused.group(1)}) and only tensors are loaded; "
-                "save model.state_dict() or a .safetensors file")
-    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    if detail:
-        return f"not a torch weights file ({detail.group(1).strip()})"
-    return _one_line(error)
-
-
-@lru_cache(maxsize=1)
-def _torchvision_file_hashes() -> dict[str, str]:
-    """{file name: sha256 prefix} of every torchvision checkpoint for our archs."""
-    hashes = {}
-    for arch in ARCHS:
-        for weights in torchvision.models.get_model_weights(arch):
-            name = Path(urlparse(weights.url).path).name
-            match = torch.hub.HASH_REGEX.search(name)
-            if match:
-                hashes[name] = match.group(1)
-    return hashes
-
-
-def _hash_mismatch(path: Path) -> str | None:
-    """For a file named like one of torchvision's: its sha256 when that contradicts the name."""
-    expected = _torchvision_file_hashes().get(path.name)
-    if not expected:
-        return None
-    with open(path, "rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    return None if digest.startswith(expected) else digest
-
-
-def _verify_torchvision_hash(path: Path, label: str) -> None:
-    """A staged copy of torchvision's file gets the same sha256 check as its download would."""
-    digest = _hash_mismatch(path)
-    if digest:
-        raise ModelError(f"--weights {label}: sha256 {digest[:12]}... does not match the hash "
-                         f"in torchvision's file name {path.name} (truncated or wrong file?)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from flowerml.distributed import (
     stop_placement,
 )
 from flowerml.evaluation import Metrics, MetricsAccumulator
+from flowerml.files import write_atomically
 from flowerml.loaders import build_loaders
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model, parameter_groups, prepare_for_strategy
@@ -42,6 +43,7 @@ from flowerml.recipes import TrainConfig
 from flowerml.runs import RunError, RunFiles, check_run_id
 from flowerml.storage import S3Options, Store
 from flowerml.transforms import prepare_batch
+from flowerml.weights import ResolvedWeights, resolve_weights
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -230,17 +232,6 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, device: torch.device,
 # Linear probe: features once, then many cheap epochs over them
 
 
-class HeadOnly(nn.Module):
-    """The classifier head applied to precomputed features."""
-
-    def __init__(self, model: FlowerModel) -> None:
-        super().__init__()
-        self.head = model.head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
-
-
 def feature_cache_key(config: TrainConfig, published: PublishedDataset, split: str) -> str:
     identity = {"arch": config.arch, "weights": config.weights, "image_size": config.image_size,
                 "manifest": published.manifest_sha256, "split": split,
@@ -268,10 +259,8 @@ def cached_features(model: FlowerModel, loader: DataLoader, path: Path, device: 
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return saved["features"], saved["labels"]
     features, labels = compute_features(model, loader, device, amp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_suffix(".tmp")
-    torch.save({"features": features, "labels": labels}, temp)
-    temp.replace(path)
+    write_atomically(path, lambda temp: torch.save({"features": features, "labels": labels},
+                                                   temp))
     return features, labels
 
 
@@ -355,10 +344,9 @@ def restore_checkpoint(run: RunFiles, model: FlowerModel, stepper: Stepper,
     return TrainState(**saved["state"], best_head=saved["best_head"])
 
 
-def prepare_model(config: TrainConfig, num_classes: int, placement: Placement, cache_dir: Path,
-                  s3: S3Options | None) -> FlowerModel:
-    model = build_model(config.arch, num_classes, weights=config.weights,
-                        cache_dir=cache_dir / "weights", s3=s3, seed=config.seed)
+def prepare_model(config: TrainConfig, num_classes: int, placement: Placement,
+                  weights: ResolvedWeights) -> FlowerModel:
+    model = build_model(config.arch, num_classes, weights=weights, seed=config.seed)
     prepare_for_strategy(model, config.strategy, config.freeze_stages)
     model.to(placement.device)
     if config.channels_last and placement.device.type == "cuda":
@@ -379,20 +367,25 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
         version: str | None = None, device: str = "auto", workers: int | None = None,
         s3: S3Options | None = None, on_event: EventFn | None = None,
         progress: Progress | None = None) -> FitResult:
-    """Train (or resume) run `run_id` on `dataset`, keeping the best-on-valid weights."""
+    """Train (or resume) run `run_id` on `dataset`, keeping the best-on-valid weights.
+
+    `config.weights` is resolved here, once, before anything else (S3 weights with `s3`, into
+    `cache_dir/weights/`), so a bad weights source fails before any data or GPU work.
+    """
     check_run_id(run_id)
+    weights = resolve_weights(config.weights, config.arch, cache_dir=Path(cache_dir), s3=s3)
     placement = start_placement(device)
     try:
         emit = on_event if on_event and placement.is_main else (lambda _event: None)
         return _fit(config, store, dataset, run_id, Path(cache_dir), version, placement,
-                    workers, s3, emit, progress or NullProgress())
+                    workers, weights, emit, progress or NullProgress())
     finally:
         stop_placement(placement)
 
 
 def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir: Path,
-         version: str | None, placement: Placement, workers: int | None, s3: S3Options | None,
-         emit: EventFn, progress: Progress) -> FitResult:
+         version: str | None, placement: Placement, workers: int | None,
+         weights: ResolvedWeights, emit: EventFn, progress: Progress) -> FitResult:
     run = RunFiles(store, run_id)
     if version is None and run.exists():
         version = run.read_json("config.json")["dataset"]["version"]
@@ -402,12 +395,12 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
     elif placement.is_main:
         run.write_json("config.json", run_record(config, published, placement))
     seed_everything(config.seed)
-    model = prepare_model(config, published.num_classes, placement, cache_dir, s3)
+    model = prepare_model(config, published.num_classes, placement, weights)
     linear_probe = config.strategy == "linear-probe"
     if linear_probe:
         train_loader, valid_loader = feature_loaders(model, config, store, published, cache_dir,
                                                      placement.device, workers)
-        trained: nn.Module = HeadOnly(model)
+        trained: nn.Module = model.head  # trained on the cached features
     else:
         loaders = build_loaders(store, published, cache_dir, preset=config.augment,
                                 image_size=config.image_size, batch_size=config.batch_size,
@@ -522,11 +515,3 @@ class EpochLoop:
         else:
             self.files.save_weights(self.model.state_dict(), epoch=epoch, valid_top1=top1)
 
-
-def iter_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
-    """The JSON progress events among a training process's output lines."""
-    for line in lines:
-        line = line.strip()
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                yield json.loads(line)

@@ -24,7 +24,7 @@ def registry(tmp_path: Path, synthetic_source: Path) -> Registry:
     published = resolve_dataset(store, "flowers102")
     entry = Registry(store, "flowers102")
     for seed, top1 in ((1, 0.9), (2, 0.6)):
-        weights = build_model("resnet18", 4, weights="none", seed=seed).state_dict()
+        weights = build_model("resnet18", 4, seed=seed).state_dict()
         entry.register(weights, card(published, top1))
     return entry
 
@@ -94,7 +94,7 @@ def test_rollback_with_no_previous_version(registry: Registry) -> None:
 def test_version_not_committed_cannot_be_promoted(registry: Registry,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     published = resolve_dataset(registry.store, "flowers102")
-    weights = build_model("resnet18", 4, weights="none", seed=3).state_dict()
+    weights = build_model("resnet18", 4, seed=3).state_dict()
 
     def crash(version: int, sha: str) -> None:  # a registration killed just before COMMITTED
         raise RuntimeError("simulated crash")

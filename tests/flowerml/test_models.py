@@ -1,8 +1,8 @@
-"""flowerml.models: architectures, weight sources (files, S3, ImageNet offline), strategies."""
+"""flowerml.models: architectures, loading a state dict into the backbone, strategies (weight
+sources are tested in test_weights.py)."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -10,13 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from flowerml import models
 from flowerml.models import (
     ARCHS,
     STRATEGIES,
     FlowerModel,
     ModelError,
-    WeightsUnavailable,
     backbone_stages,
     build_model,
     freeze_stages,
@@ -24,9 +22,8 @@ from flowerml.models import (
     num_stages,
     parameter_groups,
     prepare_for_strategy,
-    set_train_mode,
 )
-from tests.conftest import free_port
+from flowerml.weights import resolve_weights
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
                 "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096}
@@ -69,7 +66,7 @@ def save_pth(state: dict, path: Path) -> Path:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_builds_with_feature_dim_and_stages(arch: str) -> None:
-    model = build_model(arch, 5, weights="none", seed=0)
+    model = build_model(arch, 5, seed=0)
     assert isinstance(model, FlowerModel)
     assert (model.arch, model.num_classes, model.feature_dim) == (arch, 5, FEATURE_DIMS[arch])
     assert model.head.in_features == FEATURE_DIMS[arch] and model.head.out_features == 5
@@ -111,43 +108,7 @@ def test_unknown_arch_and_bad_num_classes() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Weight sources
-
-
-@pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
-def test_staged_file_loads_backbone_exactly_with_fresh_head(tmp_path: Path, suffix: str) -> None:
-    from safetensors.torch import save_file
-
-    source = source_resnet18()
-    path = tmp_path / f"r18{suffix}"
-    if suffix == ".safetensors":
-        save_file(source.state_dict(), str(path))
-    else:
-        save_pth(source.state_dict(), path)
-    model = build_model("resnet18", 10, weights=str(path), seed=0)
-    assert_backbone_equals(model, source)
-    assert_fresh_head(model, source, 10)
-    assert model.weights_source == str(path)
-    # Same head as a model with no weights and the same seed: the head is never loaded.
-    assert torch.equal(model.head.weight, build_model("resnet18", 10, seed=0).head.weight)
-
-
-@pytest.mark.parametrize("wrap", ["state_dict", "model", "module", "flowermodel"])
-def test_wrapped_and_flowermodel_state_dicts(tmp_path: Path, wrap: str) -> None:
-    source = source_resnet18()
-    state = source.state_dict()
-    if wrap == "module":
-        state = {f"module.{k}": v for k, v in state.items()}
-    elif wrap == "flowermodel":
-        trained = build_model("resnet18", 4, seed=3)
-        trained.backbone.load_state_dict({k: v for k, v in state.items()
-                                          if not k.startswith("fc.")})
-        state = trained.state_dict()
-    else:
-        state = {wrap: state, "epoch": 3}
-    model = build_model("resnet18", 6, weights=str(save_pth(state, tmp_path / "w.pth")), seed=0)
-    assert_backbone_equals(model, source)
-    assert model.head.weight.shape == (6, 512)
+# Loading a state dict into the backbone (where weights come from: test_weights.py)
 
 
 def test_vgg_family_drops_only_the_final_classifier() -> None:
@@ -162,60 +123,10 @@ def test_vgg_family_drops_only_the_final_classifier() -> None:
         assert torch.equal(tensor, source.state_dict()[key]), key
 
 
-def test_weights_from_s3(tmp_path: Path, s3_bucket: str, s3_options, moto_endpoint: str) -> None:
-    import boto3
-
-    source = source_resnet18()
-    path = save_pth(source.state_dict(), tmp_path / "r18.pth")
-    boto3.client("s3", endpoint_url=moto_endpoint).upload_file(str(path), s3_bucket,
-                                                               "weights/r18.pth")
-    uri = f"s3://{s3_bucket}/weights/r18.pth"
-    model = build_model("resnet18", 10, weights=uri, s3=s3_options, seed=0)
-    assert_backbone_equals(model, source)
-    assert_fresh_head(model, source, 10)
-    assert model.weights_source == uri
-
-    cache = tmp_path / "cache"
-    cached = build_model("resnet18", 10, weights=uri, s3=s3_options, cache_dir=cache)
-    assert_backbone_equals(cached, source)
-    assert (cache / "weights" / s3_bucket / "weights" / "r18.pth").is_file()
-    build_model("resnet18", 10, weights=uri, s3=s3_options, cache_dir=cache)  # reuses the copy
-
-    with pytest.raises(ModelError, match="no such object"):
-        build_model("resnet18", 10, weights=f"s3://{s3_bucket}/weights/absent.pth",
-                    s3=s3_options)
-
-
-class Payload:
-    """Anything that is not a tensor: weights_only loading must refuse to build it."""
-
-    ran = False
-
-    def __reduce__(self):
-        return (_mark_ran, ())
-
-
-def _mark_ran() -> Payload:
-    Payload.ran = True
-    return Payload()
-
-
-def test_pickled_object_is_refused_not_executed(tmp_path: Path) -> None:
-    path = save_pth({"conv1.weight": Payload()}, tmp_path / "evil.pth")
-    Payload.ran = False
-    with pytest.raises(ModelError) as info:
-        build_model("resnet18", 10, weights=str(path))
-    assert not Payload.ran
-    message = str(info.value)
-    assert str(path) in message and "cannot be loaded" in message
-    assert "pickled object" in message and "_mark_ran" in message
-    assert "weights_only` set to `False" not in message  # no advice to load unsafely
-
-
 def test_wrong_arch_state_dicts_name_a_key(tmp_path: Path) -> None:
     resnet18 = save_pth(source_resnet18().state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ModelError) as info:
-        build_model("resnet34", 10, weights=str(resnet18))
+        build_model("resnet34", 10, weights=resolve_weights(str(resnet18), "resnet34"))
     message = str(info.value)
     assert str(resnet18) in message and "resnet34" in message
     assert "missing key 'layer1.2.conv1.weight'" in message
@@ -240,75 +151,6 @@ def test_wrong_arch_state_dicts_name_a_key(tmp_path: Path) -> None:
            if not k.endswith("num_batches_tracked")}
     load_backbone_state(model, old, "old.pth")
     assert_backbone_equals(model, source_resnet18())
-
-
-def test_bad_weights_sources(tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere" / "r18.pth"
-    with pytest.raises(ModelError, match=str(missing)):
-        build_model("resnet18", 10, weights=str(missing))
-    text = tmp_path / "r18.txt"
-    text.write_text("hello")
-    with pytest.raises(ModelError, match="safetensors"):
-        build_model("resnet18", 10, weights=str(text))
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ModelError, match="cannot be loaded"):
-        build_model("resnet18", 10, weights=str(garbage))
-    not_a_dict = save_pth([torch.zeros(1)], tmp_path / "list.pth")
-    with pytest.raises(ModelError, match="not a state dict"):
-        build_model("resnet18", 10, weights=str(not_a_dict))
-    with pytest.raises(ModelError, match="s3://bucket/key"):
-        build_model("resnet18", 10, weights="s3://only-bucket")
-    with pytest.raises(ModelError, match="invalid object key"):
-        build_model("resnet18", 10, weights="s3://bucket/../escape.pth", cache_dir=tmp_path)
-
-
-def test_staged_torchvision_file_is_hash_checked(tmp_path: Path) -> None:
-    # The name torchvision downloads resnet18 to; its content here is not the real file.
-    fake = save_pth(source_resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
-    with pytest.raises(ModelError, match="sha256"):
-        build_model("resnet18", 10, weights=str(fake))
-
-
-def test_imagenet_without_network_explains_how_to_stage(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    proxy = f"http://127.0.0.1:{free_port()}"  # refused at once, no DNS wait
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(name, proxy)
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(WeightsUnavailable) as info:
-        build_model("resnet18", 10, weights="imagenet")
-    message = str(info.value)
-    assert "ResNet18_Weights.IMAGENET1K_V1" in message
-    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
-    assert "hub/checkpoints" in message and "TORCH_HOME" in message
-    assert "--weights /path/to/resnet18-f37072fd.pth" in message
-    assert "--weights s3://bucket/resnet18-f37072fd.pth" in message
-
-
-def test_imagenet_uses_a_staged_hub_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file already in $TORCH_HOME/hub/checkpoints is used without any network access."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    source = source_resnet18()
-    staged = save_pth(source.state_dict(), checkpoints / "resnet18-f37072fd.pth")
-
-    # Our stand-in cannot match the real file's hash, so it is refused as damaged...
-    with pytest.raises(WeightsUnavailable, match="is damaged: delete it") as info:
-        build_model("resnet18", 10, weights="imagenet")
-    assert str(staged) in str(info.value)
-
-    # ...and loads once the expected hash is the stand-in's own.
-    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-    monkeypatch.setattr(models, "_torchvision_file_hashes",
-                        lambda: {"resnet18-f37072fd.pth": digest[:8]})
-    model = build_model("resnet18", 10, weights="imagenet")
-    assert_backbone_equals(model, source)
-    assert model.weights_source == "imagenet:ResNet18_Weights.IMAGENET1K_V1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,9 +182,9 @@ def test_freeze_stages_locks_params_and_keeps_frozen_bn_in_eval() -> None:
     model(torch.randn(2, 3, 64, 64))
     assert torch.equal(frozen_bn.running_mean, mean_before)  # frozen BN statistics unchanged
 
-    set_train_mode(model, False)
+    model.train(False)
     assert not any(m.training for m in model.modules())
-    set_train_mode(model, True)
+    model.train(True)
     assert model.training and not model.backbone.bn1.training
 
     freeze_stages(model, 0)  # unfreezes again
