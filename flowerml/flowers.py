@@ -6,8 +6,6 @@ Data only, no I/O. Source: https://www.robots.ox.ac.uk/~vgg/data/flowers/102/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 
 ARCHIVE = "102flowers.tgz"
@@ -25,9 +23,7 @@ SOURCE_MD5: dict[str, str] = {
 SPLIT_KEYS: dict[str, str] = {"train": "trnid", "valid": "valid", "test": "tstid"}
 SPLITS: tuple[str, ...] = tuple(SPLIT_KEYS)
 
-NUM_IMAGES = 8189
 NUM_CLASSES = 102
-SPLIT_COUNTS: dict[str, int] = {"train": 1020, "valid": 1020, "test": 6149}
 
 # Archive members are exactly jpg/image_NNNNN.jpg, 1-based ids.
 MEMBER_PATTERN = r"jpg/image_(\d{5})\.jpg"
@@ -56,21 +52,6 @@ CLASS_NAMES: tuple[str, ...] = (
     "blanket flower", "trumpet creeper", "blackberry lily",
 )
 assert len(CLASS_NAMES) == NUM_CLASSES
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One of the three published source files."""
-
-    name: str
-    url: str
-    md5: str
-
-
-def official_sources(base_url: str = BASE_URL) -> tuple[SourceFile, ...]:
-    """The three source files with their URLs under `base_url` and their published MD5s."""
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    return tuple(SourceFile(name, base + name, SOURCE_MD5[name]) for name in SOURCE_FILES)
 
 
 def class_dir(label: int) -> str:
