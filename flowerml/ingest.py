@@ -30,6 +30,7 @@ from flowerml import flowers
 from flowerml.archive import ArchiveImage, iter_archive_images, sniff_archive, sniff_mat
 from flowerml.download import download_file, md5_of, redact_url
 from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
+from flowerml.files import write_atomically
 from flowerml.manifest import (
     ManifestEntry,
     count_splits,
@@ -169,15 +170,17 @@ def seed_raw_cache(local: dict[str, Path], cache_dir: Path, dataset: str) -> dic
     for name, path in local.items():
         target = raw_dir / name
         if path.resolve() != target.resolve():
-            temp = target.with_name(f".{name}.tmp")
-            temp.unlink(missing_ok=True)
-            try:
-                os.link(path, temp)  # same filesystem: no copy at all
-            except OSError:
-                shutil.copyfile(path, temp)
-            os.replace(temp, target)
+            write_atomically(target, lambda temp, path=path: _link_or_copy(path, temp))
         seeded[name] = target
     return seeded
+
+
+def _link_or_copy(source: Path, temp: Path) -> None:
+    temp.unlink()
+    try:
+        os.link(source, temp)  # same filesystem: no copy at all
+    except OSError:
+        shutil.copyfile(source, temp)
 
 
 def fetch_sources(source: str, store: Store, dataset: str, cache_dir: Path,
@@ -299,9 +302,8 @@ def load_or_survey(archive: Path, archive_md5: str, cache_dir: Path, dataset: st
     if record.is_file():
         return Survey.from_json(folder, json.loads(record.read_text()))
     survey = survey_archive(archive, folder, workers or default_workers(), progress)
-    temp = record.with_suffix(".tmp")
-    temp.write_text(json.dumps(survey.to_json()))
-    os.replace(temp, record)  # written last: it vouches for every staged image
+    # Written last: it vouches for every staged image.
+    write_atomically(record, json.dumps(survey.to_json()).encode())
     return survey
 
 

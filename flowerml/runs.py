@@ -9,7 +9,6 @@ checkpoints load with `torch.load(weights_only=True)`: nothing from storage is u
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -21,6 +20,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from flowerml.errors import UserError
+from flowerml.files import json_bytes, sha256_hex
 from flowerml.storage import ObjectNotFound, Store
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -34,14 +34,6 @@ def check_run_id(run_id: str) -> str:
     if not RUN_ID.fullmatch(run_id):
         raise RunError(f"--run-id must be letters, digits, '.', '_' or '-' (got {run_id!r})")
     return run_id
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def encode(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, indent=1).encode()
 
 
 @dataclass
@@ -58,7 +50,7 @@ class RunFiles:
         return self.store.exists(self.key("config.json"))
 
     def write_json(self, name: str, value: object) -> None:
-        self.store.put_bytes(self.key(name), encode(value))
+        self.store.put_bytes(self.key(name), json_bytes(value))
 
     def read_json(self, name: str) -> Any:
         try:

@@ -8,11 +8,8 @@ succeed for exactly one writer. This is the only module that imports boto3.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import os
 import shutil
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flowerml.errors import FlowermlError, TransientError, UserError
+from flowerml.files import file_lock, sha256_hex, temp_beside, write_atomically
 
 Payload = bytes | Path
 SMALL_OBJECT_BYTES = 8 * 1024 * 1024
@@ -214,13 +212,6 @@ class LocalStore(Store):
         # Every write renames a fresh file into place, so (inode, mtime, size) changes with it.
         return f"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return Path(name)
-
     @staticmethod
     def _advance_mtime(temp: Path, path: Path) -> None:
         """Give each write of a key a later mtime than the last, so its etag cannot repeat.
@@ -238,8 +229,8 @@ class LocalStore(Store):
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
                   if_match: str | None = None) -> str:
         path = self._path(key)
-        temp = self._write_temp(path, data)
-        try:
+        with temp_beside(path) as temp:
+            temp.write_bytes(data)
             if if_none_match:
                 self._link_exclusive(temp, path, key)
             elif if_match is not None:
@@ -251,8 +242,6 @@ class LocalStore(Store):
                     os.replace(temp, path)
             else:
                 os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
         return self._etag(path.stat())
 
     @staticmethod
@@ -267,15 +256,10 @@ class LocalStore(Store):
         """Serialise compare-and-swap on one key across threads and processes."""
         with self._locks_guard:
             local = self._local_locks.setdefault(key, threading.Lock())
-        lock_dir = self.root / self.LOCK_DIR
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = lock_dir / hashlib.sha256(key.encode()).hexdigest()
-        with local, open(lock_file, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        # The thread lock spares threads the file lock's polling; the file lock serialises
+        # processes (and is released by the OS if its holder dies).
+        with local, file_lock(self.root / self.LOCK_DIR / sha256_hex(key.encode())):
+            yield
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         try:
@@ -327,19 +311,6 @@ class LocalStore(Store):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
-
-
-def write_atomically(dest: Path, fill: Callable[[str], object]) -> Path:
-    """Let `fill` write a temp file beside `dest`, then rename it into place: whole or nothing."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
-        fill(name)
-        os.replace(name, dest)
-    finally:
-        Path(name).unlink(missing_ok=True)
-    return dest
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,9 +432,9 @@ class S3Store(Store):
         return info.etag if info else ""
 
     def get_file(self, key: str, path: Path) -> Path:
-        def download(temp: str) -> None:
+        def download(temp: Path) -> None:
             with self._translated(key):
-                self.client.download_file(self.bucket, self._key(key), temp,
+                self.client.download_file(self.bucket, self._key(key), str(temp),
                                           Config=self._transfer_config())
 
         return write_atomically(path, download)

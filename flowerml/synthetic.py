@@ -22,7 +22,6 @@ import colorsys
 import gzip
 import io
 import math
-import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from PIL import Image, ImageDraw
 from scipy.special import ndtri
 
 from flowerml.errors import UserError
+from flowerml.files import write_atomically
 from flowerml.flowers import ARCHIVE, LABELS, NUM_CLASSES, SETID, SPLIT_KEYS, image_name
 
 # Image names have five digits, so this is the most images an archive can hold.
@@ -218,14 +218,13 @@ def mat_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """`write` fills an open binary file that appears at `path` whole or not at all."""
+
+    def fill(temp: Path) -> None:
+        with open(temp, "wb") as handle:
+            write(handle)
+
+    return write_atomically(path, fill)
 
 
 def _encoded_images(labels: np.ndarray, spec: SyntheticSpec) -> Iterator[tuple[str, bytes]]:
