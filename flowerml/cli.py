@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
 from flowerml.errors import FlowermlError
-from flowerml.settings import Settings, build_store, load_settings
+from flowerml.recipes import RECIPE_NAMES, Device
+from flowerml.settings import build_store, load_settings
 
 
 class CliError(click.ClickException):
@@ -32,6 +34,11 @@ class FlowermlGroup(click.Group):
             return super().invoke(ctx)
         except FlowermlError as error:
             raise CliError(str(error)) from None
+        except click.UsageError as error:  # a subcommand's bad option: one line, exit 2
+            raise CliError(error.format_message()) from None
+
+
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 def emit_json(value: object) -> None:
@@ -111,44 +118,70 @@ def print_event(event: dict) -> None:
     sys.stdout.flush()
 
 
+class Choice(click.Choice):
+    """click.Choice whose refusal is one line naming the option, like every other bad input."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.choices:
+            return value
+        option = param.opts[0] if param else "value"
+        raise CliError(f"{option} must be one of {', '.join(map(str, self.choices))}: "
+                       f"got {value!r}")
+
+
+def training_options(command: Callable) -> Callable:
+    """One option per `TrainConfig` field, its type, choices and help taken from the model."""
+    from flowerml.recipes import TrainConfig, option_name
+
+    for name, info in reversed(TrainConfig.model_fields.items()):
+        help_text = f"{(info.description or info.title).rstrip('.')}. Default: the recipe's " \
+                    f"({info.default!r} in 'default')."
+        if info.annotation is bool:
+            flag = option_name(name)
+            decorator = click.option(f"{flag}/--no-{flag[2:]}", name, default=None,
+                                     help=help_text)
+        else:
+            choices = get_args(info.annotation)
+            kind = Choice(choices) if choices else info.annotation
+            decorator = click.option(option_name(name), name, type=kind, default=None,
+                                     help=help_text)
+        command = decorator(command)
+    return command
+
+
 @cli.command()
 @click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
 @click.option("--dataset", default=None, help="Dataset name (default: FLOWERML_DATASET).")
 @click.option("--version", "dataset_version", default=None,
               help="Dataset version (default: the dataset's CURRENT).")
-@click.option("--recipe", default="default", show_default=True,
-              help="default, tutorial, linear-probe or demo; options below override it.")
-@click.option("--arch", default=None, help="resnet18/34/50/101/152, alexnet, vgg16, vgg19.")
-@click.option("--weights", default=None,
-              help="imagenet, none, a local .safetensors/.pth, or an s3:// URI.")
-@click.option("--strategy", default=None, help="finetune or linear-probe.")
-@click.option("--freeze-stages", type=int, default=None, help="Lock the first K stages.")
-@click.option("--augment", default=None, help="standard, tutorial or none.")
-@click.option("--optimizer", default=None, help="adam, adamw or sgd.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None, help="Head learning rate.")
-@click.option("--label-smoothing", type=float, default=None)
-@click.option("--patience", type=int, default=None, help="Early-stopping patience (0: off).")
-@click.option("--image-size", type=int, default=None)
-@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA.")
-@click.option("--compile/--no-compile", "compile_model", default=None, help="torch.compile.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
+              help="A named set of the options below; explicit options override it.")
+@training_options
+@click.option("--config", "config_json", default=None,
+              help="A whole training config as JSON, instead of --recipe and the options above.")
+@click.option("--device", type=Choice(DEVICES), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader workers.")
 @click.option("--run-id", default=None, help="Resume this run, or name a new one.")
-@click.option("--seed", type=int, default=None)
+@click.option("--exit-with-parent", type=int, default=None, hidden=True,
+              help="Stop when this process id is gone (set by the launcher).")
 @click.option("--json-progress", is_flag=True, help="One JSON line per epoch on stdout.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
-          device: str, workers: int | None, run_id: str | None, json_progress: bool,
-          as_json: bool, compile_model: bool | None, **options: Any) -> None:
+          config_json: str | None, device: str, workers: int | None, run_id: str | None,
+          exit_with_parent: int | None, json_progress: bool, as_json: bool,
+          **options: Any) -> None:
     """Fine-tune a model on the published train split, selecting on valid."""
+    from flowerml.launch import exit_with_parent_process
     from flowerml.progress import progress_for_terminal
-    from flowerml.recipes import build_config
+    from flowerml.recipes import build_config, load_config
     from flowerml.training import fit
 
+    if exit_with_parent is not None:
+        exit_with_parent_process(exit_with_parent)
     settings = load_settings(store=store, dataset=dataset)
-    config = build_config(recipe, compile=compile_model, **options)
+    if config_json is not None and any(v is not None for v in options.values()):
+        raise CliError("give --config or training options, not both")
+    config = load_config(config_json) if config_json else build_config(recipe, **options)
     on_event = print_event if json_progress else None
     with progress_for_terminal(quiet=as_json or json_progress) as progress:
         result = fit(config, store=build_store(settings), dataset=settings.dataset,
@@ -223,107 +256,6 @@ def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
     for item in predictions:
         best = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in item["predictions"])
         click.echo(f"{item['image']}: {best}")
-
-
-DEMO_SPEC = {"classes": 10, "per_class": 30, "image_size": 96, "seed": 0}
-DEMO_THRESHOLD = 0.7
-
-
-def demo_source(cache_dir: Path) -> Path:
-    """The demo's synthetic archive, written once into the cache."""
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
-
-    folder = cache_dir / "demo-source"
-    if not (folder / "setid.mat").is_file():
-        write_synthetic_archive(folder, SyntheticSpec(**DEMO_SPEC))
-    return folder
-
-
-def retrain_params(preset: str | None, source: str | None, store: str | None,
-                   dataset: str | None, threshold: float | None, tolerance: float | None,
-                   force: bool, model_name: str, alias: str, cache_dir: Path,
-                   training: dict[str, Any]) -> dict[str, Any]:
-    """The flow's parameters from the command line, the demo preset filling the gaps."""
-    from flowerml.registry import Gate
-
-    training = {k: v for k, v in training.items() if v is not None}
-    if preset == "demo":
-        source = source or str(demo_source(cache_dir))
-        training = {"recipe": "demo", **training}
-        threshold = DEMO_THRESHOLD if threshold is None else threshold
-    gate = Gate(threshold=0.95 if threshold is None else threshold,
-                tolerance=0.005 if tolerance is None else tolerance)
-    params: dict[str, Any] = {"source": source or "official", "training": training,
-                              "gate": {"threshold": gate.threshold, "tolerance": gate.tolerance,
-                                       "force": force},
-                              "model_name": model_name, "alias": alias}
-    if store:
-        params["store"] = store
-    if dataset:
-        params["dataset"] = dataset
-    return params
-
-
-@cli.command()
-@click.option("--preset", type=click.Choice(["demo"]), default=None,
-              help="demo: a synthetic archive, a small CPU model, a 0.7 gate.")
-@click.option("--source", default=None, help="official (default), a folder, URL or s3:// prefix.")
-@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
-@click.option("--dataset", default=None, help="Dataset name (default: flowers102).")
-@click.option("--recipe", default=None, help="default, tutorial, linear-probe or demo.")
-@click.option("--arch", default=None)
-@click.option("--weights", default=None)
-@click.option("--strategy", default=None)
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--lr", type=float, default=None)
-@click.option("--image-size", type=int, default=None)
-@click.option("--device", default=None, help="auto, cpu or cuda.")
-@click.option("--nproc-per-node", type=int, default=None, help="GPUs (torchrun) for training.")
-@click.option("--threshold", type=float, default=None, help="Minimum test top-1 (default 0.95).")
-@click.option("--tolerance", type=float, default=None,
-              help="Allowed drop below production (default 0.005).")
-@click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
-@click.option("--model-name", default="flowers102", show_default=True)
-@click.option("--alias", default="production", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
-            threshold: float | None, tolerance: float | None, force: bool, model_name: str,
-            alias: str, as_json: bool, **training: Any) -> None:
-    """Run the retrain flow: ingest, train, evaluate, register, promote past the gate.
-
-    Reports to PREFECT_API_URL when set; otherwise Prefect runs it in ephemeral mode.
-    """
-    import subprocess
-
-    settings = load_settings(store=store, dataset=dataset)
-    params = retrain_params(preset, source, store, dataset, threshold, tolerance, force,
-                            model_name, alias, settings.cache_dir, training)
-    # The flow runs in its own interpreter: flowerml never imports the flows package.
-    done = subprocess.run([sys.executable, "-m", "flows.retrain", json.dumps(params)],
-                          stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        sys.exit(done.returncode)
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    if as_json:
-        emit_json(summary)
-        return
-    print_retrain_summary(summary, model_name, alias, settings)
-
-
-def print_retrain_summary(summary: dict, model_name: str, alias: str,
-                          settings: Settings) -> None:
-    metrics = summary["metrics"]
-    verdict = "PROMOTED" if summary["promoted"] else "NOT PROMOTED"
-    click.echo(f"{verdict}: {model_name} version {summary['version']} "
-               f"(run {summary['run_id']}, dataset {summary['dataset_version']})")
-    click.echo(f"test top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, "
-               f"mean per-class {metrics['mean_class_accuracy']:.4f} on {metrics['n']} images")
-    for reason in summary["reasons"]:
-        click.echo(f"  - {reason}")
-    examples = sorted((settings.cache_dir / settings.dataset).glob("*/test/*/*.jpg"))
-    image = examples[0] if examples else Path("path/to/flower.jpg")
-    click.echo(f"try: flowerml predict {image} --model {model_name}@{alias}")
 
 
 @cli.group()

@@ -2,11 +2,15 @@
 
 The child runs in its own process group (its own session), so stopping it, on timeout, on
 cancellation of the parent or on any error, stops torchrun and all of its workers with it.
+A child also watches its launcher (`--exit-with-parent`): when the launcher dies without
+stopping it (SIGKILL, out of memory), the child stops its own group within seconds instead of
+training on unattended, holding the GPU, until a write to its dead pipe fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -14,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from flowerml.errors import TransientError, UserError
 
@@ -39,12 +44,41 @@ class ChildOutcome:
 
 
 def train_command(arguments: Sequence[str], nproc_per_node: int = 1) -> list[str]:
-    """`flowerml train ...`, or the same under torchrun for several GPUs."""
+    """`flowerml train ...` (or under torchrun for several GPUs) that dies with this process."""
+    train = ["-m", "flowerml.cli", "train", "--exit-with-parent", str(os.getpid()), *arguments]
     if nproc_per_node > 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc_per_node}", "-m", "flowerml.cli", "train",
-                *arguments]
-    return [sys.executable, "-m", "flowerml.cli", "train", *arguments]
+                f"--nproc-per-node={nproc_per_node}", *train]
+    return [sys.executable, *train]
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is all we know
+
+
+def exit_with_parent_process(pid: int, interval: float = 1.0, grace: float = 10.0) -> None:
+    """Stop this process's group once `pid` is gone; a daemon thread checks every `interval`."""
+
+    def watch() -> None:
+        while process_alive(pid):
+            time.sleep(interval)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)  # SIGTERM was caught and ignored somewhere: leave anyway
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def stop_group(process: subprocess.Popen, grace: float) -> None:
@@ -104,3 +138,12 @@ def check_outcome(outcome: ChildOutcome) -> None:
                               else "training refused its input (exit code 2)")
     last = outcome.tail[-1] if outcome.tail else "no output"
     raise TrainingCrashed(f"training exited with code {outcome.returncode}: {last}")
+
+
+def iter_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON progress events (`flowerml train --json-progress`) among a child's lines."""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                yield json.loads(line)

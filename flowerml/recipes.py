@@ -1,4 +1,10 @@
-"""Training recipes: named sets of hyper-parameters, and the validated `TrainConfig`.
+"""Training recipes and the one typed `TrainConfig`: its choices, bounds and descriptions.
+
+`TrainConfig` is the single source of the training options: the `flowerml train` options (with
+their choices and help), the retrain flow's form (`TrainOverrides`, the same fields, each
+optional) and the child process's input (`TrainConfig` as JSON) are all derived from it, and it
+is validated once, here. This module imports neither torch nor the data code, so computing a
+flow-run name or rendering `--help` stays fast.
 
 `default` fine-tunes every layer with SGD + Nesterov momentum, a backbone learning rate ten
 times below the head's, a short warm-up and a cosine decay, label smoothing 0.1. This follows
@@ -17,74 +23,87 @@ augmentation, fp32, one learning rate for all layers) for comparison. `demo` is 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
-from flowerml.data import PRESETS
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
 from flowerml.errors import UserError
-from flowerml.models import ARCHS, STRATEGIES, num_stages
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "alexnet", "vgg16",
+               "vgg19"]
+Strategy = Literal["finetune", "linear-probe"]
+Augment = Literal["standard", "tutorial", "none"]
+Optimizer = Literal["adam", "adamw", "sgd"]
+Schedule = Literal["cosine", "constant"]
+RecipeName = Literal["default", "tutorial", "linear-probe", "demo"]
+Device = Literal["auto", "cpu", "cuda"]
+
+ARCHS: tuple[str, ...] = get_args(Arch)
+RECIPE_NAMES: tuple[str, ...] = get_args(RecipeName)
+# How many backbone stages `freeze_stages` can lock per arch (tests check it against models.py).
+STAGES: dict[str, int] = {"resnet18": 5, "resnet34": 5, "resnet50": 5, "resnet101": 5,
+                          "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6}
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(BaseModel):
     """Everything that decides what a training run computes."""
 
-    arch: str = "resnet152"
-    weights: str = "imagenet"
-    strategy: str = "finetune"
-    augment: str = "standard"
-    optimizer: str = "sgd"
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 0.01
-    backbone_lr_factor: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    patience: int = 10
-    image_size: int = 224
-    freeze_stages: int = 0
-    seed: int = 0
-    amp: bool = True
-    channels_last: bool = True
-    compile: bool = False
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        check_range("--epochs", self.epochs, 1, 1000)
-        check_range("--batch-size", self.batch_size, 1, 4096)
-        check_range("--lr", self.lr, 1e-7, 10.0)
-        check_range("--backbone-lr-factor", self.backbone_lr_factor, 0.0, 10.0)
-        check_range("--momentum", self.momentum, 0.0, 0.999)
-        check_range("--weight-decay", self.weight_decay, 0.0, 1.0)
-        check_range("--warmup-epochs", self.warmup_epochs, 0.0, self.epochs)
-        check_range("--label-smoothing", self.label_smoothing, 0.0, 0.5)
-        check_range("--patience", self.patience, 0, 1000)
-        check_range("--image-size", self.image_size, 32, 1024)
-        check_range("--seed", self.seed, 0, 2**31 - 1)
-        check_choice("--arch", self.arch, ARCHS)
-        check_choice("--strategy", self.strategy, STRATEGIES)
-        check_choice("--augment", self.augment, PRESETS)
-        check_range("--freeze-stages", self.freeze_stages, 0, num_stages(self.arch))
-        check_choice("--optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("--schedule", self.schedule, SCHEDULES)
+    arch: Arch = Field("resnet152", title="Architecture",
+                       description="torchvision backbone; its classifier is replaced by a "
+                                   "102-way head.")
+    weights: str = Field("imagenet", title="Initial weights", min_length=1,
+                         description="imagenet, none, a local .safetensors/.pth file or an "
+                                     "s3:// URI.")
+    strategy: Strategy = Field("finetune", title="Transfer strategy",
+                               description="finetune trains every layer; linear-probe trains "
+                                           "the head on frozen, cached features.")
+    augment: Augment = Field("standard", title="Augmentation",
+                             description="standard, the original tutorial's transforms, or none.")
+    optimizer: Optimizer = Field("sgd", title="Optimizer")
+    epochs: int = Field(30, ge=1, le=1000, title="Epochs",
+                        description="Training epochs (early stopping may end sooner).")
+    batch_size: int = Field(64, ge=1, le=4096, title="Batch size",
+                            description="Images per step (per GPU under torchrun).")
+    lr: float = Field(0.01, ge=1e-7, le=10.0, title="Learning rate",
+                      description="The head's learning rate.")
+    backbone_lr_factor: float = Field(0.1, ge=0.0, le=10.0, title="Backbone learning-rate factor",
+                                      description="The backbone's learning rate as a fraction "
+                                                  "of the head's.")
+    momentum: float = Field(0.9, ge=0.0, le=0.999, title="Momentum",
+                            description="SGD momentum (Nesterov).")
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0, title="Weight decay")
+    schedule: Schedule = Field("cosine", title="Learning-rate schedule",
+                               description="cosine decay after the warm-up, or constant.")
+    warmup_epochs: float = Field(1.0, ge=0.0, le=1000, title="Warm-up epochs",
+                                 description="Linear warm-up length (at most the epochs).")
+    label_smoothing: float = Field(0.1, ge=0.0, le=0.5, title="Label smoothing")
+    patience: int = Field(10, ge=0, le=1000, title="Early-stopping patience",
+                          description="Epochs without a better valid top-1 before stopping "
+                                      "(0: never stop early).")
+    image_size: int = Field(224, ge=32, le=1024, title="Image size",
+                            description="Training crop side in pixels.")
+    freeze_stages: int = Field(0, ge=0, le=6, title="Frozen stages",
+                               description="Lock the first K backbone stages (5 for ResNets).")
+    seed: int = Field(0, ge=0, le=2**31 - 1, title="Random seed")
+    amp: bool = Field(True, title="Mixed precision", description="bf16/fp16 autocast on CUDA.")
+    channels_last: bool = Field(True, title="Channels-last memory format",
+                                description="On CUDA.")
+    compile: bool = Field(False, title="torch.compile", description="Compile the model on CUDA.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"--warmup-epochs must be between 0 and {self.epochs:g} "
+                             f"(got {self.warmup_epochs:g})")
+        if self.freeze_stages > STAGES[self.arch]:
+            raise ValueError(f"--freeze-stages must be between 0 and {STAGES[self.arch]} for "
+                             f"{self.arch} (got {self.freeze_stages})")
+        return self
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def check_range(option: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise UserError(f"{option} must be between {low:g} and {high:g} (got {value:g})")
-
-
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"{option} must be one of {', '.join(choices)}: got {value!r}")
+        return self.model_dump(mode="json")
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -107,12 +126,71 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def option_name(field: str) -> str:
+    """`batch_size` -> `--batch-size`: how errors name a field, as the CLI spells it."""
+    return "--" + field.replace("_", "-")
+
+
+def describe_error(error: ValidationError) -> str:
+    """The first problem of a validation error as one line naming the option."""
+    first = error.errors(include_url=False)[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    value = first.get("input")
+    if first["type"] == "value_error":
+        return first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        choices = ", ".join(get_args(TrainConfig.model_fields[field].annotation))
+        return f"{option_name(field)} must be one of {choices}: got {value!r}"
+    if first["type"] == "extra_forbidden":
+        return f"unknown training option {field!r}"
+    bounds = _bounds(field)
+    if bounds and isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{option_name(field)} must be between {bounds[0]:g} and {bounds[1]:g} " \
+               f"(got {value:g})"
+    return f"{option_name(field)}: {first['msg']} (got {value!r})"
+
+
+def _bounds(field: str) -> tuple[float, float] | None:
+    info = TrainConfig.model_fields.get(field)
+    low, high = (_bound(info, "ge"), _bound(info, "le")) if info else (None, None)
+    return (low, high) if low is not None and high is not None else None
+
+
 def build_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
-    """A recipe's values with explicit options (those not None) on top."""
-    check_choice("--recipe", recipe, tuple(RECIPES))
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise UserError(f"unknown training option(s): {', '.join(unknown)}")
+    """A recipe's values with explicit options (those not None) on top, validated once."""
+    if recipe not in RECIPES:
+        raise UserError(f"--recipe must be one of {', '.join(RECIPES)}: got {recipe!r}")
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
-    return replace(TrainConfig(), **values)
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        raise UserError(describe_error(error)) from None
+
+
+def load_config(text: str) -> TrainConfig:
+    """A `TrainConfig` from its JSON (the child process's input)."""
+    try:
+        return TrainConfig.model_validate_json(text)
+    except ValidationError as error:
+        raise UserError(f"training config: {describe_error(error)}") from None
+
+
+def _optional(name: str) -> tuple[Any, Any]:
+    info = TrainConfig.model_fields[name]
+    note = "Unset: the recipe's value."
+    description = f"{info.description} {note}" if info.description else note
+    return (info.annotation | None,
+            Field(None, title=info.title, description=description, ge=_bound(info, "ge"),
+                  le=_bound(info, "le")))
+
+
+def _bound(info: Any, kind: str) -> float | None:
+    return next((getattr(m, kind) for m in info.metadata if getattr(m, kind, None) is not None),
+                None)
+
+
+# The form's view of TrainConfig: the same fields, titles, choices and bounds, each optional
+# because an unset field must follow whichever recipe the user picks.
+TrainOverrides = create_model(
+    "TrainOverrides", __doc__="Training options; each unset option takes the recipe's value.",
+    **{name: _optional(name) for name in TrainConfig.model_fields})

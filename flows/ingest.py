@@ -10,12 +10,20 @@ import json
 
 import click
 from prefect import flow
+from prefect.runtime import flow_run
 
+from flowerml.settings import load_settings
 from tasks.ingest import fetch_sources_task, publish_split_task
 
 
-@flow(name="ingest-flowers", flow_run_name="ingest {dataset} from {source}",
-      log_prints=True)
+def run_name() -> str:
+    """`ingest flowers102 from official`: an unset dataset is named as the worker resolves it."""
+    parameters = flow_run.parameters
+    dataset = parameters.get("dataset") or load_settings().dataset
+    return f"ingest {dataset} from {parameters.get('source', 'official')}"
+
+
+@flow(name="ingest-flowers", flow_run_name=run_name, log_prints=True)
 def ingest_flowers(source: str = "official", dataset: str | None = None,
                    store: str | None = None, verify: bool = False) -> dict:
     """Fetch the three source files onto the store, then publish train/valid/test."""

@@ -1,7 +1,14 @@
 """The `retrain_flowers` flow: ingest -> train -> evaluate -> decide -> register (+ promote).
 
-Its one parameter is a pydantic model, so the Prefect UI renders a typed form with defaults and
-descriptions. Run it with `flowerml retrain`, `python -m flows.retrain`, or a deployment.
+Its one parameter is a pydantic model derived from `flowerml.recipes.TrainConfig`, so the
+Prefect UI renders a typed form (dropdowns for every choice, titles, bounds, descriptions) and
+the API refuses a bad value before a run starts. Run it with `flowerml retrain`, `python -m
+flows.retrain`, or a deployment (deploy/prefect.yaml).
+
+Unattended runs: the training run id is the whole flow-run id, so a crashed run that the
+recovery automation (deploy/automations/operations.yaml) puts back to Scheduled resumes its own
+checkpoint, and no two flow runs ever share one; the flow gives up after `recovery_limit`
+automatic recoveries; training has a timeout, and the flow one above it.
 """
 
 from __future__ import annotations
@@ -12,93 +19,140 @@ from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from flowerml.errors import FlowermlError
-from flowerml.recipes import RECIPES, TrainConfig
+from flowerml.errors import FlowermlError, UserError
+from flowerml.recipes import RECIPES, Device, RecipeName, TrainConfig, TrainOverrides, build_config
+from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.ingest import fetch_sources_task, publish_split_task
 from tasks.registry import announce, decide_task, promote_task, register_task
 from tasks.train import train_task
 
+TRAINING_TIMEOUT_S = 2 * 3600
+# Three training attempts (the task retries twice) at their limit, plus ingest and evaluation.
+FLOW_TIMEOUT_S = 3 * TRAINING_TIMEOUT_S + 2 * 3600
+RECOVERY_LIMIT = 3
 
-class TrainingParams(BaseModel):
-    """How to train; unset values come from the recipe."""
 
-    recipe: str = Field("default", description="default, tutorial, linear-probe or demo")
-    arch: str | None = Field(None, description="resnet18/34/50/101/152, alexnet, vgg16, vgg19 "
-                                               "(recipe default: resnet152)")
-    weights: str | None = Field(None, description="imagenet, none, a path or an s3:// URI")
-    strategy: str | None = Field(None, description="finetune or linear-probe")
-    augment: str | None = Field(None, description="standard, tutorial or none")
-    epochs: int | None = Field(None, ge=1, le=1000)
-    batch_size: int | None = Field(None, ge=1, le=4096)
-    lr: float | None = Field(None, gt=0, le=10)
-    image_size: int | None = Field(None, ge=32, le=1024)
-    device: str = Field("auto", description="auto, cpu or cuda")
-    workers: int | None = Field(None, ge=0, le=64, description="DataLoader workers")
-    nproc_per_node: int = Field(1, ge=1, le=16, description="GPUs: >1 runs torchrun with DDP")
-    timeout_s: float | None = Field(None, gt=0, description="Stop training after this long")
+class TrainingParams(TrainOverrides):
+    """How to train: a recipe, the options that override it, and where it runs."""
 
-    def options(self) -> dict[str, Any]:
-        """The `flowerml train` options this sets."""
-        return self.model_dump(exclude={"nproc_per_node", "timeout_s"}, exclude_none=True)
+    recipe: RecipeName = Field("default", title="Recipe",
+                               description="default: ImageNet ResNet-152 fine-tuned for 30 epochs; "
+                                           "tutorial: the original notebook's run; linear-probe; "
+                                           "demo: a small CPU run. The options below override it.")
+    device: Device = Field("auto", title="Device", description="auto picks CUDA when present.")
+    workers: int | None = Field(None, ge=0, le=64, title="DataLoader workers",
+                                description="Input-pipeline processes. Unset: one per CPU core.")
+    nproc_per_node: int = Field(1, ge=1, le=16, title="GPUs per node",
+                                description="More than 1 runs torchrun with DDP on that many GPUs.")
+    timeout_s: float = Field(TRAINING_TIMEOUT_S, gt=0, le=7 * 24 * 3600,
+                             title="Training timeout (seconds)",
+                             description="Stop an attempt after this long; the retry resumes it "
+                                         "from its last checkpoint.")
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> TrainingParams:
+        self.config()  # a combination the recipe cannot take fails here, before any work
+        return self
+
+    def config(self) -> TrainConfig:
+        """The recipe with the options that are set on top, validated."""
+        overrides = self.model_dump(include=set(TrainConfig.model_fields), exclude_none=True)
+        try:
+            return build_config(self.recipe, **overrides)
+        except UserError as error:
+            raise ValueError(str(error)) from None
 
 
 class GateParams(BaseModel):
     """When a candidate may replace production."""
 
-    threshold: float = Field(0.95, ge=0, le=1, description="Minimum test top-1")
-    tolerance: float = Field(0.005, ge=0, le=1,
-                             description="Allowed drop below production's test top-1")
-    force: bool = Field(False, description="Promote regardless of the gate (recorded)")
+    threshold: float = Field(0.95, ge=0, le=1, title="Minimum test top-1")
+    tolerance: float = Field(0.005, ge=0, le=1, title="Allowed drop below production",
+                             description="How far below production's test top-1 a candidate "
+                                         "may score and still be promoted.")
+    force: bool = Field(False, title="Force promotion",
+                        description="Promote regardless of the gate (recorded in the history).")
 
 
 class RetrainParams(BaseModel):
     """One retraining: where the data comes from, how to train, when to promote."""
 
-    source: str = Field("official", description="official, a folder, a base URL or an s3:// "
-                                                "prefix holding the three Flowers-102 files")
-    dataset: str = Field("flowers102", description="Dataset name on the store")
-    store: str | None = Field(None, description="Store URI (default: FLOWERML_STORE)")
-    verify: bool = Field(False, description="Check the official MD5s for non-official sources")
-    training: TrainingParams = Field(default_factory=TrainingParams)
-    gate: GateParams = Field(default_factory=GateParams)
-    model_name: str = Field("flowers102", description="Registry model name")
-    alias: str = Field("production", description="Alias a passing model moves")
+    source: str = Field("official", title="Source",
+                        description="official, a folder, a base URL or an s3:// prefix holding "
+                                    "the three Flowers-102 files")
+    dataset: str = Field("flowers102", title="Dataset", description="Dataset name on the store")
+    store: str | None = Field(None, title="Store",
+                              description="Store URI. Unset: the worker's FLOWERML_STORE")
+    verify: bool = Field(False, title="Verify checksums",
+                         description="Check the official MD5s for non-official sources")
+    training: TrainingParams = Field(default_factory=TrainingParams, title="Training")
+    gate: GateParams = Field(default_factory=GateParams, title="Promotion gate")
+    model_name: str = Field("flowers102", title="Model name", description="Registry model name")
+    alias: str = Field("production", title="Alias", description="Alias a passing model moves")
+    recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
+                                description="How many times a crashed run may be resumed "
+                                            "automatically before it gives up")
+
+
+class RecoveryLimitReached(UserError):
+    """A flow run crashed more often than its parameters allow to resume it."""
 
 
 def run_name() -> str:
     params = RetrainParams.model_validate(flow_run.parameters.get("params") or {})
     training = params.training
-    arch = training.arch or RECIPES.get(training.recipe, {}).get("arch", TrainConfig.arch)
+    arch = training.arch or RECIPES[training.recipe].get("arch", TrainConfig().arch)
     return f"retrain {params.model_name}: {arch} ({training.recipe}) on {params.dataset}"
 
 
-@flow(name="retrain-flowers", flow_run_name=run_name, log_prints=True)
+def training_run_id(model_name: str, flow_run_id: object) -> str:
+    """The training run of a flow run: its whole id, so that every retry and every recovery of
+    this flow run resumes it, and no other flow run (UUIDv7 ids share their leading digits for
+    about a minute) can ever share it."""
+    return f"{model_name}-{flow_run_id}"
+
+
+def check_recoveries(run_count: int, limit: int) -> None:
+    """Refuse to go on once the run has been resumed after a crash more than `limit` times."""
+    recoveries = max(run_count - 1, 0)
+    if recoveries > limit:
+        raise RecoveryLimitReached(
+            f"this flow run has crashed {recoveries} times and recovery_limit allows {limit} "
+            f"automatic resumptions, so it stops here instead of crashing again; its training "
+            f"run keeps its checkpoints: read the crashed attempts' logs before a new run")
+
+
+@flow(name="retrain-flowers", flow_run_name=run_name, log_prints=True,
+      timeout_seconds=FLOW_TIMEOUT_S)
 def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]:  # noqa: B008
     """Ingest, train, evaluate, and promote the model only when it clears the gate."""
-    gate = params.gate.model_dump()
+    check_recoveries(flow_run.run_count, params.recovery_limit)
+    config, gate, model = params.training.config(), params.gate.model_dump(), params.model_name
     fetched = fetch_sources_task(params.source, params.dataset, params.store, params.verify)
     published = publish_split_task(fetched["dataset"], fetched["store"])
     store, version = published["store"], published["version"]
-    run_id = f"{params.model_name}-{str(flow_run.id)[:8]}"  # a task retry resumes this run
-    train_task(run_id, params.training.options(), store=store, dataset=params.dataset,
-               dataset_version=version, nproc_per_node=params.training.nproc_per_node,
+    run_id = training_run_id(model, flow_run.id)
+    train_task(run_id, config.to_json(), store=store, dataset=params.dataset,
+               dataset_version=version, device=params.training.device,
+               workers=params.training.workers, nproc_per_node=params.training.nproc_per_node,
                timeout_s=params.training.timeout_s)
-    evaluated = evaluate_task(run_id, "test", store=store, dataset_version=version)
+    evaluated = evaluate_task(run_id, "test", store=store, dataset_version=version,
+                              artifact_prefix=artifact_key(model))
     metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}
-    decision = decide_task(params.model_name, params.alias, metrics, params.dataset, version,
-                           gate, store=store)
-    registered = register_task(run_id, params.model_name, metrics, decision, gate, store=store)
+    decision = decide_task(model, params.alias, metrics, params.dataset, version, gate,
+                           store=store)
+    registered = register_task(run_id, model, metrics, decision, gate, store=store)
     promoted, reasons = False, decision["reasons"]
     if decision["promote"]:
-        moved = promote_task(params.model_name, registered["version"], params.alias,
+        moved = promote_task(model, registered["version"], params.alias,
                              decision["candidate"], decision["champion"], gate, store=store)
         promoted, reasons = moved["promoted"], moved["reasons"]
     summary = {"dataset_version": version, "run_id": run_id, "metrics": metrics,
                "promoted": promoted, "version": registered["version"], "reasons": reasons}
-    announce(params.model_name, {**summary, "alias": params.alias})
+    announce(model, {**summary, "alias": params.alias})
     return summary
 
 
@@ -109,15 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         params = RetrainParams.model_validate_json(argv[0] if argv else "{}")
         summary = retrain_flowers(params)
     except ValidationError as error:
-        first = error.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        print(f"flowerml: error: retrain parameter {field}: {first['msg']}", file=sys.stderr)
+        print(f"flowerml: error: {describe_parameter_error(error)}", file=sys.stderr)
         return 2
     except FlowermlError as error:
         print(f"flowerml: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def describe_parameter_error(error: ValidationError) -> str:
+    first = error.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"retrain parameter {field}: {message}" if field else f"retrain parameters: {message}"
 
 
 if __name__ == "__main__":

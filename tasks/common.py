@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import get_run_logger
@@ -15,6 +16,13 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     if isinstance(error, TransientError):
         return True
     return not isinstance(error, UserError)
+
+
+def artifact_key(model: str, kind: str | None = None) -> str:
+    """A stable artifact key per model (Prefect keys: lowercase letters, digits, dashes), so
+    the Artifacts page keeps each model's history: `flowers102-evaluation-report`."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or "model"
+    return f"{slug}-{kind}" if kind else slug
 
 
 class LogProgress:

@@ -1,31 +1,66 @@
-"""The evaluation task: a run's best weights on a split, published as Prefect artifacts."""
+"""The evaluation task: a run's best weights on a split, published as Prefect artifacts.
+
+The report on the store links its plots relatively (`confusion.png`), which the Prefect UI
+cannot resolve, so the artifact's copy carries them inline as data URIs: the UI shows them
+with no access to the store.
+"""
 
 from __future__ import annotations
 
+import base64
+import posixpath
+import re
+from collections.abc import Callable
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 
-from flowerml.evaluation import per_class_rows
-from flowerml.inference import evaluate_run
 from flowerml.settings import build_store, load_settings
 from tasks.common import retry_transient
+
+# A relative PNG link (no scheme, no leading slash), bare or in CommonMark's <...> form.
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(<?(?![a-z][a-z0-9+.-]*:|/)([^)<>]+\.png)>?\)")
+
+
+def inline_images(markdown: str, read: Callable[[str], bytes]) -> str:
+    """Markdown with every relative `![caption](name.png)` turned into a data URI."""
+    def embed(match: re.Match) -> str:
+        data = base64.b64encode(read(match.group(2))).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return IMAGE_LINK.sub(embed, markdown)
 
 
 @task(name="evaluate", task_run_name="evaluate {run_id} on {split}", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient,
       cache_policy=INPUTS + TASK_SOURCE + RUN_ID)
 def evaluate_task(run_id: str, split: str = "test", store: str | None = None,
-                  dataset_version: str | None = None) -> dict[str, Any]:
-    """Evaluate and publish the report (markdown) and the per-class table as artifacts."""
+                  dataset_version: str | None = None,
+                  artifact_prefix: str | None = None) -> dict[str, Any]:
+    """Evaluate and publish the report (markdown, plots inline) and the per-class table.
+
+    With `artifact_prefix` (e.g. the model's key) the artifacts get stable keys,
+    `<prefix>-evaluation-report` and `<prefix>-per-class-accuracy`, so the UI keeps their
+    history."""
+    from flowerml.evaluation import per_class_rows
+    from flowerml.inference import evaluate_run
+
     settings = load_settings(store=store)
     target = build_store(settings)
     evaluation = evaluate_run(target, run_id, cache_dir=settings.cache_dir, split=split,
                               version=dataset_version)
-    report = target.get_bytes(evaluation.report_key).decode()
-    create_markdown_artifact(report, key=None, description=f"Evaluation of {run_id} on {split}")
-    create_table_artifact(per_class_rows(evaluation.metrics), key=None,
+    folder = posixpath.dirname(evaluation.report_key)
+    report = inline_images(target.get_bytes(evaluation.report_key).decode(),
+                           lambda name: target.get_bytes(f"{folder}/{name}"))
+    create_markdown_artifact(report, key=_key(artifact_prefix, "evaluation-report"),
+                             description=f"Evaluation of {run_id} on {split}")
+    create_table_artifact(per_class_rows(evaluation.metrics),
+                          key=_key(artifact_prefix, "per-class-accuracy"),
                           description=f"Per-class accuracy of {run_id} on {split}")
     return evaluation.to_json()
+
+
+def _key(prefix: str | None, kind: str) -> str | None:
+    return f"{prefix}-{kind}" if prefix else None

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import quote
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
 from flowerml.promotion import Gate, Scorecard, judge_candidate, promote
 from flowerml.registry import Registry
 from flowerml.release import build_card, register_run
 from flowerml.settings import build_store, load_settings
-from tasks.common import retry_transient
+from tasks.common import artifact_key, retry_transient
 
 
 def gate_of(gate: dict[str, Any]) -> Gate:
@@ -42,16 +43,33 @@ def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: st
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, Any],
                   gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
-    """An immutable registry version of the run (COMMITTED last), with a link artifact."""
-    target = build_store(load_settings(store=store))
+    """An immutable registry version of the run (COMMITTED last), and where to find it."""
+    settings = load_settings(store=store)
+    target = build_store(settings)
     card = build_card(target, run_id, metrics, promote=decision["promote"],
                       reasons=decision["reasons"], gate=gate)
     registered = register_run(Registry(target, model), target, run_id, card)
     uri = f"{target.uri}/registry/{model}/versions/{registered.version:06d}/"
-    create_link_artifact(uri, link_text=registered.label,
-                         description=f"Registered {registered.label} from run {run_id}")
+    create_markdown_artifact(
+        registry_entry(model, registered.version, uri, settings.s3_endpoint_url),
+        key=artifact_key(model, "registry-entry"),
+        description=f"Registered {registered.label} from run {run_id}")
     return {"version": registered.version, "label": registered.label, "uri": uri,
             "weights_sha256": registered.weights_sha256}
+
+
+def registry_entry(model: str, version: int, uri: str, endpoint: str | None) -> str:
+    """Where a registered version lives, as text to copy and, on AWS, a console link to open."""
+    lines = [f"# {model} version {version:06d}", "", "Store location:", "", f"    {uri}", "",
+             "Inspect or use it:", "",
+             f"    flowerml registry show {model} --store {uri.split('/registry/')[0]}",
+             f"    flowerml predict IMAGE.jpg --model {model}:{version} "
+             f"--store {uri.split('/registry/')[0]}"]
+    if uri.startswith("s3://") and not endpoint:
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        lines += ["", f"[Open in the AWS S3 console](https://s3.console.aws.amazon.com/s3/"
+                      f"buckets/{bucket}?prefix={quote(prefix)})"]
+    return "\n".join(lines) + "\n"
 
 
 @task(name="promote-model", task_run_name="promote {model}:{version} to {alias}", retries=2,
@@ -77,7 +95,8 @@ def announce(model: str, summary: dict[str, Any]) -> None:
              f"- dataset version: {summary['dataset_version']}",
              f"- test top-1: {summary['metrics']['top1']:.4f}", "", "## Reasons", ""]
     lines += [f"- {reason}" for reason in summary["reasons"]]
-    create_markdown_artifact("\n".join(lines), key=None, description=f"Promotion decision: {model}")
+    create_markdown_artifact("\n".join(lines), key=artifact_key(model, "promotion-decision"),
+                             description=f"Promotion decision: {model}")
     emit_event(event=f"flowerml.model.{verdict}",
                resource={"prefect.resource.id": f"flowerml.model.{model}",
                          "prefect.resource.name": model},

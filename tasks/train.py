@@ -1,35 +1,43 @@
 """The training task: `flowerml train` in a child process, its progress in Prefect.
 
-Progress lines become log lines and a progress artifact; cancellation, timeout or any error
-stops the child's whole process group. A retry re-runs the same run id, which resumes from the
-last checkpoint, so only crashes and timeouts are retried, never refused input.
+The config is validated here, in the parent, and handed to the child as JSON. Progress lines
+become log lines and one progress artifact per task run (a retry moves the same bar, it does
+not leave a stale one behind); cancellation, timeout or any error stops the child's whole
+process group. A retry re-runs the same run id, which resumes from the last checkpoint, so
+only crashes and timeouts are retried, never refused input.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.runtime import task_run
 
-from flowerml.launch import check_outcome, run_child, train_command
-from flowerml.training import iter_events
+from flowerml.launch import check_outcome, iter_events, run_child, train_command
+from flowerml.recipes import load_config
 from tasks.common import retry_transient
 
 
-def option_arguments(options: dict[str, Any]) -> list[str]:
-    """{"batch_size": 32, "amp": False} -> ["--batch-size", "32", "--no-amp"]."""
-    arguments: list[str] = []
-    for name, value in options.items():
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            arguments.append(flag if value else f"--no-{name.replace('_', '-')}")
-        else:
-            arguments += [flag, str(value)]
-    return arguments
+def progress_artifact(run_id: str) -> UUID:
+    """This task run's progress artifact: the one an earlier attempt made, or a new one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterTaskRunId,
+        ArtifactFilterType,
+    )
+
+    with get_client(sync_client=True) as client:
+        existing = client.read_artifacts(artifact_filter=ArtifactFilter(
+            task_run_id=ArtifactFilterTaskRunId(any_=[task_run.id]),
+            type=ArtifactFilterType(any_=["progress"])))
+    if existing:
+        return existing[0].id
+    return create_progress_artifact(progress=0.0, description=f"Training run {run_id}")
 
 
 class ProgressReporter:
@@ -37,8 +45,7 @@ class ProgressReporter:
 
     def __init__(self, run_id: str) -> None:
         self.logger = get_run_logger()
-        self.artifact = create_progress_artifact(
-            progress=0.0, key=None, description=f"Training run {run_id}")
+        self.artifact = progress_artifact(run_id)
         self.result: dict[str, Any] | None = None
 
     def __call__(self, line: str) -> None:
@@ -57,15 +64,25 @@ class ProgressReporter:
             self.logger.info("%s", json.dumps(event))
 
 
+def child_arguments(run_id: str, config_json: str, **options: Any) -> list[str]:
+    """`flowerml train` arguments: the run, the config as JSON, and the options that are set."""
+    arguments = ["--run-id", run_id, "--json-progress", "--json", "--config", config_json]
+    for name, value in options.items():
+        if value is not None:
+            arguments += ["--" + name.replace("_", "-"), str(value)]
+    return arguments
+
+
 @task(name="train", task_run_name="train {run_id}", retries=2, retry_delay_seconds=30,
       retry_condition_fn=retry_transient)
-def train_task(run_id: str, options: dict[str, Any], store: str | None = None,
+def train_task(run_id: str, config: dict[str, Any], store: str | None = None,
                dataset: str | None = None, dataset_version: str | None = None,
-               nproc_per_node: int = 1, timeout_s: float | None = None) -> dict[str, Any]:
-    """Train (or resume) `run_id`; returns `flowerml train --json`'s result."""
-    arguments = ["--run-id", run_id, "--json-progress", "--json",
-                 *option_arguments({"store": store, "dataset": dataset,
-                                    "version": dataset_version, **options})]
+               device: str = "auto", workers: int | None = None, nproc_per_node: int = 1,
+               timeout_s: float | None = None) -> dict[str, Any]:
+    """Train (or resume) `run_id` with `config` (a TrainConfig); returns `flowerml train --json`."""
+    config_json = load_config(json.dumps(config)).model_dump_json()
+    arguments = child_arguments(run_id, config_json, store=store, dataset=dataset,
+                                version=dataset_version, device=device, workers=workers)
     reporter = ProgressReporter(run_id)
     outcome = run_child(train_command(arguments, nproc_per_node), on_line=reporter,
                         timeout=timeout_s)

@@ -14,6 +14,8 @@ from flowerml.launch import (
     TrainingRefused,
     TrainingTimeout,
     check_outcome,
+    iter_events,
+    process_alive,
     run_child,
     train_command,
 )
@@ -80,7 +82,53 @@ def test_outcomes_map_to_retry_classes() -> None:
 
 
 def test_train_command_uses_torchrun_for_several_gpus() -> None:
-    assert train_command(["--epochs", "1"])[-4:] == ["flowerml.cli", "train", "--epochs", "1"]
+    # train_command now also passes --exit-with-parent <this pid> to the child
+    assert train_command(["--epochs", "1"])[-6:] == [
+        "flowerml.cli", "train", "--exit-with-parent", str(os.getpid()), "--epochs", "1"]
     command = train_command(["--epochs", "1"], nproc_per_node=4)
     assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=4" in command
+
+
+# A launcher that starts a training-like child in its own session (as run_child does), prints
+# the child's pid, then hangs: the test SIGKILLs it, as the OOM killer or `kill -9` would.
+LAUNCHER = """
+import os, subprocess, sys
+watcher = (
+    "import os, sys, time; from flowerml.launch import exit_with_parent_process; "
+    "exit_with_parent_process(int(sys.argv[1]), interval=0.2); "
+    "child = __import__('subprocess').Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+    "print(os.getpid(), child.pid, flush=True); time.sleep(600)")
+child = subprocess.Popen([sys.executable, "-c", watcher, str(os.getpid())],
+                         start_new_session=True)
+child.wait()
+"""
+
+
+def test_a_child_dies_with_its_killed_launcher() -> None:
+    import signal
+    import subprocess
+
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE,
+                                text=True)
+    child, grandchild = map(int, launcher.stdout.readline().split())
+    assert alive(child) and alive(grandchild)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while (alive(child) or alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(child) and not alive(grandchild)  # its whole group went with it
+
+
+def test_process_alive() -> None:
+    import subprocess
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    assert process_alive(os.getpid()) and not process_alive(done.pid)
+
+
+def test_iter_events_keeps_only_json_objects() -> None:
+    lines = ["epoch 1", '{"event": "epoch", "epoch": 1}', "{not json", ' {"epoch": 2} ']
+    assert list(iter_events(lines)) == [{"event": "epoch", "epoch": 1}, {"epoch": 2}]

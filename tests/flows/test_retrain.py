@@ -83,3 +83,79 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     assert registry.alias() == alias_before
     newest = registry.versions()[-1]
     assert newest.version == 5 and not newest.committed
+
+
+# --- what the flow decides before it runs anything ---------------------------------------------
+
+
+def test_scheduled_runs_created_together_get_their_own_training_runs() -> None:
+    """The scheduler makes UUIDv7 flow-run ids: those created in the same second share their
+    first 8 hex digits, which once named the training run, so weekly runs resumed each other."""
+    from prefect._internal.uuid7 import uuid7
+
+    ids = [uuid7() for _ in range(5)]
+    assert len({str(i)[:8] for i in ids}) == 1  # the old prefix collides
+    run_ids = [retrain_module.training_run_id("flowers102", i) for i in ids]
+    assert len(set(run_ids)) == 5
+    assert retrain_module.training_run_id("flowers102", ids[0]) == run_ids[0]  # a retry resumes
+    assert run_ids[0] == f"flowers102-{ids[0]}"
+
+
+@pytest.mark.parametrize(("run_count", "refused"), [(0, False), (1, False), (4, False),
+                                                     (5, True), (9, True)])
+def test_recoveries_are_bounded(run_count: int, refused: bool) -> None:
+    if not refused:
+        retrain_module.check_recoveries(run_count, limit=3)
+        return
+    with pytest.raises(retrain_module.RecoveryLimitReached,
+                       match=f"crashed {run_count - 1} times and recovery_limit allows 3"):
+        retrain_module.check_recoveries(run_count, limit=3)
+
+
+def test_a_recovered_run_past_its_limit_stops_before_any_work(
+        prefect_harness: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The fifth start of one flow run: crashed four times, the automation resumed it 3 times.
+    monkeypatch.setattr(retrain_module.flow_run, "run_count", 5, raising=False)
+    params = RetrainParams(source=str(tmp_path / "missing"), store=str(tmp_path / "store"),
+                           recovery_limit=3)
+    with pytest.raises(retrain_module.RecoveryLimitReached, match="crashed 4 times"):
+        retrain_flowers(params)
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_form_offers_choices_titles_and_descriptions() -> None:
+    schema = retrain_flowers.parameters.model_dump()["definitions"]
+    training = schema["TrainingParams"]["properties"]
+    for field, choice in [("recipe", "demo"), ("device", "cuda")]:
+        assert choice in training[field]["enum"], training[field]
+    for field, choice in [("arch", "resnet152"), ("strategy", "linear-probe"),
+                          ("augment", "tutorial"), ("optimizer", "adamw")]:
+        options = [o for o in training[field]["anyOf"] if "enum" in o]
+        assert choice in options[0]["enum"], training[field]
+    assert training["lr"]["title"] == "Learning rate"
+    assert training["nproc_per_node"]["title"] == "GPUs per node"
+    assert training["timeout_s"]["title"] == "Training timeout (seconds)"
+    assert training["timeout_s"]["default"] == retrain_module.TRAINING_TIMEOUT_S
+    for field in ("epochs", "batch_size", "lr", "image_size"):
+        assert "recipe" in training[field]["description"], field
+
+
+@pytest.mark.parametrize(("training", "message"), [
+    ({"recipe": "demoo"}, "training.recipe"),
+    ({"arch": "resnet9"}, "training.arch"),
+    ({"device": "gpu"}, "training.device"),
+    ({"epochs": 0}, "training.epochs"),
+    ({"arch": "resnet18", "freeze_stages": 6}, "--freeze-stages must be between 0 and 5"),
+])
+def test_typos_are_refused_before_a_run_starts(training: dict, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        RetrainParams.model_validate({"training": training})
+    assert message in retrain_module.describe_parameter_error(info.value)
+
+
+def test_training_params_resolve_through_the_recipe() -> None:
+    params = RetrainParams.model_validate({"training": {"recipe": "demo", "epochs": 3}})
+    config = params.training.config()
+    assert config.arch == "resnet18" and config.epochs == 3 and config.weights == "none"

@@ -10,13 +10,15 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 
 from flowerml.ingest import FetchOptions, ingest
+from flowerml.recipes import build_config
 from flowerml.storage import LocalStore
-from tasks.evaluate import evaluate_task
-from tasks.train import option_arguments, train_task
+from tasks.evaluate import evaluate_task, inline_images
+from tasks.train import child_arguments, progress_artifact, train_task
 from tests.conftest import task_outcome
 
-TINY = {"recipe": "demo", "epochs": 2, "image_size": 40, "batch_size": 8, "device": "cpu",
-        "workers": 0}
+# The task takes a whole TrainConfig (the flow resolves the recipe before any work starts).
+TINY = build_config("demo", epochs=2, image_size=40, batch_size=8).to_json()
+ON_CPU = {"device": "cpu", "workers": 0}
 
 
 @pytest.fixture
@@ -38,9 +40,10 @@ def artifacts_of(flow_run_id) -> list:
     return asyncio.run(read())
 
 
-def test_option_arguments() -> None:
-    assert option_arguments({"batch_size": 8, "amp": False, "lr": None, "compile": True}) == [
-        "--batch-size", "8", "--no-amp", "--compile"]
+def test_child_arguments_carry_the_config_as_json() -> None:
+    assert child_arguments("r1", '{"epochs": 2}', store="s3://b/p", workers=None, device="cpu") \
+        == ["--run-id", "r1", "--json-progress", "--json", "--config", '{"epochs": 2}',
+            "--store", "s3://b/p", "--device", "cpu"]
 
 
 def test_train_then_evaluate_with_artifacts(prefect_harness: None, published: Path) -> None:
@@ -48,24 +51,83 @@ def test_train_then_evaluate_with_artifacts(prefect_harness: None, published: Pa
     def train_and_evaluate() -> tuple:
         from prefect.runtime import flow_run
 
-        trained = train_task("task-run", TINY, store=str(published))
-        evaluated = evaluate_task("task-run", store=str(published))
+        trained = train_task("task-run", TINY, store=str(published), **ON_CPU)
+        evaluated = evaluate_task("task-run", store=str(published), artifact_prefix="flowers102")
         return trained, evaluated, flow_run.id
 
     trained, evaluated, flow_run_id = train_and_evaluate()
     assert trained["run_id"] == "task-run" and trained["epochs_run"] == 2
     assert evaluated["n"] == 8 and evaluated["report"] == "runs/task-run/eval/test/report.md"
-    kinds = sorted(a.type for a in artifacts_of(flow_run_id))
-    assert kinds == ["markdown", "progress", "table"]
-    progress = next(a for a in artifacts_of(flow_run_id) if a.type == "progress")
+    artifacts = artifacts_of(flow_run_id)
+    assert sorted((a.type, a.key) for a in artifacts) == [
+        ("markdown", "flowers102-evaluation-report"), ("progress", None),
+        ("table", "flowers102-per-class-accuracy")]
+    progress = next(a for a in artifacts if a.type == "progress")
     assert progress.data == 100.0
+    report = next(a for a in artifacts if a.type == "markdown").data
+    assert_inline_pngs(report, ["Confusion matrix (row-normalised)", "Training curves"])
+
+
+def assert_inline_pngs(markdown: str, captions: list[str]) -> None:
+    """What the Prefect UI is given: each plot as a data URI that decodes to a real PNG."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    found = dict(re.findall(r"!\[([^\]]*)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)",
+                            markdown))
+    assert sorted(found) == sorted(captions), markdown[:2000]
+    for data in found.values():
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        image.verify()
+        assert image.format == "PNG" and min(image.size) > 100
+    assert ".png)" not in markdown  # no relative link left for the UI to break on
+
+
+def test_inline_images_replaces_relative_links_only() -> None:
+    read = {"confusion.png": b"\x89PNG-a", "my plot.png": b"\x89PNG-b"}.__getitem__
+    text = inline_images("![A](confusion.png) ![B](<my plot.png>) ![C](https://x/y.png)", read)
+    assert text.startswith("![A](data:image/png;base64,iVBORy1h)")
+    assert "![B](data:image/png;base64,iVBORy1i)" in text and "![C](https://x/y.png)" in text
+
+
+def test_a_retry_moves_the_same_progress_artifact(prefect_harness: None) -> None:
+    """A retried attempt reuses its task run's progress bar instead of leaving one at 25%."""
+    from prefect import task
+    from prefect.artifacts import update_progress_artifact
+
+    attempts: list = []
+
+    @task(retries=1, retry_delay_seconds=0)
+    def flaky() -> None:
+        artifact = progress_artifact("flaky")
+        attempts.append(artifact)
+        if len(attempts) == 1:
+            update_progress_artifact(artifact, 25.0)
+            raise RuntimeError("crash after one epoch")
+        update_progress_artifact(artifact, 100.0)
+
+    @flow
+    def retried():
+        from prefect.runtime import flow_run
+
+        flaky()
+        return flow_run.id
+
+    flow_run_id = retried()
+    assert len(attempts) == 2 and attempts[0] == attempts[1]
+    progress = [a for a in artifacts_of(flow_run_id) if a.type == "progress"]
+    assert [a.data for a in progress] == [100.0]
 
 
 def test_refused_input_is_not_retried(prefect_harness: None, published: Path) -> None:
     @flow
     def bad() -> tuple:
         return task_outcome(train_task.with_options(retry_delay_seconds=0)(
-            "bad-run", {**TINY, "arch": "resnet9"}, store=str(published), return_state=True))
+            "bad-run", {**TINY, "arch": "resnet9"}, store=str(published), **ON_CPU,
+            return_state=True))
 
     failed, message, runs = bad()
     assert failed and "--arch must be one of" in message

@@ -1,0 +1,224 @@
+"""`make deploy-demo`: the real deployment path on this machine, on the CPU, in one command.
+
+It starts a Prefect server on 127.0.0.1 (its own PREFECT_HOME and SQLite database under
+./flowerml-deploy-demo/), creates the `gpu` and `cpu` pools from deploy/pools with the GPU
+pool's concurrency limit, registers deploy/prefect.yaml, applies the operations automations
+(zombie detection, crash recovery), starts a process worker, runs the `retrain-manual`
+deployment with demo parameters (a synthetic archive, the `demo` recipe, a 0.7 gate), waits for
+it, prints the decision and the UI URL, and stops everything it started. With `--keep` the
+server stays up (open the UI) until Ctrl-C.
+
+`LocalPrefect` is also what tests/flows/test_deploy.py drives, so the demo and the test walk
+the same path as deploy/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+DEMO_TRAINING = {"recipe": "demo", "epochs": 6, "device": "cpu"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalPrefect:
+    """A Prefect server and workers on loopback, each a process group of its own."""
+
+    def __init__(self, root: Path, *, ui: bool = True, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env.update({
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_API_URL": f"{self.url}/api",
+            "PREFECT_UI_URL": self.url,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{root}/prefect.db",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "true" if ui else "false",
+            # What the systemd unit and the image set on real workers: heartbeats every 30 s
+            # (Prefect's minimum) feed the zombie-detection automation.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",
+            "PREFECT_LOCAL_STORAGE_PATH": str(root / "prefect-results"),
+            **(env or {}),
+        })
+        self.processes: list[subprocess.Popen] = []
+
+    def start_server(self, timeout: float = 180) -> None:
+        self.processes.append(self._spawn("server", [*PREFECT, "server", "start", "--host",
+                                                     "127.0.0.1", "--port", str(self.port)]))
+        self._wait_for_health(timeout)
+
+    def start_worker(self, pool: str, *extra: str, name: str = "worker") -> subprocess.Popen:
+        process = self._spawn(name, [*PREFECT, "worker", "start", "--pool", pool, "--type",
+                                     "process", *extra])
+        self.processes.append(process)
+        return process
+
+    def prefect(self, *args: str, timeout: float = 300) -> str:
+        done = subprocess.run([*PREFECT, *args], env=self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n"
+                               f"{done.stderr[-3000:]}")
+        return done.stdout
+
+    def api(self, path: str, body: dict | None = None, method: str | None = None) -> Any:
+        request = urllib.request.Request(
+            f"{self.url}/api{path}", method=method or ("POST" if body is not None else "GET"),
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    def set_up_deployments(self, automation_file: Path | None = None) -> None:
+        """deploy/README.md sections 2, 7 and 9, as an operator runs them."""
+        self.prefect("work-pool", "create", "gpu", "--type", "process",
+                     "--base-job-template", "deploy/pools/process.json")
+        self.prefect("work-pool", "set-concurrency-limit", "gpu", "1")
+        self.prefect("work-pool", "create", "cpu", "--type", "process")
+        self.prefect("deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
+        subprocess.run([sys.executable, "deploy/automations/apply.py",
+                        str(automation_file or REPO / "deploy/automations/operations.yaml")],
+                       env=self.env, cwd=REPO, check=True, capture_output=True, text=True,
+                       timeout=120)
+
+    def run_deployment(self, name: str, params: dict[str, Any]) -> str:
+        """`prefect deployment run NAME --params ...`; returns the flow run's id."""
+        out = self.prefect("deployment", "run", name, "--params", json.dumps({"params": params}))
+        return next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self.api(f"/flow_runs/{run_id}")
+
+    def wait_for_final_state(self, run_id: str, timeout: float,
+                             during: Any = None) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.flow_run(run_id)
+            if run["state_type"] in ("COMPLETED", "FAILED", "CANCELLED") or (
+                    run["state_type"] == "CRASHED" and run["state_name"] != "Crashed"):
+                return run
+            if during:
+                during()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"flow run {run_id} still {run['state_name']} after "
+                                   f"{timeout:g} s; logs in {self.root}")
+            time.sleep(1)
+
+    def latest_artifact(self, key: str) -> dict[str, Any] | None:
+        with contextlib.suppress(urllib.error.HTTPError):
+            return self.api(f"/artifacts/{key}/latest")
+        return None
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            stop_group(process)
+        self.processes.clear()
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 - the process keeps it
+        return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _wait_for_health(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{self.url}/api/health", timeout=2)
+                return
+            if self.processes[0].poll() is not None or time.monotonic() > deadline:
+                log = (self.root / "server.log").read_text()[-3000:]
+                raise RuntimeError(f"the Prefect server did not come up:\n{log}")
+            time.sleep(0.3)
+
+
+def stop_group(process: subprocess.Popen, grace: float = 20) -> None:
+    """SIGINT a process group (Prefect's workers and server stop cleanly on it), then KILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def local_prefect(root: Path, **options: Any) -> Iterator[LocalPrefect]:
+    prefect = LocalPrefect(root, **options)
+    try:
+        prefect.start_server()
+        yield prefect
+    finally:
+        prefect.stop()
+
+
+def write_demo_source(folder: Path) -> None:
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+
+    write_synthetic_archive(folder, SyntheticSpec(classes=10, per_class=30, image_size=96))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("flowerml-deploy-demo"),
+                        help="where the server's database, the store and the logs go "
+                             "(emptied first)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the server up after the run, until Ctrl-C")
+    args = parser.parse_args()
+    root = args.dir.resolve()
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    write_demo_source(root / "source")
+    env = {"FLOWERML_STORE": str(root / "store"), "FLOWERML_CACHE_DIR": str(root / "cache")}
+    started = time.monotonic()
+    with local_prefect(root, env=env) as prefect:
+        print(f"Prefect server and UI: {prefect.url} (logs in {root})", flush=True)
+        prefect.set_up_deployments()
+        print("pools gpu (concurrency 1) and cpu, 3 deployments, 2 automations", flush=True)
+        prefect.start_worker("gpu", "--limit", "1", name="worker-gpu")
+        run_id = prefect.run_deployment("retrain-flowers/retrain-manual", {
+            "source": str(root / "source"), "training": DEMO_TRAINING,
+            "gate": {"threshold": 0.7}})
+        print(f"flow run {run_id}: {prefect.url}/runs/flow-run/{run_id}", flush=True)
+        run = prefect.wait_for_final_state(run_id, timeout=900)
+        decision = prefect.latest_artifact("flowers102-promotion-decision")
+        print(f"\nflow run {run['name']}: {run['state_name']} "
+              f"after {time.monotonic() - started:.0f} s")
+        print(decision["data"] if decision else "(no decision: see the worker log)")
+        print(f"UI: {prefect.url}/runs/flow-run/{run_id}")
+        if args.keep:
+            print("serving until Ctrl-C ...", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+    return 0 if run["state_type"] == "COMPLETED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
