@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo bench clean
+.PHONY: test test-fast lint demo deploy-demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,12 +18,18 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -q
 
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
 demo: $(STAMP)
 	$(BIN)/flowerml retrain --preset demo
 	@echo "(flowerml is installed in $(VENV): run '. $(VENV)/bin/activate' before the command above)"
+
+deploy-demo: $(STAMP)
+	$(BIN)/python deploy/demo.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 
 clean:
-	rm -rf $(VENV) flowerml-store flowerml-cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) flowerml-store flowerml-cache flowerml-deploy-demo .pytest_cache .ruff_cache

@@ -201,30 +201,3 @@ def test_unreachable_endpoint(source_copy: Path, s3_bucket: str, moto_endpoint: 
 
     listed = boto3.client("s3", endpoint_url=moto_endpoint).list_objects_v2(Bucket=s3_bucket)
     assert listed.get("KeyCount", 0) == 0
-
-
-def test_retrain_demo_preset_json(tmp_path: Path) -> None:
-    """`flowerml retrain --preset demo` end to end, in Prefect's ephemeral mode."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "FLOWERML_STORE": str(tmp_path / "store"),
-           "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
-           "PREFECT_HOME": str(tmp_path / "prefect")}
-    env.pop("PREFECT_API_URL", None)
-    done = subprocess.run([sys.executable, "-m", "flowerml.cli", "retrain", "--preset", "demo",
-                           "--epochs", "2", "--image-size", "40", "--json"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout)
-    assert set(summary) == {"dataset_version", "run_id", "metrics", "promoted", "version",
-                            "reasons"}
-    assert summary["version"] == 1 and summary["metrics"]["n"] == 140
-    assert any("threshold 0.7000" in reason for reason in summary["reasons"])
-    from flowerml.registry import Registry
-    from flowerml.storage import LocalStore
-
-    registry = Registry(LocalStore(tmp_path / "store"), "flowers102")
-    assert registry.get(1).committed
-    assert (registry.alias() is not None) == summary["promoted"]

@@ -73,9 +73,10 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     restored = registry.rollback()
     assert restored.version == 1 and registry.history()[-1]["to"] == 1
 
-    original_register = Registry.register
-    monkeypatch.setattr(Registry, "register", lambda self, *a, **k: original_register(
-        self, *a, **{**k, "fail_before_commit": True}))
+    def crash(self, version, sha):  # the last step of register: COMMITTED
+        raise RuntimeError(f"simulated crash before committing version {version:06d}")
+
+    monkeypatch.setattr(Registry, "_commit", crash)
     monkeypatch.setattr(retrain_module, "register_task", register_task.with_options(retries=0))
     alias_before = registry.alias()
     with pytest.raises(RuntimeError):
