@@ -1,101 +1,182 @@
-"""The real deployment path on CPU: a Prefect server, a process work pool, `prefect deploy` of
-deploy/prefect.yaml's manual deployment, a worker with --run-once, and a promoted version on S3.
+"""The real deployment path on CPU, as deploy/README.md runs it: a Prefect server, the pools
+from deploy/pools (the gpu pool's concurrency limit 1), `prefect deploy --all`, the operations
+automations, process workers, and the runs they execute, on a moto S3 store.
+
+It kills what production loses: the worker and the flow-run process are SIGKILLed in the middle
+of training. Without a human, the zombie automation marks the run Crashed (its heartbeats stop),
+the recovery automation reschedules it, a restarted worker picks it up and the same flow run
+resumes its training run from the last checkpoint. A manual run submitted meanwhile never trains
+at the same time (one GPU, one limit), and the scheduler's runs each get their own training run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from flowerml.launch import process_alive
 from flowerml.registry import Registry
+from flowerml.runs import RunFiles
 from flowerml.storage import S3Options, S3Store
-from tests.conftest import free_port, wait_for_http
+from flows.retrain import training_run_id
 
-REPO = Path(__file__).resolve().parents[2]
-PREFECT = [sys.executable, "-m", "prefect"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
+from demo import REPO, LocalPrefect  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# Heartbeats come every 30 s (Prefect's minimum); the test's zombie threshold is just above it.
+ZOMBIE_AFTER_S = 40
 
 
 @pytest.fixture
-def prefect_server(tmp_path: Path, moto_endpoint: str):
-    """A real `prefect server start` (SQLite) on a free loopback port, and the env to reach it."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update({
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "FLOWERML_WORKDIR": str(REPO),
+def prefect_stack(tmp_path: Path, moto_endpoint: str):
+    prefect = LocalPrefect(tmp_path, ui=False, env={
         "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
         "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT2S",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "2",
     })
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    wait_for_http(f"http://127.0.0.1:{port}/api/health", server, log=tmp_path / "server.log")
-    yield env
-    os.killpg(server.pid, 15)
-    server.wait(timeout=30)
-    log.close()
+    try:
+        prefect.start_server()
+        yield prefect
+    finally:
+        prefect.stop()
 
 
-def prefect(env: dict, *args: str, timeout: float = 300) -> str:
-    done = subprocess.run([*PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout[-3000:]}" \
-                                 f"\n{done.stderr[-3000:]}"
-    return done.stdout
+def short_zombie_automations(tmp_path: Path) -> Path:
+    text = (REPO / "deploy/automations/operations.yaml").read_text()
+    assert text.count("within: 90") == 1
+    path = tmp_path / "operations.yaml"
+    path.write_text(text.replace("within: 90", f"within: {ZOMBIE_AFTER_S}"))
+    return path
 
 
-def test_manual_deployment_runs_on_a_process_worker(prefect_server: dict, tmp_path: Path,
-                                                    s3_bucket: str, moto_endpoint: str,
-                                                    synthetic_source: Path) -> None:
-    env = prefect_server
-    prefect(env, "work-pool", "create", "gpu", "--type", "process",
-            "--base-job-template", "deploy/pools/process.json")
-    prefect(env, "deploy", "--prefect-file", "deploy/prefect.yaml",
-            "--name", "retrain-flowers/retrain-manual")
-    params = {"params": {
-        "source": str(synthetic_source), "store": f"s3://{s3_bucket}/ml",
-        "training": {"recipe": "demo", "epochs": 2, "image_size": 40, "batch_size": 8,
-                     "device": "cpu", "workers": 0},
-        "gate": {"threshold": 0.0, "tolerance": 1.0, "force": False}}}
-    prefect(env, "deployment", "run", "retrain-flowers/retrain-manual",
-            "--params", json.dumps(params))
-    prefect(env, "worker", "start", "--pool", "gpu", "--run-once", timeout=600)
-
-    runs = json.loads(urllib.request.urlopen(urllib.request.Request(
-        env["PREFECT_API_URL"] + "/flow_runs/filter", data=b"{}",
-        headers={"Content-Type": "application/json"}), timeout=10).read())
-    retrain_runs = [r for r in runs if r["name"].startswith("retrain flowers102")]
-    assert [r["state_type"] for r in retrain_runs] == ["COMPLETED"], runs
-    registry = Registry(S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint)),
-                        "flowers102")
-    assert registry.alias().version == 1
-    assert registry.history()[0]["to"] == 1
-    event = wait_for_event(env["PREFECT_API_URL"], "flowerml.model.promoted")
-    assert event["resource"]["prefect.resource.id"] == "flowerml.model.flowers102"
-    assert event["payload"]["version"] == 1 and "top1" in event["payload"]["metrics"]
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the flow-run process and anything it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
-def wait_for_event(api: str, name: str, timeout: float = 30) -> dict:
-    """The first event of that name the server has stored (it persists them asynchronously)."""
-    body = json.dumps({"filter": {"event": {"name": [name]}}}).encode()
-    deadline = time.monotonic() + timeout
-    while True:
-        page = json.loads(urllib.request.urlopen(urllib.request.Request(
-            api + "/events/filter", data=body, headers={"Content-Type": "application/json"}),
-            timeout=10).read())
-        if page["events"] or time.monotonic() > deadline:
-            assert page["events"], f"no {name} event stored within {timeout} s"
-            return page["events"][0]
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def run_params(source: Path, bucket: str, epochs: int) -> dict:
+    return {"source": str(source), "store": f"s3://{bucket}/ml",
+            "training": {"recipe": "demo", "epochs": epochs, "image_size": 40, "batch_size": 8,
+                         "device": "cpu", "workers": 0},
+            "gate": {"threshold": 0.0, "tolerance": 1.0}}
+
+
+def test_scheduled_runs_each_get_their_own_training_run(prefect_stack: LocalPrefect,
+                                                        tmp_path: Path) -> None:
+    prefect = prefect_stack
+    prefect.set_up_deployments(short_zombie_automations(tmp_path))
+    weekly = prefect.api("/deployments/name/retrain-flowers/retrain-weekly")
+    deadline = time.monotonic() + 120
+    while len(runs := prefect.api("/flow_runs/filter", {"flow_runs": {"deployment_id": {
+            "any_": [weekly["id"]]}}})) < 2:
+        assert time.monotonic() < deadline, "the scheduler made no weekly runs"
         time.sleep(1)
+    assert all(r["state_type"] == "SCHEDULED" for r in runs)
+    ids = [r["id"] for r in runs]
+    assert len({training_run_id("flowers102", i) for i in ids}) == len(ids)
+    # What the deployments and the pool look like to an operator.
+    pool = prefect.api("/work_pools/gpu")
+    assert pool["concurrency_limit"] == 1
+    for name in ("retrain-weekly", "retrain-manual"):
+        deployment = prefect.api(f"/deployments/name/retrain-flowers/{name}")
+        assert deployment["entrypoint"] == "flows.retrain.retrain_flowers"
+        assert deployment["global_concurrency_limit"] is None  # the pool's limit is the one
+        assert deployment["parameters"]["params"]["training"]["timeout_s"] == 7200
+    names = {a["name"] for a in prefect.api("/automations/filter", {})}
+    assert {"flowerml-crash-zombie-flow-runs", "flowerml-recover-crashed-retrain"} <= names
+
+
+def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect, tmp_path: Path,
+                                                     s3_bucket: str, moto_endpoint: str,
+                                                     synthetic_source: Path) -> None:
+    prefect = prefect_stack
+    prefect.set_up_deployments(short_zombie_automations(tmp_path))
+    store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
+    # --limit 2: the worker could take both runs; only the pool's limit keeps them apart.
+    worker = prefect.start_worker("gpu", "--limit", "2", name="worker-1")
+    killed = prefect.run_deployment("retrain-flowers/retrain-weekly",
+                                    run_params(synthetic_source, s3_bucket, epochs=8))
+    waiting = prefect.run_deployment("retrain-flowers/retrain-manual",
+                                     run_params(synthetic_source, s3_bucket, epochs=1))
+    run_id = training_run_id("flowers102", killed)
+    checkpoint = RunFiles(store, run_id).key("checkpoint.json")
+
+    def one_training_at_a_time() -> None:
+        states = [prefect.flow_run(i)["state_type"] for i in (killed, waiting)]
+        assert sum(s in ("PENDING", "RUNNING") for s in states) <= 1, states
+
+    def training_pids() -> list[int]:
+        return [p for p in descendants(worker.pid) if "flowerml.cli train" in command_line(p)]
+
+    deadline = time.monotonic() + 300
+    while not store.exists(checkpoint):  # the first epoch is on the store: kill now
+        assert time.monotonic() < deadline, f"no checkpoint; logs in {tmp_path}"
+        one_training_at_a_time()
+        time.sleep(0.2)
+    trainers = training_pids()
+    assert trainers, "the training child is not running"
+    killed_at = time.monotonic()
+    for pid in [worker.pid, *descendants(worker.pid)]:
+        if pid not in trainers:  # the training child must go by itself
+            os.kill(pid, signal.SIGKILL)
+    while any(process_alive(p) for p in trainers):
+        assert time.monotonic() - killed_at < 20, "the training child outlived its launcher"
+        time.sleep(0.2)
+    assert prefect.flow_run(killed)["state_name"] == "Running"  # a zombie, holding the slot
+
+    prefect.start_worker("gpu", "--limit", "2", name="worker-2")
+    final = prefect.wait_for_final_state(killed, timeout=600, during=one_training_at_a_time)
+    recovered_after = time.monotonic() - killed_at
+    assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {tmp_path}"
+    assert prefect.wait_for_final_state(waiting, timeout=300)["state_type"] == "COMPLETED"
+    history = [s["name"] for s in prefect.api(f"/flow_run_states/?flow_run_id={killed}")]
+    assert "Crashed" in history and "Recovering" in history, history
+    assert final["run_count"] == 2
+    result = json.loads(store.get_bytes(RunFiles(store, run_id).key("result.json")))
+    assert result["resumed_from_epoch"] >= 1 and result["epochs_run"] == 8
+    registry = Registry(store, "flowers102")
+    assert {v.card["lineage"]["run_id"] for v in registry.versions()} == {
+        run_id, training_run_id("flowers102", waiting)}
+    event = wait_for_event(prefect, "flowerml.model.promoted")
+    assert event["resource"]["prefect.resource.id"] == "flowerml.model.flowers102"
+    assert event["payload"]["version"] in (1, 2) and "top1" in event["payload"]["metrics"]
+    print(f"\ncrash recovery: killed -> Completed in {recovered_after:.0f} s")
+
+
+def wait_for_event(prefect: LocalPrefect, name: str, timeout: float = 30) -> dict:
+    """The first event of that name the server has stored (it persists them asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not (page := prefect.api("/events/filter", {"filter": {"event": {"name": [name]}}}))[
+            "events"]:
+        assert time.monotonic() < deadline, f"no {name} event stored within {timeout} s"
+        time.sleep(1)
+    return page["events"][0]
