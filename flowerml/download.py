@@ -7,7 +7,14 @@ It also owns the streaming checksum helpers (`md5_of`, `sha256_of`) and `redact_
 strips credentials from a URL before it is named in an error.
 
 Bad input (a 404, a non-http scheme, a wrong checksum) raises `SourceError`; a failure that may
-pass later (5xx, throttling, a flaky connection) raises `DownloadError` once the retries are spent.
+pass later (5xx, throttling, a flaky connection) raises `DownloadRetriesExhausted` once the
+retries are spent.
+
+Retry policy: this loop is the only layer that retries an HTTP download. Its failure after the
+retries is a `RetriesExhausted`, which the Prefect fetch task does not retry again (else the
+attempts multiply: retries+1 requests per task run, times the task's runs). A transient failure
+this loop does not retry (an unlisted 5xx such as 501) is a plain `DownloadError`, which the
+task layer may retry.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from flowerml.errors import DownloadError, SourceError
+from flowerml.errors import DownloadError, DownloadRetriesExhausted, SourceError
 
 __all__ = [
     "RETRY_STATUSES",
@@ -332,10 +339,12 @@ def download_file(
     Streams into ``<dest>.part`` and resumes it with ``Range`` across retries and across calls.
     Retries 429/500/502/503/504 and connection errors ``retries`` times with backoff
     ``backoff * 2**attempt`` (capped at ``max_backoff``; a numeric Retry-After wins, same cap),
-    then raises `DownloadError`. Any other 4xx, a non-http(s) URL or redirect, an https->http
-    redirect, or an MD5 mismatch raises `SourceError`. ``dest`` appears only once complete and
-    verified. An existing ``dest`` that matches ``expected_md5`` (or any, when None) is returned
-    without a request. ``progress(bytes_so_far, total_or_None)`` is called as bytes arrive.
+    then raises `DownloadRetriesExhausted` (a `DownloadError` that no outer layer retries again);
+    an unlisted 5xx raises a plain `DownloadError` at once. Any other 4xx, a non-http(s) URL or
+    redirect, an https->http redirect, or an MD5 mismatch raises `SourceError`. ``dest`` appears
+    only once complete and verified. An existing ``dest`` that matches ``expected_md5`` (or any,
+    when None) is returned without a request. ``progress(bytes_so_far, total_or_None)`` is
+    called as bytes arrive.
     """
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
@@ -377,7 +386,7 @@ def _transfer(
     progress: Progress | None,
     chunk_size: int,
 ) -> None:
-    """Run attempts until ``part`` is complete; DownloadError after ``retries`` retries."""
+    """Run attempts until ``part`` is complete; DownloadRetriesExhausted after ``retries``."""
     last: _Retry | None = None
     last_exc: Exception | None = None
     for attempt in range(retries + 1):
@@ -392,6 +401,6 @@ def _transfer(
         if last is None:
             return
     assert last is not None
-    raise DownloadError(
+    raise DownloadRetriesExhausted(
         f"{redact_url(url)}: download failed after {retries} retries: {last.reason}"
     ) from last_exc

@@ -2,7 +2,8 @@
 
 `UserError` and its subclasses are bad input: the CLI prints their message on one line and
 exits 2. Anything else is a bug or an outage and keeps its traceback. `TransientError` marks
-what is worth retrying (Prefect tasks retry only these).
+what is worth retrying (Prefect tasks retry only these); `RetriesExhausted` marks a transient
+failure whose own layer has already spent its retries, which no outer layer retries again.
 """
 
 from __future__ import annotations
@@ -24,12 +25,24 @@ class TransientError(FlowermlError):
     """A failure that may pass on retry (network, 5xx, throttling)."""
 
 
+class RetriesExhausted(TransientError):
+    """A transient failure that the layer owning its retry policy already retried to its limit.
+
+    Outer layers (Prefect task retries) must not retry it again, or the attempts multiply.
+    """
+
+
 class SourceError(UserError):
     """A source file is missing, corrupt, or not what it claims to be."""
 
 
 class DownloadError(TransientError):
     """A download failed after its retries, for a reason that might pass later."""
+
+
+class DownloadRetriesExhausted(DownloadError, RetriesExhausted):
+    """A download that failed after every retry flowerml.download allows (``retries``, from
+    FLOWERML_DOWNLOAD_RETRIES): the Prefect fetch task does not retry it again."""
 
 
 class ArchiveError(SourceError):

@@ -7,12 +7,16 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from flowerml.errors import TransientError, UserError
+from flowerml.errors import RetriesExhausted, TransientError, UserError
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry outages and unknown failures; never bad input, which fails the same way again."""
+    """Retry outages and unknown failures; never bad input, which fails the same way again, and
+    never what the layer below already retried to its limit (`RetriesExhausted`, e.g. a download
+    after FLOWERML_DOWNLOAD_RETRIES), which would only multiply the attempts."""
     error = state.data if isinstance(state.data, BaseException) else None
+    if isinstance(error, RetriesExhausted):
+        return False
     if isinstance(error, TransientError):
         return True
     return not isinstance(error, UserError)

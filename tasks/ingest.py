@@ -2,6 +2,11 @@
 
 Thin adapters: read the settings, call one flowerml function, return a small JSON-able dict.
 Both steps are idempotent, so retries (transient failures only) and re-runs are safe.
+
+One retry layer per path: an HTTP download is retried by flowerml.download alone
+(FLOWERML_DOWNLOAD_RETRIES, with Range resume, backoff and Retry-After); its final failure is a
+`RetriesExhausted` that `retry_transient` does not retry here. Task retries are for what no layer
+below retried: unknown failures, an unlisted 5xx, a store that stayed unreachable.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from flowerml.download import (
     redact_url,
     sha256_of,
 )
-from flowerml.errors import DownloadError, SourceError
+from flowerml.errors import DownloadError, DownloadRetriesExhausted, RetriesExhausted, SourceError
 from tests.conftest import free_port
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes: several chunks at chunk_size=4096
@@ -344,6 +344,24 @@ def test_backoff_doubles_and_is_capped_retry_after_too(server: Server, tmp_path:
     assert sleeps == pytest.approx([0.01, 0.02, 0.04, 0.05])
 
 
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_always_503_is_requested_exactly_retries_plus_one_times(
+        server: Server, tmp_path: Path, sleeps, retries: int):
+    script = server.serve(status(503, Retry_After="0.02"))
+    dest = tmp_path / "file.bin"
+
+    with pytest.raises(DownloadRetriesExhausted) as err:
+        download_file(server.url(), dest, retries=retries, **FAST)
+
+    # The library owns the retry policy of an HTTP download: retries+1 requests, no more, and
+    # its failure says so to outer layers (RetriesExhausted: Prefect does not retry it again).
+    assert len(script.requests) == retries + 1
+    assert isinstance(err.value, RetriesExhausted) and isinstance(err.value, DownloadError)
+    assert f"after {retries} retries: HTTP 503 Service Unavailable" in str(err.value)
+    assert sleeps == pytest.approx([0.02] * retries)  # the server's Retry-After, not backoff
+    assert not dest.exists()
+
+
 # --- 4. a server that ignores Range --------------------------------------------------------
 
 
@@ -421,10 +439,12 @@ def test_403_is_a_source_error_without_retry(server: Server, tmp_path: Path):
 def test_unlisted_5xx_is_transient_but_not_retried_here(server: Server, tmp_path: Path):
     script = server.serve(status(501))
 
-    with pytest.raises(DownloadError, match="HTTP 501"):
+    with pytest.raises(DownloadError, match="HTTP 501") as err:
         download_file(server.url(), tmp_path / "file.bin", **FAST)
 
     assert len(script.requests) == 1
+    # Not retried here, so not marked as retried: the task layer may still retry it.
+    assert not isinstance(err.value, RetriesExhausted)
 
 
 # --- 7. unreachable endpoint ---------------------------------------------------------------
@@ -433,7 +453,7 @@ def test_unlisted_5xx_is_transient_but_not_retried_here(server: Server, tmp_path
 def test_unreachable_endpoint_is_retried_then_download_error(tmp_path: Path, sleeps):
     url = f"http://127.0.0.1:{free_port()}/file.bin"
 
-    with pytest.raises(DownloadError) as err:
+    with pytest.raises(DownloadRetriesExhausted) as err:
         download_file(url, tmp_path / "file.bin", retries=3, **FAST)
 
     assert sleeps == pytest.approx([0.01, 0.02, 0.04])  # exactly `retries` retries

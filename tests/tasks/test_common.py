@@ -5,13 +5,22 @@ from __future__ import annotations
 import pytest
 from prefect.states import Failed
 
-from flowerml.errors import DownloadError, LabelsError, SourceError
+from flowerml.errors import (
+    DownloadError,
+    DownloadRetriesExhausted,
+    LabelsError,
+    RetriesExhausted,
+    SourceError,
+)
 from flowerml.storage import StoreAccessError, StoreUnreachable
 from tasks.common import retry_transient
 
 
 @pytest.mark.parametrize(("error", "retried"), [
     (DownloadError("503 after retries"), True),
+    (DownloadError("HTTP 501, not retried by the download"), True),
+    (DownloadRetriesExhausted("HTTP 503 after FLOWERML_DOWNLOAD_RETRIES"), False),
+    (RetriesExhausted("retried to its limit below"), False),
     (StoreUnreachable("no answer"), True),
     (ConnectionResetError("reset"), True),
     (SourceError("MD5 mismatch"), False),
