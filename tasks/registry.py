@@ -8,21 +8,27 @@ promotion that raced another one re-decides instead of overwriting it.
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
-from flowerml.promotion import Gate, Scorecard, judge_candidate, promote
-from flowerml.registry import Registry
-from flowerml.release import build_card, register_run
 from flowerml.settings import build_store, load_settings
 from tasks.common import artifact_key, retry_transient
 
+if TYPE_CHECKING:
+    from flowerml.promotion import Gate
+
+
+# The registry and promotion modules load torch (champion re-evaluation), so they are imported
+# where a task runs, not when a flow module is imported (a flow-run name must stay cheap).
+
 
 def gate_of(gate: dict[str, Any]) -> Gate:
+    from flowerml.promotion import Gate
+
     return Gate(threshold=gate["threshold"], tolerance=gate["tolerance"])
 
 
@@ -31,6 +37,8 @@ def gate_of(gate: dict[str, Any]) -> Gate:
 def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: str,
                 gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     """The gate's verdict on a candidate against the current production model."""
+    from flowerml.promotion import judge_candidate
+
     settings = load_settings(store=store)
     promote, reasons, candidate, champion = judge_candidate(
         build_store(settings), model, alias, metrics["top1"], dataset, version, gate_of(gate),
@@ -44,6 +52,9 @@ def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: st
 def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, Any],
                   gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     """An immutable registry version of the run (COMMITTED last), and where to find it."""
+    from flowerml.registry import Registry
+    from flowerml.release import build_card, register_run
+
     settings = load_settings(store=store)
     target = build_store(settings)
     card = build_card(target, run_id, metrics, promote=decision["promote"],
@@ -78,6 +89,9 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
                  champion: dict[str, Any] | None, gate: dict[str, Any],
                  store: str | None = None) -> dict[str, Any]:
     """Move the alias by compare-and-swap; if production moved since the decision, decide again."""
+    from flowerml.promotion import Scorecard, promote
+    from flowerml.registry import Registry
+
     registry = Registry(build_store(load_settings(store=store)), model)
     promoted, reasons, state = promote(
         registry, version, scorecard=Scorecard(**candidate),
