@@ -138,6 +138,9 @@ def describe_error(error: ValidationError) -> str:
     value = first.get("input")
     if first["type"] == "value_error":
         return first["msg"].removeprefix("Value error, ")
+    if not field:
+        # The input as a whole (e.g. invalid JSON): no option to name, and no input to echo.
+        return first["msg"]
     if first["type"] == "literal_error":
         choices = ", ".join(get_args(TrainConfig.model_fields[field].annotation))
         return f"{option_name(field)} must be one of {choices}: got {value!r}"
