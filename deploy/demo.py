@@ -99,10 +99,12 @@ class LocalPrefect:
         self.prefect("work-pool", "set-concurrency-limit", "gpu", "1")
         self.prefect("work-pool", "create", "cpu", "--type", "process")
         self.prefect("deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
-        subprocess.run([sys.executable, "deploy/automations/apply.py",
-                        str(automation_file or REPO / "deploy/automations/operations.yaml")],
-                       env=self.env, cwd=REPO, check=True, capture_output=True, text=True,
-                       timeout=120)
+        self.apply_automations(automation_file or REPO / "deploy/automations/operations.yaml")
+
+    def apply_automations(self, path: Path) -> None:
+        """`python deploy/automations/apply.py FILE`, as the runbook has it."""
+        subprocess.run([sys.executable, "deploy/automations/apply.py", str(path)], env=self.env,
+                       cwd=REPO, check=True, capture_output=True, text=True, timeout=120)
 
     def run_deployment(self, name: str, params: dict[str, Any]) -> str:
         """`prefect deployment run NAME --params ...`; returns the flow run's id."""

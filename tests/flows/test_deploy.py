@@ -34,8 +34,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ZOMBIE_AFTER_S = 40
 
 
-@pytest.fixture
-def prefect_stack(tmp_path: Path, moto_endpoint: str):
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str):
+    """One server for the module, set up as the runbook says (pools, deployments, automations
+    with the test's short zombie threshold)."""
+    tmp_path = tmp_path_factory.mktemp("prefect-stack")
     prefect = LocalPrefect(tmp_path, ui=False, env={
         "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
         "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
@@ -45,6 +48,7 @@ def prefect_stack(tmp_path: Path, moto_endpoint: str):
     })
     try:
         prefect.start_server()
+        prefect.set_up_deployments(short_zombie_automations(tmp_path))
         yield prefect
     finally:
         prefect.stop()
@@ -93,7 +97,6 @@ def run_params(source: Path, bucket: str, epochs: int) -> dict:
 def test_scheduled_runs_each_get_their_own_training_run(prefect_stack: LocalPrefect,
                                                         tmp_path: Path) -> None:
     prefect = prefect_stack
-    prefect.set_up_deployments(short_zombie_automations(tmp_path))
     weekly = prefect.api("/deployments/name/retrain-flowers/retrain-weekly")
     deadline = time.monotonic() + 120
     while len(runs := prefect.api("/flow_runs/filter", {"flow_runs": {"deployment_id": {
@@ -113,13 +116,33 @@ def test_scheduled_runs_each_get_their_own_training_run(prefect_stack: LocalPref
         assert deployment["parameters"]["params"]["training"]["timeout_s"] == 7200
     names = {a["name"] for a in prefect.api("/automations/filter", {})}
     assert {"flowerml-crash-zombie-flow-runs", "flowerml-recover-crashed-retrain"} <= names
+    # Applying the automations again replaces them instead of doubling them.
+    prefect.apply_automations(short_zombie_automations(tmp_path))
+    assert sorted(a["name"] for a in prefect.api("/automations/filter", {})) == sorted(names)
+
+
+def test_the_systemd_stop_sequence_stops_an_idle_worker_at_once(
+        prefect_stack: LocalPrefect) -> None:
+    """deploy/systemd: ExecStop's SIGTERM to the worker, then KillSignal (SIGTERM) to the unit's
+    whole group. One SIGTERM alone left an idle worker running for minutes."""
+    prefect = prefect_stack
+    prefect.prefect("work-pool", "create", "idle", "--type", "process")
+    worker = prefect.start_worker("idle", "--limit", "1", name="idle-worker")
+    deadline = time.monotonic() + 120
+    while "started!" not in (prefect.root / "idle-worker.log").read_text():
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.2)
+    started = time.monotonic()
+    os.kill(worker.pid, signal.SIGTERM)  # ExecStop=/bin/kill -TERM $MAINPID
+    os.killpg(worker.pid, signal.SIGTERM)  # KillMode=control-group, KillSignal=SIGTERM
+    worker.wait(timeout=30)  # TimeoutStopSec=30
+    assert time.monotonic() - started < 10
 
 
 def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect, tmp_path: Path,
                                                      s3_bucket: str, moto_endpoint: str,
                                                      synthetic_source: Path) -> None:
     prefect = prefect_stack
-    prefect.set_up_deployments(short_zombie_automations(tmp_path))
     store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
     # --limit 2: the worker could take both runs; only the pool's limit keeps them apart.
     worker = prefect.start_worker("gpu", "--limit", "2", name="worker-1")
@@ -139,7 +162,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
 
     deadline = time.monotonic() + 300
     while not store.exists(checkpoint):  # the first epoch is on the store: kill now
-        assert time.monotonic() < deadline, f"no checkpoint; logs in {tmp_path}"
+        assert time.monotonic() < deadline, f"no checkpoint; logs in {prefect.root}"
         one_training_at_a_time()
         time.sleep(0.2)
     trainers = training_pids()
@@ -156,7 +179,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
     prefect.start_worker("gpu", "--limit", "2", name="worker-2")
     final = prefect.wait_for_final_state(killed, timeout=600, during=one_training_at_a_time)
     recovered_after = time.monotonic() - killed_at
-    assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {tmp_path}"
+    assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {prefect.root}"
     assert prefect.wait_for_final_state(waiting, timeout=300)["state_type"] == "COMPLETED"
     history = [s["name"] for s in prefect.api(f"/flow_run_states/?flow_run_id={killed}")]
     assert "Crashed" in history and "Recovering" in history, history
