@@ -1,12 +1,17 @@
-"""Shared test fixtures: real parts only (moto's HTTP S3 server, Prefect's test harness, files)."""
+"""Shared test fixtures: real parts only (moto's HTTP S3 server, Prefect's test harness, files),
+and `synthetic_data`, which builds each synthetic archive, ingest and tiny trained run once."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
@@ -28,6 +33,10 @@ for name in [n for n in os.environ if n.startswith("FLOWERML_")]:
     del os.environ[name]
 
 from flowerml.storage import LocalStore, S3Options, S3Store, Store  # noqa: E402
+from flowerml.synthetic import SyntheticSpec, write_synthetic_archive  # noqa: E402
+
+if TYPE_CHECKING:
+    from flowerml.recipes import TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -133,21 +142,107 @@ def store_keys(store: Store, prefix: str = "") -> list[str]:
     return [info.key for info in store.list(prefix)]
 
 
-@pytest.fixture(scope="session")
-def synthetic_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small archive in the official format: 4 classes x 6 images, 48 px."""
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+class StoreAndCache(NamedTuple):
+    """A local store and the cache directory that goes with it."""
 
-    folder = tmp_path_factory.mktemp("synthetic") / "src"
-    write_synthetic_archive(folder, SyntheticSpec(classes=4, per_class=6, image_size=48, seed=1))
-    return folder
+    store: LocalStore
+    cache: Path
+
+
+SMALL_SPEC = SyntheticSpec(classes=4, per_class=6, image_size=48, seed=1)
+"""The archive of `synthetic_source`: 4 classes x 6 images (2 train, 2 valid, 2 test), 48 px."""
+
+DATASET = "flowers102"
+
+
+def spec_name(spec: SyntheticSpec) -> str:
+    return (f"{spec.classes}x{spec.per_class}-{spec.image_size}px-seed{spec.seed}"
+            f"-q{spec.jpeg_quality}")
+
+
+def copy_tree(pristine: Path, dest: Path) -> Path:
+    """A test's own copy of a built tree, made of hard links (instant, no disk): the stores and
+    caches replace files atomically and never write into one, so a copy changes only itself.
+    Lock files are left out, so that copies never share a lock."""
+    shutil.copytree(pristine, dest, copy_function=os.link, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.lock"))
+    return dest
+
+
+class SyntheticData:
+    """Synthetic archives, their ingests and tiny trained runs, each built once per session.
+
+    Each is built on first use under its own folder, named by what it is, and returned as a
+    pristine path that no test may change: a test that changes things works on `copy(...)`.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def once(self, name: str, build: Callable[[Path], object]) -> Path:
+        """`root/name`, built by `build(folder)` the first time it is asked for."""
+        folder = self.root / name
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            (folder / ".built").touch()
+        return folder
+
+    def source(self, spec: SyntheticSpec) -> Path:
+        """The three source files of `spec`'s archive (read-only: damage a copy)."""
+        return self.once(f"source-{spec_name(spec)}",
+                         lambda folder: write_synthetic_archive(folder, spec))
+
+    def published(self, spec: SyntheticSpec) -> Path:
+        """A folder with `store/` (`spec`'s archive ingested as flowers102) and `cache/`."""
+        from flowerml.ingest import FetchOptions, ingest
+
+        source = self.source(spec)
+
+        def build(folder: Path) -> None:
+            ingest(str(source), LocalStore(folder / "store"), DATASET, folder / "cache",
+                   FetchOptions())
+
+        return self.once(f"published-{spec_name(spec)}", build)
+
+    def trained(self, spec: SyntheticSpec, run_id: str, config: TrainConfig) -> Path:
+        """`published(spec)` plus run `run_id` trained with `config` on the CPU."""
+        from flowerml.training import fit
+
+        published = self.published(spec)
+        identity = json.dumps([run_id, config.to_json()], sort_keys=True).encode()
+
+        def build(folder: Path) -> None:
+            copy_tree(published, folder)
+            fit(config, store=LocalStore(folder / "store"), dataset=DATASET, run_id=run_id,
+                cache_dir=folder / "cache", device="cpu", workers=0)
+
+        return self.once(f"trained-{spec_name(spec)}-{hashlib.sha256(identity).hexdigest()[:12]}",
+                         build)
+
+    @staticmethod
+    def copy(pristine: Path, dest: Path) -> StoreAndCache:
+        """A private copy of a built folder, as its store and cache."""
+        copy_tree(pristine, dest)
+        return StoreAndCache(LocalStore(dest / "store", concurrency=8), dest / "cache")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticData:
+    """The session's synthetic archives, ingests and trained runs, each built once."""
+    return SyntheticData(tmp_path_factory.mktemp("synthetic-data"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(synthetic_data: SyntheticData) -> Path:
+    """A small archive in the official format: 4 classes x 6 images, 48 px (read-only)."""
+    return synthetic_data.source(SMALL_SPEC)
 
 
 @pytest.fixture
 def source_copy(synthetic_source: Path, tmp_path: Path) -> Path:
     """A private copy of the synthetic source that a test may damage."""
-    import shutil
-
     return Path(shutil.copytree(synthetic_source, tmp_path / "src"))
 
 

@@ -12,27 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner, Result
 
 from flowerml import flowers
-from flowerml.cli import cli
 from tests.builders import archive_members, regular, rewrite_archive, rewrite_mat, special
+from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import free_port
-
-
-def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
-    return CliRunner().invoke(cli, list(args), env=env)
 
 
 def ingest_args(source: Path | str, store: Path | str, *extra: str) -> list[str]:
     return ["ingest", "--source", str(source), "--store", str(store), "--json", *extra]
-
-
-def assert_refused(result: Result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr
-    assert "Traceback" not in result.output
-    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def published(store_dir: Path) -> list[Path]:
@@ -184,6 +172,7 @@ def test_missing_bucket(source_copy: Path, tmp_path: Path, moto_endpoint: str) -
     assert_refused(result, f"bucket 'no-such-bucket' at {moto_endpoint} does not exist")
 
 
+@pytest.mark.slow  # starts an auth-enforcing moto server process
 def test_access_denied(source_copy: Path, denying_s3_endpoint: str) -> None:
     result = invoke(*ingest_args(source_copy, "s3://guarded/x"),
                     env={"FLOWERML_S3_ENDPOINT_URL": denying_s3_endpoint})

@@ -1,4 +1,4 @@
-"""`flowerml registry ...`, `predict --model` and `retrain` argument checks, through the CLI."""
+"""`flowerml registry ...` and `predict --model`, through the library's CLI."""
 
 from __future__ import annotations
 
@@ -6,27 +6,33 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from flowerml.cli import cli
-from flowerml.ingest import FetchOptions, ingest
 from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model
 from flowerml.registry import Registry
 from flowerml.storage import LocalStore
+from tests.cli_helpers import assert_refused
+from tests.cli_helpers import invoke as cli_invoke
+from tests.conftest import SMALL_SPEC, SyntheticData, copy_tree
 
 
 @pytest.fixture
-def registry(tmp_path: Path, synthetic_source: Path) -> Registry:
-    """A registry holding two committed versions (test top-1 0.9 and 0.6) of a 4-class model."""
-    store = LocalStore(tmp_path / "store")
-    ingest(str(synthetic_source), store, "flowers102", tmp_path / "cache", FetchOptions())
-    published = resolve_dataset(store, "flowers102")
-    entry = Registry(store, "flowers102")
-    for seed, top1 in ((1, 0.9), (2, 0.6)):
-        weights = build_model("resnet18", 4, seed=seed).state_dict()
-        entry.register(weights, card(published, top1))
-    return entry
+def registry(synthetic_data: SyntheticData, tmp_path: Path) -> Registry:
+    """A test's own registry holding two committed versions (test top-1 0.9 and 0.6) of a
+    4-class model, on a store with the small dataset published (cache next to the store)."""
+    def build(folder: Path) -> None:
+        copy_tree(synthetic_data.published(SMALL_SPEC), folder)
+        store = LocalStore(folder / "store")
+        published = resolve_dataset(store, "flowers102")
+        entry = Registry(store, "flowers102")
+        for seed, top1 in ((1, 0.9), (2, 0.6)):
+            entry.register(build_model("resnet18", 4, seed=seed).state_dict(),
+                           card(published, top1))
+
+    pristine = synthetic_data.once("registry-two-versions", build)
+    store, _ = synthetic_data.copy(pristine, tmp_path)
+    return Registry(store, "flowers102")
 
 
 def card(published, top1: float) -> dict:
@@ -37,14 +43,8 @@ def card(published, top1: float) -> dict:
 
 
 def invoke(entry: Registry, *args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), env={
-        "FLOWERML_STORE": str(entry.store.root),
-        "FLOWERML_CACHE_DIR": str(entry.store.root.parent / "cache")})
-
-
-def assert_refused(result: Result, message: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr and "Traceback" not in result.output
+    """`flowerml ARGS` on the registry's store and the cache beside it."""
+    return cli_invoke(*args, store=entry.store, cache=entry.store.root.parent / "cache")
 
 
 def test_promote_reject_force_history_rollback(registry: Registry) -> None:
@@ -69,8 +69,6 @@ def test_promote_reject_force_history_rollback(registry: Registry) -> None:
 def test_threshold_outside_unit_interval(registry: Registry) -> None:
     assert_refused(invoke(registry, "registry", "promote", "flowers102", "1",
                           "--threshold", "1.5"), "--threshold must be between 0 and 1 (got 1.5)")
-    assert_refused(invoke(registry, "retrain", "--threshold", "-0.1"),
-                   "--threshold must be between 0 and 1 (got -0.1)")
     assert registry.alias() is None and registry.history() == []
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from flowerml.promotion import Gate, Scorecard, champion_scorecard, decide_promotion, promote
 from flowerml.registry import Registry, RegistryError, resolve_ref
 from flowerml.storage import LocalStore, Store
+from tests.flowerml.conftest import RegisteredRun
 
 MANIFEST = "a" * 64
 MODEL = "flowers102"
@@ -191,47 +191,23 @@ def test_promote_decides_again_when_the_champion_changed(local_store: LocalStore
 # Judging: the champion's score on the candidate's test manifest
 
 
-@pytest.fixture(scope="module")
-def released(tmp_path_factory: pytest.TempPathFactory):
-    """A trained, evaluated run 'r' registered as flowers102:1 and made production."""
-    from flowerml.inference import evaluate_run
-    from flowerml.ingest import FetchOptions, ingest
-    from flowerml.recipes import build_config
-    from flowerml.release import build_card, register_run
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
-    from flowerml.training import fit
-
-    root = tmp_path_factory.mktemp("promotion")
-    write_synthetic_archive(root / "src", SyntheticSpec(classes=4, per_class=8, image_size=48))
-    store = LocalStore(root / "store")
-    ingest(str(root / "src"), store, "flowers102", root / "cache", FetchOptions())
-    fit(build_config("demo", epochs=1, image_size=40, batch_size=8), store=store,
-        dataset="flowers102", run_id="r", cache_dir=root / "cache", device="cpu", workers=0)
-    metrics = evaluate_run(store, "r", cache_dir=root / "cache", device="cpu",
-                           workers=0).metrics.summary()
-    registry = Registry(store, "flowers102")
-    built = build_card(store, "r", metrics, promote=True, reasons=["test"],
-                       gate={"threshold": 0.0, "tolerance": 0.0, "force": True})
-    version = register_run(registry, store, "r", built)
-    registry.set_alias("production", version.version, reason="test", forced=True)
-    return store, root / "cache", registry, metrics
-
-
-def test_champion_on_the_same_manifest_is_read_from_its_card(released) -> None:
+def test_champion_on_the_same_manifest_is_read_from_its_card(
+        registered_run: RegisteredRun) -> None:
     from flowerml.manifest import resolve_dataset
 
-    store, cache, registry, metrics = released
+    store, cache, registry, metrics = registered_run
     published = resolve_dataset(store, "flowers102")
     score = champion_scorecard(registry, published, alias="production", cache_dir=cache,
                                device="cpu")
     assert (score.top1, score.version) == (metrics["top1"], 1)
 
 
-def test_champion_on_another_manifest_is_re_evaluated(released, monkeypatch) -> None:
+def test_champion_on_another_manifest_is_re_evaluated(registered_run: RegisteredRun,
+                                                     monkeypatch) -> None:
     import flowerml.inference as inference
     from flowerml.manifest import resolve_dataset
 
-    store, cache, registry, metrics = released
+    store, cache, registry, metrics = registered_run
     published = resolve_dataset(store, "flowers102")
     calls: list[str] = []
     original = inference.evaluate_model
@@ -243,16 +219,16 @@ def test_champion_on_another_manifest_is_re_evaluated(released, monkeypatch) -> 
     monkeypatch.setattr(inference, "evaluate_model", counting)
     moved = replace(published, manifest_sha256="0" * 64)
     score = champion_scorecard(registry, moved, alias="production", cache_dir=cache,
-                               device="cpu")
+                               device="cpu", workers=0)  # no DataLoader worker processes
     assert calls == ["evaluated"]
     assert score.test_manifest_sha256 == "0" * 64 and score.version == 1
     assert score.top1 == pytest.approx(metrics["top1"])  # same weights, same test images
 
 
-def test_no_production_model_means_no_champion(released, tmp_path: Path) -> None:
+def test_no_production_model_means_no_champion(registered_run: RegisteredRun) -> None:
     from flowerml.manifest import resolve_dataset
 
-    store, cache, _, _ = released
+    store, cache, _, _ = registered_run
     published = resolve_dataset(store, "flowers102")
     assert champion_scorecard(Registry(store, "tulips"), published, alias="production",
                               cache_dir=cache) is None
