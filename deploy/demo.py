@@ -32,7 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
-DEMO_TRAINING = {"recipe": "demo", "epochs": 6, "device": "cpu"}
+DEMO_TRAINING = {"recipe": "demo", "device": "cpu"}
 
 
 def free_port() -> int:

@@ -23,9 +23,10 @@ augmentation, fp32, one learning rate for all layers) for comparison. `demo` is 
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.errors import UserError
 
@@ -178,13 +179,20 @@ def load_config(text: str) -> TrainConfig:
         raise UserError(f"training config: {describe_error(error)}") from None
 
 
+def _drop_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
 def _optional(name: str) -> tuple[Any, Any]:
+    """A TrainConfig field as an override: None (the recipe's value) is accepted in Python but
+    left out of the JSON schema, so a form shows a plain dropdown or number box, empty = unset."""
     info = TrainConfig.model_fields[name]
-    note = "Unset: the recipe's value."
+    note = "Empty: the recipe's value."
     description = f"{info.description} {note}" if info.description else note
-    return (info.annotation | None,
-            Field(None, title=info.title, description=description, ge=_bound(info, "ge"),
-                  le=_bound(info, "le")))
+    constrained = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    return (constrained | SkipJsonSchema[None],
+            Field(None, title=info.title, description=description,
+                  json_schema_extra=_drop_default))
 
 
 def _bound(info: Any, kind: str) -> float | None:
@@ -192,8 +200,29 @@ def _bound(info: Any, kind: str) -> float | None:
                 None)
 
 
-# The form's view of TrainConfig: the same fields, titles, choices and bounds, each optional
-# because an unset field must follow whichever recipe the user picks.
+class _Overrides(BaseModel):
+    """Training options; each unset option takes the recipe's value."""
+
+    @model_validator(mode="after")
+    def _resolvable(self) -> _Overrides:
+        try:
+            self.config()  # a combination the recipe cannot take fails here, before any work
+        except UserError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    def config(self) -> TrainConfig:
+        """The recipe with the options that are set on top, validated."""
+        overrides = self.model_dump(include=set(TrainConfig.model_fields), exclude_none=True)
+        return build_config(self.recipe, **overrides)
+
+
+# The form's view of TrainConfig: the recipe first, then the same fields, titles, choices and
+# bounds, each optional because an unset field must follow whichever recipe the user picks.
 TrainOverrides = create_model(
-    "TrainOverrides", __doc__="Training options; each unset option takes the recipe's value.",
+    "TrainOverrides", __base__=_Overrides,
+    recipe=(RecipeName, Field("default", title="Recipe", description=(
+        "default: ImageNet ResNet-152 fine-tuned for 30 epochs; tutorial: the original "
+        "notebook's run; linear-probe: a frozen backbone; demo: a small CPU run. The options "
+        "below override it."))),
     **{name: _optional(name) for name in TrainConfig.model_fields})

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.errors import FlowermlError, UserError
-from flowerml.recipes import RECIPES, Device, RecipeName, TrainConfig, TrainOverrides, build_config
+from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, _drop_default
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.ingest import fetch_sources_task, publish_split_task
@@ -38,32 +39,17 @@ RECOVERY_LIMIT = 3
 class TrainingParams(TrainOverrides):
     """How to train: a recipe, the options that override it, and where it runs."""
 
-    recipe: RecipeName = Field("default", title="Recipe",
-                               description="default: ImageNet ResNet-152 fine-tuned for 30 epochs; "
-                                           "tutorial: the original notebook's run; linear-probe; "
-                                           "demo: a small CPU run. The options below override it.")
     device: Device = Field("auto", title="Device", description="auto picks CUDA when present.")
-    workers: int | None = Field(None, ge=0, le=64, title="DataLoader workers",
-                                description="Input-pipeline processes. Unset: one per CPU core.")
+    workers: Annotated[int, Field(ge=0, le=64)] | SkipJsonSchema[None] = Field(
+        None, title="DataLoader workers",
+        description="Input-pipeline processes. Empty: one per CPU core.",
+        json_schema_extra=_drop_default)
     nproc_per_node: int = Field(1, ge=1, le=16, title="GPUs per node",
                                 description="More than 1 runs torchrun with DDP on that many GPUs.")
     timeout_s: float = Field(TRAINING_TIMEOUT_S, gt=0, le=7 * 24 * 3600,
                              title="Training timeout (seconds)",
                              description="Stop an attempt after this long; the retry resumes it "
                                          "from its last checkpoint.")
-
-    @model_validator(mode="after")
-    def _resolvable(self) -> TrainingParams:
-        self.config()  # a combination the recipe cannot take fails here, before any work
-        return self
-
-    def config(self) -> TrainConfig:
-        """The recipe with the options that are set on top, validated."""
-        overrides = self.model_dump(include=set(TrainConfig.model_fields), exclude_none=True)
-        try:
-            return build_config(self.recipe, **overrides)
-        except UserError as error:
-            raise ValueError(str(error)) from None
 
 
 class GateParams(BaseModel):
@@ -84,8 +70,9 @@ class RetrainParams(BaseModel):
                         description="official, a folder, a base URL or an s3:// prefix holding "
                                     "the three Flowers-102 files")
     dataset: str = Field("flowers102", title="Dataset", description="Dataset name on the store")
-    store: str | None = Field(None, title="Store",
-                              description="Store URI. Unset: the worker's FLOWERML_STORE")
+    store: str | SkipJsonSchema[None] = Field(
+        None, title="Store", description="Store URI. Empty: the worker's FLOWERML_STORE",
+        json_schema_extra=_drop_default)
     verify: bool = Field(False, title="Verify checksums",
                          description="Check the official MD5s for non-official sources")
     training: TrainingParams = Field(default_factory=TrainingParams, title="Training")

@@ -127,18 +127,19 @@ def test_a_recovered_run_past_its_limit_stops_before_any_work(
 def test_the_form_offers_choices_titles_and_descriptions() -> None:
     schema = retrain_flowers.parameters.model_dump()["definitions"]
     training = schema["TrainingParams"]["properties"]
-    for field, choice in [("recipe", "demo"), ("device", "cuda")]:
-        assert choice in training[field]["enum"], training[field]
-    for field, choice in [("arch", "resnet152"), ("strategy", "linear-probe"),
-                          ("augment", "tutorial"), ("optimizer", "adamw")]:
-        options = [o for o in training[field]["anyOf"] if "enum" in o]
-        assert choice in options[0]["enum"], training[field]
+    assert list(training)[0] == "recipe"  # the form starts with the recipe
+    for field, choice in [("recipe", "demo"), ("device", "cuda"), ("arch", "resnet152"),
+                          ("strategy", "linear-probe"), ("augment", "tutorial"),
+                          ("optimizer", "adamw")]:
+        # a plain enum (a dropdown), not anyOf [enum, null] (a type toggle in the UI)
+        assert choice in training[field]["enum"] and "anyOf" not in training[field], field
+    assert training["epochs"]["minimum"] == 1 and "default" not in training["epochs"]
     assert training["lr"]["title"] == "Learning rate"
     assert training["nproc_per_node"]["title"] == "GPUs per node"
     assert training["timeout_s"]["title"] == "Training timeout (seconds)"
     assert training["timeout_s"]["default"] == retrain_module.TRAINING_TIMEOUT_S
     for field in ("epochs", "batch_size", "lr", "image_size"):
-        assert "recipe" in training[field]["description"], field
+        assert "Empty: the recipe's value" in training[field]["description"], field
 
 
 @pytest.mark.parametrize(("training", "message"), [
