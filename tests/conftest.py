@@ -181,12 +181,12 @@ class SyntheticData:
 
     def once(self, name: str, build: Callable[[Path], object]) -> Path:
         """`root/name`, built by `build(folder)` the first time it is asked for."""
-        folder = self.root / name
-        if not (folder / ".built").exists():
+        folder, built = self.root / name, self.root / f"{name}.built"
+        if not built.exists():
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
             build(folder)
-            (folder / ".built").touch()
+            built.touch()  # beside the folder, which holds only what `build` made
         return folder
 
     def source(self, spec: SyntheticSpec) -> Path:
