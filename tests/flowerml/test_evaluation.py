@@ -219,6 +219,7 @@ def test_training_curves_plot_tolerates_missing_keys(tmp_path: Path) -> None:
     assert_png(plot_training_curves([], tmp_path / "empty.png"), (600, 300))
 
 
+@pytest.mark.slow  # a child Python process
 def test_import_is_cheap_and_free_of_prefect_and_pyplot() -> None:
     code = ("import sys, flowerml.evaluation; "
             "print(sorted(m for m in ('prefect', 'matplotlib', 'matplotlib.pyplot') "

@@ -209,6 +209,7 @@ def listing(store: Store, prefix: str) -> dict[str, tuple[int, str]]:
     return {info.key: (info.size, info.etag) for info in store.list(prefix)}
 
 
+@pytest.mark.slow  # child processes: an ingest killed with SIGKILL, then run again
 def test_killed_ingest_resumes_to_the_same_store(tmp_path: Path, moto_endpoint: str) -> None:
     import boto3
 

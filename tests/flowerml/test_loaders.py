@@ -18,7 +18,7 @@ SIZE = 32
 
 
 @pytest.mark.parametrize("preset", ["standard", "tutorial"])
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2 worker processes
 def test_build_loaders_yields_batches(local_store: LocalStore, local_published: PublishedDataset,
                                       tmp_path: Path, preset: str, workers: int) -> None:
     loaders = build_loaders(local_store, local_published, tmp_path / "cache", preset=preset,
@@ -37,6 +37,7 @@ def test_build_loaders_yields_batches(local_store: LocalStore, local_published: 
     assert valid_labels == [e.label - 1 for e in local_published.split_files("valid")]
 
 
+@pytest.mark.slow  # a DataLoader worker process
 def test_build_loaders_is_reproducible_and_has_test(store: Store, published: PublishedDataset,
                                                     tmp_path: Path) -> None:
     def first_epoch() -> list[torch.Tensor]:

@@ -375,6 +375,7 @@ def race_process(spec: tuple[str, ...], barrier: multiprocessing.synchronize.Bar
     race(Registry(open_spec(spec), MODEL), barrier, worker, rounds)
 
 
+@pytest.mark.slow  # spawned worker processes
 def test_concurrent_alias_moves_from_processes(store: Store) -> None:
     workers, rounds = 4, 5
     registry = setup_race(store)

@@ -147,6 +147,7 @@ def test_missing_bucket_is_a_clear_error(moto_endpoint: str, s3_options: S3Optio
         store.put_bytes("k", b"v")
 
 
+@pytest.mark.slow  # starts an auth-enforcing moto server process
 def test_access_denied_names_bucket_not_secret(denying_s3_endpoint: str) -> None:
     store = S3Store("guarded", "", S3Options(endpoint_url=denying_s3_endpoint))
     with pytest.raises(StoreAccessError, match="access denied to bucket 'guarded'") as caught:
