@@ -9,7 +9,6 @@ import sys
 import pytest
 
 
-
 @pytest.mark.parametrize("code", [
     "import flows.retrain",
     "import flows.ingest",
