@@ -3,8 +3,10 @@
 The loop is plain PyTorch: mixed precision (bf16 where the GPU has it) and channels_last on
 CUDA, optional torch.compile, a warm-up + cosine schedule stepped per batch, label smoothing,
 early stopping on valid top-1. A checkpoint is written after every epoch, so re-running with
-the same run id resumes where the last one stopped; under torchrun the same code trains with
-DDP, rank 0 evaluating and writing. `fit` takes explicit arguments, never the settings.
+the same run id resumes where the last one stopped (on the CPU bit for bit: each epoch's data
+order and augmentations depend on the seed and the epoch alone); under torchrun the same code
+trains with DDP, rank 0 evaluating and writing. `fit` takes explicit arguments, never the
+settings.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    TensorDataset,
+    get_worker_info,
+)
 
 from flowerml.distributed import (
     Placement,
@@ -35,7 +44,7 @@ from flowerml.distributed import (
 )
 from flowerml.evaluation import Metrics, MetricsAccumulator
 from flowerml.files import write_atomically
-from flowerml.loaders import build_loaders
+from flowerml.loaders import build_loaders, make_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model, parameter_groups, prepare_for_strategy
 from flowerml.progress import NullProgress, Progress
@@ -160,12 +169,80 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
 # One epoch
 
 
-def reseed_loader(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Same shuffling for the same epoch, whether or not the run was resumed."""
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    elif loader.generator is not None:
-        loader.generator.manual_seed(seed * 1000 + epoch)
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The RNG seed of one sample's augmentation in one epoch: a function of nothing else."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EpochOrder(Sampler[int]):
+    """The train order of an epoch from (seed, epoch) alone, each index tagged with its epoch.
+
+    It yields `epoch * n + i`, which `EpochSeeded` turns back into item `i` with its RNGs seeded
+    from (seed, epoch, i). Nothing depends on a stream that ran through earlier epochs (neither
+    the order nor the DataLoader workers' RNGs, which persistent workers would carry across
+    epochs), so a resumed run sees exactly the batches an uninterrupted one would, whatever the
+    number of workers. Under torchrun the wrapped DistributedSampler orders each rank's share.
+    """
+
+    def __init__(self, length: int, seed: int, ranks: DistributedSampler | None = None) -> None:
+        self.length, self.seed, self.ranks, self.epoch = length, seed, ranks, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.ranks is not None:
+            self.ranks.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if self.ranks is not None:
+            order = list(self.ranks)
+        else:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            order = torch.randperm(self.length, generator=generator).tolist()
+        return iter([self.epoch * self.length + i for i in order])
+
+    def __len__(self) -> int:
+        return len(self.ranks) if self.ranks is not None else self.length
+
+
+class EpochSeeded(Dataset):
+    """Item `i` of `dataset` for index `epoch * n + i`, drawn with torch's, numpy's and
+    Python's RNGs seeded from (seed, epoch, i). In a DataLoader worker those RNGs are the
+    worker's own; in the main process (`workers=0`) torch's CPU RNG is put back afterwards, so
+    the model's own random draws keep their stream (numpy's and Python's serve only the data)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, tagged: int) -> Any:
+        epoch, index = divmod(tagged, len(self.dataset))
+        seed = sample_seed(self.seed, epoch, index)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        if get_worker_info() is not None:
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+        saved = torch.get_rng_state()
+        torch.default_generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(saved)
+
+
+def epoch_loader(loader: DataLoader, seed: int) -> DataLoader:
+    """`loader` (a train loader from `build_loaders`) re-made to draw its order and its
+    augmentations per epoch (`EpochOrder`, `EpochSeeded`); call `set_epoch` before each epoch."""
+    ranks = loader.sampler if isinstance(loader.sampler, DistributedSampler) else None
+    return make_loader(EpochSeeded(loader.dataset, seed), batch_size=loader.batch_size,
+                       workers=loader.num_workers, pin_memory=loader.pin_memory,
+                       persistent=loader.persistent_workers,
+                       sampler=EpochOrder(len(loader.dataset), seed, ranks),
+                       # worker base seeds are drawn from this, not from torch's global RNG
+                       generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -277,9 +354,10 @@ def feature_loaders(model: FlowerModel, config: TrainConfig, store: Store,
                                 workers=workers, seed=config.seed)
     tensors = {split: cached_features(model, getattr(loaders, split, None), paths[split],
                                       device, config.amp) for split in paths}
-    generator = torch.Generator().manual_seed(config.seed)
-    train = DataLoader(TensorDataset(*tensors["train"]), batch_size=config.batch_size,
-                       shuffle=True, generator=generator)
+    features = TensorDataset(*tensors["train"])
+    train = DataLoader(EpochSeeded(features, config.seed), batch_size=config.batch_size,
+                       sampler=EpochOrder(len(features), config.seed),
+                       generator=torch.Generator().manual_seed(config.seed))
     valid = DataLoader(TensorDataset(*tensors["valid"]), batch_size=1024)
     return train, valid
 
@@ -406,7 +484,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
                                 image_size=config.image_size, batch_size=config.batch_size,
                                 workers=workers, seed=config.seed,
                                 distributed=placement.distributed)
-        train_loader, valid_loader = loaders.train, loaders.valid
+        train_loader, valid_loader = epoch_loader(loaders.train, config.seed), loaders.valid
         trained = model
     optimizer = build_optimizer(model, config)
     stepper = Stepper(wrap_for_training(trained, config, placement), optimizer,
@@ -468,7 +546,7 @@ class EpochLoop:
     def train(self, state: TrainState, train_loader: DataLoader, valid_loader: DataLoader) -> None:
         while state.epoch < self.config.epochs and not state.stopped_early:
             epoch = state.epoch + 1
-            reseed_loader(train_loader, self.config.seed, epoch)
+            train_loader.sampler.set_epoch(epoch)
             loss, images, seconds = train_epoch(
                 self.stepper, train_loader, self.placement,
                 self.config.channels_last and not self.linear_probe, self.progress,

@@ -1,4 +1,5 @@
-"""Training on CPU with tiny synthetic data: learning, resume, linear probe, DDP, bad input."""
+"""Training on CPU with tiny synthetic data: learning, bit-exact resume, linear probe, DDP,
+bad input. Most tests reuse the one uninterrupted run 'straight'."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+import torch
 
 from flowerml import training
 from flowerml.errors import DatasetNotFound, UserError
@@ -18,58 +19,73 @@ from flowerml.ingest import FetchOptions, ingest
 from flowerml.recipes import build_config
 from flowerml.runs import RunError, RunFiles
 from flowerml.storage import LocalStore
-from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.synthetic import SyntheticSpec
+from tests.conftest import StoreAndCache, SyntheticData, copy_tree
+
+TRAIN_SPEC = SyntheticSpec(classes=4, per_class=24, image_size=64, seed=3)
+"""4 classes x 24 images: 6 train, 6 valid and 12 test images per class."""
+
+EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalStore, Path]:
-    """A store holding a published 4-class synthetic dataset, and a cache directory."""
-    root = tmp_path_factory.mktemp("training")
-    write_synthetic_archive(root / "src", SyntheticSpec(classes=4, per_class=24, image_size=64,
-                                                        seed=3))
-    store = LocalStore(root / "store")
-    ingest(str(root / "src"), store, "flowers102", root / "cache", FetchOptions())
-    return store, root / "cache"
+def published_store(synthetic_data: SyntheticData,
+                    tmp_path_factory: pytest.TempPathFactory) -> StoreAndCache:
+    """The module's own store with the 4-class training dataset published, and its cache."""
+    return synthetic_data.copy(synthetic_data.published(TRAIN_SPEC),
+                               tmp_path_factory.mktemp("training"))
 
 
 def small_config(**overrides):
-    values = {"arch": "resnet18", "weights": "none", "epochs": 4, "batch_size": 12,
-              "image_size": 48, "optimizer": "adamw", "lr": 3e-3, "backbone_lr_factor": 1.0,
+    values = {"arch": "resnet18", "weights": "none", "epochs": EPOCHS, "batch_size": 12,
+              "image_size": 32, "optimizer": "adamw", "lr": 1e-3, "backbone_lr_factor": 1.0,
               "warmup_epochs": 0.0, "patience": 0, "label_smoothing": 0.0}
     return build_config("default", **{**values, **overrides})
 
 
-def run_fit(published, run_id: str, **overrides) -> training.FitResult:
-    store, cache = published
+def run_fit(published_store: StoreAndCache, run_id: str, *, workers: int = 0,
+            on_event=None, **overrides) -> training.FitResult:
+    store, cache = published_store
     return training.fit(small_config(**overrides), store=store, dataset="flowers102",
-                        run_id=run_id, cache_dir=cache, device="cpu", workers=0)
+                        run_id=run_id, cache_dir=cache, device="cpu", workers=workers,
+                        on_event=on_event)
 
 
-def test_learns_better_than_chance(published) -> None:
+@pytest.fixture(scope="module")
+def uninterrupted_run(published_store: StoreAndCache) -> tuple[training.FitResult, list[dict]]:
+    """Run 'straight': small_config() trained in one go, and the events it emitted."""
     events: list[dict] = []
-    store, cache = published
-    result = training.fit(small_config(epochs=6), store=store, dataset="flowers102",
-                          run_id="learn", cache_dir=cache, device="cpu", workers=0,
-                          on_event=events.append)
+    return run_fit(published_store, "straight", on_event=events.append), events
+
+
+def copy_run(store: LocalStore, run_id: str, new_id: str) -> None:
+    copy_tree(store.root / "runs" / run_id, store.root / "runs" / new_id)
+
+
+def test_learns_better_than_chance(published_store: StoreAndCache, uninterrupted_run) -> None:
+    store, _ = published_store
+    result, events = uninterrupted_run
     assert result.best_valid_top1 >= 0.5  # chance is 0.25
-    assert result.epochs_run == 6 and result.resumed_from_epoch is None
-    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3, 4, 5, 6]
-    run = RunFiles(store, "learn")
+    assert result.epochs_run == EPOCHS and result.resumed_from_epoch is None
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == list(range(1, EPOCHS + 1))
+    run = RunFiles(store, "straight")
     weights, record = run.load_weights()
     assert record["epoch"] == result.best_epoch and "head.weight" in weights
-    saved = json.loads(store.get_bytes("runs/learn/result.json"))
+    saved = json.loads(store.get_bytes("runs/straight/result.json"))
     assert saved["best_valid_top1"] == result.best_valid_top1
-    assert len(store.get_bytes("runs/learn/metrics.jsonl").splitlines()) == 6
+    assert len(store.get_bytes("runs/straight/metrics.jsonl").splitlines()) == EPOCHS
 
 
-def test_rerun_of_a_finished_run_resumes_at_its_end(published) -> None:
-    first = run_fit(published, "twice", epochs=2)
-    again = run_fit(published, "twice", epochs=2)
-    assert again.resumed_from_epoch == 2 and again.epochs_run == 2
+def test_rerun_of_a_finished_run_resumes_at_its_end(published_store: StoreAndCache,
+                                                     uninterrupted_run) -> None:
+    first, _ = uninterrupted_run
+    again = run_fit(published_store, "straight")
+    assert again.resumed_from_epoch == EPOCHS and again.epochs_run == EPOCHS
     assert again.best_valid_top1 == first.best_valid_top1
 
 
-def test_linear_probe_computes_features_once(published, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_probe_computes_features_once(published_store: StoreAndCache,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     original = training.compute_features
 
@@ -79,54 +95,94 @@ def test_linear_probe_computes_features_once(published, monkeypatch: pytest.Monk
         return features, labels
 
     monkeypatch.setattr(training, "compute_features", counting)
-    first = run_fit(published, "probe-1", strategy="linear-probe", epochs=20, batch_size=32,
-                    lr=1e-2)
+    first = run_fit(published_store, "probe-1", strategy="linear-probe", epochs=20,
+                    batch_size=32, lr=1e-2)
     assert calls == [24, 24]  # train and valid, once each, for all 20 epochs
-    second = run_fit(published, "probe-2", strategy="linear-probe", epochs=5, batch_size=32,
-                     lr=1e-2)
+    second = run_fit(published_store, "probe-2", strategy="linear-probe", epochs=5,
+                     batch_size=32, lr=1e-2)
     assert calls == [24, 24]  # a new run with the same backbone reuses the cached features
     assert first.epochs_run == 20 and second.epochs_run == 5
-    store, _ = published
+    store, _ = published_store
     weights, _ = RunFiles(store, "probe-1").load_weights()
     assert any(k.startswith("backbone.") for k in weights)
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(published, tmp_path: Path) -> None:
-    store, cache = published
+class Interrupted(Exception):
+    """Raised from the event callback in epoch 2: the run dies before checkpointing epoch 2."""
+
+
+def stop_in_second_epoch(event: dict) -> None:
+    if event["event"] == "epoch" and event["epoch"] == 2:
+        raise Interrupted
+
+
+def assert_same_run(store: LocalStore, run_id: str, reference: str) -> None:
+    """Bit for bit the same weights (last epoch's and best), the same metrics per epoch."""
+    for load in (lambda run: run.load_checkpoint()["model"], lambda run: run.load_weights()[0]):
+        ours, theirs = load(RunFiles(store, run_id)), load(RunFiles(store, reference))
+        assert ours.keys() == theirs.keys()
+        assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+
+    def metrics(run: str) -> list[dict]:
+        rows = [json.loads(line) for line in
+                store.get_bytes(f"runs/{run}/metrics.jsonl").splitlines()]
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+                for row in rows]
+
+    assert metrics(run_id) == metrics(reference)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_resumed_run_has_exactly_the_weights_of_an_uninterrupted_run(
+        published_store: StoreAndCache, uninterrupted_run, workers: int) -> None:
+    """CPU training resumes bit-exactly: each epoch's order and augmentations come from
+    (seed, epoch) alone, the RNG states from the checkpoint; DataLoader workers (2 here, 0 in
+    the reference run) change nothing."""
+    store, _ = published_store
+    straight, _ = uninterrupted_run
+    run_id = f"interrupted-{workers}"
+    with pytest.raises(Interrupted):
+        run_fit(published_store, run_id, workers=workers, on_event=stop_in_second_epoch)
+    assert RunFiles(store, run_id).read_json("checkpoint.json")["epoch"] == 1
+    resumed = run_fit(published_store, run_id, workers=workers)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == EPOCHS
+    assert resumed.best_valid_top1 == straight.best_valid_top1
+    assert_same_run(store, run_id, "straight")
+
+
+@pytest.mark.slow  # child processes: a training run killed with SIGKILL, then resumed
+def test_resume_after_sigkill_matches_an_uninterrupted_run(published_store: StoreAndCache,
+                                                           uninterrupted_run) -> None:
+    store, cache = published_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
-    command = [sys.executable, "-m", "flowerml.cli", "train", "--arch", "resnet18",
-               "--weights", "none", "--epochs", "5", "--batch-size", "12", "--image-size", "48",
-               "--optimizer", "adamw", "--lr", "0.003", "--device", "cpu", "--workers", "0",
-               "--patience", "0", "--json"]
-    child = subprocess.Popen([*command, "--run-id", "killed"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "flowerml.cli", "train", "--config",
+               json.dumps(small_config().to_json()), "--device", "cpu", "--workers", "0",
+               "--run-id", "killed", "--json"]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     checkpoint = store.root / "runs" / "killed" / "checkpoint.json"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     killed_at = json.loads(checkpoint.read_text())["epoch"]
-    assert 1 <= killed_at < 5
-    resumed = subprocess.run([*command, "--run-id", "killed"], env=env, capture_output=True,
-                             text=True, check=True)
-    straight = subprocess.run([*command, "--run-id", "straight"], env=env, capture_output=True,
-                              text=True, check=True)
-    resumed_result = json.loads(resumed.stdout)
-    straight_result = json.loads(straight.stdout)
-    assert resumed_result["resumed_from_epoch"] == killed_at
-    assert resumed_result["epochs_run"] == straight_result["epochs_run"] == 5
-    assert abs(resumed_result["best_valid_top1"] - straight_result["best_valid_top1"]) <= 0.2
+    assert 1 <= killed_at < EPOCHS
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    result = json.loads(resumed.stdout)
+    assert result["resumed_from_epoch"] == killed_at and result["epochs_run"] == EPOCHS
+    assert_same_run(store, "killed", "straight")
 
 
-def test_ddp_with_two_gloo_processes(published) -> None:
-    store, cache = published
+@pytest.mark.slow  # torchrun: two training processes
+def test_ddp_with_two_gloo_processes(published_store: StoreAndCache) -> None:
+    store, cache = published_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache),
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node=2", "-m", "flowerml.cli", "train", "--run-id", "ddp",
                "--arch", "resnet18", "--weights", "none", "--epochs", "2", "--batch-size", "8",
-               "--image-size", "48", "--device", "cpu", "--workers", "0", "--json"]
+               "--image-size", "32", "--device", "cpu", "--workers", "0", "--json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -135,39 +191,38 @@ def test_ddp_with_two_gloo_processes(published) -> None:
     assert RunFiles(store, "ddp").has_checkpoint()
 
 
-def test_corrupt_checkpoint_is_refused(published) -> None:
-    store, _ = published
-    run_fit(published, "corrupt", epochs=1)
+def test_corrupt_checkpoint_is_refused(published_store: StoreAndCache, uninterrupted_run) -> None:
+    store, _ = published_store
+    copy_run(store, "straight", "corrupt")
     key = "runs/corrupt/checkpoint.pt"
     data = store.get_bytes(key)
     store.put_bytes(key, data[: len(data) // 2])
     with pytest.raises(RunError, match="runs/corrupt/checkpoint.pt: sha256 mismatch"):
-        run_fit(published, "corrupt", epochs=1)
+        run_fit(published_store, "corrupt")
 
 
-def test_changed_configuration_is_refused_on_resume(published) -> None:
-    run_fit(published, "changed", epochs=1)
+def test_changed_configuration_is_refused_on_resume(published_store: StoreAndCache,
+                                                    uninterrupted_run) -> None:
     with pytest.raises(RunError, match="different configuration.*lr"):
-        run_fit(published, "changed", epochs=1, lr=0.1)
+        run_fit(published_store, "straight", lr=0.1)
 
 
-def test_checkpoint_with_other_classes_is_refused(published, tmp_path: Path) -> None:
-    store, cache = published
-    run_fit(published, "classes", epochs=1)
-    other = tmp_path / "other"
-    write_synthetic_archive(other, SyntheticSpec(classes=3, per_class=6, image_size=40, seed=9))
+def test_checkpoint_with_other_classes_is_refused(published_store: StoreAndCache,
+                                                  synthetic_data: SyntheticData,
+                                                  uninterrupted_run) -> None:
+    store, cache = published_store
+    other = synthetic_data.source(SyntheticSpec(classes=3, per_class=6, image_size=40, seed=9))
     ingest(str(other), store, "three", cache, FetchOptions())
     (store.root / "runs" / "classes-3").mkdir(parents=True)
     for name in ("checkpoint.pt", "checkpoint.json"):
-        (store.root / "runs" / "classes-3" / name).write_bytes(
-            (store.root / "runs" / "classes" / name).read_bytes())
+        os.link(store.root / "runs" / "straight" / name, store.root / "runs" / "classes-3" / name)
     with pytest.raises(RunError, match="has 4 classes but the dataset has 3"):
-        training.fit(small_config(epochs=1), store=store, dataset="three", run_id="classes-3",
+        training.fit(small_config(), store=store, dataset="three", run_id="classes-3",
                      cache_dir=cache, device="cpu", workers=0)
 
 
-def test_unpublished_dataset(published) -> None:
-    store, cache = published
+def test_unpublished_dataset(published_store: StoreAndCache) -> None:
+    store, cache = published_store
     with pytest.raises(DatasetNotFound, match="not published"):
         training.fit(small_config(), store=store, dataset="nothing", run_id="x", cache_dir=cache,
                      device="cpu", workers=0)
@@ -186,13 +241,13 @@ def test_bad_options(overrides: dict, message: str) -> None:
         small_config(**overrides)
 
 
-def test_cuda_without_gpu(published, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
+def test_cuda_without_gpu(published_store: StoreAndCache,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    store, cache = published_store
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device cuda: no CUDA GPU is available"):
-        training.fit(small_config(), store=published[0], dataset="flowers102", run_id="gpu",
-                     cache_dir=published[1], device="cuda", workers=0)
+        training.fit(small_config(), store=store, dataset="flowers102", run_id="gpu",
+                     cache_dir=cache, device="cuda", workers=0)
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
