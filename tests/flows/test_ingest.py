@@ -23,7 +23,10 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, tmp_path: Path) 
 
 def test_ingest_flow_publishes_to_s3(prefect_harness: None, s3_env: None, s3_bucket: str,
                                      moto_endpoint: str, synthetic_source: Path) -> None:
-    summary = ingest_flowers(source=str(synthetic_source), store=f"s3://{s3_bucket}/ml")
+    state = ingest_flowers(source=str(synthetic_source), store=f"s3://{s3_bucket}/ml",
+                           return_state=True)
+    summary = state.result()
+    assert flow_run_name(state) == f"ingest flowers102 from {synthetic_source}"  # not "None"
     assert summary["counts"] == {"train": 8, "valid": 8, "test": 8}
     assert summary["uploaded"] == 24 and summary["store"] == f"s3://{s3_bucket}/ml"
     store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
@@ -31,6 +34,18 @@ def test_ingest_flow_publishes_to_s3(prefect_harness: None, s3_env: None, s3_buc
     assert current["version"] == summary["version"]
     again = ingest_flowers(source=str(synthetic_source), store=f"s3://{s3_bucket}/ml")
     assert (again["uploaded"], again["skipped"], again["version"]) == (0, 24, summary["version"])
+
+
+def flow_run_name(state) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str:
+        async with get_client() as client:
+            return (await client.read_flow_run(state.state_details.flow_run_id)).name
+
+    return asyncio.run(read())
 
 
 def test_bad_input_fails_once_without_retry(prefect_harness: None, s3_env: None, s3_bucket: str,
