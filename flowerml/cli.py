@@ -15,7 +15,9 @@ from typing import Any, get_args
 import click
 
 from flowerml.errors import FlowermlError
+from flowerml.promotion import Gate
 from flowerml.recipes import RECIPE_NAMES, Device
+from flowerml.registry import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
 
 
@@ -40,6 +42,17 @@ class FlowermlGroup(click.Group):
 
 DEVICES: tuple[str, ...] = get_args(Device)
 
+# Options every command spells the same way, with their defaults from one place.
+store_option = click.option("--store", default=None,
+                            help="Store URI: a directory or s3://bucket[/prefix] "
+                                 "(default: FLOWERML_STORE).")
+dataset_option = click.option("--dataset", default=None,
+                              help="Dataset name (default: FLOWERML_DATASET).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print one JSON object on stdout, and nothing else.")
+alias_option = click.option("--alias", default=DEFAULT_ALIAS, show_default=True,
+                            help="The registry alias.")
+
 
 def emit_json(value: object) -> None:
     click.echo(json.dumps(value, sort_keys=True))
@@ -57,7 +70,7 @@ def cli() -> None:
 @click.option("--per-class", default=20, show_default=True, help="Images per class (>= 3).")
 @click.option("--image-size", default=128, show_default=True, help="Longest image side in px.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: int,
           as_json: bool) -> None:
     """Write a synthetic archive in the exact Flowers-102 format into OUT_DIR."""
@@ -76,13 +89,13 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 @cli.command()
 @click.option("--source", default="official", show_default=True,
               help="'official', a folder, a base URL or an s3:// prefix holding the three files.")
-@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
-@click.option("--dataset", default=None, help="Dataset name (default: FLOWERML_DATASET).")
+@store_option
+@dataset_option
 @click.option("--verify/--no-verify", default=False,
               help="Check the official MD5s (always on for --source official).")
 @click.option("--workers", default=None, type=click.IntRange(1, 64),
               help="Threads for checking images (default: CPU count).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object, no progress bar.")
+@json_option
 def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
            workers: int | None, as_json: bool) -> None:
     """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store."""
@@ -150,8 +163,8 @@ def training_options(command: Callable) -> Callable:
 
 
 @cli.command()
-@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
-@click.option("--dataset", default=None, help="Dataset name (default: FLOWERML_DATASET).")
+@store_option
+@dataset_option
 @click.option("--version", "dataset_version", default=None,
               help="Dataset version (default: the dataset's CURRENT).")
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
@@ -165,7 +178,7 @@ def training_options(command: Callable) -> Callable:
 @click.option("--exit-with-parent", type=int, default=None, hidden=True,
               help="Stop when this process id is gone (set by the launcher).")
 @click.option("--json-progress", is_flag=True, help="One JSON line per epoch on stdout.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@json_option
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
           config_json: str | None, device: str, workers: int | None, run_id: str | None,
           exit_with_parent: int | None, json_progress: bool, as_json: bool,
@@ -203,14 +216,14 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
 
 @cli.command()
 @click.option("--run", "run_id", required=True, help="The training run to evaluate.")
-@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
+@store_option
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test",
               show_default=True)
 @click.option("--version", "dataset_version", default=None,
               help="Dataset version (default: the one the run trained on).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0, 64), default=None)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | None,
              device: str, workers: int | None, as_json: bool) -> None:
     """Evaluate a run's best weights on a split; writes the report next to the run."""
@@ -233,10 +246,10 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
 @click.option("--model", "model_ref", default=None,
               help="NAME[@ALIAS|:VERSION] from the registry (default: flowers102@production).")
 @click.option("--run", "run_id", default=None, help="Use a training run's weights instead.")
-@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
+@store_option
 @click.option("--top-k", type=int, default=5, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
             store: str | None, top_k: int, device: str, as_json: bool) -> None:
     """Top-k flower names with probabilities for each IMAGE."""
@@ -271,8 +284,8 @@ def open_registry(name: str, store: str | None):
 
 
 @registry.command("list")
-@click.option("--store", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@store_option
+@json_option
 def registry_list(store: str | None, as_json: bool) -> None:
     """Every registered model, with its version count and production version."""
     from flowerml.registry import Registry, list_models
@@ -281,7 +294,7 @@ def registry_list(store: str | None, as_json: bool) -> None:
     rows = []
     for name in list_models(target):
         entry = Registry(target, name)
-        production = entry.alias("production")
+        production = entry.alias(DEFAULT_ALIAS)
         rows.append({"model": name, "versions": len(entry.versions()),
                      "production": production.version if production else None})
     if as_json:
@@ -294,8 +307,8 @@ def registry_list(store: str | None, as_json: bool) -> None:
 
 @registry.command("show")
 @click.argument("name")
-@click.option("--store", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@store_option
+@json_option
 def registry_show(name: str, store: str | None, as_json: bool) -> None:
     """A model's versions (metrics, run, committed) and aliases."""
     entry, _ = open_registry(name, store)
@@ -321,11 +334,13 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
 @registry.command("promote")
 @click.argument("name")
 @click.argument("version", type=int)
-@click.option("--alias", default="production", show_default=True)
-@click.option("--threshold", type=float, default=0.95, show_default=True)
-@click.option("--tolerance", type=float, default=0.005, show_default=True)
+@alias_option
+@click.option("--threshold", type=float, default=Gate.threshold, show_default=True,
+              help="Minimum test top-1.")
+@click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
+              help="Allowed drop below the alias's current model.")
 @click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
-@click.option("--store", default=None)
+@store_option
 @click.option("--device", default="auto", show_default=True)
 def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
                      force: bool, store: str | None, device: str) -> None:
@@ -345,8 +360,8 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
 
 @registry.command("rollback")
 @click.argument("name")
-@click.option("--alias", default="production", show_default=True)
-@click.option("--store", default=None)
+@alias_option
+@store_option
 def registry_rollback(name: str, alias: str, store: str | None) -> None:
     """Point ALIAS back at its previous version."""
     entry, _ = open_registry(name, store)
@@ -357,9 +372,9 @@ def registry_rollback(name: str, alias: str, store: str | None) -> None:
 
 @registry.command("history")
 @click.argument("name")
-@click.option("--alias", default="production", show_default=True)
-@click.option("--store", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@alias_option
+@store_option
+@json_option
 def registry_history(name: str, alias: str, store: str | None, as_json: bool) -> None:
     """Every move of ALIAS, oldest first."""
     entry, _ = open_registry(name, store)

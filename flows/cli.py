@@ -15,7 +15,19 @@ from typing import Any
 
 import click
 
-from flowerml.cli import DEVICES, Choice, CliError, cli, emit_json, training_options
+from flowerml.cli import (
+    DEVICES,
+    Choice,
+    CliError,
+    alias_option,
+    cli,
+    dataset_option,
+    emit_json,
+    json_option,
+    store_option,
+    training_options,
+)
+from flowerml.promotion import Gate
 from flowerml.recipes import RECIPE_NAMES
 from flowerml.settings import Settings, load_settings
 
@@ -70,8 +82,8 @@ def stop_on_signals() -> None:
 @click.option("--preset", type=Choice(("demo",)), default=None,
               help="demo: a synthetic archive, a small CPU model, a 0.7 gate.")
 @click.option("--source", default=None, help="official (default), a folder, URL or s3:// prefix.")
-@click.option("--store", default=None, help="Store URI (default: FLOWERML_STORE).")
-@click.option("--dataset", default=None, help="Dataset name (default: flowers102).")
+@store_option
+@dataset_option
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default=None,
               help="A named training config; the options below override it.")
 @training_options
@@ -81,14 +93,15 @@ def stop_on_signals() -> None:
               help="GPUs (torchrun) for training.")
 @click.option("--timeout-s", type=float, default=None,
               help="Stop a training attempt after this many seconds (default 7200).")
-@click.option("--threshold", type=float, default=None, help="Minimum test top-1 (default 0.95).")
+@click.option("--threshold", type=float, default=None,
+              help=f"Minimum test top-1 (default {Gate.threshold:g}; 0.7 with --preset demo).")
 @click.option("--tolerance", type=float, default=None,
-              help="Allowed drop below production (default 0.005).")
+              help=f"Allowed drop below the alias's current model (default {Gate.tolerance:g}).")
 @click.option("--force", is_flag=True, default=None,
               help="Promote regardless of the gate (recorded).")
 @click.option("--model-name", default="flowers102", show_default=True)
-@click.option("--alias", default="production", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@alias_option
+@json_option
 def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
             threshold: float | None, tolerance: float | None, force: bool | None,
             model_name: str, alias: str, as_json: bool, **training: Any) -> None:

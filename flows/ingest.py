@@ -12,6 +12,7 @@ import click
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flowerml.cli import dataset_option, store_option
 from flowerml.settings import load_settings
 from tasks.ingest import fetch_sources_task, publish_split_task
 
@@ -33,8 +34,8 @@ def ingest_flowers(source: str = "official", dataset: str | None = None,
 
 @click.command()
 @click.option("--source", default="official", show_default=True)
-@click.option("--dataset", default=None)
-@click.option("--store", default=None)
+@dataset_option
+@store_option
 @click.option("--verify/--no-verify", default=False)
 def main(source: str, dataset: str | None, store: str | None, verify: bool) -> None:
     """Run the ingest flow once and print its summary as JSON."""

@@ -23,7 +23,9 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.errors import FlowermlError, UserError
+from flowerml.promotion import Gate
 from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, _drop_default
+from flowerml.registry import DEFAULT_ALIAS
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.ingest import fetch_sources_task, publish_split_task
@@ -55,8 +57,8 @@ class TrainingParams(TrainOverrides):
 class GateParams(BaseModel):
     """When a candidate may replace production."""
 
-    threshold: float = Field(0.95, ge=0, le=1, title="Minimum test top-1")
-    tolerance: float = Field(0.005, ge=0, le=1, title="Allowed drop below production",
+    threshold: float = Field(Gate.threshold, ge=0, le=1, title="Minimum test top-1")
+    tolerance: float = Field(Gate.tolerance, ge=0, le=1, title="Allowed drop below production",
                              description="How far below production's test top-1 a candidate "
                                          "may score and still be promoted.")
     force: bool = Field(False, title="Force promotion",
@@ -78,7 +80,7 @@ class RetrainParams(BaseModel):
     training: TrainingParams = Field(default_factory=TrainingParams, title="Training")
     gate: GateParams = Field(default_factory=GateParams, title="Promotion gate")
     model_name: str = Field("flowers102", title="Model name", description="Registry model name")
-    alias: str = Field("production", title="Alias", description="Alias a passing model moves")
+    alias: str = Field(DEFAULT_ALIAS, title="Alias", description="Alias a passing model moves")
     recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
                                 description="How many times a crashed run may be resumed "
                                             "automatically before it gives up")
