@@ -134,6 +134,13 @@ class LocalPrefect:
             return self.api(f"/artifacts/{key}/latest")
         return None
 
+    def stop_worker(self, worker: subprocess.Popen) -> None:
+        """The systemd unit's stop: SIGTERM to the worker, then to its whole group."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGTERM)
+            os.killpg(worker.pid, signal.SIGTERM)
+        stop_group(worker)
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_group(process)

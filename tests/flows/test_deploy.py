@@ -39,7 +39,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str):
     """One server for the module, set up as the runbook says (pools, deployments, automations
     with the test's short zombie threshold)."""
     tmp_path = tmp_path_factory.mktemp("prefect-stack")
-    prefect = LocalPrefect(tmp_path, ui=False, env={
+    prefect = LocalPrefect(tmp_path, ui=True, env={
         "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
         "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
@@ -121,6 +121,35 @@ def test_scheduled_runs_each_get_their_own_training_run(prefect_stack: LocalPref
     assert sorted(a["name"] for a in prefect.api("/automations/filter", {})) == sorted(names)
 
 
+def test_the_notifications_apply_with_a_block(prefect_stack: LocalPrefect) -> None:
+    """deploy/README.md section 9: save a notification block, apply notify-promotion.yaml."""
+    import subprocess
+
+    prefect = prefect_stack
+    subprocess.run([sys.executable, "-c", "from prefect.blocks.notifications import "
+                    "SlackWebhook; SlackWebhook(url='https://hooks.slack.com/services/x')"
+                    ".save('flowerml-alerts', overwrite=True)"],
+                   env=prefect.env, check=True, capture_output=True, timeout=120)
+    refused = subprocess.run([sys.executable, "deploy/automations/apply.py",
+                              "deploy/automations/notify-promotion.yaml"], env=prefect.env,
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "give --block TYPE/NAME" in refused.stderr
+    done = subprocess.run([sys.executable, "deploy/automations/apply.py",
+                           "deploy/automations/notify-promotion.yaml", "--block",
+                           "slack-webhook/flowerml-alerts"], env=prefect.env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    automations = {a["name"]: a for a in prefect.api("/automations/filter", {})}
+    alert = automations["flowerml-weekly-retrain-needs-attention"]
+    assert set(alert["trigger"]["expect"]) == {"prefect.flow-run.Failed",
+                                               "prefect.flow-run.Crashed",
+                                               "prefect.flow-run.Late"}
+    block = alert["actions"][0]["block_document_id"]
+    assert block != "00000000-0000-0000-0000-000000000000"
+    assert {automations[n]["actions"][0]["block_document_id"] for n in (
+        "flowerml-model-promoted", "flowerml-model-rejected")} == {block}
+
+
 def test_the_systemd_stop_sequence_stops_an_idle_worker_at_once(
         prefect_stack: LocalPrefect) -> None:
     """deploy/systemd: ExecStop's SIGTERM to the worker, then KillSignal (SIGTERM) to the unit's
@@ -135,7 +164,7 @@ def test_the_systemd_stop_sequence_stops_an_idle_worker_at_once(
     started = time.monotonic()
     os.kill(worker.pid, signal.SIGTERM)  # ExecStop=/bin/kill -TERM $MAINPID
     os.killpg(worker.pid, signal.SIGTERM)  # KillMode=control-group, KillSignal=SIGTERM
-    worker.wait(timeout=30)  # TimeoutStopSec=30
+    worker.wait(timeout=30)  # TimeoutStopSec=30 (the test fails at 30 s instead of killing)
     assert time.monotonic() - started < 10
 
 
@@ -176,7 +205,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
         time.sleep(0.2)
     assert prefect.flow_run(killed)["state_name"] == "Running"  # a zombie, holding the slot
 
-    prefect.start_worker("gpu", "--limit", "2", name="worker-2")
+    restarted = prefect.start_worker("gpu", "--limit", "2", name="worker-2")
     final = prefect.wait_for_final_state(killed, timeout=600, during=one_training_at_a_time)
     recovered_after = time.monotonic() - killed_at
     assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {prefect.root}"
@@ -189,6 +218,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
     registry = Registry(store, "flowers102")
     assert {v.card["lineage"]["run_id"] for v in registry.versions()} == {
         run_id, training_run_id("flowers102", waiting)}
+    prefect.stop_worker(restarted)
     event = wait_for_event(prefect, "flowerml.model.promoted")
     assert event["resource"]["prefect.resource.id"] == "flowerml.model.flowers102"
     assert event["payload"]["version"] in (1, 2) and "top1" in event["payload"]["metrics"]
@@ -203,3 +233,64 @@ def wait_for_event(prefect: LocalPrefect, name: str, timeout: float = 30) -> dic
         assert time.monotonic() < deadline, f"no {name} event stored within {timeout} s"
         time.sleep(1)
     return page["events"][0]
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; .ci/run installs it
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_the_ui_shows_a_form_of_dropdowns_and_the_report_with_its_plots(
+        prefect_stack: LocalPrefect, s3_bucket: str, synthetic_source: Path) -> None:
+    """What a person sees, in headless Chromium: the custom-run form offers dropdowns that start
+    empty (the recipe decides), submitting it untouched overrides nothing, and the evaluation
+    report artifact shows its plots (loaded images, not broken links)."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "install Debian's chromium (apt-get install chromium)"
+    prefect = prefect_stack
+    worker = prefect.start_worker("gpu", "--limit", "1", name="ui-worker")
+    run = prefect.run_deployment("retrain-flowers/retrain-manual",
+                                 run_params(synthetic_source, s3_bucket, epochs=1))
+    assert prefect.wait_for_final_state(run, timeout=300)["state_type"] == "COMPLETED"
+    prefect.stop_worker(worker)  # the form's run (the real defaults) must not start here
+    report = prefect.api("/artifacts/filter", {"artifacts": {
+        "key": {"any_": ["flowers102-evaluation-report"]}, "flow_run_id": {"any_": [run]}}})
+    deployment = prefect.api("/deployments/name/retrain-flowers/retrain-manual")
+    before = {r["id"] for r in prefect.api("/flow_runs/filter", {})}
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(f"{prefect.url}/artifacts/artifact/{report[0]['id']}")
+        page.wait_for_function("document.images.length >= 2 && "
+                               "Array.from(document.images).every(i => i.complete)",
+                               timeout=60_000)
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.naturalWidth])")
+        page.screenshot(path=str(prefect.root / "ui-report.png"), full_page=True)
+
+        page.goto(f"{prefect.url}/deployments/deployment/{deployment['id']}/run")
+        page.get_by_text("Architecture").first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        page.screenshot(path=str(prefect.root / "ui-form.png"), full_page=True)
+        page.get_by_role("button", name="Submit").click()
+        deadline = time.monotonic() + 60
+        while not (submitted := [r for r in prefect.api("/flow_runs/filter", {})
+                                 if r["id"] not in before]):
+            assert time.monotonic() < deadline, "submitting the form created no run"
+            page.wait_for_timeout(500)
+        browser.close()
+
+    assert dict(images).keys() == {"Confusion matrix (row-normalised)", "Training curves"}
+    assert all(width > 100 for _, width in images), images
+    for title in ("Recipe", "Architecture", "Transfer strategy", "Augmentation", "Optimizer",
+                  "Learning rate", "GPUs per node", "Training timeout (seconds)",
+                  "Empty: the recipe's value."):
+        assert title in text, title
+    for raw_name in ("Lr", "Nproc Per Node", "Timeout S"):
+        assert raw_name not in text.splitlines(), raw_name
+    assert len(submitted) == 1
+    prefect.api(f"/flow_runs/{submitted[0]['id']}", method="DELETE")
+    training = submitted[0]["parameters"]["params"]["training"]
+    assert training == {"recipe": "default", "device": "auto", "nproc_per_node": 1,
+                        "timeout_s": 7200}, training  # nothing overrides the recipe
