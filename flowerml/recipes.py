@@ -183,6 +183,14 @@ def _drop_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def _as_choice(schema: dict[str, Any]) -> None:
+    # A form renders a boolean as a toggle, which is always on or off and so always overrides
+    # the recipe; as a choice of true/false it can stay empty.
+    schema.pop("default", None)
+    schema.pop("type", None)
+    schema["enum"] = [True, False]
+
+
 def _optional(name: str) -> tuple[Any, Any]:
     """A TrainConfig field as an override: None (the recipe's value) is accepted in Python but
     left out of the JSON schema, so a form shows a plain dropdown or number box, empty = unset."""
@@ -192,7 +200,7 @@ def _optional(name: str) -> tuple[Any, Any]:
     constrained = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     return (constrained | SkipJsonSchema[None],
             Field(None, title=info.title, description=description,
-                  json_schema_extra=_drop_default))
+                  json_schema_extra=_as_choice if info.annotation is bool else _drop_default))
 
 
 def _bound(info: Any, kind: str) -> float | None:

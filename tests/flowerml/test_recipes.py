@@ -186,14 +186,17 @@ def test_stages_cover_every_arch_and_match_the_models():
 # --- the form's view -----------------------------------------------------------------------
 
 
-def test_overrides_have_the_same_fields_each_optional():
-    assert list(TrainOverrides.model_fields) == list(TrainConfig.model_fields)
-    for name, info in TrainOverrides.model_fields.items():
-        source = TrainConfig.model_fields[name]
-        assert not info.is_required() and info.default is None, name
-        assert info.title == source.title, name
-        assert "Unset: the recipe's value." in (info.description or ""), name
-    assert all(value is None for value in TrainOverrides().model_dump().values())
+def test_overrides_have_the_recipe_then_the_same_fields_each_optional():
+    # the form starts with the recipe; "Empty" because a form field left empty means unset
+    assert list(TrainOverrides.model_fields) == ["recipe", *TrainConfig.model_fields]
+    assert TrainOverrides().recipe == "default"
+    for name, info in TrainConfig.model_fields.items():
+        override = TrainOverrides.model_fields[name]
+        assert not override.is_required() and override.default is None, name
+        assert override.title == info.title, name
+        assert "Empty: the recipe's value." in (override.description or ""), name
+    assert all(value is None for name, value in TrainOverrides().model_dump().items()
+               if name != "recipe")
 
 
 def test_overrides_keep_the_choices_and_bounds():
@@ -205,9 +208,24 @@ def test_overrides_keep_the_choices_and_bounds():
 
 
 def test_overrides_from_a_form_build_the_recipe_with_them():
-    form = TrainOverrides(epochs=4, lr=0.25)
-    config = build_config("tutorial", **form.model_dump())
+    form = TrainOverrides(recipe="tutorial", epochs=4, lr=0.25)
+    config = form.config()
     assert (config.epochs, config.lr, config.optimizer) == (4, 0.25, "adam")
+    assert config == build_config("tutorial", epochs=4, lr=0.25)
+
+
+def test_a_combination_the_recipe_cannot_take_is_refused_by_the_form():
+    with pytest.raises(ValidationError, match="--freeze-stages must be between 0 and 4 for alexnet"):
+        TrainOverrides(arch="alexnet", freeze_stages=5)
+
+
+def test_the_form_schema_has_no_null_branches_and_booleans_can_stay_empty():
+    schema = TrainOverrides.model_json_schema()["properties"]
+    assert "anyOf" not in str(schema)
+    assert schema["amp"]["enum"] == [True, False] and "default" not in schema["amp"]
+    assert schema["epochs"] == {"title": "Epochs", "type": "integer", "minimum": 1,
+                                "maximum": 1000, "description": "Training epochs (early "
+                                "stopping may end sooner). Empty: the recipe's value."}
 
 
 # --- no torch --------------------------------------------------------------------------------
