@@ -40,7 +40,7 @@ class FlowermlGroup(click.Group):
             raise CliError(error.format_message()) from None
 
 
-DEVICES: tuple[str, ...] = get_args(Device)
+DEVICES: tuple[str, ...] = get_args(Device)  # the same tuple as flowerml.distributed
 
 # Options every command spells the same way, with their defaults from one place.
 store_option = click.option("--store", default=None,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 
 from flowerml.errors import UserError
+from flowerml.recipes import Device
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES: tuple[str, ...] = get_args(Device)  # declared once, in flowerml/recipes.py
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,21 @@ import numbers
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from flowerml.errors import UserError
+from flowerml.recipes import Arch, Strategy
 
 if TYPE_CHECKING:
     from flowerml.weights import ResolvedWeights
 
-ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-                          "alexnet", "vgg16", "vgg19")
-STRATEGIES: tuple[str, ...] = ("finetune", "linear-probe")
+# The choices are TrainConfig's (flowerml/recipes.py), the one place they are declared.
+ARCHS: tuple[str, ...] = get_args(Arch)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")

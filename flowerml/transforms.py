@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -28,10 +28,11 @@ from torchvision.transforms import v2
 
 from flowerml.cache import cache_resolution
 from flowerml.errors import DataError
+from flowerml.recipes import Augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRESETS = ("standard", "tutorial", "none")
+PRESETS: tuple[str, ...] = get_args(Augment)  # declared once, in flowerml/recipes.py
 
 
 def planar(image: torch.Tensor) -> torch.Tensor:
