@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each case starts an interpreter
+
 
 @pytest.mark.parametrize("code", [
     "import flows.retrain",

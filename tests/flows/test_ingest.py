@@ -14,6 +14,8 @@ from tasks.ingest import fetch_sources_task
 from tests.conftest import free_port, store_keys
 from tests.conftest import task_outcome as outcome
 
+pytestmark = pytest.mark.slow  # Prefect's test server
+
 
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, tmp_path: Path) -> None:

@@ -41,6 +41,8 @@ def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint:
     return run, Registry(store, "flowers102")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # about 80 s on 2 quiet cores: five flow runs that train
 def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     run, registry = story
 
@@ -113,6 +115,7 @@ def test_recoveries_are_bounded(run_count: int, refused: bool) -> None:
         retrain_module.check_recoveries(run_count, limit=3)
 
 
+@pytest.mark.slow
 def test_a_recovered_run_past_its_limit_stops_before_any_work(
         prefect_harness: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The fifth start of one flow run: crashed four times, the automation resumed it 3 times.

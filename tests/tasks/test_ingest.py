@@ -107,6 +107,7 @@ def run_fetch(source: str, store: Path) -> tuple[bool, str, int]:
     return failed, message, run_count(task_run_id)
 
 
+@pytest.mark.slow
 def test_http_503_is_retried_by_the_download_alone(prefect_harness: None, env: Path,
                                                    http_source: ThreadingHTTPServer) -> None:
     source = f"http://127.0.0.1:{http_source.server_address[1]}/flowers"
@@ -121,6 +122,7 @@ def test_http_503_is_retried_by_the_download_alone(prefect_harness: None, env: P
     assert not env.exists() or not any(env.rglob("*.tgz"))
 
 
+@pytest.mark.slow
 def test_a_failure_the_download_did_not_retry_is_retried_by_the_task(
         prefect_harness: None, env: Path, http_source: ThreadingHTTPServer) -> None:
     # 501 is transient but outside the library's retry list: only the task layer retries it.
@@ -134,6 +136,7 @@ def test_a_failure_the_download_did_not_retry_is_retried_by_the_task(
     assert len(http_source.paths) == TASK_RETRIES + 1
 
 
+@pytest.mark.slow
 def test_a_404_is_tried_once_by_both_layers(prefect_harness: None, env: Path,
                                             http_source: ThreadingHTTPServer) -> None:
     http_source.status = 404  # type: ignore[attr-defined]

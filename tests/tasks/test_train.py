@@ -46,6 +46,7 @@ def test_child_arguments_carry_the_config_as_json() -> None:
             "--store", "s3://b/p", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_with_artifacts(prefect_harness: None, published: Path) -> None:
     @flow
     def train_and_evaluate() -> tuple:
@@ -93,6 +94,7 @@ def test_inline_images_replaces_relative_links_only() -> None:
     assert "![B](data:image/png;base64,iVBORy1i)" in text and "![C](https://x/y.png)" in text
 
 
+@pytest.mark.slow
 def test_a_retry_moves_the_same_progress_artifact(prefect_harness: None) -> None:
     """A retried attempt reuses its task run's progress bar instead of leaving one at 25%."""
     from prefect import task
@@ -122,6 +124,7 @@ def test_a_retry_moves_the_same_progress_artifact(prefect_harness: None) -> None
     assert [a.data for a in progress] == [100.0]
 
 
+@pytest.mark.slow
 def test_refused_input_is_not_retried(prefect_harness: None, published: Path) -> None:
     @flow
     def bad() -> tuple:
