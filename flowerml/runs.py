@@ -1,10 +1,16 @@
 """A training run's files on the store: `runs/<run_id>/`.
 
-config.json (what was trained on what), checkpoint.pt + checkpoint.json (the latest resumable
-state and its sha256, the pointer written after the checkpoint), best.safetensors +
-best.json (the best-on-valid weights and their sha256), metrics.jsonl (one line per epoch),
-result.json (written when training ends). Every read verifies the recorded sha256, and
-checkpoints load with `torch.load(weights_only=True)`: nothing from storage is unpickled as code.
+config.json (what was trained on what), checkpoint-<sha>.pt + checkpoint.json (the latest
+resumable state and the pointer naming it, with its sha256), best-<sha>.safetensors + best.json
+(the best-on-valid weights and their pointer), metrics.jsonl (one line per epoch), result.json
+(written when training ends). Every read verifies the recorded sha256, and checkpoints load with
+`torch.load(weights_only=True)`: nothing from storage is unpickled as code.
+
+Blobs are content-addressed (`<sha256[:16]>` in the name) and never overwritten in place: a save
+writes the new blob, then the pointer naming it, then deletes the other blobs of that kind. A
+process killed at any point leaves the pointer naming an intact blob (the old one or the new
+one) and at most one orphan, which the next save removes. Pointers written before this scheme
+name `checkpoint.pt` / `best.safetensors`; readers follow whatever key the pointer names.
 """
 
 from __future__ import annotations
@@ -36,6 +42,33 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+@dataclass(frozen=True)
+class Blob:
+    """One kind of verified blob: `<stem>-<sha256[:16]><suffix>`, named by `<stem>.json`.
+
+    Content-addressed names mean a save never overwrites the bytes the current pointer names
+    (the same bytes map to the same key), whatever epoch or caller wrote them."""
+
+    stem: str
+    suffix: str
+
+    @property
+    def pointer(self) -> str:
+        return f"{self.stem}.json"
+
+    def name(self, digest: str) -> str:
+        return f"{self.stem}-{digest[:16]}{self.suffix}"
+
+    def matches(self, name: str) -> bool:
+        """A generation of this kind, or the fixed name used before generations."""
+        return re.fullmatch(rf"{re.escape(self.stem)}(-[0-9a-f]{{16}})?{re.escape(self.suffix)}",
+                            name) is not None
+
+
+CHECKPOINT = Blob("checkpoint", ".pt")
+BEST = Blob("best", ".safetensors")
+
+
 @dataclass
 class RunFiles:
     """Reads and writes one run's files, verifying checksums on every read."""
@@ -60,11 +93,26 @@ class RunFiles:
         except json.JSONDecodeError:
             raise RunError(f"{self.key(name)}: is not valid JSON") from None
 
-    def _write_verified(self, name: str, data: bytes, pointer: str, **extra: object) -> None:
-        """The blob first, then its pointer with the sha256: a reader never sees a torn pair."""
+    def _write_verified(self, kind: Blob, data: bytes, **extra: object) -> str:
+        """A new blob under a key of its own, then the pointer naming it, then the blobs of that
+        kind the pointer no longer names: a kill at any point leaves a pointer that names an
+        intact blob. Returns the sha256."""
+        digest = sha256_hex(data)
+        name = kind.name(digest)
         self.store.put_bytes(self.key(name), data)
-        self.write_json(pointer, {"key": name, "sha256": sha256_hex(data), "size": len(data),
-                                  **extra})
+        self.write_json(kind.pointer, {"key": name, "sha256": digest, "size": len(data),
+                                       **extra})
+        self._remove_other_blobs(kind, keep=name)
+        return digest
+
+    def _remove_other_blobs(self, kind: Blob, keep: str) -> None:
+        """Delete every blob of `kind` but `keep`: the previous generation and any orphan a
+        killed save left behind (including a pre-generation `checkpoint.pt` / `best.safetensors`)."""
+        base = self.key("")
+        stale = [info.key for info in self.store.list(self.key(kind.stem))
+                 if kind.matches(info.key[len(base):]) and info.key != self.key(keep)]
+        for key in stale:
+            self.store.delete(key)
 
     def _read_verified(self, pointer: str) -> tuple[bytes, dict]:
         record = self.read_json(pointer)
@@ -77,37 +125,47 @@ class RunFiles:
                            "(the file is corrupt or truncated)")
         return data, record
 
+    def _pointed_key(self, kind: Blob) -> str:
+        return self.key(self.read_json(kind.pointer)["key"])
+
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        self._write_verified("checkpoint.pt", buffer.getvalue(), "checkpoint.json", epoch=epoch)
+        self._write_verified(CHECKPOINT, buffer.getvalue(), epoch=epoch)
 
     def has_checkpoint(self) -> bool:
-        return self.store.exists(self.key("checkpoint.json"))
+        return self.store.exists(self.key(CHECKPOINT.pointer))
+
+    def checkpoint_key(self) -> str:
+        """The store key of the latest checkpoint, as its pointer names it."""
+        return self._pointed_key(CHECKPOINT)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        data, _ = self._read_verified("checkpoint.json")
+        data, record = self._read_verified(CHECKPOINT.pointer)
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises assorted types for damaged files
-            raise RunError(f"{self.key('checkpoint.pt')}: cannot be loaded "
+            raise RunError(f"{self.key(record['key'])}: cannot be loaded "
                            f"({type(error).__name__})") from None
 
     def save_weights(self, tensors: dict[str, torch.Tensor], **extra: object) -> str:
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        self._write_verified("best.safetensors", data, "best.json", **extra)
-        return sha256_hex(data)
+        return self._write_verified(BEST, data, **extra)
+
+    def weights_key(self) -> str:
+        """The store key of the best weights, as their pointer names it."""
+        return self._pointed_key(BEST)
 
     def read_weights_bytes(self) -> bytes:
         """The best weights as safetensors bytes, checksum-verified."""
-        return self._read_verified("best.json")[0]
+        return self._read_verified(BEST.pointer)[0]
 
     def load_weights(self) -> tuple[dict[str, torch.Tensor], dict]:
-        data, record = self._read_verified("best.json")
+        data, record = self._read_verified(BEST.pointer)
         try:
             return load_safetensors(data), record
         except Exception as error:
-            raise RunError(f"{self.key('best.safetensors')}: cannot be loaded "
+            raise RunError(f"{self.key(record['key'])}: cannot be loaded "
                            f"({type(error).__name__})") from None
 
     def write_history(self, history: list[dict]) -> None:

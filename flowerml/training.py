@@ -411,7 +411,7 @@ def restore_checkpoint(run: RunFiles, model: FlowerModel, stepper: Stepper,
                        linear_probe: bool) -> TrainState:
     saved = run.load_checkpoint()
     if saved["classes"] != model.num_classes:
-        raise RunError(f"{run.key('checkpoint.pt')}: has {saved['classes']} classes but the "
+        raise RunError(f"{run.checkpoint_key()}: has {saved['classes']} classes but the "
                        f"dataset has {model.num_classes}")
     (model.head if linear_probe else model).load_state_dict(saved["model"])
     stepper.optimizer.load_state_dict(saved["optimizer"])
@@ -509,7 +509,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
         save_best_linear_probe(run, model, state)
     barrier(placement)
     result = FitResult(
-        run_id=run_id, checkpoint=run.key("best.safetensors"),
+        run_id=run_id, checkpoint=run.weights_key(),
         best_valid_top1=state.best_top1, best_epoch=state.best_epoch, epochs_run=state.epoch,
         resumed_from_epoch=resumed_from, seconds=round(state.train_seconds, 3),
         images_per_second=round(state.train_images / max(state.train_seconds, 1e-9), 2),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from flowerml.inference import evaluate_run, load_trained_model, predict_images
+from flowerml.runs import RunFiles
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import StoreAndCache
 
@@ -83,13 +84,14 @@ def test_altered_image_on_store_is_refused(tiny_run: StoreAndCache, tmp_path: Pa
 
 def test_tampered_weights_are_refused(tiny_run: StoreAndCache) -> None:
     store, cache = tiny_run
-    key = "runs/tiny/best.safetensors"
+    key = RunFiles(store, "tiny").weights_key()  # the blob best.json names
+    assert key.startswith("runs/tiny/best-")
     original = store.get_bytes(key)
     store.put_bytes(key, original[:-4] + b"\x00\x00\x00\x01")
     try:
         assert_refused(invoke("evaluate", "--run", "tiny", "--device", "cpu", store=store,
                               cache=cache),
-                       "runs/tiny/best.safetensors: sha256 mismatch")
+                       f"{key}: sha256 mismatch")
     finally:
         store.put_bytes(key, original)
 
@@ -120,3 +122,4 @@ def test_train_cli_json(tiny_run: StoreAndCache) -> None:
     assert {"run_id", "checkpoint", "best_valid_top1", "epochs_run", "resumed_from_epoch",
             "seconds", "images_per_second"} <= set(summary)
     assert summary["run_id"] == "cli-run" and summary["epochs_run"] == 1
+    assert summary["checkpoint"] == RunFiles(store, "cli-run").weights_key()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_learns_better_than_chance(published_store: StoreAndCache, uninterrupted
     run = RunFiles(store, "straight")
     weights, record = run.load_weights()
     assert record["epoch"] == result.best_epoch and "head.weight" in weights
+    assert result.checkpoint == run.weights_key() == f"runs/straight/{record['key']}"
     saved = json.loads(store.get_bytes("runs/straight/result.json"))
     assert saved["best_valid_top1"] == result.best_valid_top1
     assert len(store.get_bytes("runs/straight/metrics.jsonl").splitlines()) == EPOCHS
@@ -194,10 +196,11 @@ def test_ddp_with_two_gloo_processes(published_store: StoreAndCache) -> None:
 def test_corrupt_checkpoint_is_refused(published_store: StoreAndCache, uninterrupted_run) -> None:
     store, _ = published_store
     copy_run(store, "straight", "corrupt")
-    key = "runs/corrupt/checkpoint.pt"
+    key = RunFiles(store, "corrupt").checkpoint_key()  # the blob checkpoint.json names
+    assert key.startswith("runs/corrupt/checkpoint-")
     data = store.get_bytes(key)
     store.put_bytes(key, data[: len(data) // 2])
-    with pytest.raises(RunError, match="runs/corrupt/checkpoint.pt: sha256 mismatch"):
+    with pytest.raises(RunError, match=rf"{re.escape(key)}: sha256 mismatch"):
         run_fit(published_store, "corrupt")
 
 
@@ -214,7 +217,8 @@ def test_checkpoint_with_other_classes_is_refused(published_store: StoreAndCache
     other = synthetic_data.source(SyntheticSpec(classes=3, per_class=6, image_size=40, seed=9))
     ingest(str(other), store, "three", cache, FetchOptions())
     (store.root / "runs" / "classes-3").mkdir(parents=True)
-    for name in ("checkpoint.pt", "checkpoint.json"):
+    blob = RunFiles(store, "straight").read_json("checkpoint.json")["key"]
+    for name in (blob, "checkpoint.json"):
         os.link(store.root / "runs" / "straight" / name, store.root / "runs" / "classes-3" / name)
     with pytest.raises(RunError, match="has 4 classes but the dataset has 3"):
         training.fit(small_config(), store=store, dataset="three", run_id="classes-3",
