@@ -65,7 +65,7 @@ class LocalPrefect:
         })
         self.processes: list[subprocess.Popen] = []
 
-    def start_server(self, timeout: float = 180) -> None:
+    def start_server(self, timeout: float = 300) -> None:
         self.processes.append(self._spawn("server", [*PREFECT, "server", "start", "--host",
                                                      "127.0.0.1", "--port", str(self.port)]))
         self._wait_for_health(timeout)
@@ -154,9 +154,13 @@ class LocalPrefect:
     def _wait_for_health(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{self.url}/api/health", timeout=2)
+            try:
+                urllib.request.urlopen(f"{self.url}/api/health", timeout=10)
                 return
+            except urllib.error.HTTPError:
+                return  # it answers: up (a busy server may say 503 while it warms up)
+            except OSError:
+                pass
             if self.processes[0].poll() is not None or time.monotonic() > deadline:
                 log = (self.root / "server.log").read_text()[-3000:]
                 raise RuntimeError(f"the Prefect server did not come up:\n{log}")

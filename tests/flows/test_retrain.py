@@ -55,7 +55,14 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     assert card["metrics"]["top1"] == first["metrics"]["top1"]
     assert card["gate"]["promote"] is True and card["software"]["torch"]
 
-    strict = run(GOOD, threshold=0.999)
+    assert latest_artifacts("flowers102") == {
+        "flowers102-evaluation-report": "markdown", "flowers102-per-class-accuracy": "table",
+        "flowers102-promotion-decision": "markdown", "flowers102-registry-entry": "markdown"}
+    entry = latest_artifact_data("flowers102-registry-entry")
+    assert f"{registry.store.uri}/registry/flowers102/versions/000001/" in entry
+    assert "flowerml predict IMAGE.jpg --model flowers102:1" in entry
+
+    strict = run(BAD, threshold=0.999)  # any candidate fails a 0.999 floor; one epoch will do
     assert not strict["promoted"] and strict["version"] == 2
     assert any("below threshold 0.9990" in r or "< threshold 0.9990" in r
                for r in strict["reasons"]), strict["reasons"]
@@ -82,10 +89,39 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(retrain_module, "register_task", register_task.with_options(retries=0))
     alias_before = registry.alias()
     with pytest.raises(RuntimeError):
-        run(GOOD, threshold=0.0, force=True)
+        run(BAD, threshold=0.0, force=True)
     assert registry.alias() == alias_before
     newest = registry.versions()[-1]
     assert newest.version == 5 and not newest.committed
+
+
+def latest_artifacts(prefix: str) -> dict[str, str]:
+    """Keyed artifacts whose key starts with `prefix`, and their types."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            return {a.key: a.type for a in await client.read_latest_artifacts()
+                    if a.key and a.key.startswith(prefix)}
+
+    return asyncio.run(read())
+
+
+def latest_artifact_data(key: str) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> str:
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return found[-1].data
+
+    return asyncio.run(read())
 
 
 # --- what the flow decides before it runs anything ---------------------------------------------
