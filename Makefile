@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# Three workers on two cores: the deployment tests spend most of their time waiting (missed
+# heartbeats, a worker's poll), so a third worker fills those waits. --dist loadfile keeps a
+# module (and its server) on one worker.
 test: $(STAMP) lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadfile
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
