@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flowerml import launch
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 DEMO_TRAINING = {"recipe": "demo", "device": "cpu"}
@@ -169,16 +171,7 @@ class LocalPrefect:
 
 def stop_group(process: subprocess.Popen, grace: float = 20) -> None:
     """SIGINT a process group (Prefect's workers and server stop cleanly on it), then KILL."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    launch.stop_group(process, grace, first=signal.SIGINT)
 
 
 @contextlib.contextmanager

@@ -81,12 +81,13 @@ def exit_with_parent_process(pid: int, interval: float = 1.0, grace: float = 10.
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def stop_group(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the child's process group, then SIGKILL what is left after `grace` seconds."""
+def stop_group(process: subprocess.Popen, grace: float,
+               first: signal.Signals = signal.SIGTERM) -> None:
+    """Send `first` to the child's process group, then SIGKILL what is left after `grace` s."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, first)
     try:
         process.wait(timeout=grace)
     except subprocess.TimeoutExpired:

@@ -59,3 +59,19 @@ def rewrite_mat(path: Path, **changes: np.ndarray | None) -> None:
         else:
             content[key] = value
     scipy.io.savemat(path, content)
+
+
+# A registry entry's parts, for registry and promotion tests.
+MANIFEST = "a" * 64
+MODEL = "flowers102"
+
+
+def weights(seed: int) -> dict:
+    import torch
+
+    return {"fc.weight": torch.full((3, 2), float(seed)), "fc.bias": torch.arange(3.0) + seed}
+
+
+def card(top1: float, manifest: str = MANIFEST) -> dict:
+    return {"metrics": {"top1": top1, "top5": 0.99, "loss": 0.2}, "test_manifest_sha256": manifest,
+            "run_id": "run-1", "backbone": "resnet152"}

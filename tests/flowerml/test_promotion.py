@@ -11,22 +11,8 @@ import pytest
 from flowerml.promotion import Gate, Scorecard, champion_scorecard, decide_promotion, promote
 from flowerml.registry import Registry, RegistryError, resolve_ref
 from flowerml.storage import LocalStore, Store
+from tests.builders import MANIFEST, MODEL, card, weights
 from tests.flowerml.conftest import RegisteredRun
-
-MANIFEST = "a" * 64
-MODEL = "flowers102"
-
-
-def weights(seed: int) -> dict:
-    import torch
-
-    return {"fc.weight": torch.full((3, 2), float(seed)), "fc.bias": torch.arange(3.0) + seed}
-
-
-def card(top1: float, manifest: str = MANIFEST) -> dict:
-    return {"metrics": {"top1": top1, "top5": 0.99, "loss": 0.2}, "test_manifest_sha256": manifest,
-            "run_id": "run-1", "backbone": "resnet152"}
-
 
 # --------------------------------------------------------------------------------------------
 # The gate
