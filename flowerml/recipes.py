@@ -179,7 +179,8 @@ def load_config(text: str) -> TrainConfig:
         raise UserError(f"training config: {describe_error(error)}") from None
 
 
-def _drop_default(schema: dict[str, Any]) -> None:
+def omit_default(schema: dict[str, Any]) -> None:
+    """`json_schema_extra` for an optional form field: no `default: null` for a form to show."""
     schema.pop("default", None)
 
 
@@ -200,7 +201,7 @@ def _optional(name: str) -> tuple[Any, Any]:
     constrained = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     return (constrained | SkipJsonSchema[None],
             Field(None, title=info.title, description=description,
-                  json_schema_extra=_as_choice if info.annotation is bool else _drop_default))
+                  json_schema_extra=_as_choice if info.annotation is bool else omit_default))
 
 
 def _bound(info: Any, kind: str) -> float | None:

@@ -24,7 +24,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.errors import FlowermlError, UserError
 from flowerml.promotion import Gate
-from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, _drop_default
+from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
 from flowerml.registry import DEFAULT_ALIAS
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
@@ -45,7 +45,7 @@ class TrainingParams(TrainOverrides):
     workers: Annotated[int, Field(ge=0, le=64)] | SkipJsonSchema[None] = Field(
         None, title="DataLoader workers",
         description="Input-pipeline processes. Empty: one per CPU core.",
-        json_schema_extra=_drop_default)
+        json_schema_extra=omit_default)
     nproc_per_node: int = Field(1, ge=1, le=16, title="GPUs per node",
                                 description="More than 1 runs torchrun with DDP on that many GPUs.")
     timeout_s: float = Field(TRAINING_TIMEOUT_S, gt=0, le=7 * 24 * 3600,
@@ -74,7 +74,7 @@ class RetrainParams(BaseModel):
     dataset: str = Field("flowers102", title="Dataset", description="Dataset name on the store")
     store: str | SkipJsonSchema[None] = Field(
         None, title="Store", description="Store URI. Empty: the worker's FLOWERML_STORE",
-        json_schema_extra=_drop_default)
+        json_schema_extra=omit_default)
     verify: bool = Field(False, title="Verify checksums",
                          description="Check the official MD5s for non-official sources")
     training: TrainingParams = Field(default_factory=TrainingParams, title="Training")
