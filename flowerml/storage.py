@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowerml.errors import FlowermlError, TransientError, UserError
+from flowerml.errors import FlowermlError, RetriesExhausted, UserError
 from flowerml.files import file_lock, sha256_hex, temp_beside, write_atomically
 
 Payload = bytes | Path
@@ -44,8 +44,9 @@ class StoreAccessError(StoreError, UserError):
     """The bucket does not exist, or credentials are missing or refused."""
 
 
-class StoreUnreachable(StoreError, TransientError, UserError):
-    """The endpoint did not answer (after the client's own retries)."""
+class StoreUnreachable(StoreError, RetriesExhausted, UserError):
+    """The endpoint did not answer after botocore's own retries, which own the S3 retry policy:
+    no outer layer retries it again (that multiplied the attempts)."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from tasks.common import retry_transient
     (DownloadError("HTTP 501, not retried by the download"), True),
     (DownloadRetriesExhausted("HTTP 503 after FLOWERML_DOWNLOAD_RETRIES"), False),
     (RetriesExhausted("retried to its limit below"), False),
-    (StoreUnreachable("no answer"), True),
+    (StoreUnreachable("no answer after botocore's retries"), False),
     (ConnectionResetError("reset"), True),
     (SourceError("MD5 mismatch"), False),
     (LabelsError("missing key"), False),
