@@ -223,6 +223,9 @@ def main() -> int:
             print("serving until Ctrl-C ...", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
+        else:
+            print("(stopping the server: `.venv/bin/python deploy/demo.py --keep` keeps it up "
+                  "to look at the run, its artifacts and the form in the UI)")
     return 0 if run["state_type"] == "COMPLETED" else 1
 
 

@@ -30,7 +30,7 @@ def retrain_env(tmp_path: Path) -> dict[str, str]:
 def test_retrain_demo_preset_json(tmp_path: Path) -> None:
     """`flowerml retrain --preset demo` end to end, in Prefect's ephemeral mode."""
     done = subprocess.run([sys.executable, "-m", "flows.cli", "retrain", "--preset", "demo",
-                           "--epochs", "2", "--image-size", "40", "--json"],
+                           "--epochs", "1", "--image-size", "40", "--json"],
                           env=retrain_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
