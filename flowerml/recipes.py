@@ -85,7 +85,8 @@ class TrainConfig(BaseModel):
                                       "(0: never stop early).")
     image_size: int = Field(224, ge=32, le=1024, title="Image size",
                             description="Training crop side in pixels.")
-    freeze_stages: int = Field(0, ge=0, le=6, title="Frozen stages",
+    # Its upper bound depends on the arch: the model validator names it (5 for ResNets).
+    freeze_stages: int = Field(0, ge=0, title="Frozen stages",
                                description="Lock the first K backbone stages (5 for ResNets).")
     seed: int = Field(0, ge=0, le=2**31 - 1, title="Random seed")
     amp: bool = Field(True, title="Mixed precision", description="bf16/fp16 autocast on CUDA.")
@@ -147,17 +148,13 @@ def describe_error(error: ValidationError) -> str:
         return f"{option_name(field)} must be one of {choices}: got {value!r}"
     if first["type"] == "extra_forbidden":
         return f"unknown training option {field!r}"
-    bounds = _bounds(field)
-    if bounds and isinstance(value, int | float) and not isinstance(value, bool):
-        return f"{option_name(field)} must be between {bounds[0]:g} and {bounds[1]:g} " \
-               f"(got {value:g})"
-    return f"{option_name(field)}: {first['msg']} (got {value!r})"
-
-
-def _bounds(field: str) -> tuple[float, float] | None:
     info = TrainConfig.model_fields.get(field)
     low, high = (_bound(info, "ge"), _bound(info, "le")) if info else (None, None)
-    return (low, high) if low is not None and high is not None else None
+    if isinstance(value, int | float) and not isinstance(value, bool) and low is not None:
+        if high is not None:
+            return f"{option_name(field)} must be between {low:g} and {high:g} (got {value:g})"
+        return f"{option_name(field)} must be at least {low:g} (got {value:g})"
+    return f"{option_name(field)}: {first['msg']} (got {value!r})"
 
 
 def build_config(recipe: str = "default", **overrides: Any) -> TrainConfig:

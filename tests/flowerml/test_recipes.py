@@ -138,10 +138,12 @@ def test_other_choices_name_their_option():
 def test_freeze_stages_is_bounded_per_arch(arch: str):
     limit = STAGES[arch]
     assert build_config("default", arch=arch, freeze_stages=limit).freeze_stages == limit
-    # Past 6 the field's own bound answers first; below it, the arch's.
-    expected = (f"--freeze-stages must be between 0 and {limit} for {arch} (got {limit + 1})"
-                if limit < 6 else "--freeze-stages must be between 0 and 6 (got 7)")
+    # The arch's own limit answers (the field has no fixed upper bound of its own).
+    expected = f"--freeze-stages must be between 0 and {limit} for {arch} (got {limit + 1})"
     assert _message(arch=arch, freeze_stages=limit + 1) == expected
+    assert _message(arch=arch, freeze_stages=9) == expected.replace(f"(got {limit + 1})",
+                                                                    "(got 9)")
+    assert _message(arch=arch, freeze_stages=-1) == "--freeze-stages must be at least 0 (got -1)"
 
 
 def test_warmup_cannot_exceed_the_epochs():
