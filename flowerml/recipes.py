@@ -158,10 +158,18 @@ def describe_error(error: ValidationError) -> str:
 
 
 def build_config(recipe: str = "default", **overrides: Any) -> TrainConfig:
-    """A recipe's values with explicit options (those not None) on top, validated once."""
+    """A recipe's values with explicit options (those not None) on top, validated once.
+
+    Without pretrained weights (`weights` none) the backbone learns at the head's rate: a
+    `backbone_lr_factor` below 1 is meant for pretrained features, so it applies to random
+    ones only when the recipe or an option sets it."""
     if recipe not in RECIPES:
         raise UserError(f"--recipe must be one of {', '.join(RECIPES)}: got {recipe!r}")
     values = {**RECIPES[recipe], **{k: v for k, v in overrides.items() if v is not None}}
+    weights = values.get("weights", TrainConfig.model_fields["weights"].default)
+    if "backbone_lr_factor" not in values and isinstance(weights, str) \
+            and weights.strip().lower() == "none":
+        values["backbone_lr_factor"] = 1.0
     try:
         return TrainConfig(**values)
     except ValidationError as error:

@@ -95,6 +95,40 @@ def test_an_override_can_turn_a_recipe_flag_off_or_to_zero():
     assert (config.amp, config.patience, config.weight_decay) == (False, 0, 0.0)
 
 
+@pytest.mark.parametrize("weights", ["none", "None", " none "])
+@pytest.mark.parametrize("name", ["default", "linear-probe"])
+def test_random_weights_train_the_backbone_at_the_full_rate(name: str, weights: str):
+    # The recipe's backbone_lr_factor 0.1 is meant for pretrained features.
+    assert build_config(name).backbone_lr_factor == 0.1
+    assert build_config(name, weights=weights).backbone_lr_factor == 1.0
+    form = TrainOverrides(recipe=name, weights=weights)
+    assert form.config().backbone_lr_factor == 1.0
+
+
+def test_an_explicit_backbone_lr_factor_holds_without_pretrained_weights():
+    assert build_config("default", weights="none", backbone_lr_factor=0.1).backbone_lr_factor \
+        == 0.1
+    assert build_config("default", weights="none", backbone_lr_factor=None).backbone_lr_factor \
+        == 1.0  # None is unset
+    assert TrainOverrides(weights="none", backbone_lr_factor=0.5).config().backbone_lr_factor \
+        == 0.5
+    # Pretrained weights keep the recipe's factor; the recipes' own factors stay as they are.
+    assert build_config("default", weights="/tmp/w.pth").backbone_lr_factor == 0.1
+    assert build_config("demo").backbone_lr_factor == 1.0
+    assert build_config("tutorial", weights="none").backbone_lr_factor == 1.0
+
+
+def test_train_help_lists_the_optimiser_options():
+    from tests.cli_helpers import invoke
+
+    result = invoke("train", "--help")
+    assert result.exit_code == 0, result.output
+    for option in ("--backbone-lr-factor", "--momentum", "--weight-decay", "--warmup-epochs",
+                   "--schedule", "--weights"):
+        assert option in result.output, option
+    assert "[cosine|constant]" in result.output
+
+
 def test_config_is_frozen():
     config = build_config("demo")
     with pytest.raises(ValidationError):
