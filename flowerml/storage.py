@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,8 @@ class S3Store(Store):
     """A bucket (and optional prefix) on AWS S3 or any S3-compatible endpoint."""
 
     MULTIPART_THRESHOLD = 64 * 1024 * 1024
+    STALE_UPLOAD_AGE = timedelta(days=1)
+    """A multipart upload pending longer than this was abandoned (a killed process)."""
 
     def __init__(self, bucket: str, prefix: str = "", options: S3Options | None = None,
                  concurrency: int = 16) -> None:
@@ -341,6 +344,8 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.client = build_s3_client(options or S3Options(), concurrency)
         self.endpoint = self.client.meta.endpoint_url
+        self._sweep_guard = threading.Lock()
+        self._swept = False
 
     @property
     def uri(self) -> str:
@@ -387,6 +392,7 @@ class S3Store(Store):
 
     @contextlib.contextmanager
     def _translated(self, key: str | None = None) -> Iterator[None]:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -396,6 +402,26 @@ class S3Store(Store):
             if translated is error:
                 raise
             raise translated from None
+        except S3UploadFailedError as error:
+            raise self._translate_upload(error, key) from None
+
+    def _translate_upload(self, error: Exception, key: str | None) -> Exception:
+        """The transfer manager wraps the ClientError of a failed PutObject, multipart step or
+        part in S3UploadFailedError (raised inside its `except`, so it is the context): map
+        that cause as any other, and name the key and bucket (its own text names the local
+        file and the service's message, never credentials)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        cause = error.__cause__ or error.__context__
+        where = f"uploading {key} to {self.uri}"
+        if isinstance(cause, ClientError | BotoCoreError):
+            translated = self._translate(cause, key)
+            if translated is not cause:
+                return type(translated)(f"{translated}, {where}")
+            if isinstance(cause, ClientError):
+                code = cause.response.get("Error", {}).get("Code", "")
+                return StoreError(f"S3 refused {where} at {self.endpoint} ({code})")
+        return StoreError(f"{where} at {self.endpoint} failed: {type(error).__name__}")
 
     def check(self) -> None:
         try:
@@ -426,11 +452,46 @@ class S3Store(Store):
                               max_concurrency=self.concurrency, use_threads=True)
 
     def put_file(self, key: str, path: Path) -> str:
+        self._abort_stale_uploads_once()
+        # A failed multipart upload is aborted by the transfer manager itself (its failure
+        # cleanup); one left behind by a killed process is swept by the next store's first
+        # upload (`_abort_stale_uploads_once`).
         with self._translated(key):
             self.client.upload_file(str(path), self.bucket, self._key(key),
                                     Config=self._transfer_config())
         info = self.head(key)
         return info.etag if info else ""
+
+    def _abort_stale_uploads_once(self) -> None:
+        with self._sweep_guard:
+            if self._swept:
+                return
+            self._swept = True
+        self.abort_stale_uploads()
+
+    def abort_stale_uploads(self, older_than: timedelta | None = None) -> int:
+        """Abort the multipart uploads under our prefix begun more than `older_than` ago
+        (default STALE_UPLOAD_AGE): their parts cost storage and no one will complete them.
+        Best effort: a credential without ListBucketMultipartUploads skips it. Returns how
+        many were aborted."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        cutoff = datetime.now(UTC) - (self.STALE_UPLOAD_AGE if older_than is None
+                                      else older_than)
+        aborted = 0
+        try:
+            paginator = self.client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket,
+                                           Prefix=f"{self.prefix}/" if self.prefix else ""):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] <= cutoff:
+                        self.client.abort_multipart_upload(Bucket=self.bucket,
+                                                           Key=upload["Key"],
+                                                           UploadId=upload["UploadId"])
+                        aborted += 1
+        except (BotoCoreError, ClientError):
+            pass
+        return aborted
 
     def get_file(self, key: str, path: Path) -> Path:
         def download(temp: Path) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from flowerml.errors import RetriesExhausted, TransientError, UserError
 from flowerml.storage import (
     LocalStore,
     ObjectNotFound,
@@ -172,3 +174,80 @@ def test_open_store_parses_uris(tmp_path: Path, s3_options: S3Options) -> None:
     s3 = open_store("s3://bucket/some/prefix", s3=s3_options)
     assert isinstance(s3, S3Store) and s3.bucket == "bucket" and s3.prefix == "some/prefix"
     assert s3.uri == "s3://bucket/some/prefix"
+
+
+# --------------------------------------------------------------------------------------------
+# Upload failures (issue 9): the transfer manager's S3UploadFailedError is translated too.
+
+MULTIPART_TEST_THRESHOLD = 5 * 1024 * 1024  # S3's smallest part; default chunks are 8 MiB
+
+
+def big_file(tmp_path: Path, size: int = 9 * 1024 * 1024) -> Path:
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"\x5a" * size)
+    return path
+
+
+def pending_uploads(store: S3Store) -> list[dict]:
+    return store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+
+
+@pytest.mark.slow  # starts an auth-enforcing moto server process
+@pytest.mark.parametrize("multipart", [False, True])
+def test_denied_upload_is_an_access_error_not_retried(denying_s3_endpoint: str, tmp_path: Path,
+                                                      multipart: bool) -> None:
+    store = S3Store("guarded", "p", S3Options(endpoint_url=denying_s3_endpoint))
+    store.MULTIPART_THRESHOLD = MULTIPART_TEST_THRESHOLD
+    source = big_file(tmp_path) if multipart else tmp_path / "small.bin"
+    if not multipart:
+        source.write_bytes(b"small")
+    with pytest.raises(StoreAccessError,
+                       match=r"access denied to bucket 'guarded'.*uploading raw/x.bin "
+                             r"to s3://guarded/p") as caught:
+        store.put_file("raw/x.bin", source)
+    assert "testing-secret" not in str(caught.value)
+    # tasks.common.retry_transient never retries a UserError that is not transient
+    assert isinstance(caught.value, UserError) and not isinstance(caught.value, TransientError)
+    with pytest.raises(StoreAccessError, match="access denied to bucket 'guarded'"):
+        store.upload_many([("raw/x.bin", source)])  # small files go as one PutObject
+
+
+def fail_upload_part(store: S3Store) -> list[int]:
+    """Answer every UploadPart with HTTP 500 (after botocore's own retries) and count them."""
+    from botocore.awsrequest import AWSResponse
+
+    calls: list[int] = []
+
+    def answer_500(**_: object) -> tuple[AWSResponse, dict]:
+        calls.append(1)
+        return AWSResponse("http://injected", 500, {}, None), {
+            "Error": {"Code": "InternalError", "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": 500}}
+
+    store.client.meta.events.register("before-call.s3.UploadPart", answer_500)
+    return calls
+
+
+def test_server_error_on_upload_part_is_transient_and_leaves_nothing_pending(
+        s3_store: S3Store, tmp_path: Path) -> None:
+    s3_store.MULTIPART_THRESHOLD = MULTIPART_TEST_THRESHOLD
+    calls = fail_upload_part(s3_store)
+    with pytest.raises(StoreUnreachable,
+                       match=rf"HTTP 500, uploading raw/big.bin to s3://{s3_store.bucket}/store"):
+        s3_store.put_file("raw/big.bin", big_file(tmp_path))
+    assert calls  # the multipart path was taken
+    assert isinstance(StoreUnreachable("x"), RetriesExhausted)
+    assert pending_uploads(s3_store) == []  # the transfer manager aborted it
+    assert not s3_store.exists("raw/big.bin")
+
+
+def test_stale_multipart_uploads_under_the_prefix_are_aborted(s3_store: S3Store,
+                                                              tmp_path: Path) -> None:
+    client = s3_store.client
+    ours = client.create_multipart_upload(Bucket=s3_store.bucket, Key="store/raw/old.bin")
+    other = client.create_multipart_upload(Bucket=s3_store.bucket, Key="elsewhere/old.bin")
+    s3_store.STALE_UPLOAD_AGE = timedelta(0)  # (moto dates every upload 2010 anyway)
+    s3_store.put_file("raw/new.bin", big_file(tmp_path, 1024))  # the first upload sweeps
+    left = {u["UploadId"] for u in pending_uploads(s3_store)}
+    assert ours["UploadId"] not in left and other["UploadId"] in left
+    assert s3_store.get_bytes("raw/new.bin") == b"\x5a" * 1024
