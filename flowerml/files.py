@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,13 +29,28 @@ def temp_beside(path: Path) -> Iterator[Path]:
     linked into place); removed on exit unless it was moved. Its name starts with a dot, so
     listings that skip hidden files never see it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The suffix is kept: some writers (torch.save) derive names from it.
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
+    temp = _create_exclusive(path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
-        yield Path(name)
+        yield temp
     finally:
-        Path(name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
+
+
+def _create_exclusive(directory: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file with a random name, created as `open()` creates files: mode 0666 less
+    the umask (and any default ACL), not mkstemp's 0600, so the file renamed into a shared
+    store is as readable as any other the user writes there."""
+    # The suffix is kept: some writers (torch.save) derive names from it.
+    for _ in range(100):
+        name = directory / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                         0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return name
+    raise FileExistsError(f"no free temporary name in {directory}")
 
 
 def write_atomically(path: Path, content: Content) -> Path:

@@ -1,0 +1,69 @@
+"""flowerml.files: atomic writes honour the umask, like open(), and leave no temp files."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flowerml.files import temp_beside, write_atomically
+from flowerml.storage import LocalStore
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run the test under this umask, restored afterwards."""
+    previous = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_writes_honour_the_umask_like_open(tmp_path: Path, umask: int) -> None:
+    expected = 0o666 & ~umask  # 0644 under 022, 0640 under 027
+    (tmp_path / "plain").write_bytes(b"x")
+    assert mode(tmp_path / "plain") == expected
+    assert mode(write_atomically(tmp_path / "a.json", b"{}")) == expected
+    assert mode(write_atomically(tmp_path / "b.bin", lambda t: t.write_bytes(b"b"))) == expected
+    with temp_beside(tmp_path / "c.pt") as temp:
+        assert temp.name.startswith(".tmp-") and temp.suffix == ".pt"
+        assert mode(temp) == expected and temp.read_bytes() == b""
+    assert not temp.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin", "plain"]
+
+
+def test_local_store_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
+    expected = 0o666 & ~umask
+    store = LocalStore(tmp_path / "store")
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"s")
+    source.chmod(0o600)  # the copy takes the store's mode, not the source's
+    store.put_bytes("a/plain", b"1")
+    store.put_bytes("a/created", b"2", if_none_match=True)
+    _, etag = store.get_with_etag("a/plain")
+    store.put_bytes("a/plain", b"3", if_match=etag)
+    store.put_file("a/file", source)
+    for key in ("a/plain", "a/created", "a/file"):
+        assert mode(tmp_path / "store" / key) == expected, key
+    assert mode(store.get_file("a/file", tmp_path / "out" / "file")) == expected
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
+    target = write_atomically(tmp_path / "t.txt", b"old")
+
+    def fail(temp: Path) -> None:
+        temp.write_bytes(b"partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(target, fail)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
