@@ -10,7 +10,9 @@ versions/<NNNNNN>/card.md            the card rendered for people (by the caller
 versions/<NNNNNN>/<extra files>      report.md, confusion.png, curves.png, ...
 versions/<NNNNNN>/COMMITTED          written LAST, create-only: {weights_sha256, committed_at}
 aliases/<alias>.json                 {alias, version, sha256, seq, previous, updated_at}: CAS only
-aliases/<alias>/history/<seq>.json   create-only, seq 1, 2, 3... (8 digits), gap-free
+aliases/<alias>/history/<seq>.json   create-only, seq 1, 2, 3... (8 digits), gap-free;
+                                     {seq, from, to, sha256, previous, reason, forced,
+                                      rollback, time, writer}
 ```
 
 A version without COMMITTED is an interrupted registration: it is listed, but it can never be
@@ -29,7 +31,7 @@ import json
 import re
 import struct
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +143,31 @@ def resolve_ref(store: Store, ref: str, default_alias: str = DEFAULT_ALIAS) -> M
     """The committed version a reference like 'flowers102@production' or 'flowers102:3' names."""
     model, alias, version = parse_model_ref(ref, default_alias)
     return Registry(store, model).resolve(alias, version)
+
+
+def is_rollback(entry: dict) -> bool:
+    """Whether a history entry records a rollback (entries written before the `rollback` field
+    existed were rollbacks when their reason was 'rollback')."""
+    if "rollback" in entry:
+        return entry["rollback"] is True
+    return str(entry.get("reason", "")).startswith("rollback")
+
+
+def promotion_chain(history: Iterable[dict]) -> list[int]:
+    """The versions a rollback walks back through, oldest first; the last is the current one.
+
+    Replays the alias's history (ascending by seq): a move appends its target, a rollback
+    drops every occurrence of the version it rolled away from (so that no later rollback can
+    return to it, unless it is promoted again), and consecutive repeats collapse.
+    """
+    chain: list[int] = []
+    for entry in history:
+        if is_rollback(entry) and entry.get("from") is not None:
+            chain = [v for v in chain if v != entry["from"]]
+            chain = [v for i, v in enumerate(chain) if i == 0 or chain[i - 1] != v]
+        if not chain or chain[-1] != entry["to"]:
+            chain.append(entry["to"])
+    return chain
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,18 +465,32 @@ class Registry:
         return self._move_alias(alias, target, reason=reason, forced=forced,
                                 expect_seq=expect_seq)
 
-    def rollback(self, alias: str = DEFAULT_ALIAS, *, reason: str = "rollback") -> AliasState:
-        """Move the alias back to its `previous` version (a second rollback undoes the first)."""
+    def has_versions(self) -> bool:
+        """Whether anything was ever registered under this model (one listing, no reads)."""
+        return next(iter(self.store.list(f"{self.root}/versions/")), None) is not None
+
+    def rollback_target(self, alias: str = DEFAULT_ALIAS) -> tuple[AliasState, int]:
+        """The alias as it is now and the version a rollback would move it to (see `rollback`)."""
         current = self.alias(alias)
         if current is None:
             raise RegistryError(f"{self.model} has no alias '{alias}'")
-        if current.previous is None:
+        chain = promotion_chain(e for e in self.history(alias) if e["seq"] <= current.seq)
+        earlier = [v for v in chain if v != current.version]
+        if not earlier:
             raise RegistryError(f"alias {alias} of {self.model} has no previous version to "
                                 "roll back to")
-        target, _ = self._verified_bytes(current.previous)
+        return current, earlier[-1]
+
+    def rollback(self, alias: str = DEFAULT_ALIAS, *, reason: str = "rollback") -> AliasState:
+        """Move the alias back along its chain of promotions: to the version promoted before
+        the current one, skipping versions that were rolled away from. A second rollback goes
+        one step further back (never forward again); with nothing earlier it is refused. The
+        move is recorded in the history with `rollback: true`."""
+        current, version = self.rollback_target(alias)
+        target, _ = self._verified_bytes(version)
         try:
             return self._move_alias(alias, target, reason=reason, forced=False,
-                                    expect_seq=current.seq)
+                                    expect_seq=current.seq, rollback=True)
         except AliasMoved as moved:
             # Rolling back is a decision about one state; after a concurrent move it could
             # undo someone else's change instead, so let the operator look again.
@@ -468,7 +509,7 @@ class Registry:
     # identical bytes and it does not matter which of them lands.
 
     def _move_alias(self, alias: str, target: ModelVersion, *, reason: str, forced: bool,
-                    expect_seq: int | None = None) -> AliasState:
+                    expect_seq: int | None = None, rollback: bool = False) -> AliasState:
         """Move `alias` to `target`; with `expect_seq`, only from that seq (else AliasMoved)."""
         writer = uuid.uuid4().hex  # recognises our entry when reading it back
         while True:
@@ -476,20 +517,20 @@ class Registry:
             seq = current.seq if current else 0
             if expect_seq is not None and seq != expect_seq:
                 raise AliasMoved(current)
-            entry = self._entry(seq + 1, current, target, reason, forced, writer)
+            entry = self._entry(seq + 1, current, target, reason, forced, writer, rollback)
             if not self._create_verified(self._history_key(alias, seq + 1), entry):   # 2.
                 self._roll_forward(alias, current, seq + 1)  # the slot's winner may be gone
                 continue                                     # re-read, decide again
             return self._apply(alias, current, entry)                       # 3. swap
 
     def _entry(self, seq: int, current: AliasState | None, target: ModelVersion, reason: str,
-               forced: bool, writer: str) -> dict:
+               forced: bool, writer: str, rollback: bool = False) -> dict:
         previous = current.previous if current else None
         if current is not None and current.version != target.version:
             previous = current.version  # re-pointing at the same version keeps the old undo
         return {"seq": seq, "from": current.version if current else None, "to": target.version,
                 "sha256": target.weights_sha256, "previous": previous, "reason": reason,
-                "forced": forced, "time": _now(), "writer": writer}
+                "forced": forced, "rollback": rollback, "time": _now(), "writer": writer}
 
     def _alias_doc(self, alias: str, entry: dict) -> dict:
         return {"alias": alias, "version": entry["to"], "sha256": entry["sha256"],

@@ -24,6 +24,7 @@ from flowerml.registry import (
     RegistryError,
     list_models,
     parse_model_ref,
+    promotion_chain,
     resolve_ref,
 )
 from flowerml.storage import LocalStore, S3Options, S3Store, Store
@@ -174,6 +175,94 @@ def test_rollback_without_previous_version(store: Store) -> None:
         registry.rollback()
     assert str(caught.value) == ("alias production of flowers102 has no previous version "
                                  "to roll back to")
+
+
+def promote_three(registry: Registry) -> None:
+    """Versions 1-4 registered; 1 and 2 promoted past the gate, 3 (below it) forced."""
+    for seed, top1 in ((1, 0.96), (2, 0.97), (3, 0.5), (4, 0.98)):
+        registry.register(weights(seed), card(top1))
+    assert promote(registry, 1, scorecard=Scorecard(0.96, MANIFEST))[0]
+    assert promote(registry, 2, scorecard=Scorecard(0.97, MANIFEST))[0]
+    assert promote(registry, 3, scorecard=Scorecard(0.5, MANIFEST), force=True)[0]
+
+
+def moves(registry: Registry) -> list[tuple[int | None, int, bool]]:
+    return [(h["from"], h["to"], h["rollback"]) for h in registry.history()]
+
+
+def test_rollback_walks_back_the_chain_of_promotions(store: Store) -> None:
+    registry = Registry(store, MODEL)
+    promote_three(registry)
+    assert registry.alias().version == 3
+
+    first = registry.rollback()
+    assert (first.version, first.seq, first.previous) == (2, 4, 3)
+    second = registry.rollback()  # further back, never forward to the forced version 3
+    assert (second.version, second.seq, second.previous) == (1, 5, 2)
+    with pytest.raises(RegistryError) as caught:
+        registry.rollback()
+    assert str(caught.value) == ("alias production of flowers102 has no previous version "
+                                 "to roll back to")
+    assert registry.alias().version == 1 and registry.alias().seq == 5  # nothing moved
+    assert moves(registry) == [(None, 1, False), (1, 2, False), (2, 3, False), (3, 2, True),
+                               (2, 1, True)]
+    assert [h["forced"] for h in registry.history()] == [False, False, True, False, False]
+    assert_consistent(registry.history(), registry.alias())
+
+
+def test_a_promote_after_rollbacks_starts_a_new_chain(store: Store) -> None:
+    registry = Registry(store, MODEL)
+    promote_three(registry)
+    registry.rollback()
+    registry.rollback()                                      # 3 -> 2 -> 1
+    champion = Scorecard(0.96, MANIFEST, version=1)
+    assert promote(registry, 4, scorecard=Scorecard(0.98, MANIFEST), champion=champion)[0]
+    assert registry.rollback().version == 1                  # back past 4, to where it began
+    with pytest.raises(RegistryError, match="no previous version to roll back to"):
+        registry.rollback()
+    # a version rolled away from is a target again once it is promoted again
+    registry.set_alias("production", 2, reason="promote again")
+    registry.set_alias("production", 4, reason="promote again")
+    assert registry.rollback().version == 2
+    assert registry.rollback().version == 1
+    assert moves(registry)[5:] == [(1, 4, False), (4, 1, True), (1, 2, False), (2, 4, False),
+                                   (4, 2, True), (2, 1, True)]
+
+
+def test_promotion_chain_skips_versions_rolled_away_from() -> None:
+    def entry(seq: int, to: int, *, rollback: bool = False, frm: int | None = None) -> dict:
+        return {"seq": seq, "from": frm, "to": to, "rollback": rollback, "reason": "x"}
+
+    assert promotion_chain([]) == []
+    # 1, 2, 1, 2: rolling back from 2 skips both 2s; from 1 there is nothing left
+    history = [entry(1, 1), entry(2, 2), entry(3, 1), entry(4, 2)]
+    assert promotion_chain(history) == [1, 2, 1, 2]
+    history.append(entry(5, 1, rollback=True, frm=2))
+    assert promotion_chain(history) == [1]
+    # re-pointing at the same version adds nothing; a rollback recorded before the field
+    # existed is recognised by its reason
+    legacy = [entry(1, 1), entry(2, 1), entry(3, 2),
+              {"seq": 4, "from": 2, "to": 1, "reason": "rollback"}]
+    assert promotion_chain(legacy) == [1]
+
+
+def test_a_rollback_rolls_a_crashed_move_forward_and_is_refused(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = Registry(store, MODEL)
+    promote_three(registry)
+
+    def crash(*args: object, **kwargs: object) -> AliasState:
+        raise RuntimeError("crashed after winning the history slot")
+
+    crashing = Registry(store, MODEL)
+    monkeypatch.setattr(crashing, "_apply", crash)
+    with pytest.raises(RuntimeError, match="crashed"):
+        crashing.set_alias("production", 4, reason="crashed move")
+    with pytest.raises(RegistryError, match="moved while rolling back \\(now v000004\\)"):
+        registry.rollback()  # decided on seq 3, but seq 4 was decided: applied, then refused
+    assert registry.alias().version == 4
+    assert registry.rollback().version == 3  # decided again on the rolled-forward state
+    assert_consistent(registry.history(), registry.alias())
 
 
 def test_a_crashed_move_is_rolled_forward_by_the_next_writer(store: Store,
