@@ -73,9 +73,19 @@ def test_threshold_outside_unit_interval(registry: Registry) -> None:
 
 
 def test_unknown_model_and_alias(registry: Registry) -> None:
-    assert_refused(invoke(registry, "registry", "show", "tulips"), "model 'tulips' has no versions")
-    assert_refused(invoke(registry, "registry", "history", "flowers102", "--alias", "staging"),
-                   "flowers102 has no alias 'staging'")
+    for json_flag in ((), ("--json",)):  # the same one-line refusal with and without --json
+        assert_refused(invoke(registry, "registry", "show", "tulips", *json_flag),
+                       "model 'tulips' has no versions")
+        assert_refused(invoke(registry, "registry", "history", "tulips", *json_flag),
+                       "model 'tulips' has no versions")
+        assert_refused(invoke(registry, "registry", "history", "flowers102", "--alias",
+                              "staging", *json_flag), "flowers102 has no alias 'staging'")
+        assert_refused(invoke(registry, "registry", "rollback", "tulips", *json_flag),
+                       "model 'tulips' has no versions")
+        assert_refused(invoke(registry, "registry", "rollback", "flowers102", *json_flag),
+                       "flowers102 has no alias 'production'")
+    assert_refused(invoke(registry, "registry", "promote", "tulips", "1"),
+                   "model 'tulips' has no versions")
     assert_refused(invoke(registry, "registry", "promote", "flowers102", "9"), "000009")
     image = next(Path(registry.store.root.parent / "cache").rglob("*.jpg"))
     assert_refused(invoke(registry, "predict", str(image), "--model", "flowers102@staging"),
@@ -125,3 +135,58 @@ def test_predict_with_the_production_model(registry: Registry) -> None:
     predictions = json.loads(result.stdout)[0]["predictions"]
     assert len(predictions) == 2 and predictions[0]["name"] in {
         "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea"}
+
+
+def test_an_empty_store_lists_nothing(tmp_path: Path) -> None:
+    empty = Registry(LocalStore(tmp_path / "store"), "flowers102")
+    listed = invoke(empty, "registry", "list")
+    assert listed.exit_code == 0 and listed.stdout == "", listed.output
+    listed = invoke(empty, "registry", "list", "--json")
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == [], listed.output
+    assert_refused(invoke(empty, "registry", "show", "flowers102"),
+                   "model 'flowers102' has no versions")
+    assert_refused(invoke(empty, "registry", "history", "flowers102", "--json"),
+                   "model 'flowers102' has no versions")
+    assert "prints nothing" in invoke(empty, "registry", "list", "--help").stdout
+
+
+def test_rollback_walks_back_and_history_shows_padded_versions(registry: Registry) -> None:
+    published = resolve_dataset(registry.store, "flowers102")
+    registry.register(build_model("resnet18", 4, seed=3).state_dict(), card(published, 0.95))
+    first = json.loads(invoke(registry, "registry", "promote", "flowers102", "2",
+                              "--threshold", "0.5", "--json").stdout)
+    assert first == {"model": "flowers102", "alias": "production", "version": 2,
+                     "previous": None, "promoted": True, "reasons": first["reasons"]}
+    assert "no production model yet" in first["reasons"][1]
+    second = invoke(registry, "registry", "promote", "flowers102", "3", "--json")
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["previous"] == 2
+    below = invoke(registry, "registry", "promote", "flowers102", "1", "--threshold", "0.99",
+                   "--json")
+    assert below.exit_code == 1  # the gate refuses: exit 1, as without --json
+    refused = json.loads(below.stdout)
+    assert (refused["promoted"], refused["version"], refused["previous"]) == (False, 1, 3)
+    assert any("< threshold 0.9900" in r for r in refused["reasons"])
+    forced = invoke(registry, "registry", "promote", "flowers102", "1", "--force", "--json")
+    assert json.loads(forced.stdout)["promoted"] is True and registry.alias().version == 1
+
+    rolled = invoke(registry, "registry", "rollback", "flowers102", "--json")
+    assert rolled.exit_code == 0, rolled.output
+    assert {k: v for k, v in json.loads(rolled.stdout).items() if k != "reasons"} == {
+        "model": "flowers102", "alias": "production", "version": 3, "previous": 1,
+        "promoted": True}
+    rolled = invoke(registry, "registry", "rollback", "flowers102")
+    assert rolled.exit_code == 0, rolled.output
+    assert rolled.stdout == "flowers102@production -> 000002 (was 000003)\n"
+    assert_refused(invoke(registry, "registry", "rollback", "flowers102"),
+                   "no previous version to roll back to")
+    assert registry.alias().version == 2  # never forward again to the forced version 1
+
+    lines = invoke(registry, "registry", "history", "flowers102").stdout.splitlines()
+    assert [line.split(maxsplit=2)[2].split(": ")[0] for line in lines] == [
+        "- -> 000002", "000002 -> 000003", "000003 -> 000001 (forced)",
+        "000001 -> 000003 (rollback)", "000003 -> 000002 (rollback)"]
+    history = json.loads(invoke(registry, "registry", "history", "flowers102", "--json").stdout)
+    assert [h["rollback"] for h in history] == [False, False, False, True, True]
+    listed = invoke(registry, "registry", "list")
+    assert listed.stdout == "flowers102: 3 version(s), production 000002\n"
