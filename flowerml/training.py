@@ -49,7 +49,7 @@ from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model, parameter_groups, prepare_for_strategy
 from flowerml.progress import NullProgress, Progress
 from flowerml.recipes import TrainConfig
-from flowerml.runs import RunError, RunFiles, check_run_id
+from flowerml.runs import BEST, RunError, RunFiles, check_run_id
 from flowerml.storage import S3Options, Store
 from flowerml.transforms import prepare_batch
 from flowerml.weights import ResolvedWeights, resolve_weights
@@ -380,6 +380,27 @@ def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDat
                        f"{saved['dataset']['version']}, not @{published.version}")
 
 
+def has_trained(run: RunFiles) -> bool:
+    """Whether `run` has a config.json and finished an epoch (a checkpoint, or a result): only
+    such a run is pinned to its configuration and dataset version. One that stopped before
+    (a crash or a kill in epoch 1) starts again with whatever it is given."""
+    return run.exists() and (run.has_checkpoint() or run.store.exists(run.key("result.json")))
+
+
+def start_run(run: RunFiles, record: dict) -> None:
+    """config.json of a run that starts from scratch. Written only once the inputs are
+    validated, the weights resolved and the model built, so that a typo cannot claim the run
+    id. A run that never finished an epoch is replaced: its config.json, and the best weights
+    and metrics.jsonl its first epoch may have left before it died."""
+    if not run.has_checkpoint():
+        base = run.key("")
+        stale = [info.key for info in run.store.list(run.key(BEST.stem))
+                 if BEST.matches(info.key[len(base):])]
+        for key in [run.key(BEST.pointer), *stale, run.key("metrics.jsonl")]:
+            run.store.delete(key)
+    run.write_json("config.json", record)
+
+
 def run_record(config: TrainConfig, published: PublishedDataset, placement: Placement) -> dict:
     return {
         "config": config.to_json(),
@@ -448,7 +469,9 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
     """Train (or resume) run `run_id` on `dataset`, keeping the best-on-valid weights.
 
     `config.weights` is resolved here, once, before anything else (S3 weights with `s3`, into
-    `cache_dir/weights/`), so a bad weights source fails before any data or GPU work.
+    `cache_dir/weights/`), so a bad weights source fails before any data or GPU work. Nothing
+    is written under `runs/<run_id>/` before the dataset is resolved and the model and loaders
+    are built; a run id whose run never finished an epoch may start again with a new config.
     """
     check_run_id(run_id)
     weights = resolve_weights(config.weights, config.arch, cache_dir=Path(cache_dir), s3=s3)
@@ -465,13 +488,12 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
          version: str | None, placement: Placement, workers: int | None,
          weights: ResolvedWeights, emit: EventFn, progress: Progress) -> FitResult:
     run = RunFiles(store, run_id)
-    if version is None and run.exists():
+    pinned = has_trained(run)
+    if version is None and pinned:
         version = run.read_json("config.json")["dataset"]["version"]
     published = resolve_dataset(store, dataset, version)
-    if run.exists():
+    if pinned:
         check_compatible(run, config, published)
-    elif placement.is_main:
-        run.write_json("config.json", run_record(config, published, placement))
     seed_everything(config.seed)
     model = prepare_model(config, published.num_classes, placement, weights)
     linear_probe = config.strategy == "linear-probe"
@@ -493,6 +515,8 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
                       autocast_for(placement.device, config.amp),
                       torch.amp.GradScaler("cuda") if needs_grad_scaler(
                           placement.device, config.amp) else None)
+    if placement.is_main and not pinned:
+        start_run(run, run_record(config, published, placement))
     resumed_from = None
     state = TrainState()
     if run.has_checkpoint():

@@ -210,6 +210,70 @@ def test_changed_configuration_is_refused_on_resume(published_store: StoreAndCac
         run_fit(published_store, "straight", lr=0.1)
 
 
+def run_files(store: LocalStore, run_id: str) -> list[str]:
+    folder = store.root / "runs" / run_id
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_bad_weights_write_nothing_and_leave_the_run_id_free(published_store: StoreAndCache,
+                                                             tmp_path) -> None:
+    """A typo in --weights must not claim a named run id: nothing is written before the
+    weights are resolved and the model is built, so the corrected call trains under it."""
+    store, _ = published_store
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")  # resolves (it exists), fails to load
+    for weights, message in [(str(tmp_path / "missing.pth"), "no such file"),
+                             ("s3://bucket", "needs s3://bucket/key"),
+                             (str(garbage), "cannot be loaded as weights")]:
+        with pytest.raises(UserError, match=message):
+            run_fit(published_store, "typo", weights=weights)
+        assert run_files(store, "typo") == []
+    result = run_fit(published_store, "typo", epochs=1)
+    assert result.epochs_run == 1 and result.resumed_from_epoch is None
+    assert RunFiles(store, "typo").read_json("config.json")["config"]["weights"] == "none"
+
+
+class DiesInFirstEpoch(Exception):
+    """Raised from the event callback in epoch 1, after the best weights and metrics were
+    written but before the checkpoint was."""
+
+
+def die_in_first_epoch(event: dict) -> None:
+    if event["event"] == "epoch":
+        raise DiesInFirstEpoch
+
+
+def test_run_without_a_checkpoint_restarts_with_a_new_config(
+        published_store: StoreAndCache) -> None:
+    store, _ = published_store
+    with pytest.raises(DiesInFirstEpoch):
+        run_fit(published_store, "restart", epochs=2, on_event=die_in_first_epoch)
+    run = RunFiles(store, "restart")
+    assert run.exists() and not run.has_checkpoint()
+    assert run.read_json("best.json")["epoch"] == 1
+    events: list[dict] = []
+    result = run_fit(published_store, "restart", epochs=1, lr=2e-3, on_event=events.append)
+    assert result.resumed_from_epoch is None and result.epochs_run == 1
+    assert not any(e["event"] == "resumed" for e in events)
+    assert run.read_json("config.json")["config"]["lr"] == 2e-3
+    assert len(store.get_bytes("runs/restart/metrics.jsonl").splitlines()) == 1
+    # Once it has a checkpoint, the new config is the one it keeps.
+    with pytest.raises(RunError, match="different configuration.*lr"):
+        run_fit(published_store, "restart", epochs=1, lr=1e-3)
+    assert [name for name in run_files(store, "restart") if name.startswith("best-")] == [
+        run.weights_key().rsplit("/", 1)[1]]
+
+
+def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAndCache) -> None:
+    """A restart that dies before its first epoch ends leaves no weights of the old config."""
+    store, _ = published_store
+    with pytest.raises(DiesInFirstEpoch):
+        run_fit(published_store, "abandoned", epochs=2, on_event=die_in_first_epoch)
+    assert "best.json" in run_files(store, "abandoned")
+    training.start_run(RunFiles(store, "abandoned"), {"config": {"arch": "vgg16"}})
+    assert run_files(store, "abandoned") == ["config.json"]
+
+
 def test_checkpoint_with_other_classes_is_refused(published_store: StoreAndCache,
                                                   synthetic_data: SyntheticData,
                                                   uninterrupted_run) -> None:
