@@ -476,3 +476,16 @@ def test_concurrent_alias_moves_from_processes(store: Store) -> None:
                 process.kill()
                 process.join()
     assert_race_result(registry, workers, rounds)
+
+
+# The same races on a real S3 server: SeaweedFS checks IfMatch/IfNoneMatch under a lock.
+
+
+@pytest.mark.slow  # a SeaweedFS server process
+def test_concurrent_alias_moves_from_threads_on_seaweedfs(seaweedfs_store: S3Store) -> None:
+    test_concurrent_alias_moves_from_threads(seaweedfs_store)
+
+
+@pytest.mark.slow  # a SeaweedFS server process and spawned worker processes
+def test_concurrent_alias_moves_from_processes_on_seaweedfs(seaweedfs_store: S3Store) -> None:
+    test_concurrent_alias_moves_from_processes(seaweedfs_store)
