@@ -265,3 +265,24 @@ def test_archive_is_decompressed_once_per_ingest(local_store: LocalStore, synthe
     assert result.uploaded == 24 and len(passes) == 1
     again = run_ingest(synthetic_source, local_store, tmp_path / "cache")
     assert again.skipped == 24 and len(passes) == 1  # the survey is reused from the cache
+
+
+@pytest.mark.slow  # a SeaweedFS server process
+def test_ingest_onto_seaweedfs(seaweedfs_store: S3Store, synthetic_source: Path,
+                               tmp_path: Path) -> None:
+    """One ingest onto a real S3 server: conditional writes, checksums and listing as it does
+    them (moto is lenient about all three)."""
+    result = run_ingest(synthetic_source, seaweedfs_store, tmp_path / "cache")
+    assert result.counts == {"train": 8, "valid": 8, "test": 8}
+    assert (result.uploaded, result.skipped, result.quarantined) == (24, 0, 0)
+    prefix = f"datasets/flowers102/{result.version}"
+    manifest = json.loads(seaweedfs_store.get_bytes(f"{prefix}/manifest.json"))
+    members = archive_members(synthetic_source)
+    assert len(manifest["files"]) == 24
+    for entry in manifest["files"]:
+        assert seaweedfs_store.get_bytes(f"{prefix}/{entry['key']}") == \
+            members[f"jpg/{entry['image']}"]
+    current = json.loads(seaweedfs_store.get_bytes("datasets/flowers102/CURRENT"))
+    assert current["version"] == result.version
+    again = run_ingest(synthetic_source, seaweedfs_store, tmp_path / "other-cache")
+    assert (again.version, again.uploaded, again.skipped) == (result.version, 0, 24)
