@@ -141,8 +141,13 @@ SEAWEEDFS_IDENTITIES = {"identities": [{
     "name": "flowerml-tests",
     "credentials": [{"accessKey": "testing", "secretKey": "testing-secret"}],
     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+}, {
+    "name": "flowerml-reader",
+    "credentials": [{"accessKey": "reader", "secretKey": "reader-secret"}],
+    "actions": ["Read", "List"],
 }]}
-"""Only the tests' own keys (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY above) are accepted."""
+"""Only the tests' own keys (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY above) are accepted, and
+a read-only pair (reader/reader-secret) that tests may switch to."""
 
 
 @pytest.fixture(scope="session")

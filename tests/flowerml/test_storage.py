@@ -72,7 +72,9 @@ def test_compare_and_swap(store: Store) -> None:
 
 def test_compare_and_swap_race_has_one_winner_per_round(store: Store,
                                                         request: pytest.FixtureRequest) -> None:
-    store.put_bytes("alias.json", b"0")
+    # Not a value any worker writes: S3 etags are content hashes, so a worker rewriting the
+    # same bytes keeps the etag, and a second swap from it rightly succeeds.
+    store.put_bytes("alias.json", b"start")
     wins: list[int] = []
     start = threading.Barrier(8)
 
@@ -250,8 +252,15 @@ def fail_upload_part(store: S3Store) -> list[int]:
     return calls
 
 
+@pytest.fixture(params=["s3", pytest.param("seaweedfs", marks=pytest.mark.slow)])
+def any_s3_store(request: pytest.FixtureRequest) -> S3Store:
+    """An S3Store on moto, then on SeaweedFS."""
+    return request.getfixturevalue(f"{request.param}_store")
+
+
 def test_server_error_on_upload_part_is_transient_and_leaves_nothing_pending(
-        s3_store: S3Store, tmp_path: Path) -> None:
+        any_s3_store: S3Store, tmp_path: Path) -> None:
+    s3_store = any_s3_store
     s3_store.MULTIPART_THRESHOLD = MULTIPART_TEST_THRESHOLD
     calls = fail_upload_part(s3_store)
     with pytest.raises(StoreUnreachable,
@@ -273,3 +282,24 @@ def test_stale_multipart_uploads_under_the_prefix_are_aborted(s3_store: S3Store,
     left = {u["UploadId"] for u in pending_uploads(s3_store)}
     assert ours["UploadId"] not in left and other["UploadId"] in left
     assert s3_store.get_bytes("raw/new.bin") == b"\x5a" * 1024
+
+
+@pytest.mark.slow  # a SeaweedFS server process
+def test_read_only_credential_gets_an_access_error_on_seaweedfs(
+        seaweedfs_store: S3Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seaweedfs_store.put_bytes("raw/readable.txt", b"r")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "reader")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "reader-secret")
+    reader = S3Store(seaweedfs_store.bucket, seaweedfs_store.prefix,
+                     S3Options(endpoint_url=seaweedfs_store.endpoint, addressing_style="path"))
+    reader.MULTIPART_THRESHOLD = MULTIPART_TEST_THRESHOLD
+    assert reader.get_bytes("raw/readable.txt") == b"r"
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"small")
+    for source in (big_file(tmp_path), small):  # multipart, then one PutObject
+        with pytest.raises(StoreAccessError, match=rf"access denied to bucket "
+                                                   rf"'{reader.bucket}'.*uploading raw/x.bin"
+                           ) as caught:
+            reader.put_file("raw/x.bin", source)
+        assert "reader-secret" not in str(caught.value)
+    assert pending_uploads(seaweedfs_store) == [] and not seaweedfs_store.exists("raw/x.bin")
