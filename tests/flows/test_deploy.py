@@ -249,13 +249,16 @@ def test_the_ui_shows_a_form_of_dropdowns_and_the_report_with_its_plots(
 
     assert Path(CHROMIUM).exists(), "install Debian's chromium (apt-get install chromium)"
     prefect = prefect_stack
-    worker = prefect.start_worker("gpu", "--limit", "1", name="ui-worker")
-    run = prefect.run_deployment("retrain-flowers/retrain-manual",
-                                 run_params(synthetic_source, s3_bucket, epochs=1))
-    assert prefect.wait_for_final_state(run, timeout=300)["state_type"] == "COMPLETED"
-    prefect.stop_worker(worker)  # the form's run (the real defaults) must not start here
     report = prefect.api("/artifacts/filter", {"artifacts": {
-        "key": {"any_": ["flowers102-evaluation-report"]}, "flow_run_id": {"any_": [run]}}})
+        "key": {"any_": ["flowers102-evaluation-report"]}}})
+    if not report:  # the killed-worker test, earlier in this module, made some; else make one
+        worker = prefect.start_worker("gpu", "--limit", "1", name="ui-worker")
+        run = prefect.run_deployment("retrain-flowers/retrain-manual",
+                                     run_params(synthetic_source, s3_bucket, epochs=1))
+        assert prefect.wait_for_final_state(run, timeout=300)["state_type"] == "COMPLETED"
+        prefect.stop_worker(worker)  # the form's run (the real defaults) must not start here
+        report = prefect.api("/artifacts/filter", {"artifacts": {
+            "key": {"any_": ["flowers102-evaluation-report"]}}})
     deployment = prefect.api("/deployments/name/retrain-flowers/retrain-manual")
     before = {r["id"] for r in prefect.api("/flow_runs/filter", {})}
 
