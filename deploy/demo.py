@@ -198,6 +198,10 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true",
                         help="keep the server up after the run, until Ctrl-C")
     args = parser.parse_args()
+    # Ctrl-C, and SIGTERM from `timeout` or a CI runner, unwind through the cleanup that stops
+    # the server and the worker (a background job may have started with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
