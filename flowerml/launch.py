@@ -83,17 +83,44 @@ def exit_with_parent_process(pid: int, interval: float = 1.0, grace: float = 10.
 
 def stop_group(process: subprocess.Popen, grace: float,
                first: signal.Signals = signal.SIGTERM) -> None:
-    """Send `first` to the child's process group, then SIGKILL what is left after `grace` s."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, first)
-    try:
+    """Send `first` to the child's process group, then SIGKILL what is left after `grace` s.
+
+    The whole group, not only the child: DataLoader workers and torchrun's ranks can outlive
+    the process that started them by seconds."""
+    deadline = time.monotonic() + grace
+    if group_alive(process.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, first)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group_alive(process.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    process.wait()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the group is left (zombies not yet reaped count as gone)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not os.path.isdir("/proc"):
+        return True  # no /proc (macOS): killpg(0) is all we know
+    return any(process_alive(int(entry.name)) for entry in os.scandir("/proc")
+               if entry.name.isdigit() and _group_of(entry.name) == pgid)
+
+
+def _group_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _pump(stream, lines: queue.Queue) -> None:

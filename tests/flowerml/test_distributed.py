@@ -118,7 +118,9 @@ WORKER = textwrap.dedent("""
            "decided": decided, "initialized": dist.is_initialized()}
     stop_placement(placement)
     row["after_stop"] = dist.is_initialized()
-    print(json.dumps(row), flush=True)
+    # One file per rank: both ranks share stdout, where their lines can interleave.
+    with open(f"{sys.argv[1]}/rank{placement.rank}.json", "w") as out:
+        json.dump(row, out)
 """)
 
 
@@ -129,14 +131,13 @@ def test_two_gloo_processes_join_agree_and_leave(tmp_path: Path):
     for name in TORCHRUN_VARIABLES:
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", str(script)]
+               "--nproc-per-node=2", str(script), str(tmp_path)]
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
                           cwd=Path(__file__).resolve().parents[2])
 
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = sorted((json.loads(line) for line in done.stdout.splitlines()
-                   if line.startswith("{")), key=lambda row: row["rank"])
+    rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert rows == [
         {"rank": 0, "world": 2, "main": True, "distributed": True, "device": "cpu",
          "decided": True, "initialized": True, "after_stop": False},

@@ -132,3 +132,32 @@ def test_process_alive() -> None:
 def test_iter_events_keeps_only_json_objects() -> None:
     lines = ["epoch 1", '{"event": "epoch", "epoch": 1}', "{not json", ' {"epoch": 2} ']
     assert list(iter_events(lines)) == [{"event": "epoch", "epoch": 1}, {"epoch": 2}]
+
+
+# A child that dies at once on SIGTERM, and a grandchild in its group that takes a second to
+# go (as DataLoader workers and torchrun's ranks can).
+STRAGGLER = """
+import subprocess, sys, time
+slow = ("import signal, sys, time\\n"
+        "def leave(*_):\\n    time.sleep(1)\\n    sys.exit(0)\\n"
+        "signal.signal(signal.SIGTERM, leave)\\n"
+        "print('ready', flush=True)\\n"
+        "time.sleep(600)\\n")
+child = subprocess.Popen([sys.executable, "-c", slow])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_stopping_waits_for_the_whole_group() -> None:
+    lines: list[str] = []
+
+    def cancel_when_ready(line: str) -> None:
+        lines.append(line)
+        if "ready" in lines:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_child([sys.executable, "-c", STRAGGLER], on_line=cancel_when_ready, grace=10)
+    grandchild = int(lines[0])
+    assert not alive(grandchild)  # gone when run_child returns, not a second later
