@@ -8,6 +8,7 @@ whole process group, and the command exits within seconds with one line saying s
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -109,6 +110,9 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
 
     Reports to PREFECT_API_URL when set; otherwise Prefect runs it in ephemeral mode.
     """
+    # Prefect's temporary server (no PREFECT_API_URL) gets 20 s to start by default, which a
+    # busy 2-core machine can miss; give it more unless the user chose a value.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from pydantic import ValidationError
 
     from flows.retrain import RetrainParams, describe_parameter_error

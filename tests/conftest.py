@@ -357,18 +357,3 @@ def task_outcome(state) -> tuple[bool, str, int]:
                 await asyncio.sleep(0.2)
 
     return state.is_failed(), state.message or "", asyncio.run(read())
-
-
-# The longest modules, first: under `make test` (`-n 3 --dist loadfile`) each starts at once on
-# its own worker and the short modules fill the workers around them, instead of the long ones
-# starting last and running alone at the end.
-LONGEST_FIRST = ("tests/flows/test_deploy.py", "tests/flows/test_retrain.py",
-                 "tests/flows/test_cli.py", "tests/flowerml/test_training.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        return next((i for i, path in enumerate(LONGEST_FIRST) if item.nodeid.startswith(path)),
-                    len(LONGEST_FIRST))
-
-    items.sort(key=rank)
