@@ -28,25 +28,32 @@ def run_ingest(source: Path | str, store: Store, cache: Path, **options) -> inge
     return ingest.ingest(str(source), store, "flowers102", cache, FetchOptions(**options))
 
 
-def test_publishes_official_split_byte_identical(store: Store, synthetic_source: Path,
-                                                 tmp_path: Path) -> None:
-    result = run_ingest(synthetic_source, store, tmp_path / "cache")
+def assert_published_byte_identical(store: Store, source: Path, result) -> dict:
+    """The first ingest of `source` published all 24 images as the archive holds them, and
+    CURRENT names its version; returns the manifest."""
     assert result.counts == {"train": 8, "valid": 8, "test": 8}
     assert (result.uploaded, result.skipped, result.quarantined) == (24, 0, 0)
     prefix = f"datasets/flowers102/{result.version}"
     manifest = json.loads(store.get_bytes(f"{prefix}/manifest.json"))
-    members = archive_members(synthetic_source)
+    members = archive_members(source)
     assert len(manifest["files"]) == 24
     for entry in manifest["files"]:
         published = store.get_bytes(f"{prefix}/{entry['key']}")
         assert published == members[f"jpg/{entry['image']}"]  # never re-encoded
         assert entry["key"] == f"{entry['split']}/{entry['label']:03d}/{entry['image']}"
+    current = json.loads(store.get_bytes("datasets/flowers102/CURRENT"))
+    assert current["version"] == result.version
+    return manifest
+
+
+def test_publishes_official_split_byte_identical(store: Store, synthetic_source: Path,
+                                                 tmp_path: Path) -> None:
+    result = run_ingest(synthetic_source, store, tmp_path / "cache")
+    manifest = assert_published_byte_identical(store, synthetic_source, result)
     assert [c["dir"] for c in manifest["classes"]] == ["001", "002", "003", "004"]
     assert manifest["classes"][0]["name"] == "pink primrose"
     assert manifest["sources"][flowers.ARCHIVE]["size"] == (
         synthetic_source / flowers.ARCHIVE).stat().st_size
-    current = json.loads(store.get_bytes("datasets/flowers102/CURRENT"))
-    assert current["version"] == result.version
     assert sorted(store_keys(store, "datasets/flowers102/raw/")) == [
         f"datasets/flowers102/raw/{n}" for n in
         ("102flowers.tgz", "imagelabels.mat", "setid.mat", "sources.json")]
@@ -273,16 +280,6 @@ def test_ingest_onto_seaweedfs(seaweedfs_store: S3Store, synthetic_source: Path,
     """One ingest onto a real S3 server: conditional writes, checksums and listing as it does
     them (moto is lenient about all three)."""
     result = run_ingest(synthetic_source, seaweedfs_store, tmp_path / "cache")
-    assert result.counts == {"train": 8, "valid": 8, "test": 8}
-    assert (result.uploaded, result.skipped, result.quarantined) == (24, 0, 0)
-    prefix = f"datasets/flowers102/{result.version}"
-    manifest = json.loads(seaweedfs_store.get_bytes(f"{prefix}/manifest.json"))
-    members = archive_members(synthetic_source)
-    assert len(manifest["files"]) == 24
-    for entry in manifest["files"]:
-        assert seaweedfs_store.get_bytes(f"{prefix}/{entry['key']}") == \
-            members[f"jpg/{entry['image']}"]
-    current = json.loads(seaweedfs_store.get_bytes("datasets/flowers102/CURRENT"))
-    assert current["version"] == result.version
+    assert_published_byte_identical(seaweedfs_store, synthetic_source, result)
     again = run_ingest(synthetic_source, seaweedfs_store, tmp_path / "other-cache")
     assert (again.version, again.uploaded, again.skipped) == (result.version, 0, 24)

@@ -251,11 +251,7 @@ def test_a_rollback_rolls_a_crashed_move_forward_and_is_refused(
     registry = Registry(store, MODEL)
     promote_three(registry)
 
-    def crash(*args: object, **kwargs: object) -> AliasState:
-        raise RuntimeError("crashed after winning the history slot")
-
-    crashing = Registry(store, MODEL)
-    monkeypatch.setattr(crashing, "_apply", crash)
+    crashing = crashing_after_history_slot(store, monkeypatch)
     with pytest.raises(RuntimeError, match="crashed"):
         crashing.set_alias("production", 4, reason="crashed move")
     with pytest.raises(RegistryError, match="moved while rolling back \\(now v000004\\)"):
@@ -263,6 +259,16 @@ def test_a_rollback_rolls_a_crashed_move_forward_and_is_refused(
     assert registry.alias().version == 4
     assert registry.rollback().version == 3  # decided again on the rolled-forward state
     assert_consistent(registry.history(), registry.alias())
+
+
+def crashing_after_history_slot(store: Store, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    """A registry whose alias moves die between winning their history entry and the CAS."""
+    def crash(*args: object, **kwargs: object) -> AliasState:
+        raise RuntimeError("crashed after winning the history slot")
+
+    crashing = Registry(store, MODEL)
+    monkeypatch.setattr(crashing, "_apply", crash)
+    return crashing
 
 
 def test_a_crashed_move_is_rolled_forward_by_the_next_writer(store: Store,
@@ -273,11 +279,7 @@ def test_a_crashed_move_is_rolled_forward_by_the_next_writer(store: Store,
         registry.register(weights(seed), card(0.96))
     registry.set_alias("production", 1, reason="first")
 
-    def crash(*args: object, **kwargs: object) -> AliasState:
-        raise RuntimeError("crashed after winning the history slot")
-
-    crashing = Registry(store, MODEL)
-    monkeypatch.setattr(crashing, "_apply", crash)
+    crashing = crashing_after_history_slot(store, monkeypatch)
     with pytest.raises(RuntimeError, match="crashed"):
         crashing.set_alias("production", 2, reason="crashed move")
     assert registry.alias().seq == 1 and len(registry.history()) == 2  # decided, not applied
