@@ -12,9 +12,15 @@ from __future__ import annotations
 class FlowermlError(Exception):
     """Base of every error flowerml raises on purpose."""
 
+    kind = "error"
+    """Its category in `--json` failure output: bad-input, not-found, refused, denied,
+    unavailable."""
+
 
 class UserError(FlowermlError):
     """Bad input or configuration: one clear line, exit code 2."""
+
+    kind = "bad-input"
 
 
 class SettingsError(UserError):
@@ -23,6 +29,8 @@ class SettingsError(UserError):
 
 class TransientError(FlowermlError):
     """A failure that may pass on retry (network, 5xx, throttling)."""
+
+    kind = "unavailable"
 
 
 class RetriesExhausted(TransientError):
@@ -59,6 +67,8 @@ class LeakageError(UserError):
 
 class DatasetNotFound(UserError):
     """A dataset or version is not published on the store."""
+
+    kind = "not-found"
 
 
 class DataError(UserError):

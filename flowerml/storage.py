@@ -36,13 +36,19 @@ class StoreError(FlowermlError):
 class ObjectNotFound(StoreError, UserError):
     """The key does not exist."""
 
+    kind = "not-found"
+
 
 class PreconditionFailed(StoreError):
     """A create-only or compare-and-swap write lost: re-read and decide again."""
 
+    kind = "refused"
+
 
 class StoreAccessError(StoreError, UserError):
     """The bucket does not exist, or credentials are missing or refused."""
+
+    kind = "denied"
 
 
 class StoreUnreachable(StoreError, RetriesExhausted, UserError):

@@ -1,7 +1,7 @@
 """The `flowerml` console script: the library's commands plus `flowerml retrain`.
 
 `retrain` runs the retrain flow in this process, so "flows -> tasks -> flowerml" holds in the
-code: `flowerml/cli.py` never imports a flow, and this module adds the command that does.
+code: `flowerml/cli/` never imports a flow, and this module adds the command that does.
 SIGTERM (systemd, `timeout`, Kubernetes) and Ctrl-C stop the flow and the training child's
 whole process group, and the command exits within seconds with one line saying so.
 """

@@ -1,0 +1,179 @@
+"""The `flowerml` command group and what every subcommand shares: errors, options, JSON output.
+
+Bad input (any `FlowermlError`, a click usage error, an outage that outlived its retries) is
+printed as one line on stderr, `flowerml: error: ...`, with exit code 2. With `--json` anywhere
+on the command line, stdout holds only JSON: a failure adds `{"error": ..., "kind": ...}` as its
+last line, `kind` being the error's category (`flowerml.errors.FlowermlError.kind`). Bugs keep
+their traceback on stderr (and, with `--json`, a `kind: internal` line on stdout).
+
+Exit codes: 0 done; 1 done, but the verdict is negative (a gate refused, some inputs failed);
+2 not done, one line says why; 130/143 stopped by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, get_args
+
+import click
+
+from flowerml.errors import FlowermlError
+from flowerml.recipes import Device
+from flowerml.registry import DEFAULT_ALIAS
+
+EXIT_REFUSED = 1
+EXIT_ERROR = 2
+
+
+class CliError(click.ClickException):
+    """One line on stderr (and the JSON error line with --json); exit code 2 unless set."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str, kind: str = "bad-input") -> None:
+        super().__init__(one_line(message))
+        self.kind = kind
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"flowerml: error: {self.format_message()}", err=True)
+
+
+def one_line(message: str) -> str:
+    """Messages are one line, whatever a library put in them."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def describe_os_error(error: OSError) -> CliError:
+    """A file the user named (or a setting pointed at) that cannot be used: one line."""
+    name = error.filename if error.filename is not None else "file"
+    reason = error.strerror or str(error)
+    kind = {errno.ENOENT: "not-found", errno.EACCES: "denied", errno.EPERM: "denied",
+            errno.EROFS: "denied"}.get(error.errno or 0, "bad-input")
+    return CliError(f"{name}: {reason}", kind)
+
+
+def as_cli_error(error: BaseException) -> CliError | None:
+    """The one-line form of an error the user can act on; None for a bug."""
+    if isinstance(error, CliError):
+        return error
+    if isinstance(error, FlowermlError):
+        return CliError(str(error), error.kind)
+    if isinstance(error, click.ClickException):  # usage errors: a bad option or argument
+        return CliError(error.format_message(), "bad-input")
+    if isinstance(error, OSError) and error.filename is not None:
+        return describe_os_error(error)
+    return None
+
+
+def json_requested(args: Sequence[str]) -> bool:
+    """Whether `--json` is among the options (not after a `--`)."""
+    options = list(args)
+    if "--" in options:
+        options = options[:options.index("--")]
+    return "--json" in options
+
+
+def emit_json(value: object) -> None:
+    click.echo(json.dumps(value, sort_keys=True))
+
+
+def report_failure(error: CliError, as_json: bool) -> None:
+    error.show()
+    if as_json:
+        emit_json({"error": error.format_message(), "kind": error.kind})
+
+
+class FlowermlGroup(click.Group):
+    """Turns library errors into one clear line and exit code 2, and a JSON line with --json."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            converted = as_cli_error(error)
+            if converted is None:
+                raise
+            raise converted from None
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        as_json = json_requested(args)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as error:
+            report_failure(as_cli_error(error) or CliError(str(error)), as_json)
+            sys.exit(error.exit_code)
+        except click.Abort:
+            report_failure(CliError("aborted", "stopped"), as_json)
+            sys.exit(130)
+        except Exception as error:
+            if as_json:  # a bug: its traceback goes to stderr, stdout still ends in JSON
+                emit_json({"error": f"internal error: {type(error).__name__}: "
+                                    f"{one_line(error)}", "kind": "internal"})
+            raise
+        if isinstance(result, int) and standalone_mode:
+            sys.exit(result)  # --help and --version exit this way
+        return result
+
+
+DEVICES: tuple[str, ...] = get_args(Device)  # the same tuple as flowerml.distributed
+
+# Options every command spells the same way, with their defaults from one place.
+store_option = click.option("--store", default=None,
+                            help="Store: a directory, file://PATH or s3://bucket[/prefix] "
+                                 "(default: FLOWERML_STORE).")
+dataset_option = click.option("--dataset", default=None,
+                              help="Dataset name (default: FLOWERML_DATASET).")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON on stdout and nothing else (human text goes to "
+                                "stderr; a failure ends with {\"error\", \"kind\"}).")
+alias_option = click.option("--alias", default=DEFAULT_ALIAS, show_default=True,
+                            help="The registry alias.")
+
+
+class Choice(click.Choice):
+    """click.Choice whose refusal is one line naming the option, like every other bad input."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.choices:
+            return value
+        option = param.opts[0] if param else "value"
+        raise CliError(f"{option} must be one of {', '.join(map(str, self.choices))}: "
+                       f"got {value!r}")
+
+
+device_option = click.option("--device", type=Choice(DEVICES), default="auto",
+                             show_default=True, help="Where to run the model.")
+
+
+def training_options(command: Callable) -> Callable:
+    """One option per `TrainConfig` field, its type, choices and help taken from the model."""
+    from flowerml.recipes import TrainConfig, option_name
+
+    for name, info in reversed(TrainConfig.model_fields.items()):
+        help_text = f"{(info.description or info.title).rstrip('.')}. Default: the recipe's " \
+                    f"({info.default!r} in 'default')."
+        if info.annotation is bool:
+            flag = option_name(name)
+            decorator = click.option(f"{flag}/--no-{flag[2:]}", name, default=None,
+                                     help=help_text)
+        else:
+            choices = get_args(info.annotation)
+            kind = Choice(choices) if choices else info.annotation
+            decorator = click.option(option_name(name), name, type=kind, default=None,
+                                     help=help_text)
+        command = decorator(command)
+    return command
+
+
+@click.group(cls=FlowermlGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flowerml")
+def cli() -> None:
+    """flowerml: keep a Flowers-102 classifier fresh."""

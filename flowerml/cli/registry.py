@@ -1,0 +1,193 @@
+"""`flowerml registry ...`: versions, aliases, promotion, rollback and history."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flowerml.cli.app import CliError, alias_option, cli, emit_json, json_option, store_option
+from flowerml.promotion import Gate
+from flowerml.registry import DEFAULT_ALIAS
+from flowerml.settings import build_store, load_settings
+
+
+@cli.group()
+def registry() -> None:
+    """The model registry: versions, aliases, promotion, rollback."""
+
+
+def open_registry(name: str, store: str | None):
+    from flowerml.registry import Registry
+
+    settings = load_settings(store=store)
+    return Registry(build_store(settings), name), settings
+
+
+def require_model(entry) -> None:
+    """An unknown model is one line and exit 2 in every registry command that names one."""
+    if not entry.has_versions():
+        raise CliError(f"model '{entry.model}' has no versions")
+
+
+def version_text(version: int | None) -> str:
+    return "-" if version is None else f"{version:06d}"
+
+
+@registry.command("list")
+@store_option
+@json_option
+def registry_list(store: str | None, as_json: bool) -> None:
+    """Every registered model, with its version count and production version.
+
+    A store with no models prints nothing (`[]` with --json) and exits 0.
+    """
+    from flowerml.registry import Registry, list_models
+
+    target = build_store(load_settings(store=store))
+    rows = []
+    for name in list_models(target):
+        entry = Registry(target, name)
+        production = entry.alias(DEFAULT_ALIAS)
+        rows.append({"model": name, "versions": len(entry.versions()),
+                     "production": production.version if production else None})
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        click.echo(f"{row['model']}: {row['versions']} version(s), production "
+                   f"{version_text(row['production'])}")
+
+
+@registry.command("show")
+@click.argument("name")
+@store_option
+@json_option
+def registry_show(name: str, store: str | None, as_json: bool) -> None:
+    """A model's versions (metrics, run, committed) and aliases.
+
+    An unknown model is an error (exit 2), with or without --json.
+    """
+    entry, _ = open_registry(name, store)
+    versions = [{"version": v.version, "committed": v.committed,
+                 "top1": v.card.get("metrics", {}).get("top1"),
+                 "run_id": v.card.get("lineage", {}).get("run_id"),
+                 "dataset_version": v.card.get("lineage", {}).get("dataset_version")}
+                for v in entry.versions()]
+    if not versions:
+        raise CliError(f"model '{name}' has no versions")
+    aliases = {name: state.version for name, state in entry.aliases().items()}
+    if as_json:
+        emit_json({"model": name, "versions": versions, "aliases": aliases})
+        return
+    for row in versions:
+        tags = [a for a, v in aliases.items() if v == row["version"]]
+        top1 = f"{row['top1']:.4f}" if isinstance(row["top1"], float) else "-"
+        state = "" if row["committed"] else " (not committed)"
+        click.echo(f"{row['version']:06d}{state}: top-1 {top1}, run {row['run_id']}"
+                   + (f"  [{', '.join(tags)}]" if tags else ""))
+
+
+def move_result(name: str, alias: str, version: int | None, previous: int | None,
+                promoted: bool, reasons: list[str], as_json: bool) -> None:
+    """What `registry promote` and `registry rollback` print."""
+    if as_json:
+        emit_json({"model": name, "alias": alias, "version": version, "previous": previous,
+                   "promoted": promoted, "reasons": reasons})
+        return
+    click.echo(f"{'promoted' if promoted else 'not promoted'}: {name}:{version_text(version)}"
+               f" -> {alias}")
+    for reason in reasons:
+        click.echo(f"  - {reason}")
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.argument("version", type=int)
+@alias_option
+@click.option("--threshold", type=float, default=Gate.threshold, show_default=True,
+              help="Minimum test top-1.")
+@click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
+              help="Allowed drop below the alias's current model.")
+@click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
+@store_option
+@click.option("--device", default="auto", show_default=True)
+@json_option
+def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
+                     force: bool, store: str | None, device: str, as_json: bool) -> None:
+    """Move ALIAS to VERSION if it clears the gate against the current alias.
+
+    Exits 0 when promoted, 1 when the gate refuses (nothing moves), 2 on bad input. --json
+    prints {model, alias, version, previous, promoted, reasons}; `previous` is the version the
+    alias pointed at before (null if unset).
+    """
+    from flowerml.promotion import Gate, promote_version
+
+    gate = Gate(threshold=threshold, tolerance=tolerance)
+    entry, settings = open_registry(name, store)
+    require_model(entry)
+    before = entry.alias(alias)
+    promoted, reasons, state = promote_version(entry, version, alias=alias, gate=gate,
+                                               force=force, cache_dir=settings.cache_dir,
+                                               device=device)
+    if state is not None and state.version == version and (before is None
+                                                          or before.version != version):
+        previous = state.previous  # moved: the version it replaced
+    else:
+        now = entry.alias(alias) if state is None else state
+        previous = now.version if now else None  # nothing moved: where the alias is
+    move_result(name, alias, version, previous, promoted, reasons, as_json)
+    if not promoted:
+        sys.exit(1)
+
+
+@registry.command("rollback")
+@click.argument("name")
+@alias_option
+@store_option
+@json_option
+def registry_rollback(name: str, alias: str, store: str | None, as_json: bool) -> None:
+    """Point ALIAS back at the version promoted before the current one.
+
+    Each rollback steps one further back along the alias's promotions, skipping versions
+    that were rolled away from (a second rollback never returns to the first one's version);
+    with nothing earlier it is refused (exit 2). Recorded in the history as a rollback.
+    --json prints {model, alias, version, previous, promoted, reasons}.
+    """
+    entry, _ = open_registry(name, store)
+    require_model(entry)
+    state = entry.rollback(alias)
+    reason = (f"rolled back from {version_text(state.previous)} to the version promoted "
+              "before it")
+    if as_json:
+        move_result(name, alias, state.version, state.previous, True, [reason], True)
+        return
+    click.echo(f"{name}@{alias} -> {state.version:06d} (was {version_text(state.previous)})")
+
+
+@registry.command("history")
+@click.argument("name")
+@alias_option
+@store_option
+@json_option
+def registry_history(name: str, alias: str, store: str | None, as_json: bool) -> None:
+    """Every move of ALIAS, oldest first (versions zero-padded, '-' for unset).
+
+    An unknown model or an alias that was never set is an error (exit 2), with or without
+    --json.
+    """
+    from flowerml.registry import is_rollback
+
+    entry, _ = open_registry(name, store)
+    require_model(entry)
+    rows = entry.history(alias)
+    if not rows:
+        raise CliError(f"{name} has no alias '{alias}'")
+    if as_json:
+        emit_json(rows)
+        return
+    for row in rows:
+        tags = (" (forced)" if row.get("forced") else "") + (" (rollback)" if is_rollback(row)
+                                                             else "")
+        click.echo(f"{row['seq']:>4} {row['time']} {version_text(row['from'])} -> "
+                   f"{version_text(row['to'])}{tags}: {row['reason']}")

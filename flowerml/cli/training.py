@@ -1,0 +1,114 @@
+"""`flowerml train` and `flowerml evaluate`: fine-tune a run, measure it on a split."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from flowerml.cli.app import (
+    DEVICES,
+    Choice,
+    CliError,
+    cli,
+    dataset_option,
+    emit_json,
+    json_option,
+    store_option,
+    training_options,
+)
+from flowerml.recipes import RECIPE_NAMES
+from flowerml.settings import build_store, load_settings
+
+
+def new_run_id() -> str:
+    import secrets
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def print_event(event: dict) -> None:
+    click.echo(json.dumps(event, sort_keys=True))
+    sys.stdout.flush()
+
+
+@cli.command()
+@store_option
+@dataset_option
+@click.option("--version", "dataset_version", default=None,
+              help="Dataset version (default: the dataset's CURRENT).")
+@click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
+              help="A named set of the options below; explicit options override it.")
+@training_options
+@click.option("--config", "config_json", default=None,
+              help="A whole training config as JSON, instead of --recipe and the options above.")
+@click.option("--device", type=Choice(DEVICES), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader workers.")
+@click.option("--run-id", default=None, help="Resume this run, or name a new one.")
+@click.option("--exit-with-parent", type=int, default=None, hidden=True,
+              help="Stop when this process id is gone (set by the launcher).")
+@click.option("--json-progress", is_flag=True, help="One JSON line per epoch on stdout.")
+@json_option
+def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
+          config_json: str | None, device: str, workers: int | None, run_id: str | None,
+          exit_with_parent: int | None, json_progress: bool, as_json: bool,
+          **options: Any) -> None:
+    """Fine-tune a model on the published train split, selecting on valid."""
+    from flowerml.launch import exit_with_parent_process
+    from flowerml.progress import progress_for_terminal
+    from flowerml.recipes import build_config, load_config
+    from flowerml.training import fit
+
+    if exit_with_parent is not None:
+        exit_with_parent_process(exit_with_parent)
+    settings = load_settings(store=store, dataset=dataset)
+    if config_json is not None and any(v is not None for v in options.values()):
+        raise CliError("give --config or training options, not both")
+    config = load_config(config_json) if config_json else build_config(recipe, **options)
+    on_event = print_event if json_progress else None
+    with progress_for_terminal(quiet=as_json or json_progress) as progress:
+        result = fit(config, store=build_store(settings), dataset=settings.dataset,
+                     run_id=run_id or new_run_id(), cache_dir=settings.cache_dir,
+                     version=dataset_version, device=device, workers=workers,
+                     s3=settings.s3_options(), on_event=on_event, progress=progress)
+    if result.rank != 0:
+        return  # under torchrun, rank 0 speaks for the run
+    if as_json:
+        emit_json(result.to_json())
+        return
+    resumed = (f", resumed from epoch {result.resumed_from_epoch}"
+               if result.resumed_from_epoch is not None else "")
+    click.echo(f"run {result.run_id}: best valid top-1 {result.best_valid_top1:.4f} "
+               f"(epoch {result.best_epoch} of {result.epochs_run}{resumed}); "
+               f"{result.images_per_second:.1f} images/s; weights {result.checkpoint}")
+    click.echo(f"next: flowerml evaluate --run {result.run_id}")
+
+
+@cli.command()
+@click.option("--run", "run_id", required=True, help="The training run to evaluate.")
+@store_option
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test",
+              show_default=True)
+@click.option("--version", "dataset_version", default=None,
+              help="Dataset version (default: the one the run trained on).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0, 64), default=None)
+@json_option
+def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | None,
+             device: str, workers: int | None, as_json: bool) -> None:
+    """Evaluate a run's best weights on a split; writes the report next to the run."""
+    from flowerml.inference import evaluate_run
+
+    settings = load_settings(store=store)
+    outcome = evaluate_run(build_store(settings), run_id, cache_dir=settings.cache_dir,
+                           split=split, version=dataset_version, device=device, workers=workers)
+    if as_json:
+        emit_json(outcome.to_json())
+        return
+    summary = outcome.metrics.summary()
+    click.echo(f"{split}: top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f}, "
+               f"mean per-class {summary['mean_class_accuracy']:.4f}, loss "
+               f"{summary['loss']:.4f} on {summary['n']} images; report {outcome.report_key}")
