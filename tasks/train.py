@@ -82,7 +82,7 @@ def train_task(run_id: str, config: dict[str, Any], store: str | None = None,
     """Train (or resume) `run_id` with `config` (a TrainConfig); returns `flowerml train --json`."""
     config_json = load_config(json.dumps(config)).model_dump_json()
     arguments = child_arguments(run_id, config_json, store=store, dataset=dataset,
-                                version=dataset_version, device=device, workers=workers)
+                                dataset_version=dataset_version, device=device, workers=workers)
     reporter = ProgressReporter(run_id)
     outcome = run_child(train_command(arguments, nproc_per_node), on_line=reporter,
                         timeout=timeout_s)

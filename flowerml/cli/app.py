@@ -12,11 +12,13 @@ Exit codes: 0 done; 1 done, but the verdict is negative (a gate refused, some in
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any, TextIO, get_args
 
 import click
 
@@ -76,8 +78,30 @@ def json_requested(args: Sequence[str]) -> bool:
     return "--json" in options
 
 
+# Where JSON goes: the real stdout, captured before a `--json` command's own stdout is pointed
+# at stderr (so that nothing a library prints, torch's "Downloading: ..." say, lands among it).
+_json_stream: ContextVar[TextIO | None] = ContextVar("json_stream", default=None)
+
+
 def emit_json(value: object) -> None:
-    click.echo(json.dumps(value, sort_keys=True))
+    """One JSON value on one line of the real stdout."""
+    stream = _json_stream.get() or sys.stdout
+    click.echo(json.dumps(value, sort_keys=True), file=stream)
+    stream.flush()
+
+
+@contextlib.contextmanager
+def stdout_for_json_only(as_json: bool) -> Iterator[None]:
+    """With --json, everything but `emit_json` writes to stderr while the command runs."""
+    if not as_json:
+        yield
+        return
+    token = _json_stream.set(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stream.reset(token)
 
 
 def report_failure(error: CliError, as_json: bool) -> None:
@@ -106,7 +130,9 @@ class FlowermlGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         as_json = json_requested(args)
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with stdout_for_json_only(as_json):
+                result = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                      **extra)
         except click.ClickException as error:
             report_failure(as_cli_error(error) or CliError(str(error)), as_json)
             sys.exit(error.exit_code)

@@ -6,7 +6,15 @@ import sys
 
 import click
 
-from flowerml.cli.app import CliError, alias_option, cli, emit_json, json_option, store_option
+from flowerml.cli.app import (
+    CliError,
+    alias_option,
+    cli,
+    device_option,
+    emit_json,
+    json_option,
+    store_option,
+)
 from flowerml.promotion import Gate
 from flowerml.registry import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
@@ -111,7 +119,7 @@ def move_result(name: str, alias: str, version: int | None, previous: int | None
               help="Allowed drop below the alias's current model.")
 @click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
 @store_option
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @json_option
 def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
                      force: bool, store: str | None, device: str, as_json: bool) -> None:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from flowerml.cli.app import (
-    DEVICES,
     Choice,
     CliError,
     cli,
     dataset_option,
+    device_option,
     emit_json,
     json_option,
     store_option,
@@ -30,27 +29,44 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def print_event(event: dict) -> None:
-    click.echo(json.dumps(event, sort_keys=True))
-    sys.stdout.flush()
+def announce_run(json_progress: bool) -> Callable[[dict], None]:
+    """What the run's events print: its id first (on stderr, once the inputs checked out and
+    the run exists), so that a Ctrl-C or a crash still says which run to resume; with
+    --json-progress every event as a JSON line on stdout."""
+    def on_event(event: dict) -> None:
+        if event.get("event") == "start":
+            run_id = event["run_id"]
+            click.echo(f"flowerml: run {run_id} (resume it with: flowerml train --run-id "
+                       f"{run_id})", err=True)
+        if json_progress:
+            emit_json(event)
+    return on_event
+
+
+def say(text: str, machine_output: bool) -> None:
+    """Human text: stdout normally, stderr when stdout carries JSON (--json, --json-progress)."""
+    click.echo(text, err=machine_output)
 
 
 @cli.command()
 @store_option
 @dataset_option
-@click.option("--version", "dataset_version", default=None,
-              help="Dataset version (default: the dataset's CURRENT).")
+@click.option("--dataset-version", default=None,
+              help="Dataset version to train on (default: the dataset's CURRENT).")
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
               help="A named set of the options below; explicit options override it.")
 @training_options
 @click.option("--config", "config_json", default=None,
               help="A whole training config as JSON, instead of --recipe and the options above.")
-@click.option("--device", type=Choice(DEVICES), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0, 64), default=None, help="DataLoader workers.")
-@click.option("--run-id", default=None, help="Resume this run, or name a new one.")
+@device_option
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
+              help="DataLoader worker processes (default: from the CPU count).")
+@click.option("--run-id", default=None,
+              help="Resume this run, or name a new one (default: a new time-stamped id).")
 @click.option("--exit-with-parent", type=int, default=None, hidden=True,
               help="Stop when this process id is gone (set by the launcher).")
-@click.option("--json-progress", is_flag=True, help="One JSON line per epoch on stdout.")
+@click.option("--json-progress", is_flag=True,
+              help="One JSON line per epoch on stdout (human text then goes to stderr).")
 @json_option
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
           config_json: str | None, device: str, workers: int | None, run_id: str | None,
@@ -68,8 +84,9 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
     if config_json is not None and any(v is not None for v in options.values()):
         raise CliError("give --config or training options, not both")
     config = load_config(config_json) if config_json else build_config(recipe, **options)
-    on_event = print_event if json_progress else None
-    with progress_for_terminal(quiet=as_json or json_progress) as progress:
+    machine_output = as_json or json_progress
+    on_event = announce_run(json_progress)
+    with progress_for_terminal(quiet=machine_output) as progress:
         result = fit(config, store=build_store(settings), dataset=settings.dataset,
                      run_id=run_id or new_run_id(), cache_dir=settings.cache_dir,
                      version=dataset_version, device=device, workers=workers,
@@ -81,21 +98,22 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
         return
     resumed = (f", resumed from epoch {result.resumed_from_epoch}"
                if result.resumed_from_epoch is not None else "")
-    click.echo(f"run {result.run_id}: best valid top-1 {result.best_valid_top1:.4f} "
-               f"(epoch {result.best_epoch} of {result.epochs_run}{resumed}); "
-               f"{result.images_per_second:.1f} images/s; weights {result.checkpoint}")
-    click.echo(f"next: flowerml evaluate --run {result.run_id}")
+    say(f"run {result.run_id}: best valid top-1 {result.best_valid_top1:.4f} "
+        f"(epoch {result.best_epoch} of {result.epochs_run}{resumed}); "
+        f"{result.images_per_second:.1f} images/s; weights {result.checkpoint}", json_progress)
+    say(f"next: flowerml evaluate --run {result.run_id}", json_progress)
 
 
 @cli.command()
 @click.option("--run", "run_id", required=True, help="The training run to evaluate.")
 @store_option
-@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test",
-              show_default=True)
-@click.option("--version", "dataset_version", default=None,
+@click.option("--split", type=Choice(("train", "valid", "test")), default="test",
+              show_default=True, help="Which published split to evaluate on.")
+@click.option("--dataset-version", default=None,
               help="Dataset version (default: the one the run trained on).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0, 64), default=None)
+@device_option
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
+              help="DataLoader worker processes (default: from the CPU count).")
 @json_option
 def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | None,
              device: str, workers: int | None, as_json: bool) -> None:
