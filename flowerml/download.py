@@ -6,21 +6,31 @@ https to http, verifying the MD5 and only then moving the file into place with `
 It also owns the streaming checksum helpers (`md5_of`, `sha256_of`) and `redact_url`, which
 strips credentials from a URL before it is named in an error.
 
-Bad input (a 404, a non-http scheme, a wrong checksum) raises `SourceError`; a failure that may
-pass later (5xx, throttling, a flaky connection) raises `DownloadRetriesExhausted` once the
-retries are spent.
+Bad input (a 404, a non-http scheme, a URL without a host or with a port outside 1-65535, an
+unknown host, a TLS certificate that does not verify, a wrong checksum) raises `SourceError` at
+once; a failure that may pass later (5xx, throttling, a flaky connection, a timeout) raises
+`DownloadRetriesExhausted` once the retries are spent.
 
-Retry policy: this loop is the only layer that retries an HTTP download. Its failure after the
-retries is a `RetriesExhausted`, which the Prefect fetch task does not retry again (else the
-attempts multiply: retries+1 requests per task run, times the task's runs). A transient failure
-this loop does not retry (an unlisted 5xx such as 501) is a plain `DownloadError`, which the
-task layer may retry.
+Retry policy: this loop is the only layer that retries an HTTP download. It retries 429, 500,
+502, 503, 504 and transport failures (timeouts, resets, dropped connections, a DNS server that
+did not answer) up to ``retries`` times, except a refused connection: the host answered and
+nothing listens on that port (a wrong port, a stopped server), so it is retried at most
+`REFUSED_RETRIES` times, in case the server is restarting. Each retry is announced as it
+happens by a warning on the ``flowerml.download`` logger, naming the URL (redacted), the cause
+in words and the delay; the final error names them too. Its failure after the retries is a
+`RetriesExhausted`, which the Prefect fetch task does not retry again (else the attempts
+multiply: retries+1 requests per task run, times the task's runs). A transient failure this
+loop does not retry (an unlisted 5xx such as 501) is a plain `DownloadError`, which the task
+layer may retry.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +49,10 @@ __all__ = [
     "md5_of",
     "redact_url",
     "sha256_of",
+    "url_problem",
 ]
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], None]
 
@@ -47,9 +60,12 @@ Progress = Callable[[int, int | None], None]
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 MAX_REDIRECTS = 20
+REFUSED_RETRIES = 2
+"""Retries for a refused connection (about 3 s at the default backoff), whatever ``retries``."""
 
-# Transport failures worth retrying. LocalProtocolError and UnsupportedProtocol are left out on
-# purpose: they are our own mistakes and would fail the same way every time.
+# Transport failures worth a look: `_transport_failure` says which of them may heal.
+# LocalProtocolError and UnsupportedProtocol are left out on purpose: they are our own mistakes
+# and would fail the same way every time.
 _RETRY_EXCEPTIONS: tuple[type[Exception], ...] = (
     httpx.TimeoutException,
     httpx.NetworkError,
@@ -104,10 +120,33 @@ def _scheme(url: str | httpx.URL) -> str:
         return ""
 
 
-def check_url(url: str | httpx.URL) -> None:
-    """Raise `SourceError` unless ``url`` is an absolute http or https URL."""
+def url_problem(url: str | httpx.URL) -> str | None:
+    """Why ``url`` cannot be requested, or None: not http(s), no host, a port outside 1-65535.
+
+    Such a URL fails the same way every time: retrying it would only delay the error.
+    """
     if _scheme(url) not in ALLOWED_SCHEMES:
+        return "is not an http(s) URL"
+    try:
+        parts = urlsplit(str(url))
+        port = parts.port  # raises for 99999 or a non-number
+    except ValueError:
+        return "has an invalid port (ports are 1-65535)"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has an invalid port (ports are 1-65535)"
+    return None
+
+
+def check_url(url: str | httpx.URL) -> None:
+    """Raise `SourceError` unless ``url`` is an absolute http or https URL that names a host
+    (and a port in 1-65535, if any)."""
+    problem = url_problem(url)
+    if problem == "is not an http(s) URL":
         raise SourceError(f"{redact_url(url)}: only http and https URLs can be downloaded")
+    if problem:
+        raise SourceError(f"{redact_url(url)}: {problem}")
 
 
 def check_redirect(from_url: str | httpx.URL, to_url: str | httpx.URL) -> None:
@@ -136,6 +175,8 @@ class _Retry:
 
     reason: str
     retry_after: float | None = None
+    max_retries: int | None = None
+    """A lower cap than ``retries`` for this kind of failure (a refused connection)."""
 
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
@@ -386,21 +427,80 @@ def _transfer(
     progress: Progress | None,
     chunk_size: int,
 ) -> None:
-    """Run attempts until ``part`` is complete; DownloadRetriesExhausted after ``retries``."""
-    last: _Retry | None = None
-    last_exc: Exception | None = None
-    for attempt in range(retries + 1):
-        if last is not None:
-            _sleep(_delay(attempt - 1, backoff, max_backoff, last.retry_after))
+    """Run attempts until ``part`` is complete; DownloadRetriesExhausted once the retries this
+    kind of failure allows are spent (``retries``, or `REFUSED_RETRIES` for a refused
+    connection), each retry announced on the ``flowerml.download`` logger."""
+    done = 0  # retries made so far
+    while True:
         try:
-            last = _attempt(client, url, part, progress, chunk_size)
-            last_exc = None
+            failure = _attempt(client, url, part, progress, chunk_size)
+            cause: Exception | None = None
         except _RETRY_EXCEPTIONS as exc:
-            # The reason names the class only: short, stable, and free of the library's wording.
-            last, last_exc = _Retry(type(exc).__name__), exc
-        if last is None:
+            failure, cause = _transport_failure(url, exc), exc
+        if failure is None:
             return
-    assert last is not None
-    raise DownloadRetriesExhausted(
-        f"{redact_url(url)}: download failed after {retries} retries: {last.reason}"
-    ) from last_exc
+        allowed = retries if failure.max_retries is None else min(retries, failure.max_retries)
+        if done >= allowed:
+            raise DownloadRetriesExhausted(
+                f"{redact_url(url)}: download failed after {done} retries: {failure.reason}"
+            ) from cause
+        delay = _delay(done, backoff, max_backoff, failure.retry_after)
+        done += 1
+        logger.warning("download of %s failed (%s); retry %d of %d in %.1f s",
+                       redact_url(url), failure.reason, done, allowed, delay)
+        _sleep(delay)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it was raised from: httpx wraps httpcore's error, which wraps the
+    socket's (ConnectionRefusedError, socket.gaierror, ssl.SSLCertVerificationError)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _failed_host(exc: httpx.RequestError, url: str) -> str:
+    """The host of the request that failed (a redirect may have moved it off ``url``'s)."""
+    try:
+        return exc.request.url.host
+    except RuntimeError:  # no request attached
+        return urlsplit(url).hostname or ""
+
+
+_UNKNOWN_HOST = frozenset(code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
+                          if code is not None)
+
+
+def _transport_failure(url: str, exc: httpx.RequestError) -> _Retry:
+    """A transport failure in words, as a retry; `SourceError` for one that cannot heal (an
+    unknown host, a certificate that does not verify)."""
+    for cause in _causes(exc):
+        if isinstance(cause, socket.gaierror):
+            if cause.errno in _UNKNOWN_HOST:
+                raise SourceError(f"{redact_url(url)}: unknown host "
+                                  f"'{_failed_host(exc, url)}' (no such name in DNS)") from None
+            # EAI_AGAIN and the like: the resolver did not answer, which may pass.
+            return _Retry(f"host name lookup failed: {cause.strerror}")
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise SourceError(f"{redact_url(url)}: TLS certificate of "
+                              f"'{_failed_host(exc, url)}' does not verify "
+                              f"({cause.verify_message})") from None
+        if isinstance(cause, ConnectionRefusedError):
+            return _Retry("connection refused", max_retries=REFUSED_RETRIES)
+        if isinstance(cause, ConnectionResetError):
+            return _Retry("connection reset by the server")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return _Retry("connection timed out")
+    if isinstance(exc, httpx.TimeoutException):
+        return _Retry("timed out waiting for the server")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return _Retry("the server closed the connection mid-response")
+    if isinstance(exc, httpx.ProxyError):
+        return _Retry("the proxy failed")
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.strerror:  # "Network is unreachable", ...
+            return _Retry(cause.strerror[0].lower() + cause.strerror[1:])
+    return _Retry(type(exc).__name__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -390,7 +391,7 @@ def test_content_length_larger_than_body_fails_after_retries(server: Server, tmp
     message = str(err.value)
     assert server.url() in message
     assert "after 2 retries" in message
-    assert "RemoteProtocolError" in message
+    assert "the server closed the connection mid-response" in message  # the cause in words
     assert not dest.exists()
 
 
@@ -450,17 +451,119 @@ def test_unlisted_5xx_is_transient_but_not_retried_here(server: Server, tmp_path
 # --- 7. unreachable endpoint ---------------------------------------------------------------
 
 
-def test_unreachable_endpoint_is_retried_then_download_error(tmp_path: Path, sleeps):
+def test_refused_connection_is_retried_briefly_then_named(tmp_path: Path, sleeps, caplog):
+    # Nothing listens there: a wrong port or a stopped server. Two quick retries (a restart),
+    # not `retries` of them, each announced as it happens.
     url = f"http://127.0.0.1:{free_port()}/file.bin"
 
-    with pytest.raises(DownloadRetriesExhausted) as err:
-        download_file(url, tmp_path / "file.bin", retries=3, **FAST)
+    with (caplog.at_level(logging.WARNING, logger="flowerml.download"),
+          pytest.raises(DownloadRetriesExhausted) as err):
+        download_file(url, tmp_path / "file.bin", retries=5, **FAST)
 
-    assert sleeps == pytest.approx([0.01, 0.02, 0.04])  # exactly `retries` retries
-    message = str(err.value)
-    assert url in message
-    assert "ConnectError" in message
+    assert sleeps == pytest.approx([0.01, 0.02])  # REFUSED_RETRIES, not 5
+    assert str(err.value) == f"{url}: download failed after 2 retries: connection refused"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"download of {url} failed (connection refused); retry 1 of 2 in 0.0 s",
+        f"download of {url} failed (connection refused); retry 2 of 2 in 0.0 s",
+    ]
     assert not (tmp_path / "file.bin").exists()
+
+
+def test_refused_connection_obeys_fewer_retries(tmp_path: Path, sleeps):
+    url = f"http://127.0.0.1:{free_port()}/file.bin"
+    with pytest.raises(DownloadRetriesExhausted, match="after 0 retries: connection refused"):
+        download_file(url, tmp_path / "file.bin", retries=0, **FAST)
+    assert sleeps == []
+
+
+def test_unknown_host_fails_at_once(tmp_path: Path, sleeps, caplog):
+    # .invalid never resolves (RFC 6761): nothing to wait for.
+    url = "http://no-such-host.invalid/file.bin"
+
+    with pytest.raises(SourceError) as err:
+        download_file(url, tmp_path / "file.bin", retries=5, **FAST)
+
+    assert str(err.value) == (f"{url}: unknown host 'no-such-host.invalid' "
+                              "(no such name in DNS)")
+    assert not isinstance(err.value, DownloadError)  # bad input: no layer retries it
+    assert sleeps == [] and caplog.records == []
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://127.0.0.1:99999/file.bin", "has an invalid port (ports are 1-65535)"),
+    ("http://127.0.0.1:0/file.bin", "has an invalid port (ports are 1-65535)"),
+    ("http://127.0.0.1:http/file.bin", "has an invalid port (ports are 1-65535)"),
+    ("https:///file.bin", "has no host"),
+    ("https://", "has no host"),
+])
+def test_a_url_that_cannot_work_is_refused_before_any_request(url: str, problem: str,
+                                                              tmp_path: Path, sleeps):
+    with pytest.raises(SourceError) as err:
+        download_file(url, tmp_path / "file.bin", retries=5, **FAST)
+    assert str(err.value).endswith(f": {problem}")
+    assert sleeps == []
+    assert not list(tmp_path.iterdir())
+
+
+def test_retries_are_announced_with_the_url_and_the_cause(server: Server, tmp_path: Path,
+                                                          caplog):
+    server.serve(status(503), serve())
+
+    with caplog.at_level(logging.WARNING, logger="flowerml.download"):
+        download_file(server.url(), tmp_path / "file.bin", retries=3, **FAST)
+
+    assert [r.getMessage() for r in caplog.records] == [
+        f"download of {server.url()} failed (HTTP 503 Service Unavailable); "
+        "retry 1 of 3 in 0.0 s"]
+    assert caplog.records[0].levelno == logging.WARNING
+
+
+def _self_signed_https(tmp_path: Path) -> tuple[ThreadingHTTPServer, int]:
+    """An HTTPS server on 127.0.0.1 whose certificate no CA vouches for."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.script = Script([serve()])  # type: ignore[attr-defined]
+    return httpd, httpd.server_address[1]
+
+
+def test_a_certificate_that_does_not_verify_fails_at_once(tmp_path: Path, sleeps):
+    httpd, port = _self_signed_https(tmp_path)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(SourceError) as err:
+            download_file(f"https://127.0.0.1:{port}/f", tmp_path / "f", retries=5, **FAST)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert str(err.value).startswith(f"https://127.0.0.1:{port}/f: TLS certificate of "
+                                     "'127.0.0.1' does not verify (")
+    assert sleeps == []
+    assert not (tmp_path / "f").exists()
 
 
 # --- 8. schemes and redirects --------------------------------------------------------------
@@ -557,11 +660,14 @@ def test_userinfo_is_not_in_a_404_message(server: Server, tmp_path: Path):
     assert script.requests[0].headers.get("Authorization", "").startswith("Basic ")
 
 
-def test_userinfo_is_not_in_retry_or_checksum_messages(server: Server, tmp_path: Path):
-    with pytest.raises(DownloadError) as err:
-        url = _with_userinfo(f"http://127.0.0.1:{free_port()}/f")
+def test_userinfo_is_not_in_retry_or_checksum_messages(server: Server, tmp_path: Path, caplog):
+    url = _with_userinfo(f"http://127.0.0.1:{free_port()}/f")
+    with (caplog.at_level(logging.WARNING, logger="flowerml.download"),
+          pytest.raises(DownloadError) as err):
         download_file(url, tmp_path / "f", retries=1, **FAST)
     _assert_clean(str(err.value))
+    assert len(caplog.records) == 1  # the retry announcement, without the credentials
+    _assert_clean(caplog.records[0].getMessage())
 
     server.serve(serve())
     with pytest.raises(SourceError) as err2:
