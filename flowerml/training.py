@@ -4,7 +4,8 @@ The loop is plain PyTorch: mixed precision (bf16 where the GPU has it) and chann
 CUDA, optional torch.compile, a warm-up + cosine schedule stepped per batch, label smoothing,
 early stopping on valid top-1. A checkpoint is written after every epoch, so re-running with
 the same run id resumes where the last one stopped (on the CPU bit for bit: each epoch's data
-order and augmentations depend on the seed and the epoch alone); under torchrun the same code
+order and augmentations depend on the seed and the epoch alone), and re-running it with more
+epochs, nothing else changed, goes on past its end (`extend_run`); under torchrun the same code
 trains with DDP, rank 0 evaluating and writing. `fit` takes explicit arguments, never the
 settings.
 """
@@ -366,18 +367,61 @@ def feature_loaders(model: FlowerModel, config: TrainConfig, store: Store,
 # The run
 
 
-def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDataset) -> None:
-    """A run id resumes only the run it started: same configuration, same data."""
+def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDataset) -> bool:
+    """A run id resumes only the run it started: same configuration, same data. The one change
+    a trained run accepts is more epochs; returns True when `config` asks for that."""
     saved = run.read_json("config.json")
     differing = sorted(k for k, v in config.to_json().items() if saved["config"].get(k) != v)
-    if differing:
+    extends = differing == ["epochs"] and config.epochs > saved["config"]["epochs"]
+    if differing and not extends:
         shown = ", ".join(f"{k} {saved['config'].get(k)!r} -> {getattr(config, k)!r}"
                           for k in differing[:4])
         raise RunError(f"run '{run.run_id}' was started with a different configuration "
-                       f"({shown}); use a new --run-id")
+                       f"({shown}); a trained run takes only a larger --epochs: use a new "
+                       "--run-id")
     if saved["dataset"]["manifest_sha256"] != published.manifest_sha256:
         raise RunError(f"run '{run.run_id}' trained on {saved['dataset']['name']}@"
                        f"{saved['dataset']['version']}, not @{published.version}")
+    return extends
+
+
+def extend_run(run: RunFiles, config: TrainConfig, state: TrainState, stepper: Stepper,
+               write: bool) -> dict[str, Any]:
+    """Continue a trained run to `config.epochs` (more than it was started with) from its last
+    checkpoint; returns the extension as recorded in config.json's `extensions`.
+
+    The learning-rate schedule is the one of the new length: the epochs left follow it from
+    the step the run reached (so a cosine rises to where the longer schedule would be there,
+    then decays to zero at the new end). A run that stopped early is refused: more epochs
+    would not train it further. Refusals come before anything is written."""
+    if not run.has_checkpoint():
+        raise RunError(f"run '{run.run_id}' has no checkpoint to continue from; use a new "
+                       "--run-id")
+    if state.stopped_early:
+        raise RunError(f"run '{run.run_id}' stopped early at epoch {state.epoch} (patience "
+                       f"{config.patience}); more --epochs would not train it further: use a "
+                       "new --run-id")
+    follow_schedule(stepper)
+    record = run.read_json("config.json")
+    extension = {"epochs_before": record["config"]["epochs"], "epochs": config.epochs,
+                 "at_epoch": state.epoch,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if write:
+        record["config"] = config.to_json()
+        record["extensions"] = [*record.get("extensions", []), extension]
+        run.write_json("config.json", record)
+    return extension
+
+
+def follow_schedule(stepper: Stepper) -> None:
+    """Set each group's learning rate to the (new) schedule's value at the restored step; the
+    restored optimizer holds the value of the schedule it was saved under."""
+    scheduler = stepper.scheduler
+    rates = [base * factor(scheduler.last_epoch)
+             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, rate in zip(stepper.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports until the next step
 
 
 def has_trained(run: RunFiles) -> bool:
@@ -471,7 +515,8 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
     `config.weights` is resolved here, once, before anything else (S3 weights with `s3`, into
     `cache_dir/weights/`), so a bad weights source fails before any data or GPU work. Nothing
     is written under `runs/<run_id>/` before the dataset is resolved and the model and loaders
-    are built; a run id whose run never finished an epoch may start again with a new config.
+    are built; a run id whose run never finished an epoch may start again with a new config,
+    and a trained one takes a larger `config.epochs` (`extend_run`), nothing else.
     """
     check_run_id(run_id)
     weights = resolve_weights(config.weights, config.arch, cache_dir=Path(cache_dir), s3=s3)
@@ -492,8 +537,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
     if version is None and pinned:
         version = run.read_json("config.json")["dataset"]["version"]
     published = resolve_dataset(store, dataset, version)
-    if pinned:
-        check_compatible(run, config, published)
+    extends = pinned and check_compatible(run, config, published)
     seed_everything(config.seed)
     model = prepare_model(config, published.num_classes, placement, weights)
     linear_probe = config.strategy == "linear-probe"
@@ -523,6 +567,9 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
         state = restore_checkpoint(run, model, stepper, linear_probe)
         resumed_from = state.epoch
         emit({"event": "resumed", "run_id": run_id, "from_epoch": state.epoch})
+    if extends:
+        extension = extend_run(run, config, state, stepper, write=placement.is_main)
+        emit({"event": "extended", "run_id": run_id, **extension})
     emit({"event": "start", "run_id": run_id, "epochs": config.epochs, "device":
           str(placement.device), "world_size": placement.world_size,
           "dataset": f"{published.dataset}@{published.version}"})

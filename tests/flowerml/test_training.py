@@ -3,6 +3,7 @@ bad input. Most tests reuse the one uninterrupted run 'straight'."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -324,3 +325,141 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert factors[10] == pytest.approx(1.0) and factors[99] < 0.01
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert training.lr_factor(50, 100, 0, "constant") == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Extending a trained run with more epochs
+
+
+def history_without_timings(store: LocalStore, run_id: str) -> list[dict]:
+    rows = [json.loads(line) for line in store.get_bytes(f"runs/{run_id}/metrics.jsonl").splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")}
+            for row in rows]
+
+
+@pytest.fixture(scope="module")
+def extended_run(published_store: StoreAndCache, uninterrupted_run
+                 ) -> tuple[training.FitResult, list[dict]]:
+    """Run 'longer': a copy of 'straight' (3 epochs) given epochs=5, and the events it emitted."""
+    copy_run(published_store.store, "straight", "longer")
+    events: list[dict] = []
+    return run_fit(published_store, "longer", epochs=5, on_event=events.append), events
+
+
+def test_more_epochs_continue_a_finished_run_from_its_checkpoint(
+        published_store: StoreAndCache, extended_run) -> None:
+    store, _ = published_store
+    result, events = extended_run
+    assert result.resumed_from_epoch == EPOCHS and result.epochs_run == 5
+    history = history_without_timings(store, "longer")
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+    assert history[:EPOCHS] == history_without_timings(store, "straight")
+    # The epochs left follow the 5-epoch cosine from where it is at epoch 3 (no warm-up here),
+    # not the 3-epoch one, which ended at zero.
+    assert history[3]["lr"] == pytest.approx(1e-3 * training.lr_factor(4, 5, 0, "cosine"))
+    assert history[4]["lr"] == pytest.approx(0.0, abs=1e-12)
+    record = RunFiles(store, "longer").read_json("config.json")
+    assert record["config"]["epochs"] == 5
+    [extension] = record["extensions"]
+    assert {k: v for k, v in extension.items() if k != "time"} == {
+        "epochs_before": EPOCHS, "epochs": 5, "at_epoch": EPOCHS}
+    assert [e for e in events if e["event"] == "extended"] == [
+        {"event": "extended", "run_id": "longer", **extension}]
+    assert RunFiles(store, "longer").read_json("result.json")["epochs_run"] == 5
+
+
+def test_an_extended_run_resumes_as_itself(published_store: StoreAndCache, extended_run) -> None:
+    """Once extended, the new length is the run's configuration: the same call resumes it
+    (nothing recorded again) and the old length is a different configuration."""
+    store, _ = published_store
+    events: list[dict] = []
+    again = run_fit(published_store, "longer", epochs=5, on_event=events.append)
+    assert again.resumed_from_epoch == 5 and again.epochs_run == 5
+    assert not any(e["event"] == "extended" for e in events)
+    assert len(RunFiles(store, "longer").read_json("config.json")["extensions"]) == 1
+    with pytest.raises(RunError, match=r"different configuration \(epochs 5 -> 3\); a trained "
+                                       r"run takes only a larger --epochs"):
+        run_fit(published_store, "longer")
+
+
+class StopsInFifthEpoch(Exception):
+    """Raised from the event callback in epoch 5, before its checkpoint is written."""
+
+
+def stop_in_fifth_epoch(event: dict) -> None:
+    if event["event"] == "epoch" and event["epoch"] == 5:
+        raise StopsInFifthEpoch
+
+
+def test_an_interrupted_extension_resumes_bit_for_bit(published_store: StoreAndCache,
+                                                      extended_run) -> None:
+    store, _ = published_store
+    copy_run(store, "straight", "longer-interrupted")
+    with pytest.raises(StopsInFifthEpoch):
+        run_fit(published_store, "longer-interrupted", epochs=5, on_event=stop_in_fifth_epoch)
+    assert RunFiles(store, "longer-interrupted").read_json("checkpoint.json")["epoch"] == 4
+    resumed = run_fit(published_store, "longer-interrupted", epochs=5)
+    assert resumed.resumed_from_epoch == 4 and resumed.epochs_run == 5
+    assert_same_run(store, "longer-interrupted", "longer")
+
+
+@pytest.mark.parametrize(("overrides", "shown"), [
+    ({"epochs": 5, "lr": 0.1}, "epochs 3 -> 5, lr 0.001 -> 0.1"),
+    ({"epochs": 2}, "epochs 3 -> 2"),
+])
+def test_fewer_epochs_or_another_change_are_refused_and_write_nothing(
+        published_store: StoreAndCache, uninterrupted_run, overrides: dict, shown: str) -> None:
+    store, _ = published_store
+    run_id = f"changed-{len(overrides)}"
+    copy_run(store, "straight", run_id)
+    before = {name: (store.root / "runs" / run_id / name).read_bytes()
+              for name in run_files(store, run_id)}
+    with pytest.raises(RunError, match=re.escape(f"different configuration ({shown})")):
+        run_fit(published_store, run_id, **overrides)
+    assert {name: (store.root / "runs" / run_id / name).read_bytes()
+            for name in run_files(store, run_id)} == before
+
+
+def test_a_run_that_stopped_early_is_not_extended(published_store: StoreAndCache,
+                                                  uninterrupted_run) -> None:
+    store, _ = published_store
+    copy_run(store, "straight", "stopped-early")
+    run = RunFiles(store, "stopped-early")
+    saved = run.load_checkpoint()
+    saved["state"]["stopped_early"] = True
+    run.save_checkpoint(saved, EPOCHS)
+    before = {name: (store.root / "runs" / "stopped-early" / name).read_bytes()
+              for name in run_files(store, "stopped-early")}
+    with pytest.raises(RunError, match="stopped early at epoch 3 .*more --epochs would not "
+                                       "train it further"):
+        run_fit(published_store, "stopped-early", epochs=5)
+    assert {name: (store.root / "runs" / "stopped-early" / name).read_bytes()
+            for name in run_files(store, "stopped-early")} == before
+
+
+def test_a_restored_optimizer_takes_the_longer_schedules_rate() -> None:
+    """The optimizer's saved rate is the old schedule's (zero at a cosine's end); after
+    `follow_schedule` it is the new schedule's at the same step, for the very next step."""
+    def stepper(epochs: int) -> training.Stepper:
+        layer = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+        config = small_config(epochs=epochs)
+        return training.Stepper(layer, optimizer, training.build_scheduler(optimizer, config, 4),
+                                torch.nn.MSELoss(), lambda: contextlib.nullcontext(), None)
+
+    short = stepper(2)
+    for _ in range(8):
+        short.optimizer.step()
+        short.scheduler.step()
+    assert short.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    longer = stepper(4)
+    longer.optimizer.load_state_dict(short.optimizer.state_dict())
+    longer.scheduler.load_state_dict(short.scheduler.state_dict())
+    training.follow_schedule(longer)
+    expected = 0.5 * training.lr_factor(8, 16, 0, "cosine")
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert longer.scheduler.get_last_lr() == pytest.approx([expected])
+    longer.optimizer.step()
+    longer.scheduler.step()
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.5 * training.lr_factor(9, 16, 0, "cosine"))
