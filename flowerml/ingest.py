@@ -31,6 +31,14 @@ from flowerml.archive import ArchiveImage, iter_archive_images, sniff_archive, s
 from flowerml.download import download_file, md5_of, redact_url
 from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
 from flowerml.files import write_atomically
+from flowerml.locations import (
+    LocalLocation,
+    OfficialLocation,
+    S3Location,
+    SourceLocation,
+    UrlLocation,
+    parse_source,
+)
 from flowerml.manifest import (
     ManifestEntry,
     count_splits,
@@ -48,7 +56,6 @@ from flowerml.storage import (
     S3Options,
     S3Store,
     Store,
-    parse_store_uri,
     run_bounded,
 )
 
@@ -91,30 +98,57 @@ def raw_key(dataset: str, name: str) -> str:
 # Step 1: fetch
 
 
-def describe_source(source: str) -> str:
-    """The source as it may be logged: credentials stripped."""
+def resolve_source(source: str | SourceLocation) -> SourceLocation:
+    """The source a `--source` value names (`flowerml.locations.parse_source`: 'official', a
+    folder path, file://PATH, s3://bucket[/prefix] or an http(s) URL), refused before anything
+    is read or written when it cannot work: another scheme, no bucket or host, or a local path
+    that is not an existing folder."""
+    location = parse_source(source) if isinstance(source, str) else source
+    if isinstance(location, LocalLocation):
+        check_source_folder(location.path)
+    return location
+
+
+def check_source_folder(folder: Path) -> None:
+    """A local source is a folder holding the three files; name what it is otherwise."""
+    if folder.exists() and not folder.is_dir():
+        raise SourceError(f"source {folder} is a file, not a folder: a local source is the "
+                          f"folder holding {', '.join(flowers.SOURCE_FILES)}")
+    if not folder.is_dir():
+        raise SourceError(f"source folder {folder} does not exist")
+
+
+def describe_source(source: str | SourceLocation) -> str:
+    """The source as it may be logged and recorded: credentials stripped."""
+    if isinstance(source, OfficialLocation):
+        return "official"
+    if isinstance(source, LocalLocation):
+        return str(source.path)
+    if isinstance(source, S3Location):
+        return source.uri
+    if isinstance(source, UrlLocation):
+        return source.shown
     return redact_url(source) if "://" in source else source
 
 
-def materialise_source(source: str, name: str, cache_dir: Path, options: FetchOptions) -> Path:
+def materialise_source(location: SourceLocation, name: str, cache_dir: Path,
+                       options: FetchOptions) -> Path:
     """A local path holding source file `name`, downloading it into the cache when remote."""
-    downloads = cache_dir / "downloads" / hashlib.sha256(source.encode()).hexdigest()[:16]
-    if source == "official":
-        return download_file(flowers.BASE_URL + name, downloads / name,
+    key = hashlib.sha256(describe_source(location).encode()).hexdigest()[:16]
+    downloads = cache_dir / "downloads" / key
+    if isinstance(location, OfficialLocation | UrlLocation):
+        base = flowers.BASE_URL if isinstance(location, OfficialLocation) else location.url
+        return download_file(base.rstrip("/") + "/" + name, downloads / name,
                              retries=options.retries, timeout=options.timeout)
-    if source.startswith(("http://", "https://")):
-        return download_file(source.rstrip("/") + "/" + name, downloads / name,
-                             retries=options.retries, timeout=options.timeout)
-    if source.startswith("s3://"):
-        bucket, prefix = parse_store_uri(source)  # type: ignore[misc]
-        remote = S3Store(bucket, prefix, options.s3, concurrency=4)
+    if isinstance(location, S3Location):
+        remote = S3Store(location.bucket, location.prefix, options.s3, concurrency=4)
         try:
             return remote.get_file(name, downloads / name)
         except ObjectNotFound:
-            raise SourceError(f"{name}: not found under {source}") from None
-    path = Path(source).expanduser() / name
+            raise SourceError(f"{name}: not found under {location.uri}") from None
+    path = location.path / name
     if not path.is_file():
-        raise SourceError(f"{name}: not found in source folder {Path(source).expanduser()}")
+        raise SourceError(f"{name}: not found in source folder {location.path}")
     return path
 
 
@@ -183,16 +217,18 @@ def _link_or_copy(source: Path, temp: Path) -> None:
         shutil.copyfile(source, temp)
 
 
-def fetch_sources(source: str, store: Store, dataset: str, cache_dir: Path,
+def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,
                   options: FetchOptions, *, workers: int | None = None,
                   progress: Progress | None = None) -> dict:
     """Mirror the three checked source files to `datasets/<name>/raw/`; returns the record."""
-    verify = options.verify or source == "official"
+    location = resolve_source(source)  # before the store is touched
+    official = isinstance(location, OfficialLocation)
+    verify = options.verify or official
     store.check()
     record = read_sources_record(store, dataset)
-    if source == "official" and official_already_mirrored(store, dataset, record):
+    if official and official_already_mirrored(store, dataset, record):
         return record  # type: ignore[return-value]
-    local = {name: materialise_source(source, name, cache_dir, options)
+    local = {name: materialise_source(location, name, cache_dir, options)
              for name in flowers.SOURCE_FILES}
     md5s = {}
     for name, path in local.items():
@@ -427,8 +463,9 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
                         len(quarantine), store.uri)
 
 
-def ingest(source: str, store: Store, dataset: str, cache_dir: Path, options: FetchOptions, *,
-           workers: int | None = None, progress: Progress | None = None) -> IngestResult:
+def ingest(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,
+           options: FetchOptions, *, workers: int | None = None,
+           progress: Progress | None = None) -> IngestResult:
     """Fetch then publish: the whole `flowerml ingest`."""
     fetch_sources(source, store, dataset, cache_dir, options, workers=workers, progress=progress)
     return publish_split(store, dataset, cache_dir, workers=workers, progress=progress)

@@ -328,6 +328,32 @@ class Registry:
         except ObjectNotFound:
             return False
 
+    # attachments: files added to a committed version later (its ONNX export) --------------
+
+    def attach(self, version: int, name: str, payload: bytes | Path) -> bool:
+        """Add a file to a committed version, create-only; False when it is already there (the
+        version keeps the first one: a version never changes what it holds)."""
+        self.require_committed(version)
+        _checked_files({name: payload})
+        key = self._version_key(version, name)
+        data = payload.read_bytes() if isinstance(payload, Path) else payload
+        try:
+            self.store.put_bytes(key, data, if_none_match=True)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def read_attachment(self, version: int, name: str) -> bytes | None:
+        """A file attached to (or registered with) a version; None when it has none."""
+        _checked_files({name: b""})
+        try:
+            return self.store.get_bytes(self._version_key(version, name))
+        except ObjectNotFound:
+            return None
+
+    def attachment_key(self, version: int, name: str) -> str:
+        return self._version_key(version, name)
+
     # reading versions -----------------------------------------------------------------------
 
     def _version_files(self) -> dict[int, set[str]]:

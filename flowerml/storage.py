@@ -22,6 +22,7 @@ from typing import Any
 
 from flowerml.errors import FlowermlError, RetriesExhausted, UserError
 from flowerml.files import file_lock, sha256_hex, temp_beside, write_atomically
+from flowerml.locations import LocalLocation, parse_store
 
 Payload = bytes | Path
 SMALL_OBJECT_BYTES = 8 * 1024 * 1024
@@ -550,20 +551,11 @@ def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:
     return session.client("s3", endpoint_url=options.endpoint_url, config=Config(**config_args))
 
 
-def parse_store_uri(uri: str) -> tuple[str, str] | Path:
-    """('bucket', 'prefix') for s3:// URIs, else the local directory."""
-    if uri.startswith("s3://"):
-        bucket, _, prefix = uri[5:].partition("/")
-        return bucket, prefix
-    if uri.startswith("file://"):
-        return Path(uri[7:])
-    return Path(uri)
-
-
-def open_store(uri: str, *, s3: S3Options | None = None, concurrency: int = 16) -> Store:
-    """The store a URI names: `s3://bucket/prefix` or a local directory."""
-    where = parse_store_uri(uri)
-    if isinstance(where, Path):
-        return LocalStore(where, concurrency=concurrency)
-    bucket, prefix = where
-    return S3Store(bucket, prefix, s3, concurrency=concurrency)
+def open_store(uri: str, *, s3: S3Options | None = None, concurrency: int = 16,
+               name: str = "store") -> Store:
+    """The store a URI names: a folder path, file://PATH or s3://bucket[/prefix]
+    (`flowerml.locations.parse_store`, which refuses anything else naming it as `name`)."""
+    where = parse_store(uri, name)
+    if isinstance(where, LocalLocation):
+        return LocalStore(where.path, concurrency=concurrency)
+    return S3Store(where.bucket, where.prefix, s3, concurrency=concurrency)
