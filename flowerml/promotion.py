@@ -61,6 +61,8 @@ class Scorecard:
     top1: float
     test_manifest_sha256: str
     version: int | None = None
+    export_parity: bool | None = None
+    """Whether the version's ONNX export passed parity; None when it has no export."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.top1, int | float) or not 0 <= self.top1 <= 1:
@@ -101,6 +103,9 @@ def decide_promotion(candidate: Scorecard, champion: Scorecard | None, gate: Gat
         within, sentence = _compare(candidate, champion, gate.tolerance)
         passes = passes and within
         reasons.append(sentence)
+    if candidate.export_parity is False:
+        passes = False
+        reasons.append("its ONNX export failed the parity check (see export.json)")
     if force:
         return True, [*reasons, "forced: promoted regardless of the gate"]
     return passes, reasons
@@ -180,8 +185,8 @@ def promote(registry: Registry, version: int, *, scorecard: Scorecard,
     another manifest raises ValueError, like `decide_promotion`: re-evaluate and call again.
     """
     registry.require_committed(version)  # set_alias verifies the weights before any move
-    candidate = scorecard if scorecard.version is not None else replace(scorecard,
-                                                                       version=version)
+    candidate = replace(scorecard, version=version if scorecard.version is None
+                        else scorecard.version, export_parity=export_parity(registry, version))
     current = registry.alias(alias)
     if champion is not None and champion.version is None and current is not None:
         champion = replace(champion, version=current.version)
@@ -199,6 +204,14 @@ def promote(registry: Registry, version: int, *, scorecard: Scorecard,
             return True, reasons, state
         except AliasMoved as moved:
             current = moved.current
+
+
+def export_parity(registry: Registry, version: int) -> bool | None:
+    """Whether the version's ONNX export passed parity (None: never exported)."""
+    from flowerml.export import read_export
+
+    record = read_export(registry, version)
+    return None if record is None else bool(record.get("parity", {}).get("passed"))
 
 
 def _champion(registry: Registry, current: AliasState | None,

@@ -145,6 +145,23 @@ def test_forced_promotion_is_recorded(local_store: LocalStore) -> None:
     assert entry["forced"] is True and "forced: promoted regardless" in entry["reason"]
 
 
+def test_a_version_whose_onnx_export_failed_parity_needs_force(local_store: LocalStore) -> None:
+    registry = Registry(local_store, MODEL)
+    for seed in (1, 2):
+        registry.register(weights(seed), card(0.99))
+    registry.attach(1, "export.json", json.dumps({"sha256": "0" * 64, "parity": {
+        "passed": False}}).encode())
+    registry.attach(2, "export.json", json.dumps({"sha256": "0" * 64, "parity": {
+        "passed": True}}).encode())
+    ok, reasons, state = promote(registry, 1, scorecard=Scorecard(0.99, MANIFEST))
+    assert not ok and state is None and registry.alias() is None
+    assert reasons[-1] == "its ONNX export failed the parity check (see export.json)"
+    ok, reasons, state = promote(registry, 1, scorecard=Scorecard(0.99, MANIFEST), force=True)
+    assert ok and state.version == 1 and "forced: promoted regardless" in reasons[-1]
+    ok, _, state = promote(registry, 2, scorecard=Scorecard(0.99, MANIFEST))
+    assert ok and state.version == 2  # a passing export does not stand in the way
+
+
 def test_promote_decides_again_when_the_champion_changed(local_store: LocalStore) -> None:
     registry = Registry(local_store, MODEL)
     for seed, top1 in ((1, 0.95), (2, 0.99), (3, 0.96)):
