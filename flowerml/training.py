@@ -48,7 +48,7 @@ from flowerml.files import write_atomically
 from flowerml.loaders import build_loaders, make_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model, parameter_groups, prepare_for_strategy
-from flowerml.progress import NullProgress, Progress
+from flowerml.progress import EpochReport, NullProgress, Progress
 from flowerml.recipes import TrainConfig
 from flowerml.runs import BEST, RunError, RunFiles, check_run_id
 from flowerml.storage import S3Options, Store
@@ -257,10 +257,14 @@ class Stepper:
     autocast: Callable[[], contextlib.AbstractContextManager]
     scaler: torch.amp.GradScaler | None
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step: (mean loss, correct top-1 count) of the batch, left on the
+        device so that the loop syncs once per epoch."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = self.criterion(self.model(inputs), targets)
+            logits = self.model(inputs)
+            loss = self.criterion(logits, targets)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -269,25 +273,31 @@ class Stepper:
             loss.backward()
             self.optimizer.step()
         self.scheduler.step()
-        return loss.detach()
+        return loss.detach(), (logits.detach().argmax(dim=1) == targets).sum()
 
 
 def train_epoch(stepper: Stepper, loader: DataLoader, placement: Placement,
-                channels_last: bool, progress: Progress, label: str) -> tuple[float, int, float]:
-    """(mean loss, images, seconds) of one pass over the training loader."""
+                channels_last: bool, progress: Progress, label: str
+                ) -> tuple[float, float, int, float]:
+    """(mean loss, top-1 accuracy, images, seconds) of one pass over the training loader
+    (loss and accuracy of this rank's share, on the augmented images as trained)."""
     stepper.model.train()
     progress.start(label, len(loader))
     total_loss = torch.zeros((), device=placement.device)
+    correct = torch.zeros((), device=placement.device, dtype=torch.long)
     images = 0
     started = time.perf_counter()
     for batch, targets in loader:
         inputs = prepare_batch(batch, placement.device, channels_last=channels_last)
         targets = targets.to(placement.device, non_blocking=True)
-        total_loss += stepper.step(inputs, targets) * len(targets)
+        loss, batch_correct = stepper.step(inputs, targets)
+        total_loss += loss * len(targets)
+        correct += batch_correct
         images += len(targets)
         progress.advance()
     mean_loss = float(total_loss.item()) / max(1, images)  # one sync per epoch, not per step
-    return mean_loss, images * placement.world_size, time.perf_counter() - started
+    top1 = int(correct.item()) / max(1, images)
+    return mean_loss, top1, images * placement.world_size, time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -618,7 +628,7 @@ class EpochLoop:
         while state.epoch < self.config.epochs and not state.stopped_early:
             epoch = state.epoch + 1
             train_loader.sampler.set_epoch(epoch)
-            loss, images, seconds = train_epoch(
+            loss, top1, images, seconds = train_epoch(
                 self.stepper, train_loader, self.placement,
                 self.config.channels_last and not self.linear_probe, self.progress,
                 f"epoch {epoch}/{self.config.epochs}")
@@ -626,7 +636,8 @@ class EpochLoop:
             state.train_seconds += seconds
             stop = False
             if self.placement.is_main:
-                stop = self.after_epoch(state, epoch, loss, images, seconds, valid_loader)
+                stop = self.after_epoch(state, epoch, loss, top1, images, seconds,
+                                        valid_loader)
             state.epoch = epoch
             state.stopped_early = broadcast_flag(self.placement, stop)
             if self.placement.is_main:
@@ -634,15 +645,17 @@ class EpochLoop:
                                                           self.linear_probe), epoch)
             barrier(self.placement)
 
-    def after_epoch(self, state: TrainState, epoch: int, loss: float, images: int,
-                    seconds: float, valid_loader: DataLoader) -> bool:
-        """Validate, record, keep the best; True when early stopping says stop."""
+    def after_epoch(self, state: TrainState, epoch: int, loss: float, train_top1: float,
+                    images: int, seconds: float, valid_loader: DataLoader) -> bool:
+        """Validate, record, keep the best, report; True when early stopping says stop."""
+        validation_started = time.perf_counter()
         evaluated = self.trained if self.linear_probe else self.model
         metrics = evaluate_loader(evaluated, valid_loader, self.placement.device,
                                   self.published.class_names, amp=self.config.amp,
                                   channels_last=self.config.channels_last
                                   and not self.linear_probe)
-        row = {"epoch": epoch, "train_loss": round(loss, 5), "valid_loss": round(metrics.loss, 5),
+        row = {"epoch": epoch, "train_loss": round(loss, 5), "train_top1": round(train_top1, 5),
+               "valid_loss": round(metrics.loss, 5),
                "valid_top1": round(metrics.top1, 5), "valid_top5": round(metrics.top5, 5),
                "lr": self.stepper.optimizer.param_groups[-1]["lr"],
                "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 2)}
@@ -655,6 +668,9 @@ class EpochLoop:
         self.files.write_history(state.history)
         self.emit({"event": "epoch", "epochs": self.config.epochs, **row,
                    "best_valid_top1": round(state.best_top1, 5)})
+        self.progress.end_epoch(EpochReport(
+            epoch, self.config.epochs, loss, train_top1, metrics.top1,
+            seconds + time.perf_counter() - validation_started))
         return bool(self.config.patience) and state.bad_epochs >= self.config.patience
 
     def keep_best(self, state: TrainState, epoch: int, top1: float) -> None:

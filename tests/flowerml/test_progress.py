@@ -1,8 +1,10 @@
-"""flowerml.progress: silent when nobody watches, a rich bar on stderr when a person does."""
+"""flowerml.progress: silent when quiet, a rich bar on stderr when a person watches, a plain line
+per epoch on stderr when nobody does (pipes, CI logs)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -10,7 +12,16 @@ from typing import TextIO
 
 import pytest
 
-from flowerml.progress import NullProgress, Progress, RichProgress, progress_for_terminal
+from flowerml.progress import (
+    EpochReport,
+    LineProgress,
+    NullProgress,
+    Progress,
+    RichProgress,
+    progress_for_terminal,
+)
+from tests.cli_helpers import invoke
+from tests.conftest import StoreAndCache
 
 
 def _drive(progress: Progress) -> None:
@@ -21,6 +32,14 @@ def _drive(progress: Progress) -> None:
     progress.start("decode", None)
     progress.advance(5)
     progress.advance()
+
+
+def _train_two_epochs(progress: Progress) -> None:
+    """What training calls: a stage per epoch, a step per batch, the epoch's numbers."""
+    for epoch, (loss, acc, top1) in enumerate([(2.5, 0.25, 0.375), (1.23456, 0.5, 0.625)], 1):
+        progress.start(f"epoch {epoch}/2", 3)
+        progress.advance(3)
+        progress.end_epoch(EpochReport(epoch, 2, loss, acc, top1, seconds=12.34 * epoch))
 
 
 @contextlib.contextmanager
@@ -45,7 +64,22 @@ def test_null_progress_says_nothing(capsys: pytest.CaptureFixture[str]):
     with NullProgress() as progress:
         assert isinstance(progress, NullProgress)
         _drive(progress)
+        _train_two_epochs(progress)
     assert capsys.readouterr() == ("", "")
+
+
+# --- LineProgress --------------------------------------------------------------------------
+
+
+def test_line_progress_prints_one_line_per_epoch_on_stderr(capsys: pytest.CaptureFixture[str]):
+    with LineProgress() as progress:
+        _drive(progress)  # stages and steps say nothing off a terminal
+        _train_two_epochs(progress)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "epoch 1/2: train loss 2.5000, train acc 0.2500, valid top-1 0.3750, 12.3 s",
+        "epoch 2/2: train loss 1.2346, train acc 0.5000, valid top-1 0.6250, 24.7 s"]
 
 
 # --- RichProgress --------------------------------------------------------------------------
@@ -76,6 +110,19 @@ def test_rich_progress_ignores_advance_before_any_stage(capsys: pytest.CaptureFi
     assert "5/" not in err
 
 
+def test_rich_progress_shows_each_epochs_loss_and_accuracy(capsys: pytest.CaptureFixture[str]):
+    with RichProgress() as progress:
+        _train_two_epochs(progress)
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = [line.rstrip() for line in err.splitlines() if line.strip()]
+    assert [line.split()[:2] for line in lines] == [["epoch", "1/2"], ["epoch", "2/2"]]
+    # A finished epoch's row shows its numbers where its bar was, then its steps and time.
+    assert "loss 2.500 acc 0.250 val 0.375 3/3 " in lines[0]
+    assert "loss 1.235 acc 0.500 val 0.625 3/3 " in lines[1]
+    assert "━" not in err
+
+
 # --- which one a command gets --------------------------------------------------------------
 
 
@@ -90,9 +137,46 @@ def test_a_terminal_gets_a_bar(monkeypatch: pytest.MonkeyPatch):
         assert isinstance(progress_for_terminal(quiet=False), RichProgress)
 
 
-def test_a_pipe_gets_no_bar(monkeypatch: pytest.MonkeyPatch):
+def test_a_pipe_gets_a_line_per_epoch(monkeypatch: pytest.MonkeyPatch):
     read, write = os.pipe()
     with os.fdopen(write, "w") as stream, os.fdopen(read):
         monkeypatch.setattr(sys, "stderr", stream)
         assert not sys.stderr.isatty()
-        assert isinstance(progress_for_terminal(quiet=False), NullProgress)
+        assert isinstance(progress_for_terminal(quiet=False), LineProgress)
+
+
+@pytest.mark.parametrize(("quiet", "terminal", "expected"), [
+    (False, True, RichProgress), (False, False, LineProgress),
+    (True, True, NullProgress), (True, False, NullProgress)])
+def test_the_terminal_decision_can_be_given(quiet: bool, terminal: bool, expected: type):
+    assert type(progress_for_terminal(quiet=quiet, terminal=terminal)) is expected
+
+
+# --- what `flowerml train` shows -----------------------------------------------------------
+
+
+def test_train_off_a_terminal_prints_a_line_per_epoch(tiny_run: StoreAndCache):
+    store, cache = tiny_run
+    result = invoke("train", "--recipe", "demo", "--epochs", "2", "--image-size", "40",
+                    "--device", "cpu", "--workers", "0", "--run-id", "lines",
+                    store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], result.stderr
+    history = [json.loads(line) for line in
+               store.get_bytes("runs/lines/metrics.jsonl").decode().splitlines()]
+    for line, row in zip(epochs, history, strict=True):
+        assert (f"train loss {row['train_loss']:.4f}, train acc {row['train_top1']:.4f}, "
+                f"valid top-1 {row['valid_top1']:.4f}, ") in line
+        assert 0.0 <= row["train_top1"] <= 1.0
+    assert "epoch 1/2" not in result.stdout
+
+
+def test_train_json_prints_no_epoch_lines(tiny_run: StoreAndCache):
+    store, cache = tiny_run
+    result = invoke("train", "--recipe", "demo", "--epochs", "1", "--image-size", "40",
+                    "--device", "cpu", "--workers", "0", "--run-id", "quiet", "--json",
+                    store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1" not in result.stderr
+    assert json.loads(result.stdout)["run_id"] == "quiet"
