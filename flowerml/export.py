@@ -217,7 +217,35 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
                                                                sort_keys=True).encode())
     if not created:  # a concurrent export recorded first: keep its record
         return Export(read_export(registry, version) or record, created=False)
+    show_on_card(registry, version, record)
     return Export(record, created=True)
+
+
+def export_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The export's figures as the card and the reports show them."""
+    parity = record["parity"]
+    return {"file": record["file"], "sha256": record["sha256"], "bytes": record["bytes"],
+            "weights_bytes": record.get("weights_bytes"), "exporter": record["exporter"],
+            "opset": record["opset"], "input": f"{record['input']['dtype']} "
+            f"{record['input']['layout']} {record['input']['size'][0]} px",
+            "parity_passed": parity["passed"], "top1_agreement": parity["top1_agreement"],
+            "max_abs_logit_diff": parity["max_abs_logit_diff"],
+            "parity_images": parity["images"],
+            "torch_images_per_second": parity["torch_images_per_second"],
+            "onnx_images_per_second": parity["onnx_images_per_second"]}
+
+
+def show_on_card(registry: Registry, version: int, record: dict[str, Any]) -> None:
+    """card.md again, with an `export` section: card.json stays as registered (it is the
+    version's record at registration); export.json is the export's own create-only record."""
+    from flowerml.release import render_card
+
+    card = registry.get(version).card
+    prefix = registry.attachment_key(version, "")
+    files = sorted(info.key[len(prefix):] for info in registry.store.list(prefix))
+    markdown = render_card({**card, "export": export_summary(record)},
+                           [name for name in files if name not in {"CLAIM", "COMMITTED"}])
+    registry.store.put_bytes(registry.attachment_key(version, "card.md"), markdown.encode())
 
 
 def test_batches(store, card: dict[str, Any], cache_dir: Path, image_size: int,

@@ -4,7 +4,15 @@
 the other modules add their commands to it when imported here.
 """
 
-from flowerml.cli import data, predict, registry, training  # noqa: F401  (registers commands)
+from flowerml.cli import (  # noqa: F401  (each registers its commands)
+    data,
+    datasets,
+    export,
+    predict,
+    registry,
+    runs,
+    training,
+)
 from flowerml.cli.app import (
     DEVICES,
     Choice,

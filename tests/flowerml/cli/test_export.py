@@ -1,0 +1,85 @@
+"""`flowerml export`: what a user sees, and every bad input refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowerml.storage import LocalStore
+from tests.cli_helpers import assert_refused, invoke
+from tests.conftest import copy_tree
+from tests.flowerml.conftest import RegisteredRun
+
+VERSION_DIR = "registry/flowers102/versions/000001"
+
+
+def store_copy(registered_run: RegisteredRun, dest: Path) -> tuple[LocalStore, Path]:
+    copy_tree(registered_run.store.root, dest / "store")
+    copy_tree(registered_run.cache, dest / "cache")
+    return LocalStore(dest / "store"), dest / "cache"
+
+
+@pytest.fixture(scope="module")
+def exported(registered_run: RegisteredRun,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalStore, Path, dict]:
+    store, cache = store_copy(registered_run, tmp_path_factory.mktemp("cli-export"))
+    result = invoke("export", "flowers102@production", "--workers", "0", "--json",
+                    store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    return store, cache, json.loads(result.stdout)
+
+
+def test_export_prints_where_the_file_went_and_its_parity(exported) -> None:
+    store, _, summary = exported
+    assert summary["created"] is True and summary["parity_passed"] is True
+    assert summary["location"] == f"{store.root}/{VERSION_DIR}/model.onnx"
+    assert Path(summary["location"]).stat().st_size == summary["bytes"]
+    assert summary["version"] == 1 and summary["top1_agreement"] == 1.0
+
+
+def test_export_again_says_it_was_exported_before(exported) -> None:
+    store, cache, summary = exported
+    result = invoke("export", "flowers102:1", "--workers", "0", store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    assert "(exported before)" in result.stdout
+    assert "parity passed: top-1 agreement 100.0000%" in result.stdout
+    card = (store.root / VERSION_DIR / "card.md").read_text()
+    assert "## Export" in card and summary["sha256"] in card
+
+
+def test_a_tampered_onnx_file_is_refused(exported, tmp_path: Path) -> None:
+    store, cache, _ = exported
+    copy_tree(store.root, tmp_path / "store")
+    onnx_file = tmp_path / "store" / VERSION_DIR / "model.onnx"
+    onnx_file.write_bytes(b"not the exported graph")
+    result = invoke("export", "flowers102", "--json", store=LocalStore(tmp_path / "store"),
+                    cache=cache)
+    assert_refused(result, f"{VERSION_DIR}/model.onnx fails its checksum")
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == "bad-input"
+
+
+@pytest.mark.parametrize(("ref", "message"), [
+    ("flowers102@staging", "alias"),
+    ("flowers102:7", "no version 000007"),
+    ("Bad Name", "model name must be"),
+])
+def test_bad_references_are_refused(registered_run: RegisteredRun, ref: str,
+                                    message: str) -> None:
+    result = invoke("export", ref, store=registered_run.store, cache=registered_run.cache)
+    assert_refused(result, message)
+
+
+def test_an_uncommitted_version_is_refused_and_nothing_is_written(
+        registered_run: RegisteredRun, tmp_path: Path) -> None:
+    store, cache = store_copy(registered_run, tmp_path)
+    (store.root / VERSION_DIR / "COMMITTED").unlink()
+    result = invoke("export", "flowers102:1", store=store, cache=cache)
+    assert_refused(result, "is not COMMITTED")
+    assert not (store.root / VERSION_DIR / "model.onnx").exists()
+
+
+def test_opset_out_of_range_is_refused(registered_run: RegisteredRun) -> None:
+    result = invoke("export", "flowers102", "--opset", "9", store=registered_run.store)
+    assert_refused(result, "--opset")
