@@ -112,8 +112,9 @@ def resolve_source(source: str | SourceLocation) -> SourceLocation:
 def check_source_folder(folder: Path) -> None:
     """A local source is a folder holding the three files; name what it is otherwise."""
     if folder.exists() and not folder.is_dir():
+        *others, last = flowers.SOURCE_FILES
         raise SourceError(f"source {folder} is a file, not a folder: a local source is the "
-                          f"folder holding {', '.join(flowers.SOURCE_FILES)}")
+                          f"folder holding {', '.join(others)} and {last}")
     if not folder.is_dir():
         raise SourceError(f"source folder {folder} does not exist")
 

@@ -9,6 +9,7 @@ import pytest
 from flowerml.errors import SettingsError, UserError
 from flowerml.settings import Settings, build_store, load_settings
 from flowerml.storage import LocalStore, S3Options, S3Store
+from tests.cli_helpers import assert_refused, invoke
 
 
 @pytest.fixture(autouse=True)
@@ -106,23 +107,36 @@ def test_unknown_flowerml_variables_are_ignored(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize(("variable", "value", "reason"), [
-    ("FLOWERML_DOWNLOAD_RETRIES", "-1", "greater than or equal to 0"),
-    ("FLOWERML_DOWNLOAD_RETRIES", "51", "less than or equal to 50"),
-    ("FLOWERML_DOWNLOAD_RETRIES", "many", "valid integer"),
-    ("FLOWERML_DOWNLOAD_TIMEOUT", "0", "greater than 0"),
-    ("FLOWERML_TRANSFER_CONCURRENCY", "0", "greater than or equal to 1"),
-    ("FLOWERML_DATASET", "Flowers 102", "should match pattern"),
+    ("FLOWERML_DOWNLOAD_RETRIES", "-1", "must be at least 0"),
+    ("FLOWERML_DOWNLOAD_RETRIES", "51", "must be at most 50"),
+    ("FLOWERML_DOWNLOAD_RETRIES", "many", "must be a whole number"),
+    ("FLOWERML_DOWNLOAD_TIMEOUT", "0", "must be more than 0"),
+    ("FLOWERML_DOWNLOAD_TIMEOUT", "soon", "not a number"),
+    ("FLOWERML_DOWNLOAD_TIMEOUT", "nan", "not a number (NaN)"),
+    ("FLOWERML_DOWNLOAD_TIMEOUT", "inf", "must be a finite number"),
+    ("FLOWERML_TRANSFER_CONCURRENCY", "0", "must be at least 1"),
+    ("FLOWERML_DATASET", "Flowers 102", "must be 1-63 characters of a-z, 0-9, '.', '_' and '-'"),
     ("FLOWERML_STORE", "   ", "must not be empty"),
-    ("FLOWERML_STORE", "https://example.org/x", "s3://bucket[/prefix]"),
-    ("FLOWERML_STORE", "s3://", "needs a bucket name"),
+    ("FLOWERML_STORE", "https://example.org/x", "uses an unsupported scheme (https://); "
+                                                "a store is a folder path, file://PATH or "
+                                                "s3://bucket[/prefix]"),
+    ("FLOWERML_STORE", "ftp://example.org/x", "uses an unsupported scheme (ftp://)"),
+    ("FLOWERML_STORE", "s3://", "'s3://' has no bucket name"),
+    ("FLOWERML_STORE", "s3://Bad_Bucket!/x", "'s3://Bad_Bucket!/x' has an invalid bucket name: "
+                                             "S3 bucket names are 3-63 characters"),
+    ("FLOWERML_CACHE_DIR", "", "must not be empty"),
     ("FLOWERML_S3_ENDPOINT_URL", "minio:9000", "must start with http:// or https://"),
-    ("FLOWERML_S3_ADDRESSING_STYLE", "sideways", "'auto', 'virtual' or 'path'"),
-    ("FLOWERML_S3_REQUEST_CHECKSUM_CALCULATION", "always", "'when_supported' or"),
+    ("FLOWERML_S3_ENDPOINT_URL", "http://minio:99999", "the URL has an invalid port"),
+    ("FLOWERML_S3_ADDRESSING_STYLE", "sideways", "must be 'auto', 'virtual' or 'path'"),
+    ("FLOWERML_S3_REQUEST_CHECKSUM_CALCULATION", "always", "must be 'when_supported' or"),
 ])
 def test_a_bad_value_fails_naming_the_variable(variable: str, value: str, reason: str):
     message = _error(**{variable: value})
     assert message.startswith(f"invalid setting {variable}: ")
     assert reason in message
+    # In words: none of pydantic's own phrasing, and NaN is not reported as a bound.
+    assert "Value error" not in message and "Input should" not in message
+    assert "3600" not in message
 
 
 def test_the_error_is_a_user_error_and_names_every_bad_variable():
@@ -184,3 +198,145 @@ def test_build_store_s3_uses_the_overrides(moto_endpoint: str, s3_bucket: str):
     assert store.endpoint == moto_endpoint
     store.put_bytes("k.txt", b"on moto")
     assert store.get_bytes("k.txt") == b"on moto"
+
+
+# --- where a bad value came from (issue 9) -------------------------------------------------
+
+
+def _refusal(**overrides: object) -> str:
+    with pytest.raises(SettingsError) as err:
+        load_settings(**overrides)
+    message = str(err.value)
+    assert "\n" not in message and "Value error" not in message
+    return message
+
+
+def test_a_bad_option_is_named_as_the_option_not_the_variable():
+    message = _refusal(store="s3://Bad_Bucket!/x")
+    assert message.startswith("invalid --store: 's3://Bad_Bucket!/x' has an invalid bucket name")
+    assert "FLOWERML_STORE" not in message
+
+    message = _refusal(dataset="Not A Name")
+    assert message.startswith("invalid --dataset: must be 1-63 characters")
+    assert "FLOWERML_DATASET" not in message
+
+
+def test_an_option_and_a_variable_are_each_named_their_way(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FLOWERML_DATASET", "UPPER")
+    message = _refusal(store="ftp://example.org/x")
+    assert "invalid --store: 'ftp://example.org/x' uses an unsupported scheme" in message
+    assert "invalid setting FLOWERML_DATASET: must be 1-63 characters" in message
+
+
+def test_a_bad_value_from_the_dotenv_file_names_the_file(clean_env: Path):
+    (clean_env / ".env").write_text("FLOWERML_DOWNLOAD_TIMEOUT=nan\nflowerml_dataset=Bad Name\n")
+    message = _refusal()
+    dotenv = clean_env / ".env"
+    assert f"invalid setting FLOWERML_DOWNLOAD_TIMEOUT in {dotenv}: not a number (NaN)" in message
+    assert f"invalid setting FLOWERML_DATASET in {dotenv}: must be 1-63 characters" in message
+
+
+def test_the_environment_beats_the_dotenv_file_in_the_message_too(
+        monkeypatch: pytest.MonkeyPatch, clean_env: Path):
+    (clean_env / ".env").write_text("FLOWERML_DOWNLOAD_RETRIES=7\n")
+    monkeypatch.setenv("FLOWERML_DOWNLOAD_RETRIES", "-3")
+    assert _refusal() == "invalid setting FLOWERML_DOWNLOAD_RETRIES: must be at least 0"
+
+
+def test_a_dotenv_file_that_is_not_utf8_is_named(clean_env: Path):
+    (clean_env / ".env").write_bytes(b"FLOWERML_DATASET=flowers\nFLOWERML_STORE=caf\xe9-secret\n")
+    message = _refusal()
+    assert message == (f"cannot read {clean_env / '.env'}: not UTF-8 text (line 2); flowerml "
+                       "reads .env files as UTF-8, save it in that encoding")
+    assert "secret" not in message
+
+
+# --- the cache directory is usable, or refused naming FLOWERML_CACHE_DIR -------------------
+
+
+def test_a_cache_dir_that_is_a_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
+    assert _refusal() == (f"invalid setting FLOWERML_CACHE_DIR: {tmp_path / 'cache'} is a file, "
+                          "not a folder")
+
+
+def test_a_cache_dir_inside_a_file_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    assert _refusal() == (f"invalid setting FLOWERML_CACHE_DIR: {tmp_path / 'file' / 'cache'} "
+                          f"cannot be a folder: {tmp_path / 'file'} is a file")
+
+
+def test_an_unwritable_cache_dir_is_refused(monkeypatch: pytest.MonkeyPatch):
+    # procfs refuses new files to everyone, root included (a chmod would not stop root).
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", "/proc/flowerml-cache")
+    assert _refusal() == ("invalid setting FLOWERML_CACHE_DIR: /proc/flowerml-cache cannot be "
+                          "created: /proc is not writable")
+
+
+def test_the_default_cache_dir_is_checked_too_and_said_to_be_the_default(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir("/proc")
+    assert _refusal() == ("invalid setting FLOWERML_CACHE_DIR (not set: its default): "
+                          "/proc/flowerml-cache cannot be created: /proc is not writable")
+
+
+def test_checking_the_cache_dir_creates_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "a" / "cache"))
+    assert load_settings().cache_dir == tmp_path / "a" / "cache"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_local_store_that_is_a_file_is_refused(tmp_path: Path):
+    (tmp_path / "store").write_text("")
+    assert _refusal(store=str(tmp_path / "store")) == (
+        f"invalid --store: {tmp_path / 'store'} is a file, not a folder")
+
+
+def test_file_uri_stores_work(tmp_path: Path):
+    store = build_store(load_settings(store=f"file://{tmp_path}/store"))
+    assert isinstance(store, LocalStore) and store.root == tmp_path / "store"
+
+
+# --- as the CLI shows it: one line, exit 2, nothing written --------------------------------
+
+
+def test_cli_refuses_a_bad_bucket_in_one_line(clean_env: Path):
+    result = invoke("ingest", "--source", str(clean_env), "--store", "s3://Bad_Bucket!/x")
+    assert_refused(result, "invalid --store: 's3://Bad_Bucket!/x' has an invalid bucket name")
+    assert "FLOWERML_STORE" not in result.stderr
+    assert list(clean_env.iterdir()) == []
+
+
+def test_cli_names_the_variable_when_the_store_came_from_the_environment(clean_env: Path):
+    result = invoke("registry", "list", env={"FLOWERML_STORE": "ftp://example.org/store"})
+    assert_refused(result, "invalid setting FLOWERML_STORE: 'ftp://example.org/store' uses an "
+                           "unsupported scheme (ftp://); a store is a folder path, file://PATH "
+                           "or s3://bucket[/prefix]")
+    assert list(clean_env.iterdir()) == []
+
+
+def test_cli_refuses_a_cache_dir_that_is_a_file(clean_env: Path):
+    (clean_env / "cache").write_text("")
+    result = invoke("ingest", "--source", str(clean_env), "--store", str(clean_env / "store"),
+                    cache=clean_env / "cache")
+    assert_refused(result, f"invalid setting FLOWERML_CACHE_DIR: {clean_env / 'cache'} is a "
+                           "file, not a folder")
+    assert sorted(p.name for p in clean_env.iterdir()) == ["cache"]
+
+
+def test_cli_refuses_an_undecodable_dotenv(clean_env: Path):
+    (clean_env / ".env").write_bytes(b"FLOWERML_DATASET=\xff\n")
+    result = invoke("registry", "list", "--store", str(clean_env / "store"))
+    assert_refused(result, f"cannot read {clean_env / '.env'}: not UTF-8 text (line 1)")
+    assert sorted(p.name for p in clean_env.iterdir()) == [".env"]
+
+
+def test_cli_reports_nan_as_not_a_number(clean_env: Path):
+    (clean_env / ".env").write_text("FLOWERML_DOWNLOAD_TIMEOUT=NaN\n")
+    result = invoke("ingest", "--source", str(clean_env), "--store", str(clean_env / "store"))
+    assert_refused(result, f"invalid setting FLOWERML_DOWNLOAD_TIMEOUT in {clean_env / '.env'}: "
+                           "not a number (NaN)")
+    assert "3600" not in result.stderr
+    assert sorted(p.name for p in clean_env.iterdir()) == [".env"]
