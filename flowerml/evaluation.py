@@ -233,10 +233,19 @@ def per_class_rows(metrics: Metrics) -> list[dict[str, Any]]:
             for c in metrics.per_class]
 
 
+SYNTHETIC_NOTICE = (
+    "> **Synthetic data.** The images behind these numbers were drawn by `flowerml synth`, not "
+    "photographed: they show that the pipeline works, not how well a model recognises real "
+    "flowers, and the class names are only labels.")
+
+
 def render_report(metrics: Metrics, *, title: str, context: dict[str, str] | None = None,
-                  plots: dict[str, str] | None = None) -> str:
-    """The evaluation report in Markdown; `plots` maps a caption to a relative image path."""
+                  plots: dict[str, str] | None = None, synthetic: bool = False) -> str:
+    """The evaluation report in Markdown; `plots` maps a caption to a relative image path;
+    `synthetic` puts a notice under the title that the data was drawn, not photographed."""
     sections = [f"# {cell(title)}"]
+    if synthetic:
+        sections.append(SYNTHETIC_NOTICE)
     if context:
         sections.append(table(["context", "value"], [[f"**{k}**", str(v)]
                                                       for k, v in context.items()]))

@@ -97,9 +97,10 @@ class Evaluation:
     metrics: Metrics
     report_key: str
     dataset_version: str
+    report_location: str  # the report in full: a path or an s3:// URI
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.metrics.summary(), "report": self.report_key,
+        return {**self.metrics.summary(), "report": self.report_location,
                 "dataset_version": self.dataset_version}
 
 
@@ -113,7 +114,7 @@ def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "te
     metrics = evaluate_model(trained, store, published, cache_dir=cache_dir, split=split,
                              workers=workers, batch_size=batch_size)
     report_key = publish_report(store, trained, published, split, metrics)
-    return Evaluation(metrics, report_key, published.version)
+    return Evaluation(metrics, report_key, published.version, store.location(report_key))
 
 
 def publish_report(store: Store, trained: TrainedModel, published: PublishedDataset, split: str,
@@ -133,7 +134,8 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
                "split": split, "arch": trained.arch,
                "weights sha256": trained.weights_sha256[:16]}
     report = render_report(metrics, title=f"{published.dataset} {split}: run {trained.source}",
-                           context=context, plots={k: v.name for k, v in plots.items()})
+                           context=context, plots={k: v.name for k, v in plots.items()},
+                           synthetic=published.synthetic)
     run.write_json(f"{prefix}/metrics.json", metrics.summary())
     run.write_json(f"{prefix}/per_class.json", per_class_rows(metrics))
     store.put_bytes(run.key(f"{prefix}/report.md"), report.encode())

@@ -10,26 +10,35 @@ Two steps, each safe to repeat and to interrupt:
    train/valid/test leakage, derives the content-addressed version, uploads the images that are
    not there yet, byte-identical to the archive, then `quarantine.json`, `manifest.json` last of
    the version, then `CURRENT` (both written by `flowerml.manifest`, which owns their shape).
+   An archive `flowerml synth` drew (its imagelabels.mat carries the marker) is published as
+   synthetic; the result names the version in full and the version CURRENT named before.
+
+A step that fails removes the empty folders it left on a local store, so a refused source or a
+failed upload leaves nothing that looks like a dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from inspect import signature
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from flowerml import flowers
 from flowerml.archive import ArchiveImage, iter_archive_images, sniff_archive, sniff_mat
 from flowerml.download import download_file, md5_of, redact_url
-from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
+from flowerml.errors import ArchiveError, DataError, DatasetNotFound, LeakageError, SourceError
 from flowerml.files import write_atomically
 from flowerml.locations import (
     LocalLocation,
@@ -41,10 +50,15 @@ from flowerml.locations import (
 )
 from flowerml.manifest import (
     ManifestEntry,
+    content_version,
     count_splits,
     dataset_prefix,
     encode_json,
     manifest_key,
+    parse_manifest,
+    quarantine_key,
+    read_current,
+    read_quarantine_names,
     version_prefix,
     write_current,
     write_manifest,
@@ -58,10 +72,9 @@ from flowerml.storage import (
     Store,
     run_bounded,
 )
+from flowerml.synthetic import is_synthetic
 
 SOURCES_RECORD = "sources.json"
-QUARANTINE = "quarantine.json"
-VERSION_CHARS = 12
 
 
 @dataclass(frozen=True)
@@ -76,7 +89,12 @@ class FetchOptions:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """What an ingest published; `to_json()` is the CLI's --json object."""
+    """What an ingest published; `to_json()` is the CLI's --json object.
+
+    `location` is the version's folder in full (path or s3:// URI); `replaced` the version
+    CURRENT named before, when this ingest moved it (None when it was unset or unchanged);
+    `synthetic` whether the archive was drawn by `flowerml synth`.
+    """
 
     dataset: str
     version: str
@@ -85,6 +103,9 @@ class IngestResult:
     skipped: int
     quarantined: int
     store: str
+    location: str
+    replaced: str | None
+    synthetic: bool
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -92,6 +113,25 @@ class IngestResult:
 
 def raw_key(dataset: str, name: str) -> str:
     return f"{dataset_prefix(dataset)}/raw/{name}"
+
+
+def leaves_no_empty_folders(step: Callable[..., Any]) -> Callable[..., Any]:
+    """When `step` (called with a `store` and a `dataset`) fails, the empty folders it left on
+    a local store (under the dataset, and the store's own folder if it made it) are removed."""
+    parameters = signature(step)
+
+    @functools.wraps(step)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except BaseException:
+            bound = parameters.bind(*args, **kwargs).arguments
+            # The step's own error is the one to report, whatever the tidying meets.
+            with contextlib.suppress(ValueError, OSError):
+                bound["store"].remove_empty_folders(dataset_prefix(bound["dataset"]))
+            raise
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +258,7 @@ def _link_or_copy(source: Path, temp: Path) -> None:
         shutil.copyfile(source, temp)
 
 
+@leaves_no_empty_folders
 def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,
                   options: FetchOptions, *, workers: int | None = None,
                   progress: Progress | None = None) -> dict:
@@ -274,7 +315,8 @@ def local_raw_files(store: Store, dataset: str, record: dict, cache_dir: Path) -
             store.get_file(raw_key(dataset, name), path)
             if md5_of(path) != expected["md5"]:
                 path.unlink()
-                raise SourceError(f"{raw_key(dataset, name)}: MD5 differs from {SOURCES_RECORD}")
+                raise SourceError(f"{store.location(raw_key(dataset, name))}: MD5 differs "
+                                  f"from {SOURCES_RECORD}")
         files[name] = path
     return files
 
@@ -405,13 +447,6 @@ def check_leakage(entries: list[ManifestEntry]) -> None:
                            f"{shown}" + (f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""))
 
 
-def content_version(entries: list[ManifestEntry], quarantine: list[dict]) -> str:
-    """A prefix of the sha256 over the sorted entries: same content, same version."""
-    canonical = [[e.split, e.label, e.image, e.sha256] for e in entries]
-    canonical.append(sorted(q["image"] for q in quarantine))
-    return hashlib.sha256(encode_json(canonical)).hexdigest()[:VERSION_CHARS]
-
-
 def upload_images(store: Store, prefix: str, survey: Survey, entries: list[ManifestEntry],
                   progress: Progress) -> tuple[int, int]:
     """Upload what is not on the store yet, from the staged images; (uploaded, skipped)."""
@@ -431,6 +466,7 @@ def upload_images(store: Store, prefix: str, survey: Survey, entries: list[Manif
     return uploaded, len(entries) - len(todo)
 
 
+@leaves_no_empty_folders
 def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int | None = None,
                   progress: Progress | None = None) -> IngestResult:
     """Publish the official split from `datasets/<name>/raw/` as a content-addressed version."""
@@ -438,7 +474,7 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     store.check()
     record = read_sources_record(store, dataset)
     if record is None:
-        raise DatasetNotFound(f"{raw_key(dataset, SOURCES_RECORD)}: not on {store.uri}; "
+        raise DatasetNotFound(f"{store.location(raw_key(dataset, SOURCES_RECORD))}: not found; "
                               "fetch the sources first (flowerml ingest)")
     files = local_raw_files(store, dataset, record, cache_dir)
     split = read_official_split(files[flowers.LABELS], files[flowers.SETID])
@@ -448,20 +484,50 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     entries = build_entries(split, survey)
     check_leakage(entries)
     quarantine = build_quarantine(split, survey)
-    version = content_version(entries, quarantine)
+    quarantined_images = [q["image"] for q in quarantine]
+    synthetic = is_synthetic(files[flowers.LABELS])
+    version = content_version(entries, quarantined_images, synthetic)
     prefix = version_prefix(dataset, version)
-    try:
-        manifest = store.get_bytes(manifest_key(dataset, version))
-        uploaded, skipped = 0, len(entries)
-    except ObjectNotFound:
+    manifest = published_manifest(store, dataset, version)
+    if manifest is None:
         uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
-        store.put_bytes(f"{prefix}/{QUARANTINE}", encode_json(quarantine))
+        store.put_bytes(quarantine_key(dataset, version), encode_json(quarantine))
         manifest = write_manifest(store, dataset, version,
                                   flowers.class_names_for(split.num_classes), entries,
-                                  quarantined=len(quarantine), sources=record["files"])
-    write_current(store, dataset, version, manifest)
+                                  quarantined_images=quarantined_images,
+                                  sources=record["files"], synthetic=synthetic)
+    else:
+        uploaded, skipped = 0, len(entries)
+    replaced = move_current(store, dataset, version, manifest)
     return IngestResult(dataset, version, count_splits(entries), uploaded, skipped,
-                        len(quarantine), store.uri)
+                        len(quarantine), store.uri, store.location(prefix), replaced, synthetic)
+
+
+def published_manifest(store: Store, dataset: str, version: str) -> bytes | None:
+    """The version's manifest when it is already published and checks out; None when this
+    ingest must write it (absent, or damaged or edited since: re-ingesting repairs it)."""
+    key = manifest_key(dataset, version)
+    try:
+        raw = store.get_bytes(key)
+    except ObjectNotFound:
+        return None
+    try:
+        parse_manifest(store.location(key), raw, dataset, version, hashlib.sha256(raw).hexdigest(),
+                       read_quarantine=lambda: read_quarantine_names(store, dataset, version))
+    except DataError:
+        return None
+    return raw
+
+
+def move_current(store: Store, dataset: str, version: str, manifest: bytes) -> str | None:
+    """Point CURRENT at `version`; returns the version it named before when this moved it."""
+    try:
+        before = read_current(store, dataset)
+    except DataError:
+        before = None  # a damaged CURRENT is one of the things an ingest repairs
+    write_current(store, dataset, version, manifest)
+    previous = before["version"] if before else None
+    return previous if previous != version else None
 
 
 def ingest(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,

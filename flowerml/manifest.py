@@ -7,8 +7,12 @@ is the one owner of both documents:
 
 - the writer: `write_manifest` (after the images it lists) and `write_current` (after the
   manifest), called by ingest;
-- the reader: `resolve_dataset` picks a version, checks its manifest against CURRENT's sha256
-  and every entry once, and returns a `PublishedDataset` of typed `ManifestEntry`s.
+- the reader: `resolve_dataset` picks a version, checks its manifest against CURRENT's sha256,
+  every entry once, and that the entries still hash to the version's name (`content_version`),
+  and returns a `PublishedDataset` of typed `ManifestEntry`s.
+
+`"synthetic": true` marks a version ingested from an archive `flowerml synth` drew; it is part
+of the version's identity, so it cannot be edited away either.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +30,8 @@ from flowerml.storage import ObjectNotFound, Store
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+QUARANTINE = "quarantine.json"
+VERSION_CHARS = 12
 SPLITS = flowers.SPLITS
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -46,6 +52,10 @@ def manifest_key(dataset: str, version: str) -> str:
 
 def current_key(dataset: str) -> str:
     return f"{dataset_prefix(dataset)}/{CURRENT}"
+
+
+def quarantine_key(dataset: str, version: str) -> str:
+    return f"{version_prefix(dataset, version)}/{QUARANTINE}"
 
 
 def encode_json(value: object) -> bytes:
@@ -113,6 +123,20 @@ def count_splits(entries: Sequence[ManifestEntry]) -> dict[str, int]:
     return {s: sum(1 for e in entries if e.split == s) for s in SPLITS}
 
 
+def content_version(entries: Sequence[ManifestEntry], quarantined_images: Sequence[str],
+                    synthetic: bool) -> str:
+    """A prefix of the sha256 over the sorted entries: same content, same version.
+
+    Written by ingest and recomputed by every read, so a manifest edited after publishing (and
+    CURRENT re-hashed to match) no longer passes for the version it names.
+    """
+    canonical: list = sorted([e.split, e.label, e.image, e.sha256] for e in entries)
+    canonical.append(sorted(quarantined_images))
+    if synthetic:  # appended only then, so real data keeps the ids it always had
+        canonical.append(["synthetic"])
+    return hashlib.sha256(encode_json(canonical)).hexdigest()[:VERSION_CHARS]
+
+
 @dataclass(frozen=True)
 class PublishedDataset:
     """One published version: its identity, class names and the manifest's file entries."""
@@ -122,6 +146,7 @@ class PublishedDataset:
     manifest_sha256: str
     class_names: tuple[str, ...]  # index i is label i + 1
     files: tuple[ManifestEntry, ...]
+    synthetic: bool = False  # drawn by `flowerml synth`, not photographs
 
     @property
     def num_classes(self) -> int:
@@ -138,26 +163,32 @@ class PublishedDataset:
 
 
 def build_manifest(dataset: str, version: str, class_names: Sequence[str],
-                   entries: Sequence[ManifestEntry], *, quarantined: int,
-                   sources: dict) -> dict[str, Any]:
+                   entries: Sequence[ManifestEntry], *, quarantined_images: Sequence[str],
+                   sources: dict, synthetic: bool = False) -> dict[str, Any]:
+    if version != content_version(entries, quarantined_images, synthetic):
+        raise ValueError(f"version {version!r} is not the content version of these entries")
     return {
         "dataset": dataset,
         "version": version,
+        "synthetic": synthetic,
         "classes": [{"label": label, "dir": flowers.class_dir(label), "name": name}
                     for label, name in enumerate(class_names, start=1)],
         "counts": count_splits(entries),
-        "quarantined": quarantined,
+        "quarantined": len(quarantined_images),
+        "quarantined_images": sorted(quarantined_images),
         "sources": sources,
         "files": [entry.to_json() for entry in entries],
     }
 
 
 def write_manifest(store: Store, dataset: str, version: str, class_names: Sequence[str],
-                   entries: Sequence[ManifestEntry], *, quarantined: int,
-                   sources: dict) -> bytes:
-    """Write the version's manifest.json, after every image it lists; its bytes."""
+                   entries: Sequence[ManifestEntry], *, quarantined_images: Sequence[str],
+                   sources: dict, synthetic: bool = False) -> bytes:
+    """Write the version's manifest.json, after every image it lists; its bytes. `version`
+    must be `content_version` of the entries."""
     raw = encode_json(build_manifest(dataset, version, class_names, entries,
-                                     quarantined=quarantined, sources=sources))
+                                     quarantined_images=quarantined_images, sources=sources,
+                                     synthetic=synthetic))
     store.put_bytes(manifest_key(dataset, version), raw)
     return raw
 
@@ -209,27 +240,56 @@ def resolve_dataset(store: Store, dataset: str, version: str | None = None) -> P
     digest = hashlib.sha256(raw).hexdigest()
     # CURRENT records the manifest's sha256, so the current version's file list is checked end
     # to end; an older version's manifest is trusted as read (its files are still verified).
+    where = store.location(key)
     if current and current["version"] == version and current.get("manifest_sha256") not in (
             None, digest):
-        raise DataError(f"{key}: sha256 {digest} differs from the {current['manifest_sha256']} "
-                        f"that {current_key(dataset)} records")
-    return parse_manifest(key, raw, dataset, version, digest)
+        raise DataError(f"{where}: sha256 {digest} differs from the "
+                        f"{current['manifest_sha256']} that {current_key(dataset)} records")
+    return parse_manifest(where, raw, dataset, version, digest,
+                          read_quarantine=lambda: read_quarantine_names(store, dataset, version))
 
 
-def parse_manifest(key: str, raw: bytes, dataset: str, version: str,
-                   digest: str) -> PublishedDataset:
-    """The manifest `raw` read from `key`, every entry checked once."""
+def read_quarantine_names(store: Store, dataset: str, version: str) -> list[str]:
+    """The quarantined images' names from quarantine.json, for manifests written before the
+    manifest listed them itself."""
+    key = quarantine_key(dataset, version)
+    try:
+        return [str(item["image"]) for item in json.loads(store.get_bytes(key))]
+    except ObjectNotFound:
+        raise DataError(f"{store.location(key)}: missing, and the manifest does not name its "
+                        "quarantined images") from None
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{store.location(key)}: not a quarantine list") from None
+
+
+def parse_manifest(where: str, raw: bytes, dataset: str, version: str, digest: str, *,
+                   read_quarantine: Callable[[], list[str]] | None = None) -> PublishedDataset:
+    """The manifest `raw` read from `where`, every entry checked once, and its entries checked
+    to still hash to `version`. `read_quarantine` names the quarantined images when an older
+    manifest counted them without naming them."""
     try:
         manifest = json.loads(raw)
         classes = sorted(manifest["classes"], key=lambda c: int(c["label"]))
         names = tuple(str(c["name"]) for c in classes)
         files = list(manifest["files"])
+        synthetic = manifest.get("synthetic", False)
+        quarantined = manifest.get("quarantined_images")
+        if quarantined is None:
+            quarantined = read_quarantine() if manifest.get("quarantined") and \
+                read_quarantine else []
+        quarantined = [str(name) for name in quarantined]
     except (ValueError, KeyError, TypeError) as error:
-        raise DataError(f"{key}: not a flowerml manifest ({type(error).__name__}: {error})"
+        raise DataError(f"{where}: not a flowerml manifest ({type(error).__name__}: {error})"
                         ) from None
     if manifest.get("version", version) != version:
-        raise DataError(f"{key}: names version {manifest['version']!r}, not {version!r}")
+        raise DataError(f"{where}: names version {manifest['version']!r}, not {version!r}")
     if [int(c["label"]) for c in classes] != list(range(1, len(classes) + 1)):
-        raise DataError(f"{key}: class labels are not 1..{len(classes)}")
-    entries = tuple(ManifestEntry.from_json(value, len(names), key) for value in files)
-    return PublishedDataset(dataset, version, digest, names, entries)
+        raise DataError(f"{where}: class labels are not 1..{len(classes)}")
+    if not isinstance(synthetic, bool):
+        raise DataError(f"{where}: 'synthetic' is {synthetic!r}, not true or false")
+    entries = tuple(ManifestEntry.from_json(value, len(names), where) for value in files)
+    computed = content_version(entries, quarantined, synthetic)
+    if computed != version:
+        raise DataError(f"{where}: its entries hash to version {computed}, not {version}: "
+                        "the manifest was changed after ingest (re-run flowerml ingest)")
+    return PublishedDataset(dataset, version, digest, names, entries, synthetic)

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from flowerml.evaluation import SYNTHETIC_NOTICE
 from flowerml.inference import TrainedModel, build_trained_model
+from flowerml.manifest import resolve_dataset
 from flowerml.markdown import cell, table
 from flowerml.registry import CARD_FIELDS, ModelVersion, Registry, parse_model_ref
 from flowerml.runs import RunFiles
@@ -39,13 +41,16 @@ def software_versions() -> dict[str, str | None]:
 
 def build_card(store: Store, run_id: str, metrics: dict[str, Any], *, promote: bool,
                reasons: list[str], gate: dict[str, Any]) -> dict[str, Any]:
-    """The model card of a run: what it is, how it scored, where it came from."""
+    """The model card of a run: what it is, how it scored, where it came from, and whether
+    its data was synthetic (read from the dataset version's manifest)."""
     run = RunFiles(store, run_id)
     record = run.read_json("config.json")
     result = run.read_json("result.json")
     config = record["config"]
+    dataset = resolve_dataset(store, record["dataset"]["name"], record["dataset"]["version"])
     return {
         "arch": config["arch"],
+        "synthetic_data": dataset.synthetic,
         "classes": [{"label": i + 1, "name": name} for i, name in enumerate(record["classes"])],
         "image_size": config["image_size"],
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
@@ -69,7 +74,10 @@ def render_card(card: dict, files: list[str] | None = None) -> str:
     """card.json as Markdown: a summary table, one section per nested dict or list, the files."""
     title = f"# {card.get('model', 'model')} v{int(card.get('version', 0)):06d}"
     scalars = {k: v for k, v in card.items() if not isinstance(v, dict | list)}
-    lines = [title, "", *_field_table(sorted(scalars.items(), key=_summary_order))]
+    lines = [title, ""]
+    if card.get("synthetic_data"):
+        lines += [SYNTHETIC_NOTICE, ""]
+    lines += _field_table(sorted(scalars.items(), key=_summary_order))
     for key in sorted(k for k, v in card.items() if isinstance(v, dict | list)):
         lines += ["", f"## {key.replace('_', ' ').capitalize()}", ""]
         value = card[key]

@@ -116,6 +116,14 @@ class Store(ABC):
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
 
+    def location(self, key: str) -> str:
+        """Where `key` lives, in full (a path or an s3:// URI), for messages and results."""
+        return f"{self.uri}/{check_key(key)}"
+
+    def remove_empty_folders(self, prefix: str) -> None:
+        """Remove the empty folders that failed writes left under `prefix`."""
+        return  # an object store has no folders: nothing is left empty
+
     def upload_many(self, items: Iterable[tuple[str, Payload]], *,
                     progress: ProgressFn | None = None) -> int:
         """Upload (key, bytes-or-path) pairs in parallel; `items` may be a lazy stream."""
@@ -199,14 +207,17 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().resolve()
         self._local_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._created_by_check: list[Path] = []  # the root and the parents check() made
 
     @property
     def uri(self) -> str:
         return str(self.root)
 
     def check(self) -> None:
+        missing = [p for p in (self.root, *self.root.parents) if not p.exists()]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            self._created_by_check = missing or self._created_by_check
         except OSError as error:
             raise StoreAccessError(f"cannot create store directory {self.root}: "
                                    f"{error.strerror}") from None
@@ -320,6 +331,29 @@ class LocalStore(Store):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def remove_empty_folders(self, prefix: str) -> None:
+        """Remove the empty folders under `prefix`, then `prefix` and its parents while empty,
+        then the root and its parents if check() created them and they are empty.
+
+        rmdir removes only empty folders, so nothing written is lost; but a concurrent writer
+        that has just made a folder and not yet put its temp file there sees that write fail.
+        """
+        top = self._path(prefix.strip("/"))
+        for folder, _, _ in os.walk(top, topdown=False):
+            if not Path(folder).name.startswith("."):  # lock folders are in use by others
+                _remove_if_empty(Path(folder))
+        for folder in top.parents:
+            if folder == self.root:
+                break
+            _remove_if_empty(folder)
+        for folder in self._created_by_check:
+            _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty, already gone, or not ours to remove
+        folder.rmdir()
 
 
 # --------------------------------------------------------------------------------------------

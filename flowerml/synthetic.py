@@ -9,6 +9,11 @@ real download:
 - ``imagelabels.mat``: ``labels``, a 1 x N uint8 array of 1-based class labels;
 - ``setid.mat``: ``trnid``, ``valid``, ``tstid``, 1 x M uint16 arrays of 1-based image ids.
 
+One addition marks the data as synthetic wherever it travels: ``imagelabels.mat`` also holds
+``flowerml_synthetic``, a text variable naming the generator and its spec. Readers of the
+official format ignore variables they do not ask for, the real file has no such variable, and
+ingest records its presence as ``"synthetic": true`` in the manifest (`is_synthetic`).
+
 The images are procedurally drawn flowers. Each class has a fixed identity derived from its
 label alone (petal count, petal shape, petal and centre colours, an optional inner ring),
 and each image varies position, scale, rotation, background, colour and noise, so a small
@@ -43,6 +48,9 @@ MAX_IMAGES = 99_999
 # Share of each class that goes to train and to valid; the rest is test. The real set uses a
 # fixed 10 + 10 per class, which would leave nothing to test in a small synthetic class.
 SPLIT_FRACTION = 0.25
+
+# The extra imagelabels.mat variable that says the archive is synthetic.
+SYNTHETIC_MARKER = "flowerml_synthetic"
 
 # A fixed timestamp (2009-01-01, around the dataset's release) for every tar member: a
 # wall-clock mtime would make two runs with the same seed differ.
@@ -114,16 +122,16 @@ def _check_int(option: str, value: object, low: int, high: int | None = None) ->
 # --------------------------------------------------------------------------- the archive
 
 
-def write_synthetic_archive(out_dir: Path, spec: SyntheticSpec) -> dict[str, Path]:
+def write_synthetic_archive(out_dir: Path, spec: SyntheticSpec, *,
+                            force: bool = False) -> dict[str, Path]:
     """Writes 102flowers.tgz, imagelabels.mat, setid.mat into out_dir; returns {file name: path}.
 
+    An existing file of the three is refused (before anything is written) unless `force`.
     Each file is written to a temporary name and renamed into place, so an interrupted run
     never leaves a truncated file under its final name.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output directory {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out_dir, force)
 
     labels = assign_labels(spec)
     split = build_split(labels, _rng(spec.seed, _STREAM_SPLIT))
@@ -132,7 +140,8 @@ def write_synthetic_archive(out_dir: Path, spec: SyntheticSpec) -> dict[str, Pat
     paths = {
         ARCHIVE: _write_atomically(out_dir / ARCHIVE, lambda f: write_tgz(f, images)),
         LABELS: _write_atomically(
-            out_dir / LABELS, lambda f: f.write(mat_bytes({"labels": labels[np.newaxis, :]}))
+            out_dir / LABELS, lambda f: f.write(mat_bytes({
+                "labels": labels[np.newaxis, :], SYNTHETIC_MARKER: describe(spec)}))
         ),
         SETID: _write_atomically(
             out_dir / SETID,
@@ -140,6 +149,33 @@ def write_synthetic_archive(out_dir: Path, spec: SyntheticSpec) -> dict[str, Pat
         ),
     }
     return paths
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Create `out_dir`; refuse one that cannot be, or that holds an archive (unless `force`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output directory {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output directory {out_dir}: "
+                        f"{error.strerror or error}") from None
+    if not force:
+        for name in (ARCHIVE, LABELS, SETID):
+            if (out_dir / name).exists():
+                raise UserError(f"{out_dir / name} already exists (--force overwrites it)")
+
+
+def describe(spec: SyntheticSpec) -> str:
+    """The text of the synthetic marker: what made the archive, and from which spec."""
+    return (f"synthetic Flowers-102 archive drawn by flowerml.synthetic (classes={spec.classes}"
+            f" per_class={spec.per_class} image_size={spec.image_size} seed={spec.seed}"
+            f" jpeg_quality={spec.jpeg_quality}); its images are not photographs")
+
+
+def is_synthetic(labels_path: Path) -> bool:
+    """Whether an imagelabels.mat carries the synthetic marker (the real file does not)."""
+    return any(name == SYNTHETIC_MARKER for name, _, _ in scipy.io.whosmat(labels_path))
 
 
 def assign_labels(spec: SyntheticSpec) -> np.ndarray:
@@ -224,7 +260,10 @@ def _write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
         with open(temp, "wb") as handle:
             write(handle)
 
-    return write_atomically(path, fill)
+    try:
+        return write_atomically(path, fill)
+    except OSError as error:  # a read-only or full folder: the user's to fix, not a bug
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _encoded_images(labels: np.ndarray, spec: SyntheticSpec) -> Iterator[tuple[str, bytes]]:

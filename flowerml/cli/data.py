@@ -16,14 +16,21 @@ from flowerml.settings import build_store, load_settings
 @click.option("--per-class", default=20, show_default=True, help="Images per class (>= 3).")
 @click.option("--image-size", default=128, show_default=True, help="Longest image side in px.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--force", is_flag=True,
+              help="Overwrite an archive already in OUT_DIR (refused without it).")
 @json_option
-def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: int,
+def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: int, force: bool,
           as_json: bool) -> None:
-    """Write a synthetic archive in the exact Flowers-102 format into OUT_DIR."""
+    """Write a synthetic archive in the Flowers-102 format into OUT_DIR.
+
+    The images are drawn, not photographed, and imagelabels.mat says so (an extra
+    `flowerml_synthetic` variable): ingest marks the published version synthetic, and model
+    cards and evaluation reports of it say so.
+    """
     from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 
     spec = SyntheticSpec(classes=classes, per_class=per_class, image_size=image_size, seed=seed)
-    paths = write_synthetic_archive(out_dir, spec)
+    paths = write_synthetic_archive(out_dir, spec, force=force)
     if as_json:
         emit_json({"dir": str(out_dir), "files": {k: str(v) for k, v in paths.items()},
                    "images": spec.num_images, "classes": classes})
@@ -59,7 +66,11 @@ def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
         emit_json(result.to_json())
         return
     counts = result.counts
-    click.echo(f"published {result.dataset}@{result.version} on {result.store}: "
+    click.echo(f"published {result.dataset}@{result.version} at {result.location}: "
                f"train {counts['train']}, valid {counts['valid']}, test {counts['test']}; "
                f"uploaded {result.uploaded}, already there {result.skipped}, "
                f"quarantined {result.quarantined}")
+    if result.replaced:
+        click.echo(f"CURRENT moved from {result.replaced} to {result.version}")
+    if result.synthetic:
+        click.echo("synthetic data (drawn by flowerml synth): not Flowers-102 photographs")

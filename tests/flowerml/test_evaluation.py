@@ -188,6 +188,14 @@ def test_report_keeps_pipes_inside_cells(metrics: Metrics) -> None:
     assert "| **note** | a\\|b |" in report
 
 
+def test_report_on_synthetic_data_says_so_under_the_title(metrics: Metrics) -> None:
+    synthetic = render_report(metrics, title="t", synthetic=True)
+    title, notice = synthetic.split("\n\n")[:2]
+    assert title == "# t"
+    assert notice.startswith("> **Synthetic data.**") and "not photographed" in notice
+    assert "Synthetic" not in render_report(metrics, title="t")  # real data: no notice
+
+
 def assert_png(path: Path, min_size: tuple[int, int]) -> None:
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC)

@@ -124,7 +124,8 @@ def test_image_missing_from_archive_is_refused(local_store: LocalStore, source_c
 
 
 def test_publish_needs_fetched_sources(local_store: LocalStore, tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFound, match="raw/sources.json: not on"):
+    with pytest.raises(DatasetNotFound, match=f"^{local_store.root}/datasets/flowers102/raw/"
+                                              "sources.json: not found; fetch the sources"):
         publish_split(local_store, "flowers102", tmp_path / "cache")
 
 
@@ -283,3 +284,149 @@ def test_ingest_onto_seaweedfs(seaweedfs_store: S3Store, synthetic_source: Path,
     assert_published_byte_identical(seaweedfs_store, synthetic_source, result)
     again = run_ingest(synthetic_source, seaweedfs_store, tmp_path / "other-cache")
     assert (again.version, again.uploaded, again.skipped) == (result.version, 0, 24)
+
+
+def other_source(tmp_path: Path) -> Path:
+    """A second synthetic archive, with other images (so another version)."""
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+
+    folder = tmp_path / "other"
+    write_synthetic_archive(folder, SyntheticSpec(classes=4, per_class=6, image_size=48, seed=2))
+    return folder
+
+
+def test_result_names_the_version_in_full_and_says_synthetic(store: Store, synthetic_source: Path,
+                                                             tmp_path: Path) -> None:
+    result = run_ingest(synthetic_source, store, tmp_path / "cache")
+    prefix = f"datasets/flowers102/{result.version}"
+    expected = (f"s3://{store.bucket}/store/{prefix}" if isinstance(store, S3Store)
+                else f"{store.root}/{prefix}")
+    assert result.location == expected and result.to_json()["location"] == expected
+    assert result.synthetic and result.to_json()["synthetic"] is True
+    assert json.loads(store.get_bytes(f"{prefix}/manifest.json"))["synthetic"] is True
+
+
+def test_archive_without_the_marker_is_not_synthetic(local_store: LocalStore, source_copy: Path,
+                                                     synthetic_source: Path,
+                                                     tmp_path: Path) -> None:
+    from flowerml.synthetic import SYNTHETIC_MARKER
+    from tests.builders import rewrite_mat
+
+    rewrite_mat(source_copy / flowers.LABELS, **{SYNTHETIC_MARKER: None})  # the real file's keys
+    real_format = run_ingest(source_copy, local_store, tmp_path / "cache")
+    assert not real_format.synthetic
+    manifest = json.loads(local_store.get_bytes(
+        f"datasets/flowers102/{real_format.version}/manifest.json"))
+    assert manifest["synthetic"] is False
+    # The same images with the marker are another version: the flag is part of the identity.
+    assert run_ingest(synthetic_source, local_store, tmp_path / "cache").version != \
+        real_format.version
+
+
+def test_moving_current_says_what_it_replaced(local_store: LocalStore, synthetic_source: Path,
+                                              tmp_path: Path) -> None:
+    first = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    assert first.replaced is None  # nothing was current
+    assert run_ingest(synthetic_source, local_store, tmp_path / "cache").replaced is None
+    second = run_ingest(other_source(tmp_path), local_store, tmp_path / "cache")
+    assert second.replaced == first.version and second.to_json()["replaced"] == first.version
+    back = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    assert back.replaced == second.version
+
+
+def test_ingest_cli_says_what_current_replaced_and_that_data_is_synthetic(
+        synthetic_source: Path, tmp_path: Path) -> None:
+    from tests.cli_helpers import invoke
+
+    def ingest_line(source: Path) -> list[str]:
+        result = invoke("ingest", "--source", str(source), "--store", str(tmp_path / "store"),
+                        env={"FLOWERML_CACHE_DIR": str(tmp_path / "cache")})
+        assert result.exit_code == 0, result.output
+        return result.stdout.splitlines()
+
+    first = ingest_line(synthetic_source)
+    version = LocalStore(tmp_path / "store").get_bytes("datasets/flowers102/CURRENT")
+    version = json.loads(version)["version"]
+    assert first[0].startswith(f"published flowers102@{version} at "
+                               f"{tmp_path / 'store'}/datasets/flowers102/{version}: ")
+    assert not any("CURRENT" in line for line in first)
+    assert "synthetic data (drawn by flowerml synth)" in first[-1]
+    second = ingest_line(other_source(tmp_path))
+    assert f"CURRENT moved from {version} to " in "\n".join(second)
+
+
+def test_reingest_repairs_an_edited_manifest(local_store: LocalStore, synthetic_source: Path,
+                                             tmp_path: Path) -> None:
+    import hashlib
+
+    from flowerml.errors import DataError
+    from flowerml.manifest import resolve_dataset
+
+    first = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    key = f"datasets/flowers102/{first.version}/manifest.json"
+    original = local_store.get_bytes(key)
+    manifest = json.loads(original)
+    manifest["classes"][0]["name"] = "edited"
+    manifest["files"][0]["label"] = manifest["files"][0]["label"] % 4 + 1
+    manifest["files"][0]["key"] = (f"{manifest['files'][0]['split']}/"
+                                   f"{manifest['files'][0]['label']:03d}/"
+                                   f"{manifest['files'][0]['image']}")
+    edited = json.dumps(manifest).encode()
+    local_store.put_bytes(key, edited)
+    local_store.put_bytes("datasets/flowers102/CURRENT", json.dumps(
+        {"version": first.version, "manifest_sha256": hashlib.sha256(edited).hexdigest()}
+    ).encode())
+    with pytest.raises(DataError, match="its entries hash to version"):
+        resolve_dataset(local_store, "flowers102")
+    again = run_ingest(synthetic_source, local_store, tmp_path / "cache")
+    assert again.version == first.version and local_store.get_bytes(key) == original
+    assert resolve_dataset(local_store, "flowers102").class_names[0] == "pink primrose"
+
+
+def empty_folders(root: Path) -> list[Path]:
+    return [Path(folder) for folder, subfolders, files in os.walk(root)
+            if not subfolders and not files]
+
+
+def test_refused_source_leaves_no_store_folder(source_copy: Path, tmp_path: Path) -> None:
+    (source_copy / flowers.SETID).unlink()  # found missing once the store has been checked
+    store = LocalStore(tmp_path / "new" / "store")
+    with pytest.raises(SourceError, match=flowers.SETID):
+        run_ingest(source_copy, store, tmp_path / "cache")
+    assert not (tmp_path / "new").exists()
+
+
+def test_leak_refusal_leaves_no_empty_folders(local_store: LocalStore, source_copy: Path,
+                                              tmp_path: Path) -> None:
+    from flowerml.splits import read_official_split
+
+    split = read_official_split(source_copy / flowers.LABELS, source_copy / flowers.SETID)
+    members = archive_members(source_copy)
+    rewrite_archive(source_copy, {split.splits["valid"][0]: members[
+        f"jpg/{flowers.image_name(split.splits['train'][0])}"]})
+    with pytest.raises(LeakageError):
+        run_ingest(source_copy, local_store, tmp_path / "cache")
+    assert empty_folders(local_store.root) == []
+    assert sorted(p.name for p in (local_store.root / "datasets/flowers102").iterdir()) == ["raw"]
+
+
+class DiskFullAtValid(LocalStore):
+    """A local store whose disk fills up as the first validation image is written: the write
+    has made its folder, as a real one does, before it fails."""
+
+    def put_bytes(self, key: str, data: bytes, **conditions) -> str:
+        if "/valid/" in key:
+            self._path(key).parent.mkdir(parents=True, exist_ok=True)
+            raise OSError(28, "No space left on device", str(self._path(key)))
+        return super().put_bytes(key, data, **conditions)
+
+
+def test_failed_upload_leaves_no_empty_folders_and_resumes(synthetic_source: Path,
+                                                           tmp_path: Path) -> None:
+    failing = DiskFullAtValid(tmp_path / "store", concurrency=4)
+    with pytest.raises(OSError, match="No space left"):
+        run_ingest(synthetic_source, failing, tmp_path / "cache")
+    assert empty_folders(failing.root) == []
+    assert not any(k.endswith(("manifest.json", "CURRENT")) for k in store_keys(failing))
+    resumed = run_ingest(synthetic_source, LocalStore(tmp_path / "store"), tmp_path / "cache")
+    assert resumed.uploaded + resumed.skipped == 24 and resumed.uploaded < 24

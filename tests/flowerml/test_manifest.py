@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -11,6 +12,7 @@ from flowerml.errors import DataError, DatasetNotFound
 from flowerml.manifest import (
     ManifestEntry,
     PublishedDataset,
+    content_version,
     resolve_dataset,
     write_current,
     write_manifest,
@@ -37,10 +39,12 @@ def test_written_entries_are_read_back_typed(local_store: LocalStore) -> None:
                              "ab" * 32),
                ManifestEntry("test", 1, "image_00001.jpg", "test/001/image_00001.jpg", 12,
                              "cd" * 32)]
-    raw = write_manifest(local_store, "tulips", "v1", ["red", "yellow"], entries,
-                         quarantined=0, sources={})
-    write_current(local_store, "tulips", "v1", raw)
+    version = content_version(entries, [], synthetic=False)
+    raw = write_manifest(local_store, "tulips", version, ["red", "yellow"], entries,
+                         quarantined_images=[], sources={})
+    write_current(local_store, "tulips", version, raw)
     published = resolve_dataset(local_store, "tulips")
+    assert published.version == version and not published.synthetic
     assert published.files == tuple(entries)
     assert published.class_names == ("red", "yellow")
     assert published.manifest_sha256 == hashlib.sha256(raw).hexdigest()
@@ -87,3 +91,63 @@ def test_refuses_manifest_keys_outside_the_split(local_store: LocalStore,
 def test_refuses_names_that_could_escape(local_store: LocalStore) -> None:
     with pytest.raises(DataError, match="invalid dataset version '../x'"):
         resolve_dataset(local_store, DATASET, "../x")
+
+
+def rewrite_manifest(store: LocalStore, version: str, change, rehash_current: bool = True) -> str:
+    """Apply `change` to the version's manifest and (as an editor would) re-hash CURRENT;
+    returns the manifest's full location."""
+    key = f"datasets/{DATASET}/{version}/manifest.json"
+    manifest = json.loads(store.get_bytes(key))
+    change(manifest)
+    raw = json.dumps(manifest).encode()
+    store.put_bytes(key, raw)
+    if rehash_current:
+        store.put_bytes(f"datasets/{DATASET}/CURRENT", json.dumps(
+            {"version": version, "manifest_sha256": hashlib.sha256(raw).hexdigest()}).encode())
+    return f"{store.root}/{key}"
+
+
+def relabel_first_train_image(manifest: dict) -> None:
+    entry = next(e for e in manifest["files"] if e["split"] == "train")
+    entry["label"] = entry["label"] % 4 + 1  # another class, with a key to match
+    entry["key"] = f"train/{entry['label']:03d}/{entry['image']}"
+
+
+def test_edited_labels_with_current_rehashed_are_refused(local_store: LocalStore,
+                                                         local_published: PublishedDataset
+                                                         ) -> None:
+    where = rewrite_manifest(local_store, local_published.version, relabel_first_train_image)
+    for version in (None, local_published.version):  # through CURRENT, and by name
+        with pytest.raises(DataError) as caught:
+            resolve_dataset(local_store, DATASET, version)
+        assert str(caught.value).startswith(f"{where}: its entries hash to version ")
+        assert f"not {local_published.version}" in str(caught.value)
+        assert "\n" not in str(caught.value)
+
+
+def test_synthetic_flag_is_read_and_cannot_be_edited_away(local_store: LocalStore,
+                                                          local_published: PublishedDataset
+                                                          ) -> None:
+    assert local_published.synthetic  # the session's data is drawn by flowerml.synthetic
+    where = rewrite_manifest(local_store, local_published.version,
+                             lambda manifest: manifest.update(synthetic=False))
+    with pytest.raises(DataError, match=f"^{re.escape(where)}: its entries hash to version"):
+        resolve_dataset(local_store, DATASET)
+
+
+def test_older_manifest_without_quarantine_names_reads_quarantine_json(
+        local_store: LocalStore) -> None:
+    entries = [ManifestEntry("test", 1, "image_00001.jpg", "test/001/image_00001.jpg", 12,
+                             "cd" * 32)]
+    version = content_version(entries, ["image_00002.jpg"], synthetic=False)
+    raw = write_manifest(local_store, "tulips", version, ["red"], entries,
+                         quarantined_images=["image_00002.jpg"], sources={})
+    manifest = json.loads(raw)
+    del manifest["quarantined_images"], manifest["synthetic"]  # as written before they existed
+    key = f"datasets/tulips/{version}/manifest.json"
+    local_store.put_bytes(key, json.dumps(manifest).encode())
+    with pytest.raises(DataError, match="quarantine.json: missing, and the manifest does not"):
+        resolve_dataset(local_store, "tulips", version)
+    local_store.put_bytes(f"datasets/tulips/{version}/quarantine.json", json.dumps(
+        [{"image": "image_00002.jpg", "split": "train", "label": 1, "reason": "bad"}]).encode())
+    assert resolve_dataset(local_store, "tulips", version).files == tuple(entries)

@@ -32,3 +32,18 @@ def test_card_md_is_rendered_from_the_full_card(registered_run: RegisteredRun) -
 def test_render_card_escapes_and_lists() -> None:
     text = render_card({"model": "m", "version": 2, "notes": "a|b", "tags": ["x", 1]})
     assert "| notes | a\\|b |" in text and "- x" in text and "- 1" in text
+
+
+def test_card_and_report_of_synthetic_data_say_so(registered_run: RegisteredRun) -> None:
+    store, _, registry, _ = registered_run
+    assert registry.get(1).card["synthetic_data"] is True  # trained on flowerml synth data
+    folder = "registry/flowers102/versions/000001"
+    card = store.get_bytes(f"{folder}/card.md").decode()
+    assert card.split("\n\n")[1].startswith("> **Synthetic data.**")
+    report = store.get_bytes(f"{folder}/report.md").decode()
+    assert report.split("\n\n")[1].startswith("> **Synthetic data.**")
+
+
+def test_card_of_real_data_has_no_synthetic_notice() -> None:
+    text = render_card({"model": "m", "version": 1, "synthetic_data": False})
+    assert "Synthetic" not in text and "| synthetic_data | false |" in text

@@ -207,3 +207,62 @@ def test_classes_have_distinct_colour_signatures():
 def test_draw_flower_returns_the_requested_size():
     image = draw_flower(102, np.random.default_rng(0), 500, 375)
     assert image.mode == "RGB" and image.size == (500, 375)
+
+
+def test_labels_file_says_it_is_synthetic_and_still_reads_as_the_official_format(archive,
+                                                                                 tmp_path):
+    from flowerml.splits import read_official_split
+    from flowerml.synthetic import SYNTHETIC_MARKER, is_synthetic
+    from tests.builders import rewrite_mat
+
+    assert is_synthetic(archive[LABELS])
+    marker = scipy.io.loadmat(archive[LABELS])[SYNTHETIC_MARKER]
+    assert "seed=3" in str(marker[0]) and "not photographs" in str(marker[0])
+    split = read_official_split(archive[LABELS], archive[SETID])  # the official reader
+    assert split.num_images == SPEC.num_images
+    real_format = tmp_path / LABELS
+    real_format.write_bytes(archive[LABELS].read_bytes())
+    rewrite_mat(real_format, **{SYNTHETIC_MARKER: None})  # the official file's variables only
+    assert not is_synthetic(real_format)
+
+
+SMALL = SyntheticSpec(classes=2, per_class=3, image_size=32)
+
+
+def test_existing_archive_is_not_overwritten_without_force(tmp_path):
+    first = write_synthetic_archive(tmp_path, SMALL)
+    before = {name: (path.read_bytes(), path.stat().st_mtime_ns) for name, path in first.items()}
+    with pytest.raises(UserError) as caught:
+        write_synthetic_archive(tmp_path, replace(SMALL, seed=9))
+    assert str(caught.value) == f"{tmp_path / ARCHIVE} already exists (--force overwrites it)"
+    assert {name: (path.read_bytes(), path.stat().st_mtime_ns)
+            for name, path in first.items()} == before
+    forced = write_synthetic_archive(tmp_path, replace(SMALL, seed=9), force=True)
+    assert forced[LABELS].read_bytes() != before[LABELS][0]
+
+
+def test_any_one_of_the_three_files_is_refused(tmp_path):
+    (tmp_path / SETID).write_bytes(b"someone's file")
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / SETID} already exists")):
+        write_synthetic_archive(tmp_path, SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SETID]  # nothing else written
+
+
+def test_out_dir_that_cannot_be_created_is_a_user_error():
+    with pytest.raises(UserError, match="^cannot create output directory /proc/flowerml-x/y: "):
+        write_synthetic_archive(Path("/proc/flowerml-x/y"), SMALL)
+
+
+def test_synth_cli_refuses_overwrite_and_uncreatable_dirs(tmp_path):
+    from tests.cli_helpers import assert_refused, invoke
+
+    args = ("--classes", "2", "--per-class", "3", "--image-size", "32")
+    assert invoke("synth", str(tmp_path), *args).exit_code == 0
+    labels = (tmp_path / LABELS).read_bytes()
+    assert_refused(invoke("synth", str(tmp_path), *args, "--seed", "4"),
+                   f"{tmp_path / ARCHIVE} already exists (--force overwrites it)")
+    assert (tmp_path / LABELS).read_bytes() == labels
+    forced = invoke("synth", str(tmp_path), *args, "--seed", "4", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (tmp_path / LABELS).read_bytes() != labels
+    assert_refused(invoke("synth", "/proc/foo"), "cannot create output directory /proc/foo")
