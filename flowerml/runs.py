@@ -3,8 +3,10 @@
 config.json (what was trained on what), checkpoint-<sha>.pt + checkpoint.json (the latest
 resumable state and the pointer naming it, with its sha256), best-<sha>.safetensors + best.json
 (the best-on-valid weights and their pointer), metrics.jsonl (one line per epoch), result.json
-(written when training ends). Every read verifies the recorded sha256, and checkpoints load with
-`torch.load(weights_only=True)`: nothing from storage is unpickled as code.
+(written when training ends), eval/<split>/ (evaluation reports). Every read verifies the
+recorded sha256, and checkpoints load with `torch.load(weights_only=True)`: nothing from storage
+is unpickled as code. torch is imported only by the methods that handle tensors, so that
+listing and describing runs stays light.
 
 Blobs are content-addressed (`<sha256[:16]>` in the name) and never overwritten in place: a save
 writes the new blob, then the pointer naming it, then deletes the other blobs of that kind. A
@@ -19,21 +21,26 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING, Any
 
 from flowerml.errors import UserError
 from flowerml.files import json_bytes, sha256_hex
 from flowerml.storage import ObjectNotFound, Store
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class RunError(UserError):
     """A run is missing, or one of its files is corrupt or does not match."""
+
+
+class RunNotFound(RunError):
+    """No run of that id is on the store."""
+
+    kind = "not-found"
 
 
 def check_run_id(run_id: str) -> str:
@@ -129,6 +136,8 @@ class RunFiles:
         return self.key(self.read_json(kind.pointer)["key"])
 
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> None:
+        import torch
+
         buffer = io.BytesIO()
         torch.save(state, buffer)
         self._write_verified(CHECKPOINT, buffer.getvalue(), epoch=epoch)
@@ -141,6 +150,8 @@ class RunFiles:
         return self._pointed_key(CHECKPOINT)
 
     def load_checkpoint(self) -> dict[str, Any]:
+        import torch
+
         data, record = self._read_verified(CHECKPOINT.pointer)
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -149,6 +160,8 @@ class RunFiles:
                            f"({type(error).__name__})") from None
 
     def save_weights(self, tensors: dict[str, torch.Tensor], **extra: object) -> str:
+        from safetensors.torch import save as save_safetensors
+
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         return self._write_verified(BEST, data, **extra)
 
@@ -161,6 +174,8 @@ class RunFiles:
         return self._read_verified(BEST.pointer)[0]
 
     def load_weights(self) -> tuple[dict[str, torch.Tensor], dict]:
+        from safetensors.torch import load as load_safetensors
+
         data, record = self._read_verified(BEST.pointer)
         try:
             return load_safetensors(data), record
@@ -171,3 +186,43 @@ class RunFiles:
     def write_history(self, history: list[dict]) -> None:
         lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
         self.store.put_bytes(self.key("metrics.jsonl"), lines.encode())
+
+    def require(self) -> RunFiles:
+        """This run, or RunNotFound naming the store when it has no files at all."""
+        if not any(True for _ in self.store.list(self.key(""))):
+            raise RunNotFound(f"run '{self.run_id}' not found on {self.store.uri}")
+        return self
+
+    def read_optional_json(self, name: str) -> Any | None:
+        """A JSON file of the run, or None when it is absent."""
+        if not self.store.exists(self.key(name)):
+            return None
+        return self.read_json(name)
+
+    def keys(self) -> list[str]:
+        """Every key under `runs/<run_id>/`."""
+        return [info.key for info in self.store.list(self.key(""))]
+
+    def delete(self) -> int:
+        """Remove every file of the run; returns how many there were.
+
+        The files that make it a run go in the order that keeps what is left consistent if
+        this is interrupted: result.json, then the checkpoint and best-weights pointers (what
+        remains is a run that never finished an epoch: training it again starts afresh, and
+        deleting it again finishes the job), then the blobs and reports, config.json last."""
+        keys = self.keys()
+        first = [self.key(name) for name in ("result.json", CHECKPOINT.pointer, BEST.pointer)]
+        last = self.key("config.json")
+        ordered = ([key for key in first if key in keys]
+                   + [key for key in keys if key not in first and key != last]
+                   + ([last] if last in keys else []))
+        for key in ordered:
+            self.store.delete(key)
+        return len(ordered)
+
+
+def run_ids(store: Store) -> list[str]:
+    """The id of every run on the store with any file under `runs/<id>/`, sorted."""
+    found = {info.key.split("/")[1] for info in store.list("runs/")
+             if "/" in info.key[len("runs/"):]}
+    return sorted(run_id for run_id in found if RUN_ID.fullmatch(run_id))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowerml.errors import UserError
-from flowerml.runs import RunError, RunFiles, check_run_id
+from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id, run_ids
 from flowerml.storage import LocalStore, Store
 
 
@@ -383,3 +383,39 @@ def test_cleanup_leaves_other_files_of_the_run_alone(store: Store):
         run.key("best-of-3/report.md"), run.key("best.json"), run.weights_key(),
         run.key("checkpoint-notes.txt"), run.key("checkpoint.json"), run.checkpoint_key(),
         run.key("config.json")])
+
+
+def test_run_ids_lists_each_run_once_in_order(store: Store):
+    for run_id in ("b", "a.b", "a", "a-b"):
+        RunFiles(store, run_id).write_json("config.json", {})
+    RunFiles(store, "a").write_json("eval/test/metrics.json", {})
+    store.put_bytes("runs/stray-file", b"not a run")
+    assert run_ids(store) == ["a", "a-b", "a.b", "b"]
+
+
+def test_require_names_the_store_and_accepts_any_file(store: Store):
+    with pytest.raises(RunNotFound, match=f"run 'run-1' not found on {re.escape(store.uri)}"):
+        RunFiles(store, "run-1").require()
+    RunFiles(store, "run-1").write_json("eval/test/metrics.json", {})
+    assert RunFiles(store, "run-1").require().run_id == "run-1"
+    assert RunNotFound.kind == "not-found"
+
+
+def test_delete_removes_pointers_first_and_config_last(tmp_path: Path):
+    store = RecordingStore(tmp_path / "store")
+    run = RunFiles(store, "run-1")
+    run.write_json("config.json", {})
+    run.save_checkpoint(_state(), epoch=2)
+    run.save_weights({"w": torch.ones(2)}, epoch=2)
+    run.write_history([{"epoch": 1}])
+    run.write_json("result.json", {})
+    run.write_json("eval/test/metrics.json", {})
+    RunFiles(store, "run-10").write_json("config.json", {})
+    files = run.keys()
+    store.writes.clear()
+    assert run.delete() == len(files) == 8
+    deleted = [write.removeprefix("delete runs/run-1/") for write in store.writes]
+    assert deleted[:3] == ["result.json", "checkpoint.json", "best.json"]
+    assert deleted[-1] == "config.json" and sorted(deleted) == sorted(
+        key.removeprefix("runs/run-1/") for key in files)
+    assert run.keys() == [] and RunFiles(store, "run-10").exists()
