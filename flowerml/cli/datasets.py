@@ -1,0 +1,77 @@
+"""`flowerml datasets list|show`: the published datasets on a store and their versions."""
+
+from __future__ import annotations
+
+import click
+
+from flowerml.cli.app import cli, emit_json, json_option, store_option
+from flowerml.settings import build_store, load_settings
+
+
+@cli.group()
+def datasets() -> None:
+    """Published datasets on the store: list them, show one's versions."""
+
+
+def version_line(version) -> str:
+    """`<version> [CURRENT]: train N, valid N, test N; C classes; Q quarantined; synthetic`."""
+    tag = " [CURRENT]" if version.current else ""
+    if not version.complete or version.problem:
+        return f"{version.version}{tag}: {version.problem}"
+    counts = ", ".join(f"{split} {n}" for split, n in version.counts.items())
+    kind = "synthetic" if version.synthetic else "not synthetic"
+    return (f"{version.version}{tag}: {counts}; {version.classes} classes; "
+            f"{version.quarantined} quarantined; {kind}")
+
+
+@datasets.command("list")
+@store_option
+@json_option
+def datasets_list(store: str | None, as_json: bool) -> None:
+    """Every dataset: its CURRENT version's counts, quarantine and whether it is synthetic,
+    and how many versions it has.
+
+    A store with no datasets prints nothing on stdout (`[]` with --json) and exits 0.
+    """
+    from flowerml.inventory import list_datasets
+
+    target = build_store(load_settings(store=store))
+    found = list_datasets(target)
+    if as_json:
+        emit_json([dataset.to_json() for dataset in found])
+        return
+    if not found:
+        click.echo(f"no datasets on {target.uri}", err=True)
+    for dataset in found:
+        current = next((v for v in dataset.versions if v.current), None)
+        shown = version_line(current) if current else "no CURRENT version"
+        click.echo(f"{dataset.name}: {len(dataset.versions)} version(s), {shown}; "
+                   f"{dataset.location}" + (f" ({dataset.problem})" if dataset.problem else ""))
+
+
+@datasets.command("show")
+@click.argument("name", required=False)
+@store_option
+@json_option
+def datasets_show(name: str | None, store: str | None, as_json: bool) -> None:
+    """One dataset's versions (CURRENT first): counts per split, classes, quarantined images
+    and why, synthetic or not, and where each lives.
+
+    NAME defaults to FLOWERML_DATASET. An unknown dataset is an error (exit 2).
+    """
+    from flowerml.inventory import describe_dataset
+
+    settings = load_settings(store=store, dataset=name)
+    dataset = describe_dataset(build_store(settings), settings.dataset)
+    if as_json:
+        emit_json(dataset.to_json())
+        return
+    click.echo(f"dataset {dataset.name}: CURRENT {dataset.current or '-'}; {dataset.location}")
+    if dataset.problem:
+        click.echo(f"  problem: {dataset.problem}")
+    for version in dataset.versions:
+        click.echo(f"  {version_line(version)}")
+        click.echo(f"    {version.location}")
+        for image in version.quarantine or []:
+            click.echo(f"    quarantined {image.get('image', '?')} ({image.get('split', '?')}, "
+                       f"label {image.get('label', '?')}): {image.get('reason', image)}")
