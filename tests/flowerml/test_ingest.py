@@ -16,12 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from flowerml import flowers, ingest
-from flowerml.errors import ArchiveError, DatasetNotFound, LeakageError, SourceError
+from flowerml import download, flowers, ingest
+from flowerml.errors import (
+    ArchiveError,
+    DatasetNotFound,
+    DownloadRetriesExhausted,
+    LeakageError,
+    SourceError,
+)
 from flowerml.ingest import FetchOptions, fetch_sources, publish_split
 from flowerml.storage import LocalStore, S3Store, Store
 from tests.builders import archive_members, rewrite_archive
-from tests.conftest import store_keys
+from tests.cli_helpers import assert_refused, invoke
+from tests.conftest import free_port, store_keys
 
 
 def run_ingest(source: Path | str, store: Store, cache: Path, **options) -> ingest.IngestResult:
@@ -336,8 +343,6 @@ def test_moving_current_says_what_it_replaced(local_store: LocalStore, synthetic
 
 def test_ingest_cli_says_what_current_replaced_and_that_data_is_synthetic(
         synthetic_source: Path, tmp_path: Path) -> None:
-    from tests.cli_helpers import invoke
-
     def ingest_line(source: Path) -> list[str]:
         result = invoke("ingest", "--source", str(source), "--store", str(tmp_path / "store"),
                         env={"FLOWERML_CACHE_DIR": str(tmp_path / "cache")})
@@ -430,3 +435,85 @@ def test_failed_upload_leaves_no_empty_folders_and_resumes(synthetic_source: Pat
     assert not any(k.endswith(("manifest.json", "CURRENT")) for k in store_keys(failing))
     resumed = run_ingest(synthetic_source, LocalStore(tmp_path / "store"), tmp_path / "cache")
     assert resumed.uploaded + resumed.skipped == 24 and resumed.uploaded < 24
+
+
+# --------------------------------------------------------------------------------------------
+# Sources are parsed like stores (issue 9): one line naming the accepted forms, nothing written.
+
+SOURCE_FORMS_TEXT = ("a source is 'official', a folder path, file://PATH, s3://bucket[/prefix] "
+                     "or an http(s)://host/path URL")
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("ftp://example.org/flowers", "'ftp://example.org/flowers' uses an unsupported scheme "
+                                  f"(ftp://); {SOURCE_FORMS_TEXT}"),
+    ("", f"must not be empty; {SOURCE_FORMS_TEXT}"),
+    ("   ", f"must not be empty; {SOURCE_FORMS_TEXT}"),
+    ("s3://", f"'s3://' has no bucket name; {SOURCE_FORMS_TEXT}"),
+    ("s3://Bad_Bucket!/x", "'s3://Bad_Bucket!/x' has an invalid bucket name: S3 bucket names"),
+    ("https://", f"'https://' has no host; {SOURCE_FORMS_TEXT}"),
+    ("http://127.0.0.1:99999/flowers", "'http://127.0.0.1:99999/flowers' has an invalid port "
+                                       "(ports are 1-65535)"),
+    ("file://", "'file://' has no path after file://"),
+])
+def test_cli_refuses_a_source_that_is_no_accepted_form(source: str, message: str,
+                                                       tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    result = invoke("ingest", "--source", source, store=store, cache=tmp_path / "cache")
+    assert_refused(result, message)
+    assert not store.root.exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_calls_a_source_file_a_file(synthetic_source: Path, tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    archive = synthetic_source / flowers.ARCHIVE
+    result = invoke("ingest", "--source", str(archive), store=store, cache=tmp_path / "cache")
+    assert_refused(result, f"source {archive} is a file, not a folder: a local source is the "
+                           "folder holding 102flowers.tgz, imagelabels.mat and setid.mat")
+    assert "folder " + str(archive) not in result.stderr
+    assert not store.root.exists()
+
+
+def test_cli_names_a_missing_source_folder(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    result = invoke("ingest", "--source", str(tmp_path / "nowhere"), store=store,
+                    cache=tmp_path / "cache")
+    assert_refused(result, f"source folder {tmp_path / 'nowhere'} does not exist")
+    assert not store.root.exists()
+
+
+def test_file_uris_work_for_the_source_and_the_store(synthetic_source: Path,
+                                                     tmp_path: Path) -> None:
+    result = invoke("ingest", "--source", f"file://{synthetic_source}", "--store",
+                    f"file://{tmp_path / 'store'}", "--json", cache=tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["counts"] == {
+        "train": 8, "valid": 8, "test": 8}
+    record = json.loads((tmp_path / "store/datasets/flowers102/raw/sources.json").read_text())
+    assert record["source"] == f"file://{synthetic_source}"
+
+
+def test_unknown_source_host_fails_at_once(local_store: LocalStore, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(download, "_sleep", sleeps.append)
+    with pytest.raises(SourceError, match="^http://no-such-host.invalid/flowers/102flowers.tgz: "
+                                          "unknown host 'no-such-host.invalid'"):
+        run_ingest("http://no-such-host.invalid/flowers", local_store, tmp_path / "cache",
+                   retries=5)
+    assert sleeps == []
+    assert store_keys(local_store) == []
+
+
+def test_refused_source_connection_is_retried_briefly_and_named(
+        local_store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(download, "_sleep", sleeps.append)
+    url = f"http://127.0.0.1:{free_port()}/flowers"
+    with pytest.raises(DownloadRetriesExhausted) as err:
+        run_ingest(url, local_store, tmp_path / "cache", retries=5)
+    assert str(err.value) == (f"{url}/{flowers.ARCHIVE}: download failed after 2 retries: "
+                              "connection refused")
+    assert sleeps == [1.0, 2.0]  # two brief retries, not five
+    assert store_keys(local_store) == []
