@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from flowerml.errors import FlowermlError, RetriesExhausted, UserError
 from flowerml.files import file_lock, sha256_hex, temp_beside, write_atomically
@@ -413,8 +414,9 @@ class S3Store(Store):
             return StoreAccessError(f"no usable AWS credentials for {self._where()} (set "
                                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
         if isinstance(error, ConnectionError | HTTPClientError):
+            cause = connection_failure(error, urlsplit(self.endpoint or "").hostname)
             return StoreUnreachable(f"cannot reach S3 endpoint {self.endpoint} "
-                                    f"(bucket '{self.bucket}'): {type(error).__name__}")
+                                    f"(bucket '{self.bucket}'): {cause}")
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -562,6 +564,30 @@ class S3Store(Store):
     def delete(self, key: str) -> None:
         with self._translated(key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+
+def connection_failure(error: BaseException, host: str | None = None) -> str:
+    """Why a connection (to `host`) failed, in words, from the socket error that botocore and
+    urllib3 wrap; the exception's class name when there is none."""
+    import socket
+
+    unknown_host = (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
+    cause: BaseException | None = error
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, socket.gaierror):
+            if cause.errno in unknown_host:
+                return f"unknown host '{host}'" if host else "unknown host"
+            return f"host name lookup failed ({cause.strerror})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, TimeoutError):
+            return "timed out"
+        cause = cause.__cause__ or cause.__context__
+    return type(error).__name__
 
 
 def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:

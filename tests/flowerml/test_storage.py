@@ -191,6 +191,15 @@ def test_unreachable_endpoint_is_a_clear_error() -> None:
     with pytest.raises(StoreUnreachable, match=f"127.0.0.1:{port}") as caught:
         store.put_bytes("k", b"v")
     assert "testing-secret" not in str(caught.value)
+    assert str(caught.value).endswith("(bucket 'bucket'): connection refused")  # in words
+
+
+def test_unknown_endpoint_host_is_named() -> None:
+    store = S3Store("bucket", "", S3Options(endpoint_url="http://no-such-host.invalid:9000"))
+    with pytest.raises(StoreUnreachable) as caught:
+        store.check()
+    assert str(caught.value) == ("cannot reach S3 endpoint http://no-such-host.invalid:9000 "
+                                 "(bucket 'bucket'): unknown host 'no-such-host.invalid'")
 
 
 def test_open_store_parses_uris(tmp_path: Path, s3_options: S3Options) -> None:
