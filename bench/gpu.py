@@ -61,7 +61,7 @@ def bf16_peak(device: torch.device) -> float | None:
 
 def publish_dataset(workdir: Path, spec: SyntheticSpec) -> tuple[LocalStore, Path, float]:
     started = time.perf_counter()
-    write_synthetic_archive(workdir / "src", spec)
+    write_synthetic_archive(workdir / "src", spec, force=True)
     store = LocalStore(workdir / "store", concurrency=16)
     ingest(str(workdir / "src"), store, "flowers102", workdir / "cache", FetchOptions())
     return store, workdir / "cache", time.perf_counter() - started

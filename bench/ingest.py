@@ -100,7 +100,7 @@ def prepare_archive(workdir: Path, classes: int, per_class: int, size: int,
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=workdir))
     try:
         start = time.perf_counter()
-        write_synthetic_archive(staging, spec)
+        write_synthetic_archive(staging, spec, force=True)
         stats = {**archive_stats(staging / ARCHIVE_FILES[0]),
                  "generate_seconds": round(time.perf_counter() - start, 2)}
         (staging / "stats.json").write_text(json.dumps(stats))

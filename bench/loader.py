@@ -84,7 +84,7 @@ def prepare_archive(workdir: Path, images: int, size: int, quality: int) -> tupl
                          jpeg_quality=quality)
     log(f"generating {spec.num_images} images ({size} px) into {target} (once)")
     start = time.perf_counter()
-    write_synthetic_archive(target, spec)
+    write_synthetic_archive(target, spec, force=True)
     seconds = time.perf_counter() - start
     done.write_text(f"{seconds:.2f}")  # written last: only a complete archive is reused
     return target, seconds

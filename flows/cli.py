@@ -42,7 +42,7 @@ def demo_source(cache_dir: Path) -> Path:
 
     folder = cache_dir / "demo-source"
     if not (folder / "setid.mat").is_file():
-        write_synthetic_archive(folder, SyntheticSpec(**DEMO_SPEC))
+        write_synthetic_archive(folder, SyntheticSpec(**DEMO_SPEC), force=True)
     return folder
 
 

@@ -129,4 +129,4 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
     summary = outcome.metrics.summary()
     click.echo(f"{split}: top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f}, "
                f"mean per-class {summary['mean_class_accuracy']:.4f}, loss "
-               f"{summary['loss']:.4f} on {summary['n']} images; report {outcome.report_key}")
+               f"{summary['loss']:.4f} on {summary['n']} images; report {outcome.report_location}")

@@ -38,7 +38,7 @@ def test_synth_then_ingest_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert set(summary) == {"dataset", "version", "counts", "uploaded", "skipped", "quarantined",
-                            "store"}
+                            "store", "location", "replaced", "synthetic"}
     assert summary["counts"] == {"train": 3, "valid": 3, "test": 6}
     assert summary["uploaded"] == 12 and summary["quarantined"] == 0
 

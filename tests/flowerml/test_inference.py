@@ -34,7 +34,7 @@ def test_evaluate_cli_json(tiny_run: StoreAndCache) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert {"top1", "top5", "mean_class_accuracy", "loss", "n", "report"} <= set(summary)
-    assert summary["report"] == "runs/tiny/eval/test/report.md"
+    assert summary["report"] == f"{store.root}/runs/tiny/eval/test/report.md"
 
 
 def test_predict_top_k(tiny_run: StoreAndCache) -> None:
