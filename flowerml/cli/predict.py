@@ -1,28 +1,60 @@
-"""`flowerml predict`: top-k flower names for images, from a registry model or a run."""
+"""`flowerml predict`: top-k flower names for image files, folders and glob patterns, from a
+registry model or a run.
+
+One result per input, printed as it comes: a line `IMAGE: name p, name p, ...` (or with
+`--json` one JSON object per line, `{"image", "predictions"}`). An input that cannot be
+predicted (missing, not an image, truncated, too large to decode safely, a pattern matching
+nothing) gets its own row (`IMAGE: error: ...`, or `{"image", "error"}`) and a line
+`flowerml: error: IMAGE: ...` on stderr, and the others go on; the exit code is then 1 (with
+several inputs, a last stderr line counts the failures). Exit code 2 means nothing was
+predicted: a bad option, an unknown model or run.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import click
 
-from flowerml.cli.app import CliError, cli, emit_json, json_option, store_option
+from flowerml.cli.app import (
+    EXIT_REFUSED,
+    CliError,
+    cli,
+    device_option,
+    emit_json,
+    json_option,
+    store_option,
+)
 from flowerml.settings import build_store, load_settings
+
+DEFAULT_MODEL = "flowers102@production"
 
 
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--model", "model_ref", default=None,
-              help="NAME[@ALIAS|:VERSION] from the registry (default: flowers102@production).")
-@click.option("--run", "run_id", default=None, help="Use a training run's weights instead.")
+              help=f"NAME[@ALIAS|:VERSION] from the registry (default: {DEFAULT_MODEL}).")
+@click.option("--run", "run_id", default=None,
+              help="Use a training run's best weights instead of a registry model.")
 @store_option
-@click.option("--top-k", type=int, default=5, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How many flower names to give per image, most likely first.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Images decoded and classified at a time (memory grows with it).")
+@device_option
 @json_option
-def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
-            store: str | None, top_k: int, device: str, as_json: bool) -> None:
-    """Top-k flower names with probabilities for each IMAGE."""
-    from flowerml.inference import load_trained_model, predict_images
+def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
+            store: str | None, top_k: int, batch_size: int, device: str,
+            as_json: bool) -> None:
+    """Top-k flower names with probabilities for each image.
+
+    Each INPUT is an image file, a folder (the .jpg, .jpeg, .png, .bmp, .gif, .webp, .tif and
+    .tiff files under it, recursively, in sorted order; hidden names skipped) or a glob
+    pattern (expanded here when the shell has not; '**' reaches into subfolders). Exit code 1
+    when any input could not be predicted (its row says why), 2 when nothing was.
+    """
+    from flowerml.inference import load_trained_model
+    from flowerml.prediction import expand_inputs, predict_inputs
     from flowerml.release import load_registered_model
 
     if model_ref and run_id:
@@ -30,11 +62,27 @@ def predict(images: tuple[Path, ...], model_ref: str | None, run_id: str | None,
     settings = load_settings(store=store)
     target = build_store(settings)
     trained = (load_trained_model(target, run_id, device) if run_id else
-               load_registered_model(target, model_ref or "flowers102@production", device))
-    predictions = predict_images(trained, list(images), top_k)
+               load_registered_model(target, model_ref or DEFAULT_MODEL, device))
+    total = failed = 0
+    for row in predict_inputs(trained, expand_inputs(inputs), top_k=top_k,
+                              batch_size=batch_size):
+        total += 1
+        failed += "error" in row
+        show_row(row, as_json)
+    if failed:
+        if total > 1:  # with one input, its note said it all
+            click.echo(f"flowerml: {failed} of {total} inputs could not be predicted", err=True)
+        sys.exit(EXIT_REFUSED)
+
+
+def show_row(row: dict, as_json: bool) -> None:
+    if "error" in row:
+        click.echo(f"flowerml: error: {row['image']}: {row['error']}", err=True)
     if as_json:
-        emit_json(predictions)
-        return
-    for item in predictions:
-        best = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in item["predictions"])
-        click.echo(f"{item['image']}: {best}")
+        emit_json(row)
+    elif "error" in row:
+        click.echo(f"{row['image']}: error: {row['error']}")
+    else:
+        best = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in row["predictions"])
+        click.echo(f"{row['image']}: {best}")
+    sys.stdout.flush()  # rows as they come, also when stdout is a pipe

@@ -132,7 +132,9 @@ def test_predict_with_the_production_model(registry: Registry) -> None:
     image = next(Path(registry.store.root.parent / "cache").rglob("*.jpg"))
     result = invoke(registry, "predict", str(image), "--device", "cpu", "--top-k", "2", "--json")
     assert result.exit_code == 0, result.output
-    predictions = json.loads(result.stdout)[0]["predictions"]
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]  # one JSON line per image
+    assert row["image"] == str(image)
+    predictions = row["predictions"]
     assert len(predictions) == 2 and predictions[0]["name"] in {
         "pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea"}
 

@@ -1,0 +1,212 @@
+"""Predicting flower names for image files: one result per input, in bounded memory.
+
+- `expand_inputs`: what the user named (files, folders, glob patterns) as a sequence of
+  `ImageInput`s, each an image to read or an input that failed already (nothing matched).
+  A folder gives the image files under it (by extension, hidden names skipped), recursively,
+  in sorted order. A pattern is expanded here too, for shells (and callers) that pass it on
+  unexpanded.
+- `open_image`: one image decoded for the model. A large JPEG is decoded at a reduced scale
+  (PIL's `draft`, 1/2 to 1/8) no smaller than the model's resize needs, and nothing over PIL's
+  decompression-bomb limit is decoded at all.
+- `predict_inputs`: rows `{"image", "predictions"}` or `{"image", "error"}`, one per input, in
+  input order, `batch_size` images decoded and classified at a time.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from flowerml.cache import cache_resolution
+from flowerml.errors import UserError
+from flowerml.inference import TrainedModel
+from flowerml.transforms import build_transforms
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+"""What a folder is searched for (any case); a file named on its own is tried whatever its name."""
+
+DEFAULT_BATCH_SIZE = 32
+
+
+class ImageError(Exception):
+    """One input that cannot be predicted; its message goes in the input's row."""
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One result to come: `name` as the user will see it, and either a file to read or the
+    reason there is none."""
+
+    name: str
+    path: Path | None = None
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def expand_inputs(arguments: Iterable[str | os.PathLike]) -> Iterator[ImageInput]:
+    """The images the arguments name, in argument order; a folder's in sorted order."""
+    for argument in arguments:
+        name = os.fspath(argument)
+        if name == "":
+            yield ImageInput(name, error="empty path")
+        elif os.path.lexists(name) or not is_pattern(name):
+            yield from expand_path(name)
+        else:
+            matches = sorted(glob.glob(name, recursive=True))
+            if not matches:
+                yield ImageInput(name, error="no file matches this pattern")
+            for match in matches:
+                yield from expand_path(match)
+
+
+def is_pattern(name: str) -> bool:
+    return any(character in name for character in "*?[")
+
+
+def expand_path(name: str) -> Iterator[ImageInput]:
+    if os.path.isdir(name):
+        yield from folder_images(name)
+    elif os.path.lexists(name):
+        yield ImageInput(name, Path(name))
+    else:
+        yield ImageInput(name, error="no such file or folder")
+
+
+def folder_images(folder: str) -> Iterator[ImageInput]:
+    """The image files under `folder`, sorted; a folder without any is one failed input."""
+    found: list[tuple[tuple[str, ...], str]] = []
+    unreadable: list[OSError] = []
+    for root, folders, files in os.walk(folder, onerror=unreadable.append):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for file in files:
+            if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
+                path = os.path.join(root, file)
+                found.append((Path(os.path.relpath(path, folder)).parts, path))
+    for error in unreadable:
+        yield ImageInput(error.filename or folder,
+                         error=f"cannot read folder: {error.strerror or error}")
+    if not found and not unreadable:
+        yield ImageInput(folder, error=f"no images in this folder (looked for "
+                                       f"{', '.join(IMAGE_SUFFIXES)})")
+    for _, path in sorted(found):
+        yield ImageInput(path, Path(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def open_image(path: Path, short_side: int) -> Image.Image:
+    """`path` decoded as RGB; a JPEG at the smallest scale PIL offers whose sides are both at
+    least `short_side`. Raises ImageError saying why an input cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between its limit and twice it; the size is checked below, after the
+            # draft has reduced what will actually be decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGB", (short_side, short_side))
+                check_pixels(image.size)
+                return image.convert("RGB")
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"too large to decode safely: {str(error).split(', could')[0]}") \
+            from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image file (or not a format PIL can read)") from None
+    except Exception as error:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError,
+        # ValueError, EOFError, struct.error... on damaged files; each is this input's failure.
+        raise ImageError(f"unreadable image: {describe(error)}") from None
+
+
+def check_pixels(size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit and width * height > limit:
+        raise ImageError(f"too large to decode safely: {width}x{height} is "
+                         f"{width * height} pixels, over the limit of {limit}")
+
+
+def describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def decode_input(item: ImageInput, short_side: int,
+                 transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    if item.path is None:
+        raise ImageError(item.error or "no file")
+    image = open_image(item.path, short_side)
+    try:
+        return transform(image)
+    except Exception as error:  # noqa: BLE001 - an odd image the transform cannot take
+        raise ImageError(f"unreadable image: {describe(error)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Predicting
+
+
+def predict_inputs(trained: TrainedModel, inputs: Iterable[ImageInput], *, top_k: int = 5,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict]:
+    """One row per input, in order: `{"image", "predictions": [{label, name, probability}]}`
+    with the top-k flowers, or `{"image", "error"}`. At most `batch_size` images are decoded
+    at a time."""
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1 (got {top_k})")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
+    top_k = min(top_k, len(trained.class_names))
+    transform = build_transforms("tutorial", trained.image_size, train=False)
+    short_side = cache_resolution(trained.image_size)  # what the transform resizes to
+    pending = iter(inputs)
+    while batch := list(islice(pending, batch_size)):
+        decoded: list[torch.Tensor | ImageError] = []
+        for item in batch:
+            try:
+                decoded.append(decode_input(item, short_side, transform))
+            except ImageError as error:
+                decoded.append(error)
+        tensors = [t for t in decoded if isinstance(t, torch.Tensor)]
+        ranked = iter(top_predictions(trained, torch.stack(tensors), top_k) if tensors else [])
+        for item, outcome in zip(batch, decoded, strict=True):
+            if isinstance(outcome, ImageError):
+                yield {"image": item.name, "error": str(outcome)}
+            else:
+                yield {"image": item.name, "predictions": next(ranked)}
+
+
+@torch.inference_mode()
+def top_predictions(trained: TrainedModel, batch: torch.Tensor, top_k: int) -> list[list[dict]]:
+    """The top-k flowers with their probabilities, for each image of `batch`."""
+    logits = trained.model(batch.to(trained.device))
+    top = torch.softmax(logits.float(), dim=1).topk(top_k, dim=1)
+    return [[{"label": int(index) + 1, "name": trained.class_names[int(index)],
+              "probability": round(float(p), 5)}
+             for p, index in zip(values.tolist(), indices.tolist(), strict=True)]
+            for values, indices in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
+
+
+def predict_images(trained: TrainedModel, paths: Iterable[str | os.PathLike], top_k: int = 5,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
+    """`predict_inputs` over files, folders and patterns, as a list."""
+    return list(predict_inputs(trained, expand_inputs(paths), top_k=top_k,
+                               batch_size=batch_size))

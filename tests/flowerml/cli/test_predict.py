@@ -1,0 +1,137 @@
+"""`flowerml predict` as a user runs it: files, folders and patterns, one result per input,
+failed inputs in their own rows (exit 1), refusals before anything runs (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+
+from tests.cli_helpers import assert_refused, invoke
+from tests.conftest import StoreAndCache
+from tests.flowerml.test_prediction import write_jpeg, write_png_header, write_truncated_jpeg
+
+
+@pytest.fixture
+def photos(tiny_run: StoreAndCache, tmp_path: Path) -> Path:
+    """A folder of 3 test images (one in a subfolder), a note and a hidden file beside them."""
+    store, _ = tiny_run
+    images = sorted((store.root / "datasets").rglob("test/*/*.jpg"))[:3]
+    folder = tmp_path / "photos"
+    for name, image in zip(("b.jpg", "a.jpg", "sub/c.jpg"), images, strict=True):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(image.read_bytes())
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / ".a.jpg").write_bytes(b"macOS metadata, not an image")
+    return folder
+
+
+def predict(tiny_run: StoreAndCache, *args: str) -> Result:
+    store, cache = tiny_run
+    # The test's own options come last: click keeps the last of a repeated option.
+    return invoke("predict", "--run", "tiny", "--device", "cpu", *args, store=store, cache=cache)
+
+
+def json_rows(result: Result) -> list[dict]:
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_a_folder_and_a_pattern_give_one_json_line_per_image(tiny_run: StoreAndCache,
+                                                             photos: Path) -> None:
+    result = predict(tiny_run, str(photos), f"{photos}/*.jpg", "--top-k", "2", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json_rows(result)
+    assert [row["image"] for row in rows] == [
+        f"{photos}/a.jpg", f"{photos}/b.jpg", f"{photos}/sub/c.jpg",  # the folder, recursively
+        f"{photos}/a.jpg", f"{photos}/b.jpg"]  # the pattern, as a shell would expand it
+    assert all(len(row["predictions"]) == 2 for row in rows)
+    assert rows[0]["predictions"] == rows[3]["predictions"]
+    assert result.stderr == ""
+
+
+def test_failed_inputs_get_their_own_rows_and_exit_1(tiny_run: StoreAndCache, photos: Path,
+                                                     tmp_path: Path) -> None:
+    bomb = write_png_header(tmp_path / "bomb.png", 30_000, 30_000)  # 900 megapixels
+    cut = write_truncated_jpeg(tmp_path / "cut.jpg")
+    large = write_jpeg(tmp_path / "large.jpg", 2400, 1600)
+    inputs = [str(photos / "a.jpg"), str(tmp_path / "missing.jpg"), str(photos / "notes.txt"),
+              str(bomb), str(cut), f"{tmp_path}/*.gif", str(large), str(photos / "b.jpg")]
+    errors = {1: "no such file or folder", 2: "not an image file",
+              3: "too large to decode safely: Image size (900000000 pixels) exceeds limit",
+              4: "unreadable image: image file is truncated", 5: "no file matches this pattern"}
+
+    as_json = predict(tiny_run, *inputs, "--batch-size", "3", "--json")
+    assert as_json.exit_code == 1, as_json.output
+    rows = json_rows(as_json)  # stdout holds JSON only
+    assert [row["image"] for row in rows] == inputs
+    for index, row in enumerate(rows):
+        if index in errors:
+            assert set(row) == {"image", "error"} and row["error"].startswith(errors[index])
+        else:
+            assert set(row) == {"image", "predictions"} and len(row["predictions"]) == 4
+
+    human = predict(tiny_run, *inputs, "--batch-size", "3")
+    assert human.exit_code == 1, human.output
+    lines = human.stdout.splitlines()
+    assert len(lines) == len(inputs)
+    for index, (line, name) in enumerate(zip(lines, inputs, strict=True)):
+        if index in errors:
+            assert line.startswith(f"{name}: error: {errors[index]}")
+        else:
+            assert line.startswith(f"{name}: ") and line.count(", ") == 3  # four names
+
+    for result in (as_json, human):  # a note per failed input, then the count
+        notes = result.stderr.splitlines()
+        assert notes[:-1] == [f"flowerml: error: {rows[i]['image']}: {rows[i]['error']}"
+                              for i in sorted(errors)]
+        assert notes[-1] == "flowerml: 5 of 8 inputs could not be predicted"
+        assert "Traceback" not in result.output
+
+
+def test_one_bad_input_is_one_stderr_line(tiny_run: StoreAndCache, tmp_path: Path) -> None:
+    bomb = write_png_header(tmp_path / "bomb.png", 30_000, 30_000)
+    result = predict(tiny_run, str(bomb))
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"flowerml: error: {bomb}: too large to decode safely: Image size (900000000 pixels) "
+        "exceeds limit of 178956970 pixels"]
+    assert result.stdout.startswith(f"{bomb}: error: too large to decode safely")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--top-k", "0"], "--top-k"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--device", "tpu"], "--device must be one of auto, cpu, cuda"),
+    (["--model", "flowers102@production"], "give --model or --run, not both"),
+])
+def test_bad_options_are_refused_before_anything_runs(tiny_run: StoreAndCache, photos: Path,
+                                                      args: list[str], message: str) -> None:
+    for json_flag in ([], ["--json"]):
+        result = predict(tiny_run, str(photos), *args, *json_flag)
+        assert_refused(result, message)
+        if json_flag:
+            *rows, last = result.stdout.splitlines()
+            assert rows == [] and set(json.loads(last)) == {"error", "kind"}
+        else:
+            assert result.stdout == ""
+
+
+def test_an_unknown_run_or_model_is_refused(tiny_run: StoreAndCache, photos: Path) -> None:
+    store, cache = tiny_run
+    assert_refused(invoke("predict", str(photos), "--run", "nope", store=store, cache=cache),
+                   "run 'nope' not found")
+    result = invoke("predict", str(photos), "--model", "tulips", "--json", store=store,
+                    cache=cache)
+    assert_refused(result, "tulips")
+    assert set(json.loads(result.stdout)) == {"error", "kind"}
+
+
+def test_every_option_has_help(tiny_run: StoreAndCache) -> None:
+    result = invoke("predict", "--help")
+    assert result.exit_code == 0
+    for option in ("--model", "--run", "--store", "--top-k", "--batch-size", "--device",
+                   "--json"):
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(option))
+        assert len(line.split(None, 2)) == 3, line  # the option, its metavar and its help

@@ -1,0 +1,224 @@
+"""flowerml.prediction: inputs expanded (files, folders, patterns), images decoded safely and
+reduced, one row per input in batches, with the tiny trained run's model."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowerml.inference import TrainedModel, load_trained_model
+from flowerml.prediction import (
+    ImageError,
+    ImageInput,
+    expand_inputs,
+    open_image,
+    predict_images,
+    predict_inputs,
+)
+from tests.conftest import StoreAndCache
+
+# --- image files a user may hand over --------------------------------------------------------
+
+
+def write_jpeg(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    """A photo-like JPEG: smooth colour gradients and some noise."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    pixels = np.stack([x, y, (x + y) / 2], axis=-1) * 200 + rng.integers(0, 55, (height, width, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, format="JPEG", quality=85)
+    return path
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims `width` x `height` RGB pixels (a decompression bomb's header) and holds
+    one row of them: opening it is enough for PIL to judge its size."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = zlib.compress(b"\x00" + b"\x00" * 3 * min(width, 1024))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) +
+                     png_chunk(b"IDAT", row) + png_chunk(b"IEND", b""))
+    return path
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    whole = write_jpeg(path, 160, 120).read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run: StoreAndCache) -> TrainedModel:
+    store, _ = tiny_run
+    return load_trained_model(store, "tiny", "cpu")
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_run: StoreAndCache) -> list[Path]:
+    store, _ = tiny_run
+    return sorted((store.root / "datasets").rglob("test/*/*.jpg"))[:5]
+
+
+# --- expand_inputs ---------------------------------------------------------------------------
+
+
+def names(arguments: list) -> list[tuple[str, str | None]]:
+    return [(item.name, item.error) for item in expand_inputs(arguments)]
+
+
+def test_a_folder_gives_its_images_recursively_in_sorted_order(tmp_path: Path) -> None:
+    for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "sub/deeper/d.webp", "A0.jpg"):
+        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / name).write_bytes(b"")
+    for skipped in ("notes.txt", ".hidden.jpg", ".cache/e.jpg", "sub/Thumbs.db"):
+        (tmp_path / "photos" / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "photos" / skipped).write_bytes(b"")
+    folder = str(tmp_path / "photos")
+    assert names([folder]) == [(f"{folder}/{n}", None) for n in
+                               ("A0.jpg", "a.PNG", "b.jpg", "sub/c.jpeg", "sub/deeper/d.webp")]
+    assert [item.path for item in expand_inputs([folder])][0] == Path(folder, "A0.jpg")
+
+
+def test_files_are_taken_as_named_whatever_their_extension(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "odd[1].jpg").write_bytes(b"")  # pattern characters, but the file exists
+    arguments = [tmp_path / "notes.txt", str(tmp_path / "odd[1].jpg"), str(tmp_path / "none.jpg")]
+    assert names(arguments) == [(str(tmp_path / "notes.txt"), None),
+                                (str(tmp_path / "odd[1].jpg"), None),
+                                (str(tmp_path / "none.jpg"), "no such file or folder")]
+
+
+def test_patterns_are_expanded_and_one_matching_nothing_is_a_failed_input(tmp_path: Path) -> None:
+    for name in ("x/2.jpg", "x/1.jpg", "x/sub/3.jpg", "x/readme.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert names([f"{tmp_path}/x/*.jpg"]) == [(f"{tmp_path}/x/1.jpg", None),
+                                             (f"{tmp_path}/x/2.jpg", None)]
+    assert [n for n, _ in names([f"{tmp_path}/x/**/*.jpg"])] == [
+        f"{tmp_path}/x/1.jpg", f"{tmp_path}/x/2.jpg", f"{tmp_path}/x/sub/3.jpg"]
+    assert names([f"{tmp_path}/x/s*"]) == [(f"{tmp_path}/x/sub/3.jpg", None)]  # a folder matched
+    assert names([f"{tmp_path}/x/*.png", ""]) == [
+        (f"{tmp_path}/x/*.png", "no file matches this pattern"), ("", "empty path")]
+
+
+def test_a_folder_without_images_is_a_failed_input(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "notes.txt").parent.mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    [(name, error)] = names([tmp_path / "empty"])
+    assert name == str(tmp_path / "empty") and error.startswith("no images in this folder")
+
+
+# --- open_image ------------------------------------------------------------------------------
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_never_below_the_size_asked(tmp_path: Path) -> None:
+    photo = write_jpeg(tmp_path / "large.jpg", 2400, 1600)
+    assert open_image(photo, 46).size == (300, 200)  # 1/8: both sides still >= 46
+    assert open_image(photo, 256).size == (600, 400)  # 1/4: 1/8 would give 200 < 256
+    assert open_image(photo, 1600).size == (2400, 1600)
+    assert open_image(photo, 46).mode == "RGB"
+
+
+def test_a_png_is_decoded_whole(tmp_path: Path) -> None:
+    path = tmp_path / "flat.png"
+    Image.new("L", (400, 300), 128).save(path)
+    image = open_image(path, 46)
+    assert image.size == (400, 300) and image.mode == "RGB"
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d / "missing.jpg", "no such file"),
+    (lambda d: d, "is a folder"),
+    (lambda d: (d / "notes.jpg", (d / "notes.jpg").write_text("not an image"))[0],
+     "not an image file"),
+    (lambda d: write_truncated_jpeg(d / "cut.jpg"), "unreadable image: image file is truncated"),
+    (lambda d: write_png_header(d / "bomb.png", 30_000, 30_000),
+     "too large to decode safely: Image size (900000000 pixels) exceeds limit of 178956970 "
+     "pixels"),
+    (lambda d: write_png_header(d / "big.png", 10_000, 10_000),
+     "too large to decode safely: 10000x10000 is 100000000 pixels, over the limit of 89478485"),
+])
+def test_unreadable_inputs_say_why(tmp_path: Path, make, message: str) -> None:
+    with pytest.raises(ImageError) as raised:
+        open_image(make(tmp_path), 46)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_a_jpeg_over_the_pixel_limit_is_decoded_reduced(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below PIL's hard limit a large JPEG is decoded at 1/8 scale, so it passes the limit; a
+    PNG of the same size cannot be reduced and is refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    photo = write_jpeg(tmp_path / "photo.jpg", 1600, 1200)  # 1.92 MP: PIL warns, not refuses
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(photo) as whole:
+        whole.save(tmp_path / "photo.png")
+    assert open_image(photo, 46).size == (200, 150)
+    with pytest.raises(ImageError, match="1600x1200 is 1920000 pixels, over the limit of 1000000"):
+        open_image(tmp_path / "photo.png", 46)
+
+
+# --- predict_inputs --------------------------------------------------------------------------
+
+
+def test_one_row_per_input_in_order_failures_in_their_rows(model: TrainedModel,
+                                                          test_images: list[Path],
+                                                          tmp_path: Path) -> None:
+    bomb = write_png_header(tmp_path / "bomb.png", 30_000, 30_000)
+    cut = write_truncated_jpeg(tmp_path / "cut.jpg")
+    large = write_jpeg(tmp_path / "large.jpg", 2400, 1600)
+    arguments = [test_images[0], tmp_path / "missing.jpg", bomb, test_images[1], cut, large]
+    rows = predict_images(model, arguments, top_k=3, batch_size=2)
+    assert [row["image"] for row in rows] == [str(a) for a in arguments]
+    assert [set(row) for row in rows] == [{"image", "predictions"}, {"image", "error"},
+                                          {"image", "error"}, {"image", "predictions"},
+                                          {"image", "error"}, {"image", "predictions"}]
+    assert rows[1]["error"] == "no such file or folder"
+    assert rows[2]["error"].startswith("too large to decode safely")
+    assert rows[4]["error"].startswith("unreadable image: image file is truncated")
+    for row in (rows[0], rows[3], rows[5]):
+        probabilities = [p["probability"] for p in row["predictions"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1.0001
+        assert {p["name"] for p in row["predictions"]} <= set(model.class_names)
+        assert all(model.class_names[p["label"] - 1] == p["name"] for p in row["predictions"])
+
+
+def test_batching_does_not_change_the_results(model: TrainedModel,
+                                              test_images: list[Path]) -> None:
+    one_batch = predict_images(model, test_images, top_k=4, batch_size=32)
+    in_pairs = predict_images(model, test_images, top_k=4, batch_size=2)
+    assert [[p["label"] for p in row["predictions"]] for row in one_batch] == \
+        [[p["label"] for p in row["predictions"]] for row in in_pairs]
+    for ours, theirs in zip(one_batch, in_pairs, strict=True):
+        assert [p["probability"] for p in ours["predictions"]] == pytest.approx(
+            [p["probability"] for p in theirs["predictions"]], abs=1e-4)
+
+
+def test_images_are_read_a_batch_at_a_time(model: TrainedModel, test_images: list[Path]) -> None:
+    taken: list[int] = []
+
+    def inputs() -> Iterator[ImageInput]:
+        for index, path in enumerate(test_images):
+            taken.append(index)
+            yield ImageInput(str(path), path)
+
+    rows = predict_inputs(model, inputs(), batch_size=2)
+    next(rows)
+    assert len(taken) == 2  # the first row came before the third image was even listed
+    assert len(list(rows)) == len(test_images) - 1
+
+
+def test_top_k_beyond_the_classes_gives_every_class(model: TrainedModel,
+                                                    test_images: list[Path]) -> None:
+    [row] = predict_images(model, test_images[:1], top_k=50)
+    assert sorted(p["name"] for p in row["predictions"]) == sorted(model.class_names)
+    assert sum(p["probability"] for p in row["predictions"]) == pytest.approx(1, abs=1e-4)
