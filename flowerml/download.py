@@ -378,11 +378,14 @@ def download_file(
     """Download ``url`` to ``dest`` and return ``dest``.
 
     Streams into ``<dest>.part`` and resumes it with ``Range`` across retries and across calls.
-    Retries 429/500/502/503/504 and connection errors ``retries`` times with backoff
-    ``backoff * 2**attempt`` (capped at ``max_backoff``; a numeric Retry-After wins, same cap),
-    then raises `DownloadRetriesExhausted` (a `DownloadError` that no outer layer retries again);
-    an unlisted 5xx raises a plain `DownloadError` at once. Any other 4xx, a non-http(s) URL or
-    redirect, an https->http redirect, or an MD5 mismatch raises `SourceError`. ``dest`` appears
+    Retries 429/500/502/503/504 and transport failures ``retries`` times (a refused connection
+    at most `REFUSED_RETRIES` times) with backoff ``backoff * 2**attempt`` (capped at
+    ``max_backoff``; a numeric Retry-After wins, same cap), each retry announced as a warning on
+    the ``flowerml.download`` logger, then raises `DownloadRetriesExhausted` (a `DownloadError`
+    that no outer layer retries again) naming the URL and the cause; an unlisted 5xx raises a
+    plain `DownloadError` at once. Any other 4xx, a non-http(s) URL or redirect, a URL without a
+    host or with a port outside 1-65535, an unknown host, a certificate that does not verify, an
+    https->http redirect, or an MD5 mismatch raises `SourceError` at once. ``dest`` appears
     only once complete and verified. An existing ``dest`` that matches ``expected_md5`` (or any,
     when None) is returned without a request. ``progress(bytes_so_far, total_or_None)`` is
     called as bytes arrive.
