@@ -204,7 +204,7 @@ def _fetch_from_s3(uri: str, cache_dir: Path | None, s3: S3Options | None) -> Pa
     except ValueError as error:
         raise WeightsError(f"--weights {uri}: {error}") from None
     _check_suffix(Path(key), uri)
-    store = open_store(f"s3://{bucket}", s3=s3)
+    store = open_store(f"s3://{bucket}", s3=s3, name="--weights")
     if cache_dir is None:
         return check_weights_file(_download_to_temp(store, key, uri), label=uri)
     return check_weights_file(_cached_object(store, key, Path(cache_dir) / "weights" / bucket),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -110,6 +111,23 @@ def report_failure(error: CliError, as_json: bool) -> None:
         emit_json({"error": error.format_message(), "kind": error.kind})
 
 
+class WarningLines(logging.Handler):
+    """flowerml's warnings (a download being retried, say) as `flowerml: warning: ...` lines
+    on whatever stderr is now (click's test runner swaps it per invocation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"flowerml: warning: {one_line(record.getMessage())}", err=True)
+
+
+def show_library_warnings() -> None:
+    logger = logging.getLogger("flowerml")
+    if not any(isinstance(handler, WarningLines) for handler in logger.handlers):
+        handler = WarningLines(logging.WARNING)
+        logger.addHandler(handler)
+        logger.setLevel(min(logger.level or logging.WARNING, logging.WARNING))
+        logger.propagate = False  # said once, in our words, not again by the root logger
+
+
 class FlowermlGroup(click.Group):
     """Turns library errors into one clear line and exit code 2, and a JSON line with --json."""
 
@@ -129,6 +147,7 @@ class FlowermlGroup(click.Group):
              **extra: Any) -> Any:
         args = list(sys.argv[1:] if args is None else args)
         as_json = json_requested(args)
+        show_library_warnings()
         try:
             with stdout_for_json_only(as_json):
                 result = super().main(args, prog_name, complete_var, standalone_mode=False,
@@ -153,7 +172,7 @@ DEVICES: tuple[str, ...] = get_args(Device)  # the same tuple as flowerml.distri
 
 # Options every command spells the same way, with their defaults from one place.
 store_option = click.option("--store", default=None,
-                            help="Store: a directory, file://PATH or s3://bucket[/prefix] "
+                            help="Store: a folder path, file://PATH or s3://bucket[/prefix] "
                                  "(default: FLOWERML_STORE).")
 dataset_option = click.option("--dataset", default=None,
                               help="Dataset name (default: FLOWERML_DATASET).")

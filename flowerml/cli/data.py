@@ -41,7 +41,8 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 
 @cli.command()
 @click.option("--source", default="official", show_default=True,
-              help="'official', a folder, a base URL or an s3:// prefix holding the three files.")
+              help="Where the three files are: 'official' (the Oxford site), a folder path, "
+                   "file://PATH, an http(s):// base URL or s3://bucket[/prefix].")
 @store_option
 @dataset_option
 @click.option("--verify/--no-verify", default=False,
@@ -54,13 +55,15 @@ def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
     """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store."""
     from flowerml.ingest import FetchOptions
     from flowerml.ingest import ingest as run_ingest
+    from flowerml.locations import parse_source
     from flowerml.progress import progress_for_terminal
 
+    where = parse_source(source, "--source")  # refused before any setting or store is touched
     settings = load_settings(store=store, dataset=dataset)
     options = FetchOptions(verify=verify, retries=settings.download_retries,
                            timeout=settings.download_timeout, s3=settings.s3_options())
     with progress_for_terminal(quiet=as_json) as progress:
-        result = run_ingest(source, build_store(settings), settings.dataset, settings.cache_dir,
+        result = run_ingest(where, build_store(settings), settings.dataset, settings.cache_dir,
                             options, workers=workers, progress=progress)
     if as_json:
         emit_json(result.to_json())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import click
@@ -36,6 +37,11 @@ def build_group() -> click.Group:
     @json_option
     def missing(as_json: bool) -> None:
         raise DatasetNotFound("dataset 'roses' is not published on ./store")
+
+    @group.command()
+    def warns() -> None:
+        logging.getLogger("flowerml.download").warning("download of URL failed; retry 1 of 2")
+        click.echo("done")
 
     @group.command()
     @click.argument("path")
@@ -123,3 +129,10 @@ def test_every_option_of_every_command_has_help() -> None:
                for param in command.params
                if isinstance(param, click.Option) and not param.hidden and not param.help]
     assert missing == []
+
+
+def test_library_warnings_are_flowerml_warning_lines_on_stderr() -> None:
+    result = run("warns")
+    assert result.exit_code == 0
+    assert result.stderr == "flowerml: warning: download of URL failed; retry 1 of 2\n"
+    assert result.stdout == "done\n"
