@@ -18,6 +18,7 @@ from typing import Any
 from flowerml.errors import DatasetNotFound, FlowermlError, UserError
 from flowerml.manifest import (
     MANIFEST,
+    SPLITS,
     check_name,
     current_key,
     dataset_prefix,
@@ -414,7 +415,9 @@ def describe_version(store: Store, name: str, version: str, complete: bool,
     key = manifest_key(name, version)
     try:
         manifest = json.loads(store.get_bytes(key))
-        described.counts = {split: int(n) for split, n in manifest["counts"].items()}
+        counts = manifest["counts"]
+        described.counts = {split: int(counts[split])  # in split order, not the file's
+                            for split in sorted(counts, key=split_order)}
         described.classes = len(manifest["classes"])
         described.quarantined = int(manifest.get("quarantined", 0))
         described.synthetic = manifest.get("synthetic") is True
@@ -424,6 +427,10 @@ def describe_version(store: Store, name: str, version: str, complete: bool,
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         described.problem = f"{location(store, key)}: not a flowerml manifest ({error!r})"
     return described
+
+
+def split_order(split: str) -> tuple[int, str]:
+    return (SPLITS.index(split), "") if split in SPLITS else (len(SPLITS), split)
 
 
 def read_quarantine(store: Store, name: str, version: str) -> list[dict]:

@@ -199,3 +199,62 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
                                                              else "")
         click.echo(f"{row['seq']:>4} {row['time']} {version_text(row['from'])} -> "
                    f"{version_text(row['to'])}{tags}: {row['reason']}")
+
+
+@registry.command("register")
+@click.option("--run", "run_id", required=True,
+              help="The training run to register: trained with `flowerml train` and evaluated "
+                   "on test with `flowerml evaluate`.")
+@click.option("--model", "name", default="flowers102", show_default=True,
+              help="The registry model to add a version to.")
+@alias_option
+@click.option("--threshold", type=float, default=Gate.threshold, show_default=True,
+              help="Minimum test top-1 for the gate's verdict recorded on the card.")
+@click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
+              help="Allowed drop below the alias's current model, for the recorded verdict.")
+@store_option
+@device_option
+@json_option
+def registry_register(run_id: str, name: str, alias: str, threshold: float, tolerance: float,
+                      store: str | None, device: str, as_json: bool) -> None:
+    """Register a run's best weights as a new version of the model, with the card and lineage
+    the retrain flow gives its runs (the gate's verdict against ALIAS included); nothing is
+    promoted: `flowerml registry promote` does that.
+
+    The run must have finished training and have a test evaluation of its current weights on
+    the dataset version it trained on: otherwise it is refused (exit 2) with the command to run
+    first (`flowerml evaluate --run ID`). A run whose weights are already a version is refused
+    too. --json prints {model, version, label, location, run_id, weights_sha256, metrics,
+    gate}.
+    """
+    from flowerml.inventory import location, registrable_run
+    from flowerml.promotion import judge_candidate
+    from flowerml.registry import Registry
+    from flowerml.release import build_card, register_run
+
+    gate = Gate(threshold=threshold, tolerance=tolerance)
+    settings = load_settings(store=store)
+    target = build_store(settings)
+    evaluation = registrable_run(target, name, run_id)
+    dataset, _, version = (evaluation.dataset or "").partition("@")
+    promote, reasons, _, _ = judge_candidate(
+        target, name, alias, evaluation.metrics["top1"], dataset, version, gate, force=False,
+        cache_dir=settings.cache_dir, device=device)
+    card = build_card(target, run_id, evaluation.metrics, promote=promote, reasons=reasons,
+                      gate={"threshold": threshold, "tolerance": tolerance, "force": False})
+    registered = register_run(Registry(target, name), target, run_id, card)
+    where = location(target, f"registry/{name}/versions/{registered.version:06d}/")
+    if as_json:
+        emit_json({"model": name, "version": registered.version, "label": registered.label,
+                   "location": where, "run_id": run_id,
+                   "weights_sha256": registered.weights_sha256, "metrics": evaluation.metrics,
+                   "gate": {"alias": alias, "promote": promote, "reasons": reasons}})
+        return
+    click.echo(f"registered {name}:{registered.version:06d} from run {run_id} "
+               f"(test top-1 {evaluation.metrics['top1']:.4f}) at {where}")
+    verdict = "would promote it" if promote else "would not promote it"
+    click.echo(f"the gate {verdict} to {alias}:")
+    for reason in reasons:
+        click.echo(f"  - {reason}")
+    click.echo(f"next: flowerml registry promote {name} {registered.version}"
+               + (f" --alias {alias}" if alias != DEFAULT_ALIAS else ""))

@@ -1,0 +1,85 @@
+"""`flowerml datasets list|show`, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flowerml.storage import LocalStore
+from tests.cli_helpers import assert_refused, invoke
+from tests.conftest import DATASET
+
+
+def add_quarantined_version(store: LocalStore, version: str) -> None:
+    """A second version beside CURRENT's, synthetic, with one quarantined image."""
+    current = json.loads(store.get_bytes(f"datasets/{DATASET}/CURRENT"))["version"]
+    manifest = json.loads(store.get_bytes(f"datasets/{DATASET}/{current}/manifest.json"))
+    store.put_bytes(f"datasets/{DATASET}/{version}/quarantine.json", json.dumps(
+        [{"image": "image_00007.jpg", "split": "test", "label": 2,
+          "reason": "truncated JPEG"}]).encode())
+    store.put_bytes(f"datasets/{DATASET}/{version}/manifest.json", json.dumps(
+        {**manifest, "version": version, "quarantined": 1, "synthetic": True}).encode())
+
+
+def test_list(local_published, local_store: LocalStore) -> None:
+    add_quarantined_version(local_store, "000000000000")
+    result = invoke("datasets", "list", "--store", str(local_store.root))
+    assert result.exit_code == 0, result.output
+    synthetic = "synthetic" if json.loads(local_store.get_bytes(
+        f"datasets/{DATASET}/{local_published.version}/manifest.json")).get("synthetic") \
+        else "not synthetic"
+    assert result.stdout == (
+        f"{DATASET}: 2 version(s), {local_published.version} [CURRENT]: train 8, valid 8, "
+        f"test 8; 4 classes; 0 quarantined; {synthetic}; {local_store.uri}/datasets/{DATASET}/\n")
+
+
+def test_list_json(local_published, local_store: LocalStore) -> None:
+    result = invoke("datasets", "list", "--store", str(local_store.root), "--json")
+    assert result.exit_code == 0, result.output
+    [dataset] = json.loads(result.stdout)
+    assert dataset["name"] == DATASET and dataset["current"] == local_published.version
+    assert dataset["versions"][0]["counts"] == {"train": 8, "valid": 8, "test": 8}
+    assert "quarantine" not in dataset["versions"][0]
+
+
+def test_an_empty_store_lists_nothing(tmp_path: Path) -> None:
+    result = invoke("datasets", "list", "--store", str(tmp_path / "empty"))
+    assert result.exit_code == 0 and result.stdout == "" and "no datasets on" in result.stderr
+    result = invoke("datasets", "list", "--store", str(tmp_path / "empty"), "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+
+
+def test_show(local_published, local_store: LocalStore) -> None:
+    add_quarantined_version(local_store, "000000000000")
+    result = invoke("datasets", "show", "--store", str(local_store.root))  # FLOWERML_DATASET's
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    base = f"{local_store.uri}/datasets/{DATASET}/"
+    assert lines[0] == f"dataset {DATASET}: CURRENT {local_published.version}; {base}"
+    assert lines[1].startswith(f"  {local_published.version} [CURRENT]: train 8")
+    assert lines[2] == f"    {base}{local_published.version}/"
+    assert lines[3] == ("  000000000000: train 8, valid 8, test 8; 4 classes; 1 quarantined; "
+                        "synthetic")
+    assert lines[4] == f"    {base}000000000000/"
+    assert lines[5] == "    quarantined image_00007.jpg (test, label 2): truncated JPEG"
+
+
+def test_show_json(local_published, local_store: LocalStore) -> None:
+    add_quarantined_version(local_store, "000000000000")
+    result = invoke("datasets", "show", DATASET, "--store", str(local_store.root), "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    versions = {v["version"]: v for v in shown["versions"]}
+    assert versions[local_published.version]["current"] is True
+    assert versions[local_published.version]["quarantine"] == []
+    assert versions["000000000000"]["synthetic"] is True
+    assert versions["000000000000"]["quarantine"][0]["reason"] == "truncated JPEG"
+
+
+def test_an_unknown_dataset(local_published, local_store: LocalStore) -> None:
+    message = f"dataset 'roses' is not on {local_store.uri}"
+    assert_refused(invoke("datasets", "show", "roses", "--store", str(local_store.root)),
+                   message)
+    result = invoke("datasets", "show", "roses", "--store", str(local_store.root), "--json")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == "not-found"

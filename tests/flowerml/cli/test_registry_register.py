@@ -1,0 +1,123 @@
+"""`flowerml registry register --run ID`: a run trained with `flowerml train` becomes a registry
+version with the card and lineage the retrain flow gives its runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowerml.registry import Registry
+from flowerml.release import build_card
+from flowerml.runs import RunFiles
+from flowerml.storage import LocalStore
+from tests.cli_helpers import assert_refused, invoke
+from tests.conftest import DATASET, StoreAndCache, copy_tree
+from tests.flowerml.conftest import TINY_RUN
+
+
+@pytest.fixture
+def trained(tiny_run: StoreAndCache, tmp_path: Path) -> StoreAndCache:
+    """A private copy of the store with the tiny run trained and not evaluated, and its cache."""
+    copy_tree(tiny_run.store.root, tmp_path / "store")
+    return StoreAndCache(LocalStore(tmp_path / "store"), tiny_run.cache)
+
+
+def run_cli(where: StoreAndCache, *args: str):
+    return invoke(*args, "--store", str(where.store.root), cache=where.cache)
+
+
+def evaluate(where: StoreAndCache) -> dict:
+    result = run_cli(where, "evaluate", "--run", TINY_RUN, "--device", "cpu", "--workers", "0",
+                     "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_a_run_without_a_test_evaluation_is_refused(trained: StoreAndCache) -> None:
+    result = run_cli(trained, "registry", "register", "--run", TINY_RUN)
+    assert_refused(result, "run 'tiny' has no test evaluation: run flowerml evaluate --run "
+                           "tiny first")
+    assert list(trained.store.list("registry/")) == []
+
+
+def test_an_unknown_run(trained: StoreAndCache) -> None:
+    assert_refused(run_cli(trained, "registry", "register", "--run", "nope"),
+                   f"run 'nope' not found on {trained.store.uri}")
+    result = run_cli(trained, "registry", "register", "--run", "nope", "--json")
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == "not-found"
+
+
+def test_register_an_evaluated_run_with_the_flows_card(trained: StoreAndCache) -> None:
+    store, _ = trained
+    evaluated = evaluate(trained)
+    result = run_cli(trained, "registry", "register", "--run", TINY_RUN, "--threshold", "0.0",
+                     "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    registered = json.loads(result.stdout)
+    metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}
+    assert registered["version"] == 1 and registered["metrics"] == metrics
+    assert registered["location"] == f"{store.uri}/registry/flowers102/versions/000001/"
+    assert registered["gate"]["promote"] is True
+
+    version = Registry(store, "flowers102").get(1)
+    assert version.committed
+    assert version.weights_sha256 == RunFiles(store, TINY_RUN).read_json("best.json")["sha256"]
+    # The very card the flow's register task builds from the same run, metrics and verdict.
+    expected = build_card(store, TINY_RUN, metrics, promote=True,
+                          reasons=registered["gate"]["reasons"],
+                          gate={"threshold": 0.0, "tolerance": 0.005, "force": False})
+    card = {k: v for k, v in version.card.items()
+            if k not in ("version", "model", "weights_sha256", "registered_at")}
+    assert {k: v for k, v in card.items() if k != "software"} == {
+        k: v for k, v in expected.items() if k != "software"}
+    assert card["lineage"]["run_id"] == TINY_RUN
+    assert card["lineage"]["dataset_version"] == evaluated["dataset_version"]
+    for name in ("card.md", "report.md", "metrics.json", "confusion.png"):
+        assert store.exists(f"registry/flowers102/versions/000001/{name}"), name
+
+    # The same weights again would be a second, identical version.
+    assert_refused(run_cli(trained, "registry", "register", "--run", TINY_RUN),
+                   "run 'tiny' is already registered as flowers102:000001")
+    assert [v.version for v in Registry(store, "flowers102").versions()] == [1]
+    # And the run now names its registry version.
+    shown = json.loads(run_cli(trained, "runs", "show", TINY_RUN, "--json").stdout)
+    assert shown["registered"] == ["flowers102:000001"]
+
+
+def test_human_output_names_the_location_the_verdict_and_the_next_step(
+        trained: StoreAndCache) -> None:
+    evaluate(trained)
+    result = run_cli(trained, "registry", "register", "--run", TINY_RUN, "--model", "roses",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"registered roses:000001 from run {TINY_RUN} (test top-1 ")
+    assert lines[0].endswith(f"at {trained.store.uri}/registry/roses/versions/000001/")
+    assert lines[1] == "the gate would not promote it to production:"  # below 0.95
+    assert lines[-1] == "next: flowerml registry promote roses 1"
+
+
+def test_an_evaluation_of_older_weights_is_refused(trained: StoreAndCache) -> None:
+    """Evaluated, then trained further: the card would claim the old weights' score."""
+    store, _ = trained
+    evaluate(trained)
+    run = RunFiles(store, TINY_RUN)
+    tensors, _ = run.load_weights()
+    run.save_weights({k: v * 2 if v.is_floating_point() else v for k, v in tensors.items()},
+                     epoch=2, valid_top1=1.0)
+    assert_refused(run_cli(trained, "registry", "register", "--run", TINY_RUN),
+                   "test evaluation is of other weights than its best ones now (it trained "
+                   "further since): run flowerml evaluate --run tiny first")
+    assert list(store.list("registry/")) == []
+
+
+def test_a_bad_model_name_or_gate(trained: StoreAndCache) -> None:
+    evaluate(trained)
+    assert_refused(run_cli(trained, "registry", "register", "--run", TINY_RUN, "--model",
+                           "Bad Name"), "Bad Name")
+    assert_refused(run_cli(trained, "registry", "register", "--run", TINY_RUN, "--threshold",
+                           "2"), "--threshold")
+    assert list(trained.store.list("registry/")) == []
+    assert DATASET == "flowers102"
