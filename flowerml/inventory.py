@@ -47,8 +47,9 @@ class EvaluationMissing(UserError):
 
 
 def location(store: Store, key: str) -> str:
-    """The full location of a key: a path under a local store, an s3:// URI under S3."""
-    return f"{store.uri}/{key}"
+    """The full location of a key, or of a folder when it ends in '/': a path under a local
+    store, an s3:// URI under S3."""
+    return store.location(key.rstrip("/")) + ("/" if key.endswith("/") else "")
 
 
 # --------------------------------------------------------------------------------------------

@@ -218,6 +218,7 @@ class RunFiles:
                    + ([last] if last in keys else []))
         for key in ordered:
             self.store.delete(key)
+        self.store.remove_empty_folders(self.key(""))
         return len(ordered)
 
 

@@ -275,3 +275,21 @@ def test_listing_never_imports_torch(registered_copy: StoreAndCache) -> None:
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.splitlines()) == 4
+
+
+def test_runs_and_datasets_on_s3(registered_run: RegisteredRun, s3_store) -> None:
+    """The same inventory on an S3 store: s3:// locations, a run deleted to the last key."""
+    from tests.flowerml.conftest import publish_copy
+
+    published = publish_copy(registered_run.store.root, s3_store)
+    [dataset] = inventory.list_datasets(s3_store)
+    assert dataset.current == published.version
+    assert dataset.versions[0].location == (
+        f"{s3_store.uri}/datasets/{DATASET}/{published.version}/")
+    assert dataset.location.startswith("s3://")
+    [run] = inventory.list_runs(s3_store)
+    assert (run.run_id, run.status, run.registered) == (TINY_RUN, "finished",
+                                                         ["flowers102:000001"])
+    assert run.location == f"{s3_store.uri}/runs/{TINY_RUN}/"
+    inventory.delete_run(s3_store, TINY_RUN, force=True)
+    assert inventory.list_runs(s3_store) == []

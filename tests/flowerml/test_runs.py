@@ -419,3 +419,4 @@ def test_delete_removes_pointers_first_and_config_last(tmp_path: Path):
     assert deleted[-1] == "config.json" and sorted(deleted) == sorted(
         key.removeprefix("runs/run-1/") for key in files)
     assert run.keys() == [] and RunFiles(store, "run-10").exists()
+    assert not (store.root / "runs" / "run-1").exists()  # no empty folders left behind
