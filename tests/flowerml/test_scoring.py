@@ -1,0 +1,422 @@
+"""flowerml.scoring: a collection listed once into shards, each scored into a create-only part,
+`_SUCCESS.json` last; re-runs skip finished shards; bad input refused before any write."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+
+from flowerml.export import ExportError, PixelsToLogits, export_version
+from flowerml.registry import Registry, RegistryError
+from flowerml.release import load_version
+from flowerml.scoring import (
+    LISTING,
+    SUCCESS,
+    ScoringError,
+    ScoringPlan,
+    ScoringRequest,
+    finish_scoring,
+    glob_regex,
+    iter_json_array,
+    list_input,
+    pixels_of,
+    plan_scoring,
+    score_collection,
+    score_shard,
+)
+from flowerml.storage import LocalStore, S3Options, S3Store, Store
+from tests.conftest import copy_tree, store_keys
+from tests.flowerml.conftest import RegisteredRun
+from tests.flowerml.test_export import registry_copy
+from tests.flowerml.test_prediction import write_jpeg, write_truncated_jpeg
+
+
+class Scored(NamedTuple):
+    """A registry (flowers102:1, production, exported to ONNX) on its own store."""
+
+    registry: Registry
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def exported_registry(registered_run: RegisteredRun,
+                      tmp_path_factory: pytest.TempPathFactory) -> Scored:
+    root = tmp_path_factory.mktemp("scoring-registry")
+    registry, cache = registry_copy(registered_run, root)
+    assert export_version(registry, 1, cache_dir=cache, workers=0).passed
+    return Scored(registry, root)
+
+
+@pytest.fixture
+def registry(exported_registry: Scored, tmp_path: Path) -> Registry:
+    """A test's own copy of the exported registry (a test may damage it)."""
+    copy_tree(exported_registry.root / "store", tmp_path / "registry-store")
+    return Registry(LocalStore(tmp_path / "registry-store"), "flowers102")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """7 photos (one large, two in a subfolder), a note, a truncated JPEG and a hidden file."""
+    folder = tmp_path_factory.mktemp("photos")
+    for index, (name, width, height) in enumerate([
+            ("a.jpg", 90, 60), ("b.jpg", 60, 90), ("c.png", 64, 64), ("d.jpg", 2400, 1600),
+            ("e.jpg", 57, 80), ("sub/f.jpg", 120, 70), ("sub/g.jpeg", 45, 45)]):
+        path = write_jpeg(folder / name, width, height, seed=index)
+        if name.endswith(".png"):
+            from PIL import Image
+
+            Image.open(path).save(path, format="PNG")
+    (folder / "notes.txt").write_text("not a photo")
+    write_truncated_jpeg(folder / "cut.jpg")
+    (folder / ".hidden.jpg").write_bytes(b"macOS metadata")
+    return folder
+
+
+KEYS = ["a.jpg", "b.jpg", "c.png", "cut.jpg", "d.jpg", "e.jpg", "notes.txt", "sub/f.jpg",
+        "sub/g.jpeg"]
+"""The photos' keys in listing order (sorted, hidden files left out)."""
+
+
+def request(input: str | Path, output: str | Path, **options) -> ScoringRequest:
+    return ScoringRequest(input=str(input), model=options.pop("model", "flowers102@production"),
+                          output=str(output), **{"shard_size": 4, "batch_size": 3, **options})
+
+
+def score(registry: Registry, input: str | Path, output: Store, *,
+          s3: S3Options | None = None, **options) -> dict:
+    return score_collection(request(input, output.uri, **options),
+                            registry_store=registry.store, output_store=output, s3=s3)
+
+
+def rows_of(output: Store, summary: dict) -> list[dict]:
+    prefix = summary["output"].removeprefix(output.uri + "/")
+    rows = []
+    for part in summary["parts"]:
+        rows += [json.loads(line) for line in
+                 output.get_bytes(f"{prefix}/{part}").decode().splitlines()]
+    return rows
+
+
+def expected_rows(registry: Registry, folder: Path, keys: list[str]) -> dict[str, list[float]]:
+    """Each readable key's probabilities from the eager model, computed here on its own."""
+    model = PixelsToLogits(load_version(registry, 1, device="cpu").model).eval()
+    expected = {}
+    for key in keys:
+        try:
+            pixels = pixels_of((folder / key).read_bytes(), 40)
+        except Exception:  # noqa: BLE001 - the unreadable ones have no probabilities
+            continue
+        with torch.no_grad():
+            expected[key] = torch.softmax(model(torch.from_numpy(pixels[None])), 1)[0].tolist()
+    return expected
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def test_a_folder_is_scored_in_shards_then_success_names_the_run(registry: Registry,
+                                                                 photos: Path,
+                                                                 tmp_path: Path) -> None:
+    output = LocalStore(tmp_path / "scores")
+    summary = score(registry, photos, output, top_k=2)
+    onnx = json.loads(registry.read_attachment(1, "export.json"))
+    assert summary["runtime"] == "onnx" and summary["sha256"] == onnx["sha256"]
+    assert (summary["model"], summary["version"]) == ("flowers102", 1)
+    assert summary["weights_sha256"] == registry.get(1).weights_sha256
+    assert (summary["images"], summary["scored"], summary["failed"]) == (9, 7, 2)
+    assert (summary["shards"], summary["shards_skipped"]) == (3, 0)
+    assert summary["parts"] == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+    prefix = f"flowers102/000001/{summary['input_id']}"
+    assert summary["output"] == f"{output.uri}/{prefix}"
+    assert {k.rsplit("/", 1)[-1] for k in store_keys(output)} >= {
+        LISTING, SUCCESS, *summary["parts"]}
+    assert json.loads(output.get_bytes(f"{prefix}/{SUCCESS}")) == summary
+    rows = rows_of(output, summary)
+    assert [row["key"] for row in rows] == KEYS
+    errors = {row["key"]: row["error"] for row in rows if "error" in row}
+    assert errors.keys() == {"cut.jpg", "notes.txt"}
+    assert errors["notes.txt"].startswith("not an image file")
+    assert errors["cut.jpg"].startswith("unreadable image")
+    assert [f["key"] for f in summary["failures"]] == ["cut.jpg", "notes.txt"]
+    expected = expected_rows(registry, photos, KEYS)
+    for row in rows:
+        if "error" in row:
+            continue
+        probabilities = expected[row["key"]]
+        best = sorted(range(4), key=lambda i: -probabilities[i])[:2]
+        assert row["labels"] == [i + 1 for i in best]
+        assert row["names"] == [registry.get(1).card["classes"][i]["name"] for i in best]
+        np.testing.assert_allclose(row["probabilities"], [probabilities[i] for i in best],
+                                   atol=1e-4)
+
+
+def test_torch_and_onnx_give_the_same_rankings(registry: Registry, photos: Path,
+                                               tmp_path: Path) -> None:
+    onnx = score(registry, photos, LocalStore(tmp_path / "onnx"), runtime="onnx")
+    eager = score(registry, photos, LocalStore(tmp_path / "torch"), runtime="torch")
+    assert eager["runtime"] == "torch" and eager["sha256"] == registry.get(1).weights_sha256
+    assert eager["input_id"] == onnx["input_id"]
+    onnx_rows = rows_of(LocalStore(tmp_path / "onnx"), onnx)
+    torch_rows = rows_of(LocalStore(tmp_path / "torch"), eager)
+    for mine, theirs in zip(onnx_rows, torch_rows, strict=True):
+        assert mine.keys() == theirs.keys() and mine["key"] == theirs["key"]
+        if "labels" in mine:
+            assert mine["labels"][0] == theirs["labels"][0]
+            np.testing.assert_allclose(mine["probabilities"], theirs["probabilities"],
+                                       atol=1e-4)
+
+
+def test_a_large_jpeg_is_decoded_reduced_to_the_same_pixels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = write_jpeg(tmp_path / "big.jpg", 3000, 2000).read_bytes()
+    pixels = pixels_of(data, 224)
+    assert pixels.shape == (3, 224, 224) and pixels.dtype == np.uint8
+    # The full decode, resized to 256 on the short side and centre-cropped, is the reference.
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((384, 256),
+                                                              Image.Resampling.BILINEAR)
+    reference = np.asarray(full)[16:240, 80:304].transpose(2, 0, 1).astype(int)
+    assert np.abs(pixels.astype(int) - reference).mean() < 3
+
+
+def test_a_rerun_skips_finished_shards_and_a_finished_output_is_returned(
+        registry: Registry, photos: Path, tmp_path: Path) -> None:
+    output = LocalStore(tmp_path / "scores")
+    first = score(registry, photos, output)
+    prefix = first["output"].removeprefix(output.uri + "/")
+    again = score(registry, photos, output)
+    assert again == {**first, "already_complete": True}
+    # A run killed before its last part and _SUCCESS: the next run does only what is missing.
+    part = output.get_bytes(f"{prefix}/part-00001.jsonl")
+    output.delete(f"{prefix}/part-00001.jsonl")
+    output.delete(f"{prefix}/{SUCCESS}")
+    resumed = score(registry, photos, output)
+    assert resumed["shards_skipped"] == 2 and "already_complete" not in resumed
+    assert output.get_bytes(f"{prefix}/part-00001.jsonl") == part
+    assert {k: v for k, v in resumed.items() if k not in ("seconds", "finished_at",
+                                                          "shards_skipped")} == \
+        {k: v for k, v in first.items() if k not in ("seconds", "finished_at",
+                                                     "shards_skipped")}
+
+
+def test_two_runs_on_one_output_leave_one_whole_copy(registry: Registry, photos: Path,
+                                                     tmp_path: Path) -> None:
+    output = LocalStore(tmp_path / "scores")
+    results: list[dict] = []
+    runs = [threading.Thread(target=lambda: results.append(score(registry, photos, output)))
+            for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=120)
+    assert len(results) == 2
+    assert [row["key"] for row in rows_of(output, results[0])] == KEYS
+    alone = score(registry, photos, LocalStore(tmp_path / "alone"))
+    assert rows_of(output, results[0]) == rows_of(LocalStore(tmp_path / "alone"), alone)
+    assert [k for k in store_keys(output) if k.endswith(SUCCESS)] == [
+        f"flowers102/000001/{alone['input_id']}/{SUCCESS}"]
+
+
+def test_success_is_written_only_when_every_part_is_there(registry: Registry, photos: Path,
+                                                          tmp_path: Path) -> None:
+    output = LocalStore(tmp_path / "scores")
+    plan = plan_scoring(request(photos, output.uri), registry_store=registry.store,
+                        output_store=output)
+    done = [score_shard(plan, shard, registry_store=registry.store, output_store=output)
+            for shard in (0, 2)]
+    with pytest.raises(ScoringError, match="1 shards of .* have no part .first: 1.: run again"):
+        finish_scoring(plan, done, output, 1.0)
+    assert not output.exists(plan.key(SUCCESS))
+    assert ScoringPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+
+
+def test_the_input_id_is_a_hash_of_the_listing(registry: Registry, photos: Path,
+                                               tmp_path: Path) -> None:
+    output = LocalStore(tmp_path / "scores")
+
+    def plan(folder: Path, **options) -> ScoringPlan:
+        return plan_scoring(request(folder, output.uri, **options),
+                            registry_store=registry.store, output_store=output)
+
+    copy = copy_tree(photos, tmp_path / "copy")
+    first = plan(copy)
+    assert plan(copy).input_id == first.input_id
+    assert plan(copy, shard_size=2).input_id != first.input_id  # shards hold other keys
+    write_jpeg(copy / "z.jpg", 50, 50)
+    assert plan(copy).input_id != first.input_id
+    assert (plan(copy).images, plan(copy).shards) == (10, 3)
+
+
+def test_an_output_inside_the_input_is_not_scored_again(registry: Registry, photos: Path,
+                                                        tmp_path: Path) -> None:
+    folder = copy_tree(photos, tmp_path / "photos")
+    output = LocalStore(folder / "scores")
+    first = score(registry, folder, output)
+    again = score(registry, folder, output)
+    assert again["input_id"] == first["input_id"] and again["already_complete"]
+    assert first["images"] == len(KEYS)
+
+
+# --- what INPUT may be -----------------------------------------------------------------------
+
+
+def test_a_glob_lists_matching_keys_below_its_folder(photos: Path) -> None:
+    assert list(list_input(f"{photos}/*.jpg").stream()) == ["a.jpg", "b.jpg", "cut.jpg",
+                                                           "d.jpg", "e.jpg"]
+    assert list(list_input(f"{photos}/**/*.jp*g").stream()) == [
+        "a.jpg", "b.jpg", "cut.jpg", "d.jpg", "e.jpg", "sub/f.jpg", "sub/g.jpeg"]
+    assert list(list_input(f"{photos}/sub/[fx].jpg").stream()) == ["f.jpg"]
+    assert glob_regex("a/**/b?.[!x]*").fullmatch("a/b1.y.z")
+    assert not glob_regex("*.jpg").fullmatch("sub/f.jpg")
+
+
+def test_text_and_json_lists_name_keys_paths_and_comments(registry: Registry, photos: Path,
+                                                          tmp_path: Path) -> None:
+    copy = copy_tree(photos, tmp_path / "photos")
+    (copy / "todo.txt").write_text(f"# today's photos\nb.jpg\n\n  sub/f.jpg  \n{copy}/a.jpg\n"
+                                   "missing.jpg\n")
+    (copy / "todo.json").write_text(json.dumps(["b.jpg", "sub/f.jpg", f"{copy}/a.jpg",
+                                                "missing.jpg"], indent=1))
+    output = LocalStore(tmp_path / "scores")
+    from_text = score(registry, copy / "todo.txt", output)
+    from_json = score(registry, copy / "todo.json", LocalStore(tmp_path / "json"))
+    rows = rows_of(output, from_text)
+    assert [row["key"] for row in rows] == ["b.jpg", "sub/f.jpg", f"{copy}/a.jpg",
+                                            "missing.jpg"]
+    assert rows[-1] == {"key": "missing.jpg", "error": "no such object"}
+    assert rows == rows_of(LocalStore(tmp_path / "json"), from_json)
+    assert from_text["root"] == str(copy)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
+def test_a_json_list_is_read_in_chunks(tmp_path: Path, chunk: int) -> None:
+    keys = [f"photos/{i:04d} \"q\" é.jpg" for i in range(40)]
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(keys, indent=2, ensure_ascii=False), encoding="utf-8")
+    with open(path, encoding="utf-8") as handle:
+        assert list(iter_json_array(handle, "keys.json", chunk)) == keys
+    for text in ("[]", " [ ] "):
+        assert list(iter_json_array(io.StringIO(text), "x", chunk)) == []
+    for bad, why in (('{"a": 1}', "does not start with"), ('["a" "b"]', "expected ','"),
+                     ('["a",]', "a ',' before ']'"), ('["a"', "ends before"),
+                     ('["a"] x', "text after"), ("", "does not start"), ('["a', "Unterminated")):
+        with pytest.raises(ScoringError, match=why):
+            list(iter_json_array(io.StringIO(bad), "x", chunk))
+
+
+def test_an_s3_prefix_is_scored_into_an_s3_output(registry: Registry, photos: Path,
+                                                  s3_bucket: str, moto_endpoint: str) -> None:
+    options = S3Options(endpoint_url=moto_endpoint)
+    inbox = S3Store(s3_bucket, "inbox", options)
+    for key in KEYS:
+        inbox.put_bytes(key, (photos / key).read_bytes())
+    output = S3Store(s3_bucket, "scores", options)
+    summary = score(registry, f"s3://{s3_bucket}/inbox", output, s3=options)
+    assert summary["root"] == f"s3://{s3_bucket}/inbox"
+    assert summary["output"].startswith(f"s3://{s3_bucket}/scores/flowers102/000001/")
+    rows = rows_of(output, summary)
+    local = score(registry, photos, LocalStore(photos.parent / f"{photos.name}-local-scores"))
+    assert rows == rows_of(LocalStore(photos.parent / f"{photos.name}-local-scores"), local)
+    # A list object on S3 names keys beside it, and s3:// URIs anywhere.
+    inbox.put_bytes("lists/today.txt", f"../a.jpg\ns3://{s3_bucket}/inbox/b.jpg\n".encode())
+    listed = score(registry, f"s3://{s3_bucket}/inbox/lists/today.txt", output, s3=options)
+    assert [(r["key"], "error" in r) for r in rows_of(output, listed)] == [
+        ("../a.jpg", True), (f"s3://{s3_bucket}/inbox/b.jpg", False)]
+
+
+# --- bad input: refused before anything is written -------------------------------------------
+
+
+def nothing_written(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", ["empty folder", "no images", "missing", "empty glob"])
+def test_an_input_without_images_is_refused(registry: Registry, tmp_path: Path,
+                                            case: str) -> None:
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    if case == "no images":
+        (folder / "notes.txt").write_text("x")
+    input = {"missing": tmp_path / "nowhere", "empty glob": f"{folder}/*.jpg"}.get(case, folder)
+    message = "no such folder" if case == "missing" else "no images there"
+    with pytest.raises(ScoringError, match=message):
+        score(registry, input, LocalStore(tmp_path / "scores"))
+    assert nothing_written(tmp_path / "scores")
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"shard_size": 0}, ScoringError, "--shard-size must be a whole number of at least 1"),
+    ({"batch_size": -1}, ScoringError, "--batch-size must be"),
+    ({"runtime": "tensorrt"}, ScoringError, "--runtime must be one of auto, onnx, torch"),
+    ({"model": "flowers102@staging"}, RegistryError, "flowers102 has no alias 'staging'"),
+    ({"model": "roses"}, RegistryError, "roses has no alias 'production'"),
+])
+def test_bad_options_are_refused(registry: Registry, photos: Path, tmp_path: Path,
+                                 options: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        score(registry, photos, LocalStore(tmp_path / "scores"), **options)
+    assert nothing_written(tmp_path / "scores")
+
+
+def test_an_output_that_cannot_be_written_is_refused(registry: Registry, photos: Path,
+                                                     tmp_path: Path, moto_endpoint: str) -> None:
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(ScoringError, match="--output .*file/scores is not writable: cannot "
+                                           "create store directory"):
+        score(registry, photos, LocalStore(tmp_path / "file" / "scores"))
+    assert (tmp_path / "file").read_text() == "a file, not a folder"
+    options = S3Options(endpoint_url=moto_endpoint)
+    with pytest.raises(ScoringError, match="--output s3://no-such-bucket-here/scores: bucket "
+                                           "'no-such-bucket-here' .* does not exist"):
+        score(registry, photos, S3Store("no-such-bucket-here", "scores", options), s3=options)
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Replace a file (never write into it: the test's copy shares it with the pristine one)."""
+    path.unlink()
+    path.write_bytes(data)
+
+
+def test_a_tampered_onnx_file_is_refused_before_scoring(registry: Registry, photos: Path,
+                                                        tmp_path: Path) -> None:
+    path = registry.store.root / registry.attachment_key(1, "model.onnx")
+    rewrite(path, path.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ExportError, match="model.onnx fails its checksum"):
+        score(registry, photos, LocalStore(tmp_path / "scores"))
+    assert nothing_written(tmp_path / "scores")
+
+
+def test_onnx_needs_a_passing_export(registry: Registry, photos: Path, tmp_path: Path) -> None:
+    record_path = registry.store.root / registry.attachment_key(1, "export.json")
+    record = json.loads(record_path.read_text())
+    record["parity"]["passed"] = False
+    rewrite(record_path, json.dumps(record).encode())
+    with pytest.raises(ScoringError, match="export failed its parity check.*--runtime torch"):
+        score(registry, photos, LocalStore(tmp_path / "scores"), runtime="onnx")
+    assert score(registry, photos, LocalStore(tmp_path / "auto"))["runtime"] == "torch"
+    for name in ("export.json", "model.onnx"):
+        (registry.store.root / registry.attachment_key(1, name)).unlink()
+    with pytest.raises(ScoringError, match="has no ONNX export .run: flowerml export"):
+        score(registry, photos, LocalStore(tmp_path / "scores"), runtime="onnx")
+    assert nothing_written(tmp_path / "scores")
+
+
+def test_an_output_started_with_other_settings_is_refused(registry: Registry, photos: Path,
+                                                          tmp_path: Path) -> None:
+    output = LocalStore(tmp_path / "scores")
+    started = score(registry, photos, output, runtime="torch")
+    before = store_keys(output)
+    with pytest.raises(ScoringError, match="was started with --runtime torch"):
+        score(registry, photos, output, runtime="onnx")
+    with pytest.raises(ScoringError, match="was started with --top-k 5"):
+        score(registry, photos, output, top_k=3)
+    assert store_keys(output) == before
+    assert score(registry, photos, output)["runtime"] == started["runtime"]  # auto follows
