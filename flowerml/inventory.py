@@ -127,7 +127,7 @@ def list_runs(store: Store) -> list[RunSummary]:
 
 def open_run(store: Store, run_id: str) -> RunFiles:
     """The run `run_id`: RunError for a malformed id, RunNotFound when it has no files."""
-    return RunFiles(store, check_run_id(run_id)).require()
+    return RunFiles(store, check_run_id(run_id, "run id")).require()
 
 
 def describe_run(store: Store, run_id: str) -> RunDetails:

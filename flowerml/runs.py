@@ -43,9 +43,11 @@ class RunNotFound(RunError):
     kind = "not-found"
 
 
-def check_run_id(run_id: str) -> str:
+def check_run_id(run_id: str, name: str = "--run-id") -> str:
+    """`run_id`, refused naming `name` (the option or argument it came from) unless it is a
+    whole store key part: letters, digits, '.', '_' or '-'."""
     if not RUN_ID.fullmatch(run_id):
-        raise RunError(f"--run-id must be letters, digits, '.', '_' or '-' (got {run_id!r})")
+        raise RunError(f"{name} must be letters, digits, '.', '_' or '-' (got {run_id!r})")
     return run_id
 
 

@@ -61,8 +61,8 @@ def datasets_show(name: str | None, store: str | None, as_json: bool) -> None:
     """
     from flowerml.inventory import describe_dataset
 
-    settings = load_settings(store=store, dataset=name)
-    dataset = describe_dataset(build_store(settings), settings.dataset)
+    settings = load_settings(store=store)
+    dataset = describe_dataset(build_store(settings), name or settings.dataset)
     if as_json:
         emit_json(dataset.to_json())
         return

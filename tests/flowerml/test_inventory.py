@@ -91,7 +91,7 @@ def test_unknown_and_malformed_run_ids(local_store: LocalStore) -> None:
         inventory.describe_run(local_store, "nope")
     with pytest.raises(RunNotFound, match="run 'nope' not found"):
         inventory.delete_run(local_store, "nope")
-    with pytest.raises(RunError, match="--run-id must be letters"):
+    with pytest.raises(RunError, match="run id must be letters"):
         inventory.describe_run(local_store, "../escape")
     assert inventory.list_runs(local_store) == []
 

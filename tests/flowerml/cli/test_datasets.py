@@ -83,3 +83,8 @@ def test_an_unknown_dataset(local_published, local_store: LocalStore) -> None:
     result = invoke("datasets", "show", "roses", "--store", str(local_store.root), "--json")
     assert result.exit_code == 2
     assert json.loads(result.stdout.splitlines()[-1])["kind"] == "not-found"
+
+
+def test_a_malformed_dataset_name(local_published, local_store: LocalStore) -> None:
+    assert_refused(invoke("datasets", "show", "../x", "--store", str(local_store.root)),
+                   "invalid dataset name '../x'")

@@ -121,3 +121,14 @@ def test_a_bad_model_name_or_gate(trained: StoreAndCache) -> None:
                            "2"), "--threshold")
     assert list(trained.store.list("registry/")) == []
     assert DATASET == "flowers102"
+
+
+def test_every_option_has_help() -> None:
+    import click
+
+    from flowerml.cli import cli
+
+    command = cli.commands["registry"].commands["register"]
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    assert {"--run", "--store", "--json"} <= {opt for p in options for opt in p.opts}
+    assert [p.name for p in options if not p.help] == []

@@ -97,7 +97,7 @@ def test_an_unknown_run(store: LocalStore, command: list[str]) -> None:
 
 def test_a_malformed_run_id(store: LocalStore) -> None:
     assert_refused(invoke("runs", "show", "../x", "--store", str(store.root)),
-                   "--run-id must be letters")
+                   "run id must be letters")
 
 
 def test_delete(store: LocalStore) -> None:
