@@ -11,6 +11,7 @@ from flowerml.cli import (  # noqa: F401  (each registers its commands)
     predict,
     registry,
     runs,
+    score,
     training,
 )
 from flowerml.cli.app import (
