@@ -817,6 +817,12 @@ def score_collection(request: ScoringRequest, *, registry_store: Store, output_s
             on_shard(plan, result)
         return result
 
-    with ThreadPoolExecutor(max(parallel, 1), thread_name_prefix="flowerml-shard") as pool:
+    pool = ThreadPoolExecutor(max(parallel, 1), thread_name_prefix="flowerml-shard")
+    try:
         results = list(pool.map(run, range(plan.shards)))
+    except BaseException:
+        # Ctrl-C or a failed shard: start no more shards (finished parts stay for the re-run).
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return finish_scoring(plan, results, output_store, time.monotonic() - started)

@@ -45,38 +45,49 @@ class Scored(NamedTuple):
     root: Path
 
 
-@pytest.fixture(scope="module")
-def exported_registry(registered_run: RegisteredRun,
-                      tmp_path_factory: pytest.TempPathFactory) -> Scored:
-    root = tmp_path_factory.mktemp("scoring-registry")
+def export_registry_copy(registered_run: RegisteredRun, root: Path) -> Scored:
+    """The registered tiny run's registry copied under `root` and exported to ONNX."""
     registry, cache = registry_copy(registered_run, root)
     assert export_version(registry, 1, cache_dir=cache, workers=0).passed
     return Scored(registry, root)
 
 
-@pytest.fixture
-def registry(exported_registry: Scored, tmp_path: Path) -> Registry:
+def own_registry(exported: Scored, dest: Path) -> Registry:
     """A test's own copy of the exported registry (a test may damage it)."""
-    copy_tree(exported_registry.root / "store", tmp_path / "registry-store")
-    return Registry(LocalStore(tmp_path / "registry-store"), "flowers102")
+    copy_tree(exported.root / "store", dest)
+    return Registry(LocalStore(dest), "flowers102")
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_photos(folder: Path) -> Path:
     """7 photos (one large, two in a subfolder), a note, a truncated JPEG and a hidden file."""
-    folder = tmp_path_factory.mktemp("photos")
+    from PIL import Image
+
     for index, (name, width, height) in enumerate([
             ("a.jpg", 90, 60), ("b.jpg", 60, 90), ("c.png", 64, 64), ("d.jpg", 2400, 1600),
             ("e.jpg", 57, 80), ("sub/f.jpg", 120, 70), ("sub/g.jpeg", 45, 45)]):
         path = write_jpeg(folder / name, width, height, seed=index)
         if name.endswith(".png"):
-            from PIL import Image
-
             Image.open(path).save(path, format="PNG")
     (folder / "notes.txt").write_text("not a photo")
     write_truncated_jpeg(folder / "cut.jpg")
     (folder / ".hidden.jpg").write_bytes(b"macOS metadata")
     return folder
+
+
+@pytest.fixture(scope="module")
+def exported_registry(registered_run: RegisteredRun,
+                      tmp_path_factory: pytest.TempPathFactory) -> Scored:
+    return export_registry_copy(registered_run, tmp_path_factory.mktemp("scoring-registry"))
+
+
+@pytest.fixture
+def registry(exported_registry: Scored, tmp_path: Path) -> Registry:
+    return own_registry(exported_registry, tmp_path / "registry-store")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 KEYS = ["a.jpg", "b.jpg", "c.png", "cut.jpg", "d.jpg", "e.jpg", "notes.txt", "sub/f.jpg",
