@@ -1,5 +1,5 @@
-"""Evaluate and predict with the tiny trained run (a copy per module), through the library and
-the CLI."""
+"""Evaluate the tiny trained run (a copy per module), through the library and the CLI (predicting
+is tested in test_prediction.py and cli/test_predict.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.inference import evaluate_run, load_trained_model, predict_images
+from flowerml.inference import evaluate_run
 from flowerml.runs import RunFiles
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import StoreAndCache
@@ -35,34 +35,6 @@ def test_evaluate_cli_json(tiny_run: StoreAndCache) -> None:
     summary = json.loads(result.stdout)
     assert {"top1", "top5", "mean_class_accuracy", "loss", "n", "report"} <= set(summary)
     assert summary["report"] == f"{store.root}/runs/tiny/eval/test/report.md"
-
-
-def test_predict_top_k(tiny_run: StoreAndCache) -> None:
-    store, cache = tiny_run
-    image = next((store.root / "datasets").rglob("test/*/*.jpg"))
-    model = load_trained_model(store, "tiny", "cpu")
-    [prediction] = predict_images(model, [image], top_k=3)
-    probabilities = [p["probability"] for p in prediction["predictions"]]
-    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
-    assert sum(probabilities) <= 1.0001
-    assert prediction["predictions"][0]["name"] in model.class_names
-    result = invoke("predict", str(image), "--run", "tiny", "--device", "cpu", "--json",
-                    store=store, cache=cache)
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)[0]["image"] == str(image)
-
-
-def test_predict_bad_inputs(tiny_run: StoreAndCache, tmp_path: Path) -> None:
-    store, cache = tiny_run
-    assert_refused(invoke("predict", str(tmp_path / "none.jpg"), "--run", "tiny",
-                          store=store, cache=cache),
-                   "none.jpg: no such image")
-    text = tmp_path / "notes.jpg"
-    text.write_text("not an image")
-    assert_refused(invoke("predict", str(text), "--run", "tiny", store=store, cache=cache),
-                   "notes.jpg: not a readable image")
-    assert_refused(invoke("predict", str(text), "--run", "nope", store=store, cache=cache),
-                   "run 'nope' not found")
 
 
 def test_altered_image_on_store_is_refused(tiny_run: StoreAndCache, tmp_path: Path) -> None:
