@@ -6,8 +6,8 @@ One result per input, printed as it comes: a line `IMAGE: name p, name p, ...` (
 predicted (missing, not an image, truncated, too large to decode safely, a pattern matching
 nothing) gets its own row (`IMAGE: error: ...`, or `{"image", "error"}`) and a line
 `flowerml: error: IMAGE: ...` on stderr, and the others go on; the exit code is then 1 (with
-several inputs, a last stderr line counts the failures). Exit code 2 means nothing was
-predicted: a bad option, an unknown model or run.
+several inputs, a last stderr line counts the failures). Exit code 2 means predicting could
+not start: a bad option, an unknown model or run.
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
 
     Each INPUT is an image file, a folder (the .jpg, .jpeg, .png, .bmp, .gif, .webp, .tif and
     .tiff files under it, recursively, in sorted order; hidden names skipped) or a glob
-    pattern (expanded here when the shell has not; '**' reaches into subfolders). Exit code 1
-    when any input could not be predicted (its row says why), 2 when nothing was.
+    pattern (expanded here when the shell has not; '**' reaches into subfolders). One line per
+    image, or with --json one JSON object per line. Exit code 1 when any input could not be
+    predicted (its row says why), 2 when predicting could not start (a bad option, an unknown
+    model or run).
     """
     from flowerml.inference import load_trained_model
     from flowerml.prediction import expand_inputs, predict_inputs
