@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from flowerml.inference import evaluate_run, load_trained_model, predict_images
+from flowerml.inference import evaluate_run, load_trained_model
 from flowerml.ingest import FetchOptions, ingest
+from flowerml.prediction import predict_images
 from flowerml.recipes import build_config
 from flowerml.runs import RunFiles
 from flowerml.storage import LocalStore

@@ -1,4 +1,5 @@
-"""Using a trained run: load its best weights, evaluate them on a split, predict images.
+"""Using a trained run: load its best weights and evaluate them on a split (predicting images is
+`flowerml.prediction`).
 
 Evaluation writes its report next to the run (`runs/<run_id>/eval/<split>/`): report.md,
 metrics.json, per_class.json, confusion.png and curves.png.
@@ -13,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from flowerml.distributed import select_device
-from flowerml.errors import UserError
 from flowerml.evaluation import (
     Metrics,
     per_class_rows,
@@ -30,7 +29,6 @@ from flowerml.models import FlowerModel, build_model
 from flowerml.runs import RunError, RunFiles, check_run_id
 from flowerml.storage import ObjectNotFound, Store
 from flowerml.training import evaluate_loader
-from flowerml.transforms import build_transforms
 
 
 @dataclass
@@ -148,29 +146,3 @@ def read_history(run: RunFiles) -> list[dict]:
     except ObjectNotFound:
         return []  # a run evaluated before its first epoch finished has no curves yet
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such image") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"{path}: not a readable image ({error})") from None
-
-
-@torch.no_grad()
-def predict_images(trained: TrainedModel, paths: list[Path], top_k: int = 5) -> list[dict]:
-    """Top-k flower names with probabilities for each image."""
-    if top_k < 1:
-        raise UserError(f"--top-k must be at least 1 (got {top_k})")
-    top_k = min(top_k, len(trained.class_names))
-    transform = build_transforms("tutorial", trained.image_size, train=False)
-    batch = torch.stack([transform(open_image(path)) for path in paths]).to(trained.device)
-    probabilities = torch.softmax(trained.model(batch).float(), dim=1).cpu()
-    top = probabilities.topk(top_k, dim=1)
-    return [{"image": str(path), "predictions": [
-        {"label": int(index) + 1, "name": trained.class_names[int(index)],
-         "probability": round(float(p), 5)} for p, index in zip(values, indices, strict=True)]}
-        for path, values, indices in zip(paths, top.values, top.indices, strict=True)]

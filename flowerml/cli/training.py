@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from flowerml.cli.app import (
     Choice,
@@ -20,6 +22,7 @@ from flowerml.cli.app import (
 )
 from flowerml.recipes import RECIPE_NAMES
 from flowerml.settings import build_store, load_settings
+from flowerml.storage import Store
 
 
 def new_run_id() -> str:
@@ -43,6 +46,14 @@ def announce_run(json_progress: bool) -> Callable[[dict], None]:
     return on_event
 
 
+def saved_config(store: Store, run_id: str) -> dict[str, Any] | None:
+    """The training config a run was started with, or None for a new run id."""
+    from flowerml.runs import RunFiles, check_run_id
+
+    record = RunFiles(store, check_run_id(run_id, "--run-id")).read_optional_json("config.json")
+    return record["config"] if isinstance(record, dict) and "config" in record else None
+
+
 def say(text: str, machine_output: bool) -> None:
     """Human text: stdout normally, stderr when stdout carries JSON (--json, --json-progress)."""
     click.echo(text, err=machine_output)
@@ -62,7 +73,8 @@ def say(text: str, machine_output: bool) -> None:
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="DataLoader worker processes (default: from the CPU count).")
 @click.option("--run-id", default=None,
-              help="Resume this run, or name a new one (default: a new time-stamped id).")
+              help="Resume this run with its own config (a larger --epochs extends it), or "
+                   "name a new one (default: a new time-stamped id).")
 @click.option("--exit-with-parent", type=int, default=None, hidden=True,
               help="Stop when this process id is gone (set by the launcher).")
 @click.option("--json-progress", is_flag=True,
@@ -83,11 +95,19 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
     settings = load_settings(store=store, dataset=dataset)
     if config_json is not None and any(v is not None for v in options.values()):
         raise CliError("give --config or training options, not both")
-    config = load_config(config_json) if config_json else build_config(recipe, **options)
+    target = build_store(settings)
+    recipe_given = click.get_current_context().get_parameter_source("recipe") \
+        is not ParameterSource.DEFAULT
+    saved = None if config_json or recipe_given or not run_id else saved_config(target, run_id)
+    if saved is not None:  # resuming or extending: the run's own config, with what was typed
+        config = load_config(json.dumps({**saved, **{k: v for k, v in options.items()
+                                                     if v is not None}}))
+    else:
+        config = load_config(config_json) if config_json else build_config(recipe, **options)
     machine_output = as_json or json_progress
     on_event = announce_run(json_progress)
     with progress_for_terminal(quiet=machine_output) as progress:
-        result = fit(config, store=build_store(settings), dataset=settings.dataset,
+        result = fit(config, store=target, dataset=settings.dataset,
                      run_id=run_id or new_run_id(), cache_dir=settings.cache_dir,
                      version=dataset_version, device=device, workers=workers,
                      s3=settings.s3_options(), on_event=on_event, progress=progress)
