@@ -1,8 +1,10 @@
-"""`flowerml retrain` (flows/cli.py): the demo preset end to end, bad parameters, and signals."""
+"""`flowerml retrain` (flows/cli.py): every option checked before any work, what a run shows
+on stderr (its id first, a line per epoch, the error last), its exit codes, and signals."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -10,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
+import flows.cli as cli_module
 from flowerml.launch import process_alive
 from flows.cli import cli
-
-pytestmark = pytest.mark.slow
+from tests.cli_helpers import assert_refused
 
 
 def retrain_env(tmp_path: Path) -> dict[str, str]:
@@ -27,40 +30,132 @@ def retrain_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def retrain_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+                    timeout: float = 600) -> subprocess.CompletedProcess:
+    """`flowerml retrain ARGS` in its own interpreter, as a shell runs it."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", "retrain", *args],
+                          env=env or retrain_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_only_flowerml_lines(stderr: str) -> list[str]:
+    """No Prefect log line, no traceback (the temporary server's "database is locked" one
+    included): every stderr line is flowerml's own."""
+    lines = stderr.splitlines()
+    assert lines and all(line.startswith("flowerml: ") for line in lines), stderr[-3000:]
+    assert "Traceback" not in stderr and "database is locked" not in stderr
+    return lines
+
+
+@pytest.mark.slow
 def test_retrain_demo_preset_json(tmp_path: Path) -> None:
-    """`flowerml retrain --preset demo` end to end, in Prefect's ephemeral mode."""
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "retrain", "--preset", "demo",
-                           "--epochs", "1", "--image-size", "40", "--json"],
-                          env=retrain_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """`flowerml retrain --preset demo` end to end, in Prefect's ephemeral mode: the flow run
+    is named first, then one line per epoch; one epoch cannot pass the demo's 0.7 gate, so the
+    run registers a version, is not promoted and exits 1, like `registry promote`."""
+    done = retrain_process(tmp_path, "--preset", "demo", "--epochs", "1", "--image-size", "40",
+                           "--json")
+    assert done.returncode == 1, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
     assert set(summary) == {"dataset_version", "run_id", "metrics", "promoted", "version",
                             "reasons"}
     assert summary["version"] == 1 and summary["metrics"]["n"] == 140
+    assert not summary["promoted"]
     assert any("threshold 0.7000" in reason for reason in summary["reasons"])
+    first, *rest = assert_only_flowerml_lines(done.stderr)
+    flow_run_id = summary["run_id"].removeprefix("flowers102-")
+    assert first.startswith("flowerml: flow run 'retrain flowers102: resnet18 (demo)") and \
+        f"({flow_run_id}); training run {summary['run_id']}" in first, first
+    assert rest == [line for line in rest if line.startswith("flowerml: epoch 1/1: train loss")]
+    assert len(rest) == 1, done.stderr
     from flowerml.registry import Registry
     from flowerml.storage import LocalStore
 
     registry = Registry(LocalStore(tmp_path / "store"), "flowers102")
     assert registry.get(1).committed
-    assert (registry.alias() is not None) == summary["promoted"]
+    assert registry.alias() is None
+
+
+@pytest.mark.slow
+def test_a_failed_flow_run_ends_with_its_error(tmp_path: Path) -> None:
+    """A run that fails inside the flow (a source that is not the dataset) prints its id, then
+    the error as the last stderr line, nothing of Prefect's; --json ends stdout with it."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("102flowers.tgz", "imagelabels.mat", "setid.mat"):
+        (source / name).write_bytes(b"not the dataset")
+    done = retrain_process(tmp_path, "--source", str(source), "--recipe", "demo", "--json")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = assert_only_flowerml_lines(done.stderr)
+    assert lines[0].startswith("flowerml: flow run 'retrain flowers102:")
+    assert lines[1:] == ["flowerml: error: 102flowers.tgz: is not a gzip archive"], lines
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "error": "102flowers.tgz: is not a gzip archive", "kind": "bad-input"}
+    assert not (tmp_path / "store").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--recipe", "demoo"], "--recipe must be one of default, tutorial, linear-probe, demo"),
     (["--arch", "resnet9"], "--arch must be one of"),
     (["--preset", "demo", "--freeze-stages", "6"],
-     "retrain parameter training: --freeze-stages must be between 0 and 5 for resnet18"),
-    (["--threshold", "1.5"], "retrain parameter gate.threshold"),
+     "--freeze-stages must be between 0 and 5 for resnet18 (got 6)"),
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+    (["--threshold", "1.5"], "--threshold must be at most 1 (got 1.5)"),
+    (["--threshold", "nan"], "--threshold must be a finite number: got 'nan'"),
+    (["--timeout-s", "-1"], "--timeout-s must be more than 0 (got -1.0)"),
+    (["--weights", "missing.pth"], "--weights missing.pth: no such file missing.pth"),
+    (["--weights", "s3://bucket/"], "an S3 source needs s3://bucket/key to a file"),
+    (["--source", "ftp://host/x"], "source 'ftp://host/x' uses an unsupported scheme"),
+    (["--source", "no-such-folder"], "source folder no-such-folder does not exist"),
+    (["--store", "s3://Bad_Bucket!/x"], "invalid --store: 's3://Bad_Bucket!/x' has an invalid"),
+    (["--dataset", "Bad"], "invalid --dataset"),
+    (["--model-name", "Bad/Name"], "model name must be"),
 ])
-def test_bad_parameters_are_one_line_before_any_work(tmp_path: Path, args: list[str],
-                                                     message: str) -> None:
-    result = CliRunner().invoke(cli, ["retrain", *args], env={
+def test_bad_options_are_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  args: list[str], message: str) -> None:
+    """Each is refused before the flow starts (no Prefect server, no ingest): nothing is
+    written to the store, and not even the demo's source archive to the cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_module, "run_retrain", lambda params: pytest.fail("the flow ran"))
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["retrain", "--preset", "demo", *args], env={
         "FLOWERML_STORE": str(tmp_path / "store"), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
-    assert result.exit_code == 2, result.output
-    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
-    assert "Traceback" not in result.output
-    assert not (tmp_path / "store").exists()
+    assert_refused(result, message)
+    assert time.monotonic() - started < 60  # seconds when the machine is busy, not a run
+    assert not (tmp_path / "store").exists() and not (tmp_path / "c" / "demo-source").exists()
+
+
+@pytest.mark.slow
+def test_an_unreachable_prefect_api_is_one_line_before_any_work(tmp_path: Path) -> None:
+    env = {**retrain_env(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    done = retrain_process(tmp_path, "--preset", "demo", "--json", env=env, timeout=120)
+    message = ("Prefect API http://127.0.0.1:9/api (PREFECT_API_URL) is unreachable: "
+               "connection refused")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"error": done.stderr.strip().removeprefix(
+        "flowerml: error: "), "kind": "unavailable"}
+    assert not (tmp_path / "store").exists() and not (tmp_path / "cache").exists()
+
+
+def test_every_retrain_option_has_help() -> None:
+    options = [param for param in cli.commands["retrain"].params
+               if isinstance(param, click.Option)]
+    assert [param.opts[0] for param in options if not param.help] == []
+    assert "--verbose" in [param.opts[0] for param in options]
+
+
+def test_retries_are_shown_in_one_line() -> None:
+    """Prefect's retry notice (tasks/train.py's epochs are checked by the demo run above)."""
+    record = logging.LogRecord(
+        "prefect.task_runs", logging.INFO, __file__, 1,
+        "Task run failed with %s: %r - Retry %s/%s will start %s", (
+            "exception", RuntimeError("training exited with code -9:\nkilled"), 1, 2,
+            "30 second(s) from now"), None)
+    record.task_run_name = "train flowers102-1"
+    assert cli_module.progress_line(record) == (
+        "train flowers102-1: Task run failed with exception: RuntimeError('training exited "
+        "with code -9:\\nkilled') - Retry 1/2 will start 30 second(s) from now")
 
 
 def training_children(marker: str) -> list[int]:
@@ -77,6 +172,7 @@ def training_children(marker: str) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_sigterm_stops_retrain_and_its_training_child(tmp_path: Path) -> None:
     """systemd, `timeout` and Kubernetes stop with SIGTERM: the flow and its training child's
     group stop within seconds, with one line saying so, and nothing is left running."""
@@ -98,7 +194,7 @@ def test_sigterm_stops_retrain_and_its_training_child(tmp_path: Path) -> None:
     stopped_after = time.monotonic() - started
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert stopped_after < 30, stopped_after  # the training child's grace is 10 s
-    errors = [line for line in stderr.splitlines() if line.startswith("flowerml: error:")]
-    assert len(errors) == 1 and "stopped by SIGTERM" in errors[0], stderr[-3000:]
-    assert "Traceback" not in stderr
+    lines = assert_only_flowerml_lines(stderr)
+    errors = [line for line in lines if line.startswith("flowerml: error:")]
+    assert errors == lines[-1:] and "stopped by SIGTERM" in errors[0], stderr[-3000:]
     assert not [pid for pid in children if process_alive(pid)]
