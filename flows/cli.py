@@ -22,6 +22,7 @@ stopped by SIGINT/SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -246,16 +247,23 @@ def check_prefect_api() -> None:
 # What the run shows
 
 
+def prefect_settings() -> None:
+    """Prefect settings of our own, unless the user set them; before Prefect is imported, which
+    reads them once."""
+    # The temporary server gets 20 s to start by default, which a busy 2-core machine can miss.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server's telemetry heartbeat races its own writes to SQLite and logs a
+    # "database is locked" traceback on every run (and calls home from a CLI run).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def prefect_console(verbose: bool) -> None:
     """Prefect's console output in this process and in the temporary server it starts: all of
     it with --verbose, none otherwise (the API still receives every log line).
 
-    The temporary server's telemetry heartbeat races its own writes to SQLite and logs a
-    "database is locked" traceback on every run, so it is off unless the user turned it on.
+    Prefect read its settings when it was imported: this only reaches the temporary server
+    (its own process, started by the run) and this process's logging handlers.
     """
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server gets 20 s to start by default, which a busy 2-core machine can miss.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if verbose:
         return
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"  # the server process
@@ -266,6 +274,9 @@ def prefect_console(verbose: bool) -> None:
                     isinstance(handler, logging.StreamHandler):
                 handler.setLevel(logging.CRITICAL + 1)
     logging.getLogger("prefect.task_runs").addHandler(ProgressLines())
+
+
+EPOCH_LOG = "epoch %s/%s: %s"  # tasks/train.py's log line for an epoch event
 
 
 class ProgressLines(logging.Handler):
@@ -285,13 +296,16 @@ class ProgressLines(logging.Handler):
 def progress_line(record: logging.LogRecord) -> str | None:
     """An epoch line (tasks/train.py logs `epoch %s/%s: <event JSON>`) or a retry notice."""
     message = record.getMessage()
-    if message.startswith("epoch ") and isinstance(record.args, tuple) and \
-            len(record.args) == 3:
+    if record.msg == EPOCH_LOG and isinstance(record.args, tuple) and len(record.args) == 3:
         from flowerml.progress import EpochReport
 
-        event = json.loads(record.args[2])
-        return EpochReport(int(record.args[0]), int(record.args[1]), event["train_loss"],
-                           event["train_top1"], event["valid_top1"], event["seconds"]).line()
+        try:
+            event = json.loads(record.args[2])
+            return EpochReport(int(record.args[0]), int(record.args[1]), event["train_loss"],
+                               event["train_top1"], event["valid_top1"],
+                               event["seconds"]).line()
+        except (ValueError, KeyError, TypeError):  # another event shape: show it as it is
+            return message
     if message.startswith("Task run failed with") and " - Retry " in message:
         return f"{getattr(record, 'task_run_name', 'task')}: {one_line(message)}"
     return None
@@ -382,6 +396,7 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     Reports to PREFECT_API_URL when set; otherwise Prefect runs it with a temporary local
     server. Exit code 0 promoted, 1 not promoted, 2 not done (one line says why).
     """
+    prefect_settings()
     settings = load_settings(store=store, dataset=dataset)
     check_names(model_name, alias)
     gate = {"threshold": threshold, "tolerance": tolerance, "force": force}
@@ -424,10 +439,13 @@ def run_retrain(params: Any) -> dict[str, Any]:
     except FlowermlError:
         raise
     except Exception as error:  # noqa: BLE001 - Prefect's and the API's errors alike
-        raise CliError(f"the flow run failed: {type(error).__name__}: {one_line(error)} "
+        raise CliError(f"retrain failed: {type(error).__name__}: {one_line(error)} "
                        f"(--verbose shows Prefect's logs and traceback)", "failed") from None
     finally:
-        stop_temporary_server()
+        # Tidying up must not replace the run's own outcome; at worst Prefect stops its
+        # server at exit, as it would have anyway.
+        with contextlib.suppress(Exception):
+            stop_temporary_server()
 
 
 def print_retrain_summary(summary: dict, model_name: str, alias: str,
