@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/flowerml retrain --preset demo
+	$(BIN)/flowerml retrain --preset demo || [ $$? -eq 1 ]  # 1: ran, the gate said no
 	@echo "(flowerml is installed in $(VENV): run '. $(VENV)/bin/activate' before the command above)"
 
 deploy-demo: $(STAMP)

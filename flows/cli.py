@@ -458,12 +458,21 @@ def print_retrain_summary(summary: dict, model_name: str, alias: str,
                f"mean per-class {metrics['mean_class_accuracy']:.4f} on {metrics['n']} images")
     for reason in summary["reasons"]:
         click.echo(f"  - {reason}")
+    if summary.get("export"):
+        click.echo(f"onnx: {describe_export(summary['export'])}")
     examples = sorted((settings.cache_dir / settings.dataset).glob("*/test/*/*.jpg"))
     image = examples[0] if examples else Path("path/to/flower.jpg")
     # A version that was not promoted is not behind the alias: name it by number.
     model = f"{model_name}@{alias}" if summary["promoted"] else \
         f"{model_name}:{summary['version']}"
     click.echo(f"try: flowerml predict {image} --model {model}")
+
+
+def describe_export(export: dict[str, Any]) -> str:
+    verdict = "passed" if export["parity_passed"] else "FAILED"
+    return (f"{export['location']} ({export['bytes'] / 1e6:.1f} MB), parity {verdict}: top-1 "
+            f"agreement {export['top1_agreement']:.2%}, max |logit diff| "
+            f"{export['max_abs_logit_diff']:.1e}")
 
 
 def main(argv: list[str] | None = None) -> None:

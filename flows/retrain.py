@@ -28,6 +28,7 @@ from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_
 from flowerml.registry import DEFAULT_ALIAS
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
+from tasks.export import export_task
 from tasks.ingest import fetch_sources_task, publish_split_task
 from tasks.registry import announce, decide_task, promote_task, register_task
 from tasks.train import train_task
@@ -81,6 +82,10 @@ class RetrainParams(BaseModel):
     gate: GateParams = Field(default_factory=GateParams, title="Promotion gate")
     model_name: str = Field("flowers102", title="Model name", description="Registry model name")
     alias: str = Field(DEFAULT_ALIAS, title="Alias", description="Alias a passing model moves")
+    export_onnx: bool = Field(True, title="Export to ONNX",
+                              description="After registering, export the version to ONNX and "
+                                          "check its parity with PyTorch on the test split; a "
+                                          "failed parity check blocks promotion")
     recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
                                 description="How many times a crashed run may be resumed "
                                             "automatically before it gives up")
@@ -134,13 +139,16 @@ def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]: 
     decision = decide_task(model, params.alias, metrics, params.dataset, version, gate,
                            store=store)
     registered = register_task(run_id, model, metrics, decision, gate, store=store)
+    exported = export_task(model, registered["version"], store=store) \
+        if params.export_onnx else None
     promoted, reasons = False, decision["reasons"]
     if decision["promote"]:
         moved = promote_task(model, registered["version"], params.alias,
                              decision["candidate"], decision["champion"], gate, store=store)
         promoted, reasons = moved["promoted"], moved["reasons"]
     summary = {"dataset_version": version, "run_id": run_id, "metrics": metrics,
-               "promoted": promoted, "version": registered["version"], "reasons": reasons}
+               "promoted": promoted, "version": registered["version"], "reasons": reasons,
+               "export": exported}
     announce(model, {**summary, "alias": params.alias})
     return summary
 
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowerml: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, sort_keys=True))
-    return 0
+    return 0 if summary["promoted"] else 1  # as `flowerml retrain`: the gate refused
 
 
 def describe_parameter_error(error: ValidationError) -> str:

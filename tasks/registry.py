@@ -109,6 +109,15 @@ def announce(model: str, summary: dict[str, Any]) -> None:
              f"- dataset version: {summary['dataset_version']}",
              f"- test top-1: {summary['metrics']['top1']:.4f}", "", "## Reasons", ""]
     lines += [f"- {reason}" for reason in summary["reasons"]]
+    export = summary.get("export")
+    if export:
+        verdict = "passed" if export["parity_passed"] else "FAILED"
+        lines += ["", "## ONNX export", "",
+                  f"- `{export['location']}` ({export['bytes'] / 1e6:.1f} MB)",
+                  f"- parity {verdict}: top-1 agreement {export['top1_agreement']:.4%}, max "
+                  f"|logit difference| {export['max_abs_logit_diff']:.2e}",
+                  f"- CPU images/s: PyTorch {export['torch_images_per_second']:.1f}, ONNX "
+                  f"Runtime {export['onnx_images_per_second']:.1f}"]
     create_markdown_artifact("\n".join(lines), key=artifact_key(model, "promotion-decision"),
                              description=f"Promotion decision: {model}")
     emit_event(event=f"flowerml.model.{verdict}",

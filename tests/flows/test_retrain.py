@@ -7,6 +7,7 @@ failure inside register leaves no COMMITTED version and the alias unchanged.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,10 @@ def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint:
     monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
     store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
 
-    def run(training: dict, **gate) -> dict:
+    def run(training: dict, export_onnx: bool = False, **gate) -> dict:
         params = RetrainParams(source=str(source), store=f"s3://{s3_bucket}/ml",
-                               training=training, gate={"threshold": 0.5, **gate})
+                               training=training, gate={"threshold": 0.5, **gate},
+                               export_onnx=export_onnx)
         return retrain_flowers(params)
 
     return run, Registry(store, "flowers102")
@@ -46,8 +48,14 @@ def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint:
 def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     run, registry = story
 
-    first = run(GOOD)
+    first = run(GOOD, export_onnx=True)
     assert first["promoted"] and first["version"] == 1, first["reasons"]
+    export = first["export"]
+    assert export["parity_passed"]
+    assert export["parity_images"] == first["metrics"]["n"]  # the whole test split
+    assert export["location"] == f"{registry.store.uri}/registry/flowers102/versions/000001/" \
+                                 "model.onnx"
+    assert export["sha256"] == json.loads(registry.read_attachment(1, "export.json"))["sha256"]
     assert "no production model yet: decided by the threshold alone" in first["reasons"]
     assert registry.alias().version == 1
     card = registry.get(1).card
@@ -57,7 +65,11 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert latest_artifacts("flowers102") == {
         "flowers102-evaluation-report": "markdown", "flowers102-per-class-accuracy": "table",
-        "flowers102-promotion-decision": "markdown", "flowers102-registry-entry": "markdown"}
+        "flowers102-promotion-decision": "markdown", "flowers102-registry-entry": "markdown",
+        "flowers102-onnx-export": "markdown"}
+    assert "parity passed: top-1 agreement 100.0000%" in latest_artifact_data(
+        "flowers102-onnx-export")
+    assert "## ONNX export" in latest_artifact_data("flowers102-promotion-decision")
     entry = latest_artifact_data("flowers102-registry-entry")
     assert f"{registry.store.uri}/registry/flowers102/versions/000001/" in entry
     assert "flowerml predict IMAGE.jpg --model flowers102:1" in entry
