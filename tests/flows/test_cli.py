@@ -57,8 +57,9 @@ def test_retrain_demo_preset_json(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
     assert set(summary) == {"dataset_version", "run_id", "metrics", "promoted", "version",
-                            "reasons"}
+                            "reasons", "export"}
     assert summary["version"] == 1 and summary["metrics"]["n"] == 140
+    assert summary["export"]["parity_passed"] and summary["export"]["parity_images"] == 140
     assert not summary["promoted"]
     assert any("threshold 0.7000" in reason for reason in summary["reasons"])
     first, *rest = assert_only_flowerml_lines(done.stderr)
