@@ -590,7 +590,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
         save_best_linear_probe(run, model, state)
     barrier(placement)
     result = FitResult(
-        run_id=run_id, checkpoint=run.weights_key(),
+        run_id=run_id, checkpoint=store.location(run.weights_key()),
         best_valid_top1=state.best_top1, best_epoch=state.best_epoch, epochs_run=state.epoch,
         resumed_from_epoch=resumed_from, seconds=round(state.train_seconds, 3),
         images_per_second=round(state.train_images / max(state.train_seconds, 1e-9), 2),

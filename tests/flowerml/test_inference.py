@@ -94,4 +94,4 @@ def test_train_cli_json(tiny_run: StoreAndCache) -> None:
     assert {"run_id", "checkpoint", "best_valid_top1", "epochs_run", "resumed_from_epoch",
             "seconds", "images_per_second"} <= set(summary)
     assert summary["run_id"] == "cli-run" and summary["epochs_run"] == 1
-    assert summary["checkpoint"] == RunFiles(store, "cli-run").weights_key()
+    assert summary["checkpoint"] == store.location(RunFiles(store, "cli-run").weights_key())

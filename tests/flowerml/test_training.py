@@ -73,7 +73,8 @@ def test_learns_better_than_chance(published_store: StoreAndCache, uninterrupted
     run = RunFiles(store, "straight")
     weights, record = run.load_weights()
     assert record["epoch"] == result.best_epoch and "head.weight" in weights
-    assert result.checkpoint == run.weights_key() == f"runs/straight/{record['key']}"
+    assert run.weights_key() == f"runs/straight/{record['key']}"
+    assert result.checkpoint == store.location(run.weights_key())  # in full: a path or s3://
     saved = json.loads(store.get_bytes("runs/straight/result.json"))
     assert saved["best_valid_top1"] == result.best_valid_top1
     assert len(store.get_bytes("runs/straight/metrics.jsonl").splitlines()) == EPOCHS
