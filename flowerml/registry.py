@@ -67,6 +67,12 @@ class RegistryError(UserError):
     """An unknown model, alias or version, an uncommitted or corrupt version, or a bad name."""
 
 
+class RegistryNotFound(RegistryError):
+    """A version or alias the registry does not have."""
+
+    kind = "not-found"
+
+
 class AliasMoved(Exception):
     """The alias changed since the caller decided; it must decide again against `current`."""
 
@@ -376,7 +382,7 @@ class Registry:
         card = self._read_optional(version, CARD_JSON, names)
         if committed is None and card is None and not names and not self.store.exists(
                 self._version_key(version, CLAIM)):
-            raise RegistryError(f"{self.model} has no version {version:06d}")
+            raise RegistryNotFound(f"{self.model} has no version {version:06d}")
         if not isinstance(committed, dict | None) or not isinstance(card, dict | None):
             raise RegistryError(f"{self._v(version)}: its COMMITTED or card.json is not a "
                                 "JSON object")
@@ -462,7 +468,7 @@ class Registry:
         alias = alias or DEFAULT_ALIAS
         state = self.alias(alias)
         if state is None:
-            raise RegistryError(f"{self.model} has no alias '{alias}'")
+            raise RegistryNotFound(f"{self.model} has no alias '{alias}'")
         found = self.require_committed(state.version)
         if found.weights_sha256 != state.sha256:
             raise RegistryError(f"alias {alias} of {self.model} records sha256 {state.sha256} "
@@ -499,7 +505,7 @@ class Registry:
         """The alias as it is now and the version a rollback would move it to (see `rollback`)."""
         current = self.alias(alias)
         if current is None:
-            raise RegistryError(f"{self.model} has no alias '{alias}'")
+            raise RegistryNotFound(f"{self.model} has no alias '{alias}'")
         chain = promotion_chain(e for e in self.history(alias) if e["seq"] <= current.seq)
         earlier = [v for v in chain if v != current.version]
         if not earlier:

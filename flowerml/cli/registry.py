@@ -35,7 +35,7 @@ def open_registry(name: str, store: str | None):
 def require_model(entry) -> None:
     """An unknown model is one line and exit 2 in every registry command that names one."""
     if not entry.has_versions():
-        raise CliError(f"model '{entry.model}' has no versions")
+        raise CliError(f"model '{entry.model}' has no versions", "not-found")
 
 
 def version_text(version: int | None) -> str:
@@ -83,7 +83,7 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
                  "dataset_version": v.card.get("lineage", {}).get("dataset_version")}
                 for v in entry.versions()]
     if not versions:
-        raise CliError(f"model '{name}' has no versions")
+        raise CliError(f"model '{name}' has no versions", "not-found")
     aliases = {name: state.version for name, state in entry.aliases().items()}
     if as_json:
         emit_json({"model": name, "versions": versions, "aliases": aliases})
@@ -190,7 +190,7 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
     require_model(entry)
     rows = entry.history(alias)
     if not rows:
-        raise CliError(f"{name} has no alias '{alias}'")
+        raise CliError(f"{name} has no alias '{alias}'", "not-found")
     if as_json:
         emit_json(rows)
         return
