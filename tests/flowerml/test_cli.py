@@ -80,7 +80,7 @@ def damage_member(member: tuple[tarfile.TarInfo, bytes | None]) -> Callable[[Pat
 
 def damage_labels_key(folder: Path) -> str:
     rewrite_mat(folder / flowers.LABELS, labels=None, other=np.array([[1]]))
-    return "imagelabels.mat: missing key 'labels' (found: other)"
+    return "imagelabels.mat: missing key 'labels' (found: flowerml_synthetic, other)"
 
 
 def damage_setid_key(folder: Path) -> str:
