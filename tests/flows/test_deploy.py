@@ -297,3 +297,48 @@ def test_the_ui_shows_a_form_of_dropdowns_and_the_report_with_its_plots(
     training = submitted[0]["parameters"]["params"]["training"]
     assert training == {"recipe": "default", "device": "auto", "nproc_per_node": 1,
                         "timeout_s": 7200}, training  # nothing overrides the recipe
+
+
+def test_a_promotion_starts_a_rescore_of_the_standing_collection(
+        prefect_stack: LocalPrefect) -> None:
+    """deploy/automations/rescore-on-promotion.yaml: a flowerml.model.promoted event starts the
+    score-images deployment (cpu pool, typed form) for that exact version, on the collection the
+    Prefect variables name. No cpu worker runs here: the run is checked, then removed."""
+    import uuid
+    from datetime import UTC, datetime
+
+    prefect = prefect_stack
+    deployment = prefect.api("/deployments/name/score-images/score-images")
+    assert deployment["work_pool_name"] == "cpu" and deployment["entrypoint"] == \
+        "flows.score.score_images"
+    assert deployment["enforce_parameter_schema"] and not deployment["schedules"]
+    form = deployment["parameter_openapi_schema"]["definitions"]["ScoreParams"]
+    assert set(form["required"]) == {"input", "output"}
+    assert form["properties"]["runtime"]["enum"] == ["auto", "onnx", "torch"]
+    prefect.prefect("variable", "set", "flowerml_standing_collection", "s3://photos/standing",
+                    "--overwrite")
+    prefect.prefect("variable", "set", "flowerml_standing_scores", "s3://ml/scores",
+                    "--overwrite")
+    prefect.apply_automations(REPO / "deploy/automations/rescore-on-promotion.yaml")
+    [automation] = [a for a in prefect.api("/automations/filter", {})
+                    if a["name"] == "flowerml-rescore-on-promotion"]
+    runs: list[dict] = []
+    try:
+        prefect.api("/events", [{  # type: ignore[arg-type]
+            "id": str(uuid.uuid4()), "occurred": datetime.now(UTC).isoformat(),
+            "event": "flowerml.model.promoted",
+            "resource": {"prefect.resource.id": "flowerml.model.flowers102",
+                         "prefect.resource.name": "flowers102"},
+            "payload": {"version": 7, "alias": "production"}}])
+        deadline = time.monotonic() + 60
+        while not (runs := prefect.api("/flow_runs/filter", {"flow_runs": {"deployment_id": {
+                "any_": [deployment["id"]]}}})):
+            assert time.monotonic() < deadline, "the promotion started no score-images run"
+            time.sleep(1)
+        assert [r["parameters"] for r in runs] == [{"params": {
+            "input": "s3://photos/standing", "output": "s3://ml/scores",
+            "model": "flowers102:7", "runtime": "auto"}}]
+    finally:
+        prefect.api(f"/automations/{automation['id']}", method="DELETE")
+        for run in runs:
+            prefect.api(f"/flow_runs/{run['id']}", method="DELETE")

@@ -1,0 +1,164 @@
+"""The score-images flow under Prefect's test harness: its embedded thread runner, and a real
+Dask cluster (distributed.LocalCluster, 2 worker processes on 127.0.0.1) through prefect-dask,
+including a worker SIGKILLed in the middle of a shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowerml.registry import Registry
+from flowerml.storage import LocalStore
+from flows.score import ScoreParams, score_images
+from tests.conftest import copy_tree
+from tests.flowerml.conftest import registered_run  # noqa: F401  (a fixture used below)
+from tests.flowerml.test_prediction import write_jpeg
+from tests.flowerml.test_scoring import write_photos
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # Prefect's server, Dask processes
+
+
+@pytest.fixture(scope="module")
+def registry_root(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The registered tiny run (flowers102:1 in production) on this module's own store."""
+    run = request.getfixturevalue("registered_run")
+    return copy_tree(run.store.root, tmp_path_factory.mktemp("score-flow") / "store")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[object]:
+    """Two single-threaded worker processes, each restarted by its nanny when killed."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", silence_logs=40) as local:
+        yield local
+
+
+def params(photos: Path | str, registry_root: Path, output: Path, **options) -> ScoreParams:
+    return ScoreParams(input=str(photos), output=str(output), store=str(registry_root),
+                       runtime="torch", shard_size=2, batch_size=2, threads=1, **options)
+
+
+def rows(summary: dict) -> list[dict]:
+    folder = Path(summary["output"])
+    return [json.loads(line) for part in summary["parts"]
+            for line in (folder / part).read_text().splitlines()]
+
+
+def test_dask_workers_give_the_embedded_runners_output(prefect_harness: None,
+                                                       registry_root: Path, photos: Path,
+                                                       cluster, tmp_path: Path) -> None:
+    embedded = score_images(params(photos, registry_root, tmp_path / "embedded"))
+    on_dask = score_images(params(photos, registry_root, tmp_path / "dask",
+                                  dask_address=cluster.scheduler_address))
+    assert on_dask["input_id"] == embedded["input_id"] and on_dask["parts"] == embedded["parts"]
+    assert (on_dask["images"], on_dask["failed"], on_dask["shards"]) == (9, 2, 5)
+    for mine, theirs in zip(rows(on_dask), rows(embedded), strict=True):
+        assert mine.keys() == theirs.keys() and mine["key"] == theirs["key"]
+        assert mine.get("error") == theirs.get("error")
+        if "labels" in mine:
+            assert mine["labels"][0] == theirs["labels"][0]
+            np.testing.assert_allclose(mine["probabilities"], theirs["probabilities"],
+                                       atol=1e-5)
+    again = score_images(params(photos, registry_root, tmp_path / "dask",
+                                dask_address=cluster.scheduler_address))
+    assert again["already_complete"]
+    assert Registry(LocalStore(registry_root), "flowers102").get(1).weights_sha256 == \
+        embedded["weights_sha256"] == embedded["sha256"]
+
+
+def test_a_worker_killed_mid_shard_still_ends_with_every_shard_done_once(
+        prefect_harness: None, registry_root: Path, cluster, tmp_path: Path) -> None:
+    """Two shards read from named pipes, which block until the test writes into them: once
+    every other shard is done, each worker is inside one of those two shards. One worker is
+    SIGKILLed there; Dask reruns its shard on the worker its nanny restarts."""
+    from distributed import Client
+
+    images = [write_jpeg(tmp_path / f"img{i}.jpg", 64, 48, seed=i) for i in range(6)]
+    pipes = [tmp_path / "pipe-a.jpg", tmp_path / "pipe-b.jpg"]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    # Shards of 2, the pipes in the last two: Dask hands out shards in the order they were
+    # mapped, so no worker blocks while a shard without a pipe still waits for one.
+    keys = [images[0], images[1], images[2], images[3], pipes[0], images[4], images[5],
+            pipes[1]]
+    listing = tmp_path / "keys.txt"
+    listing.write_text("".join(f"{key}\n" for key in keys))
+    output = tmp_path / "scores"
+    options = params(listing, registry_root, output, dask_address=cluster.scheduler_address)
+    outcome: dict = {}
+    flow = threading.Thread(target=lambda: outcome.update(summary=score_images(options)))
+    flow.start()
+
+    with Client(cluster.scheduler_address, timeout=60) as client:
+        pids = client.run(os.getpid)
+        deadline = time.monotonic() + 120
+        while not (len(list(output.rglob("part-*.jsonl"))) == 2 and all(
+                client.processing().values())):
+            assert time.monotonic() < deadline and flow.is_alive(), "the shards never blocked"
+            time.sleep(0.2)
+        victim = sorted(pids)[0]
+        os.kill(pids[victim], signal.SIGKILL)
+        writers = [threading.Thread(target=feed, args=(pipe, image)) for pipe, image in
+                   zip(pipes, images[:2], strict=True)]
+        for writer in writers:
+            writer.start()
+        flow.join(timeout=150)
+        assert not flow.is_alive(), "the flow did not finish after the worker was killed"
+        for writer in writers:
+            writer.join(timeout=10)
+        restarted = client.run(os.getpid)
+    assert pids[victim] not in restarted.values()  # the killed worker is gone for good
+    summary = outcome["summary"]
+    # (A shard whose result lived on the killed worker is rerun too: it finds its part.)
+    assert (summary["images"], summary["failed"], summary["shards"]) == (8, 0, 4)
+    scored = rows(summary)
+    assert [row["key"] for row in scored] == [str(key) for key in keys]  # each exactly once
+    assert sorted(p.name for p in Path(summary["output"]).glob("part-*")) == summary["parts"]
+
+
+def feed(pipe: Path, image: Path) -> None:
+    """Write an image into a named pipe; blocks until a reader opens it."""
+    with open(pipe, "wb") as handle:
+        handle.write(image.read_bytes())
+
+
+def test_python_m_flows_score_prints_the_summary_or_one_line(prefect_harness: None,
+                                                             registry_root: Path, photos: Path,
+                                                             tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from flows.score import main
+
+    base = ["--store", str(registry_root), "--runtime", "torch", "--shard-size", "4"]
+    done = CliRunner().invoke(main, [str(photos), "--output", str(tmp_path / "s"), *base])
+    assert done.exit_code == 1, (done.output, done.exception)  # two photos cannot be read
+    summary = json.loads(done.stdout)
+    assert (summary["images"], summary["failed"]) == (9, 2)
+    for args, message in (
+            ([str(photos), "--output", str(tmp_path / "x"), *base, "--shard-size", "0"],
+             "score parameter shard_size: Input should be greater than or equal to 1"),
+            ([str(photos), "--output", str(tmp_path / "x"), *base, "--dask-address", "8786"],
+             "score parameter dask_address: String should match pattern"),
+            ([str(tmp_path / "none"), "--output", str(tmp_path / "x"), *base],
+             f"INPUT {tmp_path / 'none'}: no such folder or file")):
+        refused = CliRunner().invoke(main, args)
+        assert refused.exit_code == 2, refused.output
+        # Prefect's own log lines come first when the flow ran; the last line is the verdict.
+        assert refused.stderr.strip().splitlines()[-1].startswith(f"flowerml: error: {message}")
+        assert not (tmp_path / "x").exists()
