@@ -3,7 +3,9 @@
 Owns the metrics (mean cross-entropy, top-1, top-5, mean per-class accuracy, the confusion
 matrix and its most-confused pairs), computed either at once (`compute_metrics`) or batch by
 batch without keeping the logits (`MetricsAccumulator`); both go through the same code, so they
-agree. Also owns the evaluation report (`render_report`, `per_class_rows`) and its PNG plots
+agree. Each sample's five most probable classes and their probabilities are kept too
+(`TopPredictions`, a few numbers per sample): evaluation stores them so that two models can be
+compared image by image later (`flowerml.comparison`). Also owns the evaluation report (`render_report`, `per_class_rows`) and its PNG plots
 (`plot_confusion_matrix`, `plot_training_curves`).
 
 Indices are 0-based inside tensors; everything a person reads uses 1-based labels (class dir
@@ -59,9 +61,35 @@ class ConfusedPair:
     count: int
 
 
+@dataclass(frozen=True, eq=False)
+class TopPredictions:
+    """Per sample, in the order evaluated: the k most probable classes (0-based indices, the
+    first being the argmax that top-1 and the confusion matrix count), their softmax
+    probabilities, and the true class."""
+
+    classes: np.ndarray  # [N, k] int64
+    probabilities: np.ndarray  # [N, k] float32
+    targets: np.ndarray  # [N] int64
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TopPredictions):
+            return NotImplemented
+        return all(np.array_equal(getattr(self, f), getattr(other, f))
+                   for f in ("classes", "probabilities", "targets"))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The top-1 class index of each sample."""
+        return self.classes[:, 0]
+
+
 @dataclass(frozen=True)
 class Metrics:
-    """The metrics of one evaluation. `confusion` rows are true classes, columns predictions."""
+    """The metrics of one evaluation. `confusion` rows are true classes, columns predictions;
+    `predictions` holds each sample's top classes (None only where a caller built the record
+    by hand)."""
 
     n: int
     loss: float
@@ -71,13 +99,14 @@ class Metrics:
     per_class: list[ClassAccuracy]
     confusion: np.ndarray
     most_confused: list[ConfusedPair]
+    predictions: TopPredictions | None = None
 
     # The generated __eq__ would compare the arrays with `==` and fail on their truth value.
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Metrics):
             return NotImplemented
         scalars = ("n", "loss", "top1", "top5", "mean_class_accuracy", "per_class",
-                   "most_confused")
+                   "most_confused", "predictions")
         return all(getattr(self, f) == getattr(other, f) for f in scalars) and bool(
             np.array_equal(self.confusion, other.confusion))
 
@@ -96,10 +125,11 @@ class Metrics:
 
 
 class MetricsAccumulator:
-    """Accumulates over batches without keeping all logits: running loss sum, top1/top5 correct, confusion.
+    """Accumulates over batches without keeping all logits: running loss sum, top1/top5 correct,
+    confusion, and each sample's top-k classes with their probabilities.
 
-    `update` accepts tensors on any device; only per-sample results (a few numbers per sample)
-    are copied to the CPU, so memory does not grow with the size of the evaluated split.
+    `update` accepts tensors on any device; only per-sample results (a dozen numbers per
+    sample, never the C logits) are copied to the CPU.
     """
 
     def __init__(self, num_classes: int) -> None:
@@ -111,6 +141,7 @@ class MetricsAccumulator:
         self.loss_sum = 0.0
         self.topk_correct = 0
         self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self._top: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """Add one batch: logits [B, C] (any float dtype), targets [B] of 0-based class indices."""
@@ -118,10 +149,12 @@ class MetricsAccumulator:
         if targets_cpu.numel() == 0:
             return
         with torch.no_grad():
-            losses, preds, topk_hits = _batch_results(logits, targets_cpu, self.k)
+            losses, top, probabilities = _batch_results(logits, targets_cpu, self.k)
+        preds = top[:, 0]
         # Summed in float64 so the total over thousands of batches does not drift.
         self.loss_sum += float(losses.to(torch.float64).sum())
-        self.topk_correct += int(topk_hits.sum())
+        self.topk_correct += int((top == targets_cpu[:, None]).any(dim=1).sum())
+        self._top.append((top.numpy(), probabilities.numpy(), targets_cpu.numpy()))
         cells = torch.bincount(targets_cpu * self.num_classes + preds,
                                minlength=self.num_classes**2)
         self.confusion += cells.reshape(self.num_classes, self.num_classes).numpy()
@@ -134,8 +167,13 @@ class MetricsAccumulator:
         if len(class_names) != self.num_classes:
             raise ValueError(f"got {len(class_names)} class names for "
                              f"{self.num_classes} classes")
+        classes, probabilities, targets = (np.concatenate(parts) for parts in zip(*self._top,
+                                                                                  strict=True))
+        for array in (classes, probabilities, targets):
+            array.setflags(write=False)  # a frozen record, like the confusion matrix
+        predictions = TopPredictions(classes, probabilities, targets)
         return _build_metrics(self.n, self.loss_sum, self.topk_correct, self.confusion.copy(),
-                              list(class_names))
+                              list(class_names), predictions)
 
 
 def compute_metrics(logits: torch.Tensor, targets: torch.Tensor,
@@ -173,21 +211,24 @@ def _checked_targets(logits: torch.Tensor, targets: torch.Tensor,
 
 def _batch_results(logits: torch.Tensor, targets_cpu: torch.Tensor,
                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample loss, prediction and top-k hit, computed on the logits' device, moved to CPU."""
+    """Per-sample loss, top-k classes ([B, k], the argmax first) and their probabilities,
+    computed on the logits' device, moved to CPU."""
     # float32 at least: half/bfloat16 logits (autocast) lose too much in log-softmax.
     scores = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
     targets = targets_cpu.to(scores.device)
     losses = F.cross_entropy(scores, targets, reduction="none")
-    preds = scores.argmax(dim=1)
-    in_top_k = (scores.topk(k, dim=1).indices == targets[:, None]).any(dim=1)
-    # topk and argmax may break ties differently; a top-1 hit always counts as a top-k hit so
-    # that top5 >= top1 holds.
-    topk_hits = in_top_k | (preds == targets)
-    return losses.cpu(), preds.cpu(), topk_hits.cpu()
+    preds = scores.argmax(dim=1, keepdim=True)
+    # topk and argmax may break ties differently: the argmax comes first, then the k-1 best of
+    # the rest, so that top-1, the confusion matrix and the stored predictions always agree
+    # (and a top-1 hit is a top-k hit).
+    rest = scores.scatter(1, preds, float("-inf")).topk(k - 1, dim=1).indices
+    top = torch.cat([preds, rest], dim=1)
+    probabilities = scores.softmax(dim=1).gather(1, top)
+    return losses.cpu(), top.cpu(), probabilities.float().cpu()
 
 
 def _build_metrics(n: int, loss_sum: float, topk_correct: int, confusion: np.ndarray,
-                   names: list[str]) -> Metrics:
+                   names: list[str], predictions: TopPredictions) -> Metrics:
     per_class = _per_class(confusion, names)
     supported = [c.accuracy for c in per_class if c.support > 0]
     confusion.setflags(write=False)  # Metrics is a frozen record; so is its matrix.
@@ -201,6 +242,7 @@ def _build_metrics(n: int, loss_sum: float, topk_correct: int, confusion: np.nda
         per_class=per_class,
         confusion=confusion,
         most_confused=_most_confused(confusion, names, MOST_CONFUSED_LIMIT),
+        predictions=predictions,
     )
 
 

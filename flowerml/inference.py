@@ -2,7 +2,9 @@
 `flowerml.prediction`).
 
 Evaluation writes its report next to the run (`runs/<run_id>/eval/<split>/`): report.md,
-metrics.json, per_class.json, confusion.png and curves.png.
+per_class.json, confusion.png, curves.png, predictions.jsonl (every image's top-5, so that two
+models can be compared image by image later: `flowerml.comparison`) and, last, metrics.json,
+which names the predictions file by sha256 and what it was measured on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from typing import Any
 
 import torch
 
+from flowerml.comparison import (
+    PREDICTIONS_FILE,
+    encode_predictions,
+    prediction_rows,
+    predictions_record,
+)
 from flowerml.distributed import select_device
 from flowerml.evaluation import (
     Metrics,
@@ -81,7 +89,8 @@ def check_same_classes(trained: TrainedModel, published: PublishedDataset) -> No
 def evaluate_model(trained: TrainedModel, store: Store, published: PublishedDataset, *,
                    cache_dir: Path, split: str = "test", workers: int | None = None,
                    batch_size: int = 64) -> Metrics:
-    """Metrics of a trained model on one split of a published dataset."""
+    """Metrics of a trained model on one split of a published dataset; their `predictions`
+    are in the order of `published.split_files(split)`."""
     check_same_classes(trained, published)
     loader = build_eval_loader(store, published, cache_dir, split=split,
                                image_size=trained.image_size, batch_size=batch_size,
@@ -99,6 +108,7 @@ class Evaluation:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.metrics.summary(), "report": self.report_location,
+                "predictions": self.report_location.rsplit("/", 1)[0] + "/" + PREDICTIONS_FILE,
                 "dataset_version": self.dataset_version}
 
 
@@ -117,7 +127,8 @@ def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "te
 
 def publish_report(store: Store, trained: TrainedModel, published: PublishedDataset, split: str,
                    metrics: Metrics) -> str:
-    """Write report.md, its plots and the metrics under runs/<run_id>/eval/<split>/."""
+    """Write report.md, its plots, the per-image predictions and the metrics (last) under
+    runs/<run_id>/eval/<split>/."""
     run = RunFiles(store, trained.source)
     prefix = f"eval/{split}"
     history = read_history(run)
@@ -134,10 +145,24 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     report = render_report(metrics, title=f"{published.dataset} {split}: run {trained.source}",
                            context=context, plots={k: v.name for k, v in plots.items()},
                            synthetic=published.synthetic)
-    run.write_json(f"{prefix}/metrics.json", metrics.summary())
+    predictions = prediction_bytes(metrics, published, split)
+    store.put_bytes(run.key(f"{prefix}/{PREDICTIONS_FILE}"), predictions)
     run.write_json(f"{prefix}/per_class.json", per_class_rows(metrics))
     store.put_bytes(run.key(f"{prefix}/report.md"), report.encode())
+    # Last: metrics.json says the evaluation is complete and names the predictions beside it.
+    record = predictions_record(predictions, dataset=f"{published.dataset}@{published.version}",
+                                manifest_sha256=published.manifest_sha256, split=split,
+                                weights_sha256=trained.weights_sha256)
+    run.write_json(f"{prefix}/metrics.json", {**metrics.summary(), "predictions": record})
     return run.key(f"{prefix}/report.md")
+
+
+def prediction_bytes(metrics: Metrics, published: PublishedDataset, split: str) -> bytes:
+    """predictions.jsonl: every image of the split, keyed as in the manifest."""
+    if metrics.predictions is None:
+        raise ValueError("these metrics carry no per-image predictions to store")
+    keys = [entry.key for entry in published.split_files(split)]
+    return encode_predictions(prediction_rows(keys, metrics.predictions))
 
 
 def read_history(run: RunFiles) -> list[dict]:

@@ -21,7 +21,8 @@ from flowerml.runs import RunFiles
 from flowerml.storage import ObjectNotFound, Store
 from flowerml.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-REPORT_FILES = ("report.md", "confusion.png", "curves.png", "metrics.json", "per_class.json")
+REPORT_FILES = ("report.md", "confusion.png", "curves.png", "metrics.json", "per_class.json",
+                "predictions.jsonl")
 
 
 def software_versions() -> dict[str, str | None]:

@@ -62,6 +62,11 @@ class GateParams(BaseModel):
     tolerance: float = Field(Gate.tolerance, ge=0, le=1, title="Allowed drop below production",
                              description="How far below production's test top-1 a candidate "
                                          "may score and still be promoted.")
+    class_drop: float = Field(Gate.class_drop, ge=0, le=1,
+                              title="Allowed drop of any one class below production",
+                              description="How far below production's accuracy on a class the "
+                                          "candidate's may fall (from both models' stored "
+                                          "per-image predictions).")
     force: bool = Field(False, title="Force promotion",
                         description="Promote regardless of the gate (recorded in the history).")
 
@@ -137,7 +142,7 @@ def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]: 
                               artifact_prefix=artifact_key(model))
     metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}
     decision = decide_task(model, params.alias, metrics, params.dataset, version, gate,
-                           store=store)
+                           store=store, run_id=run_id)
     registered = register_task(run_id, model, metrics, decision, gate, store=store)
     exported = export_task(model, registered["version"], store=store) \
         if params.export_onnx else None
@@ -149,7 +154,7 @@ def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]: 
     summary = {"dataset_version": version, "run_id": run_id, "metrics": metrics,
                "promoted": promoted, "version": registered["version"], "reasons": reasons,
                "export": exported}
-    announce(model, {**summary, "alias": params.alias})
+    announce(model, {**summary, "alias": params.alias, "paired": decision["paired"]})
     return summary
 
 

@@ -7,7 +7,6 @@ promotion that raced another one re-decides instead of overwriting it.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -29,22 +28,26 @@ if TYPE_CHECKING:
 def gate_of(gate: dict[str, Any]) -> Gate:
     from flowerml.promotion import Gate
 
-    return Gate(threshold=gate["threshold"], tolerance=gate["tolerance"])
+    return Gate(threshold=gate["threshold"], tolerance=gate["tolerance"],
+                class_drop=gate.get("class_drop", Gate.class_drop))
 
 
 @task(name="decide-promotion", task_run_name="decide {model}@{alias}", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: str,
-                gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
-    """The gate's verdict on a candidate against the current production model."""
-    from flowerml.promotion import judge_candidate
+                gate: dict[str, Any], store: str | None = None,
+                run_id: str | None = None) -> dict[str, Any]:
+    """The gate's verdict on a candidate against the current production model; with `run_id`,
+    the paired test on the run's stored test predictions too (`paired`: its figures)."""
+    from flowerml.promotion import judge_candidate, paired_figures
 
     settings = load_settings(store=store)
     promote, reasons, candidate, champion = judge_candidate(
         build_store(settings), model, alias, metrics["top1"], dataset, version, gate_of(gate),
-        force=gate["force"], cache_dir=settings.cache_dir)
-    return {"promote": promote, "reasons": reasons, "candidate": asdict(candidate),
-            "champion": asdict(champion) if champion else None}
+        force=gate["force"], cache_dir=settings.cache_dir, run_id=run_id)
+    return {"promote": promote, "reasons": reasons, "candidate": candidate.to_json(),
+            "champion": champion.to_json() if champion else None,
+            "paired": paired_figures(candidate.paired, gate_of(gate))}
 
 
 @task(name="register-model", task_run_name="register {run_id} as {model}", retries=2,
@@ -58,7 +61,7 @@ def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, An
     settings = load_settings(store=store)
     target = build_store(settings)
     card = build_card(target, run_id, metrics, promote=decision["promote"],
-                      reasons=decision["reasons"], gate=gate)
+                      reasons=decision["reasons"], gate={**gate, "paired": decision.get("paired")})
     registered = register_run(Registry(target, model), target, run_id, card)
     uri = f"{target.uri}/registry/{model}/versions/{registered.version:06d}/"
     create_markdown_artifact(
@@ -94,8 +97,9 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
 
     registry = Registry(build_store(load_settings(store=store)), model)
     promoted, reasons, state = promote(
-        registry, version, scorecard=Scorecard(**candidate),
-        champion=Scorecard(**champion) if champion else None, gate=gate_of(gate), alias=alias,
+        registry, version, scorecard=Scorecard.from_json(candidate),
+        champion=Scorecard.from_json(champion) if champion else None, gate=gate_of(gate),
+        alias=alias,
         force=gate["force"])
     return {"promoted": promoted, "reasons": reasons,
             "seq": state.seq if state else None}
@@ -109,6 +113,7 @@ def announce(model: str, summary: dict[str, Any]) -> None:
              f"- dataset version: {summary['dataset_version']}",
              f"- test top-1: {summary['metrics']['top1']:.4f}", "", "## Reasons", ""]
     lines += [f"- {reason}" for reason in summary["reasons"]]
+    lines += paired_section(summary.get("paired"))
     export = summary.get("export")
     if export:
         verdict = "passed" if export["parity_passed"] else "FAILED"
@@ -126,3 +131,27 @@ def announce(model: str, summary: dict[str, Any]) -> None:
                payload={"version": summary["version"], "metrics": summary["metrics"],
                         "reasons": summary["reasons"], "run_id": summary["run_id"],
                         "dataset_version": summary["dataset_version"], "alias": summary["alias"]})
+
+
+def paired_section(paired: dict[str, Any] | None) -> list[str]:
+    """The gate's paired test against production, as the decision found it (none: no
+    production model to compare with)."""
+    if not paired:
+        return []
+    lines = ["", f"## Paired test against {paired['champion']}", ""]
+    if not paired["ran"]:
+        return [*lines, f"Not run: {paired['reason']}. Decided on top-1 alone."]
+    verdict = "significantly worse" if paired["significantly_worse"] else \
+        "not significantly worse"
+    lines += ["| figure | value |", "| --- | --- |",
+              f"| test images | {paired['n']:,} |",
+              f"| right only with the candidate | {paired['candidate_only']:,} |",
+              f"| right only with production | {paired['champion_only']:,} |",
+              f"| top-1 agreement | {paired['agreement']:.2%} |",
+              f"| McNemar exact, one-sided p (candidate worse) | {paired['p_worse']:.4g} "
+              f"({verdict} at {paired['significance']:g}) |"]
+    below = paired["classes_below_floor"]
+    lines += ["", f"Classes more than {paired['class_drop']:.2f} below production: "
+              + (", ".join(f"{c['label']} {c['name']} ({c['champion']:.4f} -> "
+                           f"{c['candidate']:.4f})" for c in below) if below else "none") + "."]
+    return lines

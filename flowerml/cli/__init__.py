@@ -5,6 +5,7 @@ the other modules add their commands to it when imported here.
 """
 
 from flowerml.cli import (  # noqa: F401  (each registers its commands)
+    compare,
     data,
     datasets,
     export,

@@ -19,6 +19,11 @@ from flowerml.promotion import Gate
 from flowerml.registry import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
 
+class_drop_option = click.option(
+    "--class-drop", type=float, default=Gate.class_drop, show_default=True,
+    help="Largest drop of any one class's test accuracy below the alias's current model "
+         "(needs both models' stored per-image predictions).")
+
 
 @cli.group()
 def registry() -> None:
@@ -72,7 +77,8 @@ def registry_list(store: str | None, as_json: bool) -> None:
 @store_option
 @json_option
 def registry_show(name: str, store: str | None, as_json: bool) -> None:
-    """A model's versions (metrics, run, committed) and aliases.
+    """A model's versions (metrics, run, committed, the gate's paired test against the model
+    it was judged against) and aliases.
 
     An unknown model is an error (exit 2), with or without --json.
     """
@@ -80,7 +86,8 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
     versions = [{"version": v.version, "committed": v.committed,
                  "top1": v.card.get("metrics", {}).get("top1"),
                  "run_id": v.card.get("lineage", {}).get("run_id"),
-                 "dataset_version": v.card.get("lineage", {}).get("dataset_version")}
+                 "dataset_version": v.card.get("lineage", {}).get("dataset_version"),
+                 "paired": (v.card.get("gate") or {}).get("paired")}
                 for v in entry.versions()]
     if not versions:
         raise CliError(f"model '{name}' has no versions", "not-found")
@@ -94,6 +101,29 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
         state = "" if row["committed"] else " (not committed)"
         click.echo(f"{row['version']:06d}{state}: top-1 {top1}, run {row['run_id']}"
                    + (f"  [{', '.join(tags)}]" if tags else ""))
+        for line in paired_lines(row["paired"]):
+            click.echo(f"    {line}")
+
+
+def paired_lines(paired: dict | None) -> list[str]:
+    """The gate's paired test as the card records it, in words (nothing for no champion)."""
+    if not isinstance(paired, dict):
+        return []
+    if not paired.get("ran"):
+        return [f"vs {paired.get('champion')}: paired test not run ({paired.get('reason')})"]
+    verdict = "significantly worse" if paired["significantly_worse"] else \
+        "not significantly worse"
+    lines = [f"vs {paired['champion']}: McNemar {paired['candidate_only']} right only here, "
+             f"{paired['champion_only']} right only there (of {paired['n']}), one-sided p = "
+             f"{paired['p_worse']:.4g}: {verdict}"]
+    below = paired.get("classes_below_floor") or []
+    if below:
+        lines.append(f"classes more than {paired['class_drop']:.2f} below it: " + ", ".join(
+            f"{c['label']} {c['name']} {c['champion']:.4f} -> {c['candidate']:.4f}"
+            for c in below))
+    else:
+        lines.append(f"no class more than {paired['class_drop']:.2f} below it")
+    return lines
 
 
 def move_result(name: str, alias: str, version: int | None, previous: int | None,
@@ -117,21 +147,27 @@ def move_result(name: str, alias: str, version: int | None, previous: int | None
               help="Minimum test top-1.")
 @click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
               help="Allowed drop below the alias's current model.")
+@class_drop_option
 @click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
 @store_option
 @device_option
 @json_option
 def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
-                     force: bool, store: str | None, device: str, as_json: bool) -> None:
+                     class_drop: float, force: bool, store: str | None, device: str,
+                     as_json: bool) -> None:
     """Move ALIAS to VERSION if it clears the gate against the current alias.
 
-    Exits 0 when promoted, 1 when the gate refuses (nothing moves), 2 on bad input. --json
-    prints {model, alias, version, previous, promoted, reasons}; `previous` is the version the
-    alias pointed at before (null if unset).
+    The gate: test top-1 at least --threshold and at most --tolerance below the current
+    model's; and, when both versions were registered with per-image predictions, McNemar's
+    exact test must not find VERSION significantly worse (one-sided p < 0.05) and no class
+    may fall more than --class-drop below the current model's accuracy on it. Exits 0 when
+    promoted, 1 when the gate refuses (nothing moves), 2 on bad input. --json prints {model,
+    alias, version, previous, promoted, reasons}; `previous` is the version the alias pointed
+    at before (null if unset).
     """
     from flowerml.promotion import Gate, promote_version
 
-    gate = Gate(threshold=threshold, tolerance=tolerance)
+    gate = Gate(threshold=threshold, tolerance=tolerance, class_drop=class_drop)
     entry, settings = open_registry(name, store)
     require_model(entry)
     before = entry.alias(alias)
@@ -212,11 +248,13 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
               help="Minimum test top-1 for the gate's verdict recorded on the card.")
 @click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
               help="Allowed drop below the alias's current model, for the recorded verdict.")
+@class_drop_option
 @store_option
 @device_option
 @json_option
 def registry_register(run_id: str, name: str, alias: str, threshold: float, tolerance: float,
-                      store: str | None, device: str, as_json: bool) -> None:
+                      class_drop: float, store: str | None, device: str,
+                      as_json: bool) -> None:
     """Register a run's best weights as a new version of the model, with the card and lineage
     the retrain flow gives its runs (the gate's verdict against ALIAS included); nothing is
     promoted: `flowerml registry promote` does that.
@@ -228,20 +266,22 @@ def registry_register(run_id: str, name: str, alias: str, threshold: float, tole
     gate}.
     """
     from flowerml.inventory import location, registrable_run
-    from flowerml.promotion import judge_candidate
+    from flowerml.promotion import judge_candidate, paired_figures
     from flowerml.registry import Registry
     from flowerml.release import build_card, register_run
 
-    gate = Gate(threshold=threshold, tolerance=tolerance)
+    gate = Gate(threshold=threshold, tolerance=tolerance, class_drop=class_drop)
     settings = load_settings(store=store)
     target = build_store(settings)
     evaluation = registrable_run(target, name, run_id)
     dataset, _, version = (evaluation.dataset or "").partition("@")
-    promote, reasons, _, _ = judge_candidate(
+    promote, reasons, candidate, _ = judge_candidate(
         target, name, alias, evaluation.metrics["top1"], dataset, version, gate, force=False,
-        cache_dir=settings.cache_dir, device=device)
+        cache_dir=settings.cache_dir, device=device, run_id=run_id)
     card = build_card(target, run_id, evaluation.metrics, promote=promote, reasons=reasons,
-                      gate={"threshold": threshold, "tolerance": tolerance, "force": False})
+                      gate={"threshold": threshold, "tolerance": tolerance,
+                            "class_drop": class_drop, "force": False,
+                            "paired": paired_figures(candidate.paired, gate)})
     registered = register_run(Registry(target, name), target, run_id, card)
     where = location(target, f"registry/{name}/versions/{registered.version:06d}/")
     if as_json:

@@ -235,3 +235,26 @@ def test_import_is_cheap_and_free_of_prefect_and_pyplot() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_each_samples_top_classes_and_probabilities_are_kept(metrics: Metrics) -> None:
+    top = metrics.predictions
+    assert top.classes.shape == (6, 4) and top.probabilities.shape == (6, 4)
+    assert top.predicted.tolist() == [0, 1, 1, 1, 2, 3]  # the table above
+    assert top.targets.tolist() == TARGETS.tolist()
+    softmax = torch.softmax(LOGITS, dim=1).numpy()
+    for row in range(6):
+        assert sorted(top.classes[row].tolist()) == [0, 1, 2, 3]
+        assert np.allclose(top.probabilities[row], softmax[row, top.classes[row]])
+    assert top.probabilities[5, 0] == pytest.approx(math.e**4 / (math.e**4 + 3))
+
+
+def test_a_tie_puts_the_argmax_first_so_top1_and_the_stored_prediction_agree() -> None:
+    logits = torch.zeros(2, 7)  # every class equally likely: argmax picks one, topk may not
+    logits[1, 3] = logits[1, 5] = 1.0
+    metrics = compute_metrics(logits, torch.tensor([0, 5]), [f"c{i}" for i in range(7)])
+    top = metrics.predictions
+    assert top.classes.shape == (2, 5)
+    assert top.predicted.tolist() == logits.argmax(dim=1).tolist()
+    assert metrics.top1 == float(np.mean(top.predicted == top.targets))
+    assert len(set(top.classes[0].tolist())) == 5

@@ -95,3 +95,30 @@ def test_train_cli_json(tiny_run: StoreAndCache) -> None:
             "seconds", "images_per_second"} <= set(summary)
     assert summary["run_id"] == "cli-run" and summary["epochs_run"] == 1
     assert summary["checkpoint"] == store.location(RunFiles(store, "cli-run").weights_key())
+
+
+def test_evaluate_stores_every_images_top5_beside_the_metrics(tiny_run: StoreAndCache) -> None:
+    from flowerml.comparison import decode_predictions, run_predictions
+    from flowerml.files import sha256_hex
+    from flowerml.manifest import resolve_dataset
+
+    store, cache = tiny_run
+    outcome = evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    data = store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
+    rows = decode_predictions(data, "predictions.jsonl")
+    entries = resolve_dataset(store, "flowers102").split_files("test")
+    assert [(r.key, r.label) for r in rows] == [(e.key, e.label) for e in entries]
+    for row in rows:
+        assert len(row.top) == 4 and sorted(row.top) == [1, 2, 3, 4]  # k = min(5, 4 classes)
+        assert list(row.probabilities) == sorted(row.probabilities, reverse=True)
+        assert 0.99 <= sum(row.probabilities) <= 1.01  # every class is among the four
+    assert sum(r.correct for r in rows) / len(rows) == outcome.metrics.top1
+    record = json.loads(store.get_bytes("runs/tiny/eval/test/metrics.json"))["predictions"]
+    assert record == {"file": "predictions.jsonl", "sha256": sha256_hex(data),
+                      "dataset": f"flowers102@{outcome.dataset_version}",
+                      "manifest_sha256": resolve_dataset(store, "flowers102").manifest_sha256,
+                      "split": "test",
+                      "weights_sha256": RunFiles(store, "tiny").read_json("best.json")["sha256"]}
+    assert outcome.to_json()["predictions"] == f"{store.root}/runs/tiny/eval/test/" \
+                                               "predictions.jsonl"
+    assert run_predictions(store, "tiny").images == tuple(rows)

@@ -67,7 +67,8 @@ def test_register_an_evaluated_run_with_the_flows_card(trained: StoreAndCache) -
     # The very card the flow's register task builds from the same run, metrics and verdict.
     expected = build_card(store, TINY_RUN, metrics, promote=True,
                           reasons=registered["gate"]["reasons"],
-                          gate={"threshold": 0.0, "tolerance": 0.005, "force": False})
+                          gate={"threshold": 0.0, "tolerance": 0.005, "class_drop": 0.1,
+                                "force": False, "paired": None})
     card = {k: v for k, v in version.card.items()
             if k not in ("version", "model", "weights_sha256", "registered_at")}
     assert {k: v for k, v in card.items() if k != "software"} == {
