@@ -1,9 +1,10 @@
 """Backbones with a fresh classification head, loading their weights, and how to train them.
 
 This module owns three things:
-- the architectures (`ARCHS`): torchvision's ResNet-18/34/50/101/152, AlexNet and VGG-16/19,
-  cut before their ImageNet classifier into a `backbone` that outputs `[N, feature_dim]`,
-  followed by a new `head` (`nn.Linear(feature_dim, num_classes)`);
+- the architectures (`ARCHS`): torchvision's ResNet-18/34/50/101/152, AlexNet, VGG-16/19 and
+  the mobile MobileNetV3-Large and EfficientNet-B0 (students for `flowerml distill`), cut
+  before their ImageNet classifier into a `backbone` that outputs `[N, feature_dim]`, followed
+  by a new `head` (`nn.Linear(feature_dim, num_classes)`);
 - loading a state dict into the backbone, strictly (`build_model(weights=...)` takes weights
   already resolved to a verified local file by `flowerml.weights`: where they come from, S3
   included, is not this module's business);
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 ARCHS: tuple[str, ...] = get_args(Arch)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
+# Mobile architectures downsample with strided convolutions, not pooling: their stages are cut
+# where the resolution halves (see `backbone_stages`).
+MOBILE_ARCHS = ("mobilenet_v3_large", "efficientnet_b0")
 RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -95,6 +99,10 @@ def check_strategy(strategy: str) -> str:
 
 def is_resnet(arch: str) -> bool:
     return arch.startswith("resnet")
+
+
+def is_mobile(arch: str) -> bool:
+    return arch in MOBILE_ARCHS
 
 
 def torchvision_model(arch: str) -> nn.Module:
@@ -254,12 +262,17 @@ def backbone_stages(model: FlowerModel) -> list[list[nn.Module]]:
 
     ResNet: 0 = stem (conv1, bn1, relu, maxpool), 1..4 = layer1..layer4. AlexNet/VGG: one
     stage per convolutional block of `features` (each ending at its MaxPool2d), then the
-    kept classifier layers as the last stage.
+    kept classifier layers as the last stage. MobileNetV3/EfficientNet: one stage per
+    resolution of `features` (a new one at each block that downsamples), then the kept
+    classifier layers when they have weights (MobileNetV3's 960 -> 1280 layer; EfficientNet
+    keeps only a Dropout).
     """
     backbone = model.backbone
     if is_resnet(model.arch):
         stem = [getattr(backbone, name) for name in RESNET_STEM]
         return [stem, *([getattr(backbone, name)] for name in RESNET_LAYERS)]
+    if is_mobile(model.arch):
+        return _mobile_stages(backbone.features, backbone.classifier)
     return [*_conv_blocks(backbone.features), [backbone.classifier]]
 
 
@@ -274,12 +287,33 @@ def _conv_blocks(features: nn.Sequential) -> list[list[nn.Module]]:
     return blocks
 
 
+def _mobile_stages(features: nn.Sequential, kept_classifier: nn.Module) -> list[list[nn.Module]]:
+    tail = [[kept_classifier]] if any(True for _ in kept_classifier.parameters()) else []
+    return [*_resolution_blocks(features), *tail]
+
+
+def _resolution_blocks(features: nn.Sequential) -> list[list[nn.Module]]:
+    blocks: list[list[nn.Module]] = []
+    for layer in features:
+        if not blocks or _downsamples(layer):
+            blocks.append([])
+        blocks[-1].append(layer)
+    return blocks
+
+
+def _downsamples(layer: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in layer.modules())
+
+
 @cache
 def num_stages(arch: str) -> int:
     """How many stages `freeze_stages` can lock for `arch` (5 for ResNets)."""
     check_arch(arch)
     if is_resnet(arch):
         return 1 + len(RESNET_LAYERS)
+    if is_mobile(arch):
+        meta = meta_model(arch)
+        return len(_mobile_stages(meta.features, meta.classifier[:-1]))
     return len(_conv_blocks(meta_model(arch).features)) + 1
 
 

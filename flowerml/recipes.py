@@ -31,7 +31,9 @@ from pydantic.json_schema import SkipJsonSchema
 from flowerml.errors import UserError
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "alexnet", "vgg16",
-               "vgg19"]
+               "vgg19", "mobilenet_v3_large", "efficientnet_b0"]
+# What `flowerml distill --student` accepts: the small and mobile members of Arch.
+StudentArch = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 Strategy = Literal["finetune", "linear-probe"]
 Augment = Literal["standard", "tutorial", "none"]
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -40,10 +42,12 @@ RecipeName = Literal["default", "tutorial", "linear-probe", "demo"]
 Device = Literal["auto", "cpu", "cuda"]
 
 ARCHS: tuple[str, ...] = get_args(Arch)
+STUDENT_ARCHS: tuple[str, ...] = get_args(StudentArch)
 RECIPE_NAMES: tuple[str, ...] = get_args(RecipeName)
 # How many backbone stages `freeze_stages` can lock per arch (tests check it against models.py).
 STAGES: dict[str, int] = {"resnet18": 5, "resnet34": 5, "resnet50": 5, "resnet101": 5,
-                          "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6}
+                          "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6,
+                          "mobilenet_v3_large": 6, "efficientnet_b0": 5}
 
 
 class TrainConfig(BaseModel):
@@ -106,6 +110,58 @@ class TrainConfig(BaseModel):
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+class DistillConfig(BaseModel):
+    """How a student learns from its teacher (`flowerml distill`), beside its TrainConfig.
+
+    The loss is `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)`, both
+    models seeing the same augmented (and, with `mixup`, mixed) images: Hinton, Vinyals & Dean,
+    "Distilling the Knowledge in a Neural Network" (2015) for the tempered KL and its T^2;
+    Beyer et al., "Knowledge distillation: A good teacher is patient and consistent" (CVPR
+    2022) for the consistent view and mixup.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(4.0, gt=0, le=100, title="Temperature",
+                               description="Softens both models' outputs before comparing "
+                                           "them (T > 0; 1 compares the plain probabilities).")
+    alpha: float = Field(0.9, ge=0, le=1, title="Distillation weight",
+                         description="Weight of the teacher's soft targets; 1 - alpha goes to "
+                                     "the labels' cross-entropy.")
+    mixup: float = Field(0.0, ge=0, le=1, title="Mixup probability",
+                         description="Chance that a batch is mixed with a shuffled copy of "
+                                     "itself (mixing weight uniform in [0, 1]); the teacher "
+                                     "sees the same mixed images.")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def build_distill_config(**values: Any) -> DistillConfig:
+    """A DistillConfig from the options that are set, or one UserError naming the option."""
+    try:
+        return DistillConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as error:
+        raise UserError(describe_distill_error(error)) from None
+
+
+def describe_distill_error(error: ValidationError) -> str:
+    """The first problem as one line: `--alpha must be between 0 and 1 (got 1.5)`."""
+    first = error.errors(include_url=False)[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    info = DistillConfig.model_fields.get(field)
+    if info is None:
+        return f"unknown distillation option {field!r}" if field else first["msg"]
+    low, above, high = _bound(info, "ge"), _bound(info, "gt"), _bound(info, "le")
+    value = first.get("input")
+    if first["type"] not in ("greater_than", "greater_than_equal", "less_than_equal"):
+        return f"{option_name(field)}: {first['msg']} (got {value!r})"
+    if low is not None:
+        return f"{option_name(field)} must be between {low:g} and {high:g} (got {value!r})"
+    return f"{option_name(field)} must be greater than {above:g} and at most {high:g} " \
+           f"(got {value!r})"
 
 
 RECIPES: dict[str, dict[str, Any]] = {

@@ -7,7 +7,8 @@ the same run id resumes where the last one stopped (on the CPU bit for bit: each
 order and augmentations depend on the seed and the epoch alone), and re-running it with more
 epochs, nothing else changed, goes on past its end (`extend_run`); under torchrun the same code
 trains with DDP, rank 0 evaluating and writing. `fit` takes explicit arguments, never the
-settings.
+settings; an `Objective` passed to it replaces the cross-entropy on the labels (distillation,
+`flowerml.distill`) and keeps everything else: checkpoints, resume, DDP, AMP.
 """
 
 from __future__ import annotations
@@ -246,9 +247,56 @@ def epoch_loader(loader: DataLoader, seed: int) -> DataLoader:
                        generator=torch.Generator().manual_seed(seed))
 
 
+class ValidationProbe:
+    """Extra numbers of one validation pass: sees each batch's inputs and the model's logits."""
+
+    def observe(self, inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def result(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Objective:
+    """A training loss that needs more than (logits, labels), with what a run keeps about it.
+
+    `fit(objective=None)` trains on cross-entropy with the labels; an objective (e.g.
+    `flowerml.distill.Distillation`) replaces that step and keeps the rest of the loop. Hooks:
+    - `prepare`: once the dataset is resolved and before anything is written: refuse what does
+      not fit it, move to the device;
+    - `record`: what config.json keeps as `objective` (None: nothing); a trained run resumes
+      or extends only with the same record;
+    - `compute`: (logits, loss) of one batch, called inside autocast: it runs the model itself;
+    - `validation_probe`: extra numbers of each validation pass, added to the epoch's row.
+    """
+
+    def prepare(self, published: PublishedDataset, placement: Placement,
+                config: TrainConfig) -> None:
+        """Refuse a dataset or config this objective cannot train on; place its parts."""
+
+    def record(self) -> dict[str, Any] | None:
+        return None
+
+    def compute(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def validation_probe(self) -> ValidationProbe | None:
+        return None
+
+
+def describe_objective(record: dict[str, Any] | None) -> str:
+    """How messages name what a run was trained with, from its config.json `objective`."""
+    if record is None:
+        return "cross-entropy on the labels (flowerml train)"
+    teacher = record.get("teacher", {}).get("label")
+    return f"{record.get('kind', 'another objective')}" + (f" from {teacher}" if teacher else "")
+
+
 @dataclass
 class Stepper:
-    """Everything one optimisation step needs."""
+    """Everything one optimisation step needs. With an `objective`, it computes the step's
+    logits and loss (`criterion` is then unused)."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -256,6 +304,7 @@ class Stepper:
     criterion: nn.Module
     autocast: Callable[[], contextlib.AbstractContextManager]
     scaler: torch.amp.GradScaler | None
+    objective: Objective | None = None
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,8 +312,11 @@ class Stepper:
         device so that the loop syncs once per epoch."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.model(inputs)
-            loss = self.criterion(logits, targets)
+            if self.objective is None:
+                logits = self.model(inputs)
+                loss = self.criterion(logits, targets)
+            else:
+                logits, loss = self.objective.compute(self.model, inputs, targets)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -303,8 +355,11 @@ def train_epoch(stepper: Stepper, loader: DataLoader, placement: Placement,
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader: DataLoader, device: torch.device,
                     class_names: tuple[str, ...], *, amp: bool = False,
-                    channels_last: bool = False) -> Metrics:
-    """Metrics of `model` over every batch of `loader`."""
+                    channels_last: bool = False,
+                    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> Metrics:
+    """Metrics of `model` over every batch of `loader`; `observe(inputs, logits)` sees each
+    batch too (a `ValidationProbe`)."""
     model.eval()
     accumulator = MetricsAccumulator(len(class_names))
     autocast = autocast_for(device, amp)
@@ -312,6 +367,8 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, device: torch.device,
         inputs = prepare_batch(batch, device, channels_last=channels_last)
         with autocast():
             logits = model(inputs)
+        if observe is not None:
+            observe(inputs, logits)
         accumulator.update(logits.float(), targets.to(device))
     return accumulator.result(class_names)
 
@@ -377,10 +434,18 @@ def feature_loaders(model: FlowerModel, config: TrainConfig, store: Store,
 # The run
 
 
-def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDataset) -> bool:
-    """A run id resumes only the run it started: same configuration, same data. The one change
-    a trained run accepts is more epochs; returns True when `config` asks for that."""
+def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDataset,
+                     objective: Objective | None = None) -> bool:
+    """A run id resumes only the run it started: same configuration, same objective, same data.
+    The one change a trained run accepts is more epochs; returns True when `config` asks for
+    that."""
     saved = run.read_json("config.json")
+    ours = objective.record() if objective is not None else None
+    if saved.get("objective") != ours:
+        raise RunError(f"run '{run.run_id}' was trained with "
+                       f"{describe_objective(saved.get('objective'))}, not "
+                       f"{describe_objective(ours)}; a trained run resumes only as itself: use "
+                       "a new --run-id")
     differing = sorted(k for k, v in config.to_json().items() if saved["config"].get(k) != v)
     extends = differing == ["epochs"] and config.epochs > saved["config"]["epochs"]
     if differing and not extends:
@@ -455,9 +520,12 @@ def start_run(run: RunFiles, record: dict) -> None:
     run.write_json("config.json", record)
 
 
-def run_record(config: TrainConfig, published: PublishedDataset, placement: Placement) -> dict:
+def run_record(config: TrainConfig, published: PublishedDataset, placement: Placement,
+               objective: Objective | None = None) -> dict:
+    extra = objective.record() if objective is not None else None
     return {
         "config": config.to_json(),
+        **({"objective": extra} if extra is not None else {}),
         "dataset": {"name": published.dataset, "version": published.version,
                     "manifest_sha256": published.manifest_sha256},
         "classes": list(published.class_names),
@@ -519,7 +587,7 @@ def wrap_for_training(model: nn.Module, config: TrainConfig, placement: Placemen
 def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_dir: Path,
         version: str | None = None, device: str = "auto", workers: int | None = None,
         s3: S3Options | None = None, on_event: EventFn | None = None,
-        progress: Progress | None = None) -> FitResult:
+        progress: Progress | None = None, objective: Objective | None = None) -> FitResult:
     """Train (or resume) run `run_id` on `dataset`, keeping the best-on-valid weights.
 
     `config.weights` is resolved here, once, before anything else (S3 weights with `s3`, into
@@ -527,6 +595,7 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
     is written under `runs/<run_id>/` before the dataset is resolved and the model and loaders
     are built; a run id whose run never finished an epoch may start again with a new config,
     and a trained one takes a larger `config.epochs` (`extend_run`), nothing else.
+    `objective` replaces the cross-entropy on the labels (see `Objective`).
     """
     check_run_id(run_id)
     weights = resolve_weights(config.weights, config.arch, cache_dir=Path(cache_dir), s3=s3)
@@ -534,20 +603,23 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
     try:
         emit = on_event if on_event and placement.is_main else (lambda _event: None)
         return _fit(config, store, dataset, run_id, Path(cache_dir), version, placement,
-                    workers, weights, emit, progress or NullProgress())
+                    workers, weights, emit, progress or NullProgress(), objective)
     finally:
         stop_placement(placement)
 
 
 def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir: Path,
          version: str | None, placement: Placement, workers: int | None,
-         weights: ResolvedWeights, emit: EventFn, progress: Progress) -> FitResult:
+         weights: ResolvedWeights, emit: EventFn, progress: Progress,
+         objective: Objective | None) -> FitResult:
     run = RunFiles(store, run_id)
     pinned = has_trained(run)
     if version is None and pinned:
         version = run.read_json("config.json")["dataset"]["version"]
     published = resolve_dataset(store, dataset, version)
-    extends = pinned and check_compatible(run, config, published)
+    extends = pinned and check_compatible(run, config, published, objective)
+    if objective is not None:
+        objective.prepare(published, placement, config)
     seed_everything(config.seed)
     model = prepare_model(config, published.num_classes, placement, weights)
     linear_probe = config.strategy == "linear-probe"
@@ -568,9 +640,9 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
                       nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
                       autocast_for(placement.device, config.amp),
                       torch.amp.GradScaler("cuda") if needs_grad_scaler(
-                          placement.device, config.amp) else None)
+                          placement.device, config.amp) else None, objective)
     if placement.is_main and not pinned:
-        start_run(run, run_record(config, published, placement))
+        start_run(run, run_record(config, published, placement, objective))
     resumed_from = None
     state = TrainState()
     if run.has_checkpoint():
@@ -584,7 +656,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
           str(placement.device), "world_size": placement.world_size,
           "dataset": f"{published.dataset}@{published.version}"})
     loop = EpochLoop(config, run, model, trained, stepper, placement, published, emit, progress,
-                     linear_probe)
+                     linear_probe, objective)
     loop.train(state, train_loader, valid_loader)
     if placement.is_main and linear_probe and state.best_head is not None:
         save_best_linear_probe(run, model, state)
@@ -623,6 +695,7 @@ class EpochLoop:
     emit: EventFn
     progress: Progress
     linear_probe: bool
+    objective: Objective | None = None
 
     def train(self, state: TrainState, train_loader: DataLoader, valid_loader: DataLoader) -> None:
         while state.epoch < self.config.epochs and not state.stopped_early:
@@ -650,13 +723,17 @@ class EpochLoop:
         """Validate, record, keep the best, report; True when early stopping says stop."""
         validation_started = time.perf_counter()
         evaluated = self.trained if self.linear_probe else self.model
+        probe = self.objective.validation_probe() if self.objective is not None else None
         metrics = evaluate_loader(evaluated, valid_loader, self.placement.device,
                                   self.published.class_names, amp=self.config.amp,
                                   channels_last=self.config.channels_last
-                                  and not self.linear_probe)
+                                  and not self.linear_probe,
+                                  observe=probe.observe if probe is not None else None)
         row = {"epoch": epoch, "train_loss": round(loss, 5), "train_top1": round(train_top1, 5),
                "valid_loss": round(metrics.loss, 5),
                "valid_top1": round(metrics.top1, 5), "valid_top5": round(metrics.top5, 5),
+               **{name: round(value, 5) for name, value in
+                  (probe.result() if probe is not None else {}).items()},
                "lr": self.stepper.optimizer.param_groups[-1]["lr"],
                "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 2)}
         state.history.append(row)

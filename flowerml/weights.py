@@ -47,6 +47,8 @@ IMAGENET_WEIGHTS: dict[str, str] = {
     "alexnet": "IMAGENET1K_V1",
     "vgg16": "IMAGENET1K_V1",
     "vgg19": "IMAGENET1K_V1",
+    "mobilenet_v3_large": "IMAGENET1K_V2",
+    "efficientnet_b0": "IMAGENET1K_V1",
 }
 TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"

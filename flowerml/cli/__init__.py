@@ -8,6 +8,7 @@ from flowerml.cli import (  # noqa: F401  (each registers its commands)
     compare,
     data,
     datasets,
+    distill,
     export,
     predict,
     registry,

@@ -137,16 +137,30 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
 @json_option
 def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | None,
              device: str, workers: int | None, as_json: bool) -> None:
-    """Evaluate a run's best weights on a split; writes the report next to the run."""
+    """Evaluate a run's best weights on a split; writes the report next to the run.
+
+    A student trained with `flowerml distill` also gets `agreement`: its top-1 agreement with
+    its teacher on the split (and the teacher's top-1 there), in eval/<split>/agreement.json."""
+    from flowerml.distill import distillation_record, measure_agreement
     from flowerml.inference import evaluate_run
 
     settings = load_settings(store=store)
-    outcome = evaluate_run(build_store(settings), run_id, cache_dir=settings.cache_dir,
+    target = build_store(settings)
+    outcome = evaluate_run(target, run_id, cache_dir=settings.cache_dir,
                            split=split, version=dataset_version, device=device, workers=workers)
+    agreement = measure_agreement(
+        target, run_id, cache_dir=settings.cache_dir, split=split, version=dataset_version,
+        device=device, workers=workers) if distillation_record(target, run_id) else None
     if as_json:
-        emit_json(outcome.to_json())
+        emit_json(outcome.to_json() | ({"agreement": agreement.agreement,
+                                        "teacher": agreement.teacher,
+                                        "teacher_top1": agreement.teacher_top1}
+                                       if agreement else {}))
         return
     summary = outcome.metrics.summary()
     click.echo(f"{split}: top-1 {summary['top1']:.4f}, top-5 {summary['top5']:.4f}, "
                f"mean per-class {summary['mean_class_accuracy']:.4f}, loss "
                f"{summary['loss']:.4f} on {summary['n']} images; report {outcome.report_location}")
+    if agreement:
+        click.echo(f"{split}: agreement with teacher {agreement.teacher['label']} "
+                   f"{agreement.agreement:.4f} (teacher top-1 {agreement.teacher_top1:.4f})")

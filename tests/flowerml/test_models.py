@@ -26,8 +26,10 @@ from flowerml.models import (
 from flowerml.weights import resolve_weights
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
-                "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096}
-STAGES = {"resnet18": 5, "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6}
+                "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096,
+                "mobilenet_v3_large": 1280, "efficientnet_b0": 1280}
+STAGES = {"resnet18": 5, "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6,
+          "mobilenet_v3_large": 6, "efficientnet_b0": 5}
 
 
 def source_resnet18(seed: int = 7) -> nn.Module:
@@ -271,3 +273,77 @@ def test_prepare_for_strategy_validates() -> None:
     prepare_for_strategy(model, "finetune", freeze=0)
     assert all(p.requires_grad for p in model.parameters())
     assert STRATEGIES == ("finetune", "linear-probe")
+
+
+# --------------------------------------------------------------------------------------------
+# Mobile students: MobileNetV3-Large and EfficientNet-B0
+
+
+@pytest.mark.parametrize(("arch", "cuts"), [
+    # features children starting each stage: a new stage where the resolution halves.
+    ("mobilenet_v3_large", [0, 2, 4, 7, 13]),
+    ("efficientnet_b0", [0, 2, 3, 4, 6]),
+])
+def test_mobile_stages_are_cut_where_the_resolution_halves(arch: str, cuts: list[int]) -> None:
+    model = build_model(arch, 4, seed=0)
+    stages = backbone_stages(model)
+    features = list(model.backbone.features)
+    starts = [features.index(stage[0]) for stage in stages if stage[0] in features]
+    assert starts == cuts
+    images = torch.randn(1, 3, 64, 64)
+    sizes = []
+    for stage in stages[:len(cuts)]:
+        for layer in stage:
+            images = layer(images)
+        sizes.append(images.shape[-1])
+    assert sizes == [32, 16, 8, 4, 2]  # each stage halves the resolution once
+    # MobileNetV3 keeps a 960 -> 1280 layer before the head: one more stage to freeze;
+    # EfficientNet keeps only a Dropout, which has nothing to freeze.
+    assert len(stages) == len(cuts) + (arch == "mobilenet_v3_large")
+
+
+def test_freezing_a_mobile_student_keeps_its_frozen_batchnorm_fixed() -> None:
+    model = build_model("efficientnet_b0", 4, seed=0)
+    freeze_stages(model, 3)
+    stages = backbone_stages(model)
+    assert all(not p.requires_grad for stage in stages[:3] for m in stage
+               for p in m.parameters())
+    assert all(p.requires_grad for stage in stages[3:] for m in stage for p in m.parameters())
+    model.train()
+    assert all(not bn.training for bn in bn_layers(stages[0] + stages[1] + stages[2]))
+    assert all(bn.training for bn in bn_layers(stages[3]))
+    groups = parameter_groups(model, strategy="finetune", lr=0.1)
+    trained = {id(p) for group in groups for p in group["params"]}
+    assert not any(id(p) in trained for m in stages[0] for p in m.parameters())
+    with pytest.raises(ModelError, match="between 0 and 5 for efficientnet_b0"):
+        freeze_stages(model, 6)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "efficientnet_b0"])
+def test_a_staged_torchvision_file_loads_into_a_mobile_backbone(arch: str,
+                                                                tmp_path: Path) -> None:
+    """The same rule as `train --weights`: torchvision's state dict, its ImageNet classifier
+    dropped, every other key loaded strictly; a 32 px image goes through."""
+    torch.manual_seed(11)
+    source = torchvision.models.get_model(arch, weights=None)
+    path = save_pth(source.state_dict(), tmp_path / f"{arch}.pth")
+    model = build_model(arch, 3, weights=resolve_weights(str(path), arch), seed=0)
+    expected = source.state_dict()
+    dropped = f"classifier.{len(source.classifier) - 1}."
+    backbone = model.backbone.state_dict()
+    assert set(backbone) == {k for k in expected if not k.startswith(dropped)}
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in backbone.items())
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    other = "efficientnet_b0" if arch == "mobilenet_v3_large" else "mobilenet_v3_large"
+    with pytest.raises(ModelError, match=f"does not fit {other}"):
+        build_model(other, 3, weights=resolve_weights(str(path), other))
+
+
+def test_mobile_imagenet_weights_are_pinned_by_name() -> None:
+    from flowerml.weights import imagenet_file_name, imagenet_weights_name
+
+    assert imagenet_weights_name("mobilenet_v3_large") == "MobileNet_V3_Large_Weights.IMAGENET1K_V2"
+    assert imagenet_weights_name("efficientnet_b0") == "EfficientNet_B0_Weights.IMAGENET1K_V1"
+    # torchvision's file names carry their sha256 prefix: a staged copy is checked against it.
+    assert imagenet_file_name("mobilenet_v3_large") == "mobilenet_v3_large-5c1a4163.pth"
+    assert imagenet_file_name("efficientnet_b0") == "efficientnet_b0_rwightman-7f5810bc.pth"
