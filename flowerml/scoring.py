@@ -111,25 +111,56 @@ def is_pattern(text: str) -> bool:
 
 
 def list_input(text: str, s3: S3Options | None = None) -> InputListing:
-    """INPUT as a listing (nothing is read until its keys are iterated)."""
+    """INPUT as a listing (nothing is read until its keys are iterated); one image file named
+    on its own is a listing of one."""
     if not text.strip():
         raise ScoringError("INPUT must not be empty")
     local = not text.startswith(("s3://", "file://"))
-    if text.lower().endswith(LIST_SUFFIXES) and not (local and os.path.isdir(text)):
+    path = os.path.expanduser(text) if local else text
+    if text.lower().endswith(LIST_SUFFIXES) and not (local and os.path.isdir(path)):
         return list_file_listing(text, s3)
-    if is_pattern(text) and not (local and os.path.lexists(text)):
+    if is_pattern(text) and not (local and os.path.lexists(path)):
         return glob_listing(text, s3)
-    if local and os.path.isfile(text):  # one image named on its own
-        path = Path(text).resolve()
-        return InputListing(str(path.parent), lambda: iter([path.name]))
-    if local and not os.path.isdir(text):
+    if local and os.path.isfile(path):
+        image = Path(path).resolve()
+        return InputListing(str(image.parent), lambda: iter([image.name]))
+    if local and not os.path.isdir(path):
         raise ScoringError(f"INPUT {text}: no such folder or file")
     store = open_input_store(text, s3)
-    return InputListing(store.uri, lambda: (info.key for info in store.list("")))
+    return InputListing(store.uri, lambda: store_keys(store))
 
 
 def open_input_store(uri: str, s3: S3Options | None) -> Store:
     return open_store(uri, s3=s3, name="INPUT")
+
+
+def store_keys(store: Store) -> Iterator[str]:
+    """Every key below a store's root, streamed in a fixed order: S3's listing pages, or a
+    folder walked one directory at a time (sorted, hidden names skipped, as LocalStore lists),
+    so a folder of millions of files is never held in memory."""
+    if isinstance(store, LocalStore):
+        yield from walk_sorted(store.root, "")
+    else:
+        yield from (info.key for info in store.list(""))
+
+
+def walk_sorted(folder: Path, prefix: str) -> Iterator[str]:
+    """The files below `folder`, depth first, each directory's names sorted; only one
+    directory's names are held at a time (per level of depth)."""
+    try:
+        with os.scandir(folder) as scan:
+            # Symlinked folders are not followed (a link loop would never end), as os.walk.
+            names = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in scan
+                           if not entry.name.startswith(".")
+                           and (entry.is_dir(follow_symlinks=False) or entry.is_file()))
+    except OSError as error:
+        raise ScoringError(f"INPUT: cannot read folder {folder}: "
+                           f"{error.strerror or error}") from None
+    for name, is_dir in names:
+        if is_dir:
+            yield from walk_sorted(folder / name, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}"
 
 
 def glob_listing(pattern: str, s3: S3Options | None) -> InputListing:
@@ -148,8 +179,8 @@ def glob_listing(pattern: str, s3: S3Options | None) -> InputListing:
     if isinstance(store, LocalStore) and not store.root.is_dir():
         raise ScoringError(f"INPUT {pattern}: no such folder {store.root}")
     matcher = glob_regex(rest)
-    return InputListing(store.uri, lambda: (info.key for info in store.list("")
-                                            if matcher.fullmatch(info.key)))
+    return InputListing(store.uri, lambda: (key for key in store_keys(store)
+                                            if matcher.fullmatch(key)))
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:

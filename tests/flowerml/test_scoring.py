@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from pathlib import Path
 from typing import NamedTuple
@@ -278,6 +279,17 @@ def test_an_output_inside_the_input_is_not_scored_again(registry: Registry, phot
 # --- what INPUT may be -----------------------------------------------------------------------
 
 
+def test_a_folder_is_walked_in_order_without_hidden_names_links_or_pipes(
+        photos: Path, tmp_path: Path) -> None:
+    folder = copy_tree(photos, tmp_path / "photos")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.jpg").write_bytes(b"thumbnail")
+    (folder / "loop").symlink_to(folder)
+    os.mkfifo(folder / "pipe.jpg")
+    assert list(list_input(str(folder)).stream()) == KEYS
+    assert list(list_input(str(folder / "sub" / "f.jpg")).stream()) == ["f.jpg"]
+
+
 def test_a_glob_lists_matching_keys_below_its_folder(photos: Path) -> None:
     assert list(list_input(f"{photos}/*.jpg").stream()) == ["a.jpg", "b.jpg", "cut.jpg",
                                                            "d.jpg", "e.jpg"]
@@ -331,6 +343,8 @@ def test_an_s3_prefix_is_scored_into_an_s3_output(registry: Registry, photos: Pa
     output = S3Store(s3_bucket, "scores", options)
     summary = score(registry, f"s3://{s3_bucket}/inbox", output, s3=options)
     assert summary["root"] == f"s3://{s3_bucket}/inbox"
+    assert list(list_input(f"s3://{s3_bucket}/inbox/**/*.jp*g", options).stream()) == [
+        k for k in KEYS if ".jp" in k]
     assert summary["output"].startswith(f"s3://{s3_bucket}/scores/flowers102/000001/")
     rows = rows_of(output, summary)
     local = score(registry, photos, LocalStore(photos.parent / f"{photos.name}-local-scores"))
