@@ -35,7 +35,6 @@ JPEG is decoded reduced first (`flowerml.prediction.open_image`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -509,9 +508,16 @@ def write_shards(output_store: Store, plan: ScoringPlan, spooled: Spooled, outpu
               "input_id": plan.input_id, "images": plan.images, "shards": plan.shards,
               "shard_size": plan.shard_size, "model": plan.model, "version": plan.version,
               "runtime": plan.runtime, "top_k": plan.top_k}
-    with contextlib.suppress(PreconditionFailed):  # a concurrent run listed it first
+    try:
         output_store.put_bytes(plan.key(LISTING), json.dumps(record, indent=2).encode(),
                                if_none_match=True)
+    except PreconditionFailed:  # a concurrent run listed it first: its settings stand
+        theirs = read_listing(output_store, plan.prefix, output) or record
+        if (theirs["runtime"], theirs["top_k"]) != (plan.runtime, plan.top_k):
+            raise ScoringError(f"{output_store.location(plan.prefix)} was just started by "
+                               f"another run with --runtime {theirs['runtime']} --top-k "
+                               f"{theirs['top_k']}: use the same, or another --output") \
+                from None
 
 
 def read_listing(output_store: Store, prefix: str, output: str) -> dict[str, Any] | None:

@@ -445,3 +445,25 @@ def test_an_output_started_with_other_settings_is_refused(registry: Registry, ph
         score(registry, photos, output, top_k=3)
     assert store_keys(output) == before
     assert score(registry, photos, output)["runtime"] == started["runtime"]  # auto follows
+
+
+def test_a_run_racing_another_with_other_settings_is_refused(
+        registry: Registry, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both runs read no _listing.json; the first writes its record; the second, with another
+    runtime, finds it there when it tries to write its own, and stops before any part."""
+    import flowerml.scoring as scoring
+
+    output = LocalStore(tmp_path / "scores")
+    score(registry, photos, output, runtime="torch")
+    real, calls = scoring.read_listing, []
+
+    def not_yet_on_the_first_read(*args):
+        calls.append(args)
+        return None if len(calls) == 1 else real(*args)
+
+    monkeypatch.setattr(scoring, "read_listing", not_yet_on_the_first_read)
+    before = store_keys(output)
+    with pytest.raises(ScoringError, match="was just started by another run with --runtime "
+                                           "torch --top-k 5"):
+        score(registry, photos, output, runtime="onnx")
+    assert store_keys(output) == before and len(calls) == 2
