@@ -192,3 +192,36 @@ def test_rollback_walks_back_and_history_shows_padded_versions(registry: Registr
     assert [h["rollback"] for h in history] == [False, False, False, True, True]
     listed = invoke(registry, "registry", "list")
     assert listed.stdout == "flowers102: 3 version(s), production 000002\n"
+
+
+def test_show_prints_the_gates_paired_test_from_each_card(local_store: LocalStore) -> None:
+    from flowerml.comparison import compare
+    from flowerml.promotion import Gate, PairedUnavailable, paired_figures
+    from tests.builders import card as bare_card
+    from tests.builders import weights
+    from tests.paired import paired_outcomes, prediction_set
+
+    champion, candidate = paired_outcomes(both_right=90, a_only=8, b_only=1, both_wrong=1)
+    paired = compare(prediction_set("flowers102:000001", champion),
+                     prediction_set("run:r2", candidate))
+    missing = PairedUnavailable("flowers102:000001", "flowers102:000001 has no stored per-image "
+                                                     "predictions")
+    entry = Registry(local_store, "flowers102")
+    for seed, figures in ((1, None), (2, paired_figures(paired, Gate(class_drop=0.05))),
+                          (3, paired_figures(missing, Gate()))):
+        entry.register(weights(seed), {**bare_card(0.9), "gate": {"paired": figures}})
+    result = cli_invoke("registry", "show", "flowers102", store=local_store)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("000001: top-1 0.9000") and lines[1].startswith("000002")
+    assert lines[2] == ("    vs flowers102:000001: McNemar 1 right only here, 8 right only "
+                        "there (of 100), one-sided p = 0.01953: significantly worse")
+    # 8 of the 9 lost images are of classes 1-4 in turn: two each, 25 images a class.
+    assert lines[3].startswith("    classes more than 0.05 below it: 1 pink primrose 1.0000 -> "
+                               "0.9200")
+    assert lines[4:] == ["000003: top-1 0.9000, run None",
+                         "    vs flowers102:000001: paired test not run (flowers102:000001 has "
+                         "no stored per-image predictions)"]
+    shown = json.loads(cli_invoke("registry", "show", "flowers102", "--json",
+                                  store=local_store).stdout)
+    assert [v["paired"] and v["paired"]["ran"] for v in shown["versions"]] == [None, True, False]

@@ -82,6 +82,12 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     assert worse["metrics"]["top1"] < first["metrics"]["top1"] - 0.005
     assert any("regression" in r for r in worse["reasons"]), worse["reasons"]
     assert registry.get(2).committed and registry.alias().version == 1
+    # Both evaluations kept their per-image predictions: the gate paired them, the card says so.
+    assert any(r.startswith("McNemar exact test vs production v000001") for r in
+               worse["reasons"]), worse["reasons"]
+    paired = registry.get(2).card["gate"]["paired"]
+    assert paired["ran"] and paired["champion"] == "flowers102:000001", paired
+    assert paired["n"] == worse["metrics"]["n"] and registry.get(1).card["gate"]["paired"] is None
 
     forced = run(BAD, threshold=0.0, force=True)
     assert forced["promoted"] and registry.alias().version == forced["version"] == 3
