@@ -435,15 +435,9 @@ def plan_scoring(request: ScoringRequest, *, registry_store: Store, output_store
                                ".jpg, .jpeg, .png, ...)")
         prefix = f"{model}/{version:06d}/{spooled.digest[:16]}"
         started = read_listing(output_store, prefix, request.output)
-        if started and started["runtime"] != runtime:
-            if request.runtime != "auto":
-                raise ScoringError(f"{output_store.location(prefix)} was started with "
-                                   f"--runtime {started['runtime']}: use the same, or another "
-                                   "--output")
-            runtime, sha = choose_runtime(registry, version, started["runtime"])
-        if started and started["top_k"] != request.top_k:
-            raise ScoringError(f"{output_store.location(prefix)} was started with --top-k "
-                               f"{started['top_k']}: use the same, or another --output")
+        if started is not None:
+            runtime, sha = resume_settings(started, request, registry, version, (runtime, sha),
+                                           output_store.location(prefix))
         plan = ScoringPlan(
             input=request.input, root=listing.root, input_id=spooled.digest[:16],
             images=spooled.count, shards=-(-spooled.count // request.shard_size),
@@ -455,6 +449,21 @@ def plan_scoring(request: ScoringRequest, *, registry_store: Store, output_store
             check_writable(output_store, request.output)
             write_shards(output_store, plan, spooled, request.output)
     return plan
+
+
+def resume_settings(started: dict[str, Any], request: ScoringRequest, registry: Registry,
+                    version: int, chosen: tuple[str, str], where: str) -> tuple[str, str]:
+    """The runtime (and its file's sha256) for an output that an earlier run started: that
+    run's, so that every part of one output comes from one runtime and one top-k."""
+    if started["top_k"] != request.top_k:
+        raise ScoringError(f"{where} was started with --top-k {started['top_k']}: use the "
+                           "same, or another --output")
+    if started["runtime"] == chosen[0]:
+        return chosen
+    if request.runtime != "auto":
+        raise ScoringError(f"{where} was started with --runtime {started['runtime']}: use the "
+                           "same, or another --output")
+    return choose_runtime(registry, version, started["runtime"])
 
 
 def nested_prefix(root: str, output: str) -> str | None:
