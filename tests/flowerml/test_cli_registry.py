@@ -69,6 +69,9 @@ def test_promote_reject_force_history_rollback(registry: Registry) -> None:
 def test_threshold_outside_unit_interval(registry: Registry) -> None:
     assert_refused(invoke(registry, "registry", "promote", "flowers102", "1",
                           "--threshold", "1.5"), "--threshold must be between 0 and 1 (got 1.5)")
+    assert_refused(invoke(registry, "registry", "promote", "flowers102", "1",
+                          "--class-drop", "-0.1"), "--class-drop must be between 0 and 1 (got "
+                                                   "-0.1)")
     assert registry.alias() is None and registry.history() == []
 
 

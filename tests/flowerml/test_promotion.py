@@ -393,3 +393,20 @@ def test_judge_candidate_compares_the_run_with_production_image_by_image(
         store, "flowers102", "production", metrics["top1"], "flowers102", version,
         Gate(threshold=0.0), force=False, cache_dir=cache, device="cpu")
     assert candidate.paired is None and reasons[2].startswith("paired test not run")
+
+
+def test_a_champion_re_evaluated_on_another_manifest_brings_its_new_predictions(
+        registered_run: RegisteredRun) -> None:
+    from flowerml.manifest import resolve_dataset
+    from flowerml.promotion import measure_champion
+
+    store, cache, registry, metrics = registered_run
+    moved = replace(resolve_dataset(store, "flowers102"), manifest_sha256="0" * 64)
+    champion = measure_champion(registry, moved, alias="production", cache_dir=cache,
+                                device="cpu", workers=0)
+    assert champion.label == "flowers102:000001"
+    predictions = champion.predictions
+    assert predictions.manifest_sha256 == "0" * 64  # measured there, not read from the card
+    assert len(predictions.images) == metrics["n"]
+    assert predictions.top1 == pytest.approx(champion.scorecard.top1)
+    assert predictions.weights_sha256 == registry.get(1).weights_sha256
