@@ -118,6 +118,7 @@ class FiniteFloat(click.ParamType):
 
 # How the flow's parameter fields are spelled on the command line.
 PARAMETER_OPTIONS = {("gate", "threshold"): "--threshold", ("gate", "tolerance"): "--tolerance",
+                     ("gate", "class_drop"): "--class-drop",
                      ("gate", "force"): "--force", ("source",): "--source",
                      ("dataset",): "--dataset", ("store",): "--store",
                      ("model_name",): "--model-name", ("alias",): "--alias"}
@@ -379,6 +380,9 @@ def stop_on_signals() -> None:
               help=f"Minimum test top-1 (default {Gate.threshold:g}; 0.7 with --preset demo).")
 @click.option("--tolerance", type=FiniteFloat(), default=None,
               help=f"Allowed drop below the alias's current model (default {Gate.tolerance:g}).")
+@click.option("--class-drop", type=FiniteFloat(), default=None,
+              help=f"Largest drop of any class's accuracy below the alias's current model "
+                   f"(default {Gate.class_drop:g}).")
 @click.option("--force", is_flag=True, default=None,
               help="Promote regardless of the gate (recorded).")
 @click.option("--model-name", default="flowers102", show_default=True,
@@ -388,8 +392,8 @@ def stop_on_signals() -> None:
               help="Show Prefect's own output too: its server, engine logs and tracebacks.")
 @json_option
 def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
-            threshold: float | None, tolerance: float | None, force: bool | None,
-            model_name: str, alias: str, verbose: bool, as_json: bool,
+            threshold: float | None, tolerance: float | None, class_drop: float | None,
+            force: bool | None, model_name: str, alias: str, verbose: bool, as_json: bool,
             **training: Any) -> None:
     """Run the retrain flow: ingest, train, evaluate, register, promote past the gate.
 
@@ -399,7 +403,8 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     prefect_settings()
     settings = load_settings(store=store, dataset=dataset)
     check_names(model_name, alias)
-    gate = {"threshold": threshold, "tolerance": tolerance, "force": force}
+    gate = {"threshold": threshold, "tolerance": tolerance, "class_drop": class_drop,
+            "force": force}
     params = validated_params(settings, preset, source, store, dataset, gate, model_name, alias,
                               training)
     check_source(params, preset, source)

@@ -491,7 +491,7 @@ def test_file_uris_work_for_the_source_and_the_store(synthetic_source: Path,
     assert json.loads(result.stdout.splitlines()[-1])["counts"] == {
         "train": 8, "valid": 8, "test": 8}
     record = json.loads((tmp_path / "store/datasets/flowers102/raw/sources.json").read_text())
-    assert record["source"] == f"file://{synthetic_source}"
+    assert record["source"] == str(synthetic_source)  # the folder the file:// URI names
 
 
 def test_unknown_source_host_fails_at_once(local_store: LocalStore, tmp_path: Path,
@@ -517,3 +517,45 @@ def test_refused_source_connection_is_retried_briefly_and_named(
                               "connection refused")
     assert sleeps == [1.0, 2.0]  # two brief retries, not five
     assert store_keys(local_store) == []
+
+
+def full_decode_fails(data: bytes) -> bool:
+    """Whether Pillow refuses `data` when decoding it at full size, as a loader would."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError):
+        return True
+    return False
+
+
+def test_reduced_scale_decode_check_catches_corrupt_and_truncated_jpegs() -> None:
+    """The survey decodes at 1/8 scale (every entropy-coded byte is still read): it refuses the
+    damaged JPEGs the tests feed ingest (half an image, not a JPEG) and every truncation, and
+    agrees with a full-size decode on each damaged copy, bit flips included."""
+    import random
+
+    import numpy as np
+
+    from flowerml.synthetic import draw_flower, encode_jpeg, image_dimensions
+
+    rng = np.random.default_rng(7)
+    width, height = image_dimensions(500, rng)  # the real archive's size
+    good = encode_jpeg(draw_flower(3, rng, width, height), 87)
+    assert ingest.check_jpeg(good) is None
+    truncated = [good[: len(good) * share // 100] for share in (5, 30, 50, 90, 99)]
+    truncated += [good[:-cut] for cut in (1, 2, 10, 100)]
+    for data in [*truncated, b"not a jpeg at all", good[:600] + bytes(len(good) - 600)]:
+        problem = ingest.check_jpeg(data)
+        assert problem is not None and problem.startswith(("does not decode", "not a JPEG"))
+        assert full_decode_fails(data)
+    flips = random.Random(0)
+    for _ in range(20):
+        damaged = bytearray(good)
+        damaged[flips.randrange(700, len(good) - 2)] ^= 0xFF
+        assert (ingest.check_jpeg(bytes(damaged)) is not None) == full_decode_fails(
+            bytes(damaged))

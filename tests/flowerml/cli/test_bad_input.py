@@ -54,6 +54,7 @@ CASES: list[tuple[list[str], str]] = [
     (["datasets", "show", "Bad Name"], "Bad Name"),
     (["retrain", "--arch", "bogus"], "--arch must be one of"),
     (["retrain", "--threshold", "2"], "--threshold"),
+    (["retrain", "--class-drop", "-0.5"], "--class-drop"),
     (["retrain", "--source", "ftp://mirror/flowers"], "ftp://"),
 ]
 
