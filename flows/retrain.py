@@ -1,4 +1,5 @@
-"""The `retrain_flowers` flow: ingest -> train -> evaluate -> decide -> register (+ promote).
+"""The `retrain_flowers` flow: ingest -> train -> evaluate -> decide -> register (+ promote)
+(+ distil a student of the promoted model, when `distill.enabled`).
 
 Its one parameter is a pydantic model derived from `flowerml.recipes.TrainConfig`, so the
 Prefect UI renders a typed form (dropdowns for every choice, titles, bounds, descriptions) and
@@ -26,6 +27,7 @@ from flowerml.errors import FlowermlError, UserError
 from flowerml.promotion import Gate
 from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
 from flowerml.registry import DEFAULT_ALIAS
+from flows.distill import DistillStageParams, Runner, distill_stage
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -94,6 +96,8 @@ class RetrainParams(BaseModel):
     recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
                                 description="How many times a crashed run may be resumed "
                                             "automatically before it gives up")
+    distill: DistillStageParams = Field(default_factory=DistillStageParams,
+                                        title="Distillation (optional last stage)")
 
 
 class RecoveryLimitReached(UserError):
@@ -155,7 +159,25 @@ def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]: 
                "promoted": promoted, "version": registered["version"], "reasons": reasons,
                "export": exported}
     announce(model, {**summary, "alias": params.alias, "paired": decision["paired"]})
+    if params.distill.enabled:
+        summary["distill"] = distill_promoted(params, config, run_id, registered, version, store) \
+            if promoted else {"skipped": "the new model was not promoted: no student of it"}
     return summary
+
+
+def distill_promoted(params: RetrainParams, config: TrainConfig, run_id: str,
+                     registered: dict[str, Any], dataset_version: str,
+                     store: str | None) -> dict[str, Any]:
+    """The optional `distill` stage (flows.distill): the version just promoted, trained with
+    `config`, distilled into a student that is promoted on its own gate."""
+    teacher = {"ref": f"{params.model_name}:{registered['version']}",
+               "label": registered["label"], "dataset": params.dataset,
+               "dataset_version": dataset_version, "training_config": config.to_json()}
+    training = params.training
+    runner = Runner(device=training.device, workers=training.workers,
+                    nproc_per_node=training.nproc_per_node, timeout_s=training.timeout_s)
+    return distill_stage(teacher, params.distill, runner, store=store,
+                         run_id=f"{run_id}-student")
 
 
 def main(argv: list[str] | None = None) -> int:

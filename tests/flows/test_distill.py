@@ -1,0 +1,96 @@
+"""The distill stage under Prefect's harness: `distill-flowers` against the current champion
+(the session's registered tiny ResNet-18), and the retrain flow's optional `distill` stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flowerml.registry import Registry
+from flowerml.storage import LocalStore
+from flows.distill import DistillParams, StudentParams, distill_flowers
+from flows.retrain import RetrainParams
+from tests.conftest import copy_tree
+from tests.flowerml.conftest import RegisteredRun
+
+STUDENT = {"student": "resnet18", "epochs": 1, "weights": "none",
+           "gate": {"threshold": 0.0, "max_gap": 1.0}}
+RUNNER = {"device": "cpu", "workers": 0, "timeout_s": 600}
+
+
+def test_the_student_trains_like_its_teacher_with_its_own_arch_epochs_and_weights() -> None:
+    teacher = {"arch": "resnet152", "weights": "imagenet", "epochs": 30, "warmup_epochs": 2.0,
+               "image_size": 224, "batch_size": 48, "freeze_stages": 3}
+    config = StudentParams(student="efficientnet_b0", epochs=1).config(teacher)
+    assert (config.arch, config.epochs, config.warmup_epochs) == ("efficientnet_b0", 1, 1.0)
+    assert (config.image_size, config.batch_size, config.weights) == (224, 48, "imagenet")
+    assert config.freeze_stages == 0  # a student trains every stage
+    assert StudentParams(weights="none").config(teacher).weights == "none"
+
+
+def test_the_retrain_flow_has_the_stage_off_by_default() -> None:
+    assert RetrainParams().distill.enabled is False
+    stage = RetrainParams.model_validate({"distill": {"enabled": True, **STUDENT}}).distill
+    assert stage.enabled and stage.student == "resnet18" and stage.gate.max_gap == 1.0
+    with pytest.raises(ValueError, match="alpha"):
+        RetrainParams.model_validate({"distill": {"distillation": {"alpha": 2}}})
+
+
+@pytest.mark.timeout(600)  # one epoch in a child process, then evaluation and release
+def test_distill_manual_releases_a_student_of_the_champion(
+        prefect_harness: None, registered_run: RegisteredRun, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    copy_tree(registered_run.store.root, tmp_path / "store")
+    copy_tree(registered_run.cache, tmp_path / "cache")
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
+    store = LocalStore(tmp_path / "store")
+
+    summary = distill_flowers(DistillParams(teacher="flowers102@production",
+                                            store=str(store.root), student=STUDENT,
+                                            runner=RUNNER))
+    assert summary["promoted"] and summary["label"] == "flowers102-small:000001"
+    assert summary["teacher"]["label"] == "flowers102:000001"  # the alias, resolved once
+    assert 0 <= summary["agreement"] <= 1 and 0 <= summary["agreement_valid"] <= 1
+    assert Registry(store, "flowers102-small").alias("production").version == 1
+    record = json.loads((store.root / "runs" / summary["run_id"] / "config.json").read_text())
+    teacher_config = Registry(store, "flowers102").get(1).card["lineage"]["training_config"]
+    assert record["config"] == {**teacher_config, "arch": "resnet18", "epochs": 1,
+                                "warmup_epochs": min(teacher_config["warmup_epochs"], 1)}
+    assert record["objective"]["teacher"]["version"] == 1
+    card = Registry(store, "flowers102-small").get(1).card
+    assert card["teacher"]["label"] == "flowers102:000001"
+    assert card["efficiency"]["teacher"]["macs"] == card["efficiency"]["student"]["macs"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two retrain runs, one of them with a student
+def test_the_retrain_flow_distils_only_a_promoted_model(
+        prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flows.retrain import retrain_flowers
+
+    write_synthetic_archive(tmp_path / "src", SyntheticSpec(classes=4, per_class=12,
+                                                            image_size=56, seed=4))
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
+    store = LocalStore(tmp_path / "store")
+
+    def retrain(threshold: float) -> dict:
+        return retrain_flowers(RetrainParams(
+            source=str(tmp_path / "src"), store=str(store.root), export_onnx=False,
+            training={"recipe": "demo", "epochs": 1, "image_size": 40, "batch_size": 8,
+                      "device": "cpu", "workers": 0},
+            gate={"threshold": threshold, "tolerance": 1.0},
+            distill={"enabled": True, **STUDENT}))
+
+    first = retrain(0.0)
+    assert first["promoted"] and first["distill"]["promoted"]
+    assert first["distill"]["run_id"] == f"{first['run_id']}-student"
+    assert first["distill"]["teacher"]["label"] == "flowers102:000001"
+    assert Registry(store, "flowers102-small").alias("production").version == 1
+
+    refused = retrain(1.0)
+    assert not refused["promoted"]
+    assert refused["distill"] == {"skipped": "the new model was not promoted: no student of it"}
+    assert len(Registry(store, "flowers102-small").versions()) == 1
