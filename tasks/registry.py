@@ -116,10 +116,10 @@ def announce(model: str, summary: dict[str, Any]) -> None:
     lines += paired_section(summary.get("paired"))
     export = summary.get("export")
     if export:
-        verdict = "passed" if export["parity_passed"] else "FAILED"
+        parity = "passed" if export["parity_passed"] else "FAILED"
         lines += ["", "## ONNX export", "",
                   f"- `{export['location']}` ({export['bytes'] / 1e6:.1f} MB)",
-                  f"- parity {verdict}: top-1 agreement {export['top1_agreement']:.4%}, max "
+                  f"- parity {parity}: top-1 agreement {export['top1_agreement']:.4%}, max "
                   f"|logit difference| {export['max_abs_logit_diff']:.2e}",
                   f"- CPU images/s: PyTorch {export['torch_images_per_second']:.1f}, ONNX "
                   f"Runtime {export['onnx_images_per_second']:.1f}"]

@@ -32,3 +32,29 @@ def test_the_gate_reads_class_drop_and_defaults_it_for_older_parameters() -> Non
     assert gate_of({"threshold": 0.5, "tolerance": 0.01, "class_drop": 0.2}) == Gate(
         0.5, 0.01, 0.2)
     assert gate_of({"threshold": 0.5, "tolerance": 0.01}).class_drop == Gate.class_drop
+
+
+def test_the_event_says_promoted_or_rejected_whatever_the_exports_parity(
+        prefect_harness: None, monkeypatch) -> None:
+    """Automations match `flowerml.model.promoted`: the export's own verdict must not leak in."""
+    from prefect import flow
+
+    import tasks.registry as registry_tasks
+
+    emitted: list[str] = []
+    real_emit = registry_tasks.emit_event
+    monkeypatch.setattr(registry_tasks, "emit_event",
+                        lambda **kwargs: emitted.append(kwargs["event"]) or real_emit(**kwargs))
+    export = {"parity_passed": True, "location": "s3://b/m.onnx", "bytes": 10,
+              "top1_agreement": 1.0, "max_abs_logit_diff": 1e-6,
+              "torch_images_per_second": 1.0, "onnx_images_per_second": 2.0}
+
+    @flow
+    def decide(promoted: bool) -> None:
+        registry_tasks.announce("flowers102", {
+            "promoted": promoted, "version": 1, "run_id": "r", "dataset_version": "v",
+            "metrics": {"top1": 0.9}, "reasons": [], "alias": "production", "export": export})
+
+    decide(True)
+    decide(False)
+    assert emitted == ["flowerml.model.promoted", "flowerml.model.rejected"]
