@@ -24,6 +24,7 @@ from flowerml.ingest import FetchOptions, ingest
 from flowerml.prediction import predict_images
 from flowerml.recipes import build_config
 from flowerml.runs import RunFiles
+from flowerml.runtimes import scorer_from_model
 from flowerml.storage import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 from flowerml.training import fit
@@ -47,7 +48,7 @@ def end_to_end(device: str, workdir: Path) -> dict:
     evaluation = evaluate_run(store, "gpu", cache_dir=cache, device=device, workers=2)
     trained = load_trained_model(store, "gpu", device)
     image = next(cache.rglob("test/*/*.jpg"))
-    prediction = predict_images(trained, [image], top_k=3)[0]
+    prediction = predict_images(scorer_from_model(trained), [image], top_k=3)[0]
     return {"fit": first.to_json(), "checkpoint_epoch": state["state"]["epoch"],
             "resumed_from_epoch": resumed.resumed_from_epoch,
             "evaluation": evaluation.metrics.summary(),

@@ -8,8 +8,10 @@
 - `open_image`: one image decoded for the model. A large JPEG is decoded at a reduced scale
   (PIL's `draft`, 1/2 to 1/8) no smaller than the model's resize needs, and nothing over PIL's
   decompression-bomb limit is decoded at all.
+- `image_pixels`: an image as a model's input: uint8 [3, S, S], resized and centre-cropped.
 - `predict_inputs`: rows `{"image", "predictions"}` or `{"image", "error"}`, one per input, in
-  input order, `batch_size` images decoded and classified at a time.
+  input order, `batch_size` images decoded and classified at a time by a `Scorer` (PyTorch or
+  ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
-import torch
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from flowerml.cache import cache_resolution
 from flowerml.errors import UserError
-from flowerml.inference import TrainedModel
-from flowerml.transforms import build_transforms
+from flowerml.runtimes import Scorer, softmax_top_k
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 """What a folder is searched for (any case); a file named on its own is tried whatever its name."""
@@ -107,7 +109,7 @@ def folder_images(folder: str) -> Iterator[ImageInput]:
 # Decoding
 
 
-def open_image(path: Path, short_side: int) -> Image.Image:
+def open_image(path: Path | BinaryIO, short_side: int) -> Image.Image:
     """`path` decoded as RGB; a JPEG at the smallest scale PIL offers whose sides are both at
     least `short_side`. Raises ImageError saying why an input cannot be read."""
     try:
@@ -137,6 +139,22 @@ def open_image(path: Path, short_side: int) -> Image.Image:
         raise ImageError(f"unreadable image: {describe(error)}") from None
 
 
+def image_pixels(source: Path | BinaryIO, image_size: int) -> np.ndarray:
+    """uint8 [3, S, S]: the image decoded (reduced when large), its short side resized to
+    round(S*256/224) and the centre S x S kept, as the ONNX export's input contract says
+    (`flowerml.runtimes.Scorer`). One resize does both, on the crop's box in the original."""
+    short_side = cache_resolution(image_size)
+    image = open_image(source, short_side)
+    width, height = image.size
+    half = min(width, height) * image_size / short_side / 2
+    box = (width / 2 - half, height / 2 - half, width / 2 + half, height / 2 + half)
+    try:
+        crop = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
+    except Exception as error:  # noqa: BLE001 - an odd image PIL cannot resize
+        raise ImageError(f"unreadable image: {describe(error)}") from None
+    return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))
+
+
 def check_pixels(size: tuple[int, int]) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     width, height = size
@@ -150,63 +168,48 @@ def describe(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def decode_input(item: ImageInput, short_side: int,
-                 transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+def decode_input(item: ImageInput, image_size: int) -> np.ndarray:
     if item.path is None:
         raise ImageError(item.error or "no file")
-    image = open_image(item.path, short_side)
-    try:
-        return transform(image)
-    except Exception as error:  # noqa: BLE001 - an odd image the transform cannot take
-        raise ImageError(f"unreadable image: {describe(error)}") from None
+    return image_pixels(item.path, image_size)
 
 
 # --------------------------------------------------------------------------------------------
 # Predicting
 
 
-def predict_inputs(trained: TrainedModel, inputs: Iterable[ImageInput], *, top_k: int = 5,
+def predict_inputs(scorer: Scorer, inputs: Iterable[ImageInput], *, top_k: int = 5,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[dict]:
     """One row per input, in order: `{"image", "predictions": [{label, name, probability}]}`
     with the top-k flowers, or `{"image", "error"}`. At most `batch_size` images are decoded
-    at a time."""
+    at a time; `scorer` runs them (PyTorch or ONNX Runtime, `flowerml.runtimes`)."""
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1 (got {top_k})")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size})")
-    top_k = min(top_k, len(trained.class_names))
-    transform = build_transforms("tutorial", trained.image_size, train=False)
-    short_side = cache_resolution(trained.image_size)  # what the transform resizes to
+    top_k = min(top_k, len(scorer.class_names))
     pending = iter(inputs)
     while batch := list(islice(pending, batch_size)):
-        decoded: list[torch.Tensor | ImageError] = []
+        decoded: list[np.ndarray | ImageError] = []
         for item in batch:
             try:
-                decoded.append(decode_input(item, short_side, transform))
+                decoded.append(decode_input(item, scorer.image_size))
             except ImageError as error:
                 decoded.append(error)
-        tensors = [t for t in decoded if isinstance(t, torch.Tensor)]
-        ranked = iter(top_predictions(trained, torch.stack(tensors), top_k) if tensors else [])
+        images = [d for d in decoded if isinstance(d, np.ndarray)]
+        ranked = iter(softmax_top_k(scorer, np.stack(images), top_k) if images else [])
         for item, outcome in zip(batch, decoded, strict=True):
             if isinstance(outcome, ImageError):
                 yield {"image": item.name, "error": str(outcome)}
             else:
-                yield {"image": item.name, "predictions": next(ranked)}
+                indices, probabilities = next(ranked)
+                yield {"image": item.name, "predictions": [
+                    {"label": i + 1, "name": scorer.class_names[i], "probability": round(p, 5)}
+                    for i, p in zip(indices, probabilities, strict=True)]}
 
 
-@torch.inference_mode()
-def top_predictions(trained: TrainedModel, batch: torch.Tensor, top_k: int) -> list[list[dict]]:
-    """The top-k flowers with their probabilities, for each image of `batch`."""
-    logits = trained.model(batch.to(trained.device))
-    top = torch.softmax(logits.float(), dim=1).topk(top_k, dim=1)
-    return [[{"label": int(index) + 1, "name": trained.class_names[int(index)],
-              "probability": round(float(p), 5)}
-             for p, index in zip(values.tolist(), indices.tolist(), strict=True)]
-            for values, indices in zip(top.values.cpu(), top.indices.cpu(), strict=True)]
-
-
-def predict_images(trained: TrainedModel, paths: Iterable[str | os.PathLike], top_k: int = 5,
+def predict_images(scorer: Scorer, paths: Iterable[str | os.PathLike], top_k: int = 5,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
     """`predict_inputs` over files, folders and patterns, as a list."""
-    return list(predict_inputs(trained, expand_inputs(paths), top_k=top_k,
+    return list(predict_inputs(scorer, expand_inputs(paths), top_k=top_k,
                                batch_size=batch_size))

@@ -53,9 +53,11 @@ from typing import IO, Any, Literal, get_args
 
 import numpy as np
 
+from flowerml import runtimes
 from flowerml.errors import UserError
 from flowerml.locations import LocalLocation, parse_store
 from flowerml.registry import Registry, parse_model_ref
+from flowerml.runtimes import RuntimeRefused, Scorer, load_scorer, softmax_top_k
 from flowerml.storage import (
     LocalStore,
     ObjectNotFound,
@@ -474,25 +476,11 @@ def nested_prefix(root: str, output: str) -> str | None:
 
 
 def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[str, str]:
-    """(runtime, sha256 of the file it runs), that file verified now, so that a bad one is
-    refused before anything is written. `auto` is onnx when a passing export exists."""
-    from flowerml.export import load_onnx_bytes, read_export
-
-    label = f"{registry.model}:{version:06d}"
-    record = read_export(registry, version)
-    passed = bool(record and record.get("parity", {}).get("passed"))
-    runtime = ("onnx" if passed else "torch") if requested == "auto" else requested
-    if runtime == "onnx":
-        if record is None:
-            raise ScoringError(f"{label} has no ONNX export (run: flowerml export "
-                               f"{registry.model}:{version}, or use --runtime torch)")
-        if not passed:
-            raise ScoringError(f"{label}'s ONNX export failed its parity check against "
-                               f"PyTorch: use --runtime torch")
-        _, record = load_onnx_bytes(registry, version)  # verifies its sha256
-        return "onnx", record["sha256"]
-    registry.verify(version)
-    return "torch", registry.get(version).weights_sha256
+    """`flowerml.runtimes.choose_runtime`, its refusal a `ScoringError`."""
+    try:
+        return runtimes.choose_runtime(registry, version, requested)
+    except RuntimeRefused as error:
+        raise ScoringError(str(error)) from None
 
 
 def check_writable(output_store: Store, output: str) -> None:
@@ -587,49 +575,18 @@ class KeyReader:
             return self._buckets[bucket]
 
 
-def pixels_of(data: bytes, image_size: int) -> np.ndarray:
-    """uint8 [3, S, S]: the image decoded (reduced when large), its short side resized to
-    round(S*256/224) and the centre S x S kept, as the ONNX export's input contract says."""
-    from PIL import Image
-
-    from flowerml.cache import cache_resolution
-    from flowerml.prediction import ImageError, open_image
-
-    short_side = cache_resolution(image_size)
-    try:
-        image = open_image(io.BytesIO(data), short_side)  # type: ignore[arg-type]
-    except ImageError as error:
-        raise ImageUnreadable(str(error)) from None
-    width, height = image.size
-    # The centre crop of the resized image, in the original's pixels: one resize does both.
-    half = min(width, height) * image_size / short_side / 2
-    box = (width / 2 - half, height / 2 - half, width / 2 + half, height / 2 + half)
-    crop = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
-    return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))
-
-
 def load_pixels(reader: KeyReader, key: str, image_size: int) -> np.ndarray | str:
     """A key's pixels, or why it has none."""
+    from flowerml.prediction import ImageError, image_pixels
+
     try:
-        return pixels_of(reader.read(key), image_size)
-    except ImageUnreadable as error:
+        return image_pixels(io.BytesIO(reader.read(key)), image_size)
+    except (ImageUnreadable, ImageError) as error:
         return str(error)
 
 
 # --------------------------------------------------------------------------------------------
 # The model, once per process
-
-
-@dataclass
-class Scorer:
-    """A loaded version: uint8 NCHW pixels -> logits, with the names of its classes."""
-
-    label: str
-    runtime: str
-    sha256: str
-    image_size: int
-    class_names: tuple[str, ...]
-    logits: Callable[[np.ndarray], np.ndarray]
 
 
 _scorers: dict[tuple, Scorer] = {}
@@ -646,46 +603,6 @@ def cached_scorer(registry_store: Store, plan: ScoringPlan, threads: int | None)
             _scorers[key] = load_scorer(Registry(registry_store, plan.model), plan.version,
                                         plan.runtime, plan.sha256, threads)
         return _scorers[key]
-
-
-def load_scorer(registry: Registry, version: int, runtime: str, sha256: str | None = None,
-                threads: int | None = None) -> Scorer:
-    """A version ready to score on the CPU; `sha256`, when given, must be the file's."""
-    card = registry.require_committed(version).card
-    names = tuple(c["name"] for c in card["classes"])
-    label = f"{registry.model}:{version:06d}"
-    if runtime == "onnx":
-        from flowerml.export import build_onnx_session, load_onnx_bytes
-
-        data, record = load_onnx_bytes(registry, version)
-        check_same_file(label, "model.onnx", record["sha256"], sha256)
-        session = build_onnx_session(data, threads)
-        del data
-        return Scorer(label, runtime, record["sha256"], int(record["input"]["size"][0]), names,
-                      lambda pixels: session.run(["logits"], {"images": pixels})[0])
-    import torch
-
-    from flowerml.export import PixelsToLogits
-    from flowerml.release import load_version
-
-    if threads:
-        torch.set_num_threads(threads)
-    trained = load_version(registry, version, device="cpu")  # verifies the weights' sha256
-    check_same_file(label, "model.safetensors", trained.weights_sha256, sha256)
-    wrapped = PixelsToLogits(trained.model).eval()
-
-    def logits(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return wrapped(torch.from_numpy(pixels)).float().numpy()
-
-    return Scorer(label, runtime, trained.weights_sha256, trained.image_size,
-                  trained.class_names, logits)
-
-
-def check_same_file(label: str, name: str, actual: str, expected: str | None) -> None:
-    if expected and actual != expected:
-        raise ScoringError(f"{label}'s {name} has sha256 {actual}, but this run planned "
-                           f"{expected}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,15 +659,10 @@ def ranked_rows(scorer: Scorer, keys: list[str], decoded: list[np.ndarray | str]
 
 
 def top_k_rows(scorer: Scorer, pixels: np.ndarray, top_k: int) -> list[dict[str, Any]]:
-    logits = scorer.logits(pixels).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    probabilities = np.exp(logits)
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    return [{"labels": [int(i) + 1 for i in row],
-             "names": [scorer.class_names[int(i)] for i in row],
-             "probabilities": [round(float(p), 6) for p in probabilities[n, row]]}
-            for n, row in enumerate(order)]
+    return [{"labels": [i + 1 for i in indices],
+             "names": [scorer.class_names[i] for i in indices],
+             "probabilities": [round(p, 6) for p in probabilities]}
+            for indices, probabilities in softmax_top_k(scorer, pixels, top_k)]
 
 
 def score_shard(plan: ScoringPlan, shard: int, *, registry_store: Store, output_store: Store,

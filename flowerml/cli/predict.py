@@ -18,6 +18,7 @@ import click
 
 from flowerml.cli.app import (
     EXIT_REFUSED,
+    Choice,
     CliError,
     cli,
     device_option,
@@ -25,7 +26,9 @@ from flowerml.cli.app import (
     json_option,
     store_option,
 )
+from flowerml.runtimes import RUNTIMES, Scorer
 from flowerml.settings import build_store, load_settings
+from flowerml.storage import Store
 
 DEFAULT_MODEL = "flowers102@production"
 
@@ -41,10 +44,14 @@ DEFAULT_MODEL = "flowers102@production"
               help="How many flower names to give per image, most likely first.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images decoded and classified at a time (memory grows with it).")
+@click.option("--runtime", type=Choice(RUNTIMES), default="auto", show_default=True,
+              help="torch, or onnx (ONNX Runtime on the CPU; needs an export that passed "
+                   "parity: flowerml export); auto: onnx when the version has one and the "
+                   "model would run on the CPU, else torch.")
 @device_option
 @json_option
 def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
-            store: str | None, top_k: int, batch_size: int, device: str,
+            store: str | None, top_k: int, batch_size: int, runtime: str, device: str,
             as_json: bool) -> None:
     """Top-k flower names with probabilities for each image.
 
@@ -55,18 +62,16 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
     predicted (its row says why), 2 when predicting could not start (a bad option, an unknown
     model or run).
     """
-    from flowerml.inference import load_trained_model
     from flowerml.prediction import expand_inputs, predict_inputs
-    from flowerml.release import load_registered_model
 
     if model_ref and run_id:
         raise CliError("give --model or --run, not both")
     settings = load_settings(store=store)
     target = build_store(settings)
-    trained = (load_trained_model(target, run_id, device) if run_id else
-               load_registered_model(target, model_ref or DEFAULT_MODEL, device))
+    scorer = (run_scorer(target, run_id, runtime, device) if run_id else
+              version_scorer(target, model_ref or DEFAULT_MODEL, runtime, device))
     total = failed = 0
-    for row in predict_inputs(trained, expand_inputs(inputs), top_k=top_k,
+    for row in predict_inputs(scorer, expand_inputs(inputs), top_k=top_k,
                               batch_size=batch_size):
         total += 1
         failed += "error" in row
@@ -75,6 +80,35 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
         if total > 1:  # with one input, its note said it all
             click.echo(f"flowerml: {failed} of {total} inputs could not be predicted", err=True)
         sys.exit(EXIT_REFUSED)
+
+
+def run_scorer(store: Store, run_id: str, runtime: str, device: str) -> Scorer:
+    """A training run's best weights, run by PyTorch (a run has no ONNX export)."""
+    from flowerml.inference import load_trained_model
+    from flowerml.runtimes import scorer_from_model
+
+    if runtime == "onnx":
+        raise CliError(f"run '{run_id}' has no ONNX export: register it (flowerml registry "
+                       "register --run ID), export the version, and predict with --model")
+    return scorer_from_model(load_trained_model(store, run_id, device))
+
+
+def version_scorer(store: Store, ref: str, runtime: str, device: str) -> Scorer:
+    """A registry version, run by the runtime asked for (auto: ONNX Runtime when the version
+    has a passing export and PyTorch would run on the CPU anyway)."""
+    from flowerml.distributed import select_device
+    from flowerml.registry import Registry, resolve_ref
+    from flowerml.runtimes import choose_runtime, load_scorer
+
+    chosen = resolve_ref(store, ref)
+    registry = Registry(store, chosen.model)
+    on_cpu = select_device(device).type == "cpu"
+    if runtime == "onnx" and not on_cpu:
+        raise CliError(f"--runtime onnx runs on the CPU: drop --device {device}, or use "
+                       "--runtime torch")
+    runtime, sha256 = choose_runtime(registry, chosen.version,
+                                     runtime if on_cpu or runtime != "auto" else "torch")
+    return load_scorer(registry, chosen.version, runtime, sha256, device=device)
 
 
 def show_row(row: dict, as_json: bool) -> None:

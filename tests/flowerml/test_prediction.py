@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowerml.inference import TrainedModel, load_trained_model
+from flowerml.inference import load_trained_model
 from flowerml.prediction import (
     ImageError,
     ImageInput,
@@ -21,6 +21,7 @@ from flowerml.prediction import (
     predict_images,
     predict_inputs,
 )
+from flowerml.runtimes import Scorer, scorer_from_model
 from tests.conftest import StoreAndCache
 
 # --- image files a user may hand over --------------------------------------------------------
@@ -57,9 +58,9 @@ def write_truncated_jpeg(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_run: StoreAndCache) -> TrainedModel:
+def model(tiny_run: StoreAndCache) -> Scorer:
     store, _ = tiny_run
-    return load_trained_model(store, "tiny", "cpu")
+    return scorer_from_model(load_trained_model(store, "tiny", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def test_a_jpeg_over_the_pixel_limit_is_decoded_reduced(tmp_path: Path,
 # --- predict_inputs --------------------------------------------------------------------------
 
 
-def test_one_row_per_input_in_order_failures_in_their_rows(model: TrainedModel,
+def test_one_row_per_input_in_order_failures_in_their_rows(model: Scorer,
                                                           test_images: list[Path],
                                                           tmp_path: Path) -> None:
     bomb = write_png_header(tmp_path / "bomb.png", 30_000, 30_000)
@@ -192,7 +193,7 @@ def test_one_row_per_input_in_order_failures_in_their_rows(model: TrainedModel,
         assert all(model.class_names[p["label"] - 1] == p["name"] for p in row["predictions"])
 
 
-def test_batching_does_not_change_the_results(model: TrainedModel,
+def test_batching_does_not_change_the_results(model: Scorer,
                                               test_images: list[Path]) -> None:
     one_batch = predict_images(model, test_images, top_k=4, batch_size=32)
     in_pairs = predict_images(model, test_images, top_k=4, batch_size=2)
@@ -203,7 +204,7 @@ def test_batching_does_not_change_the_results(model: TrainedModel,
             [p["probability"] for p in theirs["predictions"]], abs=1e-4)
 
 
-def test_images_are_read_a_batch_at_a_time(model: TrainedModel, test_images: list[Path]) -> None:
+def test_images_are_read_a_batch_at_a_time(model: Scorer, test_images: list[Path]) -> None:
     taken: list[int] = []
 
     def inputs() -> Iterator[ImageInput]:
@@ -217,7 +218,7 @@ def test_images_are_read_a_batch_at_a_time(model: TrainedModel, test_images: lis
     assert len(list(rows)) == len(test_images) - 1
 
 
-def test_top_k_beyond_the_classes_gives_every_class(model: TrainedModel,
+def test_top_k_beyond_the_classes_gives_every_class(model: Scorer,
                                                     test_images: list[Path]) -> None:
     [row] = predict_images(model, test_images[:1], top_k=50)
     assert sorted(p["name"] for p in row["predictions"]) == sorted(model.class_names)

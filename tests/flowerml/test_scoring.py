@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flowerml.export import ExportError, PixelsToLogits, export_version
+from flowerml.prediction import image_pixels
 from flowerml.registry import Registry, RegistryError
 from flowerml.release import load_version
 from flowerml.scoring import (
@@ -27,7 +28,6 @@ from flowerml.scoring import (
     glob_regex,
     iter_json_array,
     list_input,
-    pixels_of,
     plan_scoring,
     score_collection,
     score_shard,
@@ -122,7 +122,7 @@ def expected_rows(registry: Registry, folder: Path, keys: list[str]) -> dict[str
     expected = {}
     for key in keys:
         try:
-            pixels = pixels_of((folder / key).read_bytes(), 40)
+            pixels = image_pixels(folder / key, 40)
         except Exception:  # noqa: BLE001 - the unreadable ones have no probabilities
             continue
         with torch.no_grad():
@@ -189,7 +189,7 @@ def test_a_large_jpeg_is_decoded_reduced_to_the_same_pixels(tmp_path: Path) -> N
     from PIL import Image
 
     data = write_jpeg(tmp_path / "big.jpg", 3000, 2000).read_bytes()
-    pixels = pixels_of(data, 224)
+    pixels = image_pixels(io.BytesIO(data), 224)
     assert pixels.shape == (3, 224, 224) and pixels.dtype == np.uint8
     # The full decode, resized to 256 on the short side and centre-cropped, is the reference.
     full = Image.open(io.BytesIO(data)).convert("RGB").resize((384, 256),

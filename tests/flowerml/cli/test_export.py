@@ -53,6 +53,7 @@ def test_a_tampered_onnx_file_is_refused(exported, tmp_path: Path) -> None:
     store, cache, _ = exported
     copy_tree(store.root, tmp_path / "store")
     onnx_file = tmp_path / "store" / VERSION_DIR / "model.onnx"
+    onnx_file.unlink()  # a hard link to the module's export: replace it, never write into it
     onnx_file.write_bytes(b"not the exported graph")
     result = invoke("export", "flowers102", "--json", store=LocalStore(tmp_path / "store"),
                     cache=cache)
@@ -83,3 +84,29 @@ def test_an_uncommitted_version_is_refused_and_nothing_is_written(
 def test_opset_out_of_range_is_refused(registered_run: RegisteredRun) -> None:
     result = invoke("export", "flowers102", "--opset", "9", store=registered_run.store)
     assert_refused(result, "--opset")
+
+
+def test_predict_runs_the_export_and_agrees_with_pytorch(exported) -> None:
+    store, cache, _ = exported
+    images = sorted(cache.rglob("test/*/*.jpg"))[:6]
+    rows = {}
+    for runtime in ("onnx", "torch", "auto"):
+        result = invoke("predict", *map(str, images), "--runtime", runtime, "--device", "cpu",
+                        "--json", store=store, cache=cache)
+        assert result.exit_code == 0, result.output
+        rows[runtime] = [json.loads(line) for line in result.stdout.splitlines()]
+    for onnx_row, torch_row in zip(rows["onnx"], rows["torch"], strict=True):
+        assert onnx_row["predictions"][0]["label"] == torch_row["predictions"][0]["label"]
+        assert abs(onnx_row["predictions"][0]["probability"]
+                   - torch_row["predictions"][0]["probability"]) < 1e-3
+    assert rows["auto"] == rows["onnx"]  # a passing export on the CPU: auto runs it
+
+
+def test_predict_with_onnx_is_refused_without_an_export(registered_run: RegisteredRun) -> None:
+    image = str(next(registered_run.cache.rglob("*.jpg")))
+    result = invoke("predict", image, "--runtime", "onnx", store=registered_run.store,
+                    cache=registered_run.cache)
+    assert_refused(result, "has no ONNX export (run: flowerml export flowers102:1")
+    result = invoke("predict", image, "--run", "tiny", "--runtime", "onnx",
+                    store=registered_run.store, cache=registered_run.cache)
+    assert_refused(result, "run 'tiny' has no ONNX export")
