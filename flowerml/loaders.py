@@ -113,15 +113,15 @@ def default_workers(workers: int | None) -> int:
 
 
 def split_dataset(root: Path, published: PublishedDataset, split: str, preset: str,
-                  image_size: int, train: bool, workers: int) -> Dataset:
+                  image_size: int, train: bool) -> Dataset:
     if not published.split_files(split):
         raise DataError(f"split '{split}' of {published.dataset}@{published.version} "
                         "has no images")
     transform = build_transforms(preset, image_size, train=train)
     if preset == "tutorial":
         return FolderImageDataset(root, published, split, transform)
-    decoded = build_decoded_split(root, published, split, cache_resolution(image_size),
-                                  workers=max(1, workers or os.cpu_count() or 1))
+    # Decoded on every core (workers=None): the DataLoader's workers have not started yet.
+    decoded = build_decoded_split(root, published, split, cache_resolution(image_size))
     return CachedImageDataset(decoded, transform)
 
 
@@ -161,7 +161,7 @@ def build_loaders(store: Store, published: PublishedDataset, cache_dir: Path, *,
     loaders: dict[str, DataLoader] = {}
     for split in splits:
         train = split == "train"
-        dataset = split_dataset(root, published, split, preset, image_size, train, workers)
+        dataset = split_dataset(root, published, split, preset, image_size, train)
         sampler, generator = train_order(dataset, seed, distributed) if train else (None, None)
         loaders[split] = make_loader(dataset, batch_size=batch_size, workers=workers,
                                      pin_memory=pin_memory, persistent=split != "test",
@@ -191,7 +191,7 @@ def build_eval_loader(store: Store, published: PublishedDataset, cache_dir: Path
     workers = default_workers(workers)
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     root = sync_split(store, published, (split,), cache_dir)
-    dataset = split_dataset(root, published, split, preset, image_size, False, workers)
+    dataset = split_dataset(root, published, split, preset, image_size, False)
     return make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
                        persistent=False)
 

@@ -66,3 +66,35 @@ def test_decoding_needs_a_synced_split(local_published: PublishedDataset, tmp_pa
         build_decoded_split(tmp_path, local_published, "test", RESOLUTION)
 
 
+
+
+def test_many_workers_decode_in_processes_into_the_same_cache(
+        local_store: LocalStore, local_published: PublishedDataset, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """From PROCESS_MIN_WORKERS workers on, spawned processes fill the memory-mapped file: the
+    cache holds exactly what decoding each image gives, in manifest order."""
+    monkeypatch.setattr(cache, "PROCESS_MIN_WORKERS", 2)
+    monkeypatch.setattr(cache, "PROCESS_MIN_IMAGES_PER_WORKER", 1)
+    monkeypatch.setattr(cache, "PROCESS_CHUNK", 3)  # 8 images: chunks of 3, 3 and 2
+    root = sync_split(local_store, local_published, ["train"], tmp_path / "cache")
+    assert cache.use_processes(2, 8)
+    decoded = build_decoded_split(root, local_published, "train", RESOLUTION, workers=2)
+    entries = local_published.split_files("train")
+    assert decoded.decoded == 8
+    for index, entry in enumerate(entries):
+        assert np.array_equal(decoded.images[index],
+                              cache.decode_square(root / entry.key, RESOLUTION))
+
+
+def test_a_bad_image_fails_the_processes_and_leaves_no_cache(
+        local_store: LocalStore, local_published: PublishedDataset, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cache, "PROCESS_MIN_WORKERS", 2)
+    monkeypatch.setattr(cache, "PROCESS_MIN_IMAGES_PER_WORKER", 1)
+    root = sync_split(local_store, local_published, ["train"], tmp_path / "cache")
+    broken = root / local_published.split_files("train")[5].key
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated after it was synced
+    with pytest.raises(DataError, match=f"^{broken}: does not decode"):
+        build_decoded_split(root, local_published, "train", RESOLUTION, workers=2)
+    assert not list((root / "decoded").glob("*.npy")) and \
+        not list((root / "decoded").glob("*.json"))
