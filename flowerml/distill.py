@@ -226,8 +226,8 @@ class Distillation(Objective):
             self.teacher.model.to(memory_format=torch.channels_last)
 
     def record(self) -> dict[str, Any]:
-        return {"kind": DISTILLATION, "teacher": self.teacher.identity,
-                **self.settings.to_json()}
+        return {"kind": DISTILLATION, "description": f"distillation from {self.teacher.label}",
+                "teacher": self.teacher.identity, **self.settings.to_json()}
 
     def compute(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,8 +264,8 @@ class Objective:
     `flowerml.distill.Distillation`) replaces that step and keeps the rest of the loop. Hooks:
     - `prepare`: once the dataset is resolved and before anything is written: refuse what does
       not fit it, move to the device;
-    - `record`: what config.json keeps as `objective` (None: nothing); a trained run resumes
-      or extends only with the same record;
+    - `record`: what config.json keeps as `objective` (None: nothing; its `description` names
+      it in messages); a trained run resumes or extends only with the same record;
     - `compute`: (logits, loss) of one batch, called inside autocast: it runs the model itself;
     - `validation_probe`: extra numbers of each validation pass, added to the epoch's row.
     """
@@ -289,8 +289,7 @@ def describe_objective(record: dict[str, Any] | None) -> str:
     """How messages name what a run was trained with, from its config.json `objective`."""
     if record is None:
         return "cross-entropy on the labels (flowerml train)"
-    teacher = record.get("teacher", {}).get("label")
-    return f"{record.get('kind', 'another objective')}" + (f" from {teacher}" if teacher else "")
+    return str(record.get("description") or record.get("kind") or "another objective")
 
 
 @dataclass

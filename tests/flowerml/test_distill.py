@@ -215,7 +215,8 @@ def test_a_distilled_run_records_its_teacher_and_agreement(teacher_store: StoreA
     record = RunFiles(store, "straight").read_json("config.json")
     version = Registry(store, DATASET).get(1)
     assert record["objective"] == {
-        "kind": "distillation", "temperature": 3.0, "alpha": 0.7, "mixup": 0.5,
+        "kind": "distillation", "description": "distillation from flowers102:000001",
+        "temperature": 3.0, "alpha": 0.7, "mixup": 0.5,
         "teacher": {"source": "registry", "name": DATASET, "version": 1,
                     "sha256": version.weights_sha256, "label": "flowers102:000001"}}
     history = [json.loads(line) for line in store.get_bytes("runs/straight/metrics.jsonl")
@@ -287,9 +288,28 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_store: StoreA
     assert_same_run(store, "killed", "straight")
 
 
+@pytest.mark.slow  # torchrun: two distillation processes (gloo on the CPU)
+def test_ddp_with_two_gloo_processes(teacher_store: StoreAndCache) -> None:
+    store, cache = teacher_store
+    env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "flowerml.cli", "distill", "--teacher", TEACHER,
+               "--student", "resnet18", "--weights", "none", "--epochs", "1", "--batch-size",
+               "4", "--mixup", "0.5", "--device", "cpu", "--workers", "0", "--run-id", "ddp",
+               "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # rank 0 speaks for the run
+    assert results[0]["world_size"] == 2 and 0 <= results[0]["agreement_valid"] <= 1
+    assert RunFiles(store, "ddp").read_json("config.json")["objective"]["teacher"]["version"] == 1
+
+
 def test_a_run_resumes_only_with_its_own_objective(teacher_store: StoreAndCache,
                                                    straight) -> None:
     store, cache = teacher_store
+    assert "objective" not in RunFiles(store, "tiny").read_json("config.json")  # flowerml train
     with pytest.raises(RunError, match="was trained with distillation from flowers102:000001, "
                                        "not cross-entropy on the labels"):
         fit(student_config(), store=store, dataset=DATASET, run_id="straight", cache_dir=cache,
