@@ -7,10 +7,11 @@ instead of decoding the full-size originals again. `cache_resolution` is the sid
 training size (224 -> 256, the tutorial's Resize(256) + CenterCrop(224) geometry).
 
 The decode runs on every core by default. Pillow releases the GIL only while it decodes and
-resizes, about 80% of an image's time, so threads stop scaling past a few cores; with
-`PROCESS_MIN_WORKERS` or more workers and enough images the work goes to spawned processes
-(safe in a process with other threads running, such as a Prefect task's), each writing its
-images straight into the shared memory-mapped file.
+resizes (~93% of an image's time: two threads decode 1.87x as fast as one on two cores), so
+threads stop scaling on many cores (Amdahl: ~8x on 16 at best); with
+`PROCESS_MIN_WORKERS` or more workers and enough images (and where processes can be forked)
+the work goes to worker processes, each writing its images straight into the shared
+memory-mapped file.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ RESIZE_RATIO = 256 / 224
 # filter, layout or crop), so stale caches are rebuilt rather than silently reused.
 DECODE_FORMAT = 1
 
-# Processes instead of threads from this many workers on (threads reach ~3x at most, bounded by
-# the ~20% of each image that holds the GIL), and only when each process gets enough images to
-# repay its start (a fresh interpreter importing numpy, Pillow and this module: ~0.3 s).
+# Processes instead of threads from this many workers on (below it threads do as well: 2
+# threads and 2 processes both decode ~640 images/s on two cores), and only when each process
+# gets enough images to repay its start.
 PROCESS_MIN_WORKERS = 4
 PROCESS_MIN_IMAGES_PER_WORKER = 64
 # Images per task handed to a process: few enough round trips, an even spread at the end.
@@ -192,7 +193,8 @@ def decode_workers(workers: int | None, count: int) -> int:
 
 
 def use_processes(workers: int, count: int) -> bool:
-    return workers >= PROCESS_MIN_WORKERS and count >= PROCESS_MIN_IMAGES_PER_WORKER * workers
+    return (workers >= PROCESS_MIN_WORKERS and count >= PROCESS_MIN_IMAGES_PER_WORKER * workers
+            and "fork" in multiprocessing.get_all_start_methods())
 
 
 def fill(array: np.ndarray, files: list[Path], resolution: int, workers: int | None,
@@ -208,13 +210,14 @@ def fill(array: np.ndarray, files: list[Path], resolution: int, workers: int | N
 
 def fill_in_processes(path: Path, files: list[Path], resolution: int, workers: int,
                       progress: Progress) -> None:
-    """The .npy at `path` filled with `files` decoded, by `workers` spawned processes that each
-    map the file and write their images in place (nothing is pickled back but a count).
-    Spawned, not forked: forking a process whose other threads hold locks (a logging handler's,
-    an HTTP client's) can leave the child waiting on them forever."""
+    """The .npy at `path` filled with `files` decoded, by `workers` processes that each map
+    the file and write their images in place (nothing is pickled back but a count).
+    Forked, as the DataLoader's workers are: a spawned process would re-import the program's
+    main module (and run a script that has no main guard again), and pay for fresh imports;
+    a forked one only decodes, so it never takes the locks other threads may have held."""
     tasks = [(start, [str(f) for f in files[start:start + PROCESS_CHUNK]], resolution)
              for start in range(0, len(files), PROCESS_CHUNK)]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_map_target, initargs=(str(path),))
     try:
         for done in pool.map(_decode_range, tasks):
