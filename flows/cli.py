@@ -22,13 +22,17 @@ stopped by SIGINT/SIGTERM.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib
 import json
 import logging
 import math
 import os
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -314,12 +318,15 @@ def progress_line(record: logging.LogRecord) -> str | None:
 
 def announce_run(model_name: str) -> Any:
     """A flow hook printing the run's name and ids as it starts: what to look up in the UI,
-    and the training run that holds its checkpoints, known before any work."""
+    and the training run that holds its checkpoints, known before any work. It also starts
+    importing what the later tasks need (`import_task_modules`): not sooner, where it would
+    compete for the CPU with Prefect's temporary server starting."""
     from flows.retrain import training_run_id
 
     def flow_run_started(_flow: Any, flow_run: Any, _state: Any) -> None:
         click.echo(f"flowerml: flow run '{flow_run.name}' ({flow_run.id}); training run "
                    f"{training_run_id(model_name, flow_run.id)}", err=True)
+        in_background("flowerml-imports", import_task_modules)
 
     return flow_run_started
 
@@ -337,6 +344,35 @@ def stop_temporary_server() -> None:
     APILogWorker.drain_all(timeout=5)
     EventsWorker.drain_all(timeout=5)
     SubprocessASGIServer().stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Ready sooner: what the run will import, imported in the background
+
+# What the flow's later tasks import in this process (evaluation, the gate, registration, the
+# ONNX export): torch, torchvision and ONNX take seconds of CPU to import, which the run would
+# otherwise spend after training, in series; imported while the training child runs (this
+# process only waits for it then), they are ready when evaluation starts.
+TASK_MODULES = ("flowerml.inference", "flowerml.evaluation", "flowerml.promotion",
+                "flowerml.release", "flowerml.export", "onnx", "onnxruntime",
+                "matplotlib.figure", "matplotlib.backends.backend_agg")
+
+
+def in_background(name: str, work: Callable[[], object]) -> threading.Thread:
+    """`work` on a daemon thread. A failure there is not reported: the run meets it again
+    (and reports it) when it does the same work itself."""
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            work()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def import_task_modules() -> None:
+    for name in TASK_MODULES:
+        importlib.import_module(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,7 +517,44 @@ def describe_export(export: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="flowerml")
+    """The console script. Called with `argv`, it raises SystemExit as click does. Called
+    without, it is the process's entry point and ends the process itself (`end_process`)."""
+    if argv is not None:
+        cli.main(args=argv, prog_name="flowerml")
+        return
+    try:
+        cli.main(prog_name="flowerml")
+    except SystemExit as done:
+        end_process(done.code)
+        raise
+    end_process(0)  # a command that succeeds returns (flowerml's group exits only otherwise)
+
+
+def end_process(code: object) -> None:
+    """Exit with `code` as Python would, less its teardown of every module and object, which
+    takes seconds once torch, Prefect and ONNX are loaded (measured by bench/e2e.py as
+    "summary and exit"): output is flushed and the exit handlers run first. Returns (and lets
+    Python exit as usual) while a non-daemon thread still runs, since Python would wait for
+    it."""
+    main_thread = threading.main_thread()
+    if any(thread is not main_thread and not thread.daemon and thread.is_alive()
+           for thread in threading.enumerate()):
+        return
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        sys.stderr.write(f"{code}\n")  # what Python does with a non-numeric exit code
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    atexit._run_exitfuncs()  # noqa: SLF001 - the handlers Python would run at exit
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,32 @@ def test_sigterm_stops_retrain_and_its_training_child(tmp_path: Path) -> None:
     errors = [line for line in lines if line.startswith("flowerml: error:")]
     assert errors == lines[-1:] and "stopped by SIGTERM" in errors[0], stderr[-3000:]
     assert not [pid for pid in children if process_alive(pid)]
+
+
+@pytest.mark.parametrize(("args", "status", "stream", "text"), [
+    (["retrain", "--epochs", "0"], 2, "stderr",
+     "flowerml: error: --epochs must be at least 1 (got 0)"),
+    (["retrain", "--help"], 0, "stdout", "Run the retrain flow"),
+    (["runs", "list", "--json"], 0, "stdout", "[]"),  # a command that succeeds returns
+])
+def test_the_console_script_ends_with_the_commands_status_after_its_exit_handlers(
+        tmp_path: Path, args: list[str], status: int, stream: str, text: str) -> None:
+    """Run as the process's entry point (no argv), `main` ends the process itself, skipping
+    Python's teardown of every object (seconds with torch loaded): the command's status, its
+    whole output and every exit handler remain."""
+    program = ("import atexit, sys\n"
+               "atexit.register(lambda: print('exit handler ran', file=sys.stderr))\n"
+               "class Late:\n"
+               "    def __del__(self):\n"
+               "        print('torn down', file=sys.stderr)\n"
+               "late = Late()\n"
+               "from flows.cli import main\n"
+               f"sys.argv = ['flowerml', *{args!r}]\n"
+               "main()\n"
+               "print('main returned', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", program], env=retrain_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stderr[-3000:]
+    assert text in getattr(done, stream)
+    assert done.stderr.endswith("exit handler ran\n") and "main returned" not in done.stderr
+    assert "torn down" not in done.stderr  # a normal exit would have torn `late` down
