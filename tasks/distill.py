@@ -16,13 +16,12 @@ import sys
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 
-from flowerml.launch import check_outcome, run_child
 from flowerml.recipes import build_distill_config, load_config
 from flowerml.settings import build_store, load_settings
 from tasks.common import artifact_key, retry_transient
-from tasks.train import ProgressReporter, child_arguments
+from tasks.train import child_arguments, run_training_child
 
 
 def distill_command(arguments: list[str], nproc_per_node: int = 1) -> list[str]:
@@ -63,14 +62,8 @@ def distill_task(run_id: str, teacher: str, config: dict[str, Any],
                                 temperature=settings.temperature, alpha=settings.alpha,
                                 mixup=settings.mixup, store=store, dataset=dataset,
                                 dataset_version=dataset_version, device=device, workers=workers)
-    reporter = ProgressReporter(run_id)
-    outcome = run_child(distill_command(arguments, nproc_per_node), on_line=reporter,
-                        timeout=timeout_s)
-    check_outcome(outcome)
-    if reporter.result is None:
-        raise RuntimeError(f"distillation run {run_id} ended without a result line")
-    update_progress_artifact(reporter.artifact, 100.0)
-    return reporter.result
+    return run_training_child(run_id, distill_command(arguments, nproc_per_node), timeout_s,
+                              "distillation run")
 
 
 @task(name="release-student", task_run_name="release student {run_id}", retries=2,

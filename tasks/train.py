@@ -83,11 +83,16 @@ def train_task(run_id: str, config: dict[str, Any], store: str | None = None,
     config_json = load_config(json.dumps(config)).model_dump_json()
     arguments = child_arguments(run_id, config_json, store=store, dataset=dataset,
                                 dataset_version=dataset_version, device=device, workers=workers)
+    return run_training_child(run_id, train_command(arguments, nproc_per_node), timeout_s)
+
+
+def run_training_child(run_id: str, command: list[str], timeout_s: float | None,
+                       what: str = "training run") -> dict[str, Any]:
+    """Run a `flowerml train`/`distill` child to its end, its progress reported as it goes;
+    returns its `--json` result."""
     reporter = ProgressReporter(run_id)
-    outcome = run_child(train_command(arguments, nproc_per_node), on_line=reporter,
-                        timeout=timeout_s)
-    check_outcome(outcome)
+    check_outcome(run_child(command, on_line=reporter, timeout=timeout_s))
     if reporter.result is None:
-        raise RuntimeError(f"training run {run_id} ended without a result line")
+        raise RuntimeError(f"{what} {run_id} ended without a result line")
     update_progress_artifact(reporter.artifact, 100.0)
     return reporter.result

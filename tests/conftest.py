@@ -60,6 +60,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def kill_then_resume(command: list[str], env: dict[str, str], run_dir: Path,
+                     timeout: float = 180) -> tuple[int, dict]:
+    """Run a `flowerml train`/`distill` child, SIGKILL it once its first checkpoint is on the
+    store, run the same command again; returns (epoch it was killed at, the resumed --json)."""
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoint.json"
+    deadline = time.monotonic() + timeout
+    while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    killed_at = json.loads(checkpoint.read_text())["epoch"]
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return killed_at, json.loads(resumed.stdout)
+
+
 def wait_for_http(url: str, process, timeout: float = 120, log: Path | None = None) -> None:
     """Poll `url` until it answers, failing early if the serving `process` died."""
     import time

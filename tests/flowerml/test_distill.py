@@ -9,10 +9,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from flowerml.recipes import DistillConfig, build_config
 from flowerml.registry import Registry
 from flowerml.runs import RunError, RunFiles
 from flowerml.training import fit
-from tests.conftest import DATASET, StoreAndCache, copy_tree
+from tests.conftest import DATASET, StoreAndCache, copy_tree, kill_then_resume
 from tests.flowerml.conftest import RegisteredRun
 
 EPOCHS = 2
@@ -271,18 +269,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_store: StoreA
                "--config", json.dumps(student_config().to_json()), "--temperature", "3",
                "--alpha", "0.7", "--mixup", "0.5", "--device", "cpu", "--workers", "0",
                "--run-id", "killed", "--json"]
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    checkpoint = store.root / "runs" / "killed" / "checkpoint.json"
-    deadline = time.monotonic() + 180
-    while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    killed_at = json.loads(checkpoint.read_text())["epoch"]
+    killed_at, result = kill_then_resume(command, env, store.root / "runs" / "killed")
     assert 1 <= killed_at < EPOCHS
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    result = json.loads(resumed.stdout)
     assert result["resumed_from_epoch"] == killed_at and result["epochs_run"] == EPOCHS
     assert result["agreement_valid"] == straight.agreement_valid
     assert_same_run(store, "killed", "straight")

@@ -7,10 +7,8 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,7 +20,7 @@ from flowerml.recipes import build_config
 from flowerml.runs import RunError, RunFiles
 from flowerml.storage import LocalStore
 from flowerml.synthetic import SyntheticSpec
-from tests.conftest import StoreAndCache, SyntheticData, copy_tree
+from tests.conftest import StoreAndCache, SyntheticData, copy_tree, kill_then_resume
 
 TRAIN_SPEC = SyntheticSpec(classes=4, per_class=24, image_size=64, seed=3)
 """4 classes x 24 images: 6 train, 6 valid and 12 test images per class."""
@@ -162,18 +160,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(published_store: Stor
     command = [sys.executable, "-m", "flowerml.cli", "train", "--config",
                json.dumps(small_config().to_json()), "--device", "cpu", "--workers", "0",
                "--run-id", "killed", "--json"]
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    checkpoint = store.root / "runs" / "killed" / "checkpoint.json"
-    deadline = time.monotonic() + 120
-    while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    killed_at = json.loads(checkpoint.read_text())["epoch"]
+    killed_at, result = kill_then_resume(command, env, store.root / "runs" / "killed")
     assert 1 <= killed_at < EPOCHS
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    result = json.loads(resumed.stdout)
     assert result["resumed_from_epoch"] == killed_at and result["epochs_run"] == EPOCHS
     assert_same_run(store, "killed", "straight")
 
