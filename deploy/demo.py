@@ -34,6 +34,11 @@ from flowerml import launch
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
+# The server runs as `python -m prefect` with faulthandler listening on SIGUSR1, so a server that
+# hangs on start can say where.
+SERVER = [sys.executable, "-c", "import faulthandler, runpy, signal; "
+          "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+          "runpy.run_module('prefect', run_name='__main__', alter_sys=True)"]
 DEMO_TRAINING = {"recipe": "demo", "device": "cpu"}
 
 
@@ -67,10 +72,22 @@ class LocalPrefect:
         })
         self.processes: list[subprocess.Popen] = []
 
-    def start_server(self, timeout: float = 300) -> None:
-        self.processes.append(self._spawn("server", [*PREFECT, "server", "start", "--host",
-                                                     "127.0.0.1", "--port", str(self.port)]))
-        self._wait_for_health(timeout)
+    def start_server(self, timeout: float = 150, attempts: int = 2) -> None:
+        """Start the server; one that is not healthy within `timeout` s has its threads' stacks
+        written to server.log and is replaced by a fresh one (new port, new database)."""
+        for attempt in range(1, attempts + 1):
+            server = self._spawn("server", [*SERVER, "server", "start", "--host", "127.0.0.1",
+                                            "--port", str(self.port)])
+            self.processes.insert(0, server)
+            try:
+                self._wait_for_health(server, timeout)
+                return
+            except RuntimeError:
+                self.processes.remove(server)
+                stop_group(server)
+                if attempt == attempts:
+                    raise
+                self._move_to_fresh_port_and_database(attempt)
 
     def start_worker(self, pool: str, *extra: str, name: str = "worker") -> subprocess.Popen:
         process = self._spawn(name, [*PREFECT, "worker", "start", "--pool", pool, "--type",
@@ -153,8 +170,8 @@ class LocalPrefect:
         return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_for_health(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _wait_for_health(self, server: subprocess.Popen, timeout: float) -> None:
+        started = time.monotonic()
         while True:
             try:
                 urllib.request.urlopen(f"{self.url}/api/health", timeout=10)
@@ -163,10 +180,40 @@ class LocalPrefect:
                 return  # it answers: up (a busy server may say 503 while it warms up)
             except OSError:
                 pass
-            if self.processes[0].poll() is not None or time.monotonic() > deadline:
-                log = (self.root / "server.log").read_text()[-3000:]
-                raise RuntimeError(f"the Prefect server did not come up:\n{log}")
+            waited = time.monotonic() - started
+            if server.poll() is not None or waited > timeout:
+                state = (f"exited with {server.returncode}" if server.poll() is not None
+                         else f"alive but not answering after {waited:.0f} s")
+                log = (self.root / "server.log").read_text()
+                raise RuntimeError(f"the Prefect server on {self.url} did not come up "
+                                   f"({state}); the end of {self.root}/server.log:\n"
+                                   f"{log[-2500:]}{self._stacks(server)}")
             time.sleep(0.3)
+
+    def _stacks(self, server: subprocess.Popen) -> str:
+        """The hung server's threads, innermost frames first (faulthandler on SIGUSR1)."""
+        if server.poll() is not None:
+            return ""
+        log = self.root / "server.log"
+        before = log.stat().st_size
+        server.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        with open(log, "rb") as stream:
+            stream.seek(before)
+            return "\nWhere its threads were:\n" + stream.read(6000).decode(errors="replace")
+
+    def _move_to_fresh_port_and_database(self, attempt: int) -> None:
+        old_url = self.url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        database = self.root / f"prefect-{attempt + 1}.db"
+        self.env.update({
+            "PREFECT_API_URL": f"{self.url}/api",
+            "PREFECT_UI_URL": self.url,
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{database}",
+        })
+        with open(self.root / "server.log", "a") as log:
+            log.write(f"\n--- {old_url} did not come up; starting again on {self.url} ---\n")
 
 
 def stop_group(process: subprocess.Popen, grace: float = 20) -> None:

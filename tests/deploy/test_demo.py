@@ -1,0 +1,39 @@
+"""deploy/demo.py's LocalPrefect: a server that hangs on start says where, and is replaced."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
+import demo  # noqa: E402
+
+# Stands in for `python -m prefect server start` that never answers: it listens on nothing, and
+# writes its stack on SIGUSR1 as the real server's wrapper does.
+HANGING_SERVER = [sys.executable, "-c", "import faulthandler, signal, time; "
+                  "faulthandler.register(signal.SIGUSR1, all_threads=True); "
+                  "print('starting', flush=True)\n"
+                  "def wait_for_a_database_that_never_comes():\n"
+                  "    time.sleep(600)\n"
+                  "wait_for_a_database_that_never_comes()"]
+
+
+@pytest.mark.slow
+def test_a_hung_server_is_replaced_once_then_reported_with_its_stack(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "SERVER", HANGING_SERVER)
+    prefect = demo.LocalPrefect(tmp_path, ui=False)
+    first_url = prefect.url
+    with pytest.raises(RuntimeError) as failure:
+        prefect.start_server(timeout=3, attempts=2)
+    message = str(failure.value)
+    assert prefect.url != first_url  # the second try had its own port and database
+    assert prefect.env["PREFECT_API_URL"] == f"{prefect.url}/api"
+    assert "prefect-2.db" in prefect.env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert f"the Prefect server on {prefect.url} did not come up (alive but not answering" in message
+    assert f"--- {first_url} did not come up; starting again on {prefect.url} ---" in message
+    assert "Where its threads were:" in message
+    assert "wait_for_a_database_that_never_comes" in message
+    assert prefect.processes == []  # both stopped
