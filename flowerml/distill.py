@@ -38,7 +38,7 @@ from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import build_model
 from flowerml.progress import Progress
 from flowerml.recipes import DistillConfig, TrainConfig
-from flowerml.registry import AliasMoved, Registry, RegistryError, parse_model_ref
+from flowerml.registry import AliasMoved, AliasState, Registry, RegistryError, parse_model_ref
 from flowerml.release import build_card, load_version, register_run
 from flowerml.runs import BEST, RunFiles, check_run_id
 from flowerml.storage import S3Options, Store
@@ -576,6 +576,37 @@ def _registered_version(registry: Registry, run_id: str, weights_sha256: str) ->
     return next((version for version in registry.versions() if version.committed
                  and version.weights_sha256 == weights_sha256
                  and version.card.get("lineage", {}).get("run_id") == run_id), None)
+
+
+def is_student_card(card: dict[str, Any]) -> bool:
+    """Whether a version was released by `release_student` (its card holds the student gate)."""
+    return (card.get("gate") or {}).get("kind") == "student" and "teacher" in card
+
+
+def promote_student_version(registry: Registry, version: int, *, alias: str,
+                            gate: StudentGate, force: bool = False
+                            ) -> tuple[bool, list[str], AliasState | None]:
+    """`flowerml registry promote` for a student: its own gate (threshold, and at most
+    `max_gap` below its teacher), on the two test top-1s its card recorded at release, both
+    measured on the card's test manifest; `force` moves the alias regardless (recorded)."""
+    card = registry.require_committed(version).card
+    if not is_student_card(card):
+        raise DistillError(f"{registry.model}:{version:06d} was not released as a student")
+    manifest = card["test_manifest_sha256"]
+    teacher = card["teacher"]
+    passes, reasons = decide_student(GateScore(card["metrics"]["top1"], manifest),
+                                     GateScore(teacher["test_top1"], manifest), gate,
+                                     teacher_label=teacher["label"])
+    if not passes and not force:
+        return False, reasons, None
+    if not passes:
+        reasons = [*reasons, "forced past the student gate"]
+    current = registry.alias(alias)
+    if current is not None and current.version == version:
+        return True, [*reasons, f"v{version:06d} is already {alias}: nothing to move"], current
+    state = registry.set_alias(alias, version, reason="student gate: " + "; ".join(reasons),
+                               forced=force and not passes)
+    return True, reasons, state
 
 
 def _move_alias(registry: Registry, version: int, alias: str, reasons: list[str]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+from click.core import ParameterSource
 
 from flowerml.cli.app import (
     CliError,
@@ -148,32 +149,46 @@ def move_result(name: str, alias: str, version: int | None, previous: int | None
 @click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
               help="Allowed drop below the alias's current model.")
 @class_drop_option
+@click.option("--max-gap", type=float, default=None,
+              help="For a student version (released by `flowerml distill`): how far below its "
+                   "teacher's test top-1 it may score.  [default: 0.01]")
 @click.option("--force", is_flag=True, help="Promote regardless of the gate (recorded).")
 @store_option
 @device_option
 @json_option
 def registry_promote(name: str, version: int, alias: str, threshold: float, tolerance: float,
-                     class_drop: float, force: bool, store: str | None, device: str,
-                     as_json: bool) -> None:
+                     class_drop: float, max_gap: float | None, force: bool, store: str | None,
+                     device: str, as_json: bool) -> None:
     """Move ALIAS to VERSION if it clears the gate against the current alias.
 
     The gate: test top-1 at least --threshold and at most --tolerance below the current
     model's; and, when both versions were registered with per-image predictions, McNemar's
     exact test must not find VERSION significantly worse (one-sided p < 0.05) and no class
-    may fall more than --class-drop below the current model's accuracy on it. Exits 0 when
-    promoted, 1 when the gate refuses (nothing moves), 2 on bad input. --json prints {model,
-    alias, version, previous, promoted, reasons}; `previous` is the version the alias pointed
-    at before (null if unset).
+    may fall more than --class-drop below the current model's accuracy on it. A student
+    version (released by `flowerml distill`) has its own gate instead: test top-1 at least
+    --threshold and at most --max-gap below its teacher's, as its card recorded both on one
+    test manifest. Exits 0 when promoted, 1 when the gate refuses (nothing moves), 2 on bad
+    input. --json prints {model, alias, version, previous, promoted, reasons}; `previous` is
+    the version the alias pointed at before (null if unset).
     """
-    from flowerml.promotion import Gate, promote_version
+    from flowerml.distill import is_student_card
 
-    gate = Gate(threshold=threshold, tolerance=tolerance, class_drop=class_drop)
     entry, settings = open_registry(name, store)
     require_model(entry)
     before = entry.alias(alias)
-    promoted, reasons, state = promote_version(entry, version, alias=alias, gate=gate,
-                                               force=force, cache_dir=settings.cache_dir,
-                                               device=device)
+    if is_student_card(entry.require_committed(version).card):
+        promoted, reasons, state = promote_student(entry, version, alias, threshold, max_gap,
+                                                   force)
+    else:
+        from flowerml.promotion import Gate, promote_version
+
+        if max_gap is not None:
+            raise CliError(f"--max-gap is for student versions; {name}:{version:06d} is not "
+                           "one (its gate is --tolerance and --class-drop)")
+        gate = Gate(threshold=threshold, tolerance=tolerance, class_drop=class_drop)
+        promoted, reasons, state = promote_version(entry, version, alias=alias, gate=gate,
+                                                   force=force, cache_dir=settings.cache_dir,
+                                                   device=device)
     if state is not None and state.version == version and (before is None
                                                           or before.version != version):
         previous = state.previous  # moved: the version it replaced
@@ -183,6 +198,21 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
     move_result(name, alias, version, previous, promoted, reasons, as_json)
     if not promoted:
         sys.exit(1)
+
+
+def promote_student(entry, version: int, alias: str, threshold: float,
+                    max_gap: float | None, force: bool):
+    """The student gate for `registry promote`; the champion gate's options do not apply."""
+    from flowerml.distill import StudentGate, promote_student_version
+
+    context = click.get_current_context()
+    given = [f"--{option.replace('_', '-')}" for option in ("tolerance", "class_drop")
+             if context.get_parameter_source(option) is not ParameterSource.DEFAULT]
+    if given:
+        raise CliError(f"{entry.model}:{version:06d} is a student: its gate is --threshold "
+                       f"and --max-gap, not {' and '.join(given)}")
+    gate = StudentGate(threshold=threshold, max_gap=0.01 if max_gap is None else max_gap)
+    return promote_student_version(entry, version, alias=alias, gate=gate, force=force)
 
 
 @registry.command("rollback")

@@ -428,6 +428,20 @@ def test_release_registers_the_student_under_its_own_name_with_its_teacher(
     assert 0 <= card["distillation"]["agreement_test"] <= 1
     assert card["distillation"]["temperature"] == SETTINGS.temperature
 
+    # Later, by hand (`registry promote`): the same gate on the card's figures; force records.
+    small = Registry(store, "flowers102-small")
+    promoted, reasons, _ = distillation.promote_student_version(
+        small, 1, alias="production", gate=StudentGate(threshold=1.0, max_gap=1.0))
+    assert not promoted and reasons == strict.reasons and small.alias("production") is None
+    promoted, reasons, state = distillation.promote_student_version(
+        small, 1, alias="production", gate=StudentGate(threshold=1.0, max_gap=1.0), force=True)
+    assert promoted and state.version == 1 and reasons[-1] == "forced past the student gate"
+    assert small.history("production")[-1]["forced"] is True
+    with pytest.raises(distillation.DistillError,
+                       match="flowers102:000001 was not released as a student"):
+        distillation.promote_student_version(Registry(store, DATASET), 1, alias="production",
+                                             gate=StudentGate())
+
     again = distillation.release_student(
         store, "student", cache_dir=cache, gate=StudentGate(threshold=0.0, max_gap=1.0),
         promote=True, device="cpu", workers=0, speed_seconds=0.05)

@@ -97,6 +97,32 @@ def test_a_student_run_its_evaluation_resume_and_release(teacher_store: StoreAnd
     assert Registry(store, "strict-small").versions()[0].committed
     assert Registry(store, "strict-small").alias("production") is None
 
+    # `registry promote` judges a student by its own gate, from the figures on its card.
+    still = invoke("registry", "promote", "strict-small", "1", "--threshold", "1",
+                   store=store, cache=cache)
+    assert still.exit_code == 1, still.output
+    assert "< threshold 1.0000" in still.output and "max gap 0.0100" in still.output
+    champion_options = invoke("registry", "promote", "strict-small", "1", "--tolerance", "0.5",
+                              store=store, cache=cache)
+    assert champion_options.exit_code == 2
+    assert champion_options.stderr.strip() == (
+        "flowerml: error: strict-small:000001 is a student: its gate is --threshold and "
+        "--max-gap, not --tolerance")
+    not_a_student = invoke("registry", "promote", "flowers102", "1", "--max-gap", "0.5",
+                           store=store, cache=cache)
+    assert not_a_student.exit_code == 2
+    assert "--max-gap is for student versions; flowers102:000001 is not one" \
+        in not_a_student.stderr
+    assert Registry(store, "strict-small").alias("production") is None
+    moved = invoke("registry", "promote", "strict-small", "1", "--threshold", "0",
+                   "--max-gap", "1", "--json", store=store, cache=cache)
+    assert moved.exit_code == 0, moved.output
+    assert json.loads(moved.stdout)["promoted"] is True
+    assert Registry(store, "strict-small").alias("production").version == 1
+    move = Registry(store, "strict-small").history("production")[-1]
+    assert move["reason"].startswith("student gate: test top-1")
+    assert not move.get("forced")
+
 
 BAD_INPUT = [
     (["--teacher", "flowers102@nope", *STUDENT],
