@@ -42,6 +42,11 @@ SERVER = [sys.executable, "-c", "import faulthandler, runpy, signal; "
 DEMO_TRAINING = {"recipe": "demo", "device": "cpu"}
 
 
+# uvicorn's words when the port Prefect checked was taken before it bound (the picked port is
+# free when picked; another process's bind to port 0 can get it meanwhile).
+BIND_ERROR = "error while attempting to bind"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,11 +81,13 @@ class LocalPrefect:
         """Start the server; one that is not healthy within `timeout` s has its threads' stacks
         written to server.log and is replaced by a fresh one (new port, new database)."""
         for attempt in range(1, attempts + 1):
+            log = self.root / "server.log"
+            log_start = log.stat().st_size if log.exists() else 0
             server = self._spawn("server", [*SERVER, "server", "start", "--host", "127.0.0.1",
                                             "--port", str(self.port)])
             self.processes.insert(0, server)
             try:
-                self._wait_for_health(server, timeout)
+                self._wait_for_health(server, timeout, log_start)
                 return
             except RuntimeError:
                 self.processes.remove(server)
@@ -170,7 +177,8 @@ class LocalPrefect:
         return subprocess.Popen(command, env=self.env, cwd=self.root, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
-    def _wait_for_health(self, server: subprocess.Popen, timeout: float) -> None:
+    def _wait_for_health(self, server: subprocess.Popen, timeout: float,
+                         log_start: int = 0) -> None:
         started = time.monotonic()
         while True:
             try:
@@ -181,14 +189,21 @@ class LocalPrefect:
             except OSError:
                 pass
             waited = time.monotonic() - started
-            if server.poll() is not None or waited > timeout:
+            lost_port = BIND_ERROR in self._log_since(log_start)
+            if server.poll() is not None or waited > timeout or lost_port:
                 state = (f"exited with {server.returncode}" if server.poll() is not None
+                         else "another process took its port" if lost_port
                          else f"alive but not answering after {waited:.0f} s")
                 log = (self.root / "server.log").read_text()
                 raise RuntimeError(f"the Prefect server on {self.url} did not come up "
                                    f"({state}); the end of {self.root}/server.log:\n"
                                    f"{log[-2500:]}{self._stacks(server)}")
             time.sleep(0.3)
+
+    def _log_since(self, offset: int) -> str:
+        with open(self.root / "server.log", "rb") as stream:
+            stream.seek(offset)
+            return stream.read().decode(errors="replace")
 
     def _stacks(self, server: subprocess.Popen) -> str:
         """The hung server's threads, innermost frames first (faulthandler on SIGUSR1)."""

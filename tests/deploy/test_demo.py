@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,19 @@ def test_a_hung_server_is_replaced_once_then_reported_with_its_stack(
     assert "Where its threads were:" in message
     assert "wait_for_a_database_that_never_comes" in message
     assert prefect.processes == []  # both stopped
+
+
+@pytest.mark.slow
+def test_a_server_that_lost_its_port_is_given_up_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn cannot bind (another process took the port after Prefect checked it) but the
+    process lives on: no point waiting out the timeout on a port someone else answers."""
+    monkeypatch.setattr(demo, "SERVER", [
+        sys.executable, "-c", "import time; print(\"ERROR: [Errno 98] error while attempting to "
+        "bind on address ('127.0.0.1', 1): address already in use\", flush=True); time.sleep(600)"])
+    prefect = demo.LocalPrefect(tmp_path, ui=False)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="another process took its port"):
+        prefect.start_server(timeout=120, attempts=1)
+    assert time.monotonic() - started < 60
+    assert prefect.processes == []
