@@ -32,7 +32,12 @@ from torch import nn
 
 from flowerml.distributed import Placement
 from flowerml.errors import UserError
-from flowerml.inference import TrainedModel, evaluate_run, load_trained_model
+from flowerml.inference import (
+    TrainedModel,
+    eval_batch_size,
+    evaluate_run,
+    load_trained_model,
+)
 from flowerml.loaders import build_eval_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import build_model
@@ -338,7 +343,7 @@ class Agreement:
 
 def measure_agreement(store: Store, run_id: str, *, cache_dir: Path, split: str = "test",
                       version: str | None = None, device: str = "auto",
-                      workers: int | None = None, batch_size: int = 64) -> Agreement:
+                      workers: int | None = None, batch_size: int | None = None) -> Agreement:
     """Top-1 agreement of a student run with its recorded teacher on `split`, and both models'
     top-1 there (each at its own image size); written to runs/<id>/eval/<split>/agreement.json."""
     student, teacher = load_student_and_teacher(store, run_id, device)
@@ -358,15 +363,17 @@ def load_student_and_teacher(store: Store, run_id: str, device: str = "auto"
 
 def compare_on_split(store: Store, run_id: str, student: TrainedModel, teacher: Teacher, *,
                      cache_dir: Path, split: str = "test", version: str | None = None,
-                     workers: int | None = None, batch_size: int = 64) -> Agreement:
-    """`measure_agreement` with the two models loaded already."""
+                     workers: int | None = None, batch_size: int | None = None) -> Agreement:
+    """`measure_agreement` with the two models loaded already (`batch_size`: by default
+    `eval_batch_size`'s for the student's device)."""
     run = RunFiles(store, run_id)
     dataset = run.read_json("config.json")["dataset"]
     published = resolve_dataset(store, dataset["name"], version or dataset["version"])
     teacher.check_classes(published)
     student_loader, teacher_loader = (
         build_eval_loader(store, published, cache_dir, split=split, image_size=size,
-                          batch_size=batch_size, workers=workers)
+                          batch_size=batch_size or eval_batch_size(student.device),
+                          workers=workers)
         for size in (student.image_size, teacher.trained.image_size))
     n, agreeing, student_right, teacher_right = _count_agreement(
         student, teacher.trained, student_loader, teacher_loader)

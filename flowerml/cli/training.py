@@ -134,9 +134,11 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
 @device_option
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="DataLoader worker processes (default: from the CPU count).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
+              help="Images per forward pass (default: 256 on CUDA, 64 on the CPU).")
 @json_option
 def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | None,
-             device: str, workers: int | None, as_json: bool) -> None:
+             device: str, workers: int | None, batch_size: int | None, as_json: bool) -> None:
     """Evaluate a run's best weights on a split; writes the report next to the run.
 
     A student trained with `flowerml distill` also gets `agreement`: its top-1 agreement with
@@ -147,10 +149,12 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
     settings = load_settings(store=store)
     target = build_store(settings)
     outcome = evaluate_run(target, run_id, cache_dir=settings.cache_dir,
-                           split=split, version=dataset_version, device=device, workers=workers)
+                           split=split, version=dataset_version, device=device, workers=workers,
+                           batch_size=batch_size)
     agreement = measure_agreement(
         target, run_id, cache_dir=settings.cache_dir, split=split, version=dataset_version,
-        device=device, workers=workers) if distillation_record(target, run_id) else None
+        device=device, workers=workers, batch_size=batch_size) \
+        if distillation_record(target, run_id) else None
     if as_json:
         emit_json(outcome.to_json() | ({"agreement": agreement.agreement,
                                         "teacher": agreement.teacher,

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from flowerml.inference import evaluate_run
+from flowerml.comparison import decode_predictions
+from flowerml.inference import eval_batch_size, evaluate_run
 from flowerml.runs import RunFiles
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import StoreAndCache
@@ -35,6 +37,31 @@ def test_evaluate_cli_json(tiny_run: StoreAndCache) -> None:
     summary = json.loads(result.stdout)
     assert {"top1", "top5", "mean_class_accuracy", "loss", "n", "report"} <= set(summary)
     assert summary["report"] == f"{store.root}/runs/tiny/eval/test/report.md"
+
+
+def test_the_batch_size_changes_nothing_but_the_passes(tiny_run: StoreAndCache) -> None:
+    """`--batch-size` (and the GPU's larger default) only changes how images are grouped: the
+    metrics and per-image predictions are the same, the last batch partial or not."""
+    store, cache = tiny_run
+    whole = json.loads(invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
+                              "--json", store=store, cache=cache).stdout)
+    whole_predictions = store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
+    fives = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
+                   "--batch-size", "5", "--json", store=store, cache=cache)
+    assert fives.exit_code == 0, fives.output
+    split = json.loads(fives.stdout)
+    for key in ("top1", "top5", "n", "mean_class_accuracy"):
+        assert split[key] == whole[key]
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    rows = decode_predictions(store.get_bytes("runs/tiny/eval/test/predictions.jsonl"), "5s")
+    assert len(rows) == 24
+    for row, before in zip(rows, decode_predictions(whole_predictions, "whole"), strict=True):
+        assert (row.key, row.label, row.top) == (before.key, before.label, before.top)
+        assert row.probabilities == pytest.approx(before.probabilities, abs=1e-5)
+    assert eval_batch_size(torch.device("cuda")) == 256 and \
+        eval_batch_size(torch.device("cpu")) == 64
+    assert_refused(invoke("evaluate", "--run", "tiny", "--batch-size", "0", store=store,
+                          cache=cache), "--batch-size")
 
 
 def test_altered_image_on_store_is_refused(tiny_run: StoreAndCache, tmp_path: Path) -> None:
