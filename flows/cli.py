@@ -424,13 +424,16 @@ def stop_on_signals() -> None:
 @click.option("--model-name", default="flowers102", show_default=True,
               help="The registry model to register the candidate under.")
 @alias_option
+@click.option("--export/--no-export", "export_onnx", default=True, show_default=True,
+              help="Export the registered version to ONNX and check its parity with PyTorch "
+                   "on the test split before promoting (a failed parity blocks promotion).")
 @click.option("--verbose", "-v", is_flag=True,
               help="Show Prefect's own output too: its server, engine logs and tracebacks.")
 @json_option
 def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
             threshold: float | None, tolerance: float | None, class_drop: float | None,
-            force: bool | None, model_name: str, alias: str, verbose: bool, as_json: bool,
-            **training: Any) -> None:
+            force: bool | None, model_name: str, alias: str, export_onnx: bool, verbose: bool,
+            as_json: bool, **training: Any) -> None:
     """Run the retrain flow: ingest, train, evaluate, register, promote past the gate.
 
     Reports to PREFECT_API_URL when set; otherwise Prefect runs it with a temporary local
@@ -442,7 +445,7 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     gate = {"threshold": threshold, "tolerance": tolerance, "class_drop": class_drop,
             "force": force}
     params = validated_params(settings, preset, source, store, dataset, gate, model_name, alias,
-                              training)
+                              training).model_copy(update={"export_onnx": export_onnx})
     check_source(params, preset, source)
     check_weights(params.training.config())
     check_device(params.training.device)

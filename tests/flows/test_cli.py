@@ -126,6 +126,25 @@ def test_bad_options_are_one_line_before_any_work(tmp_path: Path, monkeypatch: p
     assert not (tmp_path / "store").exists() and not (tmp_path / "c" / "demo-source").exists()
 
 
+@pytest.mark.parametrize(("args", "export_onnx"), [([], True), (["--no-export"], False),
+                                                  (["--export"], True)])
+def test_no_export_turns_the_flows_export_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               args: list[str], export_onnx: bool) -> None:
+    ran = []
+
+    def run_retrain(params):
+        ran.append(params)
+        return {"promoted": True, "version": 1, "metrics": {}, "reasons": [], "export": None,
+                "run_id": "r", "dataset_version": "v"}
+
+    monkeypatch.setattr(cli_module, "run_retrain", run_retrain)
+    monkeypatch.setattr(cli_module, "check_prefect_api", lambda: None)
+    result = CliRunner().invoke(cli, ["retrain", "--preset", "demo", *args, "--json"], env={
+        "FLOWERML_STORE": str(tmp_path / "store"), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert result.exit_code == 0, result.output
+    assert [params.export_onnx for params in ran] == [export_onnx]
+
+
 @pytest.mark.slow
 def test_an_unreachable_prefect_api_is_one_line_before_any_work(tmp_path: Path) -> None:
     env = {**retrain_env(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
