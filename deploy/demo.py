@@ -47,6 +47,12 @@ DEMO_TRAINING = {"recipe": "demo", "device": "cpu"}
 BIND_ERROR = "error while attempting to bind"
 
 
+# Everything here talks to 127.0.0.1, so it goes direct. urllib.request.urlopen's shared opener
+# keeps the proxies the environment named when it was first used (by torch.hub, say) and would
+# send loopback requests to a proxy long gone; a user's HTTP_PROXY does not cover 127.0.0.1 either.
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,7 +121,7 @@ class LocalPrefect:
             f"{self.url}/api{path}", method=method or ("POST" if body is not None else "GET"),
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with LOOPBACK.open(request, timeout=30) as response:
             return json.loads(response.read() or b"null")
 
     def set_up_deployments(self, automation_file: Path | None = None) -> None:
@@ -182,7 +188,7 @@ class LocalPrefect:
         started = time.monotonic()
         while True:
             try:
-                urllib.request.urlopen(f"{self.url}/api/health", timeout=10)
+                LOOPBACK.open(f"{self.url}/api/health", timeout=10)
                 return
             except urllib.error.HTTPError:
                 return  # it answers: up (a busy server may say 503 while it warms up)

@@ -87,10 +87,12 @@ def wait_for_http(url: str, process, timeout: float = 120, log: Path | None = No
     import urllib.error
     import urllib.request
 
+    # Direct: urlopen's shared opener may hold a proxy a test set (see test_weights.py).
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(url, timeout=2)
+            direct.open(url, timeout=2)
             return
         except urllib.error.HTTPError:
             return  # any HTTP answer (even 403 from an auth-enforcing server) means it is up

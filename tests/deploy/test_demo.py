@@ -54,3 +54,36 @@ def test_a_server_that_lost_its_port_is_given_up_at_once(
         prefect.start_server(timeout=120, attempts=1)
     assert time.monotonic() - started < 60
     assert prefect.processes == []
+
+
+def test_health_checks_go_direct_whatever_proxy_urllib_remembers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """urlopen's shared opener keeps the proxies of its first use (torch.hub's download in
+    tests/flowerml/test_weights.py ran with a dead proxy before the deployment tests, on the
+    same xdist worker, and every health check after it went to that proxy)."""
+    import http.server
+    import subprocess
+    import threading
+    import urllib.request
+
+    answering = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=answering.serve_forever, daemon=True).start()
+    dead_proxy = f"http://127.0.0.1:{demo.free_port()}"
+    monkeypatch.setattr(urllib.request, "_opener", None)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, dead_proxy)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{answering.server_address[1]}/", timeout=5)
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name)  # gone from the environment, kept by urlopen's opener
+
+    prefect = demo.LocalPrefect(tmp_path, ui=False)
+    prefect.url = f"http://127.0.0.1:{answering.server_address[1]}"
+    (tmp_path / "server.log").write_text("")
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        prefect._wait_for_health(stand_in, timeout=20)  # returns: it answered
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        answering.shutdown()

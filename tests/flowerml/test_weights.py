@@ -4,6 +4,7 @@ before any model is built, and loaded into the backbone."""
 from __future__ import annotations
 
 import hashlib
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,10 @@ def test_staged_torchvision_file_is_hash_checked(tmp_path: Path) -> None:
 def test_imagenet_without_network_explains_how_to_stage(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # torch.hub downloads with urllib.request.urlopen, whose shared opener keeps the proxies of
+    # its first use for the life of the process: this test's opener must not outlive it (a
+    # later urlopen to 127.0.0.1 in this worker would go to the dead proxy).
+    monkeypatch.setattr(urllib.request, "_opener", None)
     proxy = f"http://127.0.0.1:{free_port()}"  # refused at once, no DNS wait
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
         monkeypatch.setenv(name, proxy)
