@@ -291,13 +291,20 @@ class SyntheticData:
         self.root = root
 
     def once(self, name: str, build: Callable[[Path], object]) -> Path:
-        """`root/name`, built by `build(folder)` the first time it is asked for."""
+        """`root/name`, built by `build(folder)` the first time any xdist worker asks for it
+        (the others wait on its lock file, then use it)."""
+        import fcntl
+
         folder, built = self.root / name, self.root / f"{name}.built"
-        if not built.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir(parents=True)
-            build(folder)
-            built.touch()  # beside the folder, which holds only what `build` made
+        if built.exists():
+            return folder
+        with open(self.root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not built.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                build(folder)
+                built.touch()  # beside the folder, which holds only what `build` made
         return folder
 
     def source(self, spec: SyntheticSpec) -> Path:
@@ -340,9 +347,15 @@ class SyntheticData:
 
 
 @pytest.fixture(scope="session")
-def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticData:
-    """The session's synthetic archives, ingests and trained runs, each built once."""
-    return SyntheticData(tmp_path_factory.mktemp("synthetic-data"))
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory,
+                   worker_id: str) -> SyntheticData:
+    """The session's synthetic archives, ingests and trained runs, each built once for all
+    xdist workers (in the folder their base temp dirs share, which is this session's own)."""
+    if worker_id == "master":
+        return SyntheticData(tmp_path_factory.mktemp("synthetic-data"))
+    root = tmp_path_factory.getbasetemp().parent / "synthetic-data"
+    root.mkdir(exist_ok=True)
+    return SyntheticData(root)
 
 
 @pytest.fixture(scope="session")

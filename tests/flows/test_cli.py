@@ -30,6 +30,15 @@ def retrain_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def harness_env(tmp_path: Path) -> dict[str, str]:
+    """`retrain_env` reporting to the session's Prefect test server: for the tests whose point
+    is not Prefect's temporary server (`test_retrain_demo_preset_json` starts one), a server
+    already up saves each of them its start (seconds of CPU)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**retrain_env(tmp_path), "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def retrain_process(tmp_path: Path, *args: str, env: dict[str, str] | None = None,
                     timeout: float = 600) -> subprocess.CompletedProcess:
     """`flowerml retrain ARGS` in its own interpreter, as a shell runs it."""
@@ -77,14 +86,15 @@ def test_retrain_demo_preset_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_failed_flow_run_ends_with_its_error(tmp_path: Path) -> None:
+def test_a_failed_flow_run_ends_with_its_error(tmp_path: Path, prefect_harness: None) -> None:
     """A run that fails inside the flow (a source that is not the dataset) prints its id, then
     the error as the last stderr line, nothing of Prefect's; --json ends stdout with it."""
     source = tmp_path / "source"
     source.mkdir()
     for name in ("102flowers.tgz", "imagelabels.mat", "setid.mat"):
         (source / name).write_bytes(b"not the dataset")
-    done = retrain_process(tmp_path, "--source", str(source), "--recipe", "demo", "--json")
+    done = retrain_process(tmp_path, "--source", str(source), "--recipe", "demo", "--json",
+                           env=harness_env(tmp_path))
     assert done.returncode == 2, done.stderr[-3000:]
     lines = assert_only_flowerml_lines(done.stderr)
     assert lines[0].startswith("flowerml: flow run 'retrain flowers102:")
@@ -193,10 +203,11 @@ def training_children(marker: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_retrain_and_its_training_child(tmp_path: Path) -> None:
+def test_sigterm_stops_retrain_and_its_training_child(tmp_path: Path,
+                                                      prefect_harness: None) -> None:
     """systemd, `timeout` and Kubernetes stop with SIGTERM: the flow and its training child's
     group stop within seconds, with one line saying so, and nothing is left running."""
-    env = retrain_env(tmp_path)
+    env = harness_env(tmp_path)
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "retrain", "--preset",
                                 "demo", "--epochs", "200", "--image-size", "40",
                                 "--model-name", f"sigterm-{os.getpid()}"],

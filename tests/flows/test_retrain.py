@@ -34,10 +34,11 @@ def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint:
     monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
     store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
 
-    def run(training: dict, export_onnx: bool = False, **gate) -> dict:
+    def run(training: dict, export_onnx: bool = False, distill: dict | None = None,
+            **gate) -> dict:
         params = RetrainParams(source=str(source), store=f"s3://{s3_bucket}/ml",
                                training=training, gate={"threshold": 0.5, **gate},
-                               export_onnx=export_onnx)
+                               export_onnx=export_onnx, distill=distill or {})
         return retrain_flowers(params)
 
     return run, Registry(store, "flowers102")
@@ -76,8 +77,12 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
 
     # One rejected candidate fails both checks: the floor and the regression against production
     # (they used to be two runs; the gate reports every reason either way).
-    worse = run(BAD, threshold=0.999)
+    # Its distill stage (tests/flows/test_distill.py runs one) has no promoted model to learn
+    # from: skipped, and said so.
+    worse = run(BAD, threshold=0.999, distill={"enabled": True, "student": "resnet18"})
     assert not worse["promoted"] and worse["version"] == 2
+    assert worse["distill"] == {"skipped": "the new model was not promoted: no student of it"}
+    assert not Registry(registry.store, "flowers102-small").has_versions()
     assert any("< threshold 0.9990" in r for r in worse["reasons"]), worse["reasons"]
     assert worse["metrics"]["top1"] < first["metrics"]["top1"] - 0.005
     assert any("regression" in r for r in worse["reasons"]), worse["reasons"]
