@@ -744,8 +744,10 @@ class EpochLoop:
         self.files.write_history(state.history)
         self.emit({"event": "epoch", "epochs": self.config.epochs, **row,
                    "best_valid_top1": round(state.best_top1, 5)})
+        # The recorded (rounded) figures: formatting the raw ones could round the other way
+        # than metrics.jsonl's (1.137349 -> "1.1373", its 1.13735 -> "1.1374").
         self.progress.end_epoch(EpochReport(
-            epoch, self.config.epochs, loss, train_top1, metrics.top1,
+            epoch, self.config.epochs, row["train_loss"], row["train_top1"], row["valid_top1"],
             seconds + time.perf_counter() - validation_started))
         return bool(self.config.patience) and state.bad_epochs >= self.config.patience
 
