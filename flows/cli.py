@@ -504,12 +504,28 @@ def print_retrain_summary(summary: dict, model_name: str, alias: str,
         click.echo(f"  - {reason}")
     if summary.get("export"):
         click.echo(f"onnx: {describe_export(summary['export'])}")
-    examples = sorted((settings.cache_dir / settings.dataset).glob("*/test/*/*.jpg"))
-    image = examples[0] if examples else Path("path/to/flower.jpg")
+    image = example_image(settings, summary["run_id"], summary["dataset_version"])
     # A version that was not promoted is not behind the alias: name it by number.
     model = f"{model_name}@{alias}" if summary["promoted"] else \
         f"{model_name}:{summary['version']}"
     click.echo(f"try: flowerml predict {image} --model {model}")
+
+
+def example_image(settings: Settings, run_id: str, dataset_version: str) -> Path:
+    """A test image of the run's dataset version in the local cache, one the model classified
+    right when its stored test predictions say so (a first try that shows the wrong flower
+    looks like a broken model), else the first there is."""
+    folder = settings.cache_dir / settings.dataset / dataset_version
+    with contextlib.suppress(FlowermlError, OSError):
+        from flowerml.comparison import run_predictions
+        from flowerml.settings import build_store
+
+        rows = run_predictions(build_store(settings), run_id).images
+        for row in rows:
+            if row.correct and (folder / row.key).is_file():
+                return folder / row.key
+    examples = sorted(folder.glob("test/*/*.jpg"))
+    return examples[0] if examples else Path("path/to/flower.jpg")
 
 
 def describe_export(export: dict[str, Any]) -> str:
