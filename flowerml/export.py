@@ -111,12 +111,13 @@ def export_onnx(model: nn.Module, image_size: int, path: Path,
 
 
 def build_onnx_session(data: bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session over a model's bytes."""
+    """An ONNX Runtime CPU session over a model's bytes, with `threads` intra-op threads (by
+    default as many as torch uses, so OMP_NUM_THREADS bounds both runtimes alike and a parity
+    check or a benchmark compares them on the same cores)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
