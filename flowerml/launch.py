@@ -135,11 +135,13 @@ def run_child(command: Sequence[str], *, on_line: Callable[[str], None],
     """Run `command`, passing each output line to `on_line`; stop its group on any exit path."""
     process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1, env=env, start_new_session=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + timeout if timeout else None
-    tail: list[str] = []
+    # Everything after the child exists is inside the try: a SIGTERM turned into an exception
+    # while the pump thread starts (milliseconds on a loaded machine) must still stop the child.
     try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+        deadline = time.monotonic() + timeout if timeout else None
+        tail: list[str] = []
         while True:
             if deadline is not None and time.monotonic() > deadline:
                 raise TrainingTimeout(f"training ran past its {timeout:g} s limit and was stopped")

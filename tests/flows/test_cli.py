@@ -218,6 +218,7 @@ def test_sigterm_stops_retrain_and_its_training_child(tmp_path: Path,
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "training never started"
         time.sleep(0.5)
+    time.sleep(1)  # the stop this test is about comes while training runs, not as it starts
     children = training_children(marker)
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
