@@ -215,13 +215,10 @@ class LocalPrefect:
         """The hung server's threads, innermost frames first (faulthandler on SIGUSR1)."""
         if server.poll() is not None:
             return ""
-        log = self.root / "server.log"
-        before = log.stat().st_size
+        before = (self.root / "server.log").stat().st_size
         server.send_signal(signal.SIGUSR1)
         time.sleep(2)
-        with open(log, "rb") as stream:
-            stream.seek(before)
-            return "\nWhere its threads were:\n" + stream.read(6000).decode(errors="replace")
+        return "\nWhere its threads were:\n" + self._log_since(before)[:6000]
 
     def _move_to_fresh_port_and_database(self, attempt: int) -> None:
         old_url = self.url
