@@ -1,4 +1,5 @@
-"""The `flowerml` console script: the library's commands plus `flowerml retrain`.
+"""The `flowerml` console script: the library's commands plus `flowerml retrain` (and, from
+flows/cli_cluster.py, `flowerml score --dask-address` and `flowerml pools`).
 
 `retrain` runs the retrain flow in this process, so "flows -> tasks -> flowerml" holds in the
 code: `flowerml/cli/` never imports a flow, and this module adds the command that does.
@@ -55,6 +56,7 @@ from flowerml.errors import FlowermlError
 from flowerml.promotion import Gate
 from flowerml.recipes import RECIPE_NAMES, TrainConfig, option_name
 from flowerml.settings import Settings, load_settings
+from flows import cli_cluster  # noqa: F401  (adds `score --dask-address` and `pools`)
 
 DEMO_SPEC = {"classes": 10, "per_class": 30, "image_size": 96, "seed": 0}
 DEMO_THRESHOLD = 0.7

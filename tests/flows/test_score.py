@@ -140,7 +140,8 @@ def feed(pipe: Path, image: Path) -> None:
 
 def test_python_m_flows_score_prints_the_summary_or_one_line(prefect_harness: None,
                                                              registry_root: Path, photos: Path,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path,
+                                                             free_tcp_port: int) -> None:
     from click.testing import CliRunner
 
     from flows.score import main
@@ -155,6 +156,10 @@ def test_python_m_flows_score_prints_the_summary_or_one_line(prefect_harness: No
              "score parameter shard_size: Input should be greater than or equal to 1"),
             ([str(photos), "--output", str(tmp_path / "x"), *base, "--dask-address", "8786"],
              "score parameter dask_address: String should match pattern"),
+            ([str(photos), "--output", str(tmp_path / "x"), *base, "--dask-address",
+              f"tcp://127.0.0.1:{free_tcp_port}"],
+             f"--dask-address tcp://127.0.0.1:{free_tcp_port}: no Dask scheduler answered "
+             "within 5 s"),
             ([str(tmp_path / "none"), "--output", str(tmp_path / "x"), *base],
              f"INPUT {tmp_path / 'none'}: no such folder or file")):
         refused = CliRunner().invoke(main, args)
