@@ -1,4 +1,5 @@
-"""flowerml.files: atomic writes honour the umask, like open(), and leave no temp files."""
+"""flowerml.files: atomic writes honour the umask, like open(), and leave no temp files; a file
+a user names is read only when it is a regular file, and only up to its cap."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.files import temp_beside, write_atomically
+from flowerml.files import (
+    FileRefused,
+    open_user_file,
+    read_user_file,
+    temp_beside,
+    write_atomically,
+)
 from flowerml.storage import LocalStore
 
 
@@ -67,3 +74,39 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
         write_atomically(target, fail)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
+
+
+@pytest.mark.timeout(30)  # a FIFO that is opened or read blocks: fail, do not hang the suite
+def test_a_user_file_is_a_regular_file_or_one_clear_refusal(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "keys.txt").write_text("a.jpg\n")
+    expected = {
+        "pipe.jpg": ("is a FIFO (named pipe), not a regular file", "bad-input"),
+        "zero.jpg": ("is a character device, not a regular file", "bad-input"),
+        "loop": ("symbolic link loop", "bad-input"),
+        "missing": ("no such file", "not-found"),
+        ".": ("is a folder, not a file", "bad-input"),
+    }
+    for name, (reason, kind) in expected.items():
+        with pytest.raises(FileRefused) as refused:
+            read_user_file(tmp_path / name, limit=1024)
+        assert (refused.value.reason, refused.value.kind) == (reason, kind), name
+        assert str(refused.value) == f"{tmp_path / name}: {reason}"
+    with pytest.raises(FileRefused, match="^/proc/self/mem: cannot read: Input/output error$"):
+        read_user_file("/proc/self/mem", limit=1024)
+    assert read_user_file(tmp_path / "keys.txt", limit=6) == b"a.jpg\n"
+
+
+def test_a_user_file_is_read_no_further_than_its_cap(tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(FileRefused) as refused:
+        read_user_file(big, limit=99, what="a list file")
+    assert refused.value.reason == "larger than 99 bytes, the limit for a list file"
+    # A file whose size says 0 (procfs) but that reads on is stopped at the cap while read.
+    with pytest.raises(FileRefused, match="larger than 16 bytes, the limit for a file$"):
+        read_user_file("/proc/self/status", limit=16)
+    with open_user_file(big, limit=100) as handle:  # exactly the cap is fine
+        assert handle.read(10) == b"x" * 10 and len(handle.read()) == 90
