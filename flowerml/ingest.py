@@ -14,7 +14,11 @@ Two steps, each safe to repeat and to interrupt:
    synthetic; the result names the version in full and the version CURRENT named before.
 
 A step that fails removes the empty folders it left on a local store, so a refused source or a
-failed upload leaves nothing that looks like a dataset.
+failed upload leaves nothing that looks like a dataset. Both steps first probe that the store
+takes writes (`Store.check_writable`), so a read-only credential is refused before any work.
+A version is published by one ingest at a time (`Store.writing_under`); on a local store the
+temp files of an ingest killed mid-upload are removed when the next one starts on the version
+(a stop by SIGTERM or Ctrl-C removes its own on the way out).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from flowerml.storage import (
     S3Options,
     S3Store,
     Store,
+    StoreAccessError,
     run_bounded,
 )
 from flowerml.synthetic import is_synthetic
@@ -186,6 +191,10 @@ def materialise_source(location: SourceLocation, name: str, cache_dir: Path,
         try:
             return remote.get_file(name, downloads / name)
         except ObjectNotFound:
+            try:
+                remote.check()  # a missing bucket answers a bare 404 too: say which it is
+            except StoreAccessError as error:
+                raise SourceError(f"source {location.uri}: {error}") from None
             raise SourceError(f"{name}: not found under {location.uri}") from None
     path = location.path / name
     if not path.is_file():
@@ -267,6 +276,7 @@ def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cach
     official = isinstance(location, OfficialLocation)
     verify = options.verify or official
     store.check()
+    store.check_writable()  # a read-only key is refused before any download
     record = read_sources_record(store, dataset)
     if official and official_already_mirrored(store, dataset, record):
         return record  # type: ignore[return-value]
@@ -472,6 +482,7 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     """Publish the official split from `datasets/<name>/raw/` as a content-addressed version."""
     progress = progress or NullProgress()
     store.check()
+    store.check_writable()
     record = read_sources_record(store, dataset)
     if record is None:
         raise DatasetNotFound(f"{store.location(raw_key(dataset, SOURCES_RECORD))}: not found; "
@@ -488,16 +499,19 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     synthetic = is_synthetic(files[flowers.LABELS])
     version = content_version(entries, quarantined_images, synthetic)
     prefix = version_prefix(dataset, version)
-    manifest = published_manifest(store, dataset, version)
-    if manifest is None:
-        uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
-        store.put_bytes(quarantine_key(dataset, version), encode_json(quarantine))
-        manifest = write_manifest(store, dataset, version,
-                                  flowers.class_names_for(split.num_classes), entries,
-                                  quarantined_images=quarantined_images,
-                                  sources=record["files"], synthetic=synthetic)
-    else:
-        uploaded, skipped = 0, len(entries)
+    # One writer per version at a time; on a local store, the temp files an ingest stopped
+    # mid-upload left in the version (SIGKILL) are removed as this one starts.
+    with store.writing_under(prefix):
+        manifest = published_manifest(store, dataset, version)
+        if manifest is None:
+            uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
+            store.put_bytes(quarantine_key(dataset, version), encode_json(quarantine))
+            manifest = write_manifest(store, dataset, version,
+                                      flowers.class_names_for(split.num_classes), entries,
+                                      quarantined_images=quarantined_images,
+                                      sources=record["files"], synthetic=synthetic)
+        else:
+            uploaded, skipped = 0, len(entries)
     replaced = move_current(store, dataset, version, manifest)
     return IngestResult(dataset, version, count_splits(entries), uploaded, skipped,
                         len(quarantine), store.uri, store.location(prefix), replaced, synthetic)

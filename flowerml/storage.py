@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -27,6 +28,10 @@ from flowerml.locations import LocalLocation, parse_store
 
 Payload = bytes | Path
 SMALL_OBJECT_BYTES = 8 * 1024 * 1024
+PROBE_PREFIX = "_probe"
+"""Where `Store.check_writable` writes (and at once deletes) its probe object."""
+TEMP_PREFIX = ".tmp-"
+"""How `flowerml.files.temp_beside` names the temp files of a LocalStore's writes."""
 ProgressFn = Callable[[int], None]
 """Called once per transferred object with its size in bytes."""
 
@@ -124,6 +129,32 @@ class Store(ABC):
     def remove_empty_folders(self, prefix: str) -> None:
         """Remove the empty folders that failed writes left under `prefix`."""
         return  # an object store has no folders: nothing is left empty
+
+    @contextlib.contextmanager
+    def writing_under(self, prefix: str) -> Iterator[None]:
+        """Held by the one writer of the objects under `prefix` (an ingest publishing a
+        version): a concurrent writer of the same prefix waits for it. On S3 nothing is
+        needed: a PUT is whole or absent, and abandoned multipart uploads are swept apart."""
+        yield
+
+    def check_writable(self) -> None:
+        """Fail early, with StoreAccessError, when this store's credentials cannot write: a
+        create-only write of a small object under `_probe/`, then its delete. A read-only
+        credential passes `check` and would otherwise fail at the first upload, after the
+        work before it."""
+        key = f"{PROBE_PREFIX}/{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            self.put_bytes(key, b"flowerml write probe\n", if_none_match=True)
+        except StoreAccessError as error:
+            raise StoreAccessError(f"cannot write to the store {self.uri}: {error}") from None
+        except OSError as error:
+            raise StoreAccessError(f"cannot write to the store {self.uri}: "
+                                   f"{error.strerror or error}") from None
+        try:
+            self.delete(key)
+        except StoreAccessError as error:
+            raise StoreAccessError(f"the store {self.uri} takes writes but refuses deletes, "
+                                   f"which publishing needs: {error}") from None
 
     def upload_many(self, items: Iterable[tuple[str, Payload]], *,
                     progress: ProgressFn | None = None) -> int:
@@ -228,6 +259,20 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def check_writable(self) -> None:
+        """The probe of `Store.check_writable`, its `_probe/` folder removed after it; a store
+        folder not made yet is judged by the nearest folder that exists, without writing."""
+        if not self.root.exists():
+            existing = next(p for p in self.root.parents if p.exists())
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise StoreAccessError(f"cannot write to the store {self.root}: cannot create "
+                                       f"it in {existing} (permission denied)")
+            return
+        try:
+            super().check_writable()
+        finally:
+            _remove_if_empty(self.root / PROBE_PREFIX)
+
     @staticmethod
     def _etag(stat: os.stat_result) -> str:
         # Every write renames a fresh file into place, so (inode, mtime, size) changes with it.
@@ -316,7 +361,7 @@ class LocalStore(Store):
         if not base.is_dir():
             return
         keys = []
-        for directory, dirnames, filenames in os.walk(base):
+        for directory, dirnames, filenames in os.walk(base, onerror=self._unreadable):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel_dir = os.path.relpath(directory, self.root)
             for filename in filenames:
@@ -330,8 +375,40 @@ class LocalStore(Store):
             if info is not None:
                 yield info
 
+    def _unreadable(self, error: OSError) -> None:
+        """os.walk's error handler: a folder that cannot be read is refused, naming it (walk
+        would skip it, and a listing would say "nothing there"); one removed meanwhile is
+        nothing to list."""
+        if isinstance(error, FileNotFoundError | NotADirectoryError):
+            return
+        raise StoreAccessError(f"cannot read {error.filename} in the store {self.root}: "
+                               f"{error.strerror or error}")
+
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def writing_under(self, prefix: str) -> Iterator[None]:
+        """An exclusive lock on `prefix` (across threads and processes; the OS releases it
+        when its holder dies), and under it the temp files a writer stopped mid-write left
+        there (SIGKILL, a power cut) removed first: every writer of the prefix holds the lock,
+        so none of them is anyone's write in progress."""
+        with self._lock(f"{prefix.strip('/')}/"):
+            self.remove_temp_files(prefix)
+            yield
+
+    def remove_temp_files(self, prefix: str) -> int:
+        """Remove the writers' temp files (`.tmp-*`) under `prefix`; returns how many. Only
+        for a caller that knows no write under `prefix` is in progress (`writing_under`)."""
+        removed = 0
+        for folder, dirnames, filenames in os.walk(self._path(prefix.strip("/"))):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith(TEMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(folder, name))
+                        removed += 1
+        return removed
 
     def remove_empty_folders(self, prefix: str) -> None:
         """Remove the empty folders under `prefix`, then `prefix` and its parents while empty,

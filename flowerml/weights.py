@@ -12,6 +12,10 @@
 
 It returns `ResolvedWeights`: the file and a description of the source for cards and errors.
 `models.build_model` loads it; nothing is unpickled as code (torch files load weights-only).
+
+`check_weights_value(value, arch)` is the same judgement made up front, before anything starts
+(`flowerml retrain`): the form, and a local file loaded and fitted to `arch`'s backbone on a
+parameter-less model (meta device), which costs no model build.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import http.client
 import pickle
 import re
+import stat
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -31,7 +37,15 @@ import torch
 import torchvision
 
 from flowerml.files import sha256_file, write_atomically
-from flowerml.models import ARCHS, ModelError, check_arch
+from flowerml.models import (
+    ARCHS,
+    FlowerModel,
+    ModelError,
+    check_arch,
+    load_backbone_state,
+    split_torchvision_model,
+    torchvision_model,
+)
 
 if TYPE_CHECKING:
     from flowerml.storage import S3Options, Store
@@ -52,6 +66,8 @@ IMAGENET_WEIGHTS: dict[str, str] = {
 }
 TORCH_SUFFIXES = (".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
+FORMS = "none, imagenet, a file path, file://PATH or s3://bucket/key"
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # What a failed download can raise: network and TLS errors are OSErrors, a bad hash is a
 # RuntimeError.
 DOWNLOAD_ERRORS = (OSError, http.client.HTTPException, RuntimeError, EOFError,
@@ -92,9 +108,7 @@ def resolve_weights(value: str, arch: str, *, cache_dir: Path | None = None,
     `cache_dir` is the flowerml cache root: S3 weights are kept under its `weights/`.
     """
     check_arch(arch)
-    if not isinstance(value, str) or not value.strip():
-        raise WeightsError("--weights must be none, imagenet, a file path or s3://bucket/key")
-    value = value.strip()
+    value = _check_form(value)
     if value.lower() == "none":
         return NO_WEIGHTS
     if value.lower() == "imagenet":
@@ -102,8 +116,59 @@ def resolve_weights(value: str, arch: str, *, cache_dir: Path | None = None,
                                imagenet_file(arch))
     if value.startswith("s3://"):
         return ResolvedWeights(value, _fetch_from_s3(value, cache_dir, s3))
-    path = Path(value.removeprefix("file://")).expanduser()
-    return ResolvedWeights(value, check_weights_file(path, label=value))
+    return ResolvedWeights(value, check_weights_file(local_path(value), label=value))
+
+
+def check_weights_value(value: str, arch: str) -> None:
+    """`--weights` judged before anything starts, as far as it can be without downloading:
+    its form (a known scheme; s3:// naming a bucket and a key), and a local file that exists,
+    is a regular file, loads as a state dict (weights-only) and fits `arch`'s backbone key for
+    key and shape, checked on a parameter-less model (meta device) in well under a second.
+    `imagenet` and s3:// files are fetched, and checked the same way, by the training child."""
+    check_arch(arch)
+    value = _check_form(value)
+    if value.lower() in ("none", "imagenet"):
+        return
+    if value.startswith("s3://"):
+        from flowerml.locations import parse_store
+
+        location = parse_store(value, "--weights")  # the bucket's name checked too
+        key = location.prefix  # type: ignore[union-attr]
+        if not key or value.endswith("/"):
+            raise WeightsError(f"--weights {value}: an S3 source needs s3://bucket/key to a file")
+        _check_suffix(Path(key), value)
+        return
+    path = check_weights_file(local_path(value), label=value)
+    check_weights_fit(load_weights_file(path, label=value), arch, value)
+
+
+def check_weights_fit(state: Mapping[str, Any], arch: str, label: str) -> None:
+    """`load_backbone_state`'s checks (every backbone key present, none extra, each shape
+    right) against a model whose tensors have no storage: a ModelError naming the first
+    mismatch, before any real model is built."""
+    with torch.device("meta"):
+        backbone, feature_dim = split_torchvision_model(arch, torchvision_model(arch))
+        model = FlowerModel(arch, backbone, feature_dim, num_classes=1)
+    with warnings.catch_warnings():  # copying into storage-less tensors is the no-op we want
+        warnings.simplefilter("ignore", UserWarning)
+        load_backbone_state(model, state, label)
+
+
+def _check_form(value: object) -> str:
+    """The value stripped, when it has a form `--weights` takes; a URL of another scheme is
+    refused naming the ones that work (a path with "://" in it is no file anyone has)."""
+    if not isinstance(value, str) or not value.strip():
+        raise WeightsError(f"--weights must be {FORMS}")
+    value = value.strip()
+    scheme = URL_SCHEME.match(value)
+    if scheme and scheme.group(1).lower() not in ("s3", "file"):
+        raise WeightsError(f"--weights {value}: the scheme '{scheme.group(1)}' is not "
+                           f"supported: give {FORMS}")
+    return value
+
+
+def local_path(value: str) -> Path:
+    return Path(value.removeprefix("file://")).expanduser()
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,13 +327,28 @@ def check_weights_file(path: Path, *, label: str | None = None) -> Path:
     files, has the sha256 its name promises (the same check as torchvision's download)."""
     label = label or str(path)
     _check_suffix(path, label)
-    if not path.is_file():
-        raise WeightsError(f"--weights {label}: no such file {path}")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise WeightsError(f"--weights {label}: no such file {path}") from None
+    except OSError as error:
+        raise WeightsError(f"--weights {label}: cannot read {path}: "
+                           f"{error.strerror or error}") from None
+    if not stat.S_ISREG(mode):
+        raise WeightsError(f"--weights {label}: {path} is not a regular file "
+                           f"({_file_kind(mode)})")
     digest = _hash_mismatch(path)
     if digest:
         raise WeightsError(f"--weights {label}: sha256 {digest[:12]}... does not match the hash "
                            f"in torchvision's file name {path.name} (truncated or wrong file?)")
     return path
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def load_weights_file(path: Path, *, label: str | None = None) -> Mapping[str, Any]:
@@ -281,7 +361,12 @@ def load_weights_file(path: Path, *, label: str | None = None) -> Mapping[str, A
 
             state = load_file(str(path), device="cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # A plain pickle warns about its protocol on stderr before being refused:
+                # the refusal below is the one line the user needs.
+                warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                        category=UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"--weights {label}: no such file {path}") from None
     except Exception as error:  # noqa: BLE001 - any failure to parse is a bad file

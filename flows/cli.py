@@ -6,8 +6,9 @@ code: `flowerml/cli/` never imports a flow, and this module adds the command tha
 
 Before anything starts (no Prefect server, no ingest, nothing written), every option is
 checked: the training config exactly as the training child will build it, the gate, the
-store, dataset, source and weights, the model name and alias, and the Prefect API when
-PREFECT_API_URL names one. A bad value is one `flowerml: error:` line and exit code 2.
+store (its credentials must write: a probe object under `_probe/`, deleted at once), dataset,
+source and weights (a local file must load as a state dict that fits the arch), the model name
+and alias, and the Prefect API when PREFECT_API_URL names one. A bad value is one `flowerml: error:` line and exit code 2.
 
 While the flow runs, stderr carries what a user follows: the flow run's name and id first,
 one line per training epoch, one per retry, and on failure the error as the last line.
@@ -187,24 +188,26 @@ def check_source(params: Any, preset: str | None, source: str | None) -> None:
 
 
 def check_weights(config: TrainConfig) -> None:
-    """`--weights` as far as it can be checked without downloading: a local file must exist
-    (and match its torchvision name's hash), an s3:// one must name a bucket and a key.
-    `imagenet` is fetched, or found staged, by the training child."""
-    value = config.weights.strip()
-    if not value:
-        raise CliError("--weights must be none, imagenet, a file path or s3://bucket/key")
-    if value.lower() in ("none", "imagenet"):
-        return
-    if value.startswith("s3://"):
-        from flowerml.locations import parse_store
+    """`--weights` as far as it can be checked without downloading (`flowerml.weights.
+    check_weights_value`): a known form, and a local file that is a regular file, loads as a
+    state dict weights-only and fits the arch's backbone. `imagenet` and s3:// files are
+    fetched, and checked the same way, by the training child."""
+    if config.weights.strip().lower() in ("none", "imagenet"):
+        return  # no torch import for the common case
+    from flowerml.weights import check_weights_value  # torch: only for a file the user named
 
-        location = parse_store(value, "--weights")
-        if not location.prefix or value.endswith("/"):  # type: ignore[union-attr]
-            raise CliError(f"--weights {value}: an S3 source needs s3://bucket/key to a file")
-        return
-    from flowerml.weights import check_weights_file  # torch: only for a file the user named
+    check_weights_value(config.weights, config.arch)
 
-    check_weights_file(Path(value.removeprefix("file://")).expanduser(), label=value)
+
+def check_store_writable(settings: Settings) -> None:
+    """The store takes writes with these credentials (`Store.check_writable`: a create-only
+    probe object under `_probe/`, deleted at once): a read-only key is refused here, not at the
+    first upload after the ingest's and the training's work."""
+    from flowerml.settings import build_store
+
+    store = build_store(settings)
+    store.check()
+    store.check_writable()
 
 
 def check_device(device: str) -> None:
@@ -451,6 +454,7 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     check_source(params, preset, source)
     check_weights(params.training.config())
     check_device(params.training.device)
+    check_store_writable(settings)
     check_prefect_api()
     if preset == "demo" and source is None:
         demo_source(settings.cache_dir)

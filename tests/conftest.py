@@ -46,6 +46,25 @@ if TYPE_CHECKING:
     from flowerml.recipes import TrainConfig
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Every process this pytest process (master or xdist worker) starts dies with it, however
+    it ends: normal end, Ctrl-C, SIGTERM, SIGKILL (tests/reaper.py). Before any fixture or
+    xdist worker starts, so that each inherits this process's mark."""
+    from tests import reaper
+
+    is_xdist_master = (not hasattr(config, "workerinput")
+                       and bool(config.getoption("numprocesses", None)))
+    reaper.guard_this_process(pass_sigterm_to_children=is_xdist_master)
+
+
+def pytest_runtest_logfinish() -> None:
+    """A test that ran a command in-process which installs its own SIGTERM/SIGINT handlers
+    (`flowerml retrain` does) must not leave the session unable to stop cleanly."""
+    from tests import reaper
+
+    reaper.restore_signal_handlers()
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A real S3 HTTP endpoint on 127.0.0.1 (moto's threaded server, any free port)."""

@@ -8,6 +8,15 @@ their traceback on stderr (and, with `--json`, a `kind: internal` line on stdout
 
 Exit codes: 0 done; 1 done, but the verdict is negative (a gate refused, some inputs failed);
 2 not done, one line says why; 130/143 stopped by SIGINT/SIGTERM.
+
+SIGTERM (systemd, `timeout`, Kubernetes, a launcher stopping its child) stops a command the way
+Ctrl-C does: it is raised in the main thread as `StoppedBySignal`, so every `finally` runs on
+the way out (a training child's process group is stopped, temp files are removed, a half-done
+upload is never published), then `flowerml: error: stopped by SIGTERM`, `{"error", "kind":
+"stopped"}` with --json, and exit 143 (130 for SIGINT).
+
+An empty value for any text option or argument (`--run-id ''`) is refused, naming it: an empty
+string would otherwise read as "not given" and quietly pick a default.
 """
 
 from __future__ import annotations
@@ -16,7 +25,10 @@ import contextlib
 import errno
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, TextIO, get_args
@@ -128,12 +140,117 @@ def show_library_warnings() -> None:
         logger.propagate = False  # said once, in our words, not again by the root logger
 
 
+class StoppedBySignal(BaseException):
+    """SIGTERM or SIGINT reached the command. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` on the way takes it for a failure to report or retry."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(self.signal.name)
+
+    def as_cli_error(self) -> CliError:
+        error = CliError(f"stopped by {self.signal.name}", "stopped")
+        error.exit_code = 128 + self.signal.value  # 143 for SIGTERM, as shells report it
+        return error
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_command() -> Iterator[None]:
+    """While the command runs, SIGTERM raises `StoppedBySignal` in the main thread, once (a
+    second SIGTERM must not cut short the tidying the first one started).
+
+    Only in this process: a process forked from it (DataLoader workers, the decode cache's
+    pool) that gets the signal dies of it as it did before, instead of unwinding a copy of the
+    command. Off the main thread (an embedding program) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+    raised = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal raised
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if not raised:
+            raised = True
+            raise StoppedBySignal(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class NotEmpty(click.ParamType):
+    """A text parameter's own type, refusing an empty (or blank) value with one line naming the
+    option: `--run-id ''` must not mean "no run id given"."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.envvar_list_splitter = inner.envvar_list_splitter
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise CliError(f"{parameter_name(param)} must not be empty")
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
+        return self.inner.get_metavar(param, ctx)
+
+    def to_info_dict(self) -> Any:
+        return self.inner.to_info_dict()
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str
+                       ) -> Any:
+        return self.inner.shell_complete(ctx, param, incomplete)
+
+
+def parameter_name(param: click.Parameter | None) -> str:
+    """How the user typed it: `--run-id` for an option, `NAME` for an argument."""
+    if param is None:
+        return "value"
+    if isinstance(param, click.Option) and param.opts:
+        return param.opts[0]
+    return param.human_readable_name
+
+
+def refuse_empty_text(params: list[click.Parameter]) -> None:
+    for param in params:
+        if isinstance(param.type, click.types.StringParamType | click.Path):
+            param.type = NotEmpty(param.type)
+
+
+class FlowermlCommand(click.Command):
+    """Every `flowerml` command: its text options and arguments refuse empty values."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        refuse_empty_text(self.params)
+
+
 class FlowermlGroup(click.Group):
-    """Turns library errors into one clear line and exit code 2, and a JSON line with --json."""
+    """Turns library errors into one clear line and exit code 2, and a JSON line with --json;
+    a stop by signal into its own line and exit code. Its commands and subgroups are
+    `FlowermlCommand`s and `FlowermlGroup`s."""
+
+    command_class = FlowermlCommand
+    group_class = type
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        refuse_empty_text(self.params)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise StoppedBySignal(signal.SIGINT) from None
         except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as error:
@@ -149,9 +266,13 @@ class FlowermlGroup(click.Group):
         as_json = json_requested(args)
         show_library_warnings()
         try:
-            with stdout_for_json_only(as_json):
+            with sigterm_stops_the_command(), stdout_for_json_only(as_json):
                 result = super().main(args, prog_name, complete_var, standalone_mode=False,
                                       **extra)
+        except StoppedBySignal as stopped:
+            error = stopped.as_cli_error()
+            report_failure(error, as_json)
+            sys.exit(error.exit_code)
         except click.ClickException as error:
             report_failure(as_cli_error(error) or CliError(str(error)), as_json)
             sys.exit(error.exit_code)
