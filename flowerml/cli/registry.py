@@ -41,7 +41,8 @@ def open_registry(name: str, store: str | None):
 def require_model(entry) -> None:
     """An unknown model is one line and exit 2 in every registry command that names one."""
     if not entry.has_versions():
-        raise CliError(f"model '{entry.model}' has no versions", "not-found")
+        raise CliError(f"model '{entry.model}' has no versions on {entry.store.uri}",
+                       "not-found")
 
 
 def version_text(version: int | None) -> str:
@@ -54,7 +55,8 @@ def version_text(version: int | None) -> str:
 def registry_list(store: str | None, as_json: bool) -> None:
     """Every registered model, with its version count and production version.
 
-    A store with no models prints nothing (`[]` with --json) and exits 0.
+    A store with no models prints nothing on stdout (`[]` with --json), a line naming the
+    store on stderr, and exits 0.
     """
     from flowerml.registry import Registry, list_models
 
@@ -68,6 +70,8 @@ def registry_list(store: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(rows)
         return
+    if not rows:
+        click.echo(f"no models on {target.uri}", err=True)
     for row in rows:
         click.echo(f"{row['model']}: {row['versions']} version(s), production "
                    f"{version_text(row['production'])}")
@@ -91,7 +95,7 @@ def registry_show(name: str, store: str | None, as_json: bool) -> None:
                  "paired": (v.card.get("gate") or {}).get("paired")}
                 for v in entry.versions()]
     if not versions:
-        raise CliError(f"model '{name}' has no versions", "not-found")
+        raise CliError(f"model '{name}' has no versions on {entry.store.uri}", "not-found")
     aliases = {name: state.version for name, state in entry.aliases().items()}
     if as_json:
         emit_json({"model": name, "versions": versions, "aliases": aliases})
@@ -256,7 +260,7 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
     require_model(entry)
     rows = entry.history(alias)
     if not rows:
-        raise CliError(f"{name} has no alias '{alias}'", "not-found")
+        raise CliError(f"{name} has no alias '{alias}' on {entry.store.uri}", "not-found")
     if as_json:
         emit_json(rows)
         return
