@@ -90,6 +90,12 @@ class ScoringError(UserError):
     a runtime the version cannot run, or an output started with other settings."""
 
 
+class OutputNotWritable(ScoringError):
+    """--output refuses writes (its folder's permissions, a read-only key)."""
+
+    kind = "denied"
+
+
 class ImageUnreadable(Exception):
     """One key that cannot be scored; its message goes in the key's row."""
 
@@ -487,7 +493,7 @@ def check_writable(output_store: Store, output: str) -> None:
     try:
         output_store.check()
     except StoreAccessError as error:
-        raise ScoringError(f"--output {output} is not writable: {error}") from None
+        raise OutputNotWritable(f"--output {output} is not writable: {error}") from None
 
 
 def write_shards(output_store: Store, plan: ScoringPlan, spooled: Spooled, output: str) -> None:
@@ -500,7 +506,7 @@ def write_shards(output_store: Store, plan: ScoringPlan, spooled: Spooled, outpu
     try:
         output_store.upload_many(shard_files())
     except StoreAccessError as error:
-        raise ScoringError(f"--output {output} is not writable: {error}") from None
+        raise OutputNotWritable(f"--output {output} is not writable: {error}") from None
     record = {"format": LISTING_FORMAT, "input": plan.input, "root": plan.root,
               "input_id": plan.input_id, "images": plan.images, "shards": plan.shards,
               "shard_size": plan.shard_size, "model": plan.model, "version": plan.version,
