@@ -34,7 +34,7 @@ from flowerml.evaluation import (
 from flowerml.loaders import build_eval_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model
-from flowerml.runs import RunError, RunFiles, check_run_id
+from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id
 from flowerml.storage import ObjectNotFound, Store
 from flowerml.training import evaluate_loader
 
@@ -68,10 +68,10 @@ def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], ima
 
 
 def load_trained_model(store: Store, run_id: str, device: str = "auto") -> TrainedModel:
-    """The best-on-valid weights of a run, checksum-verified."""
-    run = RunFiles(store, check_run_id(run_id))
+    """The best-on-valid weights of a run, checksum-verified (`run_id` comes from `--run`)."""
+    run = RunFiles(store, check_run_id(run_id, "--run"))
     if not run.exists():
-        raise RunError(f"run '{run_id}' not found on {store.uri}")
+        raise RunNotFound(f"run '{run_id}' not found on {store.uri}")
     record = run.read_json("config.json")
     tensors, info = run.load_weights()
     return build_trained_model(record["config"]["arch"], record["classes"],
