@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowerml.cli.app import cli, emit_json, json_option, store_option
+from flowerml.cli.app import CliError, cli, emit_json, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
 
@@ -57,15 +57,45 @@ def datasets_show(name: str | None, store: str | None, as_json: bool) -> None:
     """One dataset's versions (CURRENT first): counts per split, classes, quarantined images
     and why, synthetic or not, and where each lives.
 
-    NAME defaults to FLOWERML_DATASET. An unknown dataset is an error (exit 2).
+    NAME defaults to FLOWERML_DATASET. An unknown dataset is an error (exit 2). Each
+    version's manifest is verified as `flowerml train` verifies it (its entries hash to the
+    version; CURRENT's records its sha256): a version that fails is shown with its problem,
+    and the command exits 2 with that problem as its error line.
     """
     from flowerml.inventory import describe_dataset
 
     settings = load_settings(store=store)
-    dataset = describe_dataset(build_store(settings), name or settings.dataset)
+    target = build_store(settings)
+    dataset = describe_dataset(target, name or settings.dataset)
+    verify_versions(target, dataset)
+    problems = [dataset.problem] if dataset.problem else []
+    problems += [f"version {v.version}: {v.problem}" for v in dataset.versions
+                 if v.complete and v.problem]
     if as_json:
         emit_json(dataset.to_json())
-        return
+    else:
+        print_dataset(dataset)
+    if problems:
+        raise CliError(problems[0] if len(problems) == 1 else
+                       f"{problems[0]} (and {len(problems) - 1} more problem(s) above)",
+                       "bad-input")
+
+
+def verify_versions(store, dataset) -> None:
+    """Each published version's manifest checked the way training reads it
+    (`flowerml.manifest.resolve_dataset`); a refusal becomes the version's `problem`."""
+    from flowerml.errors import DataError
+    from flowerml.manifest import resolve_dataset
+
+    for version in dataset.versions:
+        if version.complete and not version.problem:
+            try:
+                resolve_dataset(store, dataset.name, version.version)
+            except DataError as error:
+                version.problem = str(error)
+
+
+def print_dataset(dataset) -> None:
     click.echo(f"dataset {dataset.name}: CURRENT {dataset.current or '-'}; {dataset.location}")
     if dataset.problem:
         click.echo(f"  problem: {dataset.problem}")

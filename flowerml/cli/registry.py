@@ -45,6 +45,20 @@ def require_model(entry) -> None:
                        "not-found")
 
 
+class VersionNumber(click.ParamType):
+    """A registry version: a positive whole number (`-1` reaches here as a value, not as an
+    unknown option: its command ignores unknown options)."""
+
+    name = "version"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        text = str(value).strip()
+        if not text.isdigit() or int(text) < 1:
+            raise CliError(f"VERSION must be a positive number (1, 2, ...): got {value!r}")
+        return int(text)
+
+
 def version_text(version: int | None) -> str:
     return "-" if version is None else f"{version:06d}"
 
@@ -144,9 +158,9 @@ def move_result(name: str, alias: str, version: int | None, previous: int | None
         click.echo(f"  - {reason}")
 
 
-@registry.command("promote")
+@registry.command("promote", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@click.argument("version", type=int)
+@click.argument("version", type=VersionNumber())
 @alias_option
 @click.option("--threshold", type=float, default=Gate.threshold, show_default=True,
               help="Minimum test top-1.")

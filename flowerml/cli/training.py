@@ -96,6 +96,7 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
     if config_json is not None and any(v is not None for v in options.values()):
         raise CliError("give --config or training options, not both")
     target = build_store(settings)
+    target.check_writable()  # a read-only key is refused now, not at the first checkpoint
     recipe_given = click.get_current_context().get_parameter_source("recipe") \
         is not ParameterSource.DEFAULT
     saved = None if config_json or recipe_given or not run_id else saved_config(target, run_id)
