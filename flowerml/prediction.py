@@ -7,7 +7,9 @@
   unexpanded.
 - `open_image`: one image decoded for the model. A large JPEG is decoded at a reduced scale
   (PIL's `draft`, 1/2 to 1/8) no smaller than the model's resize needs, and nothing over PIL's
-  decompression-bomb limit is decoded at all.
+  decompression-bomb limit is decoded at all. A file is read only when it is a regular file
+  (a FIFO or a device named as an image, or found in a folder, is that input's error, never a
+  read that blocks or never ends), and no further than `MAX_IMAGE_BYTES`.
 - `image_pixels`: an image as a model's input: uint8 [3, S, S], resized and centre-cropped.
 - `predict_inputs`: rows `{"image", "predictions"}` or `{"image", "error"}`, one per input, in
   input order, `batch_size` images decoded and classified at a time by a `Scorer` (PyTorch or
@@ -30,10 +32,16 @@ from PIL import Image, UnidentifiedImageError
 
 from flowerml.cache import cache_resolution
 from flowerml.errors import UserError
+from flowerml.files import FileRefused, open_user_file
 from flowerml.runtimes import Scorer, softmax_top_k
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-"""What a folder is searched for (any case); a file named on its own is tried whatever its name."""
+"""What a folder is searched for (any case); a file named on its own is tried whatever its name.
+The one list: `flowerml score` keeps the same files of a folder, a pattern or a prefix."""
+
+MAX_IMAGE_BYTES = 512 * 2**20
+"""The largest image file read: twice the largest uncompressed 8-bit RGB image that PIL's
+decompression-bomb limit lets through (89.5 megapixels, 256 MiB)."""
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -112,23 +120,30 @@ def folder_images(folder: str) -> Iterator[ImageInput]:
 def open_image(path: Path | BinaryIO, short_side: int) -> Image.Image:
     """`path` decoded as RGB; a JPEG at the smallest scale PIL offers whose sides are both at
     least `short_side`. Raises ImageError saying why an input cannot be read."""
+    if not isinstance(path, str | os.PathLike):
+        return decode_image(path, short_side)
+    try:
+        with open_user_file(path, limit=MAX_IMAGE_BYTES, what="an image file") as handle:
+            return decode_image(handle, short_side)
+    except FileRefused as refused:
+        raise ImageError(refused.reason) from None
+
+
+def decode_image(source: BinaryIO, short_side: int) -> Image.Image:
+    """`open_image` of an open file (or bytes in memory)."""
     try:
         with warnings.catch_warnings():
             # PIL warns between its limit and twice it; the size is checked below, after the
             # draft has reduced what will actually be decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.draft("RGB", (short_side, short_side))
                 check_pixels(image.size)
                 return image.convert("RGB")
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError("no such file") from None
-    except IsADirectoryError:
-        raise ImageError("is a folder") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
+    except FileRefused as refused:  # past the cap while PIL read it
+        raise ImageError(refused.reason) from None
     except Image.DecompressionBombError as error:
         raise ImageError(f"too large to decode safely: {str(error).split(', could')[0]}") \
             from None

@@ -7,7 +7,12 @@ last line, `kind` being the error's category (`flowerml.errors.FlowermlError.kin
 their traceback on stderr (and, with `--json`, a `kind: internal` line on stdout).
 
 Exit codes: 0 done; 1 done, but the verdict is negative (a gate refused, some inputs failed);
-2 not done, one line says why; 130/143 stopped by SIGINT/SIGTERM.
+2 not done, one line says why; 130/143 stopped by SIGINT/SIGTERM; 141 stdout was closed.
+
+A closed stdout (`flowerml predict DIR | head -2`: the reader has what it wanted and left) ends
+the command quietly, as a Unix tool killed by SIGPIPE ends: no message, no traceback, and the
+status a shell reports for it, 141 (128 + SIGPIPE), so `set -o pipefail` scripts see the output
+was cut short, as they would for `cat` or `grep`.
 
 SIGTERM (systemd, `timeout`, Kubernetes, a launcher stopping its child) stops a command the way
 Ctrl-C does: it is raised in the main thread as `StoppedBySignal`, so every `finally` runs on
@@ -41,6 +46,7 @@ from flowerml.registry import DEFAULT_ALIAS
 
 EXIT_REFUSED = 1
 EXIT_ERROR = 2
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 
 
 class CliError(click.ClickException):
@@ -138,6 +144,35 @@ def show_library_warnings() -> None:
         logger.addHandler(handler)
         logger.setLevel(min(logger.level or logging.WARNING, logging.WARNING))
         logger.propagate = False  # said once, in our words, not again by the root logger
+
+
+class StdoutClosed(BaseException):
+    """The reader of stdout (or stderr) went away: nothing more can be said, so the command
+    ends. A BaseException, so that no `except Exception` reports or retries it."""
+
+
+def output_closed() -> bool:
+    """Whether stdout or stderr is a pipe whose reader has closed it (poll says POLLERR), so
+    that an EPIPE from anything else (a socket, a child's pipe) is not taken for it."""
+    import select
+
+    poller = select.poll()
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            poller.register(stream.fileno(), select.POLLOUT)
+    with contextlib.suppress(OSError):
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    return False
+
+
+def silence_closed_output() -> None:
+    """Point the closed descriptors at /dev/null, so that the flush at exit cannot fail again
+    and print Python's 'Exception ignored ... BrokenPipeError'."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 class StoppedBySignal(BaseException):
@@ -253,6 +288,10 @@ class FlowermlGroup(click.Group):
             raise StoppedBySignal(signal.SIGINT) from None
         except (click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            if not output_closed():
+                raise
+            raise StdoutClosed() from None  # past click's own EPIPE handling, which exits 1
         except Exception as error:
             converted = as_cli_error(error)
             if converted is None:
@@ -269,6 +308,9 @@ class FlowermlGroup(click.Group):
             with sigterm_stops_the_command(), stdout_for_json_only(as_json):
                 result = super().main(args, prog_name, complete_var, standalone_mode=False,
                                       **extra)
+        except StdoutClosed:
+            silence_closed_output()
+            sys.exit(EXIT_STDOUT_CLOSED)
         except StoppedBySignal as stopped:
             error = stopped.as_cli_error()
             report_failure(error, as_json)

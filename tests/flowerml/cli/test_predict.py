@@ -4,6 +4,9 @@ failed inputs in their own rows (exit 1), refusals before anything runs (exit 2)
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,17 @@ def predict(tiny_run: StoreAndCache, *args: str) -> Result:
     store, cache = tiny_run
     # The test's own options come last: click keeps the last of a repeated option.
     return invoke("predict", "--run", "tiny", "--device", "cpu", *args, store=store, cache=cache)
+
+
+FLOWERML = Path(sys.executable).with_name("flowerml")
+"""The console script, for what depends on the real process: its stdout, a FIFO's blocking."""
+
+
+def predict_process(tiny_run: StoreAndCache, *args: str, **popen: object) -> subprocess.Popen:
+    store, cache = tiny_run
+    env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
+    return subprocess.Popen([str(FLOWERML), "predict", "--run", "tiny", "--device", "cpu", *args],
+                            env=env, **popen)  # type: ignore[call-overload]
 
 
 def json_rows(result: Result) -> list[dict]:
@@ -135,3 +149,38 @@ def test_every_option_has_help(tiny_run: StoreAndCache) -> None:
                    "--json"):
         line = next(line for line in result.stdout.splitlines() if line.strip().startswith(option))
         assert len(line.split(None, 2)) == 3, line  # the option, its metavar and its help
+
+
+def test_a_fifo_is_its_own_error_row_and_never_blocks(tiny_run: StoreAndCache, photos: Path,
+                                                      tmp_path: Path) -> None:
+    """A FIFO named as an image, or found in a folder, would block its read forever: it is
+    that input's row, and the folder's images around it are predicted."""
+    os.mkfifo(tmp_path / "named.jpg")
+    os.mkfifo(photos / "pipe.jpg")
+    process = predict_process(tiny_run, str(tmp_path / "named.jpg"), str(photos), "--json",
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=120)  # seconds when it works
+    assert process.returncode == 1, stderr
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    fifo = "is a FIFO (named pipe), not a regular file"
+    assert rows[0] == {"image": str(tmp_path / "named.jpg"), "error": fifo}
+    assert rows[3] == {"image": str(photos / "pipe.jpg"), "error": fifo}
+    assert [row["image"] for i, row in enumerate(rows) if i not in (0, 3)] == [
+        str(photos / "a.jpg"), str(photos / "b.jpg"), str(photos / "sub/c.jpg")]
+    assert all(len(rows[i]["predictions"]) == 4 for i in (1, 2, 4))
+    assert stderr.splitlines() == [f"flowerml: error: {tmp_path}/named.jpg: {fifo}",
+                                   f"flowerml: error: {photos}/pipe.jpg: {fifo}",
+                                   "flowerml: 2 of 5 inputs could not be predicted"]
+
+
+def test_a_closed_stdout_ends_predict_quietly_with_141(tiny_run: StoreAndCache,
+                                                       photos: Path) -> None:
+    """`flowerml predict DIR | head -2`: the reader leaves, and predict ends as a Unix tool
+    does, without a traceback, a message or a misleading exit 1. The read end is closed before
+    predict writes (it takes seconds to start), so its first row meets the closed pipe."""
+    read_end, write_end = os.pipe()
+    process = predict_process(tiny_run, str(photos), stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    os.close(read_end)
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (141, b"")
