@@ -706,20 +706,25 @@ class EpochLoop:
                 f"epoch {epoch}/{self.config.epochs}")
             state.train_images += images
             state.train_seconds += seconds
-            stop = False
+            stop, report = False, None
             if self.placement.is_main:
-                stop = self.after_epoch(state, epoch, loss, top1, images, seconds,
-                                        valid_loader)
+                stop, report = self.after_epoch(state, epoch, loss, top1, images, seconds,
+                                                valid_loader)
             state.epoch = epoch
             state.stopped_early = broadcast_flag(self.placement, stop)
             if self.placement.is_main:
                 self.files.save_checkpoint(checkpoint_state(self.model, self.stepper, state,
                                                           self.linear_probe), epoch)
+                # Announced only once the checkpoint is on the store: whoever sees "epoch N"
+                # and stops the run then resumes it from epoch N, not N-1.
+                report()
             barrier(self.placement)
 
     def after_epoch(self, state: TrainState, epoch: int, loss: float, train_top1: float,
-                    images: int, seconds: float, valid_loader: DataLoader) -> bool:
-        """Validate, record, keep the best, report; True when early stopping says stop."""
+                    images: int, seconds: float, valid_loader: DataLoader
+                    ) -> tuple[bool, Callable[[], None]]:
+        """Validate, record, keep the best; returns whether early stopping says stop, and the
+        epoch's report, for the caller to make once the epoch's checkpoint is durable."""
         validation_started = time.perf_counter()
         evaluated = self.trained if self.linear_probe else self.model
         probe = self.objective.validation_probe() if self.objective is not None else None
@@ -742,14 +747,18 @@ class EpochLoop:
         else:
             state.bad_epochs += 1
         self.files.write_history(state.history)
-        self.emit({"event": "epoch", "epochs": self.config.epochs, **row,
-                   "best_valid_top1": round(state.best_top1, 5)})
+        event = {"event": "epoch", "epochs": self.config.epochs, **row,
+                 "best_valid_top1": round(state.best_top1, 5)}
         # The recorded (rounded) figures: formatting the raw ones could round the other way
         # than metrics.jsonl's (1.137349 -> "1.1373", its 1.13735 -> "1.1374").
-        self.progress.end_epoch(EpochReport(
-            epoch, self.config.epochs, row["train_loss"], row["train_top1"], row["valid_top1"],
-            seconds + time.perf_counter() - validation_started))
-        return bool(self.config.patience) and state.bad_epochs >= self.config.patience
+        line = EpochReport(epoch, self.config.epochs, row["train_loss"], row["train_top1"],
+                           row["valid_top1"], seconds + time.perf_counter() - validation_started)
+
+        def report() -> None:
+            self.emit(event)
+            self.progress.end_epoch(line)
+
+        return bool(self.config.patience) and state.bad_epochs >= self.config.patience, report
 
     def keep_best(self, state: TrainState, epoch: int, top1: float) -> None:
         if self.linear_probe:

@@ -35,6 +35,7 @@ from flowerml.runs import RunError, RunFiles
 from flowerml.training import fit
 from tests.conftest import DATASET, StoreAndCache, copy_tree, kill_then_resume
 from tests.flowerml.conftest import RegisteredRun
+from tests.interrupts import DiedBeforeCheckpoint, die_before_checkpoint
 
 EPOCHS = 2
 TEACHER = "flowers102@production"
@@ -225,15 +226,6 @@ def test_a_distilled_run_records_its_teacher_and_agreement(teacher_store: StoreA
     assert straight.to_json()["teacher"]["sha256"] == version.weights_sha256
 
 
-class Interrupted(Exception):
-    """Raised from the event callback in epoch 2: the run dies before checkpointing epoch 2."""
-
-
-def stop_in_second_epoch(event: dict) -> None:
-    if event["event"] == "epoch" and event["epoch"] == 2:
-        raise Interrupted
-
-
 def assert_same_run(store, run_id: str, reference: str) -> None:
     """Bit for bit the same weights (last epoch's and best) and the same metrics per epoch."""
     for load in (lambda run: run.load_checkpoint()["model"], lambda run: run.load_weights()[0]):
@@ -249,11 +241,14 @@ def assert_same_run(store, run_id: str, reference: str) -> None:
 
 
 def test_an_interrupted_distillation_resumes_bit_for_bit(teacher_store: StoreAndCache,
-                                                         straight) -> None:
+                                                         straight,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     store, _ = teacher_store
-    with pytest.raises(Interrupted):
-        run_distill(teacher_store, "interrupted", on_event=stop_in_second_epoch)
+    die_before_checkpoint(monkeypatch, epoch=2)
+    with pytest.raises(DiedBeforeCheckpoint):
+        run_distill(teacher_store, "interrupted")
     assert RunFiles(store, "interrupted").read_json("checkpoint.json")["epoch"] == 1
+    monkeypatch.undo()
     resumed = run_distill(teacher_store, "interrupted")
     assert resumed.fit.resumed_from_epoch == 1 and resumed.fit.epochs_run == EPOCHS
     assert resumed.agreement_valid == straight.agreement_valid

@@ -21,6 +21,7 @@ from flowerml.runs import RunError, RunFiles
 from flowerml.storage import LocalStore
 from flowerml.synthetic import SyntheticSpec
 from tests.conftest import StoreAndCache, SyntheticData, copy_tree, kill_then_resume
+from tests.interrupts import DiedBeforeCheckpoint, die_before_checkpoint
 
 TRAIN_SPEC = SyntheticSpec(classes=4, per_class=24, image_size=64, seed=3)
 """4 classes x 24 images: 6 train, 6 valid and 12 test images per class."""
@@ -109,15 +110,6 @@ def test_linear_probe_computes_features_once(published_store: StoreAndCache,
     assert any(k.startswith("backbone.") for k in weights)
 
 
-class Interrupted(Exception):
-    """Raised from the event callback in epoch 2: the run dies before checkpointing epoch 2."""
-
-
-def stop_in_second_epoch(event: dict) -> None:
-    if event["event"] == "epoch" and event["epoch"] == 2:
-        raise Interrupted
-
-
 def assert_same_run(store: LocalStore, run_id: str, reference: str) -> None:
     """Bit for bit the same weights (last epoch's and best), the same metrics per epoch."""
     for load in (lambda run: run.load_checkpoint()["model"], lambda run: run.load_weights()[0]):
@@ -136,16 +128,19 @@ def assert_same_run(store: LocalStore, run_id: str, reference: str) -> None:
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resumed_run_has_exactly_the_weights_of_an_uninterrupted_run(
-        published_store: StoreAndCache, uninterrupted_run, workers: int) -> None:
+        published_store: StoreAndCache, uninterrupted_run, workers: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU training resumes bit-exactly: each epoch's order and augmentations come from
     (seed, epoch) alone, the RNG states from the checkpoint; DataLoader workers (2 here, 0 in
     the reference run) change nothing."""
     store, _ = published_store
     straight, _ = uninterrupted_run
     run_id = f"interrupted-{workers}"
-    with pytest.raises(Interrupted):
-        run_fit(published_store, run_id, workers=workers, on_event=stop_in_second_epoch)
+    die_before_checkpoint(monkeypatch, epoch=2)
+    with pytest.raises(DiedBeforeCheckpoint):
+        run_fit(published_store, run_id, workers=workers)
     assert RunFiles(store, run_id).read_json("checkpoint.json")["epoch"] == 1
+    monkeypatch.undo()
     resumed = run_fit(published_store, run_id, workers=workers)
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == EPOCHS
     assert resumed.best_valid_top1 == straight.best_valid_top1
@@ -223,21 +218,13 @@ def test_bad_weights_write_nothing_and_leave_the_run_id_free(published_store: St
     assert RunFiles(store, "typo").read_json("config.json")["config"]["weights"] == "none"
 
 
-class DiesInFirstEpoch(Exception):
-    """Raised from the event callback in epoch 1, after the best weights and metrics were
-    written but before the checkpoint was."""
-
-
-def die_in_first_epoch(event: dict) -> None:
-    if event["event"] == "epoch":
-        raise DiesInFirstEpoch
-
-
 def test_run_without_a_checkpoint_restarts_with_a_new_config(
-        published_store: StoreAndCache) -> None:
+        published_store: StoreAndCache, monkeypatch: pytest.MonkeyPatch) -> None:
     store, _ = published_store
-    with pytest.raises(DiesInFirstEpoch):
-        run_fit(published_store, "restart", epochs=2, on_event=die_in_first_epoch)
+    die_before_checkpoint(monkeypatch, epoch=1)
+    with pytest.raises(DiedBeforeCheckpoint):
+        run_fit(published_store, "restart", epochs=2)
+    monkeypatch.undo()
     run = RunFiles(store, "restart")
     assert run.exists() and not run.has_checkpoint()
     assert run.read_json("best.json")["epoch"] == 1
@@ -254,11 +241,13 @@ def test_run_without_a_checkpoint_restarts_with_a_new_config(
         run.weights_key().rsplit("/", 1)[1]]
 
 
-def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAndCache) -> None:
+def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAndCache,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A restart that dies before its first epoch ends leaves no weights of the old config."""
     store, _ = published_store
-    with pytest.raises(DiesInFirstEpoch):
-        run_fit(published_store, "abandoned", epochs=2, on_event=die_in_first_epoch)
+    die_before_checkpoint(monkeypatch, epoch=1)
+    with pytest.raises(DiedBeforeCheckpoint):
+        run_fit(published_store, "abandoned", epochs=2)
     assert "best.json" in run_files(store, "abandoned")
     training.start_run(RunFiles(store, "abandoned"), {"config": {"arch": "vgg16"}})
     assert run_files(store, "abandoned") == ["config.json"]
@@ -371,22 +360,16 @@ def test_an_extended_run_resumes_as_itself(published_store: StoreAndCache, exten
         run_fit(published_store, "longer")
 
 
-class StopsInFifthEpoch(Exception):
-    """Raised from the event callback in epoch 5, before its checkpoint is written."""
-
-
-def stop_in_fifth_epoch(event: dict) -> None:
-    if event["event"] == "epoch" and event["epoch"] == 5:
-        raise StopsInFifthEpoch
-
-
 def test_an_interrupted_extension_resumes_bit_for_bit(published_store: StoreAndCache,
-                                                      extended_run) -> None:
+                                                      extended_run,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     store, _ = published_store
     copy_run(store, "straight", "longer-interrupted")
-    with pytest.raises(StopsInFifthEpoch):
-        run_fit(published_store, "longer-interrupted", epochs=5, on_event=stop_in_fifth_epoch)
+    die_before_checkpoint(monkeypatch, epoch=5)
+    with pytest.raises(DiedBeforeCheckpoint):
+        run_fit(published_store, "longer-interrupted", epochs=5)
     assert RunFiles(store, "longer-interrupted").read_json("checkpoint.json")["epoch"] == 4
+    monkeypatch.undo()
     resumed = run_fit(published_store, "longer-interrupted", epochs=5)
     assert resumed.resumed_from_epoch == 4 and resumed.epochs_run == 5
     assert_same_run(store, "longer-interrupted", "longer")
@@ -452,3 +435,19 @@ def test_a_restored_optimizer_takes_the_longer_schedules_rate() -> None:
     longer.scheduler.step()
     assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(
         0.5 * training.lr_factor(9, 16, 0, "cosine"))
+
+
+def test_an_epoch_is_announced_only_once_its_checkpoint_is_on_the_store(
+        published_store: StoreAndCache) -> None:
+    """Whoever sees "epoch N" and stops the run resumes it from epoch N: the epoch event and
+    the progress line come after the checkpoint they announce is durable."""
+    store, _ = published_store
+    checkpointed_at: list[tuple[int, int]] = []
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "epoch":
+            saved = RunFiles(store, "announced").read_json("checkpoint.json")["epoch"]
+            checkpointed_at.append((event["epoch"], saved))
+
+    run_fit(published_store, "announced", epochs=2, on_event=on_event)
+    assert checkpointed_at == [(1, 1), (2, 2)]
