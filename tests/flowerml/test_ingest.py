@@ -24,7 +24,9 @@ from flowerml.errors import (
     LeakageError,
     SourceError,
 )
+from flowerml.files import sha256_hex
 from flowerml.ingest import FetchOptions, fetch_sources, publish_split
+from flowerml.manifest import resolve_dataset
 from flowerml.storage import LocalStore, S3Store, Store
 from tests.builders import archive_members, rewrite_archive
 from tests.cli_helpers import assert_refused, invoke
@@ -559,3 +561,117 @@ def test_reduced_scale_decode_check_catches_corrupt_and_truncated_jpegs() -> Non
         damaged[flips.randrange(700, len(good) - 2)] ^= 0xFF
         assert (ingest.check_jpeg(bytes(damaged)) is not None) == full_decode_fails(
             bytes(damaged))
+
+
+# `flowerml` whose store takes a quarter of a second per image (a slow disk or link), so that a
+# test can stop an ingest part-way through publishing the version.
+SLOW_UPLOADS = """
+import sys, time
+from flowerml.storage import LocalStore
+put = LocalStore.put_bytes
+def put_slowly(self, key, data, **options):
+    if key.endswith('.jpg'):
+        time.sleep(0.25)
+    return put(self, key, data, **options)
+LocalStore.put_bytes = put_slowly
+from flowerml.cli import main
+main(sys.argv[1:])
+"""
+
+
+def start_slow_ingest(source: Path, store: LocalStore, cache: Path) -> subprocess.Popen:
+    """`flowerml ingest --json` onto `store` in its own interpreter, one slow upload at a time;
+    returns once it is publishing (the first image is on the store)."""
+    env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache),
+           "FLOWERML_TRANSFER_CONCURRENCY": "1"}
+    child = subprocess.Popen([sys.executable, "-c", SLOW_UPLOADS, "ingest", "--source",
+                              str(source), "--json"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((store.root / "datasets").rglob("image_*.jpg")):
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline, "the ingest never started publishing"
+        time.sleep(0.05)
+    return child
+
+
+def temp_files(store: LocalStore) -> list[Path]:
+    return sorted(store.root.rglob(".tmp-*"))
+
+
+@pytest.mark.slow  # a child process stopped by SIGTERM
+def test_sigterm_stops_an_ingest_with_one_line_and_publishes_nothing(
+        local_store: LocalStore, synthetic_source: Path, tmp_path: Path) -> None:
+    """systemd, Kubernetes and `timeout` stop with SIGTERM: the same line and JSON as Ctrl-C,
+    exit 143, the uploads under way finish or leave no temp file, and no manifest or CURRENT
+    makes the half-uploaded version look published."""
+    child = start_slow_ingest(synthetic_source, local_store, tmp_path / "cache")
+    child.send_signal(signal.SIGTERM)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 143, stderr
+    assert stderr == "flowerml: error: stopped by SIGTERM\n"
+    assert [json.loads(line) for line in stdout.splitlines()] == [
+        {"error": "stopped by SIGTERM", "kind": "stopped"}]
+    assert temp_files(local_store) == []
+    keys = store_keys(local_store, "datasets/")
+    assert 1 <= sum(key.endswith(".jpg") for key in keys) < 24, keys
+    assert not [key for key in keys if key.endswith(("manifest.json", "CURRENT"))]
+
+
+@pytest.mark.slow  # a child process killed with SIGKILL
+def test_a_resumed_ingest_removes_the_temp_files_a_killed_one_left(
+        local_store: LocalStore, synthetic_source: Path, tmp_path: Path) -> None:
+    child = start_slow_ingest(synthetic_source, local_store, tmp_path / "cache")
+    child.kill()  # SIGKILL: no `finally` runs, so a write under way leaves its temp file
+    child.communicate()
+    image = next((local_store.root / "datasets").rglob("image_*.jpg"))
+    # What a write cut short by the kill leaves beside its object (files.temp_beside's name).
+    left = image.with_name(".tmp-0123456789abcdef.jpg")
+    left.write_bytes(image.read_bytes()[:100])
+    result = invoke("ingest", "--source", str(synthetic_source), store=local_store,
+                    cache=tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert temp_files(local_store) == []
+    assert "already there" in result.stdout and "uploaded 0," not in result.stdout
+    published = resolve_dataset(local_store, "flowers102")  # CURRENT's, manifest verified
+    assert len(published.files) == 24
+    prefix = f"datasets/flowers102/{published.version}"
+    assert [sha256_hex(local_store.get_bytes(f"{prefix}/{entry.key}"))
+            for entry in published.files] == [entry.sha256 for entry in published.files]
+
+
+def test_a_version_has_one_writer_at_a_time(local_store: LocalStore) -> None:
+    """`writing_under` is a lock across processes: a second holder waits, so the temp files
+    its first holder removes are never another writer's write in progress."""
+    prefix = "datasets/flowers102/v1"
+    local_store.put_bytes(f"{prefix}/a.jpg", b"a")
+    stale = local_store.root / prefix / ".tmp-0123456789abcdef.jpg"
+    stale.write_bytes(b"cut short")
+    entered = threading.Event()
+    release = threading.Event()
+    order: list[str] = []
+
+    def hold() -> None:
+        with local_store.writing_under(prefix):
+            order.append("first")
+            entered.set()
+            release.wait(10)
+        order.append("first released")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(10)
+    assert not stale.exists()  # swept by the first holder, before its writes
+    def wait_then_hold() -> None:
+        with local_store.writing_under(prefix):
+            order.append("second")
+
+    waiter = threading.Thread(target=wait_then_hold)
+    waiter.start()
+    time.sleep(0.3)
+    assert order == ["first"]
+    release.set()
+    holder.join(10)
+    waiter.join(10)
+    assert order == ["first", "first released", "second"]
+    assert local_store.get_bytes(f"{prefix}/a.jpg") == b"a"
