@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import click
@@ -136,3 +141,116 @@ def test_library_warnings_are_flowerml_warning_lines_on_stderr() -> None:
     assert result.exit_code == 0
     assert result.stderr == "flowerml: warning: download of URL failed; retry 1 of 2\n"
     assert result.stdout == "done\n"
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM: what systemd, Kubernetes, `timeout` and a launcher stopping its child send
+
+
+def build_stoppable_group(tidied: list[str]) -> click.Group:
+    @click.group(cls=FlowermlGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    @json_option
+    def works(as_json: bool) -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the signal arrives during the work
+        finally:
+            tidied.append("finally ran")
+
+    return group
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_sigterm_unwinds_the_command_and_says_so_in_one_line(as_json: bool) -> None:
+    tidied: list[str] = []
+    before = signal.getsignal(signal.SIGTERM)
+    started = time.monotonic()
+    result = CliRunner().invoke(build_stoppable_group(tidied),
+                                ["works", *(["--json"] if as_json else [])])
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 143
+    assert result.stderr == "flowerml: error: stopped by SIGTERM\n"
+    assert result.stdout == ('{"error": "stopped by SIGTERM", "kind": "stopped"}\n'
+                             if as_json else "")
+    assert tidied == ["finally ran"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone after it
+
+
+def command_process(args: list[str], env: dict[str, str],
+                    code: str | None = None) -> subprocess.Popen:
+    """`flowerml ARGS` in its own interpreter (`code`: a script that patches, then runs it)."""
+    start = ["-c", code] if code else ["-m", "flowerml.cli"]
+    return subprocess.Popen([sys.executable, *start, *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_with_sigterm(process: subprocess.Popen) -> tuple[str, list[str]]:
+    """SIGTERM, then (stdout, stderr lines) once it exited 143 with one error line, last."""
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=90)
+    assert process.returncode == 143, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr
+    assert [line for line in lines if line.startswith("flowerml: error:")] == \
+        ["flowerml: error: stopped by SIGTERM"] == lines[-1:], stderr[-3000:]
+    return stdout, lines
+
+
+def wait_until(condition, process: subprocess.Popen, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # a training process stopped by SIGTERM
+def test_sigterm_stops_train_with_one_line_and_json(local_published, local_store,
+                                                    tmp_path: Path) -> None:
+    run = local_store.root / "runs" / "stopped"
+    process = command_process(
+        ["train", "--recipe", "demo", "--epochs", "200", "--image-size", "40", "--device", "cpu",
+         "--workers", "0", "--run-id", "stopped", "--json"],
+        {"FLOWERML_STORE": str(local_store.root), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    wait_until(lambda: (run / "checkpoint.json").exists(), process, "a first checkpoint")
+    stdout, lines = stop_with_sigterm(process)
+    assert lines[0] == "flowerml: run stopped (resume it with: flowerml train --run-id stopped)"
+    assert [json.loads(line) for line in stdout.splitlines()] == [
+        {"error": "stopped by SIGTERM", "kind": "stopped"}]
+    assert sorted(local_store.root.rglob(".tmp-*")) == []  # no half-written checkpoint
+
+
+# `flowerml` whose shards take half a second more each, so a test can stop it between them.
+SLOW_SHARDS = """
+import sys, time
+from flowerml import scoring
+score_shard = scoring.score_shard
+def score_slowly(*args, **kwargs):
+    time.sleep(0.5)
+    return score_shard(*args, **kwargs)
+scoring.score_shard = score_slowly
+from flowerml.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow  # a scoring process stopped by SIGTERM
+def test_sigterm_stops_score_with_one_line_and_no_success_record(registered_run,
+                                                                 tmp_path: Path) -> None:
+    images = next(registered_run.cache.rglob("*.jpg")).parents[2]  # the dataset version
+    output = tmp_path / "scores"
+    process = command_process(
+        ["score", str(images), "--output", str(output), "--shard-size", "2", "--runtime",
+         "torch", "--json"],
+        {"FLOWERML_STORE": str(registered_run.store.root),
+         "FLOWERML_CACHE_DIR": str(tmp_path / "c")}, code=SLOW_SHARDS)
+    wait_until(lambda: any(output.rglob("part-*.jsonl")), process, "a first part file")
+    stdout, _ = stop_with_sigterm(process)
+    assert [json.loads(line) for line in stdout.splitlines()] == [
+        {"error": "stopped by SIGTERM", "kind": "stopped"}]
+    assert not list(output.rglob("_SUCCESS.json"))
+    assert sorted(output.rglob(".tmp-*")) == []
