@@ -39,6 +39,9 @@ DOTENV = ".env"
 """Read from the working directory only (no search of its parents)."""
 
 _DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_REGION = re.compile(r"^(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)$")
+"""botocore's rule for a region name (a host label), checked here so that a bad one is a line
+naming FLOWERML_S3_REGION rather than botocore's InvalidRegionError."""
 
 
 class Settings(BaseSettings):
@@ -82,7 +85,7 @@ class Settings(BaseSettings):
         except LocationError as error:
             raise ValueError(error.detail) from None
         if isinstance(location, LocalLocation):
-            problem = _file_in_the_way(location.path)
+            problem = _unresolvable(location.path) or _file_in_the_way(location.path)
             if problem:
                 raise ValueError(problem)
         return value.strip()
@@ -105,7 +108,7 @@ class Settings(BaseSettings):
     @field_validator("cache_dir")
     @classmethod
     def _cache_dir_is_writable(cls, value: Path) -> Path:
-        problem = _file_in_the_way(value) or _not_writable(value)
+        problem = _unresolvable(value) or _file_in_the_way(value) or _not_writable(value)
         if problem:
             raise ValueError(problem)
         return value
@@ -120,6 +123,15 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         if problem:
             raise ValueError(f"the URL {problem}")
+        return value
+
+    @field_validator("s3_region")
+    @classmethod
+    def _region_is_a_name(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not _REGION.match(value):
+            raise ValueError("must be a region name: letters, digits and '-' (like eu-west-1)")
         return value
 
     def s3_options(self) -> S3Options:
@@ -177,6 +189,16 @@ def _absolute(path: Path) -> Path:
         return path.expanduser().absolute()
     except OSError:  # the working directory was removed
         return path.expanduser()
+
+
+def _unresolvable(folder: Path) -> str | None:
+    """Why `folder` cannot be resolved to a place (a symbolic link loop on its way), or None."""
+    try:
+        _absolute(folder).resolve()
+    except (RuntimeError, OSError) as error:  # 3.11 raises RuntimeError for a loop, 3.13 OSError
+        reason = "a symbolic link loop" if "loop" in str(error).lower() else str(error)
+        return f"{_absolute(folder)} cannot be used: {reason} on its path"
+    return None
 
 
 def _file_in_the_way(folder: Path) -> str | None:

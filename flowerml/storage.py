@@ -11,6 +11,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -22,8 +23,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flowerml.errors import FlowermlError, RetriesExhausted, UserError
-from flowerml.files import file_lock, sha256_hex, temp_beside, write_atomically
+from flowerml.download import redact_url
+from flowerml.errors import FlowermlError, RetriesExhausted, SettingsError, UserError
+from flowerml.files import (
+    FileRefused,
+    file_lock,
+    open_user_file,
+    sha256_hex,
+    size_text,
+    temp_beside,
+    write_atomically,
+)
 from flowerml.locations import LocalLocation, parse_store
 
 Payload = bytes | Path
@@ -56,6 +66,10 @@ class StoreAccessError(StoreError, UserError):
     """The bucket does not exist, or credentials are missing or refused."""
 
     kind = "denied"
+
+
+class ObjectTooLarge(StoreError, UserError):
+    """An object over the size its reader allows (`get_bytes(key, limit=...)`)."""
 
 
 class StoreUnreachable(StoreError, RetriesExhausted, UserError):
@@ -93,8 +107,9 @@ class Store(ABC):
         """Write an object; returns its etag. Raises PreconditionFailed when a condition fails."""
 
     @abstractmethod
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
-        """An object's content and the etag of exactly that content."""
+    def get_with_etag(self, key: str, *, limit: int | None = None) -> tuple[bytes, str]:
+        """An object's content and the etag of exactly that content; with `limit`,
+        ObjectTooLarge instead of an object over `limit` bytes (nothing more is read)."""
 
     @abstractmethod
     def put_file(self, key: str, path: Path) -> str:
@@ -116,8 +131,8 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove an object; absent objects are fine."""
 
-    def get_bytes(self, key: str) -> bytes:
-        return self.get_with_etag(key)[0]
+    def get_bytes(self, key: str, *, limit: int | None = None) -> bytes:
+        return self.get_with_etag(key, limit=limit)[0]
 
     def exists(self, key: str) -> bool:
         return self.head(key) is not None
@@ -327,12 +342,20 @@ class LocalStore(Store):
         with local, file_lock(self.root / self.LOCK_DIR / sha256_hex(key.encode())):
             yield
 
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+    def get_with_etag(self, key: str, *, limit: int | None = None) -> tuple[bytes, str]:
+        # Opened as a file a user named: a FIFO or a device under the root (a key linked to
+        # /dev/zero) is refused instead of blocking or never ending.
+        path = self._path(key)
         try:
-            with open(self._path(key), "rb") as handle:
+            with open_user_file(path, limit=sys.maxsize if limit is None else limit,
+                                what="this object") as handle:
                 return handle.read(), self._etag(os.fstat(handle.fileno()))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise ObjectNotFound(f"{key}: not found in {self.uri}") from None
+        except FileRefused as refused:
+            if refused.kind == "not-found" or path.is_dir():
+                raise ObjectNotFound(f"{key}: not found in {self.uri}") from None
+            if refused.reason.startswith("larger than"):
+                raise ObjectTooLarge(f"{key} in {self.uri}: {refused.reason}") from None
+            raise
 
     def put_file(self, key: str, path: Path) -> str:
         dest = self._path(key)
@@ -463,6 +486,8 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         self.client = build_s3_client(options or S3Options(), concurrency)
         self.endpoint = self.client.meta.endpoint_url
+        self.shown_endpoint = redact_url(self.endpoint or "")
+        """The endpoint as messages show it: without user:password@ (a URL may carry them)."""
         self._sweep_guard = threading.Lock()
         self._swept = False
 
@@ -475,24 +500,28 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _where(self) -> str:
-        return f"bucket '{self.bucket}' at {self.endpoint}"
+        return f"bucket '{self.bucket}' at {self.shown_endpoint}"
 
     def _translate(self, error: Exception, key: str | None = None) -> Exception:
         """Map a boto3 failure to our typed errors; messages never carry credentials."""
         from botocore.exceptions import (
             ClientError,
             ConnectionError,
+            EndpointResolutionError,
             HTTPClientError,
             NoCredentialsError,
             PartialCredentialsError,
         )
 
+        if isinstance(error, EndpointResolutionError):  # its text echoes the URL, credentials too
+            return SettingsError(f"invalid S3 endpoint {self.shown_endpoint} (from "
+                                 f"{ENDPOINT_ORIGINS}): not a URL S3 can be reached at")
         if isinstance(error, NoCredentialsError | PartialCredentialsError):
             return StoreAccessError(f"no usable AWS credentials for {self._where()} (set "
                                     "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
         if isinstance(error, ConnectionError | HTTPClientError):
             cause = connection_failure(error, urlsplit(self.endpoint or "").hostname)
-            return StoreUnreachable(f"cannot reach S3 endpoint {self.endpoint} "
+            return StoreUnreachable(f"cannot reach S3 endpoint {self.shown_endpoint} "
                                     f"(bucket '{self.bucket}'): {cause}")
         if isinstance(error, ClientError):
             code = str(error.response.get("Error", {}).get("Code", ""))
@@ -507,7 +536,8 @@ class S3Store(Store):
                                          "SignatureDoesNotMatch", "ExpiredToken"):
                 return StoreAccessError(f"access denied to {self._where()} ({code})")
             if status is not None and status >= 500:
-                return StoreUnreachable(f"S3 endpoint {self.endpoint} failed: HTTP {status}")
+                return StoreUnreachable(f"S3 endpoint {self.shown_endpoint} failed: HTTP "
+                                        f"{status}")
         return error
 
     @contextlib.contextmanager
@@ -540,8 +570,8 @@ class S3Store(Store):
                 return type(translated)(f"{translated}, {where}")
             if isinstance(cause, ClientError):
                 code = cause.response.get("Error", {}).get("Code", "")
-                return StoreError(f"S3 refused {where} at {self.endpoint} ({code})")
-        return StoreError(f"{where} at {self.endpoint} failed: {type(error).__name__}")
+                return StoreError(f"S3 refused {where} at {self.shown_endpoint} ({code})")
+        return StoreError(f"{where} at {self.shown_endpoint} failed: {type(error).__name__}")
 
     def check(self) -> None:
         try:
@@ -560,9 +590,13 @@ class S3Store(Store):
         with self._translated(key):
             return self.client.put_object(**args)["ETag"]
 
-    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+    def get_with_etag(self, key: str, *, limit: int | None = None) -> tuple[bytes, str]:
         with self._translated(key):
             response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            if limit is not None and response["ContentLength"] > limit:
+                response["Body"].close()
+                raise ObjectTooLarge(f"{key} in {self.uri}: larger than {size_text(limit)}, "
+                                     "the limit for this object")
             return response["Body"].read(), response["ETag"]
 
     def _transfer_config(self) -> Any:
@@ -684,8 +718,44 @@ def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:
         config_args["request_checksum_calculation"] = options.request_checksum_calculation
     if options.response_checksum_validation:
         config_args["response_checksum_validation"] = options.response_checksum_validation
-    session = boto3.session.Session(region_name=options.region)
-    return session.client("s3", endpoint_url=options.endpoint_url, config=Config(**config_args))
+    try:
+        session = boto3.session.Session(region_name=options.region)
+        return session.client("s3", endpoint_url=options.endpoint_url,
+                              config=Config(**config_args))
+    except Exception as error:  # noqa: BLE001 - botocore's configuration errors, below
+        refused = aws_configuration_problem(error, options)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+ENDPOINT_ORIGINS = "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or endpoint_url in the AWS config"
+"""Where boto3 takes an S3 endpoint from when FLOWERML_S3_ENDPOINT_URL does not set one."""
+
+
+def aws_configuration_problem(error: Exception, options: S3Options) -> SettingsError | None:
+    """A bad value in the AWS configuration chain that boto3 refuses when it builds a client,
+    as one line naming where it comes from (the value shown without credentials), or None."""
+    from botocore.exceptions import ConfigParseError, InvalidRegionError, ProfileNotFound
+
+    if isinstance(error, ProfileNotFound):
+        return SettingsError(f"invalid setting AWS_PROFILE: no profile "
+                             f"'{error.kwargs.get('profile')}' in the AWS config or credentials "
+                             "file (~/.aws/config, ~/.aws/credentials)")
+    if isinstance(error, ConfigParseError):
+        return SettingsError(f"cannot read the AWS config file {error.kwargs.get('path')}: it "
+                             "is not valid INI")
+    if isinstance(error, InvalidRegionError):
+        origin = ("setting FLOWERML_S3_REGION" if options.region else
+                  "AWS region (AWS_REGION, AWS_DEFAULT_REGION or region in the AWS config)")
+        return SettingsError(f"invalid {origin}: '{error.kwargs.get('region_name')}' is not a "
+                             "region name (letters, digits and '-', like eu-west-1)")
+    if isinstance(error, ValueError) and str(error).startswith("Invalid endpoint"):
+        origin = ("setting FLOWERML_S3_ENDPOINT_URL" if options.endpoint_url else
+                  f"S3 endpoint ({ENDPOINT_ORIGINS})")
+        shown = redact_url(str(error).removeprefix("Invalid endpoint:").strip())
+        return SettingsError(f"invalid {origin}: '{shown}' is not an http:// or https:// URL")
+    return None
 
 
 def open_store(uri: str, *, s3: S3Options | None = None, concurrency: int = 16,
@@ -694,5 +764,10 @@ def open_store(uri: str, *, s3: S3Options | None = None, concurrency: int = 16,
     (`flowerml.locations.parse_store`, which refuses anything else naming it as `name`)."""
     where = parse_store(uri, name)
     if isinstance(where, LocalLocation):
-        return LocalStore(where.path, concurrency=concurrency)
+        try:
+            return LocalStore(where.path, concurrency=concurrency)
+        except (RuntimeError, OSError) as error:  # Path.resolve: a symbolic link loop
+            reason = "a symbolic link loop" if "loop" in str(error).lower() else str(error)
+            raise UserError(f"{name} {where.path} cannot be used: {reason} on its path"
+                            ) from None
     return S3Store(where.bucket, where.prefix, s3, concurrency=concurrency)

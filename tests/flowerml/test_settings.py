@@ -340,3 +340,52 @@ def test_cli_reports_nan_as_not_a_number(clean_env: Path):
                            "not a number (NaN)")
     assert "3600" not in result.stderr
     assert sorted(p.name for p in clean_env.iterdir()) == [".env"]
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"AWS_ENDPOINT_URL_S3": "notaurl"},
+     "invalid S3 endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or endpoint_url in the AWS "
+     "config): 'notaurl' is not an http:// or https:// URL"),
+    ({"AWS_ENDPOINT_URL": "ftp://user:SECRET@host/"},
+     "invalid S3 endpoint ftp://host/ (from AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or "
+     "endpoint_url in the AWS config): not a URL S3 can be reached at"),
+    ({"FLOWERML_S3_REGION": "bad region!"},
+     "invalid setting FLOWERML_S3_REGION: must be a region name: letters, digits and '-' "
+     "(like eu-west-1)"),
+    ({"AWS_PROFILE": "nosuchprofile"},
+     "invalid setting AWS_PROFILE: no profile 'nosuchprofile' in the AWS config or credentials "
+     "file (~/.aws/config, ~/.aws/credentials)"),
+])
+def test_cli_refuses_a_bad_aws_setting_in_one_line_naming_it(clean_env: Path, env: dict,
+                                                             line: str):
+    result = invoke("registry", "list", "--store", "s3://flowerml-nowhere",
+                    env={**env, "AWS_CONFIG_FILE": str(clean_env / "none"),
+                         "AWS_SHARED_CREDENTIALS_FILE": str(clean_env / "none")})
+    assert_refused(result, line)
+    assert result.stderr == f"flowerml: error: {line}\n" and result.stdout == ""
+    assert "SECRET" not in result.output
+
+
+def test_cli_refuses_a_store_path_in_a_symbolic_link_loop(clean_env: Path):
+    (clean_env / "loop").symlink_to("loop")
+    for name, value in (("FLOWERML_STORE", "loop/store"), ("FLOWERML_CACHE_DIR", "loop")):
+        result = invoke("registry", "list", env={name: str(clean_env / value)})
+        assert_refused(result, f"invalid setting {name}: {clean_env / value} cannot be used: a "
+                               "symbolic link loop on its path")
+    output = invoke("score", str(clean_env), "--output", str(clean_env / "loop" / "x"),
+                    "--store", str(clean_env / "store"))
+    assert_refused(output, f"--output {clean_env}/loop/x cannot be used: a symbolic link loop")
+    assert sorted(p.name for p in clean_env.iterdir()) == ["loop"]
+
+
+def test_cli_never_echoes_credentials_in_an_endpoint_url(clean_env: Path, moto_endpoint: str):
+    """A user:password@ in an endpoint URL is left out of every message that shows it."""
+    unreachable = invoke("registry", "list", "--store", "s3://flowerml-nowhere",
+                         env={"FLOWERML_S3_ENDPOINT_URL": "http://user:PASS@127.0.0.1:1"})
+    assert_refused(unreachable, "cannot reach S3 endpoint http://127.0.0.1:1 (bucket "
+                                "'flowerml-nowhere'): connection refused")
+    missing = invoke("registry", "list", "--store", "s3://flowerml-nowhere", env={
+        "FLOWERML_S3_ENDPOINT_URL": moto_endpoint.replace("://", "://user:PASS@")})
+    assert_refused(missing, f"bucket 'flowerml-nowhere' at {moto_endpoint} does not exist")
+    for result in (unreachable, missing):
+        assert "PASS" not in result.output and "user" not in result.output
