@@ -113,13 +113,20 @@ def test_a_stopped_pytest_leaves_no_server(tmp_path: Path, options: list[str], s
 
 
 @pytest.mark.slow
-def test_a_killed_xdist_worker_leaves_no_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("signum", "exit_code", "finalized"), [
+    (signal.SIGTERM, pytest.ExitCode.INTERRUPTED, True),
+    (signal.SIGKILL, pytest.ExitCode.TESTS_FAILED, False),
+], ids=["sigterm", "sigkill"])
+def test_a_stopped_xdist_worker_leaves_no_server(tmp_path: Path, signum: int, exit_code: int,
+                                                 finalized: bool) -> None:
+    """The master reports the worker's test as crashed (and stops, on SIGTERM, as on Ctrl-C)."""
     nested, pids, output = start_nested_pytest(tmp_path, "-n", "1")
-    os.kill(pids["pytest"], signal.SIGKILL)
+    os.kill(pids["pytest"], signum)
     assert_all_gone(nested, pids, output)
-    assert nested.returncode == pytest.ExitCode.TESTS_FAILED, output.read_text()
+    assert nested.returncode == exit_code, output.read_text()
     assert "worker 'gw0' crashed while running 'test_serving.py::test_serves_then_sleeps'" in (
         output.read_text())
+    assert (tmp_path / "finalized").exists() == finalized
 
 
 def test_this_process_is_guarded_and_only_its_own_processes_are_its() -> None:
