@@ -129,9 +129,14 @@ def distill_stage(teacher: dict[str, Any], student: StudentParams, runner: Runne
     return {"run_id": run_id, "agreement_valid": trained.get("agreement_valid"), **release}
 
 
+# The custom-run form's heading for the flow's one parameter (see flows/retrain.py's RetrainForm).
+DistillForm = Annotated[DistillParams,
+                        Field(json_schema_extra={"title": "Distillation settings"})]
+
+
 @flow(name="distill-flowers", flow_run_name=run_name, log_prints=True,
       timeout_seconds=FLOW_TIMEOUT_S)
-def distill_flowers(params: DistillParams = DistillParams()) -> dict[str, Any]:  # noqa: B008
+def distill_flowers(params: DistillForm) -> dict[str, Any]:
     """Distil the teacher (the current champion by default) into a student and release it."""
     teacher = resolve_teacher_task(params.teacher, params.store)
     return distill_stage(teacher, params.student, params.runner, store=params.store,

@@ -128,9 +128,15 @@ def check_recoveries(run_count: int, limit: int) -> None:
             f"run keeps its checkpoints: read the crashed attempts' logs before a new run")
 
 
+# The custom-run form's heading for the flow's one parameter (Prefect titles it `params`, the
+# parameter's name, otherwise). No default: every run has its params (the deployment's or the
+# caller's), and a parameter with a default reads "(Optional)" above the whole form.
+RetrainForm = Annotated[RetrainParams, Field(json_schema_extra={"title": "Retrain settings"})]
+
+
 @flow(name="retrain-flowers", flow_run_name=run_name, log_prints=True,
       timeout_seconds=FLOW_TIMEOUT_S)
-def retrain_flowers(params: RetrainParams = RetrainParams()) -> dict[str, Any]:  # noqa: B008
+def retrain_flowers(params: RetrainForm) -> dict[str, Any]:
     """Ingest, train, evaluate, and promote the model only when it clears the gate."""
     check_recoveries(flow_run.run_count, params.recovery_limit)
     config, gate, model = params.training.config(), params.gate.model_dump(), params.model_name

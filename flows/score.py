@@ -104,8 +104,12 @@ def check_scheduler(address: str, option: str = "--dask-address",
                              f"{timeout:g} s") from None
 
 
+# The custom-run form's heading for the flow's one parameter (see flows/retrain.py's RetrainForm).
+ScoreForm = Annotated[ScoreParams, Field(json_schema_extra={"title": "Scoring settings"})]
+
+
 @flow(name="score-images", flow_run_name=run_name, log_prints=True)
-def score_images(params: ScoreParams) -> dict[str, Any]:
+def score_images(params: ScoreForm) -> dict[str, Any]:
     """List INPUT once into shards, score every shard (on Dask when asked), write _SUCCESS."""
     started = time.monotonic()
     planned = plan_task(params.request(), params.store)

@@ -242,9 +242,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 def test_the_ui_shows_a_form_of_dropdowns_and_the_report_with_its_plots(
         prefect_stack: LocalPrefect, s3_bucket: str, synthetic_source: Path) -> None:
-    """What a person sees, in headless Chromium: the custom-run form offers dropdowns that start
-    empty (the recipe decides), submitting it untouched overrides nothing, and the evaluation
-    report artifact shows its plots (loaded images, not broken links)."""
+    """What a person sees, in headless Chromium: the custom-run form, titled "Retrain settings",
+    offers dropdowns that start empty (the recipe decides), submitting it untouched overrides
+    nothing, and the evaluation report artifact shows its plots (loaded images, not broken
+    links)."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).exists(), "install Debian's chromium (apt-get install chromium)"
@@ -290,8 +291,13 @@ def test_the_ui_shows_a_form_of_dropdowns_and_the_report_with_its_plots(
                   "Learning rate", "GPUs per node", "Training timeout (seconds)",
                   "Empty: the recipe's value."):
         assert title in text, title
-    for raw_name in ("Lr", "Nproc Per Node", "Timeout S"):
+    for raw_name in ("Lr", "Nproc Per Node", "Timeout S", "params"):
         assert raw_name not in text.splitlines(), raw_name
+    # The parameter group has its title and is not "(Optional)": every run has its params.
+    # Fields inside it are: left out, they take the model's default (or the recipe's), and a
+    # required field would make the API refuse `-p 'params={"gate": {"force": true}}'`.
+    assert "Retrain settings" in text.splitlines() and "Retrain settings (Optional)" not in text
+    assert "Epochs (Optional)" in text.splitlines()  # empty: the recipe's value
     assert len(submitted) == 1
     prefect.api(f"/flow_runs/{submitted[0]['id']}", method="DELETE")
     training = submitted[0]["parameters"]["params"]["training"]

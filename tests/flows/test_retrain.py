@@ -201,6 +201,22 @@ def test_the_form_offers_choices_titles_and_descriptions() -> None:
         assert "Empty: the recipe's value" in training[field]["description"], field
 
 
+@pytest.mark.parametrize(("entrypoint", "title"), [
+    ("flows.retrain:retrain_flowers", "Retrain settings"),
+    ("flows.distill:distill_flowers", "Distillation settings"),
+    ("flows.score:score_images", "Scoring settings")])
+def test_each_flow_form_is_one_titled_required_group(entrypoint: str, title: str) -> None:
+    """The UI labels the flow's one parameter with its schema title (else the raw `params`) and
+    calls it "(Optional)" unless it is required: every run has its params."""
+    import importlib
+
+    module, name = entrypoint.split(":")
+    schema = getattr(importlib.import_module(module), name).parameters.model_dump()
+    assert schema["required"] == ["params"]
+    assert schema["properties"]["params"]["title"] == title
+    assert "default" not in schema["properties"]["params"]
+
+
 @pytest.mark.parametrize(("training", "message"), [
     ({"recipe": "demoo"}, "training.recipe"),
     ({"arch": "resnet9"}, "training.arch"),
