@@ -15,7 +15,7 @@ from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.runtime import task_run
+from prefect.runtime import flow_run
 
 from flowerml.launch import check_outcome, iter_events, run_child, train_command
 from flowerml.recipes import load_config
@@ -23,21 +23,25 @@ from tasks.common import retry_transient
 
 
 def progress_artifact(run_id: str) -> UUID:
-    """This task run's progress artifact: the one an earlier attempt made, or a new one."""
+    """The progress artifact of training run `run_id` in this flow run: the one an earlier
+    attempt made (a task retry, or a flow-run attempt that crashed and was resumed), or a new
+    one. The resumed training moves the same bar, so no stale bar is left behind."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
-        ArtifactFilterTaskRunId,
+        ArtifactFilterFlowRunId,
         ArtifactFilterType,
     )
 
+    description = f"Training run {run_id}"
     with get_client(sync_client=True) as client:
         existing = client.read_artifacts(artifact_filter=ArtifactFilter(
-            task_run_id=ArtifactFilterTaskRunId(any_=[task_run.id]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
             type=ArtifactFilterType(any_=["progress"])))
-    if existing:
-        return existing[0].id
-    return create_progress_artifact(progress=0.0, description=f"Training run {run_id}")
+    for artifact in existing:
+        if artifact.description == description:
+            return artifact.id
+    return create_progress_artifact(progress=0.0, description=description)
 
 
 class ProgressReporter:

@@ -136,3 +136,36 @@ def test_refused_input_is_not_retried(prefect_harness: None, published: Path) ->
     failed, message, runs = bad()
     assert failed and "--arch must be one of" in message
     assert runs == 1
+
+
+@pytest.mark.slow
+def test_a_resumed_attempt_moves_the_bar_its_crashed_predecessor_left(
+        prefect_harness: None) -> None:
+    """A flow-run attempt that was killed left its training's bar at 25% in another task run:
+    the attempt that resumes the same training run moves that bar; another run gets its own."""
+    from prefect import task
+    from prefect.artifacts import update_progress_artifact
+
+    @task
+    def killed_attempt() -> object:
+        artifact = progress_artifact("resumed")
+        update_progress_artifact(artifact, 25.0)
+        return artifact
+
+    @task
+    def resuming_attempt() -> object:
+        artifact = progress_artifact("resumed")
+        update_progress_artifact(artifact, 100.0)
+        return artifact
+
+    @flow
+    def recovered():
+        from prefect.runtime import flow_run
+
+        return (killed_attempt(), resuming_attempt(), progress_artifact("another"),
+                flow_run.id)
+
+    first, second, other, flow_run_id = recovered()
+    assert first == second and other != first
+    progress = {a.id: a.data for a in artifacts_of(flow_run_id) if a.type == "progress"}
+    assert progress == {first: 100.0, other: 0.0}
