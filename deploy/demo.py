@@ -34,6 +34,9 @@ from flowerml import launch
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
+# `flowerml worker`: the Prefect process worker that the systemd unit and the image run, which
+# drains its flow runs on SIGTERM (flows/worker.py).
+FLOWERML_WORKER = [sys.executable, "-c", "from flows.cli import main; main()", "worker"]
 # The server runs as `python -m prefect` with faulthandler listening on SIGUSR1, so a server that
 # hangs on start can say where.
 SERVER = [sys.executable, "-c", "import faulthandler, runpy, signal; "
@@ -103,8 +106,7 @@ class LocalPrefect:
                 self._move_to_fresh_port_and_database(attempt)
 
     def start_worker(self, pool: str, *extra: str, name: str = "worker") -> subprocess.Popen:
-        process = self._spawn(name, [*PREFECT, "worker", "start", "--pool", pool, "--type",
-                                     "process", *extra])
+        process = self._spawn(name, [*FLOWERML_WORKER, "--pool", pool, *extra])
         self.processes.append(process)
         return process
 
@@ -166,12 +168,14 @@ class LocalPrefect:
             return self.api(f"/artifacts/{key}/latest")
         return None
 
-    def stop_worker(self, worker: subprocess.Popen) -> None:
-        """The systemd unit's stop: SIGTERM to the worker, then to its whole group."""
+    def stop_worker(self, worker: subprocess.Popen, timeout: float = 60) -> None:
+        """The systemd unit's stop (KillMode=mixed): SIGTERM to `flowerml worker`, which drains
+        its flow runs; whatever is left of the unit after TimeoutStopSec gets SIGKILL."""
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGTERM)
-            os.killpg(worker.pid, signal.SIGTERM)
-        stop_group(worker)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.wait(timeout=timeout)
+        stop_group(worker, grace=0)
 
     def stop(self) -> None:
         for process in reversed(self.processes):

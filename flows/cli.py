@@ -58,6 +58,7 @@ from flowerml.promotion import Gate
 from flowerml.recipes import RECIPE_NAMES, TrainConfig, option_name
 from flowerml.settings import Settings, load_settings
 from flows import cli_cluster  # noqa: F401  (adds `score --dask-address` and `pools`)
+from flows.worker import build_worker_command
 
 DEMO_SPEC = {"classes": 10, "per_class": 30, "image_size": 96, "seed": 0}
 DEMO_THRESHOLD = 0.7
@@ -539,6 +540,9 @@ def describe_export(export: dict[str, Any]) -> str:
     return (f"{export['location']} ({export['bytes'] / 1e6:.1f} MB), parity {verdict}: top-1 "
             f"agreement {export['top1_agreement']:.2%}, max |logit diff| "
             f"{export['max_abs_logit_diff']:.1e}")
+
+
+cli.add_command(build_worker_command())  # `flowerml worker`: drains on SIGTERM
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ from flowerml.promotion import Gate
 from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
 from flowerml.registry import DEFAULT_ALIAS
 from flows.distill import DistillStageParams, Runner, distill_stage
+from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
@@ -139,6 +140,7 @@ RetrainForm = Annotated[RetrainParams, Field(json_schema_extra={"title": "Retrai
 def retrain_flowers(params: RetrainForm) -> dict[str, Any]:
     """Ingest, train, evaluate, and promote the model only when it clears the gate."""
     check_recoveries(flow_run.run_count, params.recovery_limit)
+    close_interrupted_attempts(flow_run.id, flow_run.run_count)
     config, gate, model = params.training.config(), params.gate.model_dump(), params.model_name
     fetched = fetch_sources_task(params.source, params.dataset, params.store, params.verify)
     published = publish_split_task(fetched["dataset"], fetched["store"])
