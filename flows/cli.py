@@ -206,9 +206,7 @@ def check_store_writable(settings: Settings) -> None:
     first upload after the ingest's and the training's work."""
     from flowerml.settings import build_store
 
-    store = build_store(settings)
-    store.check()
-    store.check_writable()
+    build_store(settings).check_writable()  # a local store not made yet is not made here
 
 
 def check_device(device: str) -> None:

@@ -20,6 +20,7 @@ import flows.cli as cli_module
 from flowerml.launch import process_alive
 from flows.cli import cli
 from tests.cli_helpers import assert_refused
+from tests.conftest import store_keys
 
 
 def retrain_env(tmp_path: Path) -> dict[str, str]:
@@ -279,3 +280,114 @@ def test_the_suggested_image_is_one_the_model_got_right(registered_run, tmp_path
     # Without stored predictions (a run evaluated by an older flowerml): the first image.
     fallback = cli_module.example_image(settings, "no-such-run", version)
     assert fallback == sorted(folder.glob("test/*/*.jpg"))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Weights and store write access: checked before Prefect starts
+
+
+def flow_run_count() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs())
+
+
+def bad_weights(folder: Path, kind: str) -> Path:
+    """A file no training can start from, by what is wrong with it."""
+    import pickle
+
+    import torch
+
+    path = folder / f"{kind}.pth"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    elif kind == "garbage":
+        path.write_bytes(b"not a torch file at all")
+    elif kind == "wrong-shape":  # e.g. another arch's stem: a 3x3 first convolution
+        torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, path)
+    else:
+        path.mkdir()
+    return path
+
+
+WEIGHTS_REFUSALS = {
+    "fifo": "is not a regular file (a named pipe)",
+    "pickle": "cannot be loaded as weights: not a torch weights file",
+    "garbage": "cannot be loaded as weights",
+    "wrong-shape": "does not fit resnet18: key 'conv1.weight' has shape [64, 3, 3, 3], resnet18 "
+                   "needs [64, 3, 7, 7]",
+    "folder": "is not a regular file (a folder)",
+}
+
+
+@pytest.fixture
+def published_store(local_store, synthetic_data):
+    """A local store with the small synthetic dataset published (CURRENT set)."""
+    from tests.conftest import SMALL_SPEC
+    from tests.flowerml.conftest import publish_copy
+
+    publish_copy(synthetic_data.published(SMALL_SPEC) / "store", local_store)
+    return local_store
+
+
+@pytest.mark.parametrize("kind", sorted(WEIGHTS_REFUSALS))
+def test_bad_weights_are_refused_before_prefect_starts(
+        kind: str, published_store, tmp_path: Path, prefect_harness: None) -> None:
+    """README: nothing starts and nothing is written. The file is loaded (weights-only) and
+    fitted to the arch before any flow run exists; CURRENT stays as it was."""
+    local_store = published_store
+    weights = bad_weights(tmp_path, kind)
+    current = local_store.get_bytes("datasets/flowers102/CURRENT")
+    runs_before = flow_run_count()
+    result = CliRunner().invoke(cli, [
+        "retrain", "--recipe", "demo", "--weights", str(weights), "--source", str(tmp_path),
+        "--json"], env={"FLOWERML_STORE": str(local_store.root),
+                        "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert_refused(result, f"--weights {weights}")
+    assert WEIGHTS_REFUSALS[kind] in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == "bad-input"
+    assert flow_run_count() == runs_before
+    assert local_store.get_bytes("datasets/flowers102/CURRENT") == current
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("weights", ["ftp://mirror/w.pth", "https://host/w.pth"])
+def test_weights_by_an_unsupported_scheme_say_so(weights: str, tmp_path: Path) -> None:
+    scheme = weights.split(":")[0]
+    result = CliRunner().invoke(cli, ["retrain", "--preset", "demo", "--weights", weights],
+                                env={"FLOWERML_STORE": str(tmp_path / "store"),
+                                     "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert_refused(result, f"--weights {weights}: the scheme '{scheme}' is not supported: give "
+                           "none, imagenet, a file path, file://PATH or s3://bucket/key")
+
+
+def test_a_read_only_store_key_is_refused_before_prefect_starts(
+        seaweedfs_endpoint: str, seaweedfs_store, synthetic_data, tmp_path: Path,
+        prefect_harness: None) -> None:
+    """SeaweedFS's read-only identity passes `head_bucket` and every read: the write probe
+    refuses it, before any flow run, ingest or upload."""
+    from tests.conftest import SMALL_SPEC
+    from tests.flowerml.conftest import publish_copy
+
+    publish_copy(synthetic_data.published(SMALL_SPEC) / "store", seaweedfs_store)
+    current = seaweedfs_store.get_bytes("datasets/flowers102/CURRENT")
+    keys_before = store_keys(seaweedfs_store)
+    runs_before = flow_run_count()
+    store = f"s3://{seaweedfs_store.bucket}/{seaweedfs_store.prefix}"
+    result = CliRunner().invoke(cli, ["retrain", "--preset", "demo", "--store", store, "--json"],
+                                env={"AWS_ACCESS_KEY_ID": "reader",
+                                     "AWS_SECRET_ACCESS_KEY": "reader-secret",
+                                     "FLOWERML_S3_ENDPOINT_URL": seaweedfs_endpoint,
+                                     "FLOWERML_S3_ADDRESSING_STYLE": "path",
+                                     "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert_refused(result, f"cannot write to the store {store}: access denied to bucket "
+                           f"'{seaweedfs_store.bucket}'")
+    assert "reader-secret" not in result.output
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == "denied"
+    assert flow_run_count() == runs_before
+    assert store_keys(seaweedfs_store) == keys_before
+    assert seaweedfs_store.get_bytes("datasets/flowers102/CURRENT") == current
+    assert not (tmp_path / "c" / "demo-source").exists()
