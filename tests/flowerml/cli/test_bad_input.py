@@ -5,6 +5,7 @@ thing, exit code 2, no traceback; and with --json, stdout holds only JSON and en
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tests.cli_helpers import assert_refused
 from tests.flowerml.conftest import RegisteredRun
 
 # (arguments, a fragment the one error line must hold). {src}: a synthetic source folder,
-# {img}: an image, {tmp}: a fresh folder; the store is the registered run's (flowers102:1).
+# {img}: an image, {tmp}: a fresh folder, {fifo}: a named pipe called fifo.pth; the store is the registered run's (flowers102:1).
 CASES: list[tuple[list[str], str]] = [
     (["synth", "/proc/flowerml-nope"], "/proc/flowerml-nope"),
     (["synth", "{tmp}/s", "--classes", "0"], "--classes"),
@@ -56,15 +57,45 @@ CASES: list[tuple[list[str], str]] = [
     (["retrain", "--threshold", "2"], "--threshold"),
     (["retrain", "--class-drop", "-0.5"], "--class-drop"),
     (["retrain", "--source", "ftp://mirror/flowers"], "ftp://"),
+    # An empty value is refused naming it, never read as "not given" (flowerml.cli.app).
+    (["train", "--run-id", ""], "--run-id must not be empty"),
+    (["predict", "{img}", "--model", ""], "--model must not be empty"),
+    (["evaluate", "--run", "tiny", "--dataset-version", ""],
+     "--dataset-version must not be empty"),
+    (["synth", ""], "OUT_DIR must not be empty"),
+    (["datasets", "show", ""], "NAME must not be empty"),
+    (["registry", "show", " "], "NAME must not be empty"),
+    (["score", "", "--output", "{tmp}/out"], "INPUT must not be empty"),
+    (["retrain", "--store", ""], "--store must not be empty"),
+    # The words name what the user typed, and say what is wrong.
+    (["predict", "{img}", "--run", "../x"], "--run must be letters, digits"),
+    (["evaluate", "--run", "../x"], "--run must be letters, digits"),
+    (["train", "--weights", "ftp://x/w.pth"],
+     "--weights ftp://x/w.pth: the scheme 'ftp' is not supported: give none, imagenet"),
+    (["train", "--weights", "{fifo}"], "fifo.pth is not a regular file (a named pipe)"),
+    (["registry", "promote", "flowers102", "-1"],
+     "VERSION must be a positive number (1, 2, ...): got '-1'"),
+    (["registry", "promote", "flowers102", "0"], "VERSION must be a positive number"),
+]
+
+# The `kind` of a refusal, where one could be mistaken for another.
+KINDS: list[tuple[list[str], str]] = [
+    (["evaluate", "--run", "nosuch"], "not-found"),
+    (["predict", "{img}", "--run", "nosuch"], "not-found"),
+    (["runs", "show", "nosuch"], "not-found"),
+    (["train", "--run-id", ""], "bad-input"),
 ]
 
 
 @pytest.fixture
 def fill(registered_run: RegisteredRun, synthetic_source: Path, tmp_path: Path):
     image = next(registered_run.cache.rglob("*.jpg"))
+    fifo = tmp_path / "fifo.pth"
+    os.mkfifo(fifo)  # opened by a reader, it would block until a writer came
 
     def fill(args: list[str]) -> list[str]:
-        return [a.format(src=synthetic_source, img=image, tmp=tmp_path) for a in args]
+        return [a.format(src=synthetic_source, img=image, tmp=tmp_path, fifo=fifo)
+                for a in args]
     return fill
 
 
@@ -122,3 +153,59 @@ def test_a_decompression_bomb_is_its_own_row_not_a_traceback(registered_run: Reg
     assert "Traceback" not in result.output
     assert len(result.stderr.splitlines()) == 1 and "too large" in result.stderr
     assert json.loads(result.stdout)["error"].startswith("too large to decode safely")
+
+
+@pytest.mark.parametrize("case", KINDS, ids=map(case_id, KINDS))
+def test_the_json_kind_says_what_went_wrong(case, fill, registered_run: RegisteredRun,
+                                            tmp_path: Path) -> None:
+    args, kind = case
+    result = run([*fill(args), "--json"], registered_run, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == kind
+
+
+def text_parameters() -> list[tuple[list[str], str]]:
+    """Every text option and argument of every command: (arguments giving it '', its name)."""
+    import click
+
+    from flowerml.cli.app import NotEmpty, parameter_name
+
+    found = []
+
+    def walk(group: click.Group, path: list[str]) -> None:
+        for name, command in sorted(group.commands.items()):
+            if isinstance(command, click.Group):
+                walk(command, [*path, name])
+                continue
+            arguments = [p for p in command.params if isinstance(p, click.Argument)]
+            for param in command.params:
+                if not isinstance(param.type, NotEmpty):
+                    continue
+                if isinstance(param, click.Argument):  # the ones before it get a value
+                    before = ["x"] * arguments.index(param)
+                    found.append(([*path, name, *before, ""], parameter_name(param)))
+                else:
+                    found.append(([*path, name, param.opts[0], ""], parameter_name(param)))
+
+    walk(cli, [])
+    return found
+
+
+TEXT_PARAMETERS = text_parameters()
+
+
+def test_every_command_has_its_text_parameters_checked() -> None:
+    checked = {(args[0], name) for args, name in TEXT_PARAMETERS}
+    assert {("train", "--run-id"), ("predict", "--model"), ("evaluate", "--dataset-version"),
+            ("synth", "OUT_DIR"), ("datasets", "NAME"), ("retrain", "--source"),
+            ("score", "INPUT"), ("distill", "--teacher")} <= checked
+    assert len(TEXT_PARAMETERS) > 60
+
+
+@pytest.mark.parametrize("case", TEXT_PARAMETERS, ids=map(case_id, TEXT_PARAMETERS))
+def test_an_empty_value_is_refused_naming_it(case, tmp_path: Path) -> None:
+    args, name = case
+    result = CliRunner().invoke(cli, args, env={"FLOWERML_STORE": str(tmp_path / "store"),
+                                                "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert_refused(result, f"flowerml: error: {name} must not be empty")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
