@@ -5,24 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from flowerml.manifest import content_version, resolve_dataset
 from flowerml.storage import LocalStore
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import DATASET
 
 
-def add_quarantined_version(store: LocalStore, version: str) -> None:
-    """A second version beside CURRENT's, synthetic, with one quarantined image."""
-    current = json.loads(store.get_bytes(f"datasets/{DATASET}/CURRENT"))["version"]
-    manifest = json.loads(store.get_bytes(f"datasets/{DATASET}/{current}/manifest.json"))
+def add_quarantined_version(store: LocalStore) -> str:
+    """A second version beside CURRENT's, synthetic, with one quarantined image, whose
+    manifest checks out (its entries hash to its version); returns the version."""
+    published = resolve_dataset(store, DATASET)
+    quarantined = ["image_00007.jpg"]
+    version = content_version(published.files, quarantined, True)
+    manifest = json.loads(store.get_bytes(f"datasets/{DATASET}/{published.version}/"
+                                          "manifest.json"))
     store.put_bytes(f"datasets/{DATASET}/{version}/quarantine.json", json.dumps(
         [{"image": "image_00007.jpg", "split": "test", "label": 2,
           "reason": "truncated JPEG"}]).encode())
     store.put_bytes(f"datasets/{DATASET}/{version}/manifest.json", json.dumps(
-        {**manifest, "version": version, "quarantined": 1, "synthetic": True}).encode())
+        {**manifest, "version": version, "quarantined": 1, "quarantined_images": quarantined,
+         "synthetic": True}).encode())
+    return version
 
 
 def test_list(local_published, local_store: LocalStore) -> None:
-    add_quarantined_version(local_store, "000000000000")
+    add_quarantined_version(local_store)
     result = invoke("datasets", "list", "--store", str(local_store.root))
     assert result.exit_code == 0, result.output
     synthetic = "synthetic" if json.loads(local_store.get_bytes(
@@ -50,7 +57,7 @@ def test_an_empty_store_lists_nothing(tmp_path: Path) -> None:
 
 
 def test_show(local_published, local_store: LocalStore) -> None:
-    add_quarantined_version(local_store, "000000000000")
+    other = add_quarantined_version(local_store)
     result = invoke("datasets", "show", "--store", str(local_store.root))  # FLOWERML_DATASET's
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -58,22 +65,22 @@ def test_show(local_published, local_store: LocalStore) -> None:
     assert lines[0] == f"dataset {DATASET}: CURRENT {local_published.version}; {base}"
     assert lines[1].startswith(f"  {local_published.version} [CURRENT]: train 8")
     assert lines[2] == f"    {base}{local_published.version}/"
-    assert lines[3] == ("  000000000000: train 8, valid 8, test 8; 4 classes; 1 quarantined; "
+    assert lines[3] == (f"  {other}: train 8, valid 8, test 8; 4 classes; 1 quarantined; "
                         "synthetic")
-    assert lines[4] == f"    {base}000000000000/"
+    assert lines[4] == f"    {base}{other}/"
     assert lines[5] == "    quarantined image_00007.jpg (test, label 2): truncated JPEG"
 
 
 def test_show_json(local_published, local_store: LocalStore) -> None:
-    add_quarantined_version(local_store, "000000000000")
+    other = add_quarantined_version(local_store)
     result = invoke("datasets", "show", DATASET, "--store", str(local_store.root), "--json")
     assert result.exit_code == 0, result.output
     shown = json.loads(result.stdout)
     versions = {v["version"]: v for v in shown["versions"]}
     assert versions[local_published.version]["current"] is True
     assert versions[local_published.version]["quarantine"] == []
-    assert versions["000000000000"]["synthetic"] is True
-    assert versions["000000000000"]["quarantine"][0]["reason"] == "truncated JPEG"
+    assert versions[other]["synthetic"] is True and versions[other]["problem"] is None
+    assert versions[other]["quarantine"][0]["reason"] == "truncated JPEG"
 
 
 def test_an_unknown_dataset(local_published, local_store: LocalStore) -> None:
@@ -88,3 +95,23 @@ def test_an_unknown_dataset(local_published, local_store: LocalStore) -> None:
 def test_a_malformed_dataset_name(local_published, local_store: LocalStore) -> None:
     assert_refused(invoke("datasets", "show", "../x", "--store", str(local_store.root)),
                    "invalid dataset name '../x'")
+
+
+def test_show_verifies_each_manifest_as_train_does(local_published,
+                                                   local_store: LocalStore) -> None:
+    """An edited manifest (an image dropped from it) is what `flowerml train` refuses:
+    `datasets show` shows that problem on the version and exits 2 with it as its one line."""
+    key = f"datasets/{DATASET}/{local_published.version}/manifest.json"
+    manifest = json.loads(local_store.get_bytes(key))
+    local_store.put_bytes(key, json.dumps({**manifest, "files": manifest["files"][1:]}).encode())
+    problem = (f"{local_store.uri}/{key}: sha256 ")
+    result = invoke("datasets", "show", "--store", str(local_store.root))
+    assert_refused(result, f"flowerml: error: version {local_published.version}: {problem}")
+    assert f"{local_published.version} [CURRENT]: {problem}" in result.stdout
+    result = invoke("datasets", "show", "--store", str(local_store.root), "--json")
+    shown, error = [json.loads(line) for line in result.stdout.splitlines()]
+    assert shown["versions"][0]["problem"].startswith(problem)
+    assert error["kind"] == "bad-input" and problem in error["error"]
+    train = invoke("train", "--store", str(local_store.root), "--recipe", "demo", "--device",
+                   "cpu")
+    assert_refused(train, problem)  # the same refusal, in train's words
