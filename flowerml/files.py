@@ -132,7 +132,7 @@ def _not_regular(mode: int) -> str | None:
 
 
 def _refusal(path: str | os.PathLike, error: OSError) -> FileRefused:
-    if isinstance(error, FileNotFoundError):
+    if isinstance(error, FileNotFoundError | NotADirectoryError):  # ENOTDIR: a parent is a file
         return FileRefused(path, "no such file", "not-found")
     if isinstance(error, IsADirectoryError):
         return FileRefused(path, "is a folder, not a file")
@@ -196,6 +196,16 @@ class _CappedReader(io.RawIOBase):
         super().close()
 
 
+def check_user_file(path: str | os.PathLike) -> None:
+    """`FileRefused` unless `path` is a regular file (or a link to one); opens nothing."""
+    try:
+        refused = _not_regular(os.stat(path).st_mode)
+    except OSError as error:
+        raise _refusal(path, error) from None
+    if refused:
+        raise FileRefused(path, refused)
+
+
 @contextlib.contextmanager
 def open_user_file(path: str | os.PathLike, *, limit: int, what: str = "a file"
                    ) -> Iterator[BinaryIO]:
@@ -206,10 +216,8 @@ def open_user_file(path: str | os.PathLike, *, limit: int, what: str = "a file"
     The kind is checked with stat before opening (opening some devices has effects), then on
     the descriptor, which was opened with O_NONBLOCK so that a FIFO swapped in between cannot
     block the open; reads of a regular file never block, so the flag is harmless after."""
+    check_user_file(path)
     try:
-        refused = _not_regular(os.stat(path).st_mode)
-        if refused:
-            raise FileRefused(path, refused)
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         descriptor = os.open(path, flags)
     except OSError as error:

@@ -3,8 +3,10 @@
 INPUT is a local folder, an `s3://bucket/prefix`, a glob over either (`photos/**/*.jpg`,
 `s3://bucket/photos/*.jpg`), or a list file (`.txt`: one key per line, `#` comments; `.json`: an
 array of strings), local or on S3, whose entries are paths or keys relative to the list's own
-folder, absolute paths, or `s3://` URIs. It is listed once, streamed (never held in memory),
-into numbered shards of `shard_size` keys; each shard is scored on its own (a Prefect task, or
+folder, absolute paths, or `s3://` URIs. A folder, a glob or a prefix gives the files named like
+images (the suffixes `flowerml predict` looks for in a folder); a list's entries are all scored,
+and one that is not an image is that key's error row. It is listed once, streamed (never held
+in memory), into numbered shards of `shard_size` keys; each shard is scored on its own (a Prefect task, or
 a thread of `flowerml score`), one shard in memory at a time. Everything goes under the output
 store (a folder or an `s3://` prefix):
 
@@ -23,7 +25,9 @@ store (a folder or an `s3://` prefix):
 so scoring the same collection with the same version again lands in the same folder and skips
 every shard whose part exists: a killed run resumes, and two runs on one output never corrupt
 each other (a part is written whole, once; the loser of a race keeps the winner's). An image
-that cannot be read or decoded is a row with its error, never a failed shard. The alias is
+that cannot be read or decoded is a row with its error, never a failed shard: a missing key, a
+key the credentials may not read, a FIFO or a device (refused before it is opened, so nothing
+blocks or reads forever), a file over `MAX_IMAGE_BYTES`. The alias is
 resolved once, when the run starts, so every shard of a run uses the same version.
 
 Runtimes: `onnx` runs the version's ONNX export (it must have passed parity, and its sha256 is
@@ -55,12 +59,21 @@ import numpy as np
 
 from flowerml import runtimes
 from flowerml.errors import UserError
-from flowerml.locations import LocalLocation, parse_store
+from flowerml.files import (
+    FileRefused,
+    check_user_file,
+    open_user_file,
+    read_user_file,
+    size_text,
+)
+from flowerml.locations import LocalLocation, bucket_name_problem, parse_store
+from flowerml.prediction import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
 from flowerml.registry import Registry, parse_model_ref
 from flowerml.runtimes import RuntimeRefused, Scorer, load_scorer, softmax_top_k
 from flowerml.storage import (
     LocalStore,
     ObjectNotFound,
+    ObjectTooLarge,
     PreconditionFailed,
     S3Options,
     S3Store,
@@ -75,6 +88,9 @@ DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_TOP_K = 5
 LIST_SUFFIXES = (".txt", ".json")
+MAX_LIST_BYTES = 2 * 2**30
+"""The largest list file read (some 20 million keys): a list is streamed, so the cap only ends
+a file that never ends."""
 LISTED_FAILURES = 100
 """How many failed rows `_SUCCESS.json` names (the parts hold every one)."""
 LISTING_FORMAT = 1
@@ -107,10 +123,12 @@ class ImageUnreadable(Exception):
 @dataclass(frozen=True)
 class InputListing:
     """What INPUT names: where relative keys are read from (`root`, a folder path or an
-    s3:// URI) and the keys, streamed in a fixed order."""
+    s3:// URI) and the keys, streamed in a fixed order. `only_images`: the keys of a folder,
+    glob or prefix, of which only those named like images are scored (a list's are all)."""
 
     root: str
     stream: Callable[[], Iterator[str]]
+    only_images: bool = False
 
 
 def is_pattern(text: str) -> bool:
@@ -131,10 +149,16 @@ def list_input(text: str, s3: S3Options | None = None) -> InputListing:
     if local and os.path.isfile(path):
         image = Path(path).resolve()
         return InputListing(str(image.parent), lambda: iter([image.name]))
+    if local and os.path.lexists(path) and not os.path.isdir(path):
+        try:
+            check_user_file(path)  # a FIFO, a device, a broken link: say which
+        except FileRefused as refused:
+            if refused.kind != "not-found":
+                raise ScoringError(f"INPUT {text}: {refused.reason}") from None
     if local and not os.path.isdir(path):
         raise ScoringError(f"INPUT {text}: no such folder or file")
     store = open_input_store(text, s3)
-    return InputListing(store.uri, lambda: store_keys(store))
+    return InputListing(store.uri, lambda: store_keys(store), only_images=True)
 
 
 def open_input_store(uri: str, s3: S3Options | None) -> Store:
@@ -187,7 +211,7 @@ def glob_listing(pattern: str, s3: S3Options | None) -> InputListing:
         raise ScoringError(f"INPUT {pattern}: no such folder {store.root}")
     matcher = glob_regex(rest)
     return InputListing(store.uri, lambda: (key for key in store_keys(store)
-                                            if matcher.fullmatch(key)))
+                                            if matcher.fullmatch(key)), only_images=True)
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -223,9 +247,12 @@ def list_file_listing(text: str, s3: S3Options | None) -> InputListing:
     where = parse_store(text, "INPUT")
     if isinstance(where, LocalLocation):
         path = where.path.resolve()
-        if not path.is_file():
-            raise ScoringError(f"INPUT {text}: no such list file")
-        return InputListing(str(path.parent), lambda: list_entries(path))
+        try:
+            check_user_file(path)  # before anything is listed or written
+        except FileRefused as refused:
+            reason = "no such list file" if refused.kind == "not-found" else refused.reason
+            raise ScoringError(f"INPUT {text}: {reason}") from None
+        return InputListing(str(path.parent), lambda: list_entries(path, text))
     folder, _, name = where.prefix.rpartition("/")
     store = S3Store(where.bucket, folder, s3)
     root = store.uri
@@ -237,25 +264,49 @@ def list_file_listing(text: str, s3: S3Options | None) -> InputListing:
                 store.get_file(name, local)
             except ObjectNotFound:
                 raise ScoringError(f"INPUT {text}: no such list object") from None
-            yield from list_entries(local)
+            yield from list_entries(local, text)
 
     return InputListing(root, keys)
 
 
-def list_entries(path: Path) -> Iterator[str]:
-    """The keys of a list file, streamed: a JSON array of strings, or one key per line."""
-    with open(path, encoding="utf-8") as handle:
-        if path.suffix.lower() == ".json":
-            for entry in iter_json_array(handle, str(path)):
-                if not isinstance(entry, str) or not entry.strip():
-                    raise ScoringError(f"INPUT {path}: entries must be non-empty strings "
-                                       f"(got {json.dumps(entry)[:60]})")
-                yield entry.strip()
-            return
-        for line in handle:
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                yield entry
+def list_entries(path: Path, name: str | None = None) -> Iterator[str]:
+    """The keys of a list file, streamed: a JSON array of strings, or one key per line. It is
+    read as a file a user named (`flowerml.files.open_user_file`: a regular file, at most
+    `MAX_LIST_BYTES`), as UTF-8; `name` is how messages call it (the path by default)."""
+    name = name or str(path)
+    try:
+        with open_user_file(path, limit=MAX_LIST_BYTES, what="a list file") as handle:
+            if path.suffix.lower() == ".json":
+                yield from json_list_entries(handle, name)
+            else:
+                yield from text_list_entries(handle, name)
+    except FileRefused as refused:
+        raise ScoringError(f"INPUT {name}: {refused.reason}") from None
+
+
+def json_list_entries(handle: IO[bytes], name: str) -> Iterator[str]:
+    text = io.TextIOWrapper(handle, encoding="utf-8")
+    try:
+        for entry in iter_json_array(text, name):
+            if not isinstance(entry, str) or not entry.strip():
+                raise ScoringError(f"INPUT {name}: entries must be non-empty strings "
+                                   f"(got {json.dumps(entry)[:60]})")
+            yield entry.strip()
+    except UnicodeDecodeError:
+        raise ScoringError(f"INPUT {name}: not UTF-8 text; save the list as UTF-8") from None
+    finally:
+        text.detach()  # the handle is closed by its owner
+
+
+def text_list_entries(handle: IO[bytes], name: str) -> Iterator[str]:
+    for number, raw in enumerate(handle, 1):
+        try:
+            entry = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ScoringError(f"INPUT {name}: line {number} is not UTF-8 text; save the list "
+                               "as UTF-8") from None
+        if entry and not entry.startswith("#"):
+            yield entry
 
 
 def iter_json_array(handle: IO[str], name: str, chunk: int = 1 << 16) -> Iterator[Any]:
@@ -317,34 +368,39 @@ def iter_json_array(handle: IO[str], name: str, chunk: int = 1 << 16) -> Iterato
 
 @dataclass(frozen=True)
 class Spooled:
-    """The listing written to a local file, one JSON-encoded key per line, and its hash."""
+    """The listing written to a local file, one JSON-encoded key per line, and its hash;
+    `skipped` counts the files of a folder, glob or prefix not named like images."""
 
     path: Path
     count: int
     images: int
     digest: str
+    skipped: int = 0
 
 
 def spool_listing(listing: InputListing, shard_size: int, folder: Path,
                   exclude: str | None = None) -> Spooled:
     """Stream the keys to disk once, hashing them (with the root and shard size, which decide
     what each shard holds) and counting those named like images. Keys under `exclude` (an
-    output folder inside the input) are left out."""
-    from flowerml.prediction import IMAGE_SUFFIXES
-
+    output folder inside the input) are left out, and so are a folder's, glob's or prefix's
+    files not named like images (`InputListing.only_images`)."""
     digest = hashlib.sha256(f"flowerml-listing-v{LISTING_FORMAT}\n{listing.root}\n"
                             f"{shard_size}\n".encode())
-    path, count, images = folder / "listing.jsonl", 0, 0
+    path, count, images, skipped = folder / "listing.jsonl", 0, 0, 0
     with open(path, "w", encoding="utf-8") as spool:
         for key in listing.stream():
             if exclude and key.startswith(exclude):
+                continue
+            is_image = key.lower().endswith(IMAGE_SUFFIXES)
+            if listing.only_images and not is_image:
+                skipped += 1
                 continue
             line = json.dumps(key) + "\n"
             spool.write(line)
             digest.update(line.encode())
             count += 1
-            images += key.lower().endswith(IMAGE_SUFFIXES)
-    return Spooled(path, count, images, digest.hexdigest())
+            images += is_image
+    return Spooled(path, count, images, digest.hexdigest(), skipped)
 
 
 def spooled_shards(spooled: Spooled, shard_size: int) -> Iterator[list[str]]:
@@ -438,7 +494,8 @@ def plan_scoring(request: ScoringRequest, *, registry_store: Store, output_store
         spooled = spool_listing(listing, request.shard_size, Path(temp),
                                 exclude=nested_prefix(listing.root, output_store.uri))
         if spooled.images == 0:
-            found = f"{spooled.count} other files" if spooled.count else "nothing listed"
+            others = spooled.count + spooled.skipped
+            found = f"{others} other files" if others else "nothing listed"
             raise ScoringError(f"INPUT {request.input}: no images there ({found}; looked for "
                                ".jpg, .jpeg, .png, ...)")
         prefix = f"{model}/{version:06d}/{spooled.digest[:16]}"
@@ -546,8 +603,9 @@ def read_shard(output_store: Store, plan: ScoringPlan, shard: int) -> list[str]:
 
 class KeyReader:
     """Reads a key's bytes: relative keys from the listing's root, absolute paths from disk,
-    s3:// URIs from their bucket. A key that is not there is that key's error; a store that
-    cannot be reached fails the shard (it is worth retrying)."""
+    s3:// URIs from their bucket, each at most `MAX_IMAGE_BYTES`. A key that is not there, not
+    a regular file, too large, or that the credentials may not read is that key's error; a
+    store that cannot be reached fails the shard (it is worth retrying)."""
 
     def __init__(self, root: str, s3: S3Options | None = None) -> None:
         self.root = open_store(root, s3=s3, name="INPUT")
@@ -559,22 +617,26 @@ class KeyReader:
         try:
             if key.startswith("s3://"):
                 bucket, _, name = key.removeprefix("s3://").partition("/")
-                return self._bucket(bucket).get_bytes(name)
+                return self._bucket(bucket).get_bytes(name, limit=MAX_IMAGE_BYTES)
             if os.path.isabs(key):
-                return Path(key).read_bytes()
-            return self.root.get_bytes(key)
+                return read_user_file(key, limit=MAX_IMAGE_BYTES, what="an image file")
+            return self.root.get_bytes(key, limit=MAX_IMAGE_BYTES)
         except ObjectNotFound:
             raise ImageUnreadable("no such object") from None
-        except FileNotFoundError:
-            raise ImageUnreadable("no such file") from None
-        except (IsADirectoryError, NotADirectoryError):
-            raise ImageUnreadable("not a file") from None
-        except PermissionError:
-            raise ImageUnreadable("permission denied") from None
+        except ObjectTooLarge:
+            raise ImageUnreadable(f"larger than {size_text(MAX_IMAGE_BYTES)}, the limit for "
+                                  "an image file") from None
+        except FileRefused as refused:
+            raise ImageUnreadable(refused.reason) from None
+        except StoreAccessError as error:  # no credentials, access denied, no such bucket
+            raise ImageUnreadable(str(error)) from None
         except ValueError as error:  # an invalid key ('..', empty parts)
             raise ImageUnreadable(str(error)) from None
 
     def _bucket(self, bucket: str) -> S3Store:
+        problem = bucket_name_problem(bucket)
+        if problem:
+            raise ImageUnreadable(f"invalid bucket name '{bucket}': {problem}")
         with self._guard:
             if bucket not in self._buckets:
                 self._buckets[bucket] = S3Store(bucket, "", self.s3)
