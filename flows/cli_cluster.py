@@ -124,8 +124,8 @@ API_TIMEOUT_S = 5.0
 @json_option
 def pools(as_json: bool) -> None:
     """The Prefect work pools: type, paused or not, concurrency limit and slots in use (its
-    flow runs that are Pending or Running), and the workers polling each, with their last
-    heartbeat.
+    flow runs that are Pending or Running), runs due that wait for a slot or a worker
+    (Scheduled, Late, Recovering), and the workers polling each, with their last heartbeat.
 
     Reads PREFECT_API_URL (or the Prefect profile's). An API that does not answer is one line
     and exit code 2.
@@ -151,7 +151,7 @@ def pool_line(row: dict[str, Any]) -> str:
     slots = (f"{row['slots_in_use']}/{limit} slots in use" if limit is not None
              else f"{row['slots_in_use']} runs Pending/Running (no concurrency limit)")
     paused = ", PAUSED" if row["paused"] else ""
-    return f"{row['name']} ({row['type']}{paused}): {slots}"
+    return f"{row['name']} ({row['type']}{paused}): {slots}, {row['waiting']} waiting"
 
 
 def heartbeat_age(when: str | None, now: datetime.datetime) -> str:
@@ -176,6 +176,7 @@ async def read_pools() -> list[dict[str, Any]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
+        FlowRunFilterNextScheduledStartTime,
         FlowRunFilterState,
         FlowRunFilterStateType,
         WorkPoolFilter,
@@ -186,6 +187,11 @@ async def read_pools() -> list[dict[str, Any]]:
     check_api_configured()
     holding = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
         any_=[StateType[name] for name in SLOT_STATES])))
+    # Due now or overdue: a weekly schedule's future runs are not waiting for anything yet.
+    waiting = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+        next_scheduled_start_time=FlowRunFilterNextScheduledStartTime(
+            before_=datetime.datetime.now(datetime.UTC)))
     try:
         async with get_client(httpx_settings={"timeout": API_TIMEOUT_S}) as client:
             rows = []
@@ -197,6 +203,8 @@ async def read_pools() -> list[dict[str, Any]]:
                     "concurrency_limit": pool.concurrency_limit,
                     "slots_in_use": await client.count_flow_runs(
                         flow_run_filter=holding, work_pool_filter=in_pool),
+                    "waiting": await client.count_flow_runs(
+                        flow_run_filter=waiting, work_pool_filter=in_pool),
                     "workers": [worker_row(worker) for worker in
                                 sorted(workers, key=lambda w: w.name)]})
             return rows

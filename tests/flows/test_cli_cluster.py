@@ -79,8 +79,8 @@ def test_score_with_an_address_where_no_scheduler_answers_is_one_line(
 
 def test_pools_shows_slots_in_use_and_the_workers_polling(prefect_harness: None) -> None:
     """A pool with a concurrency limit of 2, one Running and one Pending run in it (both hold
-    a slot), one Scheduled and one Completed run (neither does), one worker's heartbeat; and a
-    paused pool without a limit."""
+    a slot), one Scheduled now (waiting), one next week (not yet) and one Completed run (none
+    holds one), one worker's heartbeat; and a paused pool without a limit."""
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -97,7 +97,9 @@ def test_pools_shows_slots_in_use_and_the_workers_polling(prefect_harness: None)
         client.create_work_pool(WorkPoolCreate(name=cpu, type="process", is_paused=True))
         flow_id = client.create_flow(noop)
         deployment = client.create_deployment(flow_id, f"in-{gpu}", work_pool_name=gpu)
-        for state in (Running(), Pending(), Scheduled(), Completed()):
+        next_week = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)
+        for state in (Running(), Pending(), Scheduled(), Scheduled(scheduled_time=next_week),
+                      Completed()):
             client.create_flow_run_from_deployment(deployment, state=state)
         client.send_worker_heartbeat(gpu, "host-a-gpu0", heartbeat_interval_seconds=30)
 
@@ -105,8 +107,9 @@ def test_pools_shows_slots_in_use_and_the_workers_polling(prefect_harness: None)
     assert listed.exit_code == 0, listed.output
     by_name = {row["name"]: row for row in json.loads(listed.stdout)}
     assert {key: by_name[gpu][key] for key in ("type", "paused", "concurrency_limit",
-                                               "slots_in_use")} == \
-        {"type": "process", "paused": False, "concurrency_limit": 2, "slots_in_use": 2}
+                                               "slots_in_use", "waiting")} == \
+        {"type": "process", "paused": False, "concurrency_limit": 2, "slots_in_use": 2,
+         "waiting": 1}
     [worker] = by_name[gpu]["workers"]
     assert worker["name"] == "host-a-gpu0" and worker["status"] == "ONLINE"
     seen = datetime.datetime.fromisoformat(worker["last_heartbeat"])
@@ -117,9 +120,10 @@ def test_pools_shows_slots_in_use_and_the_workers_polling(prefect_harness: None)
     text = CliRunner().invoke(cli, ["pools"])
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
-    at = lines.index(f"{gpu} (process): 2/2 slots in use")
+    at = lines.index(f"{gpu} (process): 2/2 slots in use, 1 waiting")
     assert lines[at + 1].startswith("  worker host-a-gpu0: online, last heartbeat ")
-    at = lines.index(f"{cpu} (process, PAUSED): 0 runs Pending/Running (no concurrency limit)")
+    at = lines.index(f"{cpu} (process, PAUSED): 0 runs Pending/Running (no concurrency "
+                     "limit), 0 waiting")
     assert lines[at + 1] == "  no worker polls it"
 
 
