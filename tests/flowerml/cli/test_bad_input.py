@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +212,53 @@ def test_an_empty_value_is_refused_naming_it(case, tmp_path: Path) -> None:
                                                 "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
     assert_refused(result, f"flowerml: error: {name} must not be empty")
     assert list(tmp_path.iterdir()) == []  # refused before anything was made
+
+
+def without_root_powers(command: list[str]) -> list[str]:
+    """`command` as a user for whom file permissions count: as root (CI, containers), the same
+    uid without the capabilities that bypass them (util-linux's setpriv)."""
+    if os.geteuid() != 0:
+        return command
+    powers = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={powers}", f"--bounding-set={powers}", *command]
+
+
+def flowerml_process(args: list[str], registered_run: RegisteredRun,
+                     tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLOWERML_STORE": str(registered_run.store.root),
+           "FLOWERML_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.run(without_root_powers([sys.executable, "-m", "flowerml.cli", *args]),
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def assert_denied(done: subprocess.CompletedProcess, message: str) -> None:
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"flowerml: error: {message}\n"
+    assert json.loads(done.stdout.splitlines()[-1]) == {"error": message, "kind": "denied"}
+
+
+@pytest.mark.slow  # a process without root's powers over permissions
+def test_an_unreadable_registry_is_denied_not_empty(registered_run: RegisteredRun,
+                                                    tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(registered_run.store.root, store)
+    (store / "registry").chmod(0)
+    try:
+        done = flowerml_process(["registry", "list", "--store", str(store), "--json"],
+                                registered_run, tmp_path)
+    finally:
+        (store / "registry").chmod(0o755)
+    assert_denied(done, f"cannot read {store}/registry in the store {store}: "
+                        "Permission denied")
+
+
+@pytest.mark.slow  # a process without root's powers over permissions
+def test_a_read_only_output_is_denied(registered_run: RegisteredRun, tmp_path: Path) -> None:
+    image = next(registered_run.cache.rglob("*.jpg"))
+    output = tmp_path / "read-only"
+    output.mkdir(mode=0o555)
+    done = flowerml_process(["score", str(image.parent), "--output", str(output), "--json"],
+                            registered_run, tmp_path)
+    assert_denied(done, f"--output {output} is not writable: store directory {output} is not "
+                        "writable")
+    assert list(output.iterdir()) == []
