@@ -675,3 +675,33 @@ def test_a_version_has_one_writer_at_a_time(local_store: LocalStore) -> None:
     waiter.join(10)
     assert order == ["first", "first released", "second"]
     assert local_store.get_bytes(f"{prefix}/a.jpg") == b"a"
+
+
+def test_a_missing_source_bucket_is_named(local_store: LocalStore, moto_endpoint: str,
+                                          tmp_path: Path) -> None:
+    result = invoke("ingest", "--source", "s3://no-such-source-bucket/flowers", "--json",
+                    store=local_store, cache=tmp_path / "cache",
+                    env={"FLOWERML_S3_ENDPOINT_URL": moto_endpoint})
+    message = (f"source s3://no-such-source-bucket/flowers: bucket 'no-such-source-bucket' at "
+               f"{moto_endpoint} does not exist")
+    assert_refused(result, message)
+    assert json.loads(result.stdout.splitlines()[-1])["error"] == message
+    assert store_keys(local_store) == []
+
+
+def test_a_read_only_store_key_is_refused_before_any_download(
+        seaweedfs_endpoint: str, seaweedfs_store: S3Store, synthetic_source: Path,
+        tmp_path: Path) -> None:
+    """SeaweedFS's read-only identity passes `head_bucket`: the write probe refuses it before
+    the source is read, instead of at the first upload."""
+    store = f"s3://{seaweedfs_store.bucket}/{seaweedfs_store.prefix}"
+    result = invoke("ingest", "--source", str(synthetic_source), "--store", store, "--json",
+                    cache=tmp_path / "cache",
+                    env={"AWS_ACCESS_KEY_ID": "reader", "AWS_SECRET_ACCESS_KEY": "reader-secret",
+                         "FLOWERML_S3_ENDPOINT_URL": seaweedfs_endpoint,
+                         "FLOWERML_S3_ADDRESSING_STYLE": "path"})
+    assert_refused(result, f"cannot write to the store {store}: access denied to bucket "
+                           f"'{seaweedfs_store.bucket}'")
+    assert json.loads(result.stdout.splitlines()[-1])["kind"] == "denied"
+    assert store_keys(seaweedfs_store) == []
+    assert not (tmp_path / "cache" / "flowers102").exists()  # nothing surveyed or staged
