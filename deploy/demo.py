@@ -135,6 +135,18 @@ class LocalPrefect:
         self.prefect("deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
         self.apply_automations(automation_file or REPO / "deploy/automations/operations.yaml")
 
+    def summary(self) -> str:
+        """What the server holds, counted from its API (not what this script meant to make)."""
+        pools = self.api("/work_pools/filter", {})
+        deployments = self.api("/deployments/filter", {})
+        automations = self.api("/automations/filter", {})
+        pool_names = ", ".join(
+            f"{pool['name']} (concurrency {pool['concurrency_limit']})"
+            if pool["concurrency_limit"] is not None else pool["name"] for pool in pools)
+        return (f"pools {pool_names}; {len(deployments)} deployments "
+                f"({', '.join(sorted(d['name'] for d in deployments))}); "
+                f"{len(automations)} automations")
+
     def apply_automations(self, path: Path) -> None:
         """`python deploy/automations/apply.py FILE`, as the runbook has it."""
         subprocess.run([sys.executable, "deploy/automations/apply.py", str(path)], env=self.env,
@@ -280,7 +292,7 @@ def main() -> int:
     with local_prefect(root, env=env) as prefect:
         print(f"Prefect server and UI: {prefect.url} (logs in {root})", flush=True)
         prefect.set_up_deployments()
-        print("pools gpu (concurrency 1) and cpu, 3 deployments, 2 automations", flush=True)
+        print(prefect.summary(), flush=True)
         prefect.start_worker("gpu", "--limit", "1", name="worker-gpu")
         run_id = prefect.run_deployment("retrain-flowers/retrain-manual", {
             "source": str(root / "source"), "training": DEMO_TRAINING,
