@@ -202,3 +202,63 @@ def test_resolution_happens_before_any_model_is_built(tmp_path: Path) -> None:
         resolve_weights(str(tmp_path / "absent.pth"), "resnet18")
     with pytest.raises(ModelError, match="--weights must be none, imagenet"):
         resolve_weights("  ", "resnet18")
+
+
+def test_a_plain_pickle_is_refused_without_torchs_protocol_warning(tmp_path: Path) -> None:
+    """torch warns about a pickle's protocol on stderr before refusing it: two lines of noise
+    above the one line that matters."""
+    import pickle
+    import warnings
+
+    path = tmp_path / "plain.pth"
+    path.write_bytes(pickle.dumps({"weights": [1.0]}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(weights.WeightsError, match="not a torch weights file"):
+            weights.load_weights_file(path)
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("ftp://mirror/w.pth", "--weights ftp://mirror/w.pth: the scheme 'ftp' is not supported: "
+                           "give none, imagenet, a file path, file://PATH or s3://bucket/key"),
+    ("HTTPS://host/w.pth", "the scheme 'HTTPS' is not supported"),
+    ("", "--weights must be none, imagenet, a file path, file://PATH or s3://bucket/key"),
+])
+def test_a_weights_value_of_no_accepted_form(value: str, message: str) -> None:
+    for check in (lambda: resolve_weights(value, "resnet18"),
+                  lambda: weights.check_weights_value(value, "resnet18")):
+        with pytest.raises(weights.WeightsError) as info:
+            check()
+        assert message in str(info.value)
+
+
+def test_weights_that_are_not_a_regular_file_say_what_they_are(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "w.pth"
+    os.mkfifo(fifo)  # reading it would block until a writer came
+    folder = tmp_path / "d.pth"
+    folder.mkdir()
+    for path, kind in ((fifo, "a named pipe"), (folder, "a folder")):
+        with pytest.raises(weights.WeightsError) as info:
+            resolve_weights(str(path), "resnet18")
+        assert str(info.value) == f"--weights {path}: {path} is not a regular file ({kind})"
+
+
+def test_weights_are_fitted_to_the_arch_up_front_without_building_it(tmp_path: Path) -> None:
+    """`check_weights_value` makes `build_model`'s checks on a storage-less model: what it
+    accepts loads, what it refuses is refused for the same reason."""
+    import torchvision
+
+    good = save_pth(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    weights.check_weights_value(str(good), "resnet18")
+    build("resnet18", 10, str(good))
+    wrong = save_pth({"conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ModelError) as up_front:
+        weights.check_weights_value(str(wrong), "resnet18")
+    with pytest.raises(ModelError) as at_build:
+        build("resnet18", 10, str(wrong))
+    assert str(up_front.value) == str(at_build.value)
+    assert "key 'conv1.weight' has shape [64, 3, 3, 3], resnet18 needs [64, 3, 7, 7]" in \
+        str(up_front.value)
