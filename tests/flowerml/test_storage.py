@@ -329,3 +329,44 @@ def test_read_only_credential_gets_an_access_error_on_seaweedfs(
             reader.put_file("raw/x.bin", source)
         assert "reader-secret" not in str(caught.value)
     assert pending_uploads(seaweedfs_store) == [] and not seaweedfs_store.exists("raw/x.bin")
+
+
+def test_the_write_probe_passes_and_leaves_nothing(store: Store) -> None:
+    store.check()
+    store.check_writable()
+    assert store_keys(store) == []
+    if isinstance(store, LocalStore):
+        assert [p.name for p in store.root.iterdir()] in ([], [LocalStore.LOCK_DIR])
+
+
+def test_the_write_probe_makes_no_store_folder(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "not" / "yet")
+    store.check_writable()  # its parent is writable: the folder can be made when needed
+    assert not (tmp_path / "not").exists()
+
+
+def test_the_write_probe_refuses_a_read_only_credential_on_seaweedfs(
+        seaweedfs_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only key passes `check` (head_bucket) and every read: the probe's create-only
+    write is what it is refused."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "reader")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "reader-secret")
+    reader = S3Store(seaweedfs_store.bucket, seaweedfs_store.prefix,
+                     S3Options(endpoint_url=seaweedfs_store.endpoint, addressing_style="path"))
+    reader.check()
+    with pytest.raises(StoreAccessError) as caught:
+        reader.check_writable()
+    assert str(caught.value).startswith(f"cannot write to the store {reader.uri}: access denied "
+                                        f"to bucket '{reader.bucket}'")
+    assert "reader-secret" not in str(caught.value)
+    assert store_keys(seaweedfs_store) == []
+
+
+def test_temp_files_under_a_prefix_are_removed_by_its_writer(local_store: LocalStore) -> None:
+    local_store.put_bytes("v/a/x.jpg", b"x")
+    (local_store.root / "v/a/.tmp-0123456789abcdef.jpg").write_bytes(b"cut short")
+    (local_store.root / "w/.tmp-fedcba9876543210.jpg").parent.mkdir()
+    (local_store.root / "w/.tmp-fedcba9876543210.jpg").write_bytes(b"another prefix's")
+    with local_store.writing_under("v"):
+        assert sorted(p.name for p in (local_store.root / "v/a").iterdir()) == ["x.jpg"]
+    assert (local_store.root / "w/.tmp-fedcba9876543210.jpg").exists()
