@@ -9,12 +9,19 @@ import click
 from flowerml.cli.app import cli, dataset_option, emit_json, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
+# The synthetic archive's bounds (flowerml.synthetic's MAX_IMAGES and MAX_IMAGE_SIZE), for the
+# help text without importing numpy, scipy and PIL for every `flowerml` command.
+MAX_IMAGES = 99_999
+MAX_IMAGE_SIZE = 4096
+
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--classes", default=10, show_default=True, help="Number of flower classes (1-102).")
-@click.option("--per-class", default=20, show_default=True, help="Images per class (>= 3).")
-@click.option("--image-size", default=128, show_default=True, help="Longest image side in px.")
+@click.option("--per-class", default=20, show_default=True,
+              help=f"Images per class (3 or more; classes x per-class at most {MAX_IMAGES}).")
+@click.option("--image-size", default=128, show_default=True,
+              help=f"Longest image side in px (32-{MAX_IMAGE_SIZE}).")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
 @click.option("--force", is_flag=True,
               help="Overwrite an archive already in OUT_DIR (refused without it).")

@@ -154,6 +154,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
         ({"per_class": 2}, "--per-class"),
         ({"classes": 102, "per_class": 1000}, "--per-class"),
         ({"image_size": 31}, "--image-size"),
+        ({"image_size": 4097}, "--image-size"),
+        ({"classes": 1, "per_class": 100_000}, "--per-class"),
         ({"seed": -1}, "--seed"),
         ({"jpeg_quality": 0}, "--jpeg-quality"),
         ({"jpeg_quality": 96}, "--jpeg-quality"),
@@ -266,3 +268,54 @@ def test_synth_cli_refuses_overwrite_and_uncreatable_dirs(tmp_path):
     assert forced.exit_code == 0, forced.output
     assert (tmp_path / LABELS).read_bytes() != labels
     assert_refused(invoke("synth", "/proc/foo"), "cannot create output directory /proc/foo")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--image-size", "100000"], "--image-size must be between 32 and 4096 (got 100000)"),
+    (["--per-class", "10000000000"], "--per-class must be between 3 and 99999 (got 10000000000)"),
+    (["--classes", "1000"], "--classes must be between 1 and 102 (got 1000)"),
+])
+def test_a_size_out_of_bounds_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str],
+                                                             line: str) -> None:
+    from tests.cli_helpers import invoke
+
+    result = invoke("synth", str(tmp_path / "out"), *args)
+    assert (result.exit_code, result.stderr, result.stdout) == (2, f"flowerml: error: {line}\n",
+                                                                "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_help_states_the_bounds_the_spec_enforces() -> None:
+    from flowerml import synthetic
+    from flowerml.cli import data
+
+    assert (data.MAX_IMAGES, data.MAX_IMAGE_SIZE) == (synthetic.MAX_IMAGES,
+                                                      synthetic.MAX_IMAGE_SIZE)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stopped_synth_leaves_no_temp_file(tmp_path: Path, signum: str) -> None:
+    """The real console script, stopped while it writes the archive's temp file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("flowerml")), "synth", str(out), "--classes", "10",
+         "--per-class", "50", "--image-size", "1024"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.glob(".tmp-*")):
+            assert process.poll() is None and time.monotonic() < deadline, "no temp file seen"
+            time.sleep(0.05)
+        process.send_signal(getattr(signal, signum))
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + getattr(signal, signum), stderr
+    assert stderr == f"flowerml: error: stopped by {signum}\n"
+    assert list(out.iterdir()) == []  # no temp file, no archive
