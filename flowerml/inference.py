@@ -9,7 +9,6 @@ which names the predictions file by sha256 and what it was measured on.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from flowerml.loaders import build_eval_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model
 from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id
-from flowerml.storage import ObjectNotFound, Store
+from flowerml.storage import Store
 from flowerml.training import evaluate_loader
 
 
@@ -140,7 +139,7 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     runs/<run_id>/eval/<split>/."""
     run = RunFiles(store, trained.source)
     prefix = f"eval/{split}"
-    history = read_history(run)
+    history = run.read_history()
     with tempfile.TemporaryDirectory() as temp:
         plots = {"Confusion matrix (row-normalised)":
                  plot_confusion_matrix(metrics, Path(temp) / "confusion.png")}
@@ -172,11 +171,3 @@ def prediction_bytes(metrics: Metrics, published: PublishedDataset, split: str) 
         raise ValueError("these metrics carry no per-image predictions to store")
     keys = [entry.key for entry in published.split_files(split)]
     return encode_predictions(prediction_rows(keys, metrics.predictions))
-
-
-def read_history(run: RunFiles) -> list[dict]:
-    try:
-        text = run.store.get_bytes(run.key("metrics.jsonl")).decode()
-    except ObjectNotFound:
-        return []  # a run evaluated before its first epoch finished has no curves yet
-    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -198,21 +198,9 @@ def fill_details(run: RunFiles, details: RunDetails) -> None:
     result = run.read_optional_json("result.json") or {}
     details.stopped_early = bool(result.get("stopped_early", False))
     details.seconds = result.get("seconds")
-    details.history = read_history(run)
+    details.history = run.read_history()
     details.evaluations = [evaluation for split in evaluated_splits(run)
                            if (evaluation := read_evaluation(run, split)) is not None]
-
-
-def read_history(run: RunFiles) -> list[dict]:
-    try:
-        text = run.store.get_bytes(run.key("metrics.jsonl")).decode()
-    except ObjectNotFound:
-        return []
-    try:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError:
-        raise RunError(f"{location(run.store, run.key('metrics.jsonl'))}: is not JSON lines"
-                       ) from None
 
 
 def evaluated_splits(run: RunFiles) -> list[str]:

@@ -189,6 +189,27 @@ class RunFiles:
         lines = "".join(json.dumps(row, sort_keys=True) + "\n" for row in history)
         self.store.put_bytes(self.key("metrics.jsonl"), lines.encode())
 
+    def read_history(self) -> list[dict]:
+        """metrics.jsonl's rows (none before the first epoch ends); a line that is not a JSON
+        object is a RunError naming the file and the line."""
+        where = self.store.location(self.key("metrics.jsonl"))
+        try:
+            data = self.store.get_bytes(self.key("metrics.jsonl"))
+        except ObjectNotFound:
+            return []
+        rows = []
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes
+                raise RunError(f"{where}: line {number} is not JSON") from None
+            if not isinstance(row, dict):
+                raise RunError(f"{where}: line {number} is not a JSON object")
+            rows.append(row)
+        return rows
+
     def require(self) -> RunFiles:
         """This run, or RunNotFound naming the store when it has no files at all."""
         if not any(True for _ in self.store.list(self.key(""))):

@@ -132,3 +132,21 @@ def test_every_option_has_help(group: str) -> None:
         options = [p for p in command.params if isinstance(p, click.Option)]
         assert {"--store", "--json"} <= {opt for p in options for opt in p.opts}, name
         assert [p.name for p in options if not p.help] == [], name
+
+
+def test_a_garbage_line_in_metrics_jsonl_is_one_line_naming_it(
+        store: LocalStore, registered_run: RegisteredRun, tmp_path: Path) -> None:
+    """runs show and evaluate read the run's curves: a damaged line is named, file and line,
+    and evaluate publishes nothing of its new evaluation."""
+    key = f"runs/{TINY_RUN}/metrics.jsonl"
+    store.put_bytes(key, store.get_bytes(key) + b"{not json\n")
+    lines = len(store.get_bytes(key).splitlines())
+    line = f"{store.root}/{key}: line {lines} is not JSON"
+    metrics = store.get_bytes(f"runs/{TINY_RUN}/eval/test/metrics.json")
+    cache = copy_tree(registered_run.cache, tmp_path / "cache")
+    result = invoke("evaluate", "--run", TINY_RUN, "--device", "cpu", store=store, cache=cache)
+    assert_refused(result, line)
+    assert result.stderr == f"flowerml: error: {line}\n"
+    assert store.get_bytes(f"runs/{TINY_RUN}/eval/test/metrics.json") == metrics
+    shown = invoke("runs", "show", TINY_RUN, store=store, cache=cache)  # shows the problem
+    assert f"  problem: {line}\n" in shown.stdout and "Traceback" not in shown.output
