@@ -19,11 +19,16 @@ from tests.cli_helpers import assert_refused
 from tests.flowerml.conftest import RegisteredRun
 
 # (arguments, a fragment the one error line must hold). {src}: a synthetic source folder,
-# {img}: an image, {tmp}: a fresh folder, {fifo}: a named pipe called fifo.pth; the store is the registered run's (flowers102:1).
+# {img}: an image, {tmp}: a fresh folder holding latin1.txt (a list that is not UTF-8),
+# {fifo}: a named pipe called fifo.pth, {fifolist}: one called pipe.txt; the store is the
+# registered run's (flowers102:1).
 CASES: list[tuple[list[str], str]] = [
     (["synth", "/proc/flowerml-nope"], "/proc/flowerml-nope"),
     (["synth", "{tmp}/s", "--classes", "0"], "--classes"),
     (["synth", "{src}"], "already exists (--force overwrites it)"),
+    (["synth", "{tmp}/s", "--image-size", "100000"],
+     "--image-size must be between 32 and 4096 (got 100000)"),
+    (["synth", "{tmp}/s", "--per-class", "10000000000"], "--per-class must be between 3 and"),
     (["ingest", "--source", "ftp://mirror/flowers"], "ftp://"),
     (["ingest", "--source", ""], "--source"),
     (["ingest", "--source", "https://"], "--source"),
@@ -42,6 +47,12 @@ CASES: list[tuple[list[str], str]] = [
     (["predict", "{img}", "--model", "tulips"], "tulips"),
     (["predict", "{img}", "--top-k", "0"], "--top-k"),
     (["predict", "{img}", "--model", "flowers102", "--run", "tiny"], "not both"),
+    (["score", "{fifolist}", "--output", "{tmp}/out"],
+     "pipe.txt: is a FIFO (named pipe), not a regular file"),
+    (["score", "{tmp}/latin1.txt", "--output", "{tmp}/out"],
+     "latin1.txt: line 2 is not UTF-8 text; save the list as UTF-8"),
+    (["score", "/dev/zero", "--output", "{tmp}/out"],
+     "INPUT /dev/zero: is a character device, not a regular file"),
     (["export", "flowers102@staging"], "no alias 'staging'"),
     (["export", "flowers102", "--opset", "9"], "--opset"),
     (["registry", "list", "--store", "ftp://x"], "--store"),
@@ -95,10 +106,13 @@ def fill(registered_run: RegisteredRun, synthetic_source: Path, tmp_path: Path):
     image = next(registered_run.cache.rglob("*.jpg"))
     fifo = tmp_path / "fifo.pth"
     os.mkfifo(fifo)  # opened by a reader, it would block until a writer came
+    fifo_list = tmp_path / "pipe.txt"
+    os.mkfifo(fifo_list)
+    (tmp_path / "latin1.txt").write_bytes(b"a.jpg\nf\xe9e.jpg\n")
 
     def fill(args: list[str]) -> list[str]:
-        return [a.format(src=synthetic_source, img=image, tmp=tmp_path, fifo=fifo)
-                for a in args]
+        return [a.format(src=synthetic_source, img=image, tmp=tmp_path, fifo=fifo,
+                         fifolist=fifo_list) for a in args]
     return fill
 
 
@@ -117,6 +131,7 @@ def test_bad_input_is_one_line_and_exit_2(case, fill, registered_run: Registered
                                            tmp_path: Path) -> None:
     args, message = case
     assert_refused(run(fill(args), registered_run, tmp_path), message)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "out").exists()  # nothing written
 
 
 @pytest.mark.parametrize("case", CASES, ids=map(case_id, CASES))
