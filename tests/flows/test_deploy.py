@@ -11,9 +11,11 @@ at the same time (one GPU, one limit), and the scheduler's runs each get their o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,10 +152,25 @@ def test_the_notifications_apply_with_a_block(prefect_stack: LocalPrefect) -> No
         "flowerml-model-promoted", "flowerml-model-rejected")} == {block}
 
 
+def stop_as_the_unit_does(worker, timeout: float = 60) -> list[int]:
+    """deploy/systemd's stop (KillMode=mixed): SIGTERM to the main process, `flowerml worker`;
+    once it has exited (or after TimeoutStopSec), SIGKILL to whatever is left of the unit.
+    Returns the processes that were still left for that SIGKILL."""
+    unit = [worker.pid, *descendants(worker.pid)]
+    os.kill(worker.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.wait(timeout=timeout)
+    left = [pid for pid in unit if process_alive(pid)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def test_the_systemd_stop_sequence_stops_an_idle_worker_at_once(
         prefect_stack: LocalPrefect) -> None:
-    """deploy/systemd: ExecStop's SIGTERM to the worker, then KillSignal (SIGTERM) to the unit's
-    whole group. One SIGTERM alone left an idle worker running for minutes."""
+    """deploy/systemd: one SIGTERM to `flowerml worker` ends an idle worker within seconds
+    (a bare Prefect worker sat on its first SIGTERM for minutes)."""
     prefect = prefect_stack
     prefect.prefect("work-pool", "create", "idle", "--type", "process")
     worker = prefect.start_worker("idle", "--limit", "1", name="idle-worker")
@@ -162,10 +179,101 @@ def test_the_systemd_stop_sequence_stops_an_idle_worker_at_once(
         assert time.monotonic() < deadline and worker.poll() is None
         time.sleep(0.2)
     started = time.monotonic()
-    os.kill(worker.pid, signal.SIGTERM)  # ExecStop=/bin/kill -TERM $MAINPID
-    os.killpg(worker.pid, signal.SIGTERM)  # KillMode=control-group, KillSignal=SIGTERM
-    worker.wait(timeout=30)  # TimeoutStopSec=30 (the test fails at 30 s instead of killing)
-    assert time.monotonic() - started < 10
+    assert stop_as_the_unit_does(worker, timeout=30) == []
+    assert worker.returncode == 0 and time.monotonic() - started < 10
+
+
+def training_pids(root_pid: int) -> list[int]:
+    return [p for p in descendants(root_pid) if "flowerml.cli train" in command_line(p)]
+
+
+def wait_for_checkpoint_past(store: S3Store, run_id: str, epoch: int, prefect: LocalPrefect,
+                             timeout: float = 300) -> int:
+    """The epoch of the run's checkpoint once it is past `epoch`."""
+    pointer = RunFiles(store, run_id).key("checkpoint.json")
+    deadline = time.monotonic() + timeout
+    while True:
+        if store.exists(pointer) and (
+                saved := json.loads(store.get_bytes(pointer))["epoch"]) > epoch:
+            return saved
+        assert time.monotonic() < deadline, f"no checkpoint past epoch {epoch}; logs in " \
+                                            f"{prefect.root}"
+        time.sleep(0.2)
+
+
+def stop_busy_worker(prefect: LocalPrefect, worker, run: str, waiting: str,
+                     stop: str) -> dict[str, float]:
+    """Stop a worker that is training `run`; check it lets go within the runbook's bounds and
+    takes nothing new (`waiting` is queued behind it). Returns the timings."""
+    trainers = training_pids(worker.pid)
+    assert trainers, "the training child is not running"
+    signalled = time.monotonic()
+    if stop == "unit":
+        assert stop_as_the_unit_does(worker) == [], "the unit had processes left to SIGKILL"
+    else:  # the runbook's old habit, two SIGTERMs in a row: the second only hurries it
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    timings = {"worker exited": time.monotonic() - signalled}
+    while any(process_alive(p) for p in trainers):
+        assert time.monotonic() - signalled < 20, "the training child outlived its worker"
+        time.sleep(0.1)
+    timings["training child stopped"] = time.monotonic() - signalled
+    while prefect.flow_run(run)["state_type"] in ("RUNNING", "PENDING"):
+        assert time.monotonic() - signalled < 15, "the run stayed Running after the stop"
+        time.sleep(0.2)
+    timings["run left Running"] = time.monotonic() - signalled
+    assert worker.returncode == 0
+    time.sleep(3)  # a worker that still polled (every 2 s here) would take a run now
+    assert prefect.flow_run(run)["state_name"] == "Recovering"
+    assert prefect.flow_run(waiting)["state_type"] in ("SCHEDULED", "COMPLETED")
+    return timings
+
+
+EPOCHS = 40  # about 0.3 s each here: long enough to be stopped twice while training
+
+
+def test_a_stopped_busy_worker_lets_go_and_the_run_resumes_on_the_next(
+        prefect_stack: LocalPrefect, s3_bucket: str, moto_endpoint: str,
+        synthetic_source: Path) -> None:
+    """A worker training a run is stopped twice, as systemd stops the unit and with two
+    SIGTERMs in a row: each time it takes no new run, its training child stops, the run is
+    Crashed at once (not 90 s later by the zombie rule) and rescheduled, and the next worker
+    resumes it from its checkpoint; it ends Completed with nothing of the stopped attempts
+    left Running and one progress bar at 100%."""
+    prefect = prefect_stack
+    store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
+    run = prefect.run_deployment("retrain-flowers/retrain-manual",
+                                 run_params(synthetic_source, s3_bucket, epochs=EPOCHS))
+    # Queued behind it (the pool's one slot): a stopping worker must not take it.
+    waiting = prefect.run_deployment("retrain-flowers/retrain-manual",
+                                     run_params(synthetic_source, s3_bucket, epochs=1))
+    run_id = training_run_id("flowers102", run)
+    epoch, timings = 0, {}
+    for attempt, stop in enumerate(("unit", "two-sigterms"), start=1):
+        worker = prefect.start_worker("gpu", "--limit", "1", name=f"busy-{attempt}")
+        epoch = wait_for_checkpoint_past(store, run_id, epoch, prefect)
+        timings[stop] = stop_busy_worker(prefect, worker, run, waiting, stop)
+    last = prefect.start_worker("gpu", "--limit", "1", name="busy-3")
+    final = prefect.wait_for_final_state(run, timeout=600)
+    assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {prefect.root}"
+    assert prefect.wait_for_final_state(waiting, timeout=300)["state_type"] == "COMPLETED"
+    prefect.stop_worker(last)
+    history = [s["name"] for s in prefect.api(f"/flow_run_states/?flow_run_id={run}")]
+    assert history.count("Crashed") == 2 and history.count("Recovering") == 2, history
+    result = json.loads(store.get_bytes(RunFiles(store, run_id).key("result.json")))
+    assert result["resumed_from_epoch"] >= 2 and result["epochs_run"] == EPOCHS
+    assert_nothing_left_running(prefect, run)
+    print(f"\nbusy worker stops: {json.dumps(timings)}")
+
+
+def assert_nothing_left_running(prefect: LocalPrefect, run: str) -> None:
+    """The run graph of a recovered run: no task run left Running, one bar at 100%."""
+    tasks = prefect.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [run]}}})
+    assert [t["name"] for t in tasks if t["state_type"] not in ("COMPLETED", "CRASHED")] == []
+    bars = [a for a in prefect.api("/artifacts/filter", {"artifacts": {
+        "flow_run_id": {"any_": [run]}, "type": {"any_": ["progress"]}}})]
+    assert [a["data"] for a in bars] == [100.0]
 
 
 def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect, tmp_path: Path,
@@ -213,6 +321,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
     history = [s["name"] for s in prefect.api(f"/flow_run_states/?flow_run_id={killed}")]
     assert "Crashed" in history and "Recovering" in history, history
     assert final["run_count"] == 2
+    assert_nothing_left_running(prefect, killed)
     result = json.loads(store.get_bytes(RunFiles(store, run_id).key("result.json")))
     assert result["resumed_from_epoch"] >= 1 and result["epochs_run"] == 8
     registry = Registry(store, "flowers102")
