@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.states import Running
+from prefect.states import Completed, Running
 
 from tasks.attempts import close_interrupted_attempts
 
@@ -17,11 +17,12 @@ def stand_in() -> None:
     """Only its name and identity are used: the killed attempt's task run."""
 
 
-def left_running(flow_run_id, name: str):
-    """A task run of `flow_run_id` in Running, as a SIGKILLed attempt leaves it."""
+def left_running(flow_run_id, name: str, state=None):
+    """A task run of `flow_run_id` in Running, as a SIGKILLed attempt leaves it (or in
+    `state`), written to the server before this returns."""
     with get_client(sync_client=True) as client:
         return client.create_task_run(stand_in, flow_run_id, dynamic_key=name, name=name,
-                                      state=Running())
+                                      state=state or Running())
 
 
 def state_of(task_run_id):
@@ -62,7 +63,7 @@ def test_finished_task_runs_and_other_flow_runs_are_left_alone(prefect_harness: 
     def resumed() -> list[str]:
         from prefect.runtime import flow_run
 
-        stand_in()  # finished in this attempt: Completed, not debris
+        left_running(flow_run.id, "fetch", Completed())  # finished before the kill
         return close_interrupted_attempts(flow_run.id, attempt=2)
 
     assert resumed() == []
