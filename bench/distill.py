@@ -53,7 +53,7 @@ def log(message: str) -> None:
 def publish(workdir: Path, args: argparse.Namespace):
     from flowerml.ingest import FetchOptions, ingest
     from flowerml.manifest import resolve_dataset
-    from flowerml.storage import LocalStore
+    from flowerml.storage_local import LocalStore
     from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 
     write_synthetic_archive(workdir / "src", SyntheticSpec(

@@ -33,7 +33,7 @@ from flowerml.loaders import build_loaders
 from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model, prepare_for_strategy
 from flowerml.recipes import build_config
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 from flowerml.training import (
     Stepper,

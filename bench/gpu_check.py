@@ -25,7 +25,7 @@ from flowerml.prediction import predict_images
 from flowerml.recipes import build_config
 from flowerml.runs import RunFiles
 from flowerml.runtimes import scorer_from_model
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 from flowerml.training import fit
 

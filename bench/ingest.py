@@ -359,7 +359,8 @@ def s3_client(endpoint: str):
 def run_flowerml(source: Path, endpoint: str, bucket: str, scratch: Path):
     """The flowerml method, ready to time: a callable that ingests and returns the upload count."""
     from flowerml.ingest import FetchOptions, ingest
-    from flowerml.storage import S3Options, S3Store
+    from flowerml.storage import S3Options
+    from flowerml.storage_s3 import S3Store
 
     store = S3Store(bucket, "", S3Options(endpoint_url=endpoint, addressing_style="path"),
                     concurrency=16)

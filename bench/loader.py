@@ -214,7 +214,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     from flowerml.cache import build_decoded_split, cache_resolution
     from flowerml.ingest import FetchOptions, ingest
     from flowerml.manifest import resolve_dataset
-    from flowerml.storage import LocalStore
+    from flowerml.storage_local import LocalStore
     from flowerml.sync import sync_split
 
     workdir = Path(args.workdir)

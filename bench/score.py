@@ -178,7 +178,7 @@ def register_model(store_root: Path, arch: str) -> str:
     """A random-weight model registered as bench:1 (production) on a local store."""
     from flowerml.models import build_model
     from flowerml.registry import Registry
-    from flowerml.storage import LocalStore
+    from flowerml.storage_local import LocalStore
 
     registry = Registry(LocalStore(store_root), "bench")
     card = {"arch": arch, "image_size": SIZE,
@@ -257,7 +257,7 @@ def listing_child(listing: str, store: str, output: str, shard_size: int) -> Non
     import flowerml.export  # noqa: F401
     import flowerml.prediction  # noqa: F401
     from flowerml.scoring import ScoringRequest, plan_scoring
-    from flowerml.storage import LocalStore
+    from flowerml.storage_local import LocalStore
 
     def status_mb(field: str) -> float:
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -14,7 +14,7 @@ so predictions are read only when complete; registration copies both into the ve
 `compare(a, b)` pairs two models' predictions on the same manifest: how often they agree, the
 discordant pairs (one right where the other is wrong) and McNemar's exact test on them, and the
 per-class accuracies; everything is said of `b` relative to `a`. Models measured on different
-manifests are refused, naming both. The gate (`flowerml.promotion`) compares a candidate (`b`)
+manifests are refused, naming both. The champion gate (`flowerml.gates`) compares a candidate (`b`)
 with the production model (`a`) this way.
 
 References: `run:ID` is a run's test evaluation; `NAME:V` a registry version; `NAME@ALIAS` the
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowerml.errors import UserError
-from flowerml.registry import Registry, parse_model_ref
+from flowerml.registry import Registry
+from flowerml.registry_names import parse_model_ref
 from flowerml.runs import RunFiles, check_run_id
 from flowerml.storage import ObjectNotFound, Store
 

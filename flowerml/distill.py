@@ -12,7 +12,7 @@ This module owns:
   each validation adds the student's top-1 agreement with the teacher (`valid_agreement`);
 - `distill`: `flowerml distill`, a training run like any other (checkpoints, resume, DDP, AMP);
 - measuring a student against its teacher on a split (`measure_agreement`), the student gate
-  (`decide_student`), what the card says about both models' cost (`model_profile`) and the
+  (`flowerml.gates`), what the card says about both models' cost (`model_profile`) and the
   release (`release_student`): a student registers under its own model name and is promoted on
   its own gate.
 """
@@ -32,6 +32,7 @@ from torch import nn
 
 from flowerml.distributed import Placement
 from flowerml.errors import UserError
+from flowerml.gates import GateScore, StudentGate, decide_student
 from flowerml.inference import (
     TrainedModel,
     eval_batch_size,
@@ -42,8 +43,10 @@ from flowerml.loaders import build_eval_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import build_model
 from flowerml.progress import Progress
+from flowerml.promotion import promote_released_student
 from flowerml.recipes import DistillConfig, TrainConfig
-from flowerml.registry import AliasMoved, AliasState, Registry, RegistryError, parse_model_ref
+from flowerml.registry import Registry
+from flowerml.registry_names import RegistryError, parse_model_ref
 from flowerml.release import build_card, load_version, register_run
 from flowerml.runs import BEST, RunFiles, check_run_id
 from flowerml.storage import S3Options, Store
@@ -59,8 +62,6 @@ from flowerml.transforms import prepare_batch
 
 DISTILLATION = "distillation"
 STUDENT_SUFFIX = "-small"
-# As in flowerml.promotion: scores are ratios, so a student exactly at a bound passes.
-_EPSILON = 1e-9
 
 
 class DistillError(UserError):
@@ -406,52 +407,6 @@ def _count_agreement(student: TrainedModel, teacher: TrainedModel, student_loade
 
 
 # --------------------------------------------------------------------------------------------
-# The student gate: pure
-
-
-@dataclass(frozen=True)
-class StudentGate:
-    """A student is promoted when its test top-1 clears `threshold` and is at most `max_gap`
-    below its teacher's, both measured on the same test manifest."""
-
-    threshold: float = 0.95
-    max_gap: float = 0.01
-
-    def __post_init__(self) -> None:
-        for name, value in (("--threshold", self.threshold), ("--max-gap", self.max_gap)):
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not 0 <= value <= 1:
-                raise DistillError(f"{name} must be between 0 and 1 (got {value})")
-
-
-@dataclass(frozen=True)
-class GateScore:
-    """A test top-1 and the manifest it was measured on."""
-
-    top1: float
-    manifest_sha256: str
-
-
-def decide_student(student: GateScore, teacher: GateScore, gate: StudentGate, *,
-                   teacher_label: str = "the teacher") -> tuple[bool, list[str]]:
-    """Whether the student clears its gate, with the reasons in words and numbers. Scores from
-    different test manifests are not comparable: DistillError."""
-    if student.manifest_sha256 != teacher.manifest_sha256:
-        raise DistillError(f"the student was measured on test manifest "
-                           f"{student.manifest_sha256[:12]}... and {teacher_label} on "
-                           f"{teacher.manifest_sha256[:12]}...: measure both on the same one")
-    floor = student.top1 + _EPSILON >= gate.threshold
-    reasons = [f"test top-1 {student.top1:.4f} {'>=' if floor else '<'} threshold "
-               f"{gate.threshold:.4f}"]
-    gap = teacher.top1 - student.top1
-    close = gap <= gate.max_gap + _EPSILON
-    head = f"test top-1 {student.top1:.4f} vs teacher {teacher_label} {teacher.top1:.4f}"
-    reasons.append(f"{head}: gap {gap:+.4f} {'within' if close else 'beyond'} max gap "
-                   f"{gate.max_gap:.4f}")
-    return floor and close, reasons
-
-
-# --------------------------------------------------------------------------------------------
 # What a model costs: parameters, MACs, bytes, CPU speed
 
 
@@ -570,7 +525,8 @@ def release_student(store: Store, run_id: str, *, cache_dir: Path, model: str | 
              "efficiency": efficiency}
     version = _registered_version(registry, run_id, student.weights_sha256) \
         or register_run(registry, store, run_id, card)
-    promoted = promote and passes and _move_alias(registry, version.version, alias, reasons)
+    promoted = promote and passes and promote_released_student(registry, version.version,
+                                                                alias, reasons)
     if promote and passes and not promoted:
         reasons = [*reasons, f"{alias} moved to a newer version meanwhile: left there"]
     return StudentRelease(name, version.version, version.label, alias, passes, promoted, reasons,
@@ -584,49 +540,3 @@ def _registered_version(registry: Registry, run_id: str, weights_sha256: str) ->
                  and version.weights_sha256 == weights_sha256
                  and version.card.get("lineage", {}).get("run_id") == run_id), None)
 
-
-def is_student_card(card: dict[str, Any]) -> bool:
-    """Whether a version was released by `release_student` (its card holds the student gate)."""
-    return (card.get("gate") or {}).get("kind") == "student" and "teacher" in card
-
-
-def promote_student_version(registry: Registry, version: int, *, alias: str,
-                            gate: StudentGate, force: bool = False
-                            ) -> tuple[bool, list[str], AliasState | None]:
-    """`flowerml registry promote` for a student: its own gate (threshold, and at most
-    `max_gap` below its teacher), on the two test top-1s its card recorded at release, both
-    measured on the card's test manifest; `force` moves the alias regardless (recorded)."""
-    card = registry.require_committed(version).card
-    if not is_student_card(card):
-        raise DistillError(f"{registry.model}:{version:06d} was not released as a student")
-    manifest = card["test_manifest_sha256"]
-    teacher = card["teacher"]
-    passes, reasons = decide_student(GateScore(card["metrics"]["top1"], manifest),
-                                     GateScore(teacher["test_top1"], manifest), gate,
-                                     teacher_label=teacher["label"])
-    if not passes and not force:
-        return False, reasons, None
-    if not passes:
-        reasons = [*reasons, "forced past the student gate"]
-    current = registry.alias(alias)
-    if current is not None and current.version == version:
-        return True, [*reasons, f"v{version:06d} is already {alias}: nothing to move"], current
-    state = registry.set_alias(alias, version, reason="student gate: " + "; ".join(reasons),
-                               forced=force and not passes)
-    return True, reasons, state
-
-
-def _move_alias(registry: Registry, version: int, alias: str, reasons: list[str]) -> bool:
-    """Point `alias` at `version` by compare-and-swap. The student gate does not depend on the
-    alias's current model, so a lost race only needs a fresh read, unless the alias now holds
-    a newer version: that one stays."""
-    current = registry.alias(alias)
-    while True:
-        if current is not None and current.version >= version:
-            return current.version == version
-        try:
-            registry.set_alias(alias, version, reason="student gate: " + "; ".join(reasons),
-                               expect_seq=current.seq if current else 0)
-            return True
-        except AliasMoved as moved:
-            current = moved.current

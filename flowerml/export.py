@@ -14,7 +14,7 @@ floats it has to normalise the same way. Its batch axis is dynamic; the output i
 Parity is measured, not assumed: ONNX Runtime's CPU provider and PyTorch eager score every test
 image of the manifest the card names; the export passes when their top-1 predictions agree on at
 least `MIN_AGREEMENT` of the images and no logit differs by more than `LOGIT_TOLERANCE`. A version
-whose export fails parity cannot be promoted without `--force` (see `flowerml.promotion`).
+whose export fails parity cannot be promoted without `--force` (see `flowerml.gates`).
 """
 
 from __future__ import annotations

@@ -69,14 +69,8 @@ from flowerml.manifest import (
 )
 from flowerml.progress import NullProgress, Progress
 from flowerml.splits import OfficialSplit, read_official_split
-from flowerml.storage import (
-    ObjectNotFound,
-    S3Options,
-    S3Store,
-    Store,
-    StoreAccessError,
-    run_bounded,
-)
+from flowerml.storage import ObjectNotFound, S3Options, Store, StoreAccessError, run_bounded
+from flowerml.storage_s3 import S3Store
 from flowerml.synthetic import is_synthetic
 
 SOURCES_RECORD = "sources.json"

@@ -1,21 +1,19 @@
-"""Promotion, in one place: the pure gate, the champion's fair score, and moving the alias.
+"""Promotion, in one place: the champion's fair score, and promoting a version past its gate.
 
-- The gate (`Gate`, `Scorecard`, `decide_promotion`) is a pure function of two scorecards. When
-  the candidate's scorecard carries its image-by-image comparison with the champion
-  (`Scorecard.paired`, a `flowerml.comparison.Comparison`), the gate also refuses a candidate
-  that McNemar's exact test finds significantly worse, or whose accuracy on some class falls
-  more than `Gate.class_drop` below the champion's; without one (a model evaluated before
-  evaluations kept per-image predictions) it says so and decides on top-1.
 - Judging (`champion_scorecard`, `judge_candidate`) finds the score the candidate must beat:
   scores compare only on the same test manifest, so a champion measured on another one (the
   dataset changed) is re-evaluated on the current test split first; the per-image predictions
-  of both sides are loaded here, never inside the gate.
-- `promote` moves the alias by compare-and-swap and decides again, against the new champion's
+  of both sides are loaded here, never inside the gate (`flowerml.gates`).
+- `promote` moves the alias past the champion gate, deciding again, against the new champion's
   card, whenever another promotion moved the alias in between; `promote_version` is the
-  operator's path (`flowerml registry promote`): judge on the candidate's own data, then promote.
+  operator's path (`flowerml registry promote`): judge on the candidate's own data, then
+  promote.
+- A distilled student is promoted on its own gate: `promote_student_version` (the operator's
+  path, on the figures its card recorded at release) and `promote_released_student` (the
+  release's, which leaves a newer version behind the alias where it is).
 
-The registry itself only keeps versions, aliases and their history; it never decides.
-torch is imported only when a champion must be re-evaluated.
+Both kinds move the alias with `gates.move_alias`. torch is imported only when a champion must
+be re-evaluated.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flowerml.comparison import (
-    ClassDelta,
     Comparison,
     ComparisonError,
     PredictionSet,
@@ -34,221 +31,28 @@ from flowerml.comparison import (
     run_predictions,
     version_predictions,
 )
-from flowerml.registry import DEFAULT_ALIAS, AliasMoved, AliasState, Registry, RegistryError
+from flowerml.gates import (
+    DEFAULT_GATE,
+    Gate,
+    GateError,
+    GateScore,
+    Paired,
+    PairedUnavailable,
+    Scorecard,
+    StudentGate,
+    Verdict,
+    decide_promotion,
+    decide_student,
+    is_student_card,
+    move_alias,
+)
+from flowerml.registry import Registry
+from flowerml.registry_aliases import AliasState
+from flowerml.registry_names import DEFAULT_ALIAS
 
 if TYPE_CHECKING:
     from flowerml.manifest import PublishedDataset
     from flowerml.storage import Store
-
-# Scores are ratios like 5911/6149: compare with a hair of slack so that a candidate exactly at
-# the threshold (or exactly `tolerance` below the champion) is not rejected by float rounding.
-_EPSILON = 1e-9
-SIGNIFICANCE = 0.05
-"""McNemar's one-sided p below which a candidate counts as significantly worse."""
-FLOOR_NAMES_LIMIT = 5
-
-
-# --------------------------------------------------------------------------------------------
-# The gate: pure
-
-
-def _unit_interval(value: float, option: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise RegistryError(f"{option} must be between 0 and 1 (got {value})")
-    return float(value)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """Promotion rules: an absolute floor, how far below the champion a candidate may be, and
-    how far below the champion's any one class's accuracy may fall."""
-
-    threshold: float = 0.95
-    tolerance: float = 0.005
-    class_drop: float = 0.10
-
-    def __post_init__(self) -> None:
-        _unit_interval(self.threshold, "--threshold")
-        _unit_interval(self.tolerance, "--tolerance")
-        _unit_interval(self.class_drop, "--class-drop")
-
-
-DEFAULT_GATE = Gate()
-
-
-@dataclass(frozen=True)
-class PairedUnavailable:
-    """Why the candidate could not be compared image by image with `champion` (its label)."""
-
-    champion: str
-    reason: str
-
-
-Paired = Comparison | PairedUnavailable
-
-
-@dataclass(frozen=True)
-class Scorecard:
-    """What the gate compares: test top-1 and the test manifest it was measured on."""
-
-    top1: float
-    test_manifest_sha256: str
-    version: int | None = None
-    export_parity: bool | None = None
-    """Whether the version's ONNX export passed parity; None when it has no export."""
-    paired: Paired | None = None
-    """A candidate's image-by-image comparison with the champion it is judged against (`a` the
-    champion, `b` the candidate), or why there is none; None when nobody looked."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.top1, int | float) or not 0 <= self.top1 <= 1:
-            raise ValueError(f"top1 must be a fraction between 0 and 1 (got {self.top1})")
-
-    @classmethod
-    def from_card(cls, card: dict, version: int | None = None) -> Scorecard:
-        """The scorecard a card records (`metrics.top1`, `test_manifest_sha256`)."""
-        try:
-            return cls(float(card["metrics"]["top1"]), str(card["test_manifest_sha256"]),
-                       version)
-        except (KeyError, TypeError, ValueError):
-            where = f"version {version:06d}" if version else "the card"
-            raise RegistryError(f"{where} records no metrics.top1 and test_manifest_sha256 "
-                                "to compare against; pass its scorecard instead") from None
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain JSON (for a Prefect task's result); `from_json` reads it back."""
-        paired: dict[str, Any] | None = None
-        if isinstance(self.paired, Comparison):
-            paired = {"comparison": self.paired.to_json()}
-        elif isinstance(self.paired, PairedUnavailable):
-            paired = {"unavailable": {"champion": self.paired.champion,
-                                      "reason": self.paired.reason}}
-        return {"top1": self.top1, "test_manifest_sha256": self.test_manifest_sha256,
-                "version": self.version, "export_parity": self.export_parity, "paired": paired}
-
-    @classmethod
-    def from_json(cls, value: dict[str, Any]) -> Scorecard:
-        paired = value.get("paired") or {}
-        if "comparison" in paired:
-            found: Paired | None = Comparison.from_json(paired["comparison"])
-        elif "unavailable" in paired:
-            found = PairedUnavailable(**paired["unavailable"])
-        else:
-            found = None
-        return cls(value["top1"], value["test_manifest_sha256"], value.get("version"),
-                   value.get("export_parity"), found)
-
-
-def decide_promotion(candidate: Scorecard, champion: Scorecard | None, gate: Gate, *,
-                     force: bool = False) -> tuple[bool, list[str]]:
-    """Whether `candidate` may replace `champion`, with the reasons in words and numbers.
-
-    Promote when test top-1 clears the threshold and, if there is a champion, is at most
-    `gate.tolerance` below it; and, when `candidate.paired` compares the two image by image,
-    McNemar's exact test does not find the candidate significantly worse (one-sided p <
-    SIGNIFICANCE) and no class's accuracy falls more than `gate.class_drop` below the
-    champion's. Scores are only comparable on the same test manifest, so a champion measured
-    on another one raises ValueError: the caller re-evaluates it and calls again. `force`
-    promotes regardless, and then a stale champion is only noted, not compared.
-    """
-    passes = candidate.top1 + _EPSILON >= gate.threshold
-    sign = ">=" if passes else "<"
-    reasons = [f"test top-1 {candidate.top1:.4f} {sign} threshold {gate.threshold:.4f}"]
-    if champion is None:
-        reasons.append("no production model yet: decided by the threshold alone")
-    elif champion.test_manifest_sha256 != candidate.test_manifest_sha256:
-        if not force:
-            raise ValueError("champion was measured on a different test manifest: "
-                             "re-evaluate it first")
-        reasons.append("production was measured on a different test manifest: not compared")
-    else:
-        within, sentence = _compare(candidate, champion, gate.tolerance)
-        paired_passes, paired_reasons = _paired_checks(candidate, champion, gate)
-        passes = passes and within and paired_passes
-        reasons += [sentence, *paired_reasons]
-    if candidate.export_parity is False:
-        passes = False
-        reasons.append("its ONNX export failed the parity check (see export.json)")
-    if force:
-        return True, [*reasons, "forced: promoted regardless of the gate"]
-    return passes, reasons
-
-
-def _champion_name(champion: Scorecard) -> str:
-    return f"production v{champion.version:06d}" if champion.version else "production"
-
-
-def _compare(candidate: Scorecard, champion: Scorecard, tolerance: float) -> tuple[bool, str]:
-    head = f"test top-1 {candidate.top1:.4f} vs {_champion_name(champion)} {champion.top1:.4f}"
-    delta = candidate.top1 - champion.top1
-    if delta + tolerance + _EPSILON >= 0:
-        return True, f"{head}: {delta:+.4f} within tolerance {tolerance:.4f}"
-    return False, f"{head}: regression of {-delta:.4f} beyond tolerance {tolerance:.4f}"
-
-
-def _paired_checks(candidate: Scorecard, champion: Scorecard,
-                   gate: Gate) -> tuple[bool, list[str]]:
-    paired = candidate.paired
-    if paired is None:
-        return True, ["paired test not run: no per-image predictions were given; decided on "
-                      "top-1 alone"]
-    if isinstance(paired, PairedUnavailable):
-        return True, [f"paired test not run: {paired.reason}; decided on top-1 alone"]
-    if paired.manifest_sha256 != candidate.test_manifest_sha256:
-        raise ValueError("the paired comparison was made on another test manifest than the "
-                         "candidate's score")
-    name = _champion_name(champion)
-    significant, mcnemar = _mcnemar(paired, name)
-    below = classes_below_floor(paired, gate.class_drop)
-    return not significant and not below, [mcnemar, _floor_sentence(below, name,
-                                                                     gate.class_drop)]
-
-
-def _mcnemar(paired: Comparison, name: str) -> tuple[bool, str]:
-    p = paired.p_b_worse
-    significant = p < SIGNIFICANCE
-    verdict = (f"< {SIGNIFICANCE:g}: significantly worse" if significant
-               else f">= {SIGNIFICANCE:g}: not significantly worse")
-    return significant, (
-        f"McNemar exact test vs {name}: right where it was wrong on {paired.b_only:,} images, "
-        f"wrong where it was right on {paired.a_only:,} (of {paired.n:,}; agreement "
-        f"{paired.agreement:.2%}); one-sided p = {p:.4g} {verdict}")
-
-
-def classes_below_floor(paired: Comparison, class_drop: float) -> list[ClassDelta]:
-    """The classes whose accuracy under the candidate (`b`) is more than `class_drop` below
-    the champion's (`a`), largest drop first."""
-    below = [c for c in paired.per_class if -c.delta > class_drop + _EPSILON]
-    return sorted(below, key=lambda c: (c.delta, c.label))
-
-
-def _floor_sentence(below: list[ClassDelta], name: str, class_drop: float) -> str:
-    if not below:
-        return f"per-class floor: no class drops more than {class_drop:.2f} below {name}"
-    named = ", ".join(f"{c.label} {c.name} {c.a_accuracy:.4f} -> {c.b_accuracy:.4f}"
-                      for c in below[:FLOOR_NAMES_LIMIT])
-    more = f" and {len(below) - FLOOR_NAMES_LIMIT} more" if len(below) > FLOOR_NAMES_LIMIT \
-        else ""
-    counted = f"{len(below)} classes drop" if len(below) > 1 else "1 class drops"
-    return f"per-class floor: {counted} more than {class_drop:.2f} below {name}: {named}{more}"
-
-
-def paired_figures(paired: Paired | None, gate: Gate) -> dict[str, Any] | None:
-    """The paired test's figures as plain JSON, for the card, the Prefect report and
-    `registry show`; None when there was no champion to compare with."""
-    if paired is None:
-        return None
-    if isinstance(paired, PairedUnavailable):
-        return {"champion": paired.champion, "ran": False, "reason": paired.reason}
-    below = classes_below_floor(paired, gate.class_drop)
-    return {"champion": paired.a, "ran": True, "n": paired.n,
-            "candidate_only": paired.b_only, "champion_only": paired.a_only,
-            "agreement": paired.agreement, "p_worse": paired.p_b_worse,
-            "significance": SIGNIFICANCE, "significantly_worse": paired.p_b_worse < SIGNIFICANCE,
-            "class_drop": gate.class_drop,
-            "classes_below_floor": [{"label": c.label, "name": c.name, "support": c.support,
-                                     "champion": c.a_accuracy, "candidate": c.b_accuracy}
-                                    for c in below]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,25 +179,17 @@ def promote(registry: Registry, version: int, *, scorecard: Scorecard,
     registry.require_committed(version)  # set_alias verifies the weights before any move
     candidate = replace(scorecard, version=version if scorecard.version is None
                         else scorecard.version, export_parity=export_parity(registry, version))
-    current = registry.alias(alias)
-    if champion is not None and champion.version is None and current is not None:
-        champion = replace(champion, version=current.version)
-    while True:
+    if champion is not None and champion.version is None:
+        first_read = registry.alias(alias)
+        if first_read is not None:
+            champion = replace(champion, version=first_read.version)
+
+    def decide(current: AliasState | None) -> Verdict:
         deciding = _champion(registry, current, champion)
-        promoted, reasons = decide_promotion(
-            _paired_against(registry, candidate, version, deciding), deciding, gate,
-            force=force)
-        if not promoted:
-            return False, reasons, None
-        if current is not None and current.version == version:
-            return True, [*reasons, f"v{version:06d} is already {alias}: nothing to move"], \
-                current
-        try:
-            state = registry.set_alias(alias, version, reason="promote: " + "; ".join(reasons),
-                                       forced=force, expect_seq=current.seq if current else 0)
-            return True, reasons, state
-        except AliasMoved as moved:
-            current = moved.current
+        return decide_promotion(_paired_against(registry, candidate, version, deciding),
+                                deciding, gate, force=force)
+
+    return move_alias(registry, alias, version, decide, why="promote", forced=force)
 
 
 def _paired_against(registry: Registry, candidate: Scorecard, version: int,
@@ -449,3 +245,40 @@ def promote_version(registry: Registry, version: int, *, alias: str, gate: Gate,
     return promote(registry, version, scorecard=scorecard,
                    champion=champion.scorecard if champion else None, gate=gate, alias=alias,
                    force=force)
+
+
+# --------------------------------------------------------------------------------------------
+# Promoting a student: its own gate, which does not depend on the alias's current model
+
+
+def promote_student_version(registry: Registry, version: int, *, alias: str,
+                            gate: StudentGate, force: bool = False
+                            ) -> tuple[bool, list[str], AliasState | None]:
+    """`flowerml registry promote` for a student: its own gate (threshold, and at most
+    `max_gap` below its teacher), on the two test top-1s its card recorded at release, both
+    measured on the card's test manifest; `force` moves the alias regardless (recorded)."""
+    card = registry.require_committed(version).card
+    if not is_student_card(card):
+        raise GateError(f"{registry.model}:{version:06d} was not released as a student")
+    manifest = card["test_manifest_sha256"]
+    teacher = card["teacher"]
+    passes, reasons = decide_student(GateScore(card["metrics"]["top1"], manifest),
+                                     GateScore(teacher["test_top1"], manifest), gate,
+                                     teacher_label=teacher["label"])
+    if not passes and not force:
+        return False, reasons, None
+    if not passes:
+        reasons = [*reasons, "forced past the student gate"]
+    return move_alias(registry, alias, version, lambda _current: (True, reasons),
+                      why="student gate", forced=force and not passes)
+
+
+def promote_released_student(registry: Registry, version: int, alias: str,
+                             reasons: list[str]) -> bool:
+    """Point `alias` at a student `release_student` just released past its gate; False when
+    the alias holds a newer version by then (that one stays)."""
+    def newer_stays(current: AliasState | None) -> Verdict:
+        return current is None or current.version <= version, reasons
+
+    _, _, state = move_alias(registry, alias, version, newer_stays, why="student gate")
+    return state is not None and state.version == version

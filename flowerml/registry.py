@@ -1,6 +1,7 @@
-"""The model registry: immutable numbered versions, aliases moved by compare-and-swap, history.
+"""The model registry: immutable numbered versions of a model, and the aliases that point at
+them (moved by `flowerml.registry_aliases`, whose `ModelAliases` is `Registry`'s base).
 
-Owns everything under `registry/<model>/` on a store:
+Owns `registry/<model>/versions/` on a store:
 
 ```
 versions/<NNNNNN>/CLAIM              create-only: allocates the number (from 000001)
@@ -9,47 +10,48 @@ versions/<NNNNNN>/card.json          the caller's card + version, model, weights
 versions/<NNNNNN>/card.md            the card rendered for people (by the caller's `render`)
 versions/<NNNNNN>/<extra files>      report.md, confusion.png, curves.png, ...
 versions/<NNNNNN>/COMMITTED          written LAST, create-only: {weights_sha256, committed_at}
-aliases/<alias>.json                 {alias, version, sha256, seq, previous, updated_at}: CAS only
-aliases/<alias>/history/<seq>.json   create-only, seq 1, 2, 3... (8 digits), gap-free;
-                                     {seq, from, to, sha256, previous, reason, forced,
-                                      rollback, time, writer}
 ```
 
 A version without COMMITTED is an interrupted registration: it is listed, but it can never be
 loaded or put behind an alias. Weights are verified against their sha256 whenever they are
 loaded or an alias is about to point at them.
 
-The registry never decides: the gate and promoting past it live in `flowerml.promotion`, which
-moves aliases with `set_alias(..., expect_seq=...)` and decides again on `AliasMoved`. Cards are
-free-form JSON; `flowerml.release` builds and renders them.
+The registry never decides: the gates (`flowerml.gates`) move aliases with
+`set_alias(..., expect_seq=...)` and decide again on `AliasMoved`. Cards are free-form JSON;
+`flowerml.release` builds and renders them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import struct
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowerml.errors import UserError
 from flowerml.files import json_bytes, sha256_hex
+from flowerml.registry_aliases import AliasMoved, AliasState, ModelAliases
+from flowerml.registry_names import (
+    DEFAULT_ALIAS,
+    MAX_VERSION,
+    RegistryError,
+    RegistryNotFound,
+    check_name,
+    is_name,
+    now,
+    parse_model_ref,
+)
 from flowerml.storage import ObjectNotFound, PreconditionFailed, Store
 
 if TYPE_CHECKING:
     import torch
 
-MODEL_NAME = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-_NAME = re.compile(MODEL_NAME)
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_DIR = re.compile(r"^\d{6}$")
-MAX_VERSION = 999_999
-DEFAULT_ALIAS = "production"
+
 
 WEIGHTS = "model.safetensors"
 CARD_JSON = "card.json"
@@ -61,28 +63,6 @@ CARD_FIELDS = ("version", "model", "weights_sha256", "registered_at")
 
 RenderCard = Callable[[dict, list[str]], str]
 """(the full card, the extra files' names) -> card.md: see `release.render_card`."""
-
-
-class RegistryError(UserError):
-    """An unknown model, alias or version, an uncommitted or corrupt version, or a bad name."""
-
-
-class RegistryNotFound(RegistryError):
-    """A version or alias the registry does not have."""
-
-    kind = "not-found"
-
-
-class AliasMoved(Exception):
-    """The alias changed since the caller decided; it must decide again against `current`."""
-
-    def __init__(self, current: AliasState | None) -> None:
-        super().__init__("alias moved")
-        self.current = current
-
-
-# --------------------------------------------------------------------------------------------
-# Values
 
 
 @dataclass(frozen=True)
@@ -100,49 +80,10 @@ class ModelVersion:
         return f"{self.model}:{self.version:06d}"
 
 
-@dataclass(frozen=True)
-class AliasState:
-    """An alias as read, with the etag that a compare-and-swap must match."""
-
-    alias: str
-    version: int
-    sha256: str
-    seq: int
-    previous: int | None
-    etag: str
-
-
-def check_name(name: str, what: str = "model") -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise RegistryError(f"{what} name must be 1-63 lowercase letters, digits, '.', '_' or '-', "
-                            f"starting with a letter or digit (got {name!r})")
-    return name
-
-
-def parse_model_ref(ref: str, default_alias: str = DEFAULT_ALIAS
-                    ) -> tuple[str, str | None, int | None]:
-    """'m' -> (m, default_alias, None); 'm@alias' -> (m, alias, None); 'm:3' or 'm:000003' -> (m, None, 3)."""
-    model, at, alias = ref.partition("@")
-    model, colon, number = model.partition(":")
-    if at and colon:
-        raise RegistryError(f"model reference {ref!r} names both an alias and a version")
-    check_name(model)
-    if colon:
-        return model, None, _parse_version(number, ref)
-    return model, check_name(alias, "alias") if at else default_alias, None
-
-
-def _parse_version(text: str, ref: str) -> int:
-    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_VERSION:
-        raise RegistryError(f"model reference {ref!r}: version must be a number from 1 to "
-                            f"{MAX_VERSION}")
-    return int(text)
-
-
 def list_models(store: Store) -> list[str]:
     """Every model name with anything under registry/."""
     names = {info.key.split("/")[1] for info in store.list("registry/")}
-    return sorted(name for name in names if _NAME.fullmatch(name))
+    return sorted(name for name in names if is_name(name))
 
 
 def resolve_ref(store: Store, ref: str, default_alias: str = DEFAULT_ALIAS) -> ModelVersion:
@@ -151,37 +92,8 @@ def resolve_ref(store: Store, ref: str, default_alias: str = DEFAULT_ALIAS) -> M
     return Registry(store, model).resolve(alias, version)
 
 
-def is_rollback(entry: dict) -> bool:
-    """Whether a history entry records a rollback (entries written before the `rollback` field
-    existed were rollbacks when their reason was 'rollback')."""
-    if "rollback" in entry:
-        return entry["rollback"] is True
-    return str(entry.get("reason", "")).startswith("rollback")
-
-
-def promotion_chain(history: Iterable[dict]) -> list[int]:
-    """The versions a rollback walks back through, oldest first; the last is the current one.
-
-    Replays the alias's history (ascending by seq): a move appends its target, a rollback
-    drops every occurrence of the version it rolled away from (so that no later rollback can
-    return to it, unless it is promoted again), and consecutive repeats collapse.
-    """
-    chain: list[int] = []
-    for entry in history:
-        if is_rollback(entry) and entry.get("from") is not None:
-            chain = [v for v in chain if v != entry["from"]]
-            chain = [v for i, v in enumerate(chain) if i == 0 or chain[i - 1] != v]
-        if not chain or chain[-1] != entry["to"]:
-            chain.append(entry["to"])
-    return chain
-
-
 # --------------------------------------------------------------------------------------------
 # Small pure helpers
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _weights_bytes(weights: dict[str, torch.Tensor] | bytes) -> bytes:
@@ -240,35 +152,14 @@ def _checked_card(card: dict) -> dict:
 # The registry
 
 
-class Registry:
-    """One model's versions and aliases on a store."""
-
-    def __init__(self, store: Store, model: str) -> None:
-        self.store = store
-        self.model = check_name(model)
-        self.root = f"registry/{model}"
-
-    # keys ------------------------------------------------------------------------------------
+class Registry(ModelAliases):
+    """One model's versions on a store, and its aliases (`ModelAliases`)."""
 
     def _version_key(self, version: int, name: str) -> str:
         return f"{self.root}/versions/{version:06d}/{name}"
 
-    def _alias_key(self, alias: str) -> str:
-        return f"{self.root}/aliases/{alias}.json"
-
-    def _history_key(self, alias: str, seq: int) -> str:
-        return f"{self.root}/aliases/{alias}/history/{seq:08d}.json"
-
     def _v(self, version: int) -> str:
         return f"{self.model} version {version:06d}"
-
-    def _read_json(self, key: str) -> Any | None:
-        try:
-            return json.loads(self.store.get_bytes(key))
-        except ObjectNotFound:
-            return None
-        except ValueError:
-            raise RegistryError(f"{key}: is not valid JSON") from None
 
     # registering ----------------------------------------------------------------------------
 
@@ -284,7 +175,7 @@ class Registry:
         version = self._claim_next_version()
         sha = sha256_hex(data)
         full_card = {**card, "version": version, "model": self.model, "weights_sha256": sha,
-                     "registered_at": _now()}
+                     "registered_at": now()}
         self.store.put_bytes(self._version_key(version, WEIGHTS), data)
         self.store.put_bytes(self._version_key(version, CARD_JSON), json_bytes(full_card))
         if render is not None:
@@ -302,7 +193,7 @@ class Registry:
         """The pointer goes last: a version is only usable once everything else is in place.
         (Tests simulate a crash before it by making this step raise.)"""
         self.store.put_bytes(self._version_key(version, COMMITTED),
-                             json_bytes({"weights_sha256": sha, "committed_at": _now()}),
+                             json_bytes({"weights_sha256": sha, "committed_at": now()}),
                              if_none_match=True)
 
     def _claim_next_version(self) -> int:
@@ -310,29 +201,11 @@ class Registry:
         numbers = self._version_files()
         version = max(numbers, default=0) + 1
         while version <= MAX_VERSION:
-            if self._create_verified(self._version_key(version, CLAIM),
-                                     {"claimed_at": _now(), "token": uuid.uuid4().hex}):
+            claim = json_bytes({"claimed_at": now(), "token": uuid.uuid4().hex})
+            if self.store.put_if_absent(self._version_key(version, CLAIM), claim):
                 return version
             version += 1
         raise RegistryError(f"{self.model} has no version numbers left (max {MAX_VERSION})")
-
-    def _create_verified(self, key: str, value: dict) -> bool:
-        """Create-only write; True when this writer owns `key`.
-
-        The read-back costs one GET and guards against stores whose conditional PUT checks and
-        then writes without a lock (moto's server): there two creators can both get 200, and
-        only the one whose bytes are still there may go on. Real S3 and LocalStore never
-        let two through, so on them the read-back always agrees.
-        """
-        data = json_bytes(value)
-        try:
-            self.store.put_bytes(key, data, if_none_match=True)
-        except PreconditionFailed:
-            return False
-        try:
-            return self.store.get_bytes(key) == data
-        except ObjectNotFound:
-            return False
 
     # attachments: files added to a committed version later (its ONNX export) --------------
 
@@ -375,6 +248,10 @@ class Registry:
         """Every numbered version, committed or not, ascending."""
         return [self._version(number, names)
                 for number, names in sorted(self._version_files().items())]
+
+    def has_versions(self) -> bool:
+        """Whether anything was ever registered under this model (one listing, no reads)."""
+        return next(iter(self.store.list(f"{self.root}/versions/")), None) is not None
 
     def _version(self, version: int, names: set[str] | None = None) -> ModelVersion:
         """One version; `names` (its files, from a listing) saves the reads of absent ones."""
@@ -434,30 +311,7 @@ class Registry:
         _, data = self._verified_bytes(version)
         return load_safetensors(data)
 
-    # aliases --------------------------------------------------------------------------------
-
-    def alias(self, alias: str = DEFAULT_ALIAS) -> AliasState | None:
-        """The alias as it is now, or None when it was never set."""
-        check_name(alias, "alias")
-        key = self._alias_key(alias)
-        try:
-            raw, etag = self.store.get_with_etag(key)
-        except ObjectNotFound:
-            return None
-        try:
-            doc = json.loads(raw)
-            return AliasState(alias, int(doc["version"]), str(doc["sha256"]), int(doc["seq"]),
-                              doc["previous"], etag)
-        except (ValueError, KeyError, TypeError):
-            raise RegistryError(f"{key}: is not a valid alias record") from None
-
-    def aliases(self) -> dict[str, AliasState]:
-        """Every alias of this model, by name."""
-        prefix = f"{self.root}/aliases/"
-        names = [info.key[len(prefix):-len(".json")] for info in self.store.list(prefix)
-                 if info.key.endswith(".json") and "/" not in info.key[len(prefix):]]
-        states = {name: self.alias(name) for name in names if _NAME.fullmatch(name)}
-        return {name: state for name, state in states.items() if state is not None}
+    # aliases: only to committed versions whose weights check out ------------------------------
 
     def resolve(self, alias: str | None = None, version: int | None = None) -> ModelVersion:
         """The committed version an alias points at, or a numbered one (give one, not both)."""
@@ -475,43 +329,20 @@ class Registry:
                                 f"but {self._v(state.version)} has {found.weights_sha256}")
         return found
 
-    def history(self, alias: str = DEFAULT_ALIAS) -> list[dict]:
-        """The alias's moves, ascending by seq."""
-        check_name(alias, "alias")
-        prefix = f"{self.root}/aliases/{alias}/history/"
-        entries = [self._read_json(info.key) for info in self.store.list(prefix)]
-        return sorted((e for e in entries if e is not None), key=lambda e: e["seq"])
-
     def set_alias(self, alias: str, version: int, *, reason: str, forced: bool = False,
                   expect_seq: int | None = None) -> AliasState:
         """Point `alias` at a committed version whose weights check out; retries until it wins.
 
         With `expect_seq` (0: the alias is unset) it is a compare-and-swap on a decision: the
         move happens only from that seq, and otherwise raises `AliasMoved` with the alias as it
-        is now, so the caller can decide again (see `promotion.promote`).
+        is now, so the caller can decide again (see `gates.move_alias`).
         """
         check_name(alias, "alias")
         if not isinstance(reason, str) or not reason.strip():
             raise RegistryError("a reason is required to move an alias")
         target, _ = self._verified_bytes(version)  # never point an alias at bad weights
-        return self._move_alias(alias, target, reason=reason, forced=forced,
-                                expect_seq=expect_seq)
-
-    def has_versions(self) -> bool:
-        """Whether anything was ever registered under this model (one listing, no reads)."""
-        return next(iter(self.store.list(f"{self.root}/versions/")), None) is not None
-
-    def rollback_target(self, alias: str = DEFAULT_ALIAS) -> tuple[AliasState, int]:
-        """The alias as it is now and the version a rollback would move it to (see `rollback`)."""
-        current = self.alias(alias)
-        if current is None:
-            raise RegistryNotFound(f"{self.model} has no alias '{alias}'")
-        chain = promotion_chain(e for e in self.history(alias) if e["seq"] <= current.seq)
-        earlier = [v for v in chain if v != current.version]
-        if not earlier:
-            raise RegistryError(f"alias {alias} of {self.model} has no previous version to "
-                                "roll back to")
-        return current, earlier[-1]
+        return self._move_alias(alias, version, target.weights_sha256, reason=reason,
+                                forced=forced, expect_seq=expect_seq)
 
     def rollback(self, alias: str = DEFAULT_ALIAS, *, reason: str = "rollback") -> AliasState:
         """Move the alias back along its chain of promotions: to the version promoted before
@@ -521,85 +352,11 @@ class Registry:
         current, version = self.rollback_target(alias)
         target, _ = self._verified_bytes(version)
         try:
-            return self._move_alias(alias, target, reason=reason, forced=False,
-                                    expect_seq=current.seq, rollback=True)
+            return self._move_alias(alias, version, target.weights_sha256, reason=reason,
+                                    forced=False, expect_seq=current.seq, rollback=True)
         except AliasMoved as moved:
             # Rolling back is a decision about one state; after a concurrent move it could
             # undo someone else's change instead, so let the operator look again.
-            now = f"v{moved.current.version:06d}" if moved.current else "unset"
+            there = f"v{moved.current.version:06d}" if moved.current else "unset"
             raise RegistryError(f"alias {alias} of {self.model} moved while rolling back (now "
-                                f"{now}); check its history and run rollback again") from None
-
-    # The alias-move protocol ----------------------------------------------------------------
-    #
-    # History entry seq N is the decision "move N"; alias.json is the result of applying the
-    # latest decision. A writer first wins the create-only history slot seq+1, then swaps the
-    # alias with the etag it read. Whoever finds a slot taken but the alias not yet swapped
-    # (its winner crashed or is slow) applies that entry for it, so history stays gap-free,
-    # each entry's `from` is the previous entry's `to`, and the alias always ends equal to the
-    # last entry. Every alias.json is a pure function of its entry, so owner and helpers write
-    # identical bytes and it does not matter which of them lands.
-
-    def _move_alias(self, alias: str, target: ModelVersion, *, reason: str, forced: bool,
-                    expect_seq: int | None = None, rollback: bool = False) -> AliasState:
-        """Move `alias` to `target`; with `expect_seq`, only from that seq (else AliasMoved)."""
-        writer = uuid.uuid4().hex  # recognises our entry when reading it back
-        while True:
-            current = self.alias(alias)                                     # 1. fresh read
-            seq = current.seq if current else 0
-            if expect_seq is not None and seq != expect_seq:
-                raise AliasMoved(current)
-            entry = self._entry(seq + 1, current, target, reason, forced, writer, rollback)
-            if not self._create_verified(self._history_key(alias, seq + 1), entry):   # 2.
-                self._roll_forward(alias, current, seq + 1)  # the slot's winner may be gone
-                continue                                     # re-read, decide again
-            return self._apply(alias, current, entry)                       # 3. swap
-
-    def _entry(self, seq: int, current: AliasState | None, target: ModelVersion, reason: str,
-               forced: bool, writer: str, rollback: bool = False) -> dict:
-        previous = current.previous if current else None
-        if current is not None and current.version != target.version:
-            previous = current.version  # re-pointing at the same version keeps the old undo
-        return {"seq": seq, "from": current.version if current else None, "to": target.version,
-                "sha256": target.weights_sha256, "previous": previous, "reason": reason,
-                "forced": forced, "rollback": rollback, "time": _now(), "writer": writer}
-
-    def _alias_doc(self, alias: str, entry: dict) -> dict:
-        return {"alias": alias, "version": entry["to"], "sha256": entry["sha256"],
-                "seq": entry["seq"], "previous": entry["previous"], "updated_at": entry["time"]}
-
-    def _swap(self, alias: str, doc: dict, etag: str | None) -> str:
-        """Compare-and-swap alias.json: replace exactly `etag`, or create when there was none."""
-        data = json_bytes(doc)
-        if etag is None:
-            return self.store.put_bytes(self._alias_key(alias), data, if_none_match=True)
-        return self.store.put_bytes(self._alias_key(alias), data, if_match=etag)
-
-    def _roll_forward(self, alias: str, current: AliasState | None, seq: int) -> None:
-        """Apply history entry `seq` if the alias is still where we read it (seq - 1)."""
-        entry = self._read_json(self._history_key(alias, seq))
-        if entry is None:
-            return
-        # Losing this swap is fine: the alias already moved on (its owner or a helper applied it).
-        with contextlib.suppress(PreconditionFailed):
-            self._swap(alias, self._alias_doc(alias, entry), current.etag if current else None)
-
-    def _apply(self, alias: str, current: AliasState | None, entry: dict) -> AliasState:
-        """Step 3: swap the alias to our entry; losing the swap means a helper applied it."""
-        doc = self._alias_doc(alias, entry)
-        etag = current.etag if current else None
-        while True:
-            try:
-                return self._state(doc, self._swap(alias, doc, etag))
-            except PreconditionFailed:
-                now = self.alias(alias)
-            if now is not None and now.seq >= entry["seq"]:
-                return now if now.seq == entry["seq"] else self._state(doc, "")
-            # Only a store whose conditional writes are not atomic gets here (the alias is
-            # still behind our entry under a new etag): swap again from what is there now.
-            etag = now.etag if now else None
-
-    @staticmethod
-    def _state(doc: dict, etag: str) -> AliasState:
-        return AliasState(doc["alias"], doc["version"], doc["sha256"], doc["seq"],
-                          doc["previous"], etag)
+                                f"{there}); check its history and run rollback again") from None

@@ -16,7 +16,8 @@ from flowerml.evaluation import SYNTHETIC_NOTICE
 from flowerml.inference import TrainedModel, build_trained_model
 from flowerml.manifest import resolve_dataset
 from flowerml.markdown import cell, table
-from flowerml.registry import CARD_FIELDS, ModelVersion, Registry, parse_model_ref
+from flowerml.registry import CARD_FIELDS, ModelVersion, Registry
+from flowerml.registry_names import parse_model_ref
 from flowerml.runs import RunFiles
 from flowerml.storage import ObjectNotFound, Store
 from flowerml.transforms import IMAGENET_MEAN, IMAGENET_STD

@@ -68,19 +68,20 @@ from flowerml.files import (
 )
 from flowerml.locations import LocalLocation, bucket_name_problem, parse_store
 from flowerml.prediction import IMAGE_SUFFIXES, MAX_IMAGE_BYTES
-from flowerml.registry import Registry, parse_model_ref
+from flowerml.registry import Registry
+from flowerml.registry_names import parse_model_ref
 from flowerml.runtimes import RuntimeRefused, Scorer, load_scorer, softmax_top_k
 from flowerml.storage import (
-    LocalStore,
     ObjectNotFound,
     ObjectTooLarge,
     PreconditionFailed,
     S3Options,
-    S3Store,
     Store,
     StoreAccessError,
-    open_store,
 )
+from flowerml.storage_local import LocalStore
+from flowerml.storage_open import open_store
+from flowerml.storage_s3 import S3Store
 
 Runtime = Literal["auto", "onnx", "torch"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)

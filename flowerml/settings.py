@@ -30,7 +30,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from flowerml.download import url_problem
 from flowerml.errors import SettingsError
 from flowerml.locations import LocalLocation, LocationError, parse_store
-from flowerml.storage import S3Options, Store, open_store
+from flowerml.storage import S3Options, Store
+from flowerml.storage_open import open_store
 
 ChecksumWhen = Literal["when_supported", "when_required"]
 

@@ -261,7 +261,8 @@ def _hash_mismatch(path: Path) -> str | None:
 
 
 def _fetch_from_s3(uri: str, cache_dir: Path | None, s3: S3Options | None) -> Path:
-    from flowerml.storage import check_key, open_store
+    from flowerml.storage import check_key
+    from flowerml.storage_open import open_store
 
     bucket, _, key = uri[len("s3://"):].partition("/")
     if not bucket or not key or key.endswith("/"):

@@ -54,7 +54,7 @@ from flowerml.cli import (
 )
 from flowerml.cli.app import EXIT_REFUSED, one_line
 from flowerml.errors import FlowermlError
-from flowerml.promotion import Gate
+from flowerml.gates import Gate
 from flowerml.recipes import RECIPE_NAMES, TrainConfig, option_name
 from flowerml.settings import Settings, load_settings
 from flows import cli_cluster  # noqa: F401  (adds `score --dask-address` and `pools`)
@@ -173,7 +173,7 @@ def validated_params(settings: Settings, preset: str | None, source: str | None,
 
 
 def check_names(model_name: str, alias: str) -> None:
-    from flowerml.registry import check_name
+    from flowerml.registry_names import check_name
 
     check_name(model_name)
     check_name(alias, "alias")
@@ -223,7 +223,7 @@ def check_prefect_api() -> None:
     from prefect.settings import get_current_settings
 
     from flowerml.download import redact_url, url_problem
-    from flowerml.storage import connection_failure
+    from flowerml.storage_s3 import connection_failure
 
     api = get_current_settings().api
     if not api.url:

@@ -227,7 +227,7 @@ def unreachable(error: Exception) -> CliError:
     from prefect.settings import get_current_settings
 
     from flowerml.download import redact_url
-    from flowerml.storage import connection_failure
+    from flowerml.storage_s3 import connection_failure
 
     url = get_current_settings().api.url or ""
     if isinstance(error, httpx.HTTPStatusError):

@@ -29,7 +29,7 @@ from flowerml.recipes import (
     load_config,
     omit_default,
 )
-from flowerml.registry import DEFAULT_ALIAS
+from flowerml.registry_names import DEFAULT_ALIAS
 from tasks.distill import distill_task, release_student_task, resolve_teacher_task
 
 TRAINING_TIMEOUT_S = 2 * 3600

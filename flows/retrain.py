@@ -24,9 +24,9 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.errors import FlowermlError, UserError
-from flowerml.promotion import Gate
+from flowerml.gates import Gate
 from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
-from flowerml.registry import DEFAULT_ALIAS
+from flowerml.registry_names import DEFAULT_ALIAS
 from flows.distill import DistillStageParams, Runner, distill_stage
 from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key

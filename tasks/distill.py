@@ -72,7 +72,8 @@ def release_student_task(run_id: str, model: str | None, alias: str, gate: dict[
                          store: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate the student, register it under its own model name, promote it on the student
     gate; a report artifact says what it costs next to its teacher."""
-    from flowerml.distill import StudentGate, release_student
+    from flowerml.distill import release_student
+    from flowerml.gates import StudentGate
 
     settings = load_settings(store=store)
     release = release_student(build_store(settings), run_id, cache_dir=settings.cache_dir,

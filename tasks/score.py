@@ -15,7 +15,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from flowerml.settings import Settings, build_store, load_settings
-from flowerml.storage import Store, open_store
+from flowerml.storage import Store
+from flowerml.storage_open import open_store
 from tasks.common import artifact_key, retry_transient
 
 

@@ -39,7 +39,9 @@ os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 for name in [n for n in os.environ if n.startswith("FLOWERML_")]:
     del os.environ[name]
 
-from flowerml.storage import LocalStore, S3Options, S3Store, Store  # noqa: E402
+from flowerml.storage import S3Options, Store  # noqa: E402
+from flowerml.storage_local import LocalStore  # noqa: E402
+from flowerml.storage_s3 import S3Store  # noqa: E402
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive  # noqa: E402
 
 if TYPE_CHECKING:

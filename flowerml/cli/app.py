@@ -42,7 +42,7 @@ import click
 
 from flowerml.errors import FlowermlError
 from flowerml.recipes import Device
-from flowerml.registry import DEFAULT_ALIAS
+from flowerml.registry_names import DEFAULT_ALIAS
 
 EXIT_REFUSED = 1
 EXIT_ERROR = 2

@@ -16,8 +16,8 @@ from flowerml.cli.app import (
     json_option,
     store_option,
 )
-from flowerml.promotion import Gate
-from flowerml.registry import DEFAULT_ALIAS
+from flowerml.gates import Gate
+from flowerml.registry_names import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
 
 class_drop_option = click.option(
@@ -189,7 +189,7 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
     input. --json prints {model, alias, version, previous, promoted, reasons}; `previous` is
     the version the alias pointed at before (null if unset).
     """
-    from flowerml.distill import is_student_card
+    from flowerml.gates import is_student_card
 
     entry, settings = open_registry(name, store)
     require_model(entry)
@@ -198,7 +198,8 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
         promoted, reasons, state = promote_student(entry, version, alias, threshold, max_gap,
                                                    force)
     else:
-        from flowerml.promotion import Gate, promote_version
+        from flowerml.gates import Gate
+        from flowerml.promotion import promote_version
 
         if max_gap is not None:
             raise CliError(f"--max-gap is for student versions; {name}:{version:06d} is not "
@@ -221,7 +222,8 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
 def promote_student(entry, version: int, alias: str, threshold: float,
                     max_gap: float | None, force: bool):
     """The student gate for `registry promote`; the champion gate's options do not apply."""
-    from flowerml.distill import StudentGate, promote_student_version
+    from flowerml.gates import StudentGate
+    from flowerml.promotion import promote_student_version
 
     context = click.get_current_context()
     given = [f"--{option.replace('_', '-')}" for option in ("tolerance", "class_drop")
@@ -268,7 +270,7 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
     An unknown model or an alias that was never set is an error (exit 2), with or without
     --json.
     """
-    from flowerml.registry import is_rollback
+    from flowerml.registry_aliases import is_rollback
 
     entry, _ = open_registry(name, store)
     require_model(entry)
@@ -313,8 +315,9 @@ def registry_register(run_id: str, name: str, alias: str, threshold: float, tole
     too. --json prints {model, version, label, location, run_id, weights_sha256, metrics,
     gate}.
     """
+    from flowerml.gates import paired_figures
     from flowerml.inventory import location, registrable_run
-    from flowerml.promotion import judge_candidate, paired_figures
+    from flowerml.promotion import judge_candidate
     from flowerml.registry import Registry
     from flowerml.release import build_card, register_run
 

@@ -51,7 +51,7 @@ def score(input_uri: str, model_ref: str, output: str, runtime: str, batch_size:
     image was scored, 1 when some could not be read (their rows say why), 2 on bad input.
     """
     from flowerml.scoring import ScoringRequest, score_collection
-    from flowerml.storage import open_store
+    from flowerml.storage_open import open_store
 
     settings = load_settings(store=store)
     registry_store = build_store(settings)

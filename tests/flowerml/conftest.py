@@ -11,7 +11,8 @@ import pytest
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.recipes import TrainConfig, build_config
 from flowerml.registry import Registry
-from flowerml.storage import LocalStore, Store
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec
 from tests.conftest import DATASET, SMALL_SPEC, StoreAndCache, SyntheticData, copy_tree
 

@@ -13,7 +13,7 @@ from flowerml import cache
 from flowerml.cache import build_decoded_split
 from flowerml.errors import DataError
 from flowerml.manifest import PublishedDataset
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flowerml.sync import sync_split
 
 # The synthetic source is 48 px: a 32 px crop comes from a round(32 * 256 / 224) = 37 px cache.

@@ -11,7 +11,7 @@ from click.testing import Result
 from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model
 from flowerml.registry import Registry
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.cli_helpers import assert_refused
 from tests.cli_helpers import invoke as cli_invoke
 from tests.conftest import SMALL_SPEC, SyntheticData, copy_tree
@@ -199,7 +199,7 @@ def test_rollback_walks_back_and_history_shows_padded_versions(registry: Registr
 
 def test_show_prints_the_gates_paired_test_from_each_card(local_store: LocalStore) -> None:
     from flowerml.comparison import compare
-    from flowerml.promotion import Gate, PairedUnavailable, paired_figures
+    from flowerml.gates import Gate, PairedUnavailable, paired_figures
     from tests.builders import card as bare_card
     from tests.builders import weights
     from tests.paired import paired_outcomes, prediction_set

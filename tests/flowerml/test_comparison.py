@@ -23,9 +23,10 @@ from flowerml.comparison import (
     version_predictions,
 )
 from flowerml.manifest import resolve_dataset
-from flowerml.registry import Registry, RegistryNotFound
+from flowerml.registry import Registry
+from flowerml.registry_names import RegistryNotFound
 from flowerml.runs import RunNotFound
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.builders import MODEL, card, weights
 from tests.flowerml.conftest import TINY_RUN, RegisteredRun
 from tests.paired import (

@@ -23,8 +23,9 @@ from flowerml.export import (
     measure_parity,
 )
 from flowerml.models import build_model
-from flowerml.registry import Registry, RegistryError
-from flowerml.storage import LocalStore
+from flowerml.registry import Registry
+from flowerml.registry_names import RegistryError
+from flowerml.storage_local import LocalStore
 from tests.conftest import DATASET, copy_tree
 from tests.flowerml.conftest import RegisteredRun
 

@@ -17,7 +17,7 @@ from flowerml.files import (
     temp_beside,
     write_atomically,
 )
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 
 
 @pytest.fixture(params=[0o022, 0o027])

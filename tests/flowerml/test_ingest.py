@@ -27,7 +27,9 @@ from flowerml.errors import (
 from flowerml.files import sha256_hex
 from flowerml.ingest import FetchOptions, fetch_sources, publish_split
 from flowerml.manifest import resolve_dataset
-from flowerml.storage import LocalStore, S3Store, Store
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
+from flowerml.storage_s3 import S3Store
 from tests.builders import archive_members, rewrite_archive
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import free_port, store_keys
@@ -567,7 +569,7 @@ def test_reduced_scale_decode_check_catches_corrupt_and_truncated_jpegs() -> Non
 # test can stop an ingest part-way through publishing the version.
 SLOW_UPLOADS = """
 import sys, time
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 put = LocalStore.put_bytes
 def put_slowly(self, key, data, **options):
     if key.endswith('.jpg'):

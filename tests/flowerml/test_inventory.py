@@ -14,7 +14,7 @@ from flowerml import inventory
 from flowerml.errors import DatasetNotFound
 from flowerml.manifest import read_current
 from flowerml.runs import RunError, RunFiles, RunNotFound
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.conftest import DATASET, StoreAndCache, copy_tree
 from tests.flowerml.conftest import TINY_RUN, RegisteredRun
 

@@ -11,7 +11,8 @@ import torch
 from flowerml.errors import DataError
 from flowerml.loaders import ShardSampler, build_eval_loader, build_loaders
 from flowerml.manifest import PublishedDataset
-from flowerml.storage import LocalStore, Store
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
 
 DATASET = "flowers102"
 SIZE = 32

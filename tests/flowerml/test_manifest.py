@@ -17,7 +17,8 @@ from flowerml.manifest import (
     write_current,
     write_manifest,
 )
-from flowerml.storage import LocalStore, Store
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
 
 DATASET = "flowers102"
 

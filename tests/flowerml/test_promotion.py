@@ -1,99 +1,21 @@
-"""flowerml.promotion: the pure gate, judging against a fairly measured champion, and promoting
-by compare-and-swap (deciding again when another promotion moved the alias first)."""
+"""flowerml.promotion: judging against a fairly measured champion, and promoting past a gate
+by compare-and-swap (deciding again when another promotion moved the alias first); a student
+past its own gate."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
-from math import comb
 
 import pytest
 
-from flowerml.promotion import Gate, Scorecard, champion_scorecard, decide_promotion, promote
-from flowerml.registry import Registry, RegistryError, resolve_ref
-from flowerml.storage import LocalStore, Store
+from flowerml.gates import Gate, Scorecard
+from flowerml.promotion import champion_scorecard, promote, promote_released_student
+from flowerml.registry import Registry, resolve_ref
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
 from tests.builders import MANIFEST, MODEL, card, weights
 from tests.flowerml.conftest import RegisteredRun
-
-# --------------------------------------------------------------------------------------------
-# The gate
-
-
-def test_first_promotion_is_decided_by_the_threshold_alone() -> None:
-    gate = Gate(threshold=0.95)
-    ok, reasons = decide_promotion(Scorecard(0.9612, MANIFEST), None, gate)
-    assert ok
-    assert reasons == ["test top-1 0.9612 >= threshold 0.9500",
-                       "no production model yet: decided by the threshold alone"]
-    ok, reasons = decide_promotion(Scorecard(0.9400, MANIFEST), None, gate)
-    assert not ok
-    assert reasons[0] == "test top-1 0.9400 < threshold 0.9500"
-
-
-def test_regression_beyond_tolerance_is_rejected_with_the_numbers() -> None:
-    champion = Scorecard(0.9610, MANIFEST, version=3)
-    ok, reasons = decide_promotion(Scorecard(0.9400, MANIFEST), champion, Gate(0.9, 0.005))
-    assert not ok
-    assert reasons[1] == ("test top-1 0.9400 vs production v000003 0.9610: "
-                          "regression of 0.0210 beyond tolerance 0.0050")
-
-
-def test_candidate_within_tolerance_of_the_champion_is_promoted() -> None:
-    champion = Scorecard(0.9655, MANIFEST, version=3)
-    ok, reasons = decide_promotion(Scorecard(0.9612, MANIFEST), champion, Gate())
-    assert ok
-    assert reasons == ["test top-1 0.9612 >= threshold 0.9500",
-                       "test top-1 0.9612 vs production v000003 0.9655: "
-                       "-0.0043 within tolerance 0.0050",
-                       "paired test not run: no per-image predictions were given; decided on "
-                       "top-1 alone"]
-    # Exactly at the edges passes despite float rounding (0.9655 - 0.005 is not exact).
-    assert decide_promotion(Scorecard(0.9605, MANIFEST), champion, Gate())[0]
-    assert decide_promotion(Scorecard(0.95, MANIFEST), None, Gate(threshold=0.95))[0]
-
-
-def test_threshold_still_applies_when_better_than_the_champion() -> None:
-    champion = Scorecard(0.80, MANIFEST, version=1)
-    ok, reasons = decide_promotion(Scorecard(0.90, MANIFEST), champion, Gate(threshold=0.95))
-    assert not ok
-    assert "+0.1000 within tolerance" in reasons[1]
-
-
-def test_force_promotes_and_says_so() -> None:
-    champion = Scorecard(0.99, MANIFEST, version=2)
-    ok, reasons = decide_promotion(Scorecard(0.5, MANIFEST), champion, Gate(), force=True)
-    assert ok
-    assert reasons[-1] == "forced: promoted regardless of the gate"
-    assert "regression of 0.4900" in reasons[1]
-
-
-def test_champion_on_another_test_manifest_must_be_re_evaluated() -> None:
-    champion = Scorecard(0.97, "b" * 64, version=2)
-    with pytest.raises(ValueError, match="different test manifest: re-evaluate it first"):
-        decide_promotion(Scorecard(0.96, MANIFEST), champion, Gate())
-    ok, reasons = decide_promotion(Scorecard(0.96, MANIFEST), champion, Gate(), force=True)
-    assert ok and "not compared" in reasons[1]
-
-
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"threshold": 1.5}, "--threshold must be between 0 and 1 (got 1.5)"),
-    ({"threshold": -0.1}, "--threshold must be between 0 and 1 (got -0.1)"),
-    ({"threshold": float("nan")}, "--threshold must be between 0 and 1 (got nan)"),
-    ({"tolerance": 2}, "--tolerance must be between 0 and 1 (got 2)"),
-    ({"class_drop": 1.5}, "--class-drop must be between 0 and 1 (got 1.5)"),
-    ({"class_drop": -0.01}, "--class-drop must be between 0 and 1 (got -0.01)"),
-])
-def test_gate_validates_its_numbers(kwargs: dict, message: str) -> None:
-    with pytest.raises(RegistryError) as caught:
-        Gate(**kwargs)
-    assert str(caught.value) == message
-
-
-def test_scorecard_from_card() -> None:
-    assert Scorecard.from_card(card(0.97), 4) == Scorecard(0.97, MANIFEST, 4)
-    with pytest.raises(RegistryError, match="version 000004 records no metrics.top1"):
-        Scorecard.from_card({"metrics": {}}, 4)
-
 
 # --------------------------------------------------------------------------------------------
 # Promoting: the gate, then the alias moved by compare-and-swap
@@ -195,6 +117,20 @@ def test_promote_decides_again_when_the_champion_changed(local_store: LocalStore
     assert [h["to"] for h in registry.history()] == [1, 2]
 
 
+def test_a_released_student_leaves_a_newer_version_behind_the_alias(
+        local_store: LocalStore) -> None:
+    registry = Registry(local_store, MODEL)
+    for seed in (1, 2, 3):
+        registry.register(weights(seed), card(0.97))
+    registry.set_alias("production", 2, reason="first")
+    assert not promote_released_student(registry, 1, "production", ["passes"])
+    assert promote_released_student(registry, 2, "production", ["passes"])
+    assert registry.alias().version == 2 and len(registry.history()) == 1
+    assert promote_released_student(registry, 3, "production", ["passes"])
+    assert registry.alias().version == 3
+    assert registry.history()[-1]["reason"] == "student gate: passes"
+
+
 # --------------------------------------------------------------------------------------------
 # Judging: the champion's score on the candidate's test manifest
 
@@ -240,118 +176,6 @@ def test_no_production_model_means_no_champion(registered_run: RegisteredRun) ->
     published = resolve_dataset(store, "flowers102")
     assert champion_scorecard(Registry(store, "tulips"), published, alias="production",
                               cache_dir=cache) is None
-
-
-# --------------------------------------------------------------------------------------------
-# The paired test: McNemar on the discordant images, and the per-class floor
-
-
-def paired(both_right: int, champion_only: int, candidate_only: int, both_wrong: int = 0,
-           outcomes: tuple[list, list] | None = None) -> Scorecard:
-    """A candidate scorecard with its image-by-image comparison against production v3."""
-    from flowerml.comparison import compare
-    from tests.paired import paired_outcomes, prediction_set
-
-    a, b = outcomes or paired_outcomes(both_right=both_right, a_only=champion_only,
-                                       b_only=candidate_only, both_wrong=both_wrong)
-    comparison = compare(prediction_set("flowers102:000003", a), prediction_set("run:c", b))
-    return Scorecard(comparison.b_top1, MANIFEST, paired=comparison)
-
-
-def champion_of(candidate: Scorecard) -> Scorecard:
-    return Scorecard(candidate.paired.a_top1, MANIFEST, version=3)
-
-
-def test_a_candidate_a_few_images_worse_is_not_refused_by_mcnemar() -> None:
-    # 6,149 test images; the candidate loses 12 images and wins 8: 4 images, 0.07 points.
-    candidate = paired(both_right=5900, champion_only=12, candidate_only=8, both_wrong=229)
-    ok, reasons = decide_promotion(candidate, champion_of(candidate), Gate(threshold=0.9))
-    assert ok, reasons
-    assert reasons[2] == ("McNemar exact test vs production v000003: right where it was wrong "
-                          "on 8 images, wrong where it was right on 12 (of 6,149; agreement "
-                          "99.67%); one-sided p = 0.2517 >= 0.05: not significantly worse")
-    assert reasons[3] == "per-class floor: no class drops more than 0.10 below production v000003"
-
-
-def test_a_clearly_worse_candidate_is_refused_by_mcnemar_even_within_tolerance() -> None:
-    # It loses 40 images and wins 12: 28 images, 0.46 points, inside the 0.5-point tolerance.
-    candidate = paired(both_right=5900, champion_only=40, candidate_only=12, both_wrong=197)
-    champion = champion_of(candidate)
-    assert champion.top1 - candidate.top1 < Gate().tolerance
-    ok, reasons = decide_promotion(candidate, champion, Gate(threshold=0.9))
-    assert not ok
-    assert "within tolerance 0.0050" in reasons[1]
-    assert reasons[2].startswith("McNemar exact test vs production v000003: right where it was "
-                                 "wrong on 12 images, wrong where it was right on 40 (of 6,149")
-    # P(X <= 12) for X ~ Binomial(52, 1/2), by hand.
-    p = sum(comb(52, k) for k in range(13)) / 2**52
-    assert f"{p:.4g}" == "6.377e-05"
-    assert reasons[2].endswith("one-sided p = 6.377e-05 < 0.05: significantly worse")
-    # The same discordant pairs the other way round: a better candidate is not refused.
-    better = paired(both_right=5900, champion_only=12, candidate_only=40, both_wrong=197)
-    assert decide_promotion(better, champion_of(better), Gate(threshold=0.9))[0]
-
-
-def test_the_per_class_floor_names_the_classes_that_drop() -> None:
-    from tests.paired import paired_outcomes
-
-    # 400 images, 100 per class, 95 right in each with production; the candidate gets 15
-    # "canterbury bells" (label 3) wrong that production got right, and 11 images right that
-    # production got wrong, 3 of them bells: 15 against 11 is nothing to McNemar, but bells
-    # fall from 0.95 to 0.83.
-    a, b = paired_outcomes(both_right=380, a_only=0, b_only=11, both_wrong=9)
-    bells = [i for i, (label, _) in enumerate(a) if label == 3][:15]
-    for i in bells:
-        a[i], b[i] = (3, 3), (3, 4)
-    candidate = paired(0, 0, 0, outcomes=(a, b))
-    gate = Gate(threshold=0.5, tolerance=0.05)
-    ok, reasons = decide_promotion(candidate, champion_of(candidate), gate)
-    assert not ok
-    assert "within tolerance" in reasons[1] and "not significantly worse" in reasons[2]
-    assert reasons[3] == ("per-class floor: 1 class drops more than 0.10 below production "
-                          "v000003: 3 canterbury bells 0.9500 -> 0.8300")
-    # A drop of exactly the floor passes (0.95 - 0.83 is not exactly 0.12 in floats).
-    assert decide_promotion(candidate, champion_of(candidate), replace(gate, class_drop=0.12))[0]
-    assert not decide_promotion(candidate, champion_of(candidate),
-                                replace(gate, class_drop=0.119))[0]
-
-
-def test_without_predictions_the_gate_decides_on_top1_and_says_why() -> None:
-    from flowerml.promotion import PairedUnavailable
-
-    why = "flowers102:000003 has no stored per-image predictions (evaluated before evaluation " \
-          "kept them): evaluate its run again"
-    candidate = Scorecard(0.96, MANIFEST, paired=PairedUnavailable("flowers102:000003", why))
-    ok, reasons = decide_promotion(candidate, Scorecard(0.961, MANIFEST, version=3), Gate())
-    assert ok
-    assert reasons[2] == f"paired test not run: {why}; decided on top-1 alone"
-
-
-def test_force_promotes_a_significantly_worse_candidate_and_records_why() -> None:
-    candidate = paired(both_right=5900, champion_only=40, candidate_only=12, both_wrong=197)
-    ok, reasons = decide_promotion(candidate, champion_of(candidate), Gate(0.9), force=True)
-    assert ok and "significantly worse" in reasons[2]
-    assert reasons[-1] == "forced: promoted regardless of the gate"
-
-
-def test_paired_figures_and_the_scorecard_round_trip_through_json() -> None:
-    from flowerml.promotion import PairedUnavailable, paired_figures
-
-    candidate = paired(both_right=5900, champion_only=40, candidate_only=12, both_wrong=197)
-    figures = paired_figures(candidate.paired, Gate())
-    assert {k: figures[k] for k in ("champion", "ran", "n", "candidate_only", "champion_only",
-                                    "significantly_worse", "class_drop",
-                                    "classes_below_floor")} == {
-        "champion": "flowers102:000003", "ran": True, "n": 6149, "candidate_only": 12,
-        "champion_only": 40, "significantly_worse": True, "class_drop": 0.1,
-        "classes_below_floor": []}
-    assert figures["p_worse"] == pytest.approx(sum(comb(52, k) for k in range(13)) / 2**52)
-    assert Scorecard.from_json(json.loads(json.dumps(candidate.to_json()))) == candidate
-    missing = Scorecard(0.9, MANIFEST, 2, paired=PairedUnavailable("m:000001", "why"))
-    assert Scorecard.from_json(missing.to_json()) == missing
-    assert paired_figures(missing.paired, Gate()) == {"champion": "m:000001", "ran": False,
-                                                      "reason": "why"}
-    assert paired_figures(None, Gate()) is None
 
 
 def test_promote_compares_the_stored_predictions_of_both_versions(

@@ -13,7 +13,8 @@ import torch
 
 from flowerml.errors import UserError
 from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id, run_ids
-from flowerml.storage import LocalStore, Store
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
 
 
 class RecordingStore(LocalStore):

@@ -16,7 +16,8 @@ import torch
 
 from flowerml.export import ExportError, PixelsToLogits, export_version
 from flowerml.prediction import image_pixels
-from flowerml.registry import Registry, RegistryError
+from flowerml.registry import Registry
+from flowerml.registry_names import RegistryError
 from flowerml.release import load_version
 from flowerml.scoring import (
     LISTING,
@@ -32,7 +33,9 @@ from flowerml.scoring import (
     score_collection,
     score_shard,
 )
-from flowerml.storage import LocalStore, S3Options, S3Store, Store
+from flowerml.storage import S3Options, Store
+from flowerml.storage_local import LocalStore
+from flowerml.storage_s3 import S3Store
 from tests.conftest import copy_tree, store_keys
 from tests.flowerml.conftest import RegisteredRun
 from tests.flowerml.test_export import registry_copy

@@ -8,7 +8,9 @@ import pytest
 
 from flowerml.errors import SettingsError, UserError
 from flowerml.settings import Settings, build_store, load_settings
-from flowerml.storage import LocalStore, S3Options, S3Store
+from flowerml.storage import S3Options
+from flowerml.storage_local import LocalStore
+from flowerml.storage_s3 import S3Store
 from tests.cli_helpers import assert_refused, invoke
 
 

@@ -9,7 +9,8 @@ import pytest
 from flowerml import sync
 from flowerml.errors import DataError
 from flowerml.manifest import ManifestEntry, PublishedDataset
-from flowerml.storage import LocalStore, Store
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
 from flowerml.sync import sync_split
 
 DATASET = "flowers102"

@@ -18,7 +18,7 @@ from flowerml.errors import DatasetNotFound, UserError
 from flowerml.ingest import FetchOptions, ingest
 from flowerml.recipes import build_config
 from flowerml.runs import RunError, RunFiles
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec
 from tests.conftest import StoreAndCache, SyntheticData, copy_tree, kill_then_resume
 from tests.interrupts import DiedBeforeCheckpoint, die_before_checkpoint

@@ -79,7 +79,7 @@ def test_retrain_demo_preset_json(tmp_path: Path) -> None:
     assert rest == [line for line in rest if line.startswith("flowerml: epoch 1/1: train loss")]
     assert len(rest) == 1, done.stderr
     from flowerml.registry import Registry
-    from flowerml.storage import LocalStore
+    from flowerml.storage_local import LocalStore
 
     registry = Registry(LocalStore(tmp_path / "store"), "flowers102")
     assert registry.get(1).committed

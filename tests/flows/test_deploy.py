@@ -25,7 +25,8 @@ import pytest
 from flowerml.launch import process_alive
 from flowerml.registry import Registry
 from flowerml.runs import RunFiles
-from flowerml.storage import S3Options, S3Store
+from flowerml.storage import S3Options
+from flowerml.storage_s3 import S3Store
 from flows.retrain import training_run_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))

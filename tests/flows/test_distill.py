@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flowerml.registry import Registry
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flows.distill import DistillParams, StudentParams, distill_flowers
 from flows.retrain import RetrainParams
 from tests.conftest import copy_tree

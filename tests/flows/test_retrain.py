@@ -14,7 +14,8 @@ import pytest
 
 import flows.retrain as retrain_module
 from flowerml.registry import Registry
-from flowerml.storage import S3Options, S3Store
+from flowerml.storage import S3Options
+from flowerml.storage_s3 import S3Store
 from flows.retrain import RetrainParams, retrain_flowers
 from tasks.registry import register_task
 

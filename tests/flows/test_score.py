@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from flowerml.registry import Registry
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flows.score import ScoreParams, score_images
 from tests.conftest import copy_tree
 from tests.flowerml.conftest import registered_run  # noqa: F401  (a fixture used below)

@@ -4,7 +4,7 @@ from the flow's parameters."""
 from __future__ import annotations
 
 from flowerml.comparison import compare
-from flowerml.promotion import Gate, PairedUnavailable, paired_figures
+from flowerml.gates import Gate, PairedUnavailable, paired_figures
 from tasks.registry import gate_of, paired_section
 from tests.paired import paired_outcomes, prediction_set
 

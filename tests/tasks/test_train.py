@@ -11,7 +11,7 @@ from prefect.client.orchestration import get_client
 
 from flowerml.ingest import FetchOptions, ingest
 from flowerml.recipes import build_config
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tasks.evaluate import evaluate_task, inline_images
 from tasks.train import child_arguments, progress_artifact, train_task
 from tests.conftest import task_outcome

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from flowerml.registry import Registry
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.builders import MODEL, card, weights
 from tests.cli_helpers import assert_refused, invoke
 from tests.flowerml.conftest import TINY_RUN, RegisteredRun

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from flowerml.manifest import content_version, resolve_dataset
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import DATASET
 

@@ -13,7 +13,7 @@ import pytest
 
 from flowerml.ingest import FetchOptions, ingest
 from flowerml.registry import Registry
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import StoreAndCache, copy_tree

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import copy_tree
 from tests.flowerml.conftest import RegisteredRun

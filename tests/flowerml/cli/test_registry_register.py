@@ -11,7 +11,7 @@ import pytest
 from flowerml.registry import Registry
 from flowerml.release import build_card
 from flowerml.runs import RunFiles
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import DATASET, StoreAndCache, copy_tree
 from tests.flowerml.conftest import TINY_RUN

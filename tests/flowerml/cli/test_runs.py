@@ -10,7 +10,7 @@ import pytest
 
 from flowerml.cli import cli
 from flowerml.runs import RunFiles
-from flowerml.storage import LocalStore
+from flowerml.storage_local import LocalStore
 from tests.cli_helpers import assert_refused, invoke
 from tests.conftest import DATASET, copy_tree
 from tests.flowerml.conftest import TINY_RUN, RegisteredRun

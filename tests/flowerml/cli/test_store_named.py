@@ -9,7 +9,8 @@ import json
 import pytest
 
 from flowerml.registry import Registry
-from flowerml.storage import S3Store, Store
+from flowerml.storage import Store
+from flowerml.storage_s3 import S3Store
 from tests.cli_helpers import assert_refused, invoke
 from tests.flowerml.test_cli_registry import registry  # noqa: F401  (a fixture)
 
