@@ -7,7 +7,7 @@ on the values), for ResNet-18 and ResNet-152 at 224 px:
 - tutorial: the original notebook's way to predict: a loop of `PIL.Image.open`, its eval
   transforms (Resize(256), CenterCrop(224), ToTensor, Normalize: flowerml's `tutorial` preset)
   and the eager model on a batch of 1.
-- flowerml torch: `flowerml.scoring.score_rows` with the torch runtime: JPEGs decoded reduced
+- flowerml torch: `flowerml.scoring_shards.score_rows`, torch runtime: JPEGs decoded reduced
   (PIL draft), one resize to the centre crop, uint8 batches of `--batch-size` through the eager
   model behind the export's normalisation (`PixelsToLogits`), top-5 rows.
 - flowerml onnx: the same rows from ONNX Runtime's CPU provider running the model exported by
@@ -104,11 +104,11 @@ def tutorial_images_per_second(model, paths: list[Path]) -> float:
 
 
 def scorer_for(model, runtime: str, workdir: Path):
-    """A flowerml.scoring.Scorer over `model`, run by torch or by ONNX Runtime (one thread)."""
+    """A flowerml.runtimes.Scorer over `model`, run by torch or by ONNX Runtime (one thread)."""
     import torch
 
     from flowerml.export import PixelsToLogits, build_onnx_session, export_onnx
-    from flowerml.scoring import Scorer
+    from flowerml.runtimes import Scorer
 
     names = tuple(f"class {i}" for i in range(CLASSES))
     if runtime == "onnx":
@@ -130,7 +130,8 @@ def scorer_for(model, runtime: str, workdir: Path):
 
 
 def flowerml_images_per_second(scorer, folder: Path, keys: list[str], batch_size: int) -> float:
-    from flowerml.scoring import KeyReader, score_rows
+    from flowerml.inputs import KeyReader
+    from flowerml.scoring_shards import score_rows
 
     reader = KeyReader(str(folder))
     list(score_rows(scorer, reader, keys[:batch_size], batch_size=batch_size, top_k=5,
@@ -256,7 +257,7 @@ def listing_child(listing: str, store: str, output: str, shard_size: int) -> Non
     # that the difference below is the listing's own memory.
     import flowerml.export  # noqa: F401
     import flowerml.prediction  # noqa: F401
-    from flowerml.scoring import ScoringRequest, plan_scoring
+    from flowerml.scoring_plan import ScoringRequest, plan_scoring
     from flowerml.storage_local import LocalStore
 
     def status_mb(field: str) -> float:

@@ -1,10 +1,8 @@
 """Predicting flower names for image files: one result per input, in bounded memory.
 
-- `expand_inputs`: what the user named (files, folders, glob patterns) as a sequence of
-  `ImageInput`s, each an image to read or an input that failed already (nothing matched).
-  A folder gives the image files under it (by extension, hidden names skipped), recursively,
-  in sorted order. A pattern is expanded here too, for shells (and callers) that pass it on
-  unexpanded.
+The inputs come from `flowerml.inputs.expand_inputs` (files, folders, globs, list files,
+s3:// keys and prefixes, by the rules `flowerml score` follows too).
+
 - `open_image`: one image decoded for the model. A large JPEG is decoded at a reduced scale
   (PIL's `draft`, 1/2 to 1/8) no smaller than the model's resize needs, and nothing over PIL's
   decompression-bomb limit is decoded at all. A file is read only when it is a regular file
@@ -18,11 +16,10 @@
 
 from __future__ import annotations
 
-import glob
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
@@ -33,84 +30,14 @@ from PIL import Image, UnidentifiedImageError
 from flowerml.cache import cache_resolution
 from flowerml.errors import UserError
 from flowerml.files import FileRefused, open_user_file
+from flowerml.inputs import MAX_IMAGE_BYTES, ImageInput, ImageUnreadable, expand_inputs
 from flowerml.runtimes import Scorer, softmax_top_k
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-"""What a folder is searched for (any case); a file named on its own is tried whatever its name.
-The one list: `flowerml score` keeps the same files of a folder, a pattern or a prefix."""
-
-MAX_IMAGE_BYTES = 512 * 2**20
-"""The largest image file read: twice the largest uncompressed 8-bit RGB image that PIL's
-decompression-bomb limit lets through (89.5 megapixels, 256 MiB)."""
 
 DEFAULT_BATCH_SIZE = 32
 
 
 class ImageError(Exception):
     """One input that cannot be predicted; its message goes in the input's row."""
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One result to come: `name` as the user will see it, and either a file to read or the
-    reason there is none."""
-
-    name: str
-    path: Path | None = None
-    error: str | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs
-
-
-def expand_inputs(arguments: Iterable[str | os.PathLike]) -> Iterator[ImageInput]:
-    """The images the arguments name, in argument order; a folder's in sorted order."""
-    for argument in arguments:
-        name = os.fspath(argument)
-        if name == "":
-            yield ImageInput(name, error="empty path")
-        elif os.path.lexists(name) or not is_pattern(name):
-            yield from expand_path(name)
-        else:
-            matches = sorted(glob.glob(name, recursive=True))
-            if not matches:
-                yield ImageInput(name, error="no file matches this pattern")
-            for match in matches:
-                yield from expand_path(match)
-
-
-def is_pattern(name: str) -> bool:
-    return any(character in name for character in "*?[")
-
-
-def expand_path(name: str) -> Iterator[ImageInput]:
-    if os.path.isdir(name):
-        yield from folder_images(name)
-    elif os.path.lexists(name):
-        yield ImageInput(name, Path(name))
-    else:
-        yield ImageInput(name, error="no such file or folder")
-
-
-def folder_images(folder: str) -> Iterator[ImageInput]:
-    """The image files under `folder`, sorted; a folder without any is one failed input."""
-    found: list[tuple[tuple[str, ...], str]] = []
-    unreadable: list[OSError] = []
-    for root, folders, files in os.walk(folder, onerror=unreadable.append):
-        folders[:] = [f for f in folders if not f.startswith(".")]
-        for file in files:
-            if not file.startswith(".") and file.lower().endswith(IMAGE_SUFFIXES):
-                path = os.path.join(root, file)
-                found.append((Path(os.path.relpath(path, folder)).parts, path))
-    for error in unreadable:
-        yield ImageInput(error.filename or folder,
-                         error=f"cannot read folder: {error.strerror or error}")
-    if not found and not unreadable:
-        yield ImageInput(folder, error=f"no images in this folder (looked for "
-                                       f"{', '.join(IMAGE_SUFFIXES)})")
-    for _, path in sorted(found):
-        yield ImageInput(path, Path(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,9 +111,15 @@ def describe(error: BaseException) -> str:
 
 
 def decode_input(item: ImageInput, image_size: int) -> np.ndarray:
-    if item.path is None:
+    if item.path is not None:
+        return image_pixels(item.path, image_size)
+    if item.fetch is None:
         raise ImageError(item.error or "no file")
-    return image_pixels(item.path, image_size)
+    try:
+        data = item.fetch()
+    except ImageUnreadable as error:
+        raise ImageError(str(error)) from None
+    return image_pixels(io.BytesIO(data), image_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,6 +158,6 @@ def predict_inputs(scorer: Scorer, inputs: Iterable[ImageInput], *, top_k: int =
 
 def predict_images(scorer: Scorer, paths: Iterable[str | os.PathLike], top_k: int = 5,
                    batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
-    """`predict_inputs` over files, folders and patterns, as a list."""
+    """`predict_inputs` over what `flowerml.inputs.expand_inputs` takes, as a list."""
     return list(predict_inputs(scorer, expand_inputs(paths), top_k=top_k,
                                batch_size=batch_size))

@@ -1,4 +1,5 @@
-"""`flowerml predict`: top-k flower names for image files, folders and glob patterns, from a
+"""`flowerml predict`: top-k flower names for image files, folders, glob patterns, list files
+and s3:// keys and prefixes (the rules of `flowerml.inputs`, as `flowerml score`), from a
 registry model or a run.
 
 One result per input, printed as it comes: a line `IMAGE: name p, name p, ...` (or with
@@ -55,14 +56,16 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
             as_json: bool) -> None:
     """Top-k flower names with probabilities for each image.
 
-    Each INPUT is an image file, a folder (the .jpg, .jpeg, .png, .bmp, .gif, .webp, .tif and
-    .tiff files under it, recursively, in sorted order; hidden names skipped) or a glob
-    pattern (expanded here when the shell has not; '**' reaches into subfolders). One line per
-    image, or with --json one JSON object per line. Exit code 1 when any input could not be
-    predicted (its row says why), 2 when predicting could not start (a bad option, an unknown
-    model or run).
+    Each INPUT is an image file, a folder or s3:// prefix (the .jpg, .jpeg, .png, .bmp, .gif,
+    .webp, .tif and .tiff files under it, recursively, in sorted order; hidden names skipped),
+    a glob pattern over either (expanded here when the shell has not; '**' reaches into
+    subfolders), or a .txt/.json list of keys (relative to the list's folder), paths or s3://
+    URIs, as flowerml score reads them. One line per image, or with --json one JSON object per
+    line. Exit code 1 when any input could not be predicted (its row says why), 2 when
+    predicting could not start (a bad option, an unknown model or run).
     """
-    from flowerml.prediction import expand_inputs, predict_inputs
+    from flowerml.inputs import expand_inputs
+    from flowerml.prediction import predict_inputs
 
     if model_ref and run_id:
         raise CliError("give --model or --run, not both")
@@ -71,8 +74,8 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
     scorer = (run_scorer(target, run_id, runtime, device) if run_id else
               version_scorer(target, model_ref or DEFAULT_MODEL, runtime, device))
     total = failed = 0
-    for row in predict_inputs(scorer, expand_inputs(inputs), top_k=top_k,
-                              batch_size=batch_size):
+    images = expand_inputs(inputs, settings.s3_options())
+    for row in predict_inputs(scorer, images, top_k=top_k, batch_size=batch_size):
         total += 1
         failed += "error" in row
         show_row(row, as_json)

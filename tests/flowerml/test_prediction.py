@@ -1,5 +1,5 @@
-"""flowerml.prediction: inputs expanded (files, folders, patterns), images decoded safely and
-reduced, one row per input in batches, with the tiny trained run's model."""
+"""flowerml.prediction: images decoded safely and reduced, one row per input in batches, with
+the tiny trained run's model (the inputs' rules: tests/flowerml/test_inputs.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ import pytest
 from PIL import Image
 
 from flowerml.inference import load_trained_model
-from flowerml.prediction import (
-    ImageError,
-    ImageInput,
-    expand_inputs,
-    open_image,
-    predict_images,
-    predict_inputs,
-)
+from flowerml.inputs import ImageInput
+from flowerml.prediction import ImageError, open_image, predict_images, predict_inputs
 from flowerml.runtimes import Scorer, scorer_from_model
 from tests.conftest import StoreAndCache
 
@@ -67,55 +61,6 @@ def model(tiny_run: StoreAndCache) -> Scorer:
 def test_images(tiny_run: StoreAndCache) -> list[Path]:
     store, _ = tiny_run
     return sorted((store.root / "datasets").rglob("test/*/*.jpg"))[:5]
-
-
-# --- expand_inputs ---------------------------------------------------------------------------
-
-
-def names(arguments: list) -> list[tuple[str, str | None]]:
-    return [(item.name, item.error) for item in expand_inputs(arguments)]
-
-
-def test_a_folder_gives_its_images_recursively_in_sorted_order(tmp_path: Path) -> None:
-    for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "sub/deeper/d.webp", "A0.jpg"):
-        (tmp_path / "photos" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "photos" / name).write_bytes(b"")
-    for skipped in ("notes.txt", ".hidden.jpg", ".cache/e.jpg", "sub/Thumbs.db"):
-        (tmp_path / "photos" / skipped).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "photos" / skipped).write_bytes(b"")
-    folder = str(tmp_path / "photos")
-    assert names([folder]) == [(f"{folder}/{n}", None) for n in
-                               ("A0.jpg", "a.PNG", "b.jpg", "sub/c.jpeg", "sub/deeper/d.webp")]
-    assert [item.path for item in expand_inputs([folder])][0] == Path(folder, "A0.jpg")
-
-
-def test_files_are_taken_as_named_whatever_their_extension(tmp_path: Path) -> None:
-    (tmp_path / "notes.txt").write_text("x")
-    (tmp_path / "odd[1].jpg").write_bytes(b"")  # pattern characters, but the file exists
-    arguments = [tmp_path / "notes.txt", str(tmp_path / "odd[1].jpg"), str(tmp_path / "none.jpg")]
-    assert names(arguments) == [(str(tmp_path / "notes.txt"), None),
-                                (str(tmp_path / "odd[1].jpg"), None),
-                                (str(tmp_path / "none.jpg"), "no such file or folder")]
-
-
-def test_patterns_are_expanded_and_one_matching_nothing_is_a_failed_input(tmp_path: Path) -> None:
-    for name in ("x/2.jpg", "x/1.jpg", "x/sub/3.jpg", "x/readme.md"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-    assert names([f"{tmp_path}/x/*.jpg"]) == [(f"{tmp_path}/x/1.jpg", None),
-                                             (f"{tmp_path}/x/2.jpg", None)]
-    assert [n for n, _ in names([f"{tmp_path}/x/**/*.jpg"])] == [
-        f"{tmp_path}/x/1.jpg", f"{tmp_path}/x/2.jpg", f"{tmp_path}/x/sub/3.jpg"]
-    assert names([f"{tmp_path}/x/s*"]) == [(f"{tmp_path}/x/sub/3.jpg", None)]  # a folder matched
-    assert names([f"{tmp_path}/x/*.png", ""]) == [
-        (f"{tmp_path}/x/*.png", "no file matches this pattern"), ("", "empty path")]
-
-
-def test_a_folder_without_images_is_a_failed_input(tmp_path: Path) -> None:
-    (tmp_path / "empty" / "notes.txt").parent.mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("x")
-    [(name, error)] = names([tmp_path / "empty"])
-    assert name == str(tmp_path / "empty") and error.startswith("no images in this folder")
 
 
 # --- open_image ------------------------------------------------------------------------------

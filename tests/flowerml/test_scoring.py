@@ -1,5 +1,6 @@
-"""flowerml.scoring: a collection listed once into shards, each scored into a create-only part,
-`_SUCCESS.json` last; re-runs skip finished shards; bad input refused before any write."""
+"""flowerml.scoring with its plan, spool and shards: a collection listed once into shards, each
+scored into a create-only part, `_SUCCESS.json` last; re-runs skip finished shards; bad input
+refused before any write."""
 
 from __future__ import annotations
 
@@ -15,24 +16,14 @@ import pytest
 import torch
 
 from flowerml.export import ExportError, PixelsToLogits, export_version
+from flowerml.inputs import InputError, list_input
 from flowerml.prediction import image_pixels
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
 from flowerml.release import load_version
-from flowerml.scoring import (
-    LISTING,
-    SUCCESS,
-    ScoringError,
-    ScoringPlan,
-    ScoringRequest,
-    finish_scoring,
-    glob_regex,
-    iter_json_array,
-    list_input,
-    plan_scoring,
-    score_collection,
-    score_shard,
-)
+from flowerml.scoring import SUCCESS, finish_scoring, score_collection
+from flowerml.scoring_plan import LISTING, ScoringError, ScoringPlan, ScoringRequest, plan_scoring
+from flowerml.scoring_shards import score_shard
 from flowerml.storage import S3Options, Store
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
@@ -281,29 +272,6 @@ def test_an_output_inside_the_input_is_not_scored_again(registry: Registry, phot
 # --- what INPUT may be -----------------------------------------------------------------------
 
 
-def test_a_folder_is_walked_in_order_without_hidden_names_links_or_pipes(
-        photos: Path, tmp_path: Path) -> None:
-    folder = copy_tree(photos, tmp_path / "photos")
-    (folder / ".cache").mkdir()
-    (folder / ".cache" / "x.jpg").write_bytes(b"thumbnail")
-    (folder / "loop").symlink_to(folder)
-    os.mkfifo(folder / "pipe.jpg")
-    listing = list_input(str(folder))
-    assert list(listing.stream()) == [*KEYS[:6], "notes.txt", *KEYS[6:]]
-    assert listing.only_images  # notes.txt is left out when the listing is spooled
-    assert list(list_input(str(folder / "sub" / "f.jpg")).stream()) == ["f.jpg"]
-
-
-def test_a_glob_lists_matching_keys_below_its_folder(photos: Path) -> None:
-    assert list(list_input(f"{photos}/*.jpg").stream()) == ["a.jpg", "b.jpg", "cut.jpg",
-                                                           "d.jpg", "e.jpg"]
-    assert list(list_input(f"{photos}/**/*.jp*g").stream()) == [
-        "a.jpg", "b.jpg", "cut.jpg", "d.jpg", "e.jpg", "sub/f.jpg", "sub/g.jpeg"]
-    assert list(list_input(f"{photos}/sub/[fx].jpg").stream()) == ["f.jpg"]
-    assert glob_regex("a/**/b?.[!x]*").fullmatch("a/b1.y.z")
-    assert not glob_regex("*.jpg").fullmatch("sub/f.jpg")
-
-
 def test_text_and_json_lists_name_keys_paths_and_comments(registry: Registry, photos: Path,
                                                           tmp_path: Path) -> None:
     copy = copy_tree(photos, tmp_path / "photos")
@@ -320,22 +288,6 @@ def test_text_and_json_lists_name_keys_paths_and_comments(registry: Registry, ph
     assert rows[-1] == {"key": "missing.jpg", "error": "no such object"}
     assert rows == rows_of(LocalStore(tmp_path / "json"), from_json)
     assert from_text["root"] == str(copy)
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 7, 4096])
-def test_a_json_list_is_read_in_chunks(tmp_path: Path, chunk: int) -> None:
-    keys = [f"photos/{i:04d} \"q\" é.jpg" for i in range(40)]
-    path = tmp_path / "keys.json"
-    path.write_text(json.dumps(keys, indent=2, ensure_ascii=False), encoding="utf-8")
-    with open(path, encoding="utf-8") as handle:
-        assert list(iter_json_array(handle, "keys.json", chunk)) == keys
-    for text in ("[]", " [ ] "):
-        assert list(iter_json_array(io.StringIO(text), "x", chunk)) == []
-    for bad, why in (('{"a": 1}', "does not start with"), ('["a" "b"]', "expected ','"),
-                     ('["a",]', "a ',' before ']'"), ('["a"', "ends before"),
-                     ('["a"] x', "text after"), ("", "does not start"), ('["a', "Unterminated")):
-        with pytest.raises(ScoringError, match=why):
-            list(iter_json_array(io.StringIO(bad), "x", chunk))
 
 
 def test_an_s3_prefix_is_scored_into_an_s3_output(registry: Registry, photos: Path,
@@ -424,7 +376,7 @@ def test_a_list_that_is_not_a_regular_utf8_file_is_refused_before_any_write(
                       ("latin1.txt", "line 2 is not UTF-8 text; save the list as UTF-8"),
                       ("latin1.json", "not UTF-8 text; save the list as UTF-8"),
                       ("missing.txt", "no such list file")):
-        with pytest.raises(ScoringError) as refused:
+        with pytest.raises(InputError) as refused:
             score(registry, copy / name, LocalStore(tmp_path / "scores"))
         assert str(refused.value) == f"INPUT {copy / name}: {why}"
         assert nothing_written(tmp_path / "scores")
@@ -445,8 +397,9 @@ def test_an_input_without_images_is_refused(registry: Registry, tmp_path: Path,
     if case == "no images":
         (folder / "notes.txt").write_text("x")
     input = {"missing": tmp_path / "nowhere", "empty glob": f"{folder}/*.jpg"}.get(case, folder)
-    message = "no such folder" if case == "missing" else "no images there"
-    with pytest.raises(ScoringError, match=message):
+    error, message = (InputError, "no such file or folder") if case == "missing" else \
+        (ScoringError, "no images there")
+    with pytest.raises(error, match=message):
         score(registry, input, LocalStore(tmp_path / "scores"))
     assert nothing_written(tmp_path / "scores")
 
@@ -525,17 +478,17 @@ def test_a_run_racing_another_with_other_settings_is_refused(
         registry: Registry, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both runs read no _listing.json; the first writes its record; the second, with another
     runtime, finds it there when it tries to write its own, and stops before any part."""
-    import flowerml.scoring as scoring
+    import flowerml.scoring_plan as scoring_plan
 
     output = LocalStore(tmp_path / "scores")
     score(registry, photos, output, runtime="torch")
-    real, calls = scoring.read_listing, []
+    real, calls = scoring_plan.read_listing, []
 
     def not_yet_on_the_first_read(*args):
         calls.append(args)
         return None if len(calls) == 1 else real(*args)
 
-    monkeypatch.setattr(scoring, "read_listing", not_yet_on_the_first_read)
+    monkeypatch.setattr(scoring_plan, "read_listing", not_yet_on_the_first_read)
     before = store_keys(output)
     with pytest.raises(ScoringError, match="was just started by another run with --runtime "
                                            "torch --top-k 5"):

@@ -110,23 +110,23 @@ def test_a_worker_killed_mid_shard_still_ends_with_every_shard_done_once(
         import os
         import time
 
-        from flowerml import scoring
+        from flowerml import inputs
 
-        original = getattr(scoring.KeyReader, "unheld_read", scoring.KeyReader.read)
+        original = getattr(inputs.KeyReader, "unheld_read", inputs.KeyReader.read)
 
         def read(self, key: str) -> bytes:
             while "hold-" in key and not os.path.exists(release):
                 time.sleep(0.05)
             return original(self, key)
 
-        scoring.KeyReader.unheld_read = original
-        scoring.KeyReader.read = read
+        inputs.KeyReader.unheld_read = original
+        inputs.KeyReader.read = read
 
     def unhold_reads() -> None:
-        from flowerml import scoring
+        from flowerml import inputs
 
-        if hasattr(scoring.KeyReader, "unheld_read"):
-            scoring.KeyReader.read = scoring.KeyReader.unheld_read
+        if hasattr(inputs.KeyReader, "unheld_read"):
+            inputs.KeyReader.read = inputs.KeyReader.unheld_read
 
     with Client(cluster.scheduler_address, timeout=60) as client:
         client.run(hold_reads, str(release))
@@ -180,7 +180,7 @@ def test_python_m_flows_score_prints_the_summary_or_one_line(prefect_harness: No
              f"--dask-address tcp://127.0.0.1:{free_tcp_port}: no Dask scheduler answered "
              "within 5 s"),
             ([str(tmp_path / "none"), "--output", str(tmp_path / "x"), *base],
-             f"INPUT {tmp_path / 'none'}: no such folder or file")):
+             f"INPUT {tmp_path / 'none'}: no such file or folder")):
         refused = CliRunner().invoke(main, args)
         assert refused.exit_code == 2, refused.output
         # Prefect's own log lines come first when the flow ran; the last line is the verdict.

@@ -26,7 +26,7 @@ def photos(tiny_run: StoreAndCache, tmp_path: Path) -> Path:
     for name, image in zip(("b.jpg", "a.jpg", "sub/c.jpg"), images, strict=True):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(image.read_bytes())
-    (folder / "notes.txt").write_text("not a photo")
+    (folder / "notes.md").write_text("not a photo")
     (folder / ".a.jpg").write_bytes(b"macOS metadata, not an image")
     return folder
 
@@ -70,7 +70,7 @@ def test_failed_inputs_get_their_own_rows_and_exit_1(tiny_run: StoreAndCache, ph
     bomb = write_png_header(tmp_path / "bomb.png", 30_000, 30_000)  # 900 megapixels
     cut = write_truncated_jpeg(tmp_path / "cut.jpg")
     large = write_jpeg(tmp_path / "large.jpg", 2400, 1600)
-    inputs = [str(photos / "a.jpg"), str(tmp_path / "missing.jpg"), str(photos / "notes.txt"),
+    inputs = [str(photos / "a.jpg"), str(tmp_path / "missing.jpg"), str(photos / "notes.md"),
               str(bomb), str(cut), f"{tmp_path}/*.gif", str(large), str(photos / "b.jpg")]
     errors = {1: "no such file or folder", 2: "not an image file",
               3: "too large to decode safely: Image size (900000000 pixels) exceeds limit",
@@ -102,6 +102,19 @@ def test_failed_inputs_get_their_own_rows_and_exit_1(tiny_run: StoreAndCache, ph
                               for i in sorted(errors)]
         assert notes[-1] == "flowerml: 5 of 8 inputs could not be predicted"
         assert "Traceback" not in result.output
+
+
+def test_a_list_file_names_images_as_flowerml_score_reads_them(tiny_run: StoreAndCache,
+                                                                photos: Path) -> None:
+    """A .txt list (flowerml.inputs): entries beside it, every one tried, comments skipped."""
+    (photos / "today.txt").write_text("# today\nsub/c.jpg\nnotes.md\na.jpg\n")
+    result = predict(tiny_run, str(photos / "today.txt"), "--json")
+    assert result.exit_code == 1, result.output
+    rows = json_rows(result)
+    assert [row["image"] for row in rows] == [f"{photos}/sub/c.jpg", f"{photos}/notes.md",
+                                              f"{photos}/a.jpg"]
+    assert rows[1]["error"].startswith("not an image file")
+    assert "predictions" in rows[0] and "predictions" in rows[2]
 
 
 def test_one_bad_input_is_one_stderr_line(tiny_run: StoreAndCache, tmp_path: Path) -> None:
