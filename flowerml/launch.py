@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from flowerml.errors import TransientError, UserError
 
 
@@ -55,16 +57,11 @@ def train_command(arguments: Sequence[str], nproc_per_node: int = 1) -> list[str
 def process_alive(pid: int) -> bool:
     """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) is all we know
+    except psutil.AccessDenied:
+        return True  # it exists; whether it is a zombie we may not know
 
 
 def exit_with_parent_process(pid: int, interval: float = 1.0, grace: float = 10.0) -> None:
@@ -109,18 +106,17 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    if not os.path.isdir("/proc"):
-        return True  # no /proc (macOS): killpg(0) is all we know
-    return any(process_alive(int(entry.name)) for entry in os.scandir("/proc")
-               if entry.name.isdigit() and _group_of(entry.name) == pgid)
+    return any(process_alive(pid) for pid in group_members(pgid))
 
 
-def _group_of(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
+def group_members(pgid: int) -> list[int]:
+    """The processes of group `pgid` (psutil has no group attribute: `os.getpgid` each)."""
+    members = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):  # gone since it was listed
+            if os.getpgid(pid) == pgid:
+                members.append(pid)
+    return members
 
 
 def _pump(stream, lines: queue.Queue) -> None:

@@ -17,6 +17,9 @@ import click
 
 from flowerml.cli import CliError, cli, emit_json, json_option
 from flowerml.cli.app import EXIT_REFUSED
+from flows.local_prefect import prefect_settings, silence_prefect_console, stop_temporary_server
+from flows.preflight import check_prefect_api
+from flows.run_progress import show_progress_lines
 
 # --------------------------------------------------------------------------------------------
 # flowerml score --dask-address
@@ -76,19 +79,14 @@ def score_params(dask_address: str, options: dict[str, Any]) -> Any:
 def score_on_dask(dask_address: str, **options: Any) -> None:
     """The score-images flow with the shards on the Dask cluster at `dask_address`. The
     scheduler and the Prefect API are checked before anything is listed or written."""
-    from flows.cli import (
-        check_prefect_api,
-        prefect_console,
-        prefect_settings,
-        stop_temporary_server,
-    )
     from flows.score import check_scheduler
 
     prefect_settings()
     params = score_params(dask_address, options)
     check_scheduler(dask_address)
     check_prefect_api()
-    prefect_console(verbose=False)
+    silence_prefect_console()
+    show_progress_lines()
     from flows.score import score_images
 
     def announce(_flow: Any, flow_run: Any, _state: Any) -> None:

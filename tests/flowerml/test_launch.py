@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from flowerml.launch import (
@@ -14,6 +18,7 @@ from flowerml.launch import (
     TrainingRefused,
     TrainingTimeout,
     check_outcome,
+    group_alive,
     iter_events,
     process_alive,
     run_child,
@@ -29,12 +34,10 @@ time.sleep(600)
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    try:  # a reaped-later zombie counts as gone
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    with open(f"/proc/{pid}/stat") as handle:  # a reaped-later zombie counts as gone
-        return handle.read().split()[2] != "Z"
 
 
 def test_streams_lines_and_returns_exit_code() -> None:
@@ -106,9 +109,6 @@ child.wait()
 
 
 def test_a_child_dies_with_its_killed_launcher() -> None:
-    import signal
-    import subprocess
-
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdout=subprocess.PIPE,
                                 text=True)
     child, grandchild = map(int, launcher.stdout.readline().split())
@@ -121,12 +121,49 @@ def test_a_child_dies_with_its_killed_launcher() -> None:
     assert not alive(child) and not alive(grandchild)  # its whole group went with it
 
 
-def test_process_alive() -> None:
-    import subprocess
+def wait_for_zombie(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the child never exited"
+        time.sleep(0.02)
 
+
+def test_process_alive() -> None:
     done = subprocess.Popen([sys.executable, "-c", "pass"])
     done.wait()
     assert process_alive(os.getpid()) and not process_alive(done.pid)
+
+
+def test_a_zombie_is_not_alive() -> None:
+    """Exited but not reaped yet: the pid still exists (kill 0 succeeds), the process is gone."""
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for_zombie(exited.pid)
+    os.kill(exited.pid, 0)  # still there for the kernel
+    assert not process_alive(exited.pid)
+    exited.wait()
+
+
+def test_group_alive_while_any_member_runs() -> None:
+    """A group whose leader has exited (a zombie, unreaped) is alive while a member runs;
+    once the last member is a zombie too, it counts as gone."""
+    leader = subprocess.Popen([sys.executable, "-c", GRANDCHILD], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    member = int(leader.stdout.readline())
+    try:
+        assert group_alive(leader.pid)
+        leader.kill()
+        wait_for_zombie(leader.pid)
+        assert group_alive(leader.pid)  # the member still runs in the leader's group
+        os.kill(member, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while alive(member) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not group_alive(leader.pid)  # the leader is still an unreaped zombie
+        os.killpg(leader.pid, 0)  # which the kernel still counts as a member
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait()
 
 
 def test_iter_events_keeps_only_json_objects() -> None:
