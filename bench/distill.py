@@ -11,9 +11,9 @@ knowledge a student can get beyond the labels is the teacher's):
   `alpha * T^2 * KL + (1 - alpha) * CE`, the teacher seeing the same augmented images);
 
 then, for each student, test top-1 and top-1 agreement with the teacher on the test split
-(`flowerml.distill.compare_on_split`, the same code `flowerml evaluate` uses), over `--seeds`
+(`flowerml.agreement.compare_on_split`, the same code `flowerml evaluate` uses), over `--seeds`
 seeds (mean and each seed's figure), and both architectures' parameters, MACs per image and CPU
-images/s (`flowerml.distill.model_profile`: batch 8, fp32, torch's threads) at the training
+images/s (`flowerml.model_cost.model_profile`: batch 8, fp32, torch's threads) at the training
 size and at 224 px. Every figure comes from this one run on this machine.
 
 Kept small (6 classes, 48 train images at 32 px, batch 8; teacher 20 epochs, students 6) so it
@@ -72,12 +72,12 @@ def config(arch: str, epochs: int, seed: int, args: argparse.Namespace):
                         warmup_epochs=min(1.0, epochs), patience=0)
 
 
-def train(store, cache: Path, run_id: str, train_config, objective=None) -> dict[str, Any]:
+def train(store, cache: Path, run_id: str, train_config, task=None) -> dict[str, Any]:
     from flowerml.training import fit
 
     started = time.perf_counter()
     result = fit(train_config, store=store, dataset=DATASET, run_id=run_id, cache_dir=cache,
-                 device="cpu", workers=0, objective=objective)
+                 device="cpu", workers=0, task=task)
     log(f"{run_id}: best valid top-1 {result.best_valid_top1:.4f} "
         f"({time.perf_counter() - started:.0f} s)")
     return {"best_valid_top1": result.best_valid_top1, "train_seconds": result.seconds}
@@ -85,7 +85,7 @@ def train(store, cache: Path, run_id: str, train_config, objective=None) -> dict
 
 def judge(store, cache: Path, run_id: str, teacher) -> dict[str, float]:
     """The student's test top-1, and its agreement with the teacher on test."""
-    from flowerml.distill import compare_on_split
+    from flowerml.agreement import compare_on_split
     from flowerml.inference import load_trained_model
 
     student = load_trained_model(store, run_id, "cpu")
@@ -98,7 +98,7 @@ def profile(trained, file_bytes: int, seconds: float) -> dict[str, Any]:
     """model_profile at the training size and at 224 px (the size Flowers-102 runs at)."""
     from dataclasses import replace
 
-    from flowerml.distill import model_profile
+    from flowerml.model_cost import model_profile
 
     small = model_profile(trained, file_bytes, seconds=seconds)
     full = model_profile(replace(trained, image_size=224), file_bytes, seconds=seconds)
@@ -115,9 +115,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from flowerml.distill import Distillation, load_teacher
+    from flowerml.distillation_task import DistillationTask
     from flowerml.recipes import DistillConfig
     from flowerml.runs import BEST, RunFiles
+    from flowerml.teacher import load_teacher
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     started = time.perf_counter()
@@ -135,10 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         students: dict[str, list[dict[str, Any]]] = {"plain": [], "distilled": []}
         for seed in range(args.seeds):
             student_config = config(args.student, args.student_epochs, seed, args)
-            for kind, objective in (("plain", None),
-                                    ("distilled", Distillation(teacher, settings))):
+            for kind, task in (("plain", None),
+                               ("distilled", DistillationTask(teacher, settings))):
                 run_id = f"{kind}-{seed}"
-                figures = train(store, cache, run_id, student_config, objective)
+                figures = train(store, cache, run_id, student_config, task)
                 students[kind].append({"seed": seed, **figures,
                                        **judge(store, cache, run_id, teacher)})
         teacher_test = students["plain"][0]["teacher_test_top1"]

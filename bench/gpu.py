@@ -1,7 +1,7 @@
 """GPU benchmark: ResNet-152 fine-tuning throughput with flowerml's real input pipeline.
 
 Measures, in one run on one CUDA device, training images/s of flowerml's own training step
-(`flowerml.training.Stepper`: optimiser, schedule, loss) fed by:
+(`flowerml.optimization.Stepper`: optimiser, schedule, loss) fed by:
 - synthetic in-memory uint8 batches already on the GPU (the ceiling the input can reach), for
   the tutorial's setup (fp32, Adam, batch 48) and flowerml's (bf16 autocast, channels_last,
   torch.compile, measured last and on synthetic batches only);
@@ -32,16 +32,12 @@ from flowerml.ingest import FetchOptions, ingest
 from flowerml.loaders import build_loaders
 from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model, prepare_for_strategy
+from flowerml.optimization import Stepper, build_optimizer, build_scheduler
+from flowerml.precision import autocast_for, needs_grad_scaler
 from flowerml.recipes import build_config
 from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
-from flowerml.training import (
-    Stepper,
-    autocast_for,
-    build_optimizer,
-    build_scheduler,
-    needs_grad_scaler,
-)
+from flowerml.training_task import ClassificationTask
 from flowerml.transforms import prepare_batch
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
@@ -77,7 +73,7 @@ def build_stepper(config, num_classes: int, device: torch.device) -> tuple[Stepp
     optimizer = build_optimizer(model, config)
     scaler = torch.amp.GradScaler("cuda") if needs_grad_scaler(device, config.amp) else None
     stepper = Stepper(trained, optimizer, build_scheduler(optimizer, config, 10_000),
-                      torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing),
+                      ClassificationTask(config.label_smoothing),
                       autocast_for(device, config.amp), scaler)
     return stepper, model
 

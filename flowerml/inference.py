@@ -30,12 +30,12 @@ from flowerml.evaluation import (
     plot_training_curves,
     render_report,
 )
+from flowerml.loader_metrics import evaluate_loader
 from flowerml.loaders import build_eval_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
 from flowerml.models import FlowerModel, build_model
 from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id
 from flowerml.storage import Store
-from flowerml.training import evaluate_loader
 
 
 @dataclass

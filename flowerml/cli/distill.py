@@ -102,13 +102,14 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
     agreement with the teacher on valid). Exit codes: 0 done, 1 --promote refused by the
     student gate, 2 bad input (one line; nothing is written).
     """
-    from flowerml.distill import distill, load_recorded_teacher, load_teacher
+    from flowerml.distill import distill
     from flowerml.gates import StudentGate
     from flowerml.launch import exit_with_parent_process
     from flowerml.progress import progress_for_terminal
     from flowerml.recipes import build_distill_config
     from flowerml.registry_names import check_name
     from flowerml.runs import RunFiles, check_run_id
+    from flowerml.teacher import load_recorded_teacher, load_teacher
 
     if exit_with_parent is not None:
         exit_with_parent_process(exit_with_parent)

@@ -144,7 +144,8 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
 
     A student trained with `flowerml distill` also gets `agreement`: its top-1 agreement with
     its teacher on the split (and the teacher's top-1 there), in eval/<split>/agreement.json."""
-    from flowerml.distill import distillation_record, measure_agreement
+    from flowerml.agreement import measure_agreement
+    from flowerml.distillation_task import distillation_record
     from flowerml.inference import evaluate_run
 
     settings = load_settings(store=store)

@@ -1,5 +1,6 @@
-"""flowerml.distill: the loss, the teacher (frozen, seeing the student's very view), a
-distillation run and its resume, the student gate, what a student costs, and its release.
+"""flowerml.distill and its parts (teacher, distillation_task, agreement, model_cost): the
+loss, the teacher (frozen, seeing the student's very view), a distillation run and its resume,
+the student gate, what a student costs, and its release.
 
 The teacher is the session's registered tiny ResNet-18 (`registered_run`: flowers102:1,
 production); each module works on its own copy of that store."""
@@ -18,19 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from flowerml import distill as distillation
-from flowerml.distill import (
-    Distillation,
-    DistillError,
-    distillation_loss,
-    load_recorded_teacher,
-    load_teacher,
-    mix_batch,
-)
+from flowerml.distillation_task import DistillationTask, Mix, distillation_loss, mix_batch
 from flowerml.gates import GateError, StudentGate
+from flowerml.model_cost import count_macs
 from flowerml.promotion import promote_student_version
 from flowerml.recipes import DistillConfig, build_config
 from flowerml.registry import Registry
 from flowerml.runs import RunError, RunFiles
+from flowerml.teacher import DistillError, load_recorded_teacher, load_teacher
 from flowerml.training import fit
 from tests.conftest import DATASET, StoreAndCache, copy_tree, kill_then_resume
 from tests.flowerml.conftest import RegisteredRun
@@ -65,8 +61,7 @@ def teacher_store(registered_run: RegisteredRun,
     return copy_store(registered_run, tmp_path_factory.mktemp("distill"))
 
 
-def run_distill(teacher_store: StoreAndCache, run_id: str, *, objective=None, on_event=None,
-                **overrides):
+def run_distill(teacher_store: StoreAndCache, run_id: str, *, on_event=None, **overrides):
     store, cache = teacher_store
     teacher = load_teacher(store, ref=TEACHER)
     return distillation.distill(student_config(**overrides), SETTINGS, teacher, store=store,
@@ -141,7 +136,7 @@ def test_mixup_mixes_the_labels_with_the_images_weight() -> None:
     targets = torch.tensor([0, 1, 2, 0])
     partner = torch.tensor([2, 3, 0, 1])
     mixed = distillation_loss(student, teacher, targets, temperature=2, alpha=0,
-                              mix=distillation.Mix(0.25, partner))
+                              mix=Mix(0.25, partner))
     expected = 0.25 * F.cross_entropy(student, targets) + 0.75 * F.cross_entropy(
         student, targets[partner])
     assert mixed.item() == pytest.approx(expected.item())
@@ -167,7 +162,7 @@ def test_mix_batch() -> None:
 # The teacher and a distillation run
 
 
-class RecordingDistillation(Distillation):
+class RecordingDistillation(DistillationTask):
     """Distillation that records, for every training step, what the student and the teacher
     were fed and the raw batch before mixup."""
 
@@ -193,11 +188,11 @@ def test_teacher_and_student_see_the_same_view_and_the_teacher_stays_frozen(
     store, cache = teacher_store
     teacher = load_teacher(store, ref=TEACHER)
     before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
-    objective = RecordingDistillation(teacher, DistillConfig(mixup=1.0))
+    task = RecordingDistillation(teacher, DistillConfig(mixup=1.0))
     result = fit(student_config(epochs=1), store=store, dataset=DATASET, run_id="same-view",
-                 cache_dir=cache, device="cpu", workers=0, objective=objective)
-    assert len(objective.steps) == math.ceil(12 / 4)  # 12 train images, batch 4
-    for raw, student, teacher_view in objective.steps:
+                 cache_dir=cache, device="cpu", workers=0, task=task)
+    assert len(task.steps) == math.ceil(12 / 4)  # 12 train images, batch 4
+    for raw, student, teacher_view in task.steps:
         assert torch.equal(student, teacher_view)  # one view, computed once per step
         assert not torch.equal(student, raw)  # mixup 1.0: every batch is mixed
     assert not teacher.model.training
@@ -296,10 +291,10 @@ def test_a_run_resumes_only_with_its_own_objective(teacher_store: StoreAndCache,
                                        "not cross-entropy on the labels"):
         fit(student_config(), store=store, dataset=DATASET, run_id="straight", cache_dir=cache,
             device="cpu", workers=0)
-    other = Distillation(load_teacher(store, ref=TEACHER), DistillConfig(temperature=1.0))
+    other = DistillationTask(load_teacher(store, ref=TEACHER), DistillConfig(temperature=1.0))
     with pytest.raises(RunError, match="a trained run resumes only as itself"):
         fit(student_config(), store=store, dataset=DATASET, run_id="straight", cache_dir=cache,
-            device="cpu", workers=0, objective=other)
+            device="cpu", workers=0, task=other)
 
 
 def test_a_linear_probe_cannot_be_distilled_and_nothing_is_written(
@@ -352,9 +347,9 @@ def test_a_teacher_whose_weights_changed_is_refused(teacher_store: StoreAndCache
 
 def test_macs_are_counted_without_computing() -> None:
     # The published figures: ResNet-152 11.5 GMACs, ResNet-18 1.8, MobileNetV3-Large 0.22.
-    assert distillation.count_macs("resnet152", 1000, 224) == pytest.approx(11.5e9, rel=0.01)
-    assert distillation.count_macs("resnet18", 1000, 224) == pytest.approx(1.82e9, rel=0.01)
-    assert distillation.count_macs("mobilenet_v3_large", 1000, 224) == pytest.approx(
+    assert count_macs("resnet152", 1000, 224) == pytest.approx(11.5e9, rel=0.01)
+    assert count_macs("resnet18", 1000, 224) == pytest.approx(1.82e9, rel=0.01)
+    assert count_macs("mobilenet_v3_large", 1000, 224) == pytest.approx(
         0.217e9, rel=0.02)
 
 

@@ -118,7 +118,7 @@ def test_a_delete_cut_short_leaves_a_run_that_starts_afresh(registered_copy: Sto
                                                             ) -> None:
     """The pointers go first and config.json last: a deletion killed half-way leaves a run that
     never finished an epoch (training it again starts over), and deleting again finishes."""
-    from flowerml import training
+    from flowerml.run_record import has_trained
 
     store, _ = registered_copy
     deleted: list[str] = []
@@ -137,7 +137,7 @@ def test_a_delete_cut_short_leaves_a_run_that_starts_afresh(registered_copy: Sto
     assert deleted == [f"runs/{TINY_RUN}/{name}"
                        for name in ("result.json", "checkpoint.json", "best.json")]
     run = RunFiles(store, TINY_RUN)
-    assert run.exists() and not training.has_trained(run)
+    assert run.exists() and not has_trained(run)
     [summary] = [r for r in inventory.list_runs(store) if r.run_id == TINY_RUN]
     assert summary.status == "not started"
     inventory.delete_run(store, TINY_RUN, force=True)

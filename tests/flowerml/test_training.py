@@ -3,7 +3,6 @@ bad input. Most tests reuse the one uninterrupted run 'straight'."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -13,10 +12,12 @@ import sys
 import pytest
 import torch
 
-from flowerml import training
+from flowerml import linear_probe, training
 from flowerml.errors import DatasetNotFound, UserError
 from flowerml.ingest import FetchOptions, ingest
+from flowerml.optimization import build_scheduler, follow_schedule, lr_factor
 from flowerml.recipes import build_config
+from flowerml.run_record import start_run
 from flowerml.runs import RunError, RunFiles
 from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec
@@ -90,14 +91,14 @@ def test_rerun_of_a_finished_run_resumes_at_its_end(published_store: StoreAndCac
 def test_linear_probe_computes_features_once(published_store: StoreAndCache,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    original = training.compute_features
+    original = linear_probe.compute_features
 
     def counting(model, loader, device, amp):
         features, labels = original(model, loader, device, amp)
         calls.append(len(labels))
         return features, labels
 
-    monkeypatch.setattr(training, "compute_features", counting)
+    monkeypatch.setattr(linear_probe, "compute_features", counting)
     first = run_fit(published_store, "probe-1", strategy="linear-probe", epochs=20,
                     batch_size=32, lr=1e-2)
     assert calls == [24, 24]  # train and valid, once each, for all 20 epochs
@@ -108,6 +109,24 @@ def test_linear_probe_computes_features_once(published_store: StoreAndCache,
     store, _ = published_store
     weights, _ = RunFiles(store, "probe-1").load_weights()
     assert any(k.startswith("backbone.") for k in weights)
+    checkpoint = RunFiles(store, "probe-1").load_checkpoint()
+    head = {k.removeprefix("head.") for k in weights if k.startswith("head.")}
+    assert set(checkpoint["model"]) == head == set(checkpoint["best_head"])
+
+
+def test_a_checkpoint_keeps_the_layout_earlier_runs_were_written_with(
+        published_store: StoreAndCache, uninterrupted_run) -> None:
+    """Runs checkpointed by earlier releases resume: the layout and the state's fields stay."""
+    store, _ = published_store
+    checkpoint = RunFiles(store, "straight").load_checkpoint()
+    assert set(checkpoint) == {"model", "optimizer", "scheduler", "scaler", "rng", "state",
+                               "best_head", "classes"}
+    assert set(checkpoint["state"]) == {"epoch", "best_top1", "best_epoch", "bad_epochs",
+                                        "history", "train_images", "train_seconds",
+                                        "stopped_early"}
+    assert set(checkpoint["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert checkpoint["best_head"] is None and checkpoint["classes"] == 4
+    assert "head.weight" in checkpoint["model"] and checkpoint["state"]["epoch"] == EPOCHS
 
 
 def assert_same_run(store: LocalStore, run_id: str, reference: str) -> None:
@@ -249,7 +268,7 @@ def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAn
     with pytest.raises(DiedBeforeCheckpoint):
         run_fit(published_store, "abandoned", epochs=2)
     assert "best.json" in run_files(store, "abandoned")
-    training.start_run(RunFiles(store, "abandoned"), {"config": {"arch": "vgg16"}})
+    start_run(RunFiles(store, "abandoned"), {"config": {"arch": "vgg16"}})
     assert run_files(store, "abandoned") == ["config.json"]
 
 
@@ -298,11 +317,11 @@ def test_cuda_without_gpu(published_store: StoreAndCache,
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
-    factors = [training.lr_factor(step, 100, 10, "cosine") for step in range(100)]
+    factors = [lr_factor(step, 100, 10, "cosine") for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[99] < 0.01
     assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
-    assert training.lr_factor(50, 100, 0, "constant") == 1.0
+    assert lr_factor(50, 100, 0, "constant") == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +353,7 @@ def test_more_epochs_continue_a_finished_run_from_its_checkpoint(
     assert history[:EPOCHS] == history_without_timings(store, "straight")
     # The epochs left follow the 5-epoch cosine from where it is at epoch 3 (no warm-up here),
     # not the 3-epoch one, which ended at zero.
-    assert history[3]["lr"] == pytest.approx(1e-3 * training.lr_factor(4, 5, 0, "cosine"))
+    assert history[3]["lr"] == pytest.approx(1e-3 * lr_factor(4, 5, 0, "cosine"))
     assert history[4]["lr"] == pytest.approx(0.0, abs=1e-12)
     record = RunFiles(store, "longer").read_json("config.json")
     assert record["config"]["epochs"] == 5
@@ -412,29 +431,26 @@ def test_a_run_that_stopped_early_is_not_extended(published_store: StoreAndCache
 def test_a_restored_optimizer_takes_the_longer_schedules_rate() -> None:
     """The optimizer's saved rate is the old schedule's (zero at a cosine's end); after
     `follow_schedule` it is the new schedule's at the same step, for the very next step."""
-    def stepper(epochs: int) -> training.Stepper:
-        layer = torch.nn.Linear(2, 2)
-        optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
-        config = small_config(epochs=epochs)
-        return training.Stepper(layer, optimizer, training.build_scheduler(optimizer, config, 4),
-                                torch.nn.MSELoss(), lambda: contextlib.nullcontext(), None)
+    def optimised(epochs: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.5)
+        return optimizer, build_scheduler(optimizer, small_config(epochs=epochs), 4)
 
-    short = stepper(2)
+    short, short_schedule = optimised(2)
     for _ in range(8):
-        short.optimizer.step()
-        short.scheduler.step()
-    assert short.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
-    longer = stepper(4)
-    longer.optimizer.load_state_dict(short.optimizer.state_dict())
-    longer.scheduler.load_state_dict(short.scheduler.state_dict())
-    training.follow_schedule(longer)
-    expected = 0.5 * training.lr_factor(8, 16, 0, "cosine")
-    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
-    assert longer.scheduler.get_last_lr() == pytest.approx([expected])
-    longer.optimizer.step()
-    longer.scheduler.step()
-    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(
-        0.5 * training.lr_factor(9, 16, 0, "cosine"))
+        short.step()
+        short_schedule.step()
+    assert short.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    longer, longer_schedule = optimised(4)
+    longer.load_state_dict(short.state_dict())
+    longer_schedule.load_state_dict(short_schedule.state_dict())
+    follow_schedule(longer, longer_schedule)
+    expected = 0.5 * lr_factor(8, 16, 0, "cosine")
+    assert longer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert longer_schedule.get_last_lr() == pytest.approx([expected])
+    longer.step()
+    longer_schedule.step()
+    assert longer.param_groups[0]["lr"] == pytest.approx(
+        0.5 * lr_factor(9, 16, 0, "cosine"))
 
 
 def test_an_epoch_is_announced_only_once_its_checkpoint_is_on_the_store(
