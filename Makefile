@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports  # the layering contracts in pyproject.toml [tool.importlinter]
 
 # Three workers on two cores: the deployment tests spend most of their time waiting (missed
 # heartbeats, a worker's poll), so a third worker fills those waits. --dist loadfile keeps a

@@ -18,7 +18,7 @@ import numbers
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from functools import cache
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any, Protocol, get_args
 
 import torch
 import torchvision
@@ -27,8 +27,16 @@ from torch import Tensor, nn
 from flowerml.errors import UserError
 from flowerml.recipes import Arch, Strategy
 
-if TYPE_CHECKING:
-    from flowerml.weights import ResolvedWeights
+
+class WeightsSource(Protocol):
+    """Weights resolved to a verified local file (`flowerml.weights.ResolvedWeights`): how they
+    are named, and their state dict (None for random init). A protocol, so that this module
+    needs nothing of the one that resolves them."""
+
+    source: str
+
+    def state_dict(self) -> Mapping[str, Any] | None: ...
+
 
 # The choices are TrainConfig's (flowerml/recipes.py), the one place they are declared.
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -145,7 +153,7 @@ def meta_model(arch: str) -> nn.Module:
 # Building
 
 
-def build_model(arch: str, num_classes: int, *, weights: ResolvedWeights | None = None,
+def build_model(arch: str, num_classes: int, *, weights: WeightsSource | None = None,
                 seed: int | None = None) -> FlowerModel:
     """A FlowerModel for `arch` with `num_classes` outputs, its backbone loaded from `weights`.
 
