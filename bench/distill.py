@@ -37,31 +37,23 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-DATASET = "flowers102"
+from common import DATASET, progress_log, publish_synthetic
 
-
-def log(message: str) -> None:
-    print(f"[bench/distill] {message}", file=sys.stderr, flush=True)
+log = progress_log("bench-distill")
 
 
 def publish(workdir: Path, args: argparse.Namespace):
-    from flowerml.ingest import FetchOptions, ingest
-    from flowerml.manifest import resolve_dataset
-    from flowerml.storage_local import LocalStore
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    """The synthetic dataset of `args`, published into a LocalStore in `workdir`."""
+    from flowerml.synthetic import SyntheticSpec
 
-    write_synthetic_archive(workdir / "src", SyntheticSpec(
+    return publish_synthetic(workdir, SyntheticSpec(
         classes=args.classes, per_class=args.per_class, image_size=args.source_size, seed=0),
-        force=True)
-    store = LocalStore(workdir / "store", concurrency=8)
-    ingest(str(workdir / "src"), store, DATASET, workdir / "cache", FetchOptions())
-    return store, workdir / "cache", resolve_dataset(store, DATASET)
+        concurrency=8)
 
 
 def config(arch: str, epochs: int, seed: int, args: argparse.Namespace):

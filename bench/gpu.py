@@ -20,32 +20,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from common import progress_log, publish_synthetic
 
-from flowerml.ingest import FetchOptions, ingest
 from flowerml.loaders import build_loaders
-from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model, prepare_for_strategy
 from flowerml.optimization import Stepper, build_optimizer, build_scheduler
 from flowerml.precision import autocast_for, needs_grad_scaler
 from flowerml.recipes import build_config
-from flowerml.storage_local import LocalStore
-from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.synthetic import SyntheticSpec
 from flowerml.training_task import ClassificationTask
 from flowerml.transforms import prepare_batch
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
 
-
-def log(message: str) -> None:
-    print(f"[bench-gpu {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = progress_log("bench-gpu")
 
 
 def bf16_peak(device: torch.device) -> float | None:
@@ -53,14 +48,6 @@ def bf16_peak(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
-
-
-def publish_dataset(workdir: Path, spec: SyntheticSpec) -> tuple[LocalStore, Path, float]:
-    started = time.perf_counter()
-    write_synthetic_archive(workdir / "src", spec, force=True)
-    store = LocalStore(workdir / "store", concurrency=16)
-    ingest(str(workdir / "src"), store, "flowers102", workdir / "cache", FetchOptions())
-    return store, workdir / "cache", time.perf_counter() - started
 
 
 def build_stepper(config, num_classes: int, device: torch.device) -> tuple[Stepper, torch.nn.Module]:
@@ -135,8 +122,9 @@ def run(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="flowerml-gpu-bench-"))
     spec = SyntheticSpec(classes=classes, per_class=args.per_class, image_size=args.jpeg_size,
                          seed=0, jpeg_quality=87)
-    store, cache, setup_s = publish_dataset(workdir, spec)
-    published = resolve_dataset(store, "flowers102")
+    started = time.perf_counter()
+    store, cache, published = publish_synthetic(workdir, spec)
+    setup_s = time.perf_counter() - started
     log(f"published {spec.num_images} images in {setup_s:.1f} s")
     results: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                      else "cpu", "torch": torch.__version__, "arch": args.arch,

@@ -18,32 +18,29 @@ import time
 from pathlib import Path
 
 import torch
+from common import DATASET, publish_synthetic
 
 from flowerml.inference import evaluate_run, load_trained_model
-from flowerml.ingest import FetchOptions, ingest
 from flowerml.prediction import predict_images
 from flowerml.recipes import build_config
 from flowerml.runs import RunFiles
 from flowerml.runtimes import scorer_from_model
-from flowerml.storage_local import LocalStore
-from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.synthetic import SyntheticSpec
 from flowerml.training import fit
 
 
 def end_to_end(device: str, workdir: Path) -> dict:
-    write_synthetic_archive(workdir / "src", SyntheticSpec(classes=6, per_class=20,
-                                                           image_size=128))
-    store, cache = LocalStore(workdir / "store"), workdir / "cache"
-    ingest(str(workdir / "src"), store, "flowers102", cache, FetchOptions())
+    store, cache, _dataset = publish_synthetic(
+        workdir, SyntheticSpec(classes=6, per_class=20, image_size=128))
     config = build_config("demo", epochs=3, image_size=64, batch_size=16)
-    first = fit(config, store=store, dataset="flowers102", run_id="gpu", cache_dir=cache,
+    first = fit(config, store=store, dataset=DATASET, run_id="gpu", cache_dir=cache,
                 device=device, workers=2)
     longer = build_config("demo", epochs=4, image_size=64, batch_size=16)
-    fit(longer, store=store, dataset="flowers102", run_id="gpu-resume", cache_dir=cache,
+    fit(longer, store=store, dataset=DATASET, run_id="gpu-resume", cache_dir=cache,
         device=device, workers=2)
     state = RunFiles(store, "gpu-resume").load_checkpoint()
     # Re-running a run id restores its checkpoint onto the device: the resume path.
-    resumed = fit(longer, store=store, dataset="flowers102", run_id="gpu-resume",
+    resumed = fit(longer, store=store, dataset=DATASET, run_id="gpu-resume",
                   cache_dir=cache, device=device, workers=2)
     evaluation = evaluate_run(store, "gpu", cache_dir=cache, device=device, workers=2)
     trained = load_trained_model(store, "gpu", device)
@@ -56,7 +53,7 @@ def end_to_end(device: str, workdir: Path) -> dict:
 
 
 def batch_scaling(device: torch.device) -> dict:
-    from bench.gpu import build_stepper, synthetic_batches, time_training
+    from gpu import build_stepper, synthetic_batches, time_training
 
     results = {}
     for batch in (64, 256):

@@ -13,8 +13,9 @@ model would consume) over one epoch of the same train split, in the same run:
   and `FusedColorJitter`). Its batches are uint8: the float conversion
   and normalisation happen on the GPU (`prepare_batch`), so they are not in its figure, as
   the tutorial's CPU-side ToTensor + Normalize are in the tutorial's. Timed after the cache
-  is built; the one-time sync and decode are reported separately. Two runs: `workers=0` (one process, the fair per-core figure) and
-  `workers=<cpu count>`, whose per-core figure divides by the number of worker processes:
+  is built; the one-time sync and decode are reported separately. Two runs: `workers=0` (one
+  process, the fair per-core figure) and `workers=<cpu count>`, whose per-core figure divides
+  by the number of worker processes:
   its first epoch (worker start-up included) and the mean of the next three. With 1,020
   images an epoch is only 22 batches, so many workers spend part of each epoch filling and
   draining the pipeline; that, not the per-image cost, is why its per-core figure is lower.
@@ -46,23 +47,19 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-DATASET = "flowers102"
+from common import MB, machine_facts, progress_log, publish_archive, synthetic_archive
+
 TARGET_PER_CORE = 5.0
 CLASSES = 102
 TRAIN_SHARE = 4  # flowerml.synthetic gives round(per_class * 0.25) of each class to train
-MB = 1 << 20
 STEADY_EPOCHS = 3
 
-
-def log(message: str) -> None:
-    print(f"[bench-loader {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = progress_log("bench-loader")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,23 +68,10 @@ def log(message: str) -> None:
 
 def prepare_archive(workdir: Path, images: int, size: int, quality: int) -> tuple[Path, float]:
     """The cached archive folder with about `images` train images; (folder, generate seconds)."""
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
-
     classes = min(CLASSES, images)
     per_class = TRAIN_SHARE * math.ceil(images / classes)
-    target = workdir / f"archive-c{classes}-p{per_class}-s{size}-q{quality}"
-    done = target / "generate_seconds"
-    if done.is_file():
-        log(f"reusing the archive in {target}")
-        return target, float(done.read_text())
-    spec = SyntheticSpec(classes=classes, per_class=per_class, image_size=size,
-                         jpeg_quality=quality)
-    log(f"generating {spec.num_images} images ({size} px) into {target} (once)")
-    start = time.perf_counter()
-    write_synthetic_archive(target, spec, force=True)
-    seconds = time.perf_counter() - start
-    done.write_text(f"{seconds:.2f}")  # written last: only a complete archive is reused
-    return target, seconds
+    source, facts = synthetic_archive(workdir, classes, per_class, size, quality)
+    return source, facts["generate_seconds"]
 
 
 def image_stats(files: list[Path]) -> dict:
@@ -203,8 +187,7 @@ def run_stock(decoded, batch_size: int) -> dict:
 def machine() -> dict:
     import torch
 
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+    return {**machine_facts(), "torch": torch.__version__,
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
@@ -212,8 +195,6 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     import torch
 
     from flowerml.cache import build_decoded_split, cache_resolution
-    from flowerml.ingest import FetchOptions, ingest
-    from flowerml.manifest import resolve_dataset
     from flowerml.storage_local import LocalStore
     from flowerml.sync import sync_split
 
@@ -222,8 +203,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
                                                args.jpeg_quality)
     store = LocalStore(scratch / "store")
     log("publishing with flowerml ingest ...")
-    ingest(str(source), store, DATASET, scratch / "ingest-cache", FetchOptions())
-    published = resolve_dataset(store, DATASET)
+    published = publish_archive(source, store, scratch / "ingest-cache")
     cache = scratch / "cache"
 
     start = time.perf_counter()

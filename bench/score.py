@@ -41,15 +41,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import MB, load_average, peak_rss_mb, progress_log
+
 TARGET_ONNX_VS_TUTORIAL = 3.0
 TARGET_RSS_MB = 1024
 CLASSES = 102
 SIZE = 224
-MB = 1 << 20
 
-
-def log(message: str) -> None:
-    print(f"[bench-score {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = progress_log("bench-score")
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -260,18 +259,12 @@ def listing_child(listing: str, store: str, output: str, shard_size: int) -> Non
     from flowerml.scoring_plan import ScoringRequest, plan_scoring
     from flowerml.storage_local import LocalStore
 
-    def status_mb(field: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-        raise KeyError(field)
-
-    before = status_mb("VmHWM:")
+    before = peak_rss_mb()
     start = time.perf_counter()
     plan = plan_scoring(ScoringRequest(input=listing, model="bench@production", output=output,
                                        runtime="torch", shard_size=shard_size),
                         registry_store=LocalStore(store), output_store=LocalStore(output))
-    peak = status_mb("VmHWM:")
+    peak = peak_rss_mb()
     print(json.dumps({"keys": plan.images, "shards": plan.shards,
                       "seconds": round(time.perf_counter() - start, 2),
                       "peak_rss_after_imports_mb": round(before, 1),
@@ -301,7 +294,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    started, load_at_start = time.perf_counter(), os.getloadavg()
+    started, load_at_start = time.perf_counter(), load_average()
     with tempfile.TemporaryDirectory(prefix="flowerml-bench-score-") as temp:
         workdir = Path(temp)
         paths = write_images(workdir / "images", max(args.images, args.large_images))
@@ -319,8 +312,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "bench/score.py",
         "machine": {"cpus": os.cpu_count(), "affinity": affinity, "pinned_core": core,
-                    "load_average_at_start": [round(x, 2) for x in load_at_start],
-                    "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "load_average_at_start": load_at_start,
+                    "load_average_at_end": load_average(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__},
         "images": {"width_height": "500x375 / 375x500", "jpeg_quality": 87,
