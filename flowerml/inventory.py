@@ -19,11 +19,13 @@ from flowerml.errors import DatasetNotFound, FlowermlError, UserError
 from flowerml.manifest import (
     MANIFEST,
     SPLITS,
+    DamagedManifest,
     check_name,
     current_key,
     dataset_prefix,
     manifest_key,
     read_current,
+    read_manifest,
     version_prefix,
 )
 from flowerml.registry import Registry, list_models
@@ -403,18 +405,20 @@ def describe_version(store: Store, name: str, version: str, complete: bool,
         return described
     key = manifest_key(name, version)
     try:
-        manifest = json.loads(store.get_bytes(key))
-        counts = manifest["counts"]
-        described.counts = {split: int(counts[split])  # in split order, not the file's
-                            for split in sorted(counts, key=split_order)}
-        described.classes = len(manifest["classes"])
-        described.quarantined = int(manifest.get("quarantined", 0))
-        described.synthetic = manifest.get("synthetic") is True
+        manifest = read_manifest(location(store, key), store.get_bytes(key))
     except ObjectNotFound:
         described.complete = False
         described.problem = "manifest.json disappeared while listing"
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        described.problem = f"{location(store, key)}: not a flowerml manifest ({error!r})"
+        return described
+    except DamagedManifest as error:
+        described.problem = str(error)
+        return described
+    counts = manifest.counts
+    described.counts = {split: counts[split]  # in split order, not the file's
+                        for split in sorted(counts, key=split_order)}
+    described.classes = len(manifest.classes)
+    described.quarantined = manifest.quarantined
+    described.synthetic = manifest.synthetic
     return described
 
 

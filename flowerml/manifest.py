@@ -21,10 +21,21 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from flowerml import flowers
+from flowerml.documents import (
+    SHA256_PATTERN,
+    DocumentError,
+    StoredDocument,
+    field_message,
+    plain,
+    read_document,
+)
 from flowerml.errors import DataError, DatasetNotFound
 from flowerml.storage import ObjectNotFound, Store
 
@@ -34,8 +45,9 @@ QUARANTINE = "quarantine.json"
 VERSION_CHARS = 12
 SPLITS = flowers.SPLITS
 
+Split = Literal[SPLITS]  # type: ignore[valid-type]
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def dataset_prefix(dataset: str) -> str:
@@ -80,43 +92,62 @@ def check_name(kind: str, value: str) -> str:
 # The type
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(strict=True))
 class ManifestEntry:
-    """One published image; `key` is its path under the version, `<split>/<NNN>/<image>`."""
+    """One published image; `key` is its path under the version, `<split>/<NNN>/<image>`.
+    Validated when built and when read: nothing in a manifest can name a key outside its split
+    (fields it does not declare are ignored)."""
 
-    split: str
-    label: int
+    split: Split
+    label: Annotated[int, Field(ge=1)]
     image: str
     key: str
-    size: int
-    sha256: str
+    size: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
+    @field_validator("key")
     @classmethod
-    def from_json(cls, value: Any, num_classes: int, where: str) -> ManifestEntry:
-        """The entry `value` read from `where`; a DataError when it could write outside the
-        cache or names no real file."""
-        try:
-            entry = cls(**{name: value[name] for name in cls.__dataclass_fields__})
-        except (KeyError, TypeError):
-            entry = None
-        if entry is None or not entry.is_valid(num_classes):
-            raise DataError(f"{where}: invalid file entry {value!r}")
-        return entry
+    def _inside_its_split(cls, key: str, info: ValidationInfo) -> str:
+        # Keys become local paths in the cache: refuse anything that could escape the split.
+        split = info.data.get("split")
+        if split is not None and not (key.startswith(f"{split}/") and "\\" not in key and all(
+                part not in ("", ".", "..") for part in key.split("/"))):
+            raise ValueError(f"not a key under {split}/ (no empty, '.', '..' or '\\' part)")
+        return key
 
-    def is_valid(self, num_classes: int) -> bool:
-        return (self.split in SPLITS and isinstance(self.label, int)
-                and 1 <= self.label <= num_classes
-                and isinstance(self.size, int) and self.size >= 0
-                and isinstance(self.sha256, str) and bool(_SHA256.match(self.sha256))
-                and isinstance(self.image, str) and self.is_safe_key())
 
-    def is_safe_key(self) -> bool:
-        key = self.key
-        return (isinstance(key, str) and key.startswith(f"{self.split}/") and "\\" not in key
-                and all(part not in ("", ".", "..") for part in key.split("/")))
+class ManifestClass(StoredDocument):
+    label: int
+    dir: str  # the class's folder under a split: the zero-padded label
+    name: str
+
+
+class Manifest(StoredDocument):
+    """`datasets/<name>/<version>/manifest.json`. `synthetic` and `quarantined_images` are
+    absent from manifests written before they existed (read as false, and from
+    quarantine.json)."""
+
+    dataset: str
+    version: str
+    synthetic: StrictBool = False
+    classes: list[ManifestClass]
+    counts: dict[str, int]
+    quarantined: int
+    quarantined_images: list[str] | None = None
+    sources: dict[str, Any]
+    files: list[ManifestEntry]
+
+    @field_validator("classes")
+    @classmethod
+    def _labels_one_to_n(cls, classes: list[ManifestClass]) -> list[ManifestClass]:
+        classes = sorted(classes, key=lambda c: c.label)
+        if [c.label for c in classes] != list(range(1, len(classes) + 1)):
+            raise ValueError(f"labels are not 1..{len(classes)}")
+        return classes
+
+
+class DamagedManifest(DocumentError, DataError):
+    """A manifest, CURRENT or quarantine.json that does not read as its document."""
 
 
 def count_splits(entries: Sequence[ManifestEntry]) -> dict[str, int]:
@@ -164,21 +195,15 @@ class PublishedDataset:
 
 def build_manifest(dataset: str, version: str, class_names: Sequence[str],
                    entries: Sequence[ManifestEntry], *, quarantined_images: Sequence[str],
-                   sources: dict, synthetic: bool = False) -> dict[str, Any]:
+                   sources: dict, synthetic: bool = False) -> Manifest:
     if version != content_version(entries, quarantined_images, synthetic):
         raise ValueError(f"version {version!r} is not the content version of these entries")
-    return {
-        "dataset": dataset,
-        "version": version,
-        "synthetic": synthetic,
-        "classes": [{"label": label, "dir": flowers.class_dir(label), "name": name}
-                    for label, name in enumerate(class_names, start=1)],
-        "counts": count_splits(entries),
-        "quarantined": len(quarantined_images),
-        "quarantined_images": sorted(quarantined_images),
-        "sources": sources,
-        "files": [entry.to_json() for entry in entries],
-    }
+    return Manifest(
+        dataset=dataset, version=version, synthetic=synthetic,
+        classes=[ManifestClass(label=label, dir=flowers.class_dir(label), name=name)
+                 for label, name in enumerate(class_names, start=1)],
+        counts=count_splits(entries), quarantined=len(quarantined_images),
+        quarantined_images=sorted(quarantined_images), sources=sources, files=list(entries))
 
 
 def write_manifest(store: Store, dataset: str, version: str, class_names: Sequence[str],
@@ -186,9 +211,9 @@ def write_manifest(store: Store, dataset: str, version: str, class_names: Sequen
                    sources: dict, synthetic: bool = False) -> bytes:
     """Write the version's manifest.json, after every image it lists; its bytes. `version`
     must be `content_version` of the entries."""
-    raw = encode_json(build_manifest(dataset, version, class_names, entries,
-                                     quarantined_images=quarantined_images, sources=sources,
-                                     synthetic=synthetic))
+    raw = encode_json(plain(build_manifest(dataset, version, class_names, entries,
+                                           quarantined_images=quarantined_images,
+                                           sources=sources, synthetic=synthetic)))
     store.put_bytes(manifest_key(dataset, version), raw)
     return raw
 
@@ -262,34 +287,31 @@ def read_quarantine_names(store: Store, dataset: str, version: str) -> list[str]
         raise DataError(f"{store.location(key)}: not a quarantine list") from None
 
 
+def read_manifest(where: str, raw: bytes) -> Manifest:
+    """The manifest `raw` read from `where`, validated (DamagedManifest: one line, the field)."""
+    return read_document(Manifest, raw, where, DamagedManifest)
+
+
 def parse_manifest(where: str, raw: bytes, dataset: str, version: str, digest: str, *,
                    read_quarantine: Callable[[], list[str]] | None = None) -> PublishedDataset:
     """The manifest `raw` read from `where`, every entry checked once, and its entries checked
     to still hash to `version`. `read_quarantine` names the quarantined images when an older
     manifest counted them without naming them."""
-    try:
-        manifest = json.loads(raw)
-        classes = sorted(manifest["classes"], key=lambda c: int(c["label"]))
-        names = tuple(str(c["name"]) for c in classes)
-        files = list(manifest["files"])
-        synthetic = manifest.get("synthetic", False)
-        quarantined = manifest.get("quarantined_images")
-        if quarantined is None:
-            quarantined = read_quarantine() if manifest.get("quarantined") and \
-                read_quarantine else []
-        quarantined = [str(name) for name in quarantined]
-    except (ValueError, KeyError, TypeError) as error:
-        raise DataError(f"{where}: not a flowerml manifest ({type(error).__name__}: {error})"
-                        ) from None
-    if manifest.get("version", version) != version:
-        raise DataError(f"{where}: names version {manifest['version']!r}, not {version!r}")
-    if [int(c["label"]) for c in classes] != list(range(1, len(classes) + 1)):
-        raise DataError(f"{where}: class labels are not 1..{len(classes)}")
-    if not isinstance(synthetic, bool):
-        raise DataError(f"{where}: 'synthetic' is {synthetic!r}, not true or false")
-    entries = tuple(ManifestEntry.from_json(value, len(names), where) for value in files)
-    computed = content_version(entries, quarantined, synthetic)
+    manifest = read_manifest(where, raw)
+    if manifest.version != version:
+        raise DamagedManifest(f"{where}: names version {manifest.version!r}, not {version!r}")
+    names = tuple(c.name for c in manifest.classes)
+    for index, entry in enumerate(manifest.files):
+        if entry.label > len(names):
+            raise DamagedManifest(field_message(
+                where, ("files", index, "label"), f"{entry.label} is not a label of the "
+                f"manifest's {len(names)} classes"))
+    quarantined = manifest.quarantined_images
+    if quarantined is None:
+        quarantined = read_quarantine() if manifest.quarantined and read_quarantine else []
+    entries = tuple(manifest.files)
+    computed = content_version(entries, quarantined, manifest.synthetic)
     if computed != version:
-        raise DataError(f"{where}: its entries hash to version {computed}, not {version}: "
-                        "the manifest was changed after ingest (re-run flowerml ingest)")
-    return PublishedDataset(dataset, version, digest, names, entries, synthetic)
+        raise DamagedManifest(f"{where}: its entries hash to version {computed}, not {version}: "
+                              "the manifest was changed after ingest (re-run flowerml ingest)")
+    return PublishedDataset(dataset, version, digest, names, entries, manifest.synthetic)

@@ -248,7 +248,9 @@ def test_a_damaged_manifest_or_current_is_reported_not_raised(local_published,
     assert listed.current == "999999999999"
     assert "names version 999999999999, which is not on the store" in listed.problem
     versions = {v.version: v for v in listed.versions}
-    assert "not a flowerml manifest" in versions["333333333333"].problem
+    assert versions["333333333333"].problem == (
+        f"{local_store.root}/datasets/{DATASET}/333333333333/manifest.json: field (document): "
+        "Input should be an object")
     assert versions[local_published.version].counts["test"] == 8
 
 

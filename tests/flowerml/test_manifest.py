@@ -8,17 +8,23 @@ import re
 
 import pytest
 
+from flowerml.documents import DocumentError, plain
 from flowerml.errors import DataError, DatasetNotFound
 from flowerml.manifest import (
+    DamagedManifest,
+    Manifest,
     ManifestEntry,
     PublishedDataset,
     content_version,
+    encode_json,
+    read_manifest,
     resolve_dataset,
     write_current,
     write_manifest,
 )
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
+from tests.flowerml.fixtures import fixture_bytes
 
 DATASET = "flowers102"
 
@@ -85,8 +91,10 @@ def test_refuses_manifest_keys_outside_the_split(local_store: LocalStore,
     local_store.put_bytes(f"datasets/{DATASET}/CURRENT", json.dumps(
         {"version": local_published.version,
          "manifest_sha256": hashlib.sha256(raw).hexdigest()}).encode())
-    with pytest.raises(DataError, match="invalid file entry"):
+    with pytest.raises(DamagedManifest) as caught:
         resolve_dataset(local_store, DATASET)
+    assert str(caught.value).startswith(f"{local_store.root}/{key}: field files.0.key: Value "
+                                        "error, not a key under test/ ")
 
 
 def test_refuses_names_that_could_escape(local_store: LocalStore) -> None:
@@ -152,3 +160,63 @@ def test_older_manifest_without_quarantine_names_reads_quarantine_json(
     local_store.put_bytes(f"datasets/tulips/{version}/quarantine.json", json.dumps(
         [{"image": "image_00002.jpg", "split": "train", "label": 1, "reason": "bad"}]).encode())
     assert resolve_dataset(local_store, "tulips", version).files == tuple(entries)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest document
+
+
+def test_manifest_round_trips_byte_for_byte() -> None:
+    raw = fixture_bytes("manifest.json")  # as the writer before the pydantic model wrote it
+    manifest = read_manifest("manifest.json", raw)
+    assert isinstance(manifest, Manifest) and manifest.synthetic
+    assert manifest.files[1] == ManifestEntry("train", 2, "image_00007.jpg",
+                                              "train/002/image_00007.jpg", 10, "ab" * 32)
+    assert encode_json(plain(manifest)) == raw
+
+
+def test_a_manifest_from_before_synthetic_and_quarantine_names_still_reads() -> None:
+    old = json.loads(fixture_bytes("manifest.json"))
+    del old["synthetic"], old["quarantined_images"]
+    manifest = read_manifest("manifest.json", json.dumps({**old, "parent": "x"}).encode())
+    assert manifest.synthetic is False and manifest.quarantined_images is None
+    assert plain(manifest)["parent"] == "x"  # a newer writer's field is kept
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda m: m["files"][1].update(sha256="zz"),
+     "files.1.sha256: String should match pattern '^[0-9a-f]{64}$' (got 'zz')"),
+    (lambda m: m["files"][0].update(label="1"), "files.0.label: Input should be a valid "
+                                                "integer (got '1')"),
+    (lambda m: m["files"][0].update(split="tests"), "files.0.split: Input should be 'train', "
+                                                    "'valid' or 'test' (got 'tests')"),
+    (lambda m: m["files"][0].pop("size"), "files.0.size: Field required"),
+    (lambda m: m.update(synthetic="yes"), "synthetic: Input should be a valid boolean "
+                                          "(got 'yes')"),
+    (lambda m: m["classes"][1].update(label=3), "classes: Value error, labels are not 1..2"),
+])
+def test_an_edited_manifest_field_is_one_line_naming_file_and_field(change, field: str) -> None:
+    manifest = json.loads(fixture_bytes("manifest.json"))
+    change(manifest)
+    where = "datasets/tulips/cea5957a5b08/manifest.json"
+    with pytest.raises(DamagedManifest) as caught:
+        read_manifest(where, json.dumps(manifest).encode())
+    assert str(caught.value) == f"{where}: field {field}"
+    assert isinstance(caught.value, DocumentError) and isinstance(caught.value, DataError)
+
+
+def test_a_label_beyond_the_classes_names_its_entry(local_store: LocalStore) -> None:
+    manifest = json.loads(fixture_bytes("manifest.json"))
+    manifest["files"][1].update(label=3, key="train/003/image_00007.jpg")
+    raw = json.dumps(manifest).encode()
+    local_store.put_bytes(f"datasets/tulips/{manifest['version']}/manifest.json", raw)
+    with pytest.raises(DamagedManifest) as caught:
+        resolve_dataset(local_store, "tulips", manifest["version"])
+    assert str(caught.value) == (f"{local_store.root}/datasets/tulips/{manifest['version']}/"
+                                 "manifest.json: field files.1.label: 3 is not a label of the "
+                                 "manifest's 2 classes")
+
+
+def test_manifest_entries_are_checked_when_built() -> None:
+    with pytest.raises(ValueError, match="not a key under train/"):
+        ManifestEntry("train", 1, "x.jpg", "train/../../x.jpg", 1, "ab" * 32)
