@@ -9,7 +9,7 @@ import pytest
 
 from flowerml.archive import iter_archive_images, sniff_archive, sniff_mat
 from flowerml.errors import ArchiveError, SourceError
-from tests.builders import regular, special, write_tgz
+from tests.helpers.archives import regular, special, write_tgz
 
 
 def test_yields_images_in_order_with_exact_bytes(tmp_path: Path) -> None:

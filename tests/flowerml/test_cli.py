@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from flowerml import flowers
-from tests.builders import archive_members, regular, rewrite_archive, rewrite_mat, special
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import free_port
+from tests.helpers.archives import archive_members, regular, rewrite_archive, rewrite_mat, special
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.network import free_port
 
 
 def ingest_args(source: Path | str, store: Path | str, *extra: str) -> list[str]:

@@ -12,34 +12,15 @@ from flowerml.manifest import resolve_dataset
 from flowerml.models import build_model
 from flowerml.registry import Registry
 from flowerml.storage_local import LocalStore
-from tests.cli_helpers import assert_refused
-from tests.cli_helpers import invoke as cli_invoke
-from tests.conftest import SMALL_SPEC, SyntheticData, copy_tree
+from tests.helpers.cli import assert_refused
+from tests.helpers.cli import invoke as cli_invoke
+from tests.helpers.registries import published_card, two_version_registry
+from tests.helpers.synthetic import SyntheticData
 
 
 @pytest.fixture
 def registry(synthetic_data: SyntheticData, tmp_path: Path) -> Registry:
-    """A test's own registry holding two committed versions (test top-1 0.9 and 0.6) of a
-    4-class model, on a store with the small dataset published (cache next to the store)."""
-    def build(folder: Path) -> None:
-        copy_tree(synthetic_data.published(SMALL_SPEC), folder)
-        store = LocalStore(folder / "store")
-        published = resolve_dataset(store, "flowers102")
-        entry = Registry(store, "flowers102")
-        for seed, top1 in ((1, 0.9), (2, 0.6)):
-            entry.register(build_model("resnet18", 4, seed=seed).state_dict(),
-                           card(published, top1))
-
-    pristine = synthetic_data.once("registry-two-versions", build)
-    store, _ = synthetic_data.copy(pristine, tmp_path)
-    return Registry(store, "flowers102")
-
-
-def card(published, top1: float) -> dict:
-    return {"arch": "resnet18", "image_size": 48,
-            "classes": [{"label": i + 1, "name": n} for i, n in enumerate(published.class_names)],
-            "metrics": {"top1": top1}, "test_manifest_sha256": published.manifest_sha256,
-            "lineage": {"dataset": published.dataset, "dataset_version": published.version}}
+    return two_version_registry(synthetic_data, tmp_path)
 
 
 def invoke(entry: Registry, *args: str) -> Result:
@@ -112,7 +93,7 @@ def test_version_not_committed_cannot_be_promoted(registry: Registry,
 
     monkeypatch.setattr(registry, "_commit", crash)
     with pytest.raises(RuntimeError):
-        registry.register(weights, card(published, 0.99))
+        registry.register(weights, published_card(published, 0.99))
     assert_refused(invoke(registry, "registry", "promote", "flowers102", "3", "--force"),
                    "version 000003 is not COMMITTED")
     assert registry.alias() is None
@@ -157,7 +138,7 @@ def test_an_empty_store_lists_nothing(tmp_path: Path) -> None:
 
 def test_rollback_walks_back_and_history_shows_padded_versions(registry: Registry) -> None:
     published = resolve_dataset(registry.store, "flowers102")
-    registry.register(build_model("resnet18", 4, seed=3).state_dict(), card(published, 0.95))
+    registry.register(build_model("resnet18", 4, seed=3).state_dict(), published_card(published, 0.95))
     first = json.loads(invoke(registry, "registry", "promote", "flowers102", "2",
                               "--threshold", "0.5", "--json").stdout)
     assert first == {"model": "flowers102", "alias": "production", "version": 2,
@@ -200,9 +181,9 @@ def test_rollback_walks_back_and_history_shows_padded_versions(registry: Registr
 def test_show_prints_the_gates_paired_test_from_each_card(local_store: LocalStore) -> None:
     from flowerml.comparison import compare
     from flowerml.gates import Gate, PairedUnavailable, paired_figures
-    from tests.builders import card as bare_card
-    from tests.builders import weights
-    from tests.paired import paired_outcomes, prediction_set
+    from tests.helpers.paired import paired_outcomes, prediction_set
+    from tests.helpers.registry_entries import card as bare_card
+    from tests.helpers.registry_entries import weights
 
     champion, candidate = paired_outcomes(both_right=90, a_only=8, b_only=1, both_wrong=1)
     paired = compare(prediction_set("flowers102:000001", champion),

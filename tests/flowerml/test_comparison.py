@@ -27,14 +27,9 @@ from flowerml.registry import Registry
 from flowerml.registry_names import RegistryNotFound
 from flowerml.runs import RunNotFound
 from flowerml.storage_local import LocalStore
-from tests.builders import MODEL, card, weights
-from tests.flowerml.conftest import TINY_RUN, RegisteredRun
-from tests.paired import (
-    NAMES,
-    paired_outcomes,
-    prediction_set,
-    register_with_predictions,
-)
+from tests.helpers.paired import NAMES, paired_outcomes, prediction_set, register_with_predictions
+from tests.helpers.registry_entries import MODEL, card, weights
+from tests.helpers.synthetic import TINY_RUN, RegisteredRun
 
 # Eight images, two per class.      a (baseline)   b
 #   0  pink primrose (1)            right          right

@@ -28,9 +28,9 @@ from flowerml.registry import Registry
 from flowerml.runs import RunError, RunFiles
 from flowerml.teacher import DistillError, load_recorded_teacher, load_teacher
 from flowerml.training import fit
-from tests.conftest import DATASET, StoreAndCache, copy_tree, kill_then_resume
-from tests.flowerml.conftest import RegisteredRun
-from tests.interrupts import DiedBeforeCheckpoint, die_before_checkpoint
+from tests.helpers.interrupts import DiedBeforeCheckpoint, die_before_checkpoint, kill_then_resume
+from tests.helpers.stores import StoreAndCache, copy_tree
+from tests.helpers.synthetic import DATASET, RegisteredRun
 
 EPOCHS = 2
 TEACHER = "flowers102@production"

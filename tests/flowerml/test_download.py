@@ -22,7 +22,7 @@ from flowerml.download import (
     sha256_of,
 )
 from flowerml.errors import DownloadError, DownloadRetriesExhausted, RetriesExhausted, SourceError
-from tests.conftest import free_port
+from tests.helpers.network import free_port
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes: several chunks at chunk_size=4096
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()

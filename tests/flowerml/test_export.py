@@ -25,21 +25,14 @@ from flowerml.export import (
 from flowerml.models import build_model
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
-from flowerml.storage_local import LocalStore
-from tests.conftest import DATASET, copy_tree
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.registries import registry_copy
+from tests.helpers.synthetic import RegisteredRun
 
 
 class Exported(NamedTuple):
     registry: Registry
     cache: Path
     record: dict
-
-
-def registry_copy(registered_run: RegisteredRun, dest: Path) -> tuple[Registry, Path]:
-    copy_tree(registered_run.store.root, dest / "store")
-    copy_tree(registered_run.cache, dest / "cache")
-    return Registry(LocalStore(dest / "store"), DATASET), dest / "cache"
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from flowerml.gates import (
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
 from flowerml.storage_local import LocalStore
-from tests.builders import MANIFEST, MODEL, card, weights
+from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 
 # --------------------------------------------------------------------------------------------
 # The champion gate
@@ -117,7 +117,7 @@ def paired(both_right: int, champion_only: int, candidate_only: int, both_wrong:
            outcomes: tuple[list, list] | None = None) -> Scorecard:
     """A candidate scorecard with its image-by-image comparison against production v3."""
     from flowerml.comparison import compare
-    from tests.paired import paired_outcomes, prediction_set
+    from tests.helpers.paired import paired_outcomes, prediction_set
 
     a, b = outcomes or paired_outcomes(both_right=both_right, a_only=champion_only,
                                        b_only=candidate_only, both_wrong=both_wrong)
@@ -160,7 +160,7 @@ def test_a_clearly_worse_candidate_is_refused_by_mcnemar_even_within_tolerance()
 
 
 def test_the_per_class_floor_names_the_classes_that_drop() -> None:
-    from tests.paired import paired_outcomes
+    from tests.helpers.paired import paired_outcomes
 
     # 400 images, 100 per class, 95 right in each with production; the candidate gets 15
     # "canterbury bells" (label 3) wrong that production got right, and 11 images right that

@@ -12,8 +12,8 @@ import torch
 from flowerml.comparison import decode_predictions
 from flowerml.inference import eval_batch_size, evaluate_run
 from flowerml.runs import RunFiles
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import StoreAndCache
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import StoreAndCache
 
 
 def test_evaluate_publishes_report_and_plots(tiny_run: StoreAndCache) -> None:

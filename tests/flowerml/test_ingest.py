@@ -30,9 +30,10 @@ from flowerml.manifest import resolve_dataset
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
-from tests.builders import archive_members, rewrite_archive
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import free_port, store_keys
+from tests.helpers.archives import archive_members, rewrite_archive
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.network import free_port
+from tests.helpers.stores import store_keys
 
 
 def run_ingest(source: Path | str, store: Store, cache: Path, **options) -> ingest.IngestResult:
@@ -321,7 +322,7 @@ def test_archive_without_the_marker_is_not_synthetic(local_store: LocalStore, so
                                                      synthetic_source: Path,
                                                      tmp_path: Path) -> None:
     from flowerml.synthetic import SYNTHETIC_MARKER
-    from tests.builders import rewrite_mat
+    from tests.helpers.archives import rewrite_mat
 
     rewrite_mat(source_copy / flowers.LABELS, **{SYNTHETIC_MARKER: None})  # the real file's keys
     real_format = run_ingest(source_copy, local_store, tmp_path / "cache")

@@ -15,8 +15,8 @@ from flowerml.errors import DatasetNotFound
 from flowerml.manifest import read_current
 from flowerml.runs import RunError, RunFiles, RunNotFound
 from flowerml.storage_local import LocalStore
-from tests.conftest import DATASET, StoreAndCache, copy_tree
-from tests.flowerml.conftest import TINY_RUN, RegisteredRun
+from tests.helpers.stores import StoreAndCache, copy_tree
+from tests.helpers.synthetic import DATASET, TINY_RUN, RegisteredRun
 
 
 @pytest.fixture
@@ -281,7 +281,7 @@ def test_listing_never_imports_torch(registered_copy: StoreAndCache) -> None:
 
 def test_runs_and_datasets_on_s3(registered_run: RegisteredRun, s3_store) -> None:
     """The same inventory on an S3 store: s3:// locations, a run deleted to the last key."""
-    from tests.flowerml.conftest import publish_copy
+    from tests.helpers.synthetic import publish_copy
 
     published = publish_copy(registered_run.store.root, s3_store)
     [dataset] = inventory.list_datasets(s3_store)

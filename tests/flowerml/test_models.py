@@ -24,42 +24,17 @@ from flowerml.models import (
     prepare_for_strategy,
 )
 from flowerml.weights import resolve_weights
+from tests.helpers.backbones import (
+    assert_backbone_equals,
+    save_pth,
+    source_resnet18,
+)
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
                 "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096,
                 "mobilenet_v3_large": 1280, "efficientnet_b0": 1280}
 STAGES = {"resnet18": 5, "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6,
           "mobilenet_v3_large": 6, "efficientnet_b0": 5}
-
-
-def source_resnet18(seed: int = 7) -> nn.Module:
-    """A torchvision resnet18 with seeded random weights: what a staged file would hold."""
-    torch.manual_seed(seed)
-    model = torchvision.models.resnet18(weights=None)
-    # Non-default BN statistics, so buffers are really compared, not just both at init values.
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1, 1)
-            module.running_var.uniform_(0.5, 2)
-    return model
-
-
-def assert_backbone_equals(model: FlowerModel, source: nn.Module) -> None:
-    expected = source.state_dict()
-    backbone = model.backbone.state_dict()
-    assert set(backbone) == {k for k in expected if not k.startswith("fc.")}
-    for key, tensor in backbone.items():
-        assert torch.equal(tensor, expected[key]), key
-
-
-def assert_fresh_head(model: FlowerModel, source: nn.Module, num_classes: int) -> None:
-    assert model.head.weight.shape == (num_classes, 512)
-    assert not torch.equal(model.head.weight, source.fc.weight[:num_classes])
-
-
-def save_pth(state: dict, path: Path) -> Path:
-    torch.save(state, path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,9 @@ the tiny trained run's model (the inputs' rules: tests/flowerml/test_inputs.py).
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,40 +13,10 @@ from flowerml.inference import load_trained_model
 from flowerml.inputs import ImageInput
 from flowerml.prediction import ImageError, open_image, predict_images, predict_inputs
 from flowerml.runtimes import Scorer, scorer_from_model
-from tests.conftest import StoreAndCache
+from tests.helpers.images import write_jpeg, write_png_header, write_truncated_jpeg
+from tests.helpers.stores import StoreAndCache
 
-# --- image files a user may hand over --------------------------------------------------------
-
-
-def write_jpeg(path: Path, width: int, height: int, seed: int = 0) -> Path:
-    """A photo-like JPEG: smooth colour gradients and some noise."""
-    rng = np.random.default_rng(seed)
-    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
-    pixels = np.stack([x, y, (x + y) / 2], axis=-1) * 200 + rng.integers(0, 55, (height, width, 3))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.astype(np.uint8)).save(path, format="JPEG", quality=85)
-    return path
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def write_png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG that claims `width` x `height` RGB pixels (a decompression bomb's header) and holds
-    one row of them: opening it is enough for PIL to judge its size."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    row = zlib.compress(b"\x00" + b"\x00" * 3 * min(width, 1024))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) +
-                     png_chunk(b"IDAT", row) + png_chunk(b"IEND", b""))
-    return path
-
-
-def write_truncated_jpeg(path: Path) -> Path:
-    whole = write_jpeg(path, 160, 120).read_bytes()
-    path.write_bytes(whole[:len(whole) // 2])
-    return path
-
+# --- image files a user may hand over: tests/helpers/images.py ---------------------------------
 
 @pytest.fixture(scope="module")
 def model(tiny_run: StoreAndCache) -> Scorer:

@@ -20,8 +20,8 @@ from flowerml.progress import (
     RichProgress,
     progress_for_terminal,
 )
-from tests.cli_helpers import invoke
-from tests.conftest import StoreAndCache
+from tests.helpers.cli import invoke
+from tests.helpers.stores import StoreAndCache
 
 
 def _drive(progress: Progress) -> None:

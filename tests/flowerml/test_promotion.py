@@ -14,8 +14,8 @@ from flowerml.promotion import champion_scorecard, promote, promote_released_stu
 from flowerml.registry import Registry, resolve_ref
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
-from tests.builders import MANIFEST, MODEL, card, weights
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
+from tests.helpers.synthetic import RegisteredRun
 
 # --------------------------------------------------------------------------------------------
 # Promoting: the gate, then the alias moved by compare-and-swap
@@ -180,7 +180,7 @@ def test_no_production_model_means_no_champion(registered_run: RegisteredRun) ->
 
 def test_promote_compares_the_stored_predictions_of_both_versions(
         local_store: LocalStore) -> None:
-    from tests.paired import paired_outcomes, register_with_predictions
+    from tests.helpers.paired import paired_outcomes, register_with_predictions
 
     registry = Registry(local_store, MODEL)
     champion, worse = paired_outcomes(both_right=900, a_only=40, b_only=12, both_wrong=48)

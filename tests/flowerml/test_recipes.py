@@ -119,7 +119,7 @@ def test_an_explicit_backbone_lr_factor_holds_without_pretrained_weights():
 
 
 def test_train_help_lists_the_optimiser_options():
-    from tests.cli_helpers import invoke
+    from tests.helpers.cli import invoke
 
     result = invoke("train", "--help")
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ from flowerml.registry import ModelVersion, Registry, list_models, resolve_ref
 from flowerml.registry_names import RegistryError
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
-from tests.builders import MANIFEST, MODEL, card, weights
+from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 
 
 def keys(store: Store, prefix: str) -> list[str]:

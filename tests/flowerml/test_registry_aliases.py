@@ -24,7 +24,7 @@ from flowerml.registry_names import RegistryError
 from flowerml.storage import S3Options, Store
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
-from tests.builders import MANIFEST, MODEL, card, weights
+from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 
 # --------------------------------------------------------------------------------------------
 # Moves, rollbacks, and moves a crash left half-done

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flowerml.manifest import resolve_dataset
 from flowerml.release import render_card
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.synthetic import RegisteredRun
 
 
 def test_card_records_lineage_and_software(registered_run: RegisteredRun) -> None:

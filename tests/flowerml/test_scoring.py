@@ -9,13 +9,12 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
-from flowerml.export import ExportError, PixelsToLogits, export_version
+from flowerml.export import ExportError, PixelsToLogits
 from flowerml.inputs import InputError, list_input
 from flowerml.prediction import image_pixels
 from flowerml.registry import Registry
@@ -27,67 +26,27 @@ from flowerml.scoring_shards import score_shard
 from flowerml.storage import S3Options, Store
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
-from tests.conftest import copy_tree, store_keys
-from tests.flowerml.conftest import RegisteredRun
-from tests.flowerml.test_export import registry_copy
-from tests.flowerml.test_prediction import write_jpeg, write_truncated_jpeg
-
-
-class Scored(NamedTuple):
-    """A registry (flowers102:1, production, exported to ONNX) on its own store."""
-
-    registry: Registry
-    root: Path
-
-
-def export_registry_copy(registered_run: RegisteredRun, root: Path) -> Scored:
-    """The registered tiny run's registry copied under `root` and exported to ONNX."""
-    registry, cache = registry_copy(registered_run, root)
-    assert export_version(registry, 1, cache_dir=cache, workers=0).passed
-    return Scored(registry, root)
-
-
-def own_registry(exported: Scored, dest: Path) -> Registry:
-    """A test's own copy of the exported registry (a test may damage it)."""
-    copy_tree(exported.root / "store", dest)
-    return Registry(LocalStore(dest), "flowers102")
-
-
-def write_photos(folder: Path) -> Path:
-    """7 photos (one large, two in a subfolder), a note, a truncated JPEG and a hidden file."""
-    from PIL import Image
-
-    for index, (name, width, height) in enumerate([
-            ("a.jpg", 90, 60), ("b.jpg", 60, 90), ("c.png", 64, 64), ("d.jpg", 2400, 1600),
-            ("e.jpg", 57, 80), ("sub/f.jpg", 120, 70), ("sub/g.jpeg", 45, 45)]):
-        path = write_jpeg(folder / name, width, height, seed=index)
-        if name.endswith(".png"):
-            Image.open(path).save(path, format="PNG")
-    (folder / "notes.txt").write_text("not a photo")
-    write_truncated_jpeg(folder / "cut.jpg")
-    (folder / ".hidden.jpg").write_bytes(b"macOS metadata")
-    return folder
+from tests.helpers.images import write_jpeg
+from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
+from tests.helpers.scoring import PHOTO_KEYS, write_photos
+from tests.helpers.stores import copy_tree, replace_file, store_keys
+from tests.helpers.synthetic import RegisteredRun
 
 
 @pytest.fixture(scope="module")
 def exported_registry(registered_run: RegisteredRun,
-                      tmp_path_factory: pytest.TempPathFactory) -> Scored:
+                      tmp_path_factory: pytest.TempPathFactory) -> ExportedRegistry:
     return export_registry_copy(registered_run, tmp_path_factory.mktemp("scoring-registry"))
 
 
 @pytest.fixture
-def registry(exported_registry: Scored, tmp_path: Path) -> Registry:
+def registry(exported_registry: ExportedRegistry, tmp_path: Path) -> Registry:
     return own_registry(exported_registry, tmp_path / "registry-store")
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_photos(tmp_path_factory.mktemp("photos"))
-
-
-KEYS = ["a.jpg", "b.jpg", "c.png", "cut.jpg", "d.jpg", "e.jpg", "sub/f.jpg", "sub/g.jpeg"]
-"""The photos' keys in listing order (sorted, hidden files and notes.txt, not named like an
-image, left out as `flowerml predict` leaves them out of a folder)."""
 
 
 def request(input: str | Path, output: str | Path, **options) -> ScoringRequest:
@@ -145,12 +104,12 @@ def test_a_folder_is_scored_in_shards_then_success_names_the_run(registry: Regis
         LISTING, SUCCESS, *summary["parts"]}
     assert json.loads(output.get_bytes(f"{prefix}/{SUCCESS}")) == summary
     rows = rows_of(output, summary)
-    assert [row["key"] for row in rows] == KEYS
+    assert [row["key"] for row in rows] == PHOTO_KEYS
     errors = {row["key"]: row["error"] for row in rows if "error" in row}
     assert errors.keys() == {"cut.jpg"}
     assert errors["cut.jpg"].startswith("unreadable image")
     assert [f["key"] for f in summary["failures"]] == ["cut.jpg"]
-    expected = expected_rows(registry, photos, KEYS)
+    expected = expected_rows(registry, photos, PHOTO_KEYS)
     for row in rows:
         if "error" in row:
             continue
@@ -222,7 +181,7 @@ def test_two_runs_on_one_output_leave_one_whole_copy(registry: Registry, photos:
     for run in runs:
         run.join(timeout=120)
     assert len(results) == 2
-    assert [row["key"] for row in rows_of(output, results[0])] == KEYS
+    assert [row["key"] for row in rows_of(output, results[0])] == PHOTO_KEYS
     alone = score(registry, photos, LocalStore(tmp_path / "alone"))
     assert rows_of(output, results[0]) == rows_of(LocalStore(tmp_path / "alone"), alone)
     assert [k for k in store_keys(output) if k.endswith(SUCCESS)] == [
@@ -266,7 +225,7 @@ def test_an_output_inside_the_input_is_not_scored_again(registry: Registry, phot
     first = score(registry, folder, output)
     again = score(registry, folder, output)
     assert again["input_id"] == first["input_id"] and again["already_complete"]
-    assert first["images"] == len(KEYS)
+    assert first["images"] == len(PHOTO_KEYS)
 
 
 # --- what INPUT may be -----------------------------------------------------------------------
@@ -294,13 +253,13 @@ def test_an_s3_prefix_is_scored_into_an_s3_output(registry: Registry, photos: Pa
                                                   s3_bucket: str, moto_endpoint: str) -> None:
     options = S3Options(endpoint_url=moto_endpoint)
     inbox = S3Store(s3_bucket, "inbox", options)
-    for key in KEYS:
+    for key in PHOTO_KEYS:
         inbox.put_bytes(key, (photos / key).read_bytes())
     output = S3Store(s3_bucket, "scores", options)
     summary = score(registry, f"s3://{s3_bucket}/inbox", output, s3=options)
     assert summary["root"] == f"s3://{s3_bucket}/inbox"
     assert list(list_input(f"s3://{s3_bucket}/inbox/**/*.jp*g", options).stream()) == [
-        k for k in KEYS if ".jp" in k]
+        k for k in PHOTO_KEYS if ".jp" in k]
     assert summary["output"].startswith(f"s3://{s3_bucket}/scores/flowers102/000001/")
     rows = rows_of(output, summary)
     local = score(registry, photos, LocalStore(photos.parent / f"{photos.name}-local-scores"))
@@ -431,16 +390,10 @@ def test_an_output_that_cannot_be_written_is_refused(registry: Registry, photos:
         score(registry, photos, S3Store("no-such-bucket-here", "scores", options), s3=options)
 
 
-def rewrite(path: Path, data: bytes) -> None:
-    """Replace a file (never write into it: the test's copy shares it with the pristine one)."""
-    path.unlink()
-    path.write_bytes(data)
-
-
 def test_a_tampered_onnx_file_is_refused_before_scoring(registry: Registry, photos: Path,
                                                         tmp_path: Path) -> None:
     path = registry.store.root / registry.attachment_key(1, "model.onnx")
-    rewrite(path, path.read_bytes()[:-1] + b"\0")
+    replace_file(path, path.read_bytes()[:-1] + b"\0")
     with pytest.raises(ExportError, match="model.onnx fails its checksum"):
         score(registry, photos, LocalStore(tmp_path / "scores"))
     assert nothing_written(tmp_path / "scores")
@@ -450,7 +403,7 @@ def test_onnx_needs_a_passing_export(registry: Registry, photos: Path, tmp_path:
     record_path = registry.store.root / registry.attachment_key(1, "export.json")
     record = json.loads(record_path.read_text())
     record["parity"]["passed"] = False
-    rewrite(record_path, json.dumps(record).encode())
+    replace_file(record_path, json.dumps(record).encode())
     with pytest.raises(ScoringError, match="export failed its parity check.*--runtime torch"):
         score(registry, photos, LocalStore(tmp_path / "scores"), runtime="onnx")
     assert score(registry, photos, LocalStore(tmp_path / "auto"))["runtime"] == "torch"

@@ -11,7 +11,7 @@ from flowerml.settings import Settings, build_store, load_settings
 from flowerml.storage import S3Options
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
-from tests.cli_helpers import assert_refused, invoke
+from tests.helpers.cli import assert_refused, invoke
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ import pytest
 from flowerml.storage import ObjectNotFound, PreconditionFailed, Store, run_bounded
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
-from tests.conftest import store_keys
-from tests.multipart import MULTIPART_TEST_THRESHOLD, big_file, pending_uploads
+from tests.helpers.multipart import MULTIPART_TEST_THRESHOLD, big_file, pending_uploads
+from tests.helpers.stores import store_keys
 
 
 @pytest.fixture(params=["local", "s3", pytest.param("seaweedfs", marks=pytest.mark.slow)])

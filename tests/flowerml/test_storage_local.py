@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowerml.storage_local import LocalStore
-from tests.conftest import store_keys
+from tests.helpers.stores import store_keys
 
 
 def test_local_store_hides_temp_and_lock_files(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ import pytest
 from flowerml.errors import RetriesExhausted, TransientError, UserError
 from flowerml.storage import S3Options, StoreAccessError, StoreUnreachable
 from flowerml.storage_s3 import S3Store
-from tests.conftest import free_port, store_keys
-from tests.multipart import MULTIPART_TEST_THRESHOLD, big_file, pending_uploads
+from tests.helpers.multipart import MULTIPART_TEST_THRESHOLD, big_file, pending_uploads
+from tests.helpers.network import free_port
+from tests.helpers.stores import store_keys
 
 
 def test_missing_bucket_is_a_clear_error(moto_endpoint: str, s3_options: S3Options) -> None:

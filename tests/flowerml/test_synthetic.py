@@ -215,7 +215,7 @@ def test_labels_file_says_it_is_synthetic_and_still_reads_as_the_official_format
                                                                                  tmp_path):
     from flowerml.splits import read_official_split
     from flowerml.synthetic import SYNTHETIC_MARKER, is_synthetic
-    from tests.builders import rewrite_mat
+    from tests.helpers.archives import rewrite_mat
 
     assert is_synthetic(archive[LABELS])
     marker = scipy.io.loadmat(archive[LABELS])[SYNTHETIC_MARKER]
@@ -256,7 +256,7 @@ def test_out_dir_that_cannot_be_created_is_a_user_error():
 
 
 def test_synth_cli_refuses_overwrite_and_uncreatable_dirs(tmp_path):
-    from tests.cli_helpers import assert_refused, invoke
+    from tests.helpers.cli import assert_refused, invoke
 
     args = ("--classes", "2", "--per-class", "3", "--image-size", "32")
     assert invoke("synth", str(tmp_path), *args).exit_code == 0
@@ -277,7 +277,7 @@ def test_synth_cli_refuses_overwrite_and_uncreatable_dirs(tmp_path):
 ])
 def test_a_size_out_of_bounds_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str],
                                                              line: str) -> None:
-    from tests.cli_helpers import invoke
+    from tests.helpers.cli import invoke
 
     result = invoke("synth", str(tmp_path / "out"), *args)
     assert (result.exit_code, result.stderr, result.stdout) == (2, f"flowerml: error: {line}\n",

@@ -21,8 +21,9 @@ from flowerml.run_record import start_run
 from flowerml.runs import RunError, RunFiles
 from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec
-from tests.conftest import StoreAndCache, SyntheticData, copy_tree, kill_then_resume
-from tests.interrupts import DiedBeforeCheckpoint, die_before_checkpoint
+from tests.helpers.interrupts import DiedBeforeCheckpoint, die_before_checkpoint, kill_then_resume
+from tests.helpers.stores import StoreAndCache, copy_tree
+from tests.helpers.synthetic import SyntheticData
 
 TRAIN_SPEC = SyntheticSpec(classes=4, per_class=24, image_size=64, seed=3)
 """4 classes x 24 images: 6 train, 6 valid and 12 test images per class."""

@@ -13,13 +13,13 @@ import torch
 from flowerml import weights
 from flowerml.models import FlowerModel, ModelError, build_model
 from flowerml.weights import WeightsUnavailable, resolve_weights
-from tests.conftest import free_port
-from tests.flowerml.test_models import (
+from tests.helpers.backbones import (
     assert_backbone_equals,
     assert_fresh_head,
     save_pth,
     source_resnet18,
 )
+from tests.helpers.network import free_port
 
 
 def build(arch: str, num_classes: int, value: str, *, seed: int | None = None,

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from flows.cli import cli
-from tests.cli_helpers import assert_refused
-from tests.flows.test_score import cluster, photos, registry_root, rows  # noqa: F401 (fixtures)
+from tests.helpers.cli import assert_refused
+from tests.helpers.scoring import rows_in_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # Prefect's server, Dask processes
 
@@ -45,7 +45,7 @@ def test_score_with_dask_address_runs_the_shards_on_the_cluster(
     assert done.returncode == 1, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # stdout holds the summary and nothing else
     assert (summary["images"], summary["failed"], summary["shards"]) == (8, 1, 4)
-    assert len(rows(summary)) == 8 and (Path(summary["output"]) / "_SUCCESS.json").is_file()
+    assert len(rows_in_folder(summary)) == 8 and (Path(summary["output"]) / "_SUCCESS.json").is_file()
     [line] = done.stderr.splitlines()  # the flow run, named once; no Prefect log line
     assert line.startswith(f"flowerml: flow run 'score {photos} with flowers102@production' (") \
         and line.endswith(f"): shards on the Dask scheduler {cluster.scheduler_address}"), line

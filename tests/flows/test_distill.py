@@ -12,8 +12,8 @@ from flowerml.registry import Registry
 from flowerml.storage_local import LocalStore
 from flows.distill import DistillParams, StudentParams, distill_flowers
 from flows.retrain import RetrainParams
-from tests.conftest import copy_tree
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.stores import copy_tree
+from tests.helpers.synthetic import RegisteredRun
 
 STUDENT = {"student": "resnet18", "epochs": 1, "weights": "none",
            "gate": {"threshold": 0.0, "max_gap": 1.0}}

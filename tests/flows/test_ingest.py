@@ -12,8 +12,9 @@ from flowerml.storage import S3Options
 from flowerml.storage_s3 import S3Store
 from flows.ingest import ingest_flowers
 from tasks.ingest import fetch_sources_task
-from tests.conftest import free_port, store_keys
-from tests.conftest import task_outcome as outcome
+from tests.helpers.network import free_port
+from tests.helpers.prefect_runs import task_outcome as outcome
+from tests.helpers.stores import store_keys
 
 pytestmark = pytest.mark.slow  # Prefect's test server
 

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 import flows.retrain_command as retrain_command
 from flowerml.launch import process_alive
 from flows.cli import cli
-from tests.cli_helpers import assert_refused
-from tests.conftest import store_keys
+from tests.helpers.cli import assert_refused
+from tests.helpers.stores import store_keys
 
 
 def retrain_env(tmp_path: Path) -> dict[str, str]:
@@ -261,8 +261,7 @@ WEIGHTS_REFUSALS = {
 @pytest.fixture
 def published_store(local_store, synthetic_data):
     """A local store with the small synthetic dataset published (CURRENT set)."""
-    from tests.conftest import SMALL_SPEC
-    from tests.flowerml.conftest import publish_copy
+    from tests.helpers.synthetic import SMALL_SPEC, publish_copy
 
     publish_copy(synthetic_data.published(SMALL_SPEC) / "store", local_store)
     return local_store
@@ -304,8 +303,7 @@ def test_a_read_only_store_key_is_refused_before_prefect_starts(
         prefect_harness: None) -> None:
     """SeaweedFS's read-only identity passes `head_bucket` and every read: the write probe
     refuses it, before any flow run, ingest or upload."""
-    from tests.conftest import SMALL_SPEC
-    from tests.flowerml.conftest import publish_copy
+    from tests.helpers.synthetic import SMALL_SPEC, publish_copy
 
     publish_copy(synthetic_data.published(SMALL_SPEC) / "store", seaweedfs_store)
     current = seaweedfs_store.get_bytes("datasets/flowers102/CURRENT")

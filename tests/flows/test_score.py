@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,46 +17,15 @@ import pytest
 from flowerml.registry import Registry
 from flowerml.storage_local import LocalStore
 from flows.score import ScoreParams, score_images
-from tests.conftest import copy_tree
-from tests.flowerml.conftest import registered_run  # noqa: F401  (a fixture used below)
-from tests.flowerml.test_prediction import write_jpeg
-from tests.flowerml.test_scoring import write_photos
+from tests.helpers.images import write_jpeg
+from tests.helpers.scoring import rows_in_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # Prefect's server, Dask processes
-
-
-@pytest.fixture(scope="module")
-def registry_root(request: pytest.FixtureRequest,
-                  tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The registered tiny run (flowers102:1 in production) on this module's own store."""
-    run = request.getfixturevalue("registered_run")
-    return copy_tree(run.store.root, tmp_path_factory.mktemp("score-flow") / "store")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[object]:
-    """Two single-threaded worker processes, each restarted by its nanny when killed."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0", silence_logs=40) as local:
-        yield local
 
 
 def params(photos: Path | str, registry_root: Path, output: Path, **options) -> ScoreParams:
     return ScoreParams(input=str(photos), output=str(output), store=str(registry_root),
                        runtime="torch", shard_size=2, batch_size=2, threads=1, **options)
-
-
-def rows(summary: dict) -> list[dict]:
-    folder = Path(summary["output"])
-    return [json.loads(line) for part in summary["parts"]
-            for line in (folder / part).read_text().splitlines()]
 
 
 def test_dask_workers_give_the_embedded_runners_output(prefect_harness: None,
@@ -68,7 +36,7 @@ def test_dask_workers_give_the_embedded_runners_output(prefect_harness: None,
                                   dask_address=cluster.scheduler_address))
     assert on_dask["input_id"] == embedded["input_id"] and on_dask["parts"] == embedded["parts"]
     assert (on_dask["images"], on_dask["failed"], on_dask["shards"]) == (8, 1, 4)
-    for mine, theirs in zip(rows(on_dask), rows(embedded), strict=True):
+    for mine, theirs in zip(rows_in_folder(on_dask), rows_in_folder(embedded), strict=True):
         assert mine.keys() == theirs.keys() and mine["key"] == theirs["key"]
         assert mine.get("error") == theirs.get("error")
         if "labels" in mine:
@@ -152,7 +120,7 @@ def test_a_worker_killed_mid_shard_still_ends_with_every_shard_done_once(
     summary = outcome["summary"]
     # (A shard whose result lived on the killed worker is rerun too: it finds its part.)
     assert (summary["images"], summary["failed"], summary["shards"]) == (8, 0, 4)
-    scored = rows(summary)
+    scored = rows_in_folder(summary)
     assert [row["key"] for row in scored] == [str(key) for key in keys]  # each exactly once
     assert sorted(p.name for p in Path(summary["output"]).glob("part-*")) == summary["parts"]
 

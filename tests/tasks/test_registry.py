@@ -6,7 +6,7 @@ from __future__ import annotations
 from flowerml.comparison import compare
 from flowerml.gates import Gate, PairedUnavailable, paired_figures
 from tasks.registry import gate_of, paired_section
-from tests.paired import paired_outcomes, prediction_set
+from tests.helpers.paired import paired_outcomes, prediction_set
 
 
 def test_the_report_shows_the_paired_figures_and_the_classes_below_the_floor() -> None:

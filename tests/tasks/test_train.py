@@ -14,7 +14,7 @@ from flowerml.recipes import build_config
 from flowerml.storage_local import LocalStore
 from tasks.evaluate import evaluate_task, inline_images
 from tasks.train import child_arguments, progress_artifact, train_task
-from tests.conftest import task_outcome
+from tests.helpers.prefect_runs import task_outcome
 
 # The task takes a whole TrainConfig (the flow resolves the recipe before any work starts).
 TINY = build_config("demo", epochs=2, image_size=40, batch_size=8).to_json()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from flowerml.cli.app import FlowermlGroup, emit_json, json_option, json_requested
 from flowerml.errors import DatasetNotFound
-from tests.cli_helpers import assert_refused, invoke
+from tests.helpers.cli import assert_refused, invoke
 
 
 def build_group() -> click.Group:

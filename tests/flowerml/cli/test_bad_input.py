@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from flows.cli import cli
-from tests.cli_helpers import assert_refused
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.cli import assert_refused
+from tests.helpers.synthetic import RegisteredRun
 
 # (arguments, a fragment the one error line must hold). {src}: a synthetic source folder,
 # {img}: an image, {tmp}: a fresh folder holding latin1.txt (a list that is not UTF-8),

@@ -9,10 +9,10 @@ import pytest
 
 from flowerml.registry import Registry
 from flowerml.storage_local import LocalStore
-from tests.builders import MODEL, card, weights
-from tests.cli_helpers import assert_refused, invoke
-from tests.flowerml.conftest import TINY_RUN, RegisteredRun
-from tests.paired import register_with_predictions
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.paired import register_with_predictions
+from tests.helpers.registry_entries import MODEL, card, weights
+from tests.helpers.synthetic import TINY_RUN, RegisteredRun
 
 # The hand-built pair of test_comparison: b (v2) wins 2 images, loses 1, agrees on 4 of 8.
 A = [(1, 1), (1, 1), (2, 2), (2, 3), (3, 4), (3, 1), (4, 1), (4, 4)]

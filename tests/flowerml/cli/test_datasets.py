@@ -7,8 +7,8 @@ from pathlib import Path
 
 from flowerml.manifest import content_version, resolve_dataset
 from flowerml.storage_local import LocalStore
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import DATASET
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.synthetic import DATASET
 
 
 def add_quarantined_version(store: LocalStore) -> str:

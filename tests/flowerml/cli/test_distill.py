@@ -15,9 +15,9 @@ from flowerml.ingest import FetchOptions, ingest
 from flowerml.registry import Registry
 from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import StoreAndCache, copy_tree
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import StoreAndCache, copy_tree
+from tests.helpers.synthetic import RegisteredRun
 
 TEACHER = "flowers102@production"
 STUDENT = ["--student", "resnet18", "--weights", "none", "--epochs", "1", "--batch-size", "4",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from flowerml.storage_local import LocalStore
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import copy_tree
-from tests.flowerml.conftest import RegisteredRun
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import copy_tree
+from tests.helpers.synthetic import RegisteredRun
 
 VERSION_DIR = "registry/flowers102/versions/000001"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import StoreAndCache
-from tests.flowerml.test_prediction import write_jpeg, write_png_header, write_truncated_jpeg
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.images import write_jpeg, write_png_header, write_truncated_jpeg
+from tests.helpers.stores import StoreAndCache
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from flowerml.registry import Registry
 from flowerml.release import build_card
 from flowerml.runs import RunFiles
 from flowerml.storage_local import LocalStore
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import DATASET, StoreAndCache, copy_tree
-from tests.flowerml.conftest import TINY_RUN
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import StoreAndCache, copy_tree
+from tests.helpers.synthetic import DATASET, TINY_RUN
 
 
 @pytest.fixture

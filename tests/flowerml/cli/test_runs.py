@@ -11,9 +11,9 @@ import pytest
 from flowerml.cli import cli
 from flowerml.runs import RunFiles
 from flowerml.storage_local import LocalStore
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import DATASET, copy_tree
-from tests.flowerml.conftest import TINY_RUN, RegisteredRun
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import copy_tree
+from tests.helpers.synthetic import DATASET, TINY_RUN, RegisteredRun
 
 
 @pytest.fixture

@@ -10,26 +10,21 @@ import pytest
 from click.testing import Result
 
 from flowerml.registry import Registry
-from tests.cli_helpers import assert_refused, invoke
-from tests.flowerml.conftest import RegisteredRun
-from tests.flowerml.test_scoring import (
-    KEYS,
-    Scored,
-    export_registry_copy,
-    own_registry,
-    rewrite,
-    write_photos,
-)
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
+from tests.helpers.scoring import PHOTO_KEYS, write_photos
+from tests.helpers.stores import replace_file
+from tests.helpers.synthetic import RegisteredRun
 
 
 @pytest.fixture(scope="module")
 def exported_registry(registered_run: RegisteredRun,
-                      tmp_path_factory: pytest.TempPathFactory) -> Scored:
+                      tmp_path_factory: pytest.TempPathFactory) -> ExportedRegistry:
     return export_registry_copy(registered_run, tmp_path_factory.mktemp("cli-registry"))
 
 
 @pytest.fixture
-def registry(exported_registry: Scored, tmp_path: Path) -> Registry:
+def registry(exported_registry: ExportedRegistry, tmp_path: Path) -> Registry:
     return own_registry(exported_registry, tmp_path / "registry-store")
 
 
@@ -62,7 +57,7 @@ def test_score_writes_its_parts_says_what_failed_and_exits_1(registry: Registry,
     assert result.stderr.splitlines()[0].startswith("shard 1/2: 4 images, 1 failed (")
     rows = [json.loads(line) for part in sorted(success.parent.glob("part-*.jsonl"))
             for line in part.read_text().splitlines()]
-    assert [row["key"] for row in rows] == KEYS
+    assert [row["key"] for row in rows] == PHOTO_KEYS
     assert all(len(row["labels"]) == 3 for row in rows if "error" not in row)
 
     again = run_score(registry, str(photos), "--output", str(output), "--shard-size", "4",
@@ -123,7 +118,7 @@ def test_bad_input_is_one_line_and_writes_nothing(registry: Registry, photos: Pa
 def test_a_tampered_onnx_file_is_refused(registry: Registry, photos: Path,
                                          tmp_path: Path) -> None:
     path = registry.store.root / registry.attachment_key(1, "model.onnx")
-    rewrite(path, b"\0" + path.read_bytes()[1:])
+    replace_file(path, b"\0" + path.read_bytes()[1:])
     result = run_score(registry, str(photos), "--output", str(tmp_path / "scores"))
     assert_refused(result, "model.onnx fails its checksum (sha256 ")
     assert nothing_under(tmp_path / "scores")

@@ -5,14 +5,16 @@ which never carries credentials), and so does an empty listing: run against the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from flowerml.registry import Registry
 from flowerml.storage import Store
 from flowerml.storage_s3 import S3Store
-from tests.cli_helpers import assert_refused, invoke
-from tests.flowerml.test_cli_registry import registry  # noqa: F401  (a fixture)
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.registries import two_version_registry
+from tests.helpers.synthetic import SyntheticData
 
 # Each command that names something, and what it says when the store has none of it.
 NOT_FOUND = [
@@ -26,6 +28,11 @@ NOT_FOUND = [
 EMPTY = [(("registry", "list"), "no models on {uri}"),
          (("datasets", "list"), "no datasets on {uri}"),
          (("runs", "list"), "no runs on {uri}")]
+
+
+@pytest.fixture
+def registry(synthetic_data: SyntheticData, tmp_path: Path) -> Registry:
+    return two_version_registry(synthetic_data, tmp_path)
 
 
 def store_option(store: Store) -> list[str]:
@@ -66,7 +73,7 @@ def test_an_empty_listing_names_the_store(store: Store, args: tuple[str, ...],
     assert (listed.exit_code, json.loads(listed.stdout)) == (0, [])
 
 
-def test_an_alias_never_set_names_the_store(registry: Registry) -> None:  # noqa: F811
+def test_an_alias_never_set_names_the_store(registry: Registry) -> None:
     """`registry history NAME --alias A` of a model that has versions but not that alias."""
     result = invoke("registry", "history", "flowers102", "--alias", "staging",
                     store=registry.store)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.cli_helpers import assert_refused, invoke
-from tests.conftest import StoreAndCache
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import StoreAndCache
 
 
 def test_a_larger_epochs_alone_extends_a_run_with_its_own_config(tiny_run: StoreAndCache) -> None:

@@ -13,7 +13,7 @@ from flowerml.comparison import (
     predictions_record,
 )
 from flowerml.registry import ModelVersion, Registry
-from tests.builders import MANIFEST, card, weights
+from tests.helpers.registry_entries import MANIFEST, card, weights
 
 NAMES = ("pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea")
 

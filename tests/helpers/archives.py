@@ -1,4 +1,5 @@
-"""Builders for damaged sources: the bad inputs the tests feed to ingest."""
+"""Damaged sources, the bad inputs the tests feed to ingest: tar members of every kind, and an
+archive or .mat file rewritten with parts replaced, dropped or added."""
 
 from __future__ import annotations
 
@@ -59,19 +60,3 @@ def rewrite_mat(path: Path, **changes: np.ndarray | None) -> None:
         else:
             content[key] = value
     scipy.io.savemat(path, content)
-
-
-# A registry entry's parts, for registry and promotion tests.
-MANIFEST = "a" * 64
-MODEL = "flowers102"
-
-
-def weights(seed: int) -> dict:
-    import torch
-
-    return {"fc.weight": torch.full((3, 2), float(seed)), "fc.bias": torch.arange(3.0) + seed}
-
-
-def card(top1: float, manifest: str = MANIFEST) -> dict:
-    return {"metrics": {"top1": top1, "top5": 0.99, "loss": 0.2}, "test_manifest_sha256": manifest,
-            "run_id": "run-1", "backbone": "resnet152"}

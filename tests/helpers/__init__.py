@@ -1,0 +1,19 @@
+"""Helpers the tests share, one idea a module (fixtures stay in the conftest files, which
+import these):
+
+- `archives`: damaged sources (tar members, rewritten archives and .mat files) fed to ingest.
+- `backbones`: a seeded torchvision ResNet-18 and the checks that a model holds its backbone.
+- `cli`: the library's `flowerml` command run in-process, and the one check of a refusal.
+- `images`: image files a user may hand over (photo-like JPEGs, a bomb's PNG header, cut ones).
+- `interrupts`: runs that die at a chosen point, in-process or as a SIGKILLed child.
+- `multipart`: a file S3Store uploads in parts, and the uploads a bucket still holds pending.
+- `network`: free loopback ports and waiting for a server to answer.
+- `paired`: hand-built per-image predictions of two models on the same images.
+- `prefect_runs`: a task run's outcome as the Prefect server recorded it.
+- `registries`: registries the tests build (the registered run copied, exported; two versions).
+- `registry_entries`: a registry entry's parts (manifest hash, model name, weights, card).
+- `s3_servers`: the S3 servers a session starts besides moto's threaded one.
+- `scoring`: a folder of photos to score, and the rows a scoring run wrote.
+- `stores`: a store's keys, hard-linked copies of built trees, replacing a file of a copy.
+- `synthetic`: the session's synthetic archives, ingests and tiny runs, each built once.
+"""

@@ -1,0 +1,38 @@
+"""Stores in tests: the keys a store holds, hard-linked copies of built trees (a store with its
+cache), and replacing a file of such a copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+from flowerml.storage import Store
+from flowerml.storage_local import LocalStore
+
+
+class StoreAndCache(NamedTuple):
+    """A local store and the cache directory that goes with it."""
+
+    store: LocalStore
+    cache: Path
+
+
+def store_keys(store: Store, prefix: str = "") -> list[str]:
+    return [info.key for info in store.list(prefix)]
+
+
+def copy_tree(pristine: Path, dest: Path) -> Path:
+    """A test's own copy of a built tree, made of hard links (instant, no disk): the stores and
+    caches replace files atomically and never write into one, so a copy changes only itself.
+    Lock files are left out, so that copies never share a lock."""
+    shutil.copytree(pristine, dest, copy_function=os.link, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.lock"))
+    return dest
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Replace a file of a `copy_tree` copy (never write into it: it shares the pristine one)."""
+    path.unlink()
+    path.write_bytes(data)
