@@ -15,13 +15,15 @@ writer's additions do not stop an older reader, and a reader never drops what it
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import json
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from flowerml.errors import UserError
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 _SHOWN_INPUT = 60
 
 Model = TypeVar("Model")
@@ -33,9 +35,10 @@ class DocumentError(UserError):
 
 
 class StoredDocument(BaseModel):
-    """The base of every stored document: fields it does not declare are kept, not refused."""
+    """The base of every stored document: fields it does not declare are kept, not refused;
+    declared ones are strict (a number written as a string is an edit, not a number)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 def read_document(model: type[Model], raw: bytes | str, where: str,
@@ -82,6 +85,17 @@ def json_schema(model: type) -> dict[str, Any]:
 
 
 def plain(document: BaseModel) -> dict[str, Any]:
-    """The document as the JSON object it is stored as (aliases as field names, extras kept)."""
-    return document.model_dump(mode="json", by_alias=True)
+    """The document as the JSON object it is stored as: aliases as field names, extras kept,
+    and only the fields it was given (an optional field absent stays absent, not null)."""
+    return document.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def check_document(model: type[Model], value: object, where: str,
+                   error: type[UserError]) -> Model:
+    """`value` (a JSON-able document about to be written) as `model`, validated as its reader
+    will validate it (from its JSON); `error` naming the field if it would not read back."""
+    try:
+        return TypeAdapter(model).validate_json(json.dumps(value))
+    except ValidationError as invalid:
+        raise error(describe_invalid(where, invalid)) from None
 

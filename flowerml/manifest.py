@@ -29,8 +29,8 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from flowerml import flowers
 from flowerml.documents import (
-    SHA256_PATTERN,
     DocumentError,
+    Sha256,
     StoredDocument,
     field_message,
     plain,
@@ -103,7 +103,7 @@ class ManifestEntry:
     image: str
     key: str
     size: Annotated[int, Field(ge=0)]
-    sha256: Annotated[str, Field(pattern=SHA256_PATTERN)]
+    sha256: Sha256
 
     @field_validator("key")
     @classmethod

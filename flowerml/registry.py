@@ -30,10 +30,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from flowerml.documents import Sha256, StoredDocument, check_document, plain
 from flowerml.files import json_bytes, sha256_hex
-from flowerml.registry_aliases import AliasMoved, AliasState, ModelAliases
+from flowerml.model_card import CardFields, ModelCard
+from flowerml.registry_aliases import AliasMoved, AliasState, Document, ModelAliases
 from flowerml.registry_names import (
     DEFAULT_ALIAS,
     MAX_VERSION,
@@ -60,6 +62,15 @@ CLAIM = "CLAIM"
 COMMITTED = "COMMITTED"
 RESERVED_FILES = frozenset({WEIGHTS, CARD_JSON, CARD_MD, CLAIM, COMMITTED})
 CARD_FIELDS = ("version", "model", "weights_sha256", "registered_at")
+
+
+
+class Committed(StoredDocument):
+    """`versions/<NNNNNN>/COMMITTED`: the authoritative sha256 of the version's weights."""
+
+    weights_sha256: Sha256
+    committed_at: str
+
 
 RenderCard = Callable[[dict, list[str]], str]
 """(the full card, the extra files' names) -> card.md: see `release.render_card`."""
@@ -145,6 +156,7 @@ def _checked_card(card: dict) -> dict:
         json.dumps(card)
     except (TypeError, ValueError) as error:
         raise RegistryError(f"the model card is not JSON-serialisable: {error}") from None
+    check_document(CardFields, card, "the model card", RegistryError)
     return card
 
 
@@ -174,8 +186,9 @@ class Registry(ModelAliases):
         card = _checked_card(card)
         version = self._claim_next_version()
         sha = sha256_hex(data)
-        full_card = {**card, "version": version, "model": self.model, "weights_sha256": sha,
-                     "registered_at": now()}
+        full_card = plain(check_document(ModelCard, {
+            **card, "version": version, "model": self.model, "weights_sha256": sha,
+            "registered_at": now()}, self._version_key(version, CARD_JSON), RegistryError))
         self.store.put_bytes(self._version_key(version, WEIGHTS), data)
         self.store.put_bytes(self._version_key(version, CARD_JSON), json_bytes(full_card))
         if render is not None:
@@ -193,7 +206,8 @@ class Registry(ModelAliases):
         """The pointer goes last: a version is only usable once everything else is in place.
         (Tests simulate a crash before it by making this step raise.)"""
         self.store.put_bytes(self._version_key(version, COMMITTED),
-                             json_bytes({"weights_sha256": sha, "committed_at": now()}),
+                             json_bytes(plain(Committed(weights_sha256=sha,
+                                                        committed_at=now()))),
                              if_none_match=True)
 
     def _claim_next_version(self) -> int:
@@ -255,23 +269,21 @@ class Registry(ModelAliases):
 
     def _version(self, version: int, names: set[str] | None = None) -> ModelVersion:
         """One version; `names` (its files, from a listing) saves the reads of absent ones."""
-        committed = self._read_optional(version, COMMITTED, names)
-        card = self._read_optional(version, CARD_JSON, names)
+        committed = self._read_optional(version, COMMITTED, Committed, names)
+        card = self._read_optional(version, CARD_JSON, ModelCard, names)
         if committed is None and card is None and not names and not self.store.exists(
                 self._version_key(version, CLAIM)):
             raise RegistryNotFound(f"{self.model} has no version {version:06d}")
-        if not isinstance(committed, dict | None) or not isinstance(card, dict | None):
-            raise RegistryError(f"{self._v(version)}: its COMMITTED or card.json is not a "
-                                "JSON object")
-        card = card or {}
         # COMMITTED is the authoritative record of the sha256; the card's copy is for people.
-        sha = (committed or {}).get("weights_sha256") or card.get("weights_sha256", "")
-        return ModelVersion(self.model, version, card, sha, committed is not None)
+        sha = committed.weights_sha256 if committed else card.weights_sha256 if card else ""
+        return ModelVersion(self.model, version, plain(card) if card else {}, sha,
+                            committed is not None)
 
-    def _read_optional(self, version: int, name: str, names: set[str] | None) -> Any | None:
+    def _read_optional(self, version: int, name: str, model: type[Document],
+                       names: set[str] | None) -> Document | None:
         if names is not None and name not in names:
             return None
-        return self._read_json(self._version_key(version, name))
+        return self._read_document(self._version_key(version, name), model)
 
     def get(self, version: int) -> ModelVersion:
         if not isinstance(version, int) or not 1 <= version <= MAX_VERSION:

@@ -22,8 +22,9 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from flowerml.documents import DocumentError, StoredDocument, read_document
 from flowerml.files import json_bytes
 from flowerml.registry_names import (
     DEFAULT_ALIAS,
@@ -34,6 +35,12 @@ from flowerml.registry_names import (
     now,
 )
 from flowerml.storage import ObjectNotFound, PreconditionFailed, Store
+
+Document = TypeVar("Document", bound=StoredDocument)
+
+
+class DamagedRegistryDocument(DocumentError, RegistryError):
+    """A card.json, COMMITTED, alias or history entry that does not read as its document."""
 
 
 class AliasMoved(Exception):
@@ -102,6 +109,14 @@ class ModelAliases:
             return None
         except ValueError:
             raise RegistryError(f"{key}: is not valid JSON") from None
+
+    def _read_document(self, key: str, model: type[Document]) -> Document | None:
+        """The document at `key` validated as `model`; None when there is none."""
+        try:
+            raw = self.store.get_bytes(key)
+        except ObjectNotFound:
+            return None
+        return read_document(model, raw, key, DamagedRegistryDocument)
 
     # reading --------------------------------------------------------------------------------
 

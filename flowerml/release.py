@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
+from flowerml.documents import field_message
 from flowerml.evaluation import SYNTHETIC_NOTICE
 from flowerml.inference import TrainedModel, build_trained_model
 from flowerml.manifest import resolve_dataset
 from flowerml.markdown import cell, table
-from flowerml.registry import CARD_FIELDS, ModelVersion, Registry
+from flowerml.registry import CARD_FIELDS, CARD_JSON, ModelVersion, Registry
+from flowerml.registry_aliases import DamagedRegistryDocument
 from flowerml.registry_names import parse_model_ref
 from flowerml.runs import RunFiles
 from flowerml.storage import ObjectNotFound, Store
@@ -24,6 +26,8 @@ from flowerml.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 REPORT_FILES = ("report.md", "confusion.png", "curves.png", "metrics.json", "per_class.json",
                 "predictions.jsonl")
+LOADING_FIELDS = ("arch", "classes", "image_size")
+"""The card's fields a model is built from (optional in `ModelCard`: release writes them)."""
 
 
 def software_versions() -> dict[str, str | None]:
@@ -140,6 +144,11 @@ def load_version(registry: Registry, version: int, device: str = "auto") -> Trai
     """A committed version as a model ready to predict, its weights checksum-verified."""
     chosen = registry.require_committed(version)
     card = chosen.card
+    absent = next((name for name in LOADING_FIELDS if card.get(name) is None), None)
+    if absent is not None:
+        raise DamagedRegistryDocument(field_message(
+            registry.attachment_key(version, CARD_JSON), absent,
+            "absent: a version's card needs it to load the model"))
     return build_trained_model(card["arch"], [c["name"] for c in card["classes"]],
                                card["image_size"], registry.load_weights(chosen.version),
                                source=chosen.label, weights_sha256=chosen.weights_sha256,

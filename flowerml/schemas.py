@@ -15,9 +15,13 @@ from pathlib import Path
 
 from flowerml.documents import json_schema
 from flowerml.manifest import Manifest
+from flowerml.model_card import ModelCard
+from flowerml.registry import Committed
 
 DOCUMENTS: dict[str, type] = {
     "manifest": Manifest,
+    "card": ModelCard,
+    "committed": Committed,
 }
 """Document name (its schema's file name, without .json) -> its model."""
 
