@@ -18,13 +18,14 @@ gates' (`flowerml.gates`).
 from __future__ import annotations
 
 import contextlib
-import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from flowerml.documents import DocumentError, StoredDocument, read_document
+from pydantic import ConfigDict, Field
+
+from flowerml.documents import DocumentError, Sha256, StoredDocument, plain, read_document
 from flowerml.files import json_bytes
 from flowerml.registry_names import (
     DEFAULT_ALIAS,
@@ -49,6 +50,35 @@ class AliasMoved(Exception):
     def __init__(self, current: AliasState | None) -> None:
         super().__init__("alias moved")
         self.current = current
+
+
+class AliasRecord(StoredDocument):
+    """`aliases/<alias>.json`: a pure function of the history entry it applies."""
+
+    alias: str
+    version: int
+    sha256: Sha256
+    seq: int
+    previous: int | None
+    updated_at: str
+
+
+class HistoryEntry(StoredDocument):
+    """`aliases/<alias>/history/<seq>.json`, create-only. `rollback` is absent from entries
+    written before it existed (then a reason starting with 'rollback' marks one)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    seq: int = Field(ge=1)
+    from_: int | None = Field(alias="from")
+    to: int
+    sha256: Sha256
+    previous: int | None
+    reason: str
+    forced: bool
+    rollback: bool = False
+    time: str
+    writer: str
 
 
 @dataclass(frozen=True)
@@ -102,14 +132,6 @@ class ModelAliases:
     def _history_key(self, alias: str, seq: int) -> str:
         return f"{self.root}/aliases/{alias}/history/{seq:08d}.json"
 
-    def _read_json(self, key: str) -> Any | None:
-        try:
-            return json.loads(self.store.get_bytes(key))
-        except ObjectNotFound:
-            return None
-        except ValueError:
-            raise RegistryError(f"{key}: is not valid JSON") from None
-
     def _read_document(self, key: str, model: type[Document]) -> Document | None:
         """The document at `key` validated as `model`; None when there is none."""
         try:
@@ -128,12 +150,8 @@ class ModelAliases:
             raw, etag = self.store.get_with_etag(key)
         except ObjectNotFound:
             return None
-        try:
-            doc = json.loads(raw)
-            return AliasState(alias, int(doc["version"]), str(doc["sha256"]), int(doc["seq"]),
-                              doc["previous"], etag)
-        except (ValueError, KeyError, TypeError):
-            raise RegistryError(f"{key}: is not a valid alias record") from None
+        doc = read_document(AliasRecord, raw, key, DamagedRegistryDocument)
+        return AliasState(alias, doc.version, doc.sha256, doc.seq, doc.previous, etag)
 
     def aliases(self) -> dict[str, AliasState]:
         """Every alias of this model, by name."""
@@ -144,11 +162,13 @@ class ModelAliases:
         return {name: state for name, state in states.items() if state is not None}
 
     def history(self, alias: str = DEFAULT_ALIAS) -> list[dict]:
-        """The alias's moves, ascending by seq."""
+        """The alias's moves, ascending by seq (each a `HistoryEntry` as stored)."""
         check_name(alias, "alias")
         prefix = f"{self.root}/aliases/{alias}/history/"
-        entries = [self._read_json(info.key) for info in self.store.list(prefix)]
-        return sorted((e for e in entries if e is not None), key=lambda e: e["seq"])
+        entries = [self._read_document(info.key, HistoryEntry)
+                   for info in self.store.list(prefix)]
+        return [plain(e) for e in sorted((e for e in entries if e is not None),
+                                         key=lambda e: e.seq)]
 
     def rollback_target(self, alias: str = DEFAULT_ALIAS) -> tuple[AliasState, int]:
         """The alias as it is now and the version a rollback would move it to (see
@@ -196,13 +216,14 @@ class ModelAliases:
         previous = current.previous if current else None
         if current is not None and current.version != version:
             previous = current.version  # re-pointing at the same version keeps the old undo
-        return {"seq": seq, "from": current.version if current else None, "to": version,
-                "sha256": sha256, "previous": previous, "reason": reason,
-                "forced": forced, "rollback": rollback, "time": now(), "writer": writer}
+        return plain(HistoryEntry(seq=seq, from_=current.version if current else None,
+                                  to=version, sha256=sha256, previous=previous, reason=reason,
+                                  forced=forced, rollback=rollback, time=now(), writer=writer))
 
     def _alias_doc(self, alias: str, entry: dict) -> dict:
-        return {"alias": alias, "version": entry["to"], "sha256": entry["sha256"],
-                "seq": entry["seq"], "previous": entry["previous"], "updated_at": entry["time"]}
+        return plain(AliasRecord(alias=alias, version=entry["to"], sha256=entry["sha256"],
+                                 seq=entry["seq"], previous=entry["previous"],
+                                 updated_at=entry["time"]))
 
     def _swap(self, alias: str, doc: dict, etag: str | None) -> str:
         """Compare-and-swap alias.json: replace exactly `etag`, or create when there was none."""
@@ -213,9 +234,10 @@ class ModelAliases:
 
     def _roll_forward(self, alias: str, current: AliasState | None, seq: int) -> None:
         """Apply history entry `seq` if the alias is still where we read it (seq - 1)."""
-        entry = self._read_json(self._history_key(alias, seq))
-        if entry is None:
+        found = self._read_document(self._history_key(alias, seq), HistoryEntry)
+        if found is None:
             return
+        entry = plain(found)
         # Losing this swap is fine: the alias already moved on (its owner or a helper applied it).
         with contextlib.suppress(PreconditionFailed):
             self._swap(alias, self._alias_doc(alias, entry), current.etag if current else None)

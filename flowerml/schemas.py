@@ -17,11 +17,14 @@ from flowerml.documents import json_schema
 from flowerml.manifest import Manifest
 from flowerml.model_card import ModelCard
 from flowerml.registry import Committed
+from flowerml.registry_aliases import AliasRecord, HistoryEntry
 
 DOCUMENTS: dict[str, type] = {
     "manifest": Manifest,
     "card": ModelCard,
     "committed": Committed,
+    "alias": AliasRecord,
+    "alias-history-entry": HistoryEntry,
 }
 """Document name (its schema's file name, without .json) -> its model."""
 

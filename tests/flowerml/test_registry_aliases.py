@@ -19,7 +19,7 @@ import pytest
 from flowerml.gates import Scorecard
 from flowerml.promotion import promote
 from flowerml.registry import Registry
-from flowerml.registry_aliases import AliasState, promotion_chain
+from flowerml.registry_aliases import AliasState, is_rollback, promotion_chain
 from flowerml.registry_names import RegistryError
 from flowerml.storage import S3Options, Store
 from flowerml.storage_local import LocalStore
@@ -308,3 +308,59 @@ def test_concurrent_alias_moves_from_threads_on_seaweedfs(seaweedfs_store: S3Sto
 @pytest.mark.slow  # a SeaweedFS server process and spawned worker processes
 def test_concurrent_alias_moves_from_processes_on_seaweedfs(seaweedfs_store: S3Store) -> None:
     test_concurrent_alias_moves_from_processes(seaweedfs_store)
+
+
+# --------------------------------------------------------------------------------------------
+# The alias and history documents
+
+
+def test_alias_and_history_documents_round_trip_byte_for_byte() -> None:
+    from flowerml.documents import plain, read_document
+    from flowerml.files import json_bytes
+    from flowerml.registry_aliases import AliasRecord, HistoryEntry
+    from tests.flowerml.fixtures import fixture_bytes
+
+    for name, model in (("alias.json", AliasRecord), ("history-entry.json", HistoryEntry)):
+        raw = fixture_bytes(name)  # as written before the models
+        assert json_bytes(plain(read_document(model, raw, name))) == raw
+
+
+def test_history_entries_from_before_rollback_existed_still_read(local_store: LocalStore
+                                                                 ) -> None:
+    registry = Registry(local_store, MODEL)
+    registry.register(weights(1), card(0.96))
+    registry.set_alias("production", 1, reason="first")
+    registry.set_alias("production", 1, reason="rollback to v1")
+    for seq in (1, 2):
+        key = f"registry/{MODEL}/aliases/production/history/{seq:08d}.json"
+        entry = json.loads(local_store.get_bytes(key))
+        del entry["rollback"]  # as written before the field existed
+        local_store.put_bytes(key, json.dumps(entry).encode())
+    history = registry.history()
+    assert [("rollback" in h, is_rollback(h)) for h in history] == [(False, False),
+                                                                    (False, True)]
+
+
+@pytest.mark.parametrize(("name", "change", "field"), [
+    ("production.json", lambda d: d.update(seq="1"),
+     "seq: Input should be a valid integer (got '1')"),
+    ("production.json", lambda d: d.pop("sha256"), "sha256: Field required"),
+    ("production/history/00000001.json", lambda d: d.update({"from": "none"}),
+     "from: Input should be a valid integer (got 'none')"),
+    ("production/history/00000001.json", lambda d: d.update(seq=0),
+     "seq: Input should be greater than or equal to 1 (got 0)"),
+])
+def test_an_edited_alias_or_history_entry_is_one_line_naming_file_and_field(
+        local_store: LocalStore, name: str, change, field: str) -> None:
+    from flowerml.registry_aliases import DamagedRegistryDocument
+
+    registry = Registry(local_store, MODEL)
+    registry.register(weights(1), card(0.96))
+    registry.set_alias("production", 1, reason="first")
+    key = f"registry/{MODEL}/aliases/{name}"
+    document = json.loads(local_store.get_bytes(key))
+    change(document)
+    local_store.put_bytes(key, json.dumps(document).encode())
+    with pytest.raises(DamagedRegistryDocument) as caught:
+        registry.history() if "history" in name else registry.alias()
+    assert str(caught.value) == f"{key}: field {field}"
