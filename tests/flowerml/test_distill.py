@@ -25,6 +25,7 @@ from flowerml.model_cost import count_macs
 from flowerml.promotion import promote_student_version
 from flowerml.recipes import DistillConfig, build_config
 from flowerml.registry import Registry
+from flowerml.registry_names import RegistryNotFound
 from flowerml.runs import RunError, RunFiles
 from flowerml.teacher import DistillError, load_recorded_teacher, load_teacher
 from flowerml.training import fit
@@ -326,8 +327,8 @@ def test_unknown_teachers_are_refused(teacher_store: StoreAndCache) -> None:
     store, _ = teacher_store
     with pytest.raises(DistillError, match="give the teacher as --teacher"):
         load_teacher(store)
-    with pytest.raises(Exception, match=r"--teacher flowers102@nope: flowers102 has no alias "
-                                        r"'nope'") as info:
+    with pytest.raises(RegistryNotFound, match=r"--teacher flowers102@nope: flowers102 has no "
+                                               r"alias 'nope'") as info:
         load_teacher(store, ref="flowers102@nope")
     assert info.value.kind == "not-found"
     with pytest.raises(DistillError, match="--teacher-run missing: no such run"):

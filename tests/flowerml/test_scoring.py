@@ -16,7 +16,7 @@ import torch
 
 from flowerml.export import ExportError, PixelsToLogits
 from flowerml.inputs import InputError, list_input
-from flowerml.prediction import image_pixels
+from flowerml.prediction import ImageError, image_pixels
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
 from flowerml.release import load_version
@@ -76,7 +76,7 @@ def expected_rows(registry: Registry, folder: Path, keys: list[str]) -> dict[str
     for key in keys:
         try:
             pixels = image_pixels(folder / key, 40)
-        except Exception:  # noqa: BLE001 - the unreadable ones have no probabilities
+        except ImageError:  # the unreadable ones have no probabilities
             continue
         with torch.no_grad():
             expected[key] = torch.softmax(model(torch.from_numpy(pixels[None])), 1)[0].tolist()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from flowerml.errors import LabelsError
+from flowerml.errors import LabelsError, SourceError
 from flowerml.splits import read_official_split
 
 
@@ -75,5 +75,5 @@ def test_id_outside_image_count(tmp_path: Path) -> None:
 def test_not_a_mat_file(tmp_path: Path) -> None:
     (tmp_path / "imagelabels.mat").write_bytes(b"garbage" * 30)
     _, setid = write_mats(tmp_path / "s", [1], [1], [1], [1])
-    with pytest.raises(Exception, match="imagelabels.mat: is not a MATLAB 5 .mat file"):
+    with pytest.raises(SourceError, match="imagelabels.mat: is not a MATLAB 5 .mat file"):
         read_official_split(tmp_path / "imagelabels.mat", setid)

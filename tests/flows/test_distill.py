@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from flowerml.registry import Registry
 from flowerml.storage_local import LocalStore
@@ -34,7 +35,7 @@ def test_the_retrain_flow_has_the_stage_off_by_default() -> None:
     assert RetrainParams().distill.enabled is False
     stage = RetrainParams.model_validate({"distill": {"enabled": True, **STUDENT}}).distill
     assert stage.enabled and stage.student == "resnet18" and stage.gate.max_gap == 1.0
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValidationError, match="alpha"):
         RetrainParams.model_validate({"distill": {"distillation": {"alpha": 2}}})
 
 
