@@ -1,4 +1,5 @@
-"""`flowerml registry ...` and `predict --model`, through the library's CLI."""
+"""`flowerml registry ...` (flowerml/cli/registry.py) and `predict --model`, through the
+library's CLI."""
 
 from __future__ import annotations
 
