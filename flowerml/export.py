@@ -31,6 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowerml.documents import (
+    DocumentError,
+    Sha256,
+    StoredDocument,
+    check_document,
+    plain,
+    read_document,
+)
 from flowerml.errors import UserError
 from flowerml.files import sha256_hex
 from flowerml.registry import Registry
@@ -50,6 +58,59 @@ OUTPUT_NAME = "logits"
 class ExportError(UserError):
     """A version that cannot be exported (uncommitted, tampered), or an export that is missing
     or does not match its recorded sha256."""
+
+
+class DamagedExportRecord(DocumentError, ExportError):
+    """An export.json that does not read as `ExportRecord`."""
+
+
+class ExportInput(StoredDocument):
+    name: str
+    dtype: str
+    layout: str
+    channels: str
+    size: list[int]
+    preprocessing: str
+
+
+class ExportOutput(StoredDocument):
+    name: str
+    shape: list[str | int]
+    meaning: str
+
+
+class ParityRecord(StoredDocument):
+    """`Parity`'s figures, whether it passed, and the test split it was measured on."""
+
+    images: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+    torch_images_per_second: float
+    onnx_images_per_second: float
+    min_agreement: float
+    logit_tolerance: float
+    passed: bool
+    split: str
+    manifest_sha256: Sha256 | None
+
+
+class ExportRecord(StoredDocument):
+    """`registry/<model>/versions/<NNNNNN>/export.json`, create-only (see the module)."""
+
+    format: str
+    file: str
+    sha256: Sha256
+    bytes: int
+    weights_bytes: int | None
+    exporter: str
+    opset: int
+    torch: str
+    onnxruntime: str
+    input: ExportInput
+    output: ExportOutput
+    parity: ParityRecord
+    weights_sha256: Sha256
+    exported_at: str
 
 
 class PixelsToLogits(nn.Module):
@@ -151,14 +212,8 @@ def read_export(registry: Registry, version: int) -> dict[str, Any] | None:
     raw = registry.read_attachment(version, EXPORT_JSON)
     if raw is None:
         return None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        raise ExportError(f"{registry.attachment_key(version, EXPORT_JSON)}: is not valid "
-                          "JSON") from None
-    if not isinstance(record, dict) or "sha256" not in record:
-        raise ExportError(f"{registry.attachment_key(version, EXPORT_JSON)}: has no sha256")
-    return record
+    return plain(read_document(ExportRecord, raw, registry.attachment_key(version, EXPORT_JSON),
+                               DamagedExportRecord))
 
 
 def load_onnx_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, Any]]:
@@ -214,6 +269,8 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
     parity = measure_parity(trained.model, build_onnx_session(data), batches)
     record = export_record(data, exporter, opset, trained, parity, card,
                            weights_size(registry, version))
+    record = plain(check_document(ExportRecord, record, registry.attachment_key(
+        version, EXPORT_JSON), ExportError))
     created = registry.attach(version, EXPORT_JSON, json.dumps(record, indent=2,
                                                                sort_keys=True).encode())
     if not created:  # a concurrent export recorded first: keep its record

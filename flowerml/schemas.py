@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from flowerml.documents import json_schema
+from flowerml.export import ExportRecord
 from flowerml.manifest import Manifest
 from flowerml.model_card import ModelCard
 from flowerml.registry import Committed
@@ -25,6 +26,7 @@ DOCUMENTS: dict[str, type] = {
     "committed": Committed,
     "alias": AliasRecord,
     "alias-history-entry": HistoryEntry,
+    "export": ExportRecord,
 }
 """Document name (its schema's file name, without .json) -> its model."""
 

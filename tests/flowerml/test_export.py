@@ -14,6 +14,7 @@ import torch
 from flowerml.export import (
     EXPORT_JSON,
     ONNX_FILE,
+    DamagedExportRecord,
     ExportError,
     Parity,
     PixelsToLogits,
@@ -21,11 +22,15 @@ from flowerml.export import (
     export_version,
     load_onnx_bytes,
     measure_parity,
+    read_export,
 )
 from flowerml.models import build_model
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
+from flowerml.storage_local import LocalStore
+from tests.flowerml.fixtures import fixture_bytes
 from tests.helpers.registries import registry_copy
+from tests.helpers.registry_entries import card, weights
 from tests.helpers.synthetic import RegisteredRun
 
 
@@ -133,3 +138,43 @@ def test_parity_needs_both_agreement_and_close_logits() -> None:
 def test_export_record_is_json_on_the_store(exported: Exported) -> None:
     raw = exported.registry.read_attachment(1, EXPORT_JSON)
     assert json.loads(raw)["sha256"] == exported.record["sha256"]
+
+
+# --------------------------------------------------------------------------------------------
+# The export.json document
+
+
+def attached_export(store: LocalStore, change=None) -> Registry:
+    """Version 1 of a registry with the fixture export.json (as written before its model),
+    changed by `change`."""
+    registry = Registry(store, "tulips")
+    registry.register(weights(1), card(0.9))
+    record = json.loads(fixture_bytes(EXPORT_JSON))
+    if change:
+        change(record)
+    registry.attach(1, EXPORT_JSON, json.dumps(record, indent=2, sort_keys=True).encode())
+    return registry
+
+
+def test_export_json_written_before_its_model_reads_and_round_trips(local_store: LocalStore
+                                                                    ) -> None:
+    record = read_export(attached_export(local_store), 1)
+    assert record == json.loads(fixture_bytes(EXPORT_JSON))
+    assert json.dumps(record, indent=2, sort_keys=True).encode() == fixture_bytes(EXPORT_JSON)
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda r: r["parity"].update(passed="yes"),
+     "parity.passed: Input should be a valid boolean (got 'yes')"),
+    (lambda r: r.pop("sha256"), "sha256: Field required"),
+    (lambda r: r["input"].update(size=["48", 48]),
+     "input.size.0: Input should be a valid integer (got '48')"),
+])
+def test_an_edited_export_json_is_one_line_naming_file_and_field(local_store: LocalStore,
+                                                                 change, field: str) -> None:
+    registry = attached_export(local_store, change)
+    with pytest.raises(DamagedExportRecord) as caught:
+        read_export(registry, 1)
+    assert str(caught.value) == (f"registry/tulips/versions/000001/{EXPORT_JSON}: field "
+                                 f"{field}")
+    assert isinstance(caught.value, ExportError)

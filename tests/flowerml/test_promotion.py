@@ -14,6 +14,7 @@ from flowerml.promotion import champion_scorecard, promote, promote_released_stu
 from flowerml.registry import Registry, resolve_ref
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
+from tests.flowerml.fixtures import fixture_bytes
 from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 from tests.helpers.synthetic import RegisteredRun
 
@@ -76,10 +77,10 @@ def test_a_version_whose_onnx_export_failed_parity_needs_force(local_store: Loca
     registry = Registry(local_store, MODEL)
     for seed in (1, 2):
         registry.register(weights(seed), card(0.99))
-    registry.attach(1, "export.json", json.dumps({"sha256": "0" * 64, "parity": {
-        "passed": False}}).encode())
-    registry.attach(2, "export.json", json.dumps({"sha256": "0" * 64, "parity": {
-        "passed": True}}).encode())
+    record = json.loads(fixture_bytes("export.json"))
+    for version, passed in ((1, False), (2, True)):
+        record["parity"]["passed"] = passed
+        registry.attach(version, "export.json", json.dumps(record).encode())
     ok, reasons, state = promote(registry, 1, scorecard=Scorecard(0.99, MANIFEST))
     assert not ok and state is None and registry.alias() is None
     assert reasons[-1] == "its ONNX export failed the parity check (see export.json)"
