@@ -19,6 +19,7 @@ from flowerml.manifest import Manifest
 from flowerml.model_card import ModelCard
 from flowerml.registry import Committed
 from flowerml.registry_aliases import AliasRecord, HistoryEntry
+from flowerml.scoring import ScoringSuccess
 
 DOCUMENTS: dict[str, type] = {
     "manifest": Manifest,
@@ -27,6 +28,7 @@ DOCUMENTS: dict[str, type] = {
     "alias": AliasRecord,
     "alias-history-entry": HistoryEntry,
     "export": ExportRecord,
+    "scoring-success": ScoringSuccess,
 }
 """Document name (its schema's file name, without .json) -> its model."""
 

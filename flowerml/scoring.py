@@ -50,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+from flowerml.documents import DocumentError, Sha256, StoredDocument, plain, read_document
 from flowerml.scoring_plan import ScoringError, ScoringPlan, ScoringRequest, plan_scoring
 from flowerml.scoring_shards import LISTED_FAILURES, ShardResult, score_shard
 from flowerml.storage import ObjectNotFound, PreconditionFailed, S3Options, Store
@@ -57,11 +58,47 @@ from flowerml.storage import ObjectNotFound, PreconditionFailed, S3Options, Stor
 SUCCESS = "_SUCCESS.json"
 
 
+class DamagedSuccessRecord(DocumentError, ScoringError):
+    """A `_SUCCESS.json` that does not read as `ScoringSuccess`."""
+
+
+class ScoringSuccess(StoredDocument):
+    """`<model>/<NNNNNN>/<input-id>/_SUCCESS.json`, written last and create-only."""
+
+    input: str
+    root: str
+    input_id: str
+    model: str
+    version: int
+    label: str
+    runtime: str
+    sha256: Sha256
+    weights_sha256: Sha256
+    images: int
+    scored: int
+    failed: int
+    failures: list[dict[str, str]]
+    failures_listed: int
+    shards: int
+    shard_size: int
+    shards_skipped: int
+    top_k: int
+    batch_size: int
+    seconds: float
+    output: str
+    parts: list[str]
+    finished_at: str
+
+
 def read_success(output_store: Store, plan: ScoringPlan) -> dict[str, Any] | None:
+    """The run's `_SUCCESS.json` (validated), or None while it is not finished."""
+    key = plan.key(SUCCESS)
     try:
-        return json.loads(output_store.get_bytes(plan.key(SUCCESS)))
+        raw = output_store.get_bytes(key)
     except ObjectNotFound:
         return None
+    return plain(read_document(ScoringSuccess, raw, output_store.location(key),
+                               DamagedSuccessRecord))
 
 
 def finish_scoring(plan: ScoringPlan, results: Iterable[ShardResult], output_store: Store,
@@ -77,20 +114,18 @@ def finish_scoring(plan: ScoringPlan, results: Iterable[ShardResult], output_sto
     ordered = [by_shard[s] for s in range(plan.shards)]
     failures = [f for r in ordered for f in r.failures][:LISTED_FAILURES]
     failed = sum(r.failed for r in ordered)
-    success = {
-        "input": plan.input, "root": plan.root, "input_id": plan.input_id,
-        "model": plan.model, "version": plan.version, "label": plan.label,
-        "runtime": plan.runtime, "sha256": plan.sha256, "weights_sha256": plan.weights_sha256,
-        "images": sum(r.images for r in ordered), "scored": sum(r.images - r.failed
-                                                               for r in ordered),
-        "failed": failed, "failures": failures, "failures_listed": len(failures),
-        "shards": plan.shards, "shard_size": plan.shard_size,
-        "shards_skipped": sum(r.skipped for r in ordered), "top_k": plan.top_k,
-        "batch_size": plan.batch_size, "seconds": round(seconds, 3),
-        "output": output_store.location(plan.prefix),
-        "parts": [plan.part_key(s).rsplit("/", 1)[1] for s in range(plan.shards)],
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    success = plain(ScoringSuccess(
+        input=plan.input, root=plan.root, input_id=plan.input_id,
+        model=plan.model, version=plan.version, label=plan.label,
+        runtime=plan.runtime, sha256=plan.sha256, weights_sha256=plan.weights_sha256,
+        images=sum(r.images for r in ordered), scored=sum(r.images - r.failed for r in ordered),
+        failed=failed, failures=failures, failures_listed=len(failures),
+        shards=plan.shards, shard_size=plan.shard_size,
+        shards_skipped=sum(r.skipped for r in ordered), top_k=plan.top_k,
+        batch_size=plan.batch_size, seconds=round(seconds, 3),
+        output=output_store.location(plan.prefix),
+        parts=[plan.part_key(s).rsplit("/", 1)[1] for s in range(plan.shards)],
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds")))
     try:
         output_store.put_bytes(plan.key(SUCCESS), json.dumps(success, indent=2).encode(),
                                if_none_match=True)

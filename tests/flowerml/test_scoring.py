@@ -20,12 +20,19 @@ from flowerml.prediction import ImageError, image_pixels
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
 from flowerml.release import load_version
-from flowerml.scoring import SUCCESS, finish_scoring, score_collection
+from flowerml.scoring import (
+    SUCCESS,
+    DamagedSuccessRecord,
+    finish_scoring,
+    read_success,
+    score_collection,
+)
 from flowerml.scoring_plan import LISTING, ScoringError, ScoringPlan, ScoringRequest, plan_scoring
-from flowerml.scoring_shards import score_shard
+from flowerml.scoring_shards import ShardResult, score_shard
 from flowerml.storage import S3Options, Store
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
+from tests.flowerml.fixtures import fixture_bytes
 from tests.helpers.images import write_jpeg
 from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
 from tests.helpers.scoring import PHOTO_KEYS, write_photos
@@ -447,3 +454,56 @@ def test_a_run_racing_another_with_other_settings_is_refused(
                                            "torch --top-k 5"):
         score(registry, photos, output, runtime="onnx")
     assert store_keys(output) == before and len(calls) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# The _SUCCESS.json document
+
+
+def fixture_plan(output: LocalStore) -> ScoringPlan:
+    """The plan of the fixture _SUCCESS.json (written before its model)."""
+    success = json.loads(fixture_bytes(SUCCESS))
+    fields = {name: success[name] for name in ("input", "root", "input_id", "shards",
+                                               "shard_size", "model", "version", "runtime",
+                                               "sha256", "weights_sha256", "top_k",
+                                               "batch_size")}
+    return ScoringPlan(**fields, images=success["images"], registry="registry",
+                       output=output.uri, prefix=f"tulips/000001/{success['input_id']}")
+
+
+def test_success_json_written_before_its_model_reads_and_round_trips(local_store: LocalStore
+                                                                     ) -> None:
+    plan = fixture_plan(local_store)
+    local_store.put_bytes(plan.key(SUCCESS), fixture_bytes(SUCCESS))
+    success = read_success(local_store, plan)
+    assert success == json.loads(fixture_bytes(SUCCESS))
+    assert json.dumps(success, indent=2).encode() == fixture_bytes(SUCCESS)
+
+
+def test_finish_writes_what_read_success_reads(local_store: LocalStore) -> None:
+    plan = fixture_plan(local_store)
+    for shard in range(plan.shards):
+        local_store.put_bytes(plan.part_key(shard), b"")
+    written = finish_scoring(plan, [ShardResult(0, 2, 0), ShardResult(1, 1, 0)], local_store,
+                             0.5)
+    assert read_success(local_store, plan) == written
+    assert (written["images"], written["scored"], written["parts"]) == (
+        3, 3, ["part-00000.jsonl", "part-00001.jsonl"])
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda s: s.update(scored="2"), "scored: Input should be a valid integer (got '2')"),
+    (lambda s: s["failures"][0].update(error=None),
+     "failures.0.error: Input should be a valid string (got None)"),
+    (lambda s: s.pop("finished_at"), "finished_at: Field required"),
+])
+def test_an_edited_success_json_is_one_line_naming_file_and_field(local_store: LocalStore,
+                                                                  change, field: str) -> None:
+    plan = fixture_plan(local_store)
+    success = json.loads(fixture_bytes(SUCCESS))
+    change(success)
+    local_store.put_bytes(plan.key(SUCCESS), json.dumps(success).encode())
+    with pytest.raises(DamagedSuccessRecord) as caught:
+        read_success(local_store, plan)
+    assert str(caught.value) == f"{local_store.location(plan.key(SUCCESS))}: field {field}"
+    assert isinstance(caught.value, ScoringError)
