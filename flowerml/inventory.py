@@ -9,12 +9,12 @@ as the run's or the version's `problem`, not raised: one damaged run must not hi
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from flowerml.documents import plain
 from flowerml.errors import DatasetNotFound, FlowermlError, UserError
 from flowerml.manifest import (
     MANIFEST,
@@ -24,15 +24,16 @@ from flowerml.manifest import (
     current_key,
     dataset_prefix,
     manifest_key,
+    quarantine_key,
     read_current,
     read_manifest,
     version_prefix,
 )
+from flowerml.manifest import read_quarantine as read_quarantine_document
 from flowerml.registry import Registry, list_models
 from flowerml.runs import BEST, CHECKPOINT, RunError, RunFiles, check_run_id, run_ids
 from flowerml.storage import ObjectNotFound, Store
 
-QUARANTINE = "quarantine.json"  # beside manifest.json, written by ingest
 RAW = "raw"  # datasets/<name>/raw/: the verified source files, not a version
 
 
@@ -428,12 +429,12 @@ def split_order(split: str) -> tuple[int, str]:
 
 def read_quarantine(store: Store, name: str, version: str) -> list[dict]:
     """The images ingest set aside for this version, and why (empty when none)."""
-    key = f"{version_prefix(name, version)}/{QUARANTINE}"
+    key = quarantine_key(name, version)
     try:
-        entries = json.loads(store.get_bytes(key))
+        entries = read_quarantine_document(location(store, key), store.get_bytes(key))
     except ObjectNotFound:
         return []
-    except ValueError:
-        return [{"problem": f"{location(store, key)}: not valid JSON"}]
-    return entries if isinstance(entries, list) else []
+    except DamagedManifest as error:
+        return [{"problem": str(error)}]
+    return [plain(entry) for entry in entries]
 

@@ -146,6 +146,26 @@ class Manifest(StoredDocument):
         return classes
 
 
+class CurrentPointer(StoredDocument):
+    """`datasets/<name>/CURRENT`: the current version and its manifest's sha256 (ingest always
+    writes it; a CURRENT without it, written by hand, still names the version)."""
+
+    version: str
+    manifest_sha256: Sha256 | None = None
+
+
+class QuarantinedImage(StoredDocument):
+    """One entry of `quarantine.json` (a list): an image ingest set aside, and why."""
+
+    image: str
+    split: str
+    label: int
+    reason: str
+
+
+Quarantine = list[QuarantinedImage]
+
+
 class DamagedManifest(DocumentError, DataError):
     """A manifest, CURRENT or quarantine.json that does not read as its document."""
 
@@ -220,8 +240,8 @@ def write_manifest(store: Store, dataset: str, version: str, class_names: Sequen
 
 def write_current(store: Store, dataset: str, version: str, manifest: bytes) -> None:
     """Point CURRENT at `version`, recording its manifest's sha256; after the manifest."""
-    store.put_bytes(current_key(dataset), encode_json({
-        "version": version, "manifest_sha256": hashlib.sha256(manifest).hexdigest()}))
+    store.put_bytes(current_key(dataset), encode_json(plain(CurrentPointer(
+        version=version, manifest_sha256=hashlib.sha256(manifest).hexdigest()))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,14 +257,10 @@ def read_current(store: Store, dataset: str) -> dict | None:
     """CURRENT's {"version", "manifest_sha256"}, or None when nothing is published."""
     key = current_key(dataset)
     try:
-        current = json.loads(store.get_bytes(key))
+        raw = store.get_bytes(key)
     except ObjectNotFound:
         return None
-    except ValueError:
-        raise DataError(f"{key}: not valid JSON") from None
-    if not isinstance(current, dict) or not isinstance(current.get("version"), str):
-        raise DataError(f"{key}: has no version")
-    return current
+    return plain(read_document(CurrentPointer, raw, key, DamagedManifest))
 
 
 def resolve_dataset(store: Store, dataset: str, version: str | None = None) -> PublishedDataset:
@@ -279,12 +295,16 @@ def read_quarantine_names(store: Store, dataset: str, version: str) -> list[str]
     manifest listed them itself."""
     key = quarantine_key(dataset, version)
     try:
-        return [str(item["image"]) for item in json.loads(store.get_bytes(key))]
+        raw = store.get_bytes(key)
     except ObjectNotFound:
         raise DataError(f"{store.location(key)}: missing, and the manifest does not name its "
                         "quarantined images") from None
-    except (ValueError, KeyError, TypeError):
-        raise DataError(f"{store.location(key)}: not a quarantine list") from None
+    return [item.image for item in read_quarantine(store.location(key), raw)]
+
+
+def read_quarantine(where: str, raw: bytes) -> list[QuarantinedImage]:
+    """quarantine.json read from `where`, validated (DamagedManifest: one line, the field)."""
+    return read_document(Quarantine, raw, where, DamagedManifest)
 
 
 def read_manifest(where: str, raw: bytes) -> Manifest:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flowerml.documents import json_schema
 from flowerml.export import ExportRecord
-from flowerml.manifest import Manifest
+from flowerml.manifest import CurrentPointer, Manifest, Quarantine
 from flowerml.model_card import ModelCard
 from flowerml.registry import Committed
 from flowerml.registry_aliases import AliasRecord, HistoryEntry
@@ -23,6 +23,8 @@ from flowerml.scoring import ScoringSuccess
 
 DOCUMENTS: dict[str, type] = {
     "manifest": Manifest,
+    "current": CurrentPointer,
+    "quarantine": Quarantine,
     "card": ModelCard,
     "committed": Committed,
     "alias": AliasRecord,

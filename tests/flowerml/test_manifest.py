@@ -17,7 +17,9 @@ from flowerml.manifest import (
     PublishedDataset,
     content_version,
     encode_json,
+    read_current,
     read_manifest,
+    read_quarantine,
     resolve_dataset,
     write_current,
     write_manifest,
@@ -220,3 +222,39 @@ def test_a_label_beyond_the_classes_names_its_entry(local_store: LocalStore) -> 
 def test_manifest_entries_are_checked_when_built() -> None:
     with pytest.raises(ValueError, match="not a key under train/"):
         ManifestEntry("train", 1, "x.jpg", "train/../../x.jpg", 1, "ab" * 32)
+
+
+# --------------------------------------------------------------------------------------------
+# CURRENT and quarantine.json
+
+
+def test_current_and_quarantine_written_before_their_models_read_and_round_trip(
+        local_store: LocalStore) -> None:
+    local_store.put_bytes("datasets/tulips/CURRENT", fixture_bytes("CURRENT.json"))
+    current = read_current(local_store, "tulips")
+    assert encode_json(current) == fixture_bytes("CURRENT.json")
+    quarantine = read_quarantine("quarantine.json", fixture_bytes("quarantine.json"))
+    assert encode_json([plain(item) for item in quarantine]) == fixture_bytes("quarantine.json")
+
+
+@pytest.mark.parametrize(("raw", "field"), [
+    (b'{"version": 7}', "version: Input should be a valid string (got 7)"),
+    (b'{"version": "abc", "manifest_sha256": "x"}',
+     "manifest_sha256: String should match pattern '^[0-9a-f]{64}$' (got 'x')"),
+    (b'{"manifest_sha256": null}', "version: Field required"),
+])
+def test_an_edited_current_is_one_line_naming_file_and_field(local_store: LocalStore, raw: bytes,
+                                                             field: str) -> None:
+    local_store.put_bytes("datasets/tulips/CURRENT", raw)
+    with pytest.raises(DamagedManifest) as caught:
+        resolve_dataset(local_store, "tulips")
+    assert str(caught.value) == f"datasets/tulips/CURRENT: field {field}"
+
+
+def test_an_edited_quarantine_json_is_one_line_naming_file_and_field() -> None:
+    entries = json.loads(fixture_bytes("quarantine.json"))
+    entries[0]["label"] = "one"
+    with pytest.raises(DamagedManifest) as caught:
+        read_quarantine("datasets/tulips/v/quarantine.json", json.dumps(entries).encode())
+    assert str(caught.value) == ("datasets/tulips/v/quarantine.json: field 0.label: Input should "
+                                 "be a valid integer (got 'one')")
