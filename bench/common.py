@@ -129,8 +129,9 @@ def jpeg_stats(archive: Path) -> dict:
 
 def publish_archive(source: Path, store, cache: Path):
     """Ingest the archive in `source` into `store` as `flowerml ingest` does; the dataset."""
-    from flowerml.ingest import FetchOptions, ingest
+    from flowerml.ingest import ingest
     from flowerml.manifest import resolve_dataset
+    from flowerml.source_files import FetchOptions
 
     ingest(str(source), store, DATASET, cache, FetchOptions())
     return resolve_dataset(store, DATASET)

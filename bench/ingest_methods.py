@@ -31,7 +31,8 @@ SPLIT_KEYS = {"train": "trnid", "valid": "valid", "test": "tstid"}
 
 def run_flowerml(source: Path, endpoint: str, bucket: str, scratch: Path):
     """The flowerml method, ready to time: a callable that ingests and returns the upload count."""
-    from flowerml.ingest import FetchOptions, ingest
+    from flowerml.ingest import ingest
+    from flowerml.source_files import FetchOptions
     from flowerml.storage import S3Options
     from flowerml.storage_s3 import S3Store
 

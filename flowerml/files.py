@@ -3,7 +3,8 @@
 - `write_atomically`: a file appears whole or not at all (temp file beside it, then rename);
 - `temp_beside`: that temp file, for writers that need to link or swap it in themselves;
 - `file_lock`: a lock shared by threads and processes on one machine (the `filelock` package);
-- `sha256_file` / `sha256_hex`: checksums of files (read in chunks) and of bytes;
+- `sha256_file` / `md5_file` / `sha256_hex`: checksums of files (read in chunks) and of bytes
+  (MD5 only where a source publishes it: the Flowers-102 files);
 - `json_bytes`: the one encoding of the JSON documents runs and the registry write;
 - `open_user_file` / `read_user_file`: a file a user named (an image, a list of keys), opened
   safely: regular files only (a FIFO would block the read forever, a device such as /dev/zero
@@ -89,6 +90,12 @@ def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (never whole into memory)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def md5_file(path: str | os.PathLike[str]) -> str:
+    """Hex MD5 of a file, read in chunks (the published Flowers-102 checksums are MD5)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def sha256_hex(data: bytes) -> str:

@@ -1,6 +1,8 @@
 """Ingest: the three source files onto the store, then the official split as ImageFolder trees.
 
-Two steps, each safe to repeat and to interrupt:
+Two steps, each safe to repeat and to interrupt (the pieces they use: `flowerml.source_files`
+brings each file from its source and checks it, `flowerml.raw_mirror` keeps the store's raw/
+copy and the local one, `flowerml.archive_survey` reads the archive once):
 
 1. `fetch_sources` materialises the files from a source (the official site, a mirror URL, a
    local folder or an s3:// prefix), checks what they are (gzip, .mat, not an HTML page), their
@@ -26,32 +28,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
-import json
-import os
-import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from inspect import signature
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from flowerml import flowers
-from flowerml.archive import ArchiveImage, iter_archive_images, sniff_archive, sniff_mat
-from flowerml.download import download_file, md5_of, redact_url
-from flowerml.errors import ArchiveError, DataError, DatasetNotFound, LeakageError, SourceError
-from flowerml.files import write_atomically
-from flowerml.locations import (
-    LocalLocation,
-    OfficialLocation,
-    S3Location,
-    SourceLocation,
-    UrlLocation,
-    parse_source,
-)
+from flowerml.archive_survey import Survey, check_members_cover_split, load_or_survey
+from flowerml.errors import DataError, DatasetNotFound, LeakageError, SourceError
+from flowerml.locations import OfficialLocation, SourceLocation
 from flowerml.manifest import (
     ManifestEntry,
     content_version,
@@ -68,22 +55,25 @@ from flowerml.manifest import (
     write_manifest,
 )
 from flowerml.progress import NullProgress, Progress
+from flowerml.raw_mirror import (
+    SOURCES_RECORD,
+    local_raw_files,
+    mirror_sources,
+    official_already_mirrored,
+    raw_key,
+    read_sources_record,
+    seed_raw_cache,
+)
+from flowerml.source_files import (
+    FetchOptions,
+    check_source_file,
+    describe_source,
+    materialise_source,
+    resolve_source,
+)
 from flowerml.splits import OfficialSplit, read_official_split
-from flowerml.storage import ObjectNotFound, S3Options, Store, StoreAccessError, run_bounded
-from flowerml.storage_s3 import S3Store
+from flowerml.storage import ObjectNotFound, Store
 from flowerml.synthetic import is_synthetic
-
-SOURCES_RECORD = "sources.json"
-
-
-@dataclass(frozen=True)
-class FetchOptions:
-    """How to reach and check a source."""
-
-    verify: bool = False
-    retries: int = 5
-    timeout: float = 60.0
-    s3: S3Options | None = None
 
 
 @dataclass(frozen=True)
@@ -110,10 +100,6 @@ class IngestResult:
         return asdict(self)
 
 
-def raw_key(dataset: str, name: str) -> str:
-    return f"{dataset_prefix(dataset)}/raw/{name}"
-
-
 def leaves_no_empty_folders(step: Callable[..., Any]) -> Callable[..., Any]:
     """When `step` (called with a `store` and a `dataset`) fails, the empty folders it left on
     a local store (under the dataset, and the store's own folder if it made it) are removed."""
@@ -135,130 +121,6 @@ def leaves_no_empty_folders(step: Callable[..., Any]) -> Callable[..., Any]:
 
 # --------------------------------------------------------------------------------------------
 # Step 1: fetch
-
-
-def resolve_source(source: str | SourceLocation) -> SourceLocation:
-    """The source a `--source` value names (`flowerml.locations.parse_source`: 'official', a
-    folder path, file://PATH, s3://bucket[/prefix] or an http(s) URL), refused before anything
-    is read or written when it cannot work: another scheme, no bucket or host, or a local path
-    that is not an existing folder."""
-    location = parse_source(source) if isinstance(source, str) else source
-    if isinstance(location, LocalLocation):
-        check_source_folder(location.path)
-    return location
-
-
-def check_source_folder(folder: Path) -> None:
-    """A local source is a folder holding the three files; name what it is otherwise."""
-    if folder.exists() and not folder.is_dir():
-        *others, last = flowers.SOURCE_FILES
-        raise SourceError(f"source {folder} is a file, not a folder: a local source is the "
-                          f"folder holding {', '.join(others)} and {last}")
-    if not folder.is_dir():
-        raise SourceError(f"source folder {folder} does not exist")
-
-
-def describe_source(source: str | SourceLocation) -> str:
-    """The source as it may be logged and recorded: credentials stripped."""
-    if isinstance(source, OfficialLocation):
-        return "official"
-    if isinstance(source, LocalLocation):
-        return str(source.path)
-    if isinstance(source, S3Location):
-        return source.uri
-    if isinstance(source, UrlLocation):
-        return source.shown
-    return redact_url(source) if "://" in source else source
-
-
-def materialise_source(location: SourceLocation, name: str, cache_dir: Path,
-                       options: FetchOptions) -> Path:
-    """A local path holding source file `name`, downloading it into the cache when remote."""
-    key = hashlib.sha256(describe_source(location).encode()).hexdigest()[:16]
-    downloads = cache_dir / "downloads" / key
-    if isinstance(location, OfficialLocation | UrlLocation):
-        base = flowers.BASE_URL if isinstance(location, OfficialLocation) else location.url
-        return download_file(base.rstrip("/") + "/" + name, downloads / name,
-                             retries=options.retries, timeout=options.timeout)
-    if isinstance(location, S3Location):
-        remote = S3Store(location.bucket, location.prefix, options.s3, concurrency=4)
-        try:
-            return remote.get_file(name, downloads / name)
-        except ObjectNotFound:
-            try:
-                remote.check()  # a missing bucket answers a bare 404 too: say which it is
-            except StoreAccessError as error:
-                raise SourceError(f"source {location.uri}: {error}") from None
-            raise SourceError(f"{name}: not found under {location.uri}") from None
-    path = location.path / name
-    if not path.is_file():
-        raise SourceError(f"{name}: not found in source folder {location.path}")
-    return path
-
-
-def check_source_file(path: Path, name: str, verify: bool) -> str:
-    """Check a file is what it claims to be; returns its MD5."""
-    if name == flowers.ARCHIVE:
-        sniff_archive(path)
-    else:
-        sniff_mat(path)
-    md5 = md5_of(path)
-    if verify and md5 != flowers.SOURCE_MD5[name]:
-        raise SourceError(f"{name}: MD5 mismatch: expected {flowers.SOURCE_MD5[name]}, got {md5}")
-    return md5
-
-
-def check_members_cover_split(archive_name: str, present: set[int], split: OfficialSplit) -> None:
-    missing = sorted(set(split.split_of()) - present)
-    if missing:
-        names = ", ".join(flowers.image_name(i) for i in missing[:5])
-        raise ArchiveError(f"{archive_name}: {len(missing)} image(s) named in setid.mat are "
-                           f"missing from the archive ({names})")
-
-
-def read_sources_record(store: Store, dataset: str) -> dict | None:
-    try:
-        return json.loads(store.get_bytes(raw_key(dataset, SOURCES_RECORD)))
-    except ObjectNotFound:
-        return None
-
-
-def raw_is_current(store: Store, dataset: str, record: dict | None, name: str, md5: str) -> bool:
-    """The store already mirrors this file (same MD5 in the record, same size on the store)."""
-    if not record or record["files"].get(name, {}).get("md5") != md5:
-        return False
-    info = store.head(raw_key(dataset, name))
-    return info is not None and info.size == record["files"][name]["size"]
-
-
-def official_already_mirrored(store: Store, dataset: str, record: dict | None) -> bool:
-    return all(raw_is_current(store, dataset, record, name, flowers.SOURCE_MD5[name])
-               for name in flowers.SOURCE_FILES)
-
-
-def raw_cache_dir(cache_dir: Path, dataset: str) -> Path:
-    return cache_dir / dataset / "raw"
-
-
-def seed_raw_cache(local: dict[str, Path], cache_dir: Path, dataset: str) -> dict[str, Path]:
-    """Put the checked files where publish looks first, so it need not download them back."""
-    raw_dir = raw_cache_dir(cache_dir, dataset)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    seeded = {}
-    for name, path in local.items():
-        target = raw_dir / name
-        if path.resolve() != target.resolve():
-            write_atomically(target, lambda temp, path=path: _link_or_copy(path, temp))
-        seeded[name] = target
-    return seeded
-
-
-def _link_or_copy(source: Path, temp: Path) -> None:
-    temp.unlink()
-    try:
-        os.link(source, temp)  # same filesystem: no copy at all
-    except OSError:
-        shutil.copyfile(source, temp)
 
 
 @leaves_no_empty_folders
@@ -289,133 +151,11 @@ def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cach
     survey = load_or_survey(local[flowers.ARCHIVE], md5s[flowers.ARCHIVE], cache_dir, dataset,
                             workers, progress or NullProgress())
     check_members_cover_split(flowers.ARCHIVE, survey.present, split)
-    for name, path in local.items():
-        if not raw_is_current(store, dataset, record, name, md5s[name]):
-            store.put_file(raw_key(dataset, name), path)
-    new_record = {
-        "source": describe_source(source),
-        "verified": verify,
-        "files": {name: {"md5": md5s[name], "size": local[name].stat().st_size}
-                  for name in flowers.SOURCE_FILES},
-    }
-    if new_record != record:
-        store.put_bytes(raw_key(dataset, SOURCES_RECORD), encode_json(new_record))
-    return new_record
+    return mirror_sources(store, dataset, record, local, md5s, describe_source(source), verify)
 
 
 # --------------------------------------------------------------------------------------------
 # Step 2: publish
-
-
-def local_raw_files(store: Store, dataset: str, record: dict, cache_dir: Path) -> dict[str, Path]:
-    """The raw files in the local cache, downloaded from the store unless already there."""
-    raw_dir = raw_cache_dir(cache_dir, dataset)
-    files = {}
-    for name in flowers.SOURCE_FILES:
-        path = raw_dir / name
-        expected = record["files"][name]
-        if not (path.is_file() and path.stat().st_size == expected["size"]
-                and md5_of(path) == expected["md5"]):
-            store.get_file(raw_key(dataset, name), path)
-            if md5_of(path) != expected["md5"]:
-                path.unlink()
-                raise SourceError(f"{store.location(raw_key(dataset, name))}: MD5 differs "
-                                  f"from {SOURCES_RECORD}")
-        files[name] = path
-    return files
-
-
-def check_jpeg(data: bytes) -> str | None:
-    """None when `data` is a JPEG that decodes; otherwise why not."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format != "JPEG":
-                return f"not a JPEG ({image.format})"
-            width, height = image.size
-            if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
-                return f"decompression bomb ({width}x{height} pixels)"
-            # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation and
-            # corrupt data fail the same way, at a fraction of the cost.
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        return f"does not decode: {error}"
-    return None
-
-
-@dataclass
-class Survey:
-    """What one pass over the archive learned: each image's size, sha256 and decode verdict.
-
-    The images themselves are staged beside it, so publishing needs no second pass over the
-    compressed archive.
-    """
-
-    folder: Path
-    sizes: dict[int, int]
-    sha256: dict[int, str]
-    problems: dict[int, str]
-    present: set[int]
-
-    def staged(self, image_id: int) -> Path:
-        return self.folder / flowers.image_name(image_id)
-
-    def to_json(self) -> dict:
-        return {"sizes": self.sizes, "sha256": self.sha256, "problems": self.problems,
-                "present": sorted(self.present)}
-
-    @classmethod
-    def from_json(cls, folder: Path, value: dict) -> Survey:
-        def by_id(mapping: dict) -> dict:
-            return {int(k): v for k, v in mapping.items()}
-
-        return cls(folder, by_id(value["sizes"]), by_id(value["sha256"]),
-                   by_id(value["problems"]), set(value["present"]))
-
-
-def survey_folder(cache_dir: Path, dataset: str, archive_md5: str) -> Path:
-    return cache_dir / dataset / "survey" / archive_md5
-
-
-def load_or_survey(archive: Path, archive_md5: str, cache_dir: Path, dataset: str,
-                   workers: int | None, progress: Progress) -> Survey:
-    """The survey of this exact archive: from the cache, or by one pass over it."""
-    folder = survey_folder(cache_dir, dataset, archive_md5)
-    record = folder / "survey.json"
-    if record.is_file():
-        return Survey.from_json(folder, json.loads(record.read_text()))
-    survey = survey_archive(archive, folder, workers or default_workers(), progress)
-    # Written last: it vouches for every staged image.
-    write_atomically(record, json.dumps(survey.to_json()).encode())
-    return survey
-
-
-def default_workers() -> int:
-    return max(2, os.cpu_count() or 2)
-
-
-def survey_archive(archive: Path, folder: Path, workers: int, progress: Progress) -> Survey:
-    """Stage, sha256 and decode-check every image on `workers` threads (Pillow drops the GIL)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    survey = Survey(folder, {}, {}, {}, set())
-
-    def inspect(image: ArchiveImage) -> int:
-        survey.staged(image.image_id).write_bytes(image.data)
-        survey.sizes[image.image_id] = len(image.data)
-        survey.sha256[image.image_id] = hashlib.sha256(image.data).hexdigest()
-        problem = check_jpeg(image.data)
-        if problem:
-            survey.problems[image.image_id] = problem
-        return len(image.data)
-
-    def images() -> Iterator[ArchiveImage]:
-        for image in iter_archive_images(archive):
-            survey.present.add(image.image_id)
-            yield image
-
-    progress.start("checking images", None)
-    run_bounded(inspect, images(), workers, lambda _size: progress.advance())
-    return survey
 
 
 def build_entries(split: OfficialSplit, survey: Survey) -> list[ManifestEntry]:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from flowerml.download import redact_url, url_problem
 from flowerml.errors import UserError
+from flowerml.urls import redact_url, url_problem
 
 __all__ = [
     "SOURCE_FORMS",

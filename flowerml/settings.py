@@ -27,11 +27,11 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flowerml.download import url_problem
 from flowerml.errors import SettingsError
 from flowerml.locations import LocalLocation, LocationError, parse_store
 from flowerml.storage import S3Options, Store
 from flowerml.storage_open import open_store
+from flowerml.urls import url_problem
 
 ChecksumWhen = Literal["when_supported", "when_required"]
 

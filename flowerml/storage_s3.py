@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flowerml.download import redact_url
 from flowerml.errors import SettingsError
 from flowerml.files import size_text, write_atomically
 from flowerml.storage import (
@@ -32,6 +31,7 @@ from flowerml.storage import (
     StoreUnreachable,
     check_key,
 )
+from flowerml.urls import redact_url
 
 
 class S3Store(Store):

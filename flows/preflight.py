@@ -23,7 +23,7 @@ def check_names(model_name: str, alias: str) -> None:
 
 def check_source(params: Any, preset: str | None, source: str | None) -> None:
     """The source's form, and a local one an existing folder (the demo's is written later)."""
-    from flowerml.ingest import resolve_source
+    from flowerml.source_files import resolve_source
 
     if preset == "demo" and source is None:
         return
@@ -68,8 +68,8 @@ def check_prefect_api() -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings, temporary_settings
 
-    from flowerml.download import redact_url, url_problem
     from flowerml.storage_s3 import connection_failure
+    from flowerml.urls import redact_url, url_problem
 
     url = get_current_settings().api.url
     if not url:

@@ -15,8 +15,9 @@ from prefect import task
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from flowerml.ingest import FetchOptions, fetch_sources, publish_split
+from flowerml.ingest import fetch_sources, publish_split
 from flowerml.settings import build_store, load_settings
+from flowerml.source_files import FetchOptions
 from tasks.common import LogProgress, retry_transient
 
 # Within one flow run a finished step is not redone when the flow retries; across runs the

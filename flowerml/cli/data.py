@@ -60,10 +60,10 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
            workers: int | None, as_json: bool) -> None:
     """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store."""
-    from flowerml.ingest import FetchOptions
     from flowerml.ingest import ingest as run_ingest
     from flowerml.locations import parse_source
     from flowerml.progress import progress_for_terminal
+    from flowerml.source_files import FetchOptions
 
     where = parse_source(source, "--source")  # refused before any setting or store is touched
     settings = load_settings(store=store, dataset=dataset)

@@ -1,14 +1,18 @@
 """Fixtures of the library tests, all built from the session's `synthetic_data`: the small
 archive published on a test's store, and a module's own copy of the tiny trained run (the
-registered one, `registered_run`, is in tests/conftest.py: the flow tests use it too)."""
+registered one, `registered_run`, is in tests/conftest.py: the flow tests use it too); and for
+the download tests, a scripted HTTP file server and flowerml.download's backoff delays."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
 from flowerml.manifest import PublishedDataset
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
+from tests.helpers.http_files import Server, record_download_sleeps, scripted_server
 from tests.helpers.stores import StoreAndCache
 from tests.helpers.synthetic import (
     SMALL_SPEC,
@@ -39,3 +43,16 @@ def tiny_run(synthetic_data: SyntheticData,
     `tiny`, and its cache (a copy: the module may change it)."""
     pristine = synthetic_data.trained(TINY_SPEC, TINY_RUN, tiny_config())
     return synthetic_data.copy(pristine, tmp_path_factory.mktemp("tiny-run"))
+
+
+@pytest.fixture
+def http_server() -> Iterator[Server]:
+    """A scripted HTTP file server on 127.0.0.1 (tests/helpers/http_files.py)."""
+    with scripted_server() as server:
+        yield server
+
+
+@pytest.fixture
+def download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every backoff delay flowerml.download sleeps, in order (still slept: tiny with FAST)."""
+    return record_download_sleeps(monkeypatch)

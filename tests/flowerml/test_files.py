@@ -3,6 +3,7 @@ a user names is read only when it is a regular file, and only up to its cap."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
@@ -12,8 +13,10 @@ import pytest
 
 from flowerml.files import (
     FileRefused,
+    md5_file,
     open_user_file,
     read_user_file,
+    sha256_file,
     temp_beside,
     write_atomically,
 )
@@ -110,3 +113,11 @@ def test_a_user_file_is_read_no_further_than_its_cap(tmp_path: Path) -> None:
         read_user_file("/proc/self/status", limit=16)
     with open_user_file(big, limit=100) as handle:  # exactly the cap is fine
         assert handle.read(10) == b"x" * 10 and len(handle.read()) == 90
+
+
+def test_file_checksums_are_read_in_chunks(tmp_path: Path):
+    blob = bytes(range(256)) * 12_000  # ~3 MiB: more than one read
+    path = tmp_path / "blob"
+    path.write_bytes(blob)
+    assert md5_file(path) == hashlib.md5(blob).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(blob).hexdigest()

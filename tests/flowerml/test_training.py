@@ -14,11 +14,12 @@ import torch
 
 from flowerml import linear_probe, training
 from flowerml.errors import DatasetNotFound, UserError
-from flowerml.ingest import FetchOptions, ingest
+from flowerml.ingest import ingest
 from flowerml.optimization import build_scheduler, follow_schedule, lr_factor
 from flowerml.recipes import build_config
 from flowerml.run_record import start_run
 from flowerml.runs import RunError, RunFiles
+from flowerml.source_files import FetchOptions
 from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec
 from tests.helpers.interrupts import DiedBeforeCheckpoint, die_before_checkpoint, kill_then_resume

@@ -81,7 +81,8 @@ class SyntheticData:
 
     def published(self, spec: SyntheticSpec) -> Path:
         """A folder with `store/` (`spec`'s archive ingested as flowers102) and `cache/`."""
-        from flowerml.ingest import FetchOptions, ingest
+        from flowerml.ingest import ingest
+        from flowerml.source_files import FetchOptions
 
         source = self.source(spec)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.ingest import FetchOptions, ingest
+from flowerml.ingest import ingest
 from flowerml.registry import Registry
+from flowerml.source_files import FetchOptions
 from flowerml.storage_local import LocalStore
 from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
 from tests.helpers.cli import assert_refused, invoke
