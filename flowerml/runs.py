@@ -21,8 +21,11 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+from pydantic import Field
+
+from flowerml.documents import DocumentError, Sha256, StoredDocument, plain, read_document
 from flowerml.errors import UserError
 from flowerml.files import json_bytes, sha256_hex
 from flowerml.storage import ObjectNotFound, Store
@@ -35,6 +38,20 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class RunError(UserError):
     """A run is missing, or one of its files is corrupt or does not match."""
+
+
+class DamagedRunFile(DocumentError, RunError):
+    """A run's pointer (checkpoint.json, best.json) that does not read as `BlobPointer`."""
+
+
+class BlobPointer(StoredDocument):
+    """`checkpoint.json` / `best.json`: the blob it names (a plain name in the run's folder),
+    its sha256 and size, and the writer's extras (`epoch`; best.json's `epoch`, `top1`...).
+    Pointers from before content-addressed blobs name `checkpoint.pt` / `best.safetensors`."""
+
+    key: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    sha256: Sha256
+    size: int | None = None
 
 
 class RunNotFound(RunError):
@@ -109,8 +126,8 @@ class RunFiles:
         digest = sha256_hex(data)
         name = kind.name(digest)
         self.store.put_bytes(self.key(name), data)
-        self.write_json(kind.pointer, {"key": name, "sha256": digest, "size": len(data),
-                                       **extra})
+        self.store.put_bytes(self.key(kind.pointer), json_bytes(plain(BlobPointer(
+            key=name, sha256=digest, size=len(data), **extra))))
         self._remove_other_blobs(kind, keep=name)
         return digest
 
@@ -123,8 +140,17 @@ class RunFiles:
         for key in stale:
             self.store.delete(key)
 
+    def _read_pointer(self, pointer: str) -> dict[str, Any]:
+        """A pointer, validated (DamagedRunFile: one line naming the key and field)."""
+        key = self.key(pointer)
+        try:
+            raw = self.store.get_bytes(key)
+        except ObjectNotFound:
+            raise RunError(f"run '{self.run_id}' has no {pointer} on {self.store.uri}") from None
+        return plain(read_document(BlobPointer, raw, key, DamagedRunFile))
+
     def _read_verified(self, pointer: str) -> tuple[bytes, dict]:
-        record = self.read_json(pointer)
+        record = self._read_pointer(pointer)
         try:
             data = self.store.get_bytes(self.key(record["key"]))
         except ObjectNotFound:
@@ -135,7 +161,7 @@ class RunFiles:
         return data, record
 
     def _pointed_key(self, kind: Blob) -> str:
-        return self.key(self.read_json(kind.pointer)["key"])
+        return self.key(self._read_pointer(kind.pointer)["key"])
 
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> None:
         import torch

@@ -19,6 +19,7 @@ from flowerml.manifest import CurrentPointer, Manifest, Quarantine
 from flowerml.model_card import ModelCard
 from flowerml.registry import Committed
 from flowerml.registry_aliases import AliasRecord, HistoryEntry
+from flowerml.runs import BlobPointer
 from flowerml.scoring import ScoringSuccess
 
 DOCUMENTS: dict[str, type] = {
@@ -31,6 +32,7 @@ DOCUMENTS: dict[str, type] = {
     "alias-history-entry": HistoryEntry,
     "export": ExportRecord,
     "scoring-success": ScoringSuccess,
+    "run-blob-pointer": BlobPointer,
 }
 """Document name (its schema's file name, without .json) -> its model."""
 

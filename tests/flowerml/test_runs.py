@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from flowerml.errors import UserError
-from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id, run_ids
+from flowerml.runs import DamagedRunFile, RunError, RunFiles, RunNotFound, check_run_id, run_ids
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
 
@@ -421,3 +421,37 @@ def test_delete_removes_pointers_first_and_config_last(tmp_path: Path):
         key.removeprefix("runs/run-1/") for key in files)
     assert run.keys() == [] and RunFiles(store, "run-10").exists()
     assert not (store.root / "runs" / "run-1").exists()  # no empty folders left behind
+
+
+# --------------------------------------------------------------------------------------------
+# The pointer documents (checkpoint.json, best.json)
+
+
+def test_a_pointer_from_before_content_addressed_blobs_still_reads(run: RunFiles,
+                                                                   local_store: LocalStore):
+    data = b"weights"
+    local_store.put_bytes(run.key("best.safetensors"), data)
+    old = {"key": "best.safetensors", "sha256": hashlib.sha256(data).hexdigest(), "epoch": 3}
+    local_store.put_bytes(run.key("best.json"), json.dumps(old).encode())  # no size yet
+    assert run.read_weights_bytes() == data
+    assert run.weights_key() == run.key("best.safetensors")
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda p: p.update(key="../../other-run/best.safetensors"), "key: String should match "
+     "pattern '^[A-Za-z0-9][A-Za-z0-9._-]*$' (got '../../other-run/best.safetensors')"),
+    (lambda p: p.update(sha256=None), "sha256: Input should be a valid string (got None)"),
+    (lambda p: p.update(size="7"), "size: Input should be a valid integer (got '7')"),
+])
+def test_an_edited_pointer_is_one_line_naming_file_and_field(run: RunFiles,
+                                                             local_store: LocalStore, change,
+                                                             field: str):
+    run.save_weights({"w": torch.zeros(2)}, epoch=1)
+    pointer = json.loads(local_store.get_bytes(run.key("best.json")))
+    assert set(pointer) == {"key", "sha256", "size", "epoch"}
+    change(pointer)
+    local_store.put_bytes(run.key("best.json"), json.dumps(pointer).encode())
+    with pytest.raises(DamagedRunFile) as caught:
+        run.read_weights_bytes()
+    assert str(caught.value) == f"{run.key('best.json')}: field {field}"
+    assert isinstance(caught.value, RunError)
