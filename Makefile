@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast lint demo deploy-demo bench clean
 
+# '.[dev]': the test tools and every extra (dask), so make test, demo and bench have all they use.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

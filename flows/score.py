@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.errors import FlowermlError, TransientError, UserError
+from flowerml.extras import require_extra
 from flowerml.recipes import omit_default
 from tasks.score import finish_task, plan_task, score_shard_task
 
@@ -77,6 +78,7 @@ def shard_runner(params: ScoreParams) -> Any:
     """prefect-dask's DaskTaskRunner on the given cluster, else a bounded thread pool (each
     running shard holds its decoded batches, so they are not all started at once)."""
     if params.dask_address:
+        require_extra("dask", "dask_address")
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=params.dask_address)
@@ -86,9 +88,11 @@ def shard_runner(params: ScoreParams) -> Any:
 def check_scheduler(address: str, option: str = "--dask-address",
                     timeout: float = SCHEDULER_TIMEOUT_S) -> None:
     """A Dask scheduler answers at `address` now: one line naming it, instead of the run
-    failing after distributed's 30 s connect timeout, with the input already listed."""
+    failing after distributed's 30 s connect timeout, with the input already listed. A missing
+    dask extra is one line too, before anything is listed."""
     import asyncio
 
+    require_extra("dask", option)
     from distributed.comm import connect
 
     async def probe() -> None:
@@ -112,12 +116,13 @@ ScoreForm = Annotated[ScoreParams, Field(json_schema_extra={"title": "Scoring se
 def score_images(params: ScoreForm) -> dict[str, Any]:
     """List INPUT once into shards, score every shard (on Dask when asked), write _SUCCESS."""
     started = time.monotonic()
+    runner = shard_runner(params)  # before the listing: a missing dask extra stops it first
     planned = plan_task(params.request(), params.store)
     if planned["success"] is not None:
         print(f"{planned['success']['output']} is complete already: nothing to do")
         return {**planned["success"], "already_complete": True}
     plan = planned["plan"]
-    results = score_shards.with_options(task_runner=shard_runner(params))(plan, params.threads)
+    results = score_shards.with_options(task_runner=runner)(plan, params.threads)
     return finish_task(plan, results, time.monotonic() - started)
 
 
