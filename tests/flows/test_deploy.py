@@ -211,7 +211,7 @@ def wait_for_checkpoint_past(store: S3Store, run_id: str, epoch: int, prefect: L
         time.sleep(0.2)
 
 
-def stop_busy_worker(prefect: LocalPrefect, worker, run: str, waiting: str,
+def stop_busy_worker(prefect: LocalPrefect, worker, run: str, waiting: str | None,
                      stop: str) -> dict[str, float]:
     """Stop a worker that is training `run`; check it lets go within the runbook's bounds and
     takes nothing new (`waiting` is queued behind it). Returns the timings."""
@@ -235,7 +235,8 @@ def stop_busy_worker(prefect: LocalPrefect, worker, run: str, waiting: str,
     assert worker.returncode == 0
     time.sleep(3)  # a worker that still polled (every 2 s here) would take a run now
     assert prefect.flow_run(run)["state_name"] == "Recovering"
-    assert prefect.flow_run(waiting)["state_type"] in ("SCHEDULED", "COMPLETED")
+    if waiting:
+        assert prefect.flow_run(waiting)["state_type"] == "SCHEDULED"
     return timings
 
 
@@ -263,10 +264,12 @@ def test_a_stopped_busy_worker_lets_go_and_the_run_resumes_on_the_next(
         worker = prefect.start_worker("gpu", "--limit", "1", name=f"busy-{attempt}")
         epoch = wait_for_checkpoint_past(store, run_id, epoch, prefect)
         timings[stop] = stop_busy_worker(prefect, worker, run, waiting, stop)
+        if waiting:  # it has shown that the stopped worker took nothing; the next would
+            prefect.api(f"/flow_runs/{waiting}", method="DELETE")
+            waiting = None
     last = prefect.start_worker("gpu", "--limit", "1", name="busy-3")
     final = prefect.wait_for_final_state(run, timeout=600)
     assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {prefect.root}"
-    assert prefect.wait_for_final_state(waiting, timeout=300)["state_type"] == "COMPLETED"
     prefect.stop_worker(last)
     history = [s["name"] for s in prefect.api(f"/flow_run_states/?flow_run_id={run}")]
     assert history.count("Crashed") == 2 and history.count("Recovering") == 2, history
