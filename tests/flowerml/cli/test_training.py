@@ -1,4 +1,5 @@
-"""`flowerml train` on an existing run id: resumed and extended with the run's own config."""
+"""`flowerml train` (flowerml/cli/training.py) on an existing run id: resumed and extended with
+the run's own config."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The `flowerml` command: JSON output, and one clear line with exit code 2 for bad input."""
+"""`flowerml synth` and `flowerml ingest` (flowerml/cli/data.py): JSON output, and one clear line
+with exit code 2 for bad input."""
 
 from __future__ import annotations
 
