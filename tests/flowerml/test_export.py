@@ -28,9 +28,9 @@ from flowerml.models import build_model
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryError
 from flowerml.storage_local import LocalStore
-from tests.flowerml.fixtures import fixture_bytes
 from tests.helpers.registries import registry_copy
 from tests.helpers.registry_entries import card, weights
+from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.synthetic import RegisteredRun
 
 

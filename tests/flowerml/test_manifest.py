@@ -26,7 +26,7 @@ from flowerml.manifest import (
 )
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
-from tests.flowerml.fixtures import fixture_bytes
+from tests.helpers.stored_documents import fixture_bytes
 
 DATASET = "flowers102"
 

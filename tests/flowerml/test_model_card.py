@@ -19,7 +19,7 @@ from flowerml.registry import Registry
 from flowerml.registry_aliases import DamagedRegistryDocument
 from flowerml.registry_names import RegistryError
 from flowerml.storage_local import LocalStore
-from tests.flowerml.fixtures import fixture_bytes
+from tests.helpers.stored_documents import fixture_bytes
 
 CARD_KEY = "registry/tulips/versions/000001/card.json"
 

@@ -14,8 +14,8 @@ from flowerml.promotion import champion_scorecard, promote, promote_released_stu
 from flowerml.registry import Registry, resolve_ref
 from flowerml.storage import Store
 from flowerml.storage_local import LocalStore
-from tests.flowerml.fixtures import fixture_bytes
 from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
+from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.synthetic import RegisteredRun
 
 # --------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def test_alias_and_history_documents_round_trip_byte_for_byte() -> None:
     from flowerml.documents import plain, read_document
     from flowerml.files import json_bytes
     from flowerml.registry_aliases import AliasRecord, HistoryEntry
-    from tests.flowerml.fixtures import fixture_bytes
+    from tests.helpers.stored_documents import fixture_bytes
 
     for name, model in (("alias.json", AliasRecord), ("history-entry.json", HistoryEntry)):
         raw = fixture_bytes(name)  # as written before the models

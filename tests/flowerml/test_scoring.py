@@ -32,10 +32,10 @@ from flowerml.scoring_shards import ShardResult, score_shard
 from flowerml.storage import S3Options, Store
 from flowerml.storage_local import LocalStore
 from flowerml.storage_s3 import S3Store
-from tests.flowerml.fixtures import fixture_bytes
 from tests.helpers.images import write_jpeg
 from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
 from tests.helpers.scoring import PHOTO_KEYS, write_photos
+from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.stores import copy_tree, replace_file, store_keys
 from tests.helpers.synthetic import RegisteredRun
 

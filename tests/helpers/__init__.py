@@ -16,6 +16,7 @@ import these):
 - `registry_entries`: a registry entry's parts (manifest hash, model name, weights, card).
 - `s3_servers`: the S3 servers a session starts besides moto's threaded one.
 - `scoring`: a folder of photos to score, and the rows a scoring run wrote.
+- `stored_documents`: documents as flowerml stored them before their models, to read back.
 - `stores`: a store's keys, hard-linked copies of built trees, replacing a file of a copy.
 - `synthetic`: the session's synthetic archives, ingests and tiny runs, each built once.
 """
