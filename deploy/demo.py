@@ -8,7 +8,7 @@ deployment with demo parameters (a synthetic archive, the `demo` recipe, a 0.7 g
 it, prints the decision and the UI URL, and stops everything it started. With `--keep` the
 server stays up (open the UI) until Ctrl-C.
 
-`LocalPrefect` is also what tests/flows/test_deploy.py drives, so the demo and the test walk
+`LocalPrefect` is also what tests/deploy/test_deployment.py drives, so the demo and the test walk
 the same path as deploy/README.md.
 """
 
