@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import psutil
 
+from flowerml.launch import process_alive
+
 DEFAULT_GRACE_S = 30.0
 POLL_S = 0.2
 
@@ -82,6 +84,23 @@ class Stop:
             signal.signal(signum, self)
 
 
+def die_with_parent(parent: int):
+    """A preexec_fn that has the Prefect worker get SIGTERM when this process dies however it
+    dies (SIGKILL, OOM): an orphaned worker would go on polling and take runs unsupervised. On
+    SIGTERM it ends the way a bare Prefect worker does; its runs then go by the zombie rule."""
+
+    def arrange() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above took effect
+            os._exit(1)
+
+    return arrange
+
+
 def say(message: str) -> None:
     print(f"flowerml worker: {message}", file=sys.stderr, flush=True)
 
@@ -90,7 +109,8 @@ def run_worker(arguments: Sequence[str], grace_s: float = DEFAULT_GRACE_S) -> in
     """Run the Prefect worker until it exits (its exit code) or a stop request drains it (0)."""
     stop = Stop()
     stop.install()
-    worker = subprocess.Popen(worker_command(arguments), start_new_session=True)
+    worker = subprocess.Popen(worker_command(arguments), start_new_session=True,
+                              preexec_fn=die_with_parent(os.getpid()))
     say(f"started the Prefect worker (pid {worker.pid}); SIGTERM or Ctrl-C drains it")
     while worker.poll() is None:
         if stop.event.wait(POLL_S):
@@ -111,7 +131,7 @@ def drain(worker: subprocess.Popen, stop: Stop, grace_s: float) -> None:
             os.kill(run.pid, signal.SIGTERM)
     signals_before = stop.count
     deadline = time.monotonic() + grace_s
-    while any(psutil.pid_exists(r.pid) and not is_zombie(r.pid) for r in runs):
+    while any(process_alive(r.pid) for r in runs):  # exited, unreaped by the frozen worker: gone
         if time.monotonic() > deadline or stop.count > signals_before:
             say("flow runs still running: killing them")
             for run in runs:
@@ -124,14 +144,6 @@ def drain(worker: subprocess.Popen, stop: Stop, grace_s: float) -> None:
     worker.wait()
     mark_unreported_crashed([r.flow_run_id for r in runs])
     say("stopped")
-
-
-def is_zombie(pid: int) -> bool:
-    """Exited but not yet reaped by its (frozen) parent: gone, for our purpose."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def mark_unreported_crashed(flow_run_ids: Sequence[str]) -> None:

@@ -5,6 +5,7 @@ ends the worker and exits 0. The real Prefect worker, server and runs: tests/dep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -79,3 +80,22 @@ def test_the_prefect_worker_is_a_process_worker_unless_told_otherwise() -> None:
     assert worker_command(["--pool", "gpu"])[-2:] == ["--type", "process"]
     assert worker_command(["--pool", "gpu", "--type", "docker"]).count("--type") == 1
     assert worker_command(["--pool", "gpu", "--type=process"]).count("--type") == 0
+
+
+def test_a_killed_wrapper_takes_its_prefect_worker_with_it(tmp_path: Path) -> None:
+    """SIGKILL (OOM killer) leaves no orphaned worker polling on: it gets SIGTERM."""
+    import psutil
+
+    wrapper = start_drainable_worker(tmp_path)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "engine-started").exists():
+        assert time.monotonic() < deadline and wrapper.poll() is None, "the worker did not start"
+        time.sleep(0.05)
+    [worker] = psutil.Process(wrapper.pid).children()
+    wrapper.kill()
+    wrapper.wait(timeout=30)
+    worker.wait(timeout=30)  # psutil.TimeoutExpired if it were left polling
+    for engine in psutil.process_iter(["environ"]):
+        with contextlib.suppress(psutil.Error):
+            if (engine.info["environ"] or {}).get("PREFECT__FLOW_RUN_ID", "").endswith("abcd"):
+                engine.kill()  # the stand-in engine ignores its worker's death; tidy it
