@@ -31,21 +31,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowerml.documents import (
-    DocumentError,
-    Sha256,
-    StoredDocument,
-    check_document,
-    plain,
-    read_document,
+from flowerml.documents import check_document, plain
+from flowerml.export_record import (
+    EXPORT_JSON,
+    ONNX_FILE,
+    ExportError,
+    ExportRecord,
+    load_onnx_bytes,
+    read_export,
 )
-from flowerml.errors import UserError
 from flowerml.files import sha256_hex
 from flowerml.registry import Registry
 from flowerml.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-ONNX_FILE = "model.onnx"
-EXPORT_JSON = "export.json"
 DEFAULT_OPSET = 18
 MIN_AGREEMENT = 0.999
 LOGIT_TOLERANCE = 1e-3
@@ -53,64 +51,6 @@ LOGIT_TOLERANCE = 1e-3
 order of the sums in their kernels, which moves a logit by ~1e-5 in ResNet-152."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-
-
-class ExportError(UserError):
-    """A version that cannot be exported (uncommitted, tampered), or an export that is missing
-    or does not match its recorded sha256."""
-
-
-class DamagedExportRecord(DocumentError, ExportError):
-    """An export.json that does not read as `ExportRecord`."""
-
-
-class ExportInput(StoredDocument):
-    name: str
-    dtype: str
-    layout: str
-    channels: str
-    size: list[int]
-    preprocessing: str
-
-
-class ExportOutput(StoredDocument):
-    name: str
-    shape: list[str | int]
-    meaning: str
-
-
-class ParityRecord(StoredDocument):
-    """`Parity`'s figures, whether it passed, and the test split it was measured on."""
-
-    images: int
-    top1_agreement: float
-    max_abs_logit_diff: float
-    torch_images_per_second: float
-    onnx_images_per_second: float
-    min_agreement: float
-    logit_tolerance: float
-    passed: bool
-    split: str
-    manifest_sha256: Sha256 | None
-
-
-class ExportRecord(StoredDocument):
-    """`registry/<model>/versions/<NNNNNN>/export.json`, create-only (see the module)."""
-
-    format: str
-    file: str
-    sha256: Sha256
-    bytes: int
-    weights_bytes: int | None
-    exporter: str
-    opset: int
-    torch: str
-    onnxruntime: str
-    input: ExportInput
-    output: ExportOutput
-    parity: ParityRecord
-    weights_sha256: Sha256
-    exported_at: str
 
 
 class PixelsToLogits(nn.Module):
@@ -205,31 +145,6 @@ def measure_parity(model: nn.Module, session, batches) -> Parity:
                   max_abs_logit_diff=max_diff,
                   torch_images_per_second=images / torch_seconds if torch_seconds else 0.0,
                   onnx_images_per_second=images / onnx_seconds if onnx_seconds else 0.0)
-
-
-def read_export(registry: Registry, version: int) -> dict[str, Any] | None:
-    """A version's export.json, or None when it was never exported."""
-    raw = registry.read_attachment(version, EXPORT_JSON)
-    if raw is None:
-        return None
-    return plain(read_document(ExportRecord, raw, registry.attachment_key(version, EXPORT_JSON),
-                               DamagedExportRecord))
-
-
-def load_onnx_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, Any]]:
-    """A version's model.onnx, verified against the sha256 its export.json records."""
-    record = read_export(registry, version)
-    if record is None:
-        raise ExportError(f"{registry.model}:{version:06d} has no ONNX export (run: flowerml "
-                          f"export {registry.model}:{version})")
-    data = registry.read_attachment(version, ONNX_FILE)
-    key = registry.attachment_key(version, ONNX_FILE)
-    if data is None:
-        raise ExportError(f"{key} is missing")
-    if sha256_hex(data) != record["sha256"]:
-        raise ExportError(f"{key} fails its checksum (sha256 {sha256_hex(data)}, recorded "
-                          f"{record['sha256']})")
-    return data, record
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,8 @@ from typing import Any
 
 import torch
 
-from flowerml.comparison import (
-    PREDICTIONS_FILE,
-    encode_predictions,
-    prediction_rows,
-    predictions_record,
-)
 from flowerml.distributed import select_device
 from flowerml.evaluation import (
-    Metrics,
-    per_class_rows,
     plot_confusion_matrix,
     plot_training_curves,
     render_report,
@@ -33,7 +25,14 @@ from flowerml.evaluation import (
 from flowerml.loader_metrics import evaluate_loader
 from flowerml.loaders import build_eval_loader
 from flowerml.manifest import PublishedDataset, resolve_dataset
+from flowerml.metrics import Metrics, per_class_rows
 from flowerml.models import FlowerModel, build_model
+from flowerml.predictions import (
+    PREDICTIONS_FILE,
+    encode_predictions,
+    prediction_rows,
+    predictions_record,
+)
 from flowerml.runs import RunError, RunFiles, RunNotFound, check_run_id
 from flowerml.storage import Store
 

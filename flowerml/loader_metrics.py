@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from flowerml.evaluation import Metrics, MetricsAccumulator
+from flowerml.metrics import Metrics, MetricsAccumulator
 from flowerml.precision import autocast_for
 from flowerml.transforms import prepare_batch
 

@@ -23,14 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowerml.comparison import (
-    Comparison,
-    ComparisonError,
-    PredictionSet,
-    compare,
-    run_predictions,
-    version_predictions,
-)
+from flowerml.comparison import Comparison, compare, version_predictions
 from flowerml.gates import (
     DEFAULT_GATE,
     Gate,
@@ -46,6 +39,7 @@ from flowerml.gates import (
     is_student_card,
     move_alias,
 )
+from flowerml.predictions import ComparisonError, PredictionSet, run_predictions
 from flowerml.registry import Registry
 from flowerml.registry_aliases import AliasState
 from flowerml.registry_names import DEFAULT_ALIAS
@@ -110,8 +104,8 @@ def _evaluate_version(registry: Registry, version: int, published: PublishedData
                       ) -> tuple[float, PredictionSet]:
     """Test top-1 and per-image predictions of a registered version on `published` (its
     weights checksum-verified)."""
-    from flowerml.comparison import prediction_rows
     from flowerml.inference import evaluate_model
+    from flowerml.predictions import prediction_rows
     from flowerml.release import load_version
 
     trained = load_version(registry, version, device)
@@ -210,7 +204,7 @@ def _paired_against(registry: Registry, candidate: Scorecard, version: int,
 
 def export_parity(registry: Registry, version: int) -> bool | None:
     """Whether the version's ONNX export passed parity (None: never exported)."""
-    from flowerml.export import read_export
+    from flowerml.export_record import read_export
 
     record = read_export(registry, version)
     return None if record is None else bool(record.get("parity", {}).get("passed"))

@@ -43,7 +43,7 @@ class Scorer:
 def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[str, str]:
     """(runtime, sha256 of the file it runs), that file verified now, so that a bad one is
     refused before any work. `auto` is onnx when a passing export exists, else torch."""
-    from flowerml.export import load_onnx_bytes, read_export
+    from flowerml.export_record import load_onnx_bytes, read_export
 
     if requested not in RUNTIMES:
         raise RuntimeRefused(f"--runtime must be one of {', '.join(RUNTIMES)}: got "
@@ -73,7 +73,8 @@ def load_scorer(registry: Registry, version: int, runtime: str, sha256: str | No
     names = tuple(c["name"] for c in card["classes"])
     label = f"{registry.model}:{version:06d}"
     if runtime == "onnx":
-        from flowerml.export import build_onnx_session, load_onnx_bytes
+        from flowerml.export import build_onnx_session
+        from flowerml.export_record import load_onnx_bytes
 
         data, record = load_onnx_bytes(registry, version)
         check_same_file(label, "model.onnx", record["sha256"], sha256)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from flowerml.documents import json_schema
-from flowerml.export import ExportRecord
+from flowerml.export_record import ExportRecord
 from flowerml.manifest import CurrentPointer, Manifest, Quarantine
 from flowerml.model_card import ModelCard
 from flowerml.registry import Committed

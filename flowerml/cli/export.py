@@ -32,7 +32,8 @@ def export(model_ref: str, export_format: str, opset: int, store: str | None,
     with no logit further apart than 1e-3. Exits 0 when parity passes, 1 when it fails (the
     version then cannot be promoted without --force), 2 on bad input.
     """
-    from flowerml.export import ONNX_FILE, export_summary, export_version
+    from flowerml.export import export_summary, export_version
+    from flowerml.export_record import ONNX_FILE
     from flowerml.registry import Registry, resolve_ref
 
     settings = load_settings(store=store)

@@ -1,5 +1,5 @@
 """flowerml.comparison: two models image by image (counts, McNemar, per-class), the stored
-predictions' format, and reading them back from runs and registry versions."""
+reading the stored predictions back from runs and registry versions."""
 
 from __future__ import annotations
 
@@ -9,20 +9,19 @@ from math import comb
 import pytest
 
 from flowerml.comparison import (
-    ComparisonError,
     DifferentManifests,
-    ImagePrediction,
-    PredictionsMissing,
     biggest_changes,
     compare,
-    decode_predictions,
-    encode_predictions,
     mcnemar_exact,
     resolve_predictions,
-    run_predictions,
     version_predictions,
 )
 from flowerml.manifest import resolve_dataset
+from flowerml.predictions import (
+    ComparisonError,
+    PredictionsMissing,
+    run_predictions,
+)
 from flowerml.registry import Registry
 from flowerml.registry_names import RegistryNotFound
 from flowerml.runs import RunNotFound
@@ -111,20 +110,6 @@ def test_different_manifests_are_refused_naming_both() -> None:
 def test_predictions_of_other_images_are_refused() -> None:
     with pytest.raises(ComparisonError, match="hold predictions for different images"):
         compare(prediction_set("a", A), prediction_set("b", B[:-1]))
-
-
-def test_rows_round_trip_and_a_bad_line_is_named() -> None:
-    rows = prediction_set("a", A).images
-    data = encode_predictions(rows)
-    assert data.decode().splitlines()[0] == ('{"key":"test/001/image_00001.jpg","label":1,'
-                                             '"top5":[1,2,3,4],"probs":[0.7,0.1,0.1,0.1]}')
-    assert tuple(decode_predictions(data, "p.jsonl")) == rows
-    with pytest.raises(ComparisonError, match="p.jsonl: line 2 is not JSON"):
-        decode_predictions(data.splitlines()[0] + b"\n{oops\n", "p.jsonl")
-    with pytest.raises(ComparisonError, match="p.jsonl: line 1: not a prediction row"):
-        decode_predictions(b'{"key": "k", "label": 0, "top5": [1], "probs": [1.0]}\n',
-                           "p.jsonl")
-    assert ImagePrediction("k", 2, (2, 1), (0.6, 0.4)).correct
 
 
 # --------------------------------------------------------------------------------------------

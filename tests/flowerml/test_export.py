@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from flowerml.export import (
-    EXPORT_JSON,
-    ONNX_FILE,
-    DamagedExportRecord,
-    ExportError,
     Parity,
     PixelsToLogits,
     build_onnx_session,
     export_version,
-    load_onnx_bytes,
     measure_parity,
+)
+from flowerml.export_record import (
+    EXPORT_JSON,
+    ONNX_FILE,
+    DamagedExportRecord,
+    ExportError,
+    load_onnx_bytes,
     read_export,
 )
 from flowerml.models import build_model

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowerml.comparison import decode_predictions
 from flowerml.inference import eval_batch_size, evaluate_run
+from flowerml.predictions import decode_predictions
 from flowerml.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import StoreAndCache
@@ -125,9 +125,9 @@ def test_train_cli_json(tiny_run: StoreAndCache) -> None:
 
 
 def test_evaluate_stores_every_images_top5_beside_the_metrics(tiny_run: StoreAndCache) -> None:
-    from flowerml.comparison import decode_predictions, run_predictions
     from flowerml.files import sha256_hex
     from flowerml.manifest import resolve_dataset
+    from flowerml.predictions import decode_predictions, run_predictions
 
     store, cache = tiny_run
     outcome = evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowerml.export import ExportError, PixelsToLogits
+from flowerml.export import PixelsToLogits
+from flowerml.export_record import ExportError
 from flowerml.inputs import InputError, list_input
 from flowerml.prediction import ImageError, image_pixels
 from flowerml.registry import Registry

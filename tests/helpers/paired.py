@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from flowerml.comparison import (
+from flowerml.predictions import (
     ImagePrediction,
     PredictionSet,
     encode_predictions,
