@@ -94,10 +94,10 @@ def cached_folder(target: Path, build: Callable[[Path], dict]) -> tuple[dict, bo
 
 def synthetic_archive(workdir: Path, classes: int, per_class: int, size: int,
                       quality: int) -> tuple[Path, dict]:
-    """flowerml.synthetic's archive for these parameters, cached in `workdir` and generated on
+    """flowerml.data.synthetic's archive for these parameters, cached in `workdir` and generated on
     first use; (its folder, its facts: JPEG count and bytes, archive bytes, generate seconds,
     whether it was cached)."""
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
 
     spec = SyntheticSpec(classes=classes, per_class=per_class, image_size=size,
                          jpeg_quality=quality)
@@ -129,9 +129,9 @@ def jpeg_stats(archive: Path) -> dict:
 
 def publish_archive(source: Path, store, cache: Path):
     """Ingest the archive in `source` into `store` as `flowerml ingest` does; the dataset."""
-    from flowerml.ingest import ingest
-    from flowerml.manifest import resolve_dataset
-    from flowerml.source_files import FetchOptions
+    from flowerml.data.ingest import ingest
+    from flowerml.data.manifest import resolve_dataset
+    from flowerml.data.source_files import FetchOptions
 
     ingest(str(source), store, DATASET, cache, FetchOptions())
     return resolve_dataset(store, DATASET)
@@ -140,8 +140,8 @@ def publish_archive(source: Path, store, cache: Path):
 def publish_synthetic(workdir: Path, spec, concurrency: int = 16):
     """Draw `spec`'s archive into workdir/src and publish it into a LocalStore at
     workdir/store through the cache workdir/cache; (store, cache folder, dataset)."""
-    from flowerml.storage_local import LocalStore
-    from flowerml.synthetic import write_synthetic_archive
+    from flowerml.data.synthetic import write_synthetic_archive
+    from flowerml.io.storage_local import LocalStore
 
     write_synthetic_archive(workdir / "src", spec, force=True)
     store = LocalStore(workdir / "store", concurrency=concurrency)

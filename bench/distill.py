@@ -1,19 +1,19 @@
 """Benchmark: what distillation buys a small student, and what the student saves, in one run.
 
-What it measures. On synthetic Flowers-like data (`flowerml.synthetic`, published with
-`flowerml.ingest`) and random initial weights (`--weights none`: nothing pretrained, so the only
+What it measures. On synthetic Flowers-like data (`flowerml.data.synthetic`, published with
+`flowerml.data.ingest`) and random initial weights (`--weights none`: nothing pretrained, so the only
 knowledge a student can get beyond the labels is the teacher's):
 
-- teacher: a ResNet-50 trained with `flowerml.training.fit` for `--teacher-epochs`;
+- teacher: a ResNet-50 trained with `flowerml.training.fit.fit` for `--teacher-epochs`;
 - plain: a ResNet-18 trained on the labels alone (`fit`);
 - distilled: the same ResNet-18, the same epochs, batch, optimiser, schedule, augmentation and
-  seed, trained with `flowerml.distill.distill` on the teacher's outputs (loss
+  seed, trained with `flowerml.distillation.distill.distill` on the teacher's outputs (loss
   `alpha * T^2 * KL + (1 - alpha) * CE`, the teacher seeing the same augmented images);
 
 then, for each student, test top-1 and top-1 agreement with the teacher on the test split
-(`flowerml.agreement.compare_on_split`, the same code `flowerml evaluate` uses), over `--seeds`
+(`flowerml.distillation.agreement.compare_on_split`, the same code `flowerml evaluate` uses), over `--seeds`
 seeds (mean and each seed's figure), and both architectures' parameters, MACs per image and CPU
-images/s (`flowerml.model_cost.model_profile`: batch 8, fp32, torch's threads) at the training
+images/s (`flowerml.distillation.model_cost.model_profile`: batch 8, fp32, torch's threads) at the training
 size and at 224 px. Every figure comes from this one run on this machine.
 
 Kept small (6 classes, 48 train images at 32 px, batch 8; teacher 20 epochs, students 6) so it
@@ -49,7 +49,7 @@ log = progress_log("bench-distill")
 
 def publish(workdir: Path, args: argparse.Namespace):
     """The synthetic dataset of `args`, published into a LocalStore in `workdir`."""
-    from flowerml.synthetic import SyntheticSpec
+    from flowerml.data.synthetic import SyntheticSpec
 
     return publish_synthetic(workdir, SyntheticSpec(
         classes=args.classes, per_class=args.per_class, image_size=args.source_size, seed=0),
@@ -57,7 +57,7 @@ def publish(workdir: Path, args: argparse.Namespace):
 
 
 def config(arch: str, epochs: int, seed: int, args: argparse.Namespace):
-    from flowerml.recipes import build_config
+    from flowerml.core.recipes import build_config
 
     return build_config("demo", arch=arch, weights="none", epochs=epochs, seed=seed,
                         image_size=args.image_size, batch_size=args.batch_size,
@@ -65,7 +65,7 @@ def config(arch: str, epochs: int, seed: int, args: argparse.Namespace):
 
 
 def train(store, cache: Path, run_id: str, train_config, task=None) -> dict[str, Any]:
-    from flowerml.training import fit
+    from flowerml.training.fit import fit
 
     started = time.perf_counter()
     result = fit(train_config, store=store, dataset=DATASET, run_id=run_id, cache_dir=cache,
@@ -77,8 +77,8 @@ def train(store, cache: Path, run_id: str, train_config, task=None) -> dict[str,
 
 def judge(store, cache: Path, run_id: str, teacher) -> dict[str, float]:
     """The student's test top-1, and its agreement with the teacher on test."""
-    from flowerml.agreement import compare_on_split
-    from flowerml.inference import load_trained_model
+    from flowerml.distillation.agreement import compare_on_split
+    from flowerml.evaluation.inference import load_trained_model
 
     student = load_trained_model(store, run_id, "cpu")
     measured = compare_on_split(store, run_id, student, teacher, cache_dir=cache, workers=0)
@@ -90,7 +90,7 @@ def profile(trained, file_bytes: int, seconds: float) -> dict[str, Any]:
     """model_profile at the training size and at 224 px (the size Flowers-102 runs at)."""
     from dataclasses import replace
 
-    from flowerml.model_cost import model_profile
+    from flowerml.distillation.model_cost import model_profile
 
     small = model_profile(trained, file_bytes, seconds=seconds)
     full = model_profile(replace(trained, image_size=224), file_bytes, seconds=seconds)
@@ -107,10 +107,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from flowerml.distillation_task import DistillationTask
-    from flowerml.recipes import DistillConfig
-    from flowerml.runs import BEST, RunFiles
-    from flowerml.teacher import load_teacher
+    from flowerml.core.recipes import DistillConfig
+    from flowerml.distillation.distillation_task import DistillationTask
+    from flowerml.distillation.teacher import load_teacher
+    from flowerml.training.runs import BEST, RunFiles
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     started = time.perf_counter()

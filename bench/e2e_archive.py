@@ -32,10 +32,10 @@ def split_sizes(scale: float) -> dict[str, int]:
 def _draw(job: tuple[int, int, int, int, int]) -> bytes:
     import numpy as np
 
-    from flowerml.synthetic import draw_flower, encode_jpeg, image_dimensions
+    from flowerml.data.synthetic import draw_flower, encode_jpeg, image_dimensions
 
     image_id, label, size, quality, seed = job
-    rng = np.random.default_rng([seed, 3, image_id])  # flowerml.synthetic's image stream
+    rng = np.random.default_rng([seed, 3, image_id])  # flowerml.data.synthetic's image stream
     width, height = image_dimensions(size, rng)
     return encode_jpeg(draw_flower(label, rng, width, height), quality)
 
@@ -48,8 +48,8 @@ def write_official_archive(folder: Path, sizes: dict[str, int], size: int, quali
 
     import numpy as np
 
-    from flowerml.flowers import image_name
-    from flowerml.synthetic import SYNTHETIC_MARKER, mat_bytes, write_tgz
+    from flowerml.data.flowers import image_name
+    from flowerml.data.synthetic import SYNTHETIC_MARKER, mat_bytes, write_tgz
 
     rng = np.random.default_rng([seed, 2])
     labels_by_split = {split: (np.arange(count) % CLASSES) + 1 for split, count in sizes.items()}
@@ -73,7 +73,7 @@ def write_official_archive(folder: Path, sizes: dict[str, int], size: int, quali
         write_tgz(handle, ((f"jpg/{image_name(i)}", data)
                            for i, data in zip(range(1, total + 1), images, strict=True)))
     marker = (f"synthetic Flowers-102 archive in the official split sizes {sizes} drawn by "
-              f"bench/e2e.py with flowerml.synthetic's generator (image_size={size} "
+              f"bench/e2e.py with flowerml.data.synthetic's generator (image_size={size} "
               f"jpeg_quality={quality} seed={seed}); its images are not photographs")
     (folder / "imagelabels.mat").write_bytes(mat_bytes({"labels": labels[np.newaxis, :],
                                                         SYNTHETIC_MARKER: marker}))

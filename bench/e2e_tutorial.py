@@ -39,7 +39,7 @@ def tutorial_child(params: dict) -> dict:
     from ingest_methods import tutorial_prepare
     from torch.utils.data import DataLoader
 
-    from flowerml.transforms import tutorial_transform
+    from flowerml.data.transforms import tutorial_transform
 
     timings["python start and imports"] = time.time() - started
     device = torch.device(params["device"])

@@ -1,7 +1,7 @@
 """GPU benchmark: ResNet-152 fine-tuning throughput with flowerml's real input pipeline.
 
 Measures, in one run on one CUDA device, training images/s of flowerml's own training step
-(`flowerml.optimization.Stepper`: optimiser, schedule, loss) fed by:
+(`flowerml.training.optimization.Stepper`: optimiser, schedule, loss) fed by:
 - synthetic in-memory uint8 batches already on the GPU (the ceiling the input can reach), for
   the tutorial's setup (fp32, Adam, batch 48) and flowerml's (bf16 autocast, channels_last,
   torch.compile, measured last and on synthetic batches only);
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 from common import progress_log, publish_synthetic
 
-from flowerml.loaders import build_loaders
-from flowerml.models import build_model, prepare_for_strategy
-from flowerml.optimization import Stepper, build_optimizer, build_scheduler
-from flowerml.precision import autocast_for, needs_grad_scaler
-from flowerml.recipes import build_config
-from flowerml.synthetic import SyntheticSpec
-from flowerml.training_task import ClassificationTask
-from flowerml.transforms import prepare_batch
+from flowerml.core.recipes import build_config
+from flowerml.data.loaders import build_loaders
+from flowerml.data.synthetic import SyntheticSpec
+from flowerml.data.transforms import prepare_batch
+from flowerml.models.backbones import build_model, prepare_for_strategy
+from flowerml.models.precision import autocast_for, needs_grad_scaler
+from flowerml.training.optimization import Stepper, build_optimizer, build_scheduler
+from flowerml.training.training_task import ClassificationTask
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from common import DATASET, publish_synthetic
 
-from flowerml.inference import evaluate_run, load_trained_model
-from flowerml.prediction import predict_images
-from flowerml.recipes import build_config
-from flowerml.runs import RunFiles
-from flowerml.runtimes import scorer_from_model
-from flowerml.synthetic import SyntheticSpec
-from flowerml.training import fit
+from flowerml.core.recipes import build_config
+from flowerml.data.synthetic import SyntheticSpec
+from flowerml.evaluation.inference import evaluate_run, load_trained_model
+from flowerml.serving.prediction import predict_images
+from flowerml.serving.runtimes import scorer_from_model
+from flowerml.training.fit import fit
+from flowerml.training.runs import RunFiles
 
 
 def end_to_end(device: str, workdir: Path) -> dict:

@@ -17,7 +17,7 @@ holds a new connection's first bytes one more round trip (the TCP handshake). A 
 another region or behind a WAN is slower still; loopback alone hides what a method's request
 pattern costs.
 
-- flowerml: one `flowerml.ingest.ingest(...)` call with a fresh cache: mirror the raw files to
+- flowerml: one `flowerml.data.ingest.ingest(...)` call with a fresh cache: mirror the raw files to
   the store, sha256 and decode-check every image, upload the images straight from the archive
   stream in parallel, then the manifest.
 - tutorial: the original notebook's way: extract the tgz, load the .mat files with scipy, open

@@ -1,7 +1,7 @@
 """The two ways the ingest benchmark puts the official split on S3, each timed in a child process
 of its own (`bench/ingest.py --method ...`) so that its peak memory is its own.
 
-- flowerml: one `flowerml.ingest.ingest(...)` call with a fresh cache: mirror the raw files to
+- flowerml: one `flowerml.data.ingest.ingest(...)` call with a fresh cache: mirror the raw files to
   the store, sha256 and decode-check every image, upload the images straight from the archive
   stream in parallel, then the manifest.
 - tutorial: the original notebook's way: extract the tgz, load the .mat files with scipy, open
@@ -31,10 +31,10 @@ SPLIT_KEYS = {"train": "trnid", "valid": "valid", "test": "tstid"}
 
 def run_flowerml(source: Path, endpoint: str, bucket: str, scratch: Path):
     """The flowerml method, ready to time: a callable that ingests and returns the upload count."""
-    from flowerml.ingest import ingest
-    from flowerml.source_files import FetchOptions
-    from flowerml.storage import S3Options
-    from flowerml.storage_s3 import S3Store
+    from flowerml.data.ingest import ingest
+    from flowerml.data.source_files import FetchOptions
+    from flowerml.io.storage import S3Options
+    from flowerml.io.storage_s3 import S3Store
 
     store = S3Store(bucket, "", S3Options(endpoint_url=endpoint, addressing_style="path"),
                     concurrency=16)

@@ -7,7 +7,7 @@ model would consume) over one epoch of the same train split, in the same run:
   transform (RandomRotation(45) on the full image, CenterCrop(224), flips, ColorJitter,
   RandomGrayscale, ToTensor, Normalize) and `DataLoader(batch_size=48, shuffle=True)` with no
   workers: every epoch decodes every full-size JPEG again.
-- flowerml: `flowerml.loaders.build_loaders(preset="standard", image_size=224, batch_size=48)`:
+- flowerml: `flowerml.data.loaders.build_loaders(preset="standard", image_size=224, batch_size=48)`:
   the split decoded once into a uint8 cache at 256 px, then per image a random resized crop,
   a flip and a colour jitter on uint8 tensors (flowerml's hand-written `ChannelsLastResizedCrop`
   and `FusedColorJitter`). Its batches are uint8: the float conversion
@@ -26,8 +26,8 @@ model would consume) over one epoch of the same train split, in the same run:
   keep the 5x target (`--no-stock` skips it).
 
 The images. By default 1,020 train images (the real train split's size) drawn by
-`flowerml.synthetic` at the real archive's scale (longest side 500 px, JPEG quality 87, ~40 KB),
-published with `flowerml.ingest` into a LocalStore in the work directory; both pipelines read
+`flowerml.data.synthetic` at the real archive's scale (longest side 500 px, JPEG quality 87, ~40 KB),
+published with `flowerml.data.ingest` into a LocalStore in the work directory; both pipelines read
 the very same files (the synced split is an ImageFolder tree, byte-identical to the archive).
 The synthetic split gives a quarter of each class to train, so 4x the train images are
 generated; the archive is cached in the work directory between runs.
@@ -56,7 +56,7 @@ from common import MB, machine_facts, progress_log, publish_archive, synthetic_a
 
 TARGET_PER_CORE = 5.0
 CLASSES = 102
-TRAIN_SHARE = 4  # flowerml.synthetic gives round(per_class * 0.25) of each class to train
+TRAIN_SHARE = 4  # flowerml.data.synthetic gives round(per_class * 0.25) of each class to train
 STEADY_EPOCHS = 3
 
 log = progress_log("bench-loader")
@@ -119,7 +119,7 @@ def run_tutorial(train_dir: Path, batch_size: int) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import datasets
 
-    from flowerml.transforms import build_transforms
+    from flowerml.data.transforms import build_transforms
 
     dataset = datasets.ImageFolder(str(train_dir), transform=build_transforms(
         "tutorial", 224, train=True))
@@ -131,7 +131,7 @@ def run_tutorial(train_dir: Path, batch_size: int) -> dict:
 
 
 def run_flowerml(store, published, cache: Path, batch_size: int, workers: int) -> dict:
-    from flowerml.loaders import build_loaders
+    from flowerml.data.loaders import build_loaders
 
     start = time.perf_counter()
     loaders = build_loaders(store, published, cache, preset="standard", image_size=224,
@@ -169,7 +169,7 @@ def stock_transform(image_size: int):
 
 def run_stock(decoded, batch_size: int) -> dict:
     """flowerml's cache and loader with stock v2 ops in place of the hand-written ones."""
-    from flowerml.loaders import CachedImageDataset, make_loader
+    from flowerml.data.loaders import CachedImageDataset, make_loader
 
     dataset = CachedImageDataset(decoded, stock_transform(224))
     loader = make_loader(dataset, batch_size=batch_size, workers=0, pin_memory=False,
@@ -194,9 +194,9 @@ def machine() -> dict:
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     import torch
 
-    from flowerml.cache import build_decoded_split, cache_resolution
-    from flowerml.storage_local import LocalStore
-    from flowerml.sync import sync_split
+    from flowerml.data.cache import build_decoded_split, cache_resolution
+    from flowerml.data.sync import sync_split
+    from flowerml.io.storage_local import LocalStore
 
     workdir = Path(args.workdir)
     source, generate_seconds = prepare_archive(workdir, args.images, args.image_size,

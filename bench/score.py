@@ -7,11 +7,11 @@ on the values), for ResNet-18 and ResNet-152 at 224 px:
 - tutorial: the original notebook's way to predict: a loop of `PIL.Image.open`, its eval
   transforms (Resize(256), CenterCrop(224), ToTensor, Normalize: flowerml's `tutorial` preset)
   and the eager model on a batch of 1.
-- flowerml torch: `flowerml.scoring_shards.score_rows`, torch runtime: JPEGs decoded reduced
+- flowerml torch: `flowerml.serving.scoring_shards.score_rows`, torch runtime: JPEGs decoded reduced
   (PIL draft), one resize to the centre crop, uint8 batches of `--batch-size` through the eager
   model behind the export's normalisation (`PixelsToLogits`), top-5 rows.
 - flowerml onnx: the same rows from ONNX Runtime's CPU provider running the model exported by
-  `flowerml.export.export_onnx` (the graph `flowerml export` writes).
+  `flowerml.serving.export.export_onnx` (the graph `flowerml export` writes).
 
 All three run on one thread pinned to one core (torch and ONNX Runtime threads = 1, decoding
 on the same thread), so images/s is images/s per core. Target: ONNX batched >= 3x the
@@ -86,7 +86,7 @@ def tutorial_images_per_second(model, paths: list[Path]) -> float:
     import torch
     from PIL import Image
 
-    from flowerml.transforms import build_transforms
+    from flowerml.data.transforms import build_transforms
 
     transform = build_transforms("tutorial", SIZE, train=False)
 
@@ -103,11 +103,11 @@ def tutorial_images_per_second(model, paths: list[Path]) -> float:
 
 
 def scorer_for(model, runtime: str, workdir: Path):
-    """A flowerml.runtimes.Scorer over `model`, run by torch or by ONNX Runtime (one thread)."""
+    """A flowerml.serving.runtimes.Scorer over `model`, run by torch or by ONNX Runtime (one thread)."""
     import torch
 
-    from flowerml.export import PixelsToLogits, build_onnx_session, export_onnx
-    from flowerml.runtimes import Scorer
+    from flowerml.serving.export import PixelsToLogits, build_onnx_session, export_onnx
+    from flowerml.serving.runtimes import Scorer
 
     names = tuple(f"class {i}" for i in range(CLASSES))
     if runtime == "onnx":
@@ -129,8 +129,8 @@ def scorer_for(model, runtime: str, workdir: Path):
 
 
 def flowerml_images_per_second(scorer, folder: Path, keys: list[str], batch_size: int) -> float:
-    from flowerml.inputs import KeyReader
-    from flowerml.scoring_shards import score_rows
+    from flowerml.serving.inputs import KeyReader
+    from flowerml.serving.scoring_shards import score_rows
 
     reader = KeyReader(str(folder))
     list(score_rows(scorer, reader, keys[:batch_size], batch_size=batch_size, top_k=5,
@@ -146,7 +146,7 @@ def flowerml_images_per_second(scorer, folder: Path, keys: list[str], batch_size
 def per_core(arch: str, paths: list[Path], batch_size: int, workdir: Path) -> dict:
     import torch
 
-    from flowerml.models import build_model
+    from flowerml.models.backbones import build_model
 
     torch.set_num_threads(1)
     model = build_model(arch, CLASSES, seed=0).eval()
@@ -176,9 +176,9 @@ def per_core(arch: str, paths: list[Path], batch_size: int, workdir: Path) -> di
 
 def register_model(store_root: Path, arch: str) -> str:
     """A random-weight model registered as bench:1 (production) on a local store."""
-    from flowerml.models import build_model
-    from flowerml.registry import Registry
-    from flowerml.storage_local import LocalStore
+    from flowerml.io.storage_local import LocalStore
+    from flowerml.models.backbones import build_model
+    from flowerml.registry.versions import Registry
 
     registry = Registry(LocalStore(store_root), "bench")
     card = {"arch": arch, "image_size": SIZE,
@@ -254,10 +254,10 @@ def listing_rss(workdir: Path, keys: int, shard_size: int) -> dict:
 def listing_child(listing: str, store: str, output: str, shard_size: int) -> None:
     # What every scoring process imports anyway (torch, via the export and the decoder), so
     # that the difference below is the listing's own memory.
-    import flowerml.export  # noqa: F401
-    import flowerml.prediction  # noqa: F401
-    from flowerml.scoring_plan import ScoringRequest, plan_scoring
-    from flowerml.storage_local import LocalStore
+    import flowerml.serving.export  # noqa: F401
+    import flowerml.serving.prediction  # noqa: F401
+    from flowerml.io.storage_local import LocalStore
+    from flowerml.serving.scoring_plan import ScoringRequest, plan_scoring
 
     before = peak_rss_mb()
     start = time.perf_counter()

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flowerml import launch
+from flowerml.core import launch
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -266,7 +266,7 @@ def local_prefect(root: Path, **options: Any) -> Iterator[LocalPrefect]:
 
 
 def write_demo_source(folder: Path) -> None:
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
 
     write_synthetic_archive(folder, SyntheticSpec(classes=10, per_class=30, image_size=96))
 

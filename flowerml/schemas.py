@@ -13,14 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from flowerml.documents import json_schema
-from flowerml.export_record import ExportRecord
-from flowerml.manifest import CurrentPointer, Manifest, Quarantine
-from flowerml.model_card import ModelCard
-from flowerml.registry import Committed
-from flowerml.registry_aliases import AliasRecord, HistoryEntry
-from flowerml.runs import BlobPointer
-from flowerml.scoring import ScoringSuccess
+from flowerml.core.documents import json_schema
+from flowerml.data.manifest import CurrentPointer, Manifest, Quarantine
+from flowerml.registry.aliases import AliasRecord, HistoryEntry
+from flowerml.registry.export_record import ExportRecord
+from flowerml.registry.model_card import ModelCard
+from flowerml.registry.versions import Committed
+from flowerml.serving.scoring import ScoringSuccess
+from flowerml.training.runs import BlobPointer
 
 DOCUMENTS: dict[str, type] = {
     "manifest": Manifest,

@@ -9,7 +9,7 @@ fields only override it.
 A bad value is one `SettingsError` line naming where it came from: the option (`--store`), the
 variable (`FLOWERML_STORE`), or the variable in the .env file (with the file's path). Values are
 not echoed (an endpoint URL may carry credentials), except a store that is refused, shown as
-`flowerml.locations` shows it (credentials and queries stripped). The cache directory is checked
+`flowerml.io.locations` shows it (credentials and queries stripped). The cache directory is checked
 when the settings are read: a file in its place, or a folder this process cannot write in, is
 refused naming FLOWERML_CACHE_DIR and the path, before any command starts work.
 """
@@ -27,11 +27,11 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flowerml.errors import SettingsError
-from flowerml.locations import LocalLocation, LocationError, parse_store
-from flowerml.storage import S3Options, Store
-from flowerml.storage_open import open_store
-from flowerml.urls import url_problem
+from flowerml.core.errors import SettingsError
+from flowerml.io.locations import LocalLocation, LocationError, parse_store
+from flowerml.io.storage import S3Options, Store
+from flowerml.io.storage_open import open_store
+from flowerml.io.urls import url_problem
 
 ChecksumWhen = Literal["when_supported", "when_required"]
 

@@ -162,7 +162,7 @@ def heartbeat_age(when: str | None, now: datetime.datetime) -> str:
 def api_url_shown() -> str:
     from prefect.settings import get_current_settings
 
-    from flowerml.urls import redact_url
+    from flowerml.io.urls import redact_url
 
     url = get_current_settings().api.url
     return f"PREFECT_API_URL {redact_url(url)}" if url else "PREFECT_API_URL (not set)"
@@ -224,8 +224,8 @@ def unreachable(error: Exception) -> CliError:
     import httpx
     from prefect.settings import get_current_settings
 
-    from flowerml.storage_s3 import connection_failure
-    from flowerml.urls import redact_url
+    from flowerml.io.storage_s3 import connection_failure
+    from flowerml.io.urls import redact_url
 
     url = get_current_settings().api.url or ""
     if isinstance(error, httpx.HTTPStatusError):

@@ -20,8 +20,8 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
-from flowerml.errors import FlowermlError
-from flowerml.recipes import (
+from flowerml.core.errors import FlowermlError
+from flowerml.core.recipes import (
     Device,
     DistillConfig,
     StudentArch,
@@ -29,7 +29,7 @@ from flowerml.recipes import (
     load_config,
     omit_default,
 )
-from flowerml.registry_names import DEFAULT_ALIAS
+from flowerml.registry.names import DEFAULT_ALIAS
 from tasks.distill import distill_task, release_student_task, resolve_teacher_task
 
 TRAINING_TIMEOUT_S = 2 * 3600

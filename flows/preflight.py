@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from flowerml.cli import CliError
-from flowerml.recipes import TrainConfig
+from flowerml.core.recipes import TrainConfig
 from flowerml.settings import Settings
 
 PREFECT_API_TIMEOUT_S = 5.0
 
 
 def check_names(model_name: str, alias: str) -> None:
-    from flowerml.registry_names import check_name
+    from flowerml.registry.names import check_name
 
     check_name(model_name)
     check_name(alias, "alias")
@@ -23,7 +23,7 @@ def check_names(model_name: str, alias: str) -> None:
 
 def check_source(params: Any, preset: str | None, source: str | None) -> None:
     """The source's form, and a local one an existing folder (the demo's is written later)."""
-    from flowerml.source_files import resolve_source
+    from flowerml.data.source_files import resolve_source
 
     if preset == "demo" and source is None:
         return
@@ -31,13 +31,13 @@ def check_source(params: Any, preset: str | None, source: str | None) -> None:
 
 
 def check_weights(config: TrainConfig) -> None:
-    """`--weights` as far as it can be checked without downloading (`flowerml.weights.
+    """`--weights` as far as it can be checked without downloading (`flowerml.models.weights.
     check_weights_value`): a known form, and a local file that is a regular file, loads as a
     state dict weights-only and fits the arch's backbone. `imagenet` and s3:// files are
     fetched, and checked the same way, by the training child."""
     if config.weights.strip().lower() in ("none", "imagenet"):
         return  # no torch import for the common case
-    from flowerml.weights import check_weights_value  # torch: only for a file the user named
+    from flowerml.models.weights import check_weights_value  # torch: only for a file the user named
 
     check_weights_value(config.weights, config.arch)
 
@@ -53,7 +53,7 @@ def check_store_writable(settings: Settings) -> None:
 
 def check_device(device: str) -> None:
     if device == "cuda":
-        from flowerml.distributed import select_device  # torch: only when CUDA is asked for
+        from flowerml.models.distributed import select_device  # torch: only when CUDA is asked for
 
         select_device(device)
 
@@ -68,8 +68,8 @@ def check_prefect_api() -> None:
     from prefect.client.orchestration import get_client
     from prefect.settings import get_current_settings, temporary_settings
 
-    from flowerml.storage_s3 import connection_failure
-    from flowerml.urls import redact_url, url_problem
+    from flowerml.io.storage_s3 import connection_failure
+    from flowerml.io.urls import redact_url, url_problem
 
     url = get_current_settings().api.url
     if not url:

@@ -12,8 +12,8 @@ import importlib
 import threading
 from collections.abc import Callable
 
-TASK_MODULES = ("flowerml.inference", "flowerml.evaluation", "flowerml.promotion",
-                "flowerml.release", "flowerml.export", "onnx", "onnxruntime",
+TASK_MODULES = ("flowerml.evaluation.inference", "flowerml.evaluation.report", "flowerml.registry.promotion",
+                "flowerml.registry.release", "flowerml.serving.export", "onnx", "onnxruntime",
                 "matplotlib.figure", "matplotlib.backends.backend_agg")
 
 

@@ -1,7 +1,7 @@
 """The `retrain_flowers` flow: ingest -> train -> evaluate -> decide -> register (+ promote)
 (+ distil a student of the promoted model, when `distill.enabled`).
 
-Its one parameter is a pydantic model derived from `flowerml.recipes.TrainConfig`, so the
+Its one parameter is a pydantic model derived from `flowerml.core.recipes.TrainConfig`, so the
 Prefect UI renders a typed form (dropdowns for every choice, titles, bounds, descriptions) and
 the API refuses a bad value before a run starts. Run it with `flowerml retrain`, `python -m
 flows.retrain`, or a deployment (deploy/prefect.yaml).
@@ -23,10 +23,10 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
-from flowerml.errors import FlowermlError, UserError
-from flowerml.gates import Gate
-from flowerml.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
-from flowerml.registry_names import DEFAULT_ALIAS
+from flowerml.core.errors import FlowermlError, UserError
+from flowerml.core.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
+from flowerml.registry.gates import Gate
+from flowerml.registry.names import DEFAULT_ALIAS
 from flows.distill import DistillStageParams, Runner, distill_stage
 from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key

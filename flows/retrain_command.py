@@ -38,9 +38,9 @@ from flowerml.cli import (
     training_options,
 )
 from flowerml.cli.app import EXIT_REFUSED, FlowermlCommand, one_line
-from flowerml.errors import FlowermlError
-from flowerml.gates import Gate
-from flowerml.recipes import RECIPE_NAMES
+from flowerml.core.errors import FlowermlError
+from flowerml.core.recipes import RECIPE_NAMES
+from flowerml.registry.gates import Gate
 from flowerml.settings import load_settings
 from flows.local_prefect import prefect_settings, silence_prefect_console, stop_temporary_server
 from flows.preflight import (

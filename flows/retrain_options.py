@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from flowerml.cli import CliError
-from flowerml.recipes import option_name
+from flowerml.core.recipes import option_name
 from flowerml.settings import Settings
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def demo_source_folder(cache_dir: Path) -> Path:
 
 def demo_source(cache_dir: Path) -> Path:
     """The demo's synthetic archive, written once into the cache."""
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
 
     folder = demo_source_folder(cache_dir)
     if not (folder / "setid.mat").is_file():

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from flowerml.errors import FlowermlError
+from flowerml.core.errors import FlowermlError
 from flowerml.settings import Settings
 
 
@@ -39,7 +39,7 @@ def example_image(settings: Settings, run_id: str, dataset_version: str) -> Path
     looks like a broken model), else the first there is."""
     folder = settings.cache_dir / settings.dataset / dataset_version
     with contextlib.suppress(FlowermlError, OSError):
-        from flowerml.predictions import run_predictions
+        from flowerml.evaluation.predictions import run_predictions
         from flowerml.settings import build_store
 
         rows = run_predictions(build_store(settings), run_id).images

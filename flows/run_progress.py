@@ -37,7 +37,7 @@ def progress_line(record: logging.LogRecord) -> str | None:
     """An epoch line (tasks/train.py logs `epoch %s/%s: <event JSON>`) or a retry notice."""
     message = record.getMessage()
     if record.msg == EPOCH_LOG and isinstance(record.args, tuple) and len(record.args) == 3:
-        from flowerml.progress import EpochReport
+        from flowerml.core.progress import EpochReport
 
         try:
             event = json.loads(record.args[2])

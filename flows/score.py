@@ -1,5 +1,5 @@
 """The `score-images` flow: list a collection once into shards, score each shard as a mapped
-task, then write `_SUCCESS.json` (see `flowerml.scoring` for the output layout).
+task, then write `_SUCCESS.json` (see `flowerml.serving.scoring` for the output layout).
 
 The shards run on an existing engine, not a home-made one: with `dask_address` set
 (`tcp://scheduler:8786`) they go to that Dask cluster through prefect-dask's `DaskTaskRunner`
@@ -24,9 +24,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
-from flowerml.errors import FlowermlError, TransientError, UserError
-from flowerml.extras import require_extra
-from flowerml.recipes import omit_default
+from flowerml.core.errors import FlowermlError, TransientError, UserError
+from flowerml.core.extras import require_extra
+from flowerml.core.recipes import omit_default
 from tasks.score import finish_task, plan_task, score_shard_task
 
 REQUEST_FIELDS = ("input", "model", "output", "runtime", "batch_size", "shard_size", "top_k")

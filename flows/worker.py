@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from flowerml.launch import process_alive
+from flowerml.core.launch import process_alive
 
 DEFAULT_GRACE_S = 30.0
 POLL_S = 0.2

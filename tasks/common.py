@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from flowerml.errors import RetriesExhausted, TransientError, UserError
+from flowerml.core.errors import RetriesExhausted, TransientError, UserError
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from flowerml.recipes import build_distill_config, load_config
+from flowerml.core.recipes import build_distill_config, load_config
 from flowerml.settings import build_store, load_settings
 from tasks.common import artifact_key, retry_transient
 from tasks.train import child_arguments, run_training_child
@@ -38,7 +38,7 @@ def distill_command(arguments: list[str], nproc_per_node: int = 1) -> list[str]:
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def resolve_teacher_task(teacher: str, store: str | None = None) -> dict[str, Any]:
     """The version an alias names now, with the data and training config it came from."""
-    from flowerml.registry import resolve_ref
+    from flowerml.registry.versions import resolve_ref
 
     version = resolve_ref(build_store(load_settings(store=store)), teacher)
     lineage = version.card["lineage"]
@@ -72,8 +72,8 @@ def release_student_task(run_id: str, model: str | None, alias: str, gate: dict[
                          store: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Evaluate the student, register it under its own model name, promote it on the student
     gate; a report artifact says what it costs next to its teacher."""
-    from flowerml.distill import release_student
-    from flowerml.gates import StudentGate
+    from flowerml.distillation.distill import release_student
+    from flowerml.registry.gates import StudentGate
 
     settings = load_settings(store=store)
     release = release_student(build_store(settings), run_id, cache_dir=settings.cache_dir,

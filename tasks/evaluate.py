@@ -44,8 +44,8 @@ def evaluate_task(run_id: str, split: str = "test", store: str | None = None,
     With `artifact_prefix` (e.g. the model's key) the artifacts get stable keys,
     `<prefix>-evaluation-report` and `<prefix>-per-class-accuracy`, so the UI keeps their
     history."""
-    from flowerml.inference import evaluate_run
-    from flowerml.metrics import per_class_rows
+    from flowerml.evaluation.inference import evaluate_run
+    from flowerml.training.metrics import per_class_rows
 
     settings = load_settings(store=store)
     target = build_store(settings)

@@ -16,9 +16,9 @@ from tasks.common import artifact_key, retry_transient
 def export_task(model: str, version: int, store: str | None = None) -> dict[str, Any]:
     """model.onnx and export.json into the version (idempotent: a retry reuses an intact
     export); the figures as a markdown artifact and the task's result."""
-    from flowerml.export import export_summary, export_version
-    from flowerml.export_record import ONNX_FILE
-    from flowerml.registry import Registry
+    from flowerml.registry.export_record import ONNX_FILE
+    from flowerml.registry.versions import Registry
+    from flowerml.serving.export import export_summary, export_version
 
     settings = load_settings(store=store)
     target = build_store(settings)

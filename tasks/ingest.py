@@ -3,7 +3,7 @@
 Thin adapters: read the settings, call one flowerml function, return a small JSON-able dict.
 Both steps are idempotent, so retries (transient failures only) and re-runs are safe.
 
-One retry layer per path: an HTTP download is retried by flowerml.download alone
+One retry layer per path: an HTTP download is retried by flowerml.io.download alone
 (FLOWERML_DOWNLOAD_RETRIES, with Range resume, backoff and Retry-After); its final failure is a
 `RetriesExhausted` that `retry_transient` does not retry here. Task retries are for what no layer
 below retried: unknown failures, an unlisted 5xx, a store that stayed unreachable.
@@ -15,9 +15,9 @@ from prefect import task
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 from prefect.tasks import exponential_backoff
 
-from flowerml.ingest import fetch_sources, publish_split
+from flowerml.data.ingest import fetch_sources, publish_split
+from flowerml.data.source_files import FetchOptions
 from flowerml.settings import build_store, load_settings
-from flowerml.source_files import FetchOptions
 from tasks.common import LogProgress, retry_transient
 
 # Within one flow run a finished step is not redone when the flow retries; across runs the

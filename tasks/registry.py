@@ -18,7 +18,7 @@ from flowerml.settings import build_store, load_settings
 from tasks.common import artifact_key, retry_transient
 
 if TYPE_CHECKING:
-    from flowerml.gates import Gate
+    from flowerml.registry.gates import Gate
 
 
 # The registry and promotion modules load torch (champion re-evaluation), so they are imported
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def gate_of(gate: dict[str, Any]) -> Gate:
-    from flowerml.gates import Gate
+    from flowerml.registry.gates import Gate
 
     return Gate(threshold=gate["threshold"], tolerance=gate["tolerance"],
                 class_drop=gate.get("class_drop", Gate.class_drop))
@@ -39,8 +39,8 @@ def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: st
                 run_id: str | None = None) -> dict[str, Any]:
     """The gate's verdict on a candidate against the current production model; with `run_id`,
     the paired test on the run's stored test predictions too (`paired`: its figures)."""
-    from flowerml.gates import paired_figures
-    from flowerml.promotion import judge_candidate
+    from flowerml.registry.gates import paired_figures
+    from flowerml.registry.promotion import judge_candidate
 
     settings = load_settings(store=store)
     promote, reasons, candidate, champion = judge_candidate(
@@ -56,8 +56,8 @@ def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: st
 def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, Any],
                   gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     """An immutable registry version of the run (COMMITTED last), and where to find it."""
-    from flowerml.registry import Registry
-    from flowerml.release import build_card, register_run
+    from flowerml.registry.release import build_card, register_run
+    from flowerml.registry.versions import Registry
 
     settings = load_settings(store=store)
     target = build_store(settings)
@@ -93,9 +93,9 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
                  champion: dict[str, Any] | None, gate: dict[str, Any],
                  store: str | None = None) -> dict[str, Any]:
     """Move the alias by compare-and-swap; if production moved since the decision, decide again."""
-    from flowerml.gates import Scorecard
-    from flowerml.promotion import promote
-    from flowerml.registry import Registry
+    from flowerml.registry.gates import Scorecard
+    from flowerml.registry.promotion import promote
+    from flowerml.registry.versions import Registry
 
     registry = Registry(build_store(load_settings(store=store)), model)
     promoted, reasons, state = promote(

@@ -1,6 +1,6 @@
 """Prefect tasks for batch scoring: list the input once into shards, score one shard, finish.
 
-Thin adapters over `flowerml.scoring`, `flowerml.scoring_plan` and `flowerml.scoring_shards`:
+Thin adapters over `flowerml.serving.scoring`, `flowerml.serving.scoring_plan` and `flowerml.serving.scoring_shards`:
 each reads the settings where it runs (a Dask worker has its own FLOWERML_* and AWS_*
 environment), calls one library function and returns a small JSON-able dict. Every step is
 idempotent on the store (create-only parts, `_SUCCESS.json` last), so a retry, a re-run or a
@@ -14,9 +14,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flowerml.io.storage import Store
+from flowerml.io.storage_open import open_store
 from flowerml.settings import Settings, build_store, load_settings
-from flowerml.storage import Store
-from flowerml.storage_open import open_store
 from tasks.common import artifact_key, retry_transient
 
 
@@ -30,8 +30,8 @@ def output_store(uri: str, settings: Settings) -> Store:
 def plan_task(request: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     """Resolve the version and runtime, list the input into shards on the output. Returns the
     plan, and the finished run's `_SUCCESS.json` when this output is complete already."""
-    from flowerml.scoring import read_success
-    from flowerml.scoring_plan import ScoringRequest, plan_scoring
+    from flowerml.serving.scoring import read_success
+    from flowerml.serving.scoring_plan import ScoringRequest, plan_scoring
 
     settings = load_settings(store=store)
     target = output_store(request["output"], settings)
@@ -47,8 +47,8 @@ def plan_task(request: dict[str, Any], store: str | None = None) -> dict[str, An
 def score_shard_task(plan: dict[str, Any], shard: int, threads: int | None = None
                      ) -> dict[str, Any]:
     """One shard's part (skipped when it is there already)."""
-    from flowerml.scoring_plan import ScoringPlan
-    from flowerml.scoring_shards import score_shard
+    from flowerml.serving.scoring_plan import ScoringPlan
+    from flowerml.serving.scoring_shards import score_shard
 
     scoring = ScoringPlan.from_json(plan)
     settings = load_settings(store=scoring.registry)
@@ -65,9 +65,9 @@ def score_shard_task(plan: dict[str, Any], shard: int, threads: int | None = Non
 def finish_task(plan: dict[str, Any], results: list[dict[str, Any]],
                 seconds: float) -> dict[str, Any]:
     """`_SUCCESS.json`, once every part is there, and a report artifact."""
-    from flowerml.scoring import finish_scoring
-    from flowerml.scoring_plan import ScoringPlan
-    from flowerml.scoring_shards import ShardResult
+    from flowerml.serving.scoring import finish_scoring
+    from flowerml.serving.scoring_plan import ScoringPlan
+    from flowerml.serving.scoring_shards import ShardResult
 
     scoring = ScoringPlan.from_json(plan)
     settings = load_settings(store=scoring.registry)

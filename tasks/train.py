@@ -17,8 +17,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
-from flowerml.launch import check_outcome, iter_events, run_child, train_command
-from flowerml.recipes import load_config
+from flowerml.core.launch import check_outcome, iter_events, run_child, train_command
+from flowerml.core.recipes import load_config
 from tasks.common import retry_transient
 
 

@@ -37,10 +37,10 @@ os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 for name in [n for n in os.environ if n.startswith("FLOWERML_")]:
     del os.environ[name]
 
-from flowerml.registry import Registry  # noqa: E402
-from flowerml.storage import S3Options, Store  # noqa: E402
-from flowerml.storage_local import LocalStore  # noqa: E402
-from flowerml.storage_s3 import S3Store  # noqa: E402
+from flowerml.io.storage import S3Options, Store  # noqa: E402
+from flowerml.io.storage_local import LocalStore  # noqa: E402
+from flowerml.io.storage_s3 import S3Store  # noqa: E402
+from flowerml.registry.versions import Registry  # noqa: E402
 from tests.helpers.s3_servers import denying_moto_server, seaweedfs_server  # noqa: E402
 from tests.helpers.synthetic import (  # noqa: E402
     DATASET,
@@ -180,8 +180,8 @@ def source_copy(synthetic_source: Path, tmp_path: Path) -> Path:
 def registered_run(synthetic_data: SyntheticData,
                    tmp_path_factory: pytest.TempPathFactory) -> RegisteredRun:
     """The tiny run evaluated, registered as flowers102:1 and made production (read-only)."""
-    from flowerml.inference import evaluate_run
-    from flowerml.release import build_card, register_run
+    from flowerml.evaluation.inference import evaluate_run
+    from flowerml.registry.release import build_card, register_run
 
     pristine = synthetic_data.trained(TINY_SPEC, TINY_RUN, tiny_config())
     store, cache = synthetic_data.copy(pristine, tmp_path_factory.mktemp("registered-run"))

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # each case starts an interpreter
 @pytest.mark.parametrize("code", [
     "import flows.retrain",
     "import flows.ingest",
-    "import flowerml.recipes",
+    "import flowerml.core.recipes",
     "import flowerml.cli",
     "from flows.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass",
     "from flows.cli import main\ntry:\n    main(['retrain', '--help'])\nexcept SystemExit: pass",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.launch import process_alive
+from flowerml.core.launch import process_alive
 from tests import reaper
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@
 Bad input (any `FlowermlError`, a click usage error, an outage that outlived its retries) is
 printed as one line on stderr, `flowerml: error: ...`, with exit code 2. With `--json` anywhere
 on the command line, stdout holds only JSON: a failure adds `{"error": ..., "kind": ...}` as its
-last line, `kind` being the error's category (`flowerml.errors.FlowermlError.kind`). Bugs keep
+last line, `kind` being the error's category (`flowerml.core.errors.FlowermlError.kind`). Bugs keep
 their traceback on stderr (and, with `--json`, a `kind: internal` line on stdout).
 
 Exit codes: 0 done; 1 done, but the verdict is negative (a gate refused, some inputs failed);
@@ -40,9 +40,9 @@ from typing import Any, TextIO, get_args
 
 import click
 
-from flowerml.errors import FlowermlError
-from flowerml.recipes import Device
-from flowerml.registry_names import DEFAULT_ALIAS
+from flowerml.core.errors import FlowermlError
+from flowerml.core.recipes import Device
+from flowerml.registry.names import DEFAULT_ALIAS
 
 EXIT_REFUSED = 1
 EXIT_ERROR = 2
@@ -331,7 +331,7 @@ class FlowermlGroup(click.Group):
         return result
 
 
-DEVICES: tuple[str, ...] = get_args(Device)  # the same tuple as flowerml.distributed
+DEVICES: tuple[str, ...] = get_args(Device)  # the same tuple as flowerml.models.distributed
 
 # Options every command spells the same way, with their defaults from one place.
 store_option = click.option("--store", default=None,
@@ -363,7 +363,7 @@ device_option = click.option("--device", type=Choice(DEVICES), default="auto",
 
 def training_options(command: Callable) -> Callable:
     """One option per `TrainConfig` field, its type, choices and help taken from the model."""
-    from flowerml.recipes import TrainConfig, option_name
+    from flowerml.core.recipes import TrainConfig, option_name
 
     for name, info in reversed(TrainConfig.model_fields.items()):
         help_text = f"{(info.description or info.title).rstrip('.')}. Default: the recipe's " \

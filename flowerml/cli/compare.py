@@ -30,7 +30,7 @@ def compare_command(a: str, b: str, store: str | None, as_json: bool) -> None:
     (evaluated before evaluation kept them: evaluate the run again and compare run:ID), or
     when the two were evaluated on different test manifests (both are named).
     """
-    from flowerml.comparison import compare, resolve_predictions
+    from flowerml.registry.comparison import compare, resolve_predictions
 
     target = build_store(load_settings(store=store))
     comparison = compare(resolve_predictions(target, a), resolve_predictions(target, b))
@@ -41,7 +41,7 @@ def compare_command(a: str, b: str, store: str | None, as_json: bool) -> None:
 
 
 def show(comparison) -> None:
-    from flowerml.comparison import biggest_changes
+    from flowerml.registry.comparison import biggest_changes
 
     a, b = comparison.a, comparison.b
     click.echo(f"{b} vs {a} on {comparison.dataset} {comparison.split} "

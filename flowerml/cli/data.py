@@ -9,7 +9,7 @@ import click
 from flowerml.cli.app import cli, dataset_option, emit_json, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
-# The synthetic archive's bounds (flowerml.synthetic's MAX_IMAGES and MAX_IMAGE_SIZE), for the
+# The synthetic archive's bounds (flowerml.data.synthetic's MAX_IMAGES and MAX_IMAGE_SIZE), for the
 # help text without importing numpy, scipy and PIL for every `flowerml` command.
 MAX_IMAGES = 99_999
 MAX_IMAGE_SIZE = 4096
@@ -34,7 +34,7 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
     `flowerml_synthetic` variable): ingest marks the published version synthetic, and model
     cards and evaluation reports of it say so.
     """
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
 
     spec = SyntheticSpec(classes=classes, per_class=per_class, image_size=image_size, seed=seed)
     paths = write_synthetic_archive(out_dir, spec, force=force)
@@ -60,10 +60,10 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
            workers: int | None, as_json: bool) -> None:
     """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store."""
-    from flowerml.ingest import ingest as run_ingest
-    from flowerml.locations import parse_source
-    from flowerml.progress import progress_for_terminal
-    from flowerml.source_files import FetchOptions
+    from flowerml.core.progress import progress_for_terminal
+    from flowerml.data.ingest import ingest as run_ingest
+    from flowerml.data.source_files import FetchOptions
+    from flowerml.io.locations import parse_source
 
     where = parse_source(source, "--source")  # refused before any setting or store is touched
     settings = load_settings(store=store, dataset=dataset)

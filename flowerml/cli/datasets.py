@@ -33,7 +33,7 @@ def datasets_list(store: str | None, as_json: bool) -> None:
 
     A store with no datasets prints nothing on stdout (`[]` with --json) and exits 0.
     """
-    from flowerml.inventory import list_datasets
+    from flowerml.registry.inventory import list_datasets
 
     target = build_store(load_settings(store=store))
     found = list_datasets(target)
@@ -62,7 +62,7 @@ def datasets_show(name: str | None, store: str | None, as_json: bool) -> None:
     version; CURRENT's records its sha256): a version that fails is shown with its problem,
     and the command exits 2 with that problem as its error line.
     """
-    from flowerml.inventory import describe_dataset
+    from flowerml.registry.inventory import describe_dataset
 
     settings = load_settings(store=store)
     target = build_store(settings)
@@ -83,9 +83,9 @@ def datasets_show(name: str | None, store: str | None, as_json: bool) -> None:
 
 def verify_versions(store, dataset) -> None:
     """Each published version's manifest checked the way training reads it
-    (`flowerml.manifest.resolve_dataset`); a refusal becomes the version's `problem`."""
-    from flowerml.errors import DataError
-    from flowerml.manifest import resolve_dataset
+    (`flowerml.data.manifest.resolve_dataset`); a refusal becomes the version's `problem`."""
+    from flowerml.core.errors import DataError
+    from flowerml.data.manifest import resolve_dataset
 
     for version in dataset.versions:
         if version.complete and not version.problem:

@@ -24,7 +24,7 @@ from flowerml.cli.app import (
     training_options,
 )
 from flowerml.cli.training import new_run_id, say
-from flowerml.recipes import RECIPE_NAMES, STUDENT_ARCHS, DistillConfig
+from flowerml.core.recipes import RECIPE_NAMES, STUDENT_ARCHS, DistillConfig
 from flowerml.settings import build_store, load_settings
 
 
@@ -102,14 +102,14 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
     agreement with the teacher on valid). Exit codes: 0 done, 1 --promote refused by the
     student gate, 2 bad input (one line; nothing is written).
     """
-    from flowerml.distill import distill
-    from flowerml.gates import StudentGate
-    from flowerml.launch import exit_with_parent_process
-    from flowerml.progress import progress_for_terminal
-    from flowerml.recipes import build_distill_config
-    from flowerml.registry_names import check_name
-    from flowerml.runs import RunFiles, check_run_id
-    from flowerml.teacher import load_recorded_teacher, load_teacher
+    from flowerml.core.launch import exit_with_parent_process
+    from flowerml.core.progress import progress_for_terminal
+    from flowerml.core.recipes import build_distill_config
+    from flowerml.distillation.distill import distill
+    from flowerml.distillation.teacher import load_recorded_teacher, load_teacher
+    from flowerml.registry.gates import StudentGate
+    from flowerml.registry.names import check_name
+    from flowerml.training.runs import RunFiles, check_run_id
 
     if exit_with_parent is not None:
         exit_with_parent_process(exit_with_parent)
@@ -151,7 +151,7 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
         return  # under torchrun, rank 0 speaks for the run
     release = None
     if register or promote:
-        from flowerml.distill import release_student
+        from flowerml.distillation.distill import release_student
 
         release = release_student(target, result.fit.run_id, cache_dir=settings.cache_dir,
                                   model=model_name, alias=alias, gate=gate, promote=promote,
@@ -165,7 +165,7 @@ def student_config(config_json: str | None, saved: dict | None, recipe: str,
                    student: str | None, teacher_image_size: int, options: dict[str, Any]):
     """The student's TrainConfig: --config as given; a resumed run's own config with what was
     typed on top; or the recipe with --student and the options (image size: the teacher's)."""
-    from flowerml.recipes import build_config, load_config
+    from flowerml.core.recipes import build_config, load_config
 
     typed = {k: v for k, v in options.items() if v is not None}
     if config_json is not None:

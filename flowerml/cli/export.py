@@ -32,9 +32,9 @@ def export(model_ref: str, export_format: str, opset: int, store: str | None,
     with no logit further apart than 1e-3. Exits 0 when parity passes, 1 when it fails (the
     version then cannot be promoted without --force), 2 on bad input.
     """
-    from flowerml.export import export_summary, export_version
-    from flowerml.export_record import ONNX_FILE
-    from flowerml.registry import Registry, resolve_ref
+    from flowerml.registry.export_record import ONNX_FILE
+    from flowerml.registry.versions import Registry, resolve_ref
+    from flowerml.serving.export import export_summary, export_version
 
     settings = load_settings(store=store)
     target = build_store(settings)

@@ -1,5 +1,5 @@
 """`flowerml predict`: top-k flower names for image files, folders, glob patterns, list files
-and s3:// keys and prefixes (the rules of `flowerml.inputs`, as `flowerml score`), from a
+and s3:// keys and prefixes (the rules of `flowerml.serving.inputs`, as `flowerml score`), from a
 registry model or a run.
 
 One result per input, printed as it comes: a line `IMAGE: name p, name p, ...` (or with
@@ -27,9 +27,9 @@ from flowerml.cli.app import (
     json_option,
     store_option,
 )
-from flowerml.runtimes import RUNTIMES, Scorer
+from flowerml.io.storage import Store
+from flowerml.serving.runtimes import RUNTIMES, Scorer
 from flowerml.settings import build_store, load_settings
-from flowerml.storage import Store
 
 DEFAULT_MODEL = "flowers102@production"
 
@@ -64,8 +64,8 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
     line. Exit code 1 when any input could not be predicted (its row says why), 2 when
     predicting could not start (a bad option, an unknown model or run).
     """
-    from flowerml.inputs import expand_inputs
-    from flowerml.prediction import predict_inputs
+    from flowerml.serving.inputs import expand_inputs
+    from flowerml.serving.prediction import predict_inputs
 
     if model_ref and run_id:
         raise CliError("give --model or --run, not both")
@@ -87,8 +87,8 @@ def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
 
 def run_scorer(store: Store, run_id: str, runtime: str, device: str) -> Scorer:
     """A training run's best weights, run by PyTorch (a run has no ONNX export)."""
-    from flowerml.inference import load_trained_model
-    from flowerml.runtimes import scorer_from_model
+    from flowerml.evaluation.inference import load_trained_model
+    from flowerml.serving.runtimes import scorer_from_model
 
     if runtime == "onnx":
         raise CliError(f"run '{run_id}' has no ONNX export: register it (flowerml registry "
@@ -99,9 +99,9 @@ def run_scorer(store: Store, run_id: str, runtime: str, device: str) -> Scorer:
 def version_scorer(store: Store, ref: str, runtime: str, device: str) -> Scorer:
     """A registry version, run by the runtime asked for (auto: ONNX Runtime when the version
     has a passing export and PyTorch would run on the CPU anyway)."""
-    from flowerml.distributed import select_device
-    from flowerml.registry import Registry, resolve_ref
-    from flowerml.runtimes import choose_runtime, load_scorer
+    from flowerml.models.distributed import select_device
+    from flowerml.registry.versions import Registry, resolve_ref
+    from flowerml.serving.runtimes import choose_runtime, load_scorer
 
     chosen = resolve_ref(store, ref)
     registry = Registry(store, chosen.model)

@@ -16,8 +16,8 @@ from flowerml.cli.app import (
     json_option,
     store_option,
 )
-from flowerml.gates import Gate
-from flowerml.registry_names import DEFAULT_ALIAS
+from flowerml.registry.gates import Gate
+from flowerml.registry.names import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
 
 class_drop_option = click.option(
@@ -32,7 +32,7 @@ def registry() -> None:
 
 
 def open_registry(name: str, store: str | None):
-    from flowerml.registry import Registry
+    from flowerml.registry.versions import Registry
 
     settings = load_settings(store=store)
     return Registry(build_store(settings), name), settings
@@ -72,7 +72,7 @@ def registry_list(store: str | None, as_json: bool) -> None:
     A store with no models prints nothing on stdout (`[]` with --json), a line naming the
     store on stderr, and exits 0.
     """
-    from flowerml.registry import Registry, list_models
+    from flowerml.registry.versions import Registry, list_models
 
     target = build_store(load_settings(store=store))
     rows = []
@@ -189,7 +189,7 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
     input. --json prints {model, alias, version, previous, promoted, reasons}; `previous` is
     the version the alias pointed at before (null if unset).
     """
-    from flowerml.gates import is_student_card
+    from flowerml.registry.gates import is_student_card
 
     entry, settings = open_registry(name, store)
     require_model(entry)
@@ -198,8 +198,8 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
         promoted, reasons, state = promote_student(entry, version, alias, threshold, max_gap,
                                                    force)
     else:
-        from flowerml.gates import Gate
-        from flowerml.promotion import promote_version
+        from flowerml.registry.gates import Gate
+        from flowerml.registry.promotion import promote_version
 
         if max_gap is not None:
             raise CliError(f"--max-gap is for student versions; {name}:{version:06d} is not "
@@ -222,8 +222,8 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
 def promote_student(entry, version: int, alias: str, threshold: float,
                     max_gap: float | None, force: bool):
     """The student gate for `registry promote`; the champion gate's options do not apply."""
-    from flowerml.gates import StudentGate
-    from flowerml.promotion import promote_student_version
+    from flowerml.registry.gates import StudentGate
+    from flowerml.registry.promotion import promote_student_version
 
     context = click.get_current_context()
     given = [f"--{option.replace('_', '-')}" for option in ("tolerance", "class_drop")
@@ -270,7 +270,7 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
     An unknown model or an alias that was never set is an error (exit 2), with or without
     --json.
     """
-    from flowerml.registry_aliases import is_rollback
+    from flowerml.registry.aliases import is_rollback
 
     entry, _ = open_registry(name, store)
     require_model(entry)
@@ -315,11 +315,11 @@ def registry_register(run_id: str, name: str, alias: str, threshold: float, tole
     too. --json prints {model, version, label, location, run_id, weights_sha256, metrics,
     gate}.
     """
-    from flowerml.gates import paired_figures
-    from flowerml.inventory import location, registrable_run
-    from flowerml.promotion import judge_candidate
-    from flowerml.registry import Registry
-    from flowerml.release import build_card, register_run
+    from flowerml.registry.gates import paired_figures
+    from flowerml.registry.inventory import location, registrable_run
+    from flowerml.registry.promotion import judge_candidate
+    from flowerml.registry.release import build_card, register_run
+    from flowerml.registry.versions import Registry
 
     gate = Gate(threshold=threshold, tolerance=tolerance, class_drop=class_drop)
     settings = load_settings(store=store)

@@ -36,7 +36,7 @@ def runs_list(store: str | None, as_json: bool) -> None:
 
     A store with no runs prints nothing on stdout (`[]` with --json) and exits 0.
     """
-    from flowerml.inventory import list_runs
+    from flowerml.registry.inventory import list_runs
 
     target = open_store(store)
     found = list_runs(target)
@@ -61,7 +61,7 @@ def runs_list(store: str | None, as_json: bool) -> None:
 def runs_show(run_id: str, store: str | None, as_json: bool) -> None:
     """One run: where it is, its configuration and dataset, each epoch's metrics, its
     evaluations, extensions and registry versions. An unknown run is an error (exit 2)."""
-    from flowerml.inventory import describe_run
+    from flowerml.registry.inventory import describe_run
 
     details = describe_run(open_store(store), run_id)
     if as_json:
@@ -113,7 +113,7 @@ def runs_delete(run_id: str, force: bool, store: str | None, as_json: bool) -> N
     A run that a registry version came from is refused (exit 2) unless --force. --json
     prints {run_id, location, files, registered, forced}.
     """
-    from flowerml.inventory import delete_run
+    from flowerml.registry.inventory import delete_run
 
     deleted = delete_run(open_store(store), run_id, force=force)
     if as_json:

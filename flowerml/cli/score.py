@@ -12,7 +12,7 @@ import click
 from flowerml.cli.app import EXIT_REFUSED, Choice, cli, emit_json, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
-RUNTIME_CHOICES = ("auto", "onnx", "torch")  # flowerml.scoring_plan.RUNTIMES, without imports
+RUNTIME_CHOICES = ("auto", "onnx", "torch")  # flowerml.serving.scoring_plan.RUNTIMES, without imports
 
 
 @cli.command()
@@ -50,9 +50,9 @@ def score(input_uri: str, model_ref: str, output: str, runtime: str, batch_size:
     _SUCCESS.json is written last. Running it again skips finished shards. Exits 0 when every
     image was scored, 1 when some could not be read (their rows say why), 2 on bad input.
     """
-    from flowerml.scoring import score_collection
-    from flowerml.scoring_plan import ScoringRequest
-    from flowerml.storage_open import open_store
+    from flowerml.io.storage_open import open_store
+    from flowerml.serving.scoring import score_collection
+    from flowerml.serving.scoring_plan import ScoringRequest
 
     settings = load_settings(store=store)
     registry_store = build_store(settings)

@@ -20,9 +20,9 @@ from flowerml.cli.app import (
     store_option,
     training_options,
 )
-from flowerml.recipes import RECIPE_NAMES
+from flowerml.core.recipes import RECIPE_NAMES
+from flowerml.io.storage import Store
 from flowerml.settings import build_store, load_settings
-from flowerml.storage import Store
 
 
 def new_run_id() -> str:
@@ -48,7 +48,7 @@ def announce_run(json_progress: bool) -> Callable[[dict], None]:
 
 def saved_config(store: Store, run_id: str) -> dict[str, Any] | None:
     """The training config a run was started with, or None for a new run id."""
-    from flowerml.runs import RunFiles, check_run_id
+    from flowerml.training.runs import RunFiles, check_run_id
 
     record = RunFiles(store, check_run_id(run_id, "--run-id")).read_optional_json("config.json")
     return record["config"] if isinstance(record, dict) and "config" in record else None
@@ -85,10 +85,10 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
           exit_with_parent: int | None, json_progress: bool, as_json: bool,
           **options: Any) -> None:
     """Fine-tune a model on the published train split, selecting on valid."""
-    from flowerml.launch import exit_with_parent_process
-    from flowerml.progress import progress_for_terminal
-    from flowerml.recipes import build_config, load_config
-    from flowerml.training import fit
+    from flowerml.core.launch import exit_with_parent_process
+    from flowerml.core.progress import progress_for_terminal
+    from flowerml.core.recipes import build_config, load_config
+    from flowerml.training.fit import fit
 
     if exit_with_parent is not None:
         exit_with_parent_process(exit_with_parent)
@@ -144,9 +144,9 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
 
     A student trained with `flowerml distill` also gets `agreement`: its top-1 agreement with
     its teacher on the split (and the teacher's top-1 there), in eval/<split>/agreement.json."""
-    from flowerml.agreement import measure_agreement
-    from flowerml.distillation_task import distillation_record
-    from flowerml.inference import evaluate_run
+    from flowerml.distillation.agreement import measure_agreement
+    from flowerml.distillation.distillation_task import distillation_record
+    from flowerml.evaluation.inference import evaluate_run
 
     settings = load_settings(store=store)
     target = build_store(settings)

@@ -59,7 +59,7 @@ def test_a_server_that_lost_its_port_is_given_up_at_once(
 def test_health_checks_go_direct_whatever_proxy_urllib_remembers(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """urlopen's shared opener keeps the proxies of its first use (torch.hub's download in
-    tests/flowerml/test_weights.py ran with a dead proxy before the deployment tests, on the
+    tests/flowerml/models/test_weights.py ran with a dead proxy before the deployment tests, on the
     same xdist worker, and every health check after it went to that proxy)."""
     import http.server
     import subprocess

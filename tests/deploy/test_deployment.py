@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.launch import process_alive
-from flowerml.registry import Registry
-from flowerml.runs import RunFiles
-from flowerml.storage import S3Options
-from flowerml.storage_s3 import S3Store
+from flowerml.core.launch import process_alive
+from flowerml.io.storage import S3Options
+from flowerml.io.storage_s3 import S3Store
+from flowerml.registry.versions import Registry
+from flowerml.training.runs import RunFiles
 from flows.retrain import training_run_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))

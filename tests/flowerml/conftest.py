@@ -1,7 +1,7 @@
 """Fixtures of the library tests, all built from the session's `synthetic_data`: the small
 archive published on a test's store, and a module's own copy of the tiny trained run (the
 registered one, `registered_run`, is in tests/conftest.py: the flow tests use it too); and for
-the download tests, a scripted HTTP file server and flowerml.download's backoff delays."""
+the download tests, a scripted HTTP file server and flowerml.io.download's backoff delays."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from flowerml.manifest import PublishedDataset
-from flowerml.storage import Store
-from flowerml.storage_local import LocalStore
+from flowerml.data.manifest import PublishedDataset
+from flowerml.io.storage import Store
+from flowerml.io.storage_local import LocalStore
 from tests.helpers.http_files import Server, record_download_sleeps, scripted_server
 from tests.helpers.stores import StoreAndCache
 from tests.helpers.synthetic import (
@@ -54,5 +54,5 @@ def http_server() -> Iterator[Server]:
 
 @pytest.fixture
 def download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every backoff delay flowerml.download sleeps, in order (still slept: tiny with FAST)."""
+    """Every backoff delay flowerml.io.download sleeps, in order (still slept: tiny with FAST)."""
     return record_download_sleeps(monkeypatch)

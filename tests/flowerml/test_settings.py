@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.errors import SettingsError, UserError
+from flowerml.core.errors import SettingsError, UserError
+from flowerml.io.storage import S3Options
+from flowerml.io.storage_local import LocalStore
+from flowerml.io.storage_s3 import S3Store
 from flowerml.settings import Settings, build_store, load_settings
-from flowerml.storage import S3Options
-from flowerml.storage_local import LocalStore
-from flowerml.storage_s3 import S3Store
 from tests.helpers.cli import assert_refused, invoke
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flowerml.registry import Registry
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
+from flowerml.registry.versions import Registry
 from flows.distill import DistillParams, StudentParams, distill_flowers
 from flows.retrain import RetrainParams
 from tests.helpers.stores import copy_tree
@@ -70,7 +70,7 @@ def test_distill_manual_releases_a_student_of_the_champion(
 # rejected run whose distill stage is skipped)
 def test_the_retrain_flow_distils_the_model_it_promoted(
         prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
     from flows.retrain import retrain_flowers
 
     write_synthetic_archive(tmp_path / "src", SyntheticSpec(classes=4, per_class=12,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from flowerml.storage import S3Options
-from flowerml.storage_s3 import S3Store
+from flowerml.io.storage import S3Options
+from flowerml.io.storage_s3 import S3Store
 from flows.ingest import ingest_flowers
 from tasks.ingest import fetch_sources_task
 from tests.helpers.network import free_port

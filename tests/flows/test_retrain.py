@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import flows.retrain as retrain_module
-from flowerml.registry import Registry
-from flowerml.storage import S3Options
-from flowerml.storage_s3 import S3Store
+from flowerml.io.storage import S3Options
+from flowerml.io.storage_s3 import S3Store
+from flowerml.registry.versions import Registry
 from flows.retrain import RetrainParams, retrain_flowers
 from tasks.registry import register_task
 
@@ -27,7 +27,7 @@ BAD = {**GOOD, "epochs": 1, "lr": 1e-7}
 @pytest.fixture
 def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint: str,
           s3_bucket: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+    from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
 
     source = tmp_path / "src"
     write_synthetic_archive(source, SyntheticSpec(classes=4, per_class=16, image_size=56, seed=7))

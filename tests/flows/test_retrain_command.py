@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 import flows.retrain_command as retrain_command
-from flowerml.launch import process_alive
+from flowerml.core.launch import process_alive
 from flows.cli import cli
 from tests.helpers.cli import assert_refused
 from tests.helpers.stores import store_keys
@@ -79,8 +79,8 @@ def test_retrain_demo_preset_json(tmp_path: Path) -> None:
         f"({flow_run_id}); training run {summary['run_id']}" in first, first
     assert rest == [line for line in rest if line.startswith("flowerml: epoch 1/1: train loss")]
     assert len(rest) == 1, done.stderr
-    from flowerml.registry import Registry
-    from flowerml.storage_local import LocalStore
+    from flowerml.io.storage_local import LocalStore
+    from flowerml.registry.versions import Registry
 
     registry = Registry(LocalStore(tmp_path / "store"), "flowers102")
     assert registry.get(1).committed

@@ -11,7 +11,7 @@ from flows.retrain_summary import example_image
 
 def test_the_suggested_image_is_one_the_model_got_right(registered_run, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowerml.predictions import run_predictions
+    from flowerml.evaluation.predictions import run_predictions
     from flowerml.settings import load_settings
 
     monkeypatch.setenv("FLOWERML_CACHE_DIR", str(registered_run.cache))

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowerml.registry import Registry
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
+from flowerml.registry.versions import Registry
 from flows.score import ScoreParams, score_images
 from tests.helpers.images import write_jpeg
 from tests.helpers.scoring import rows_in_folder
@@ -78,7 +78,7 @@ def test_a_worker_killed_mid_shard_still_ends_with_every_shard_done_once(
         import os
         import time
 
-        from flowerml import inputs
+        from flowerml.serving import inputs
 
         original = getattr(inputs.KeyReader, "unheld_read", inputs.KeyReader.read)
 
@@ -91,7 +91,7 @@ def test_a_worker_killed_mid_shard_still_ends_with_every_shard_done_once(
         inputs.KeyReader.read = read
 
     def unhold_reads() -> None:
-        from flowerml import inputs
+        from flowerml.serving import inputs
 
         if hasattr(inputs.KeyReader, "unheld_read"):
             inputs.KeyReader.read = inputs.KeyReader.unheld_read

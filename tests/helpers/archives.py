@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from flowerml import flowers
+from flowerml.data import flowers
 
 
 def write_tgz(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from flowerml.models import FlowerModel
+from flowerml.models.backbones import FlowerModel
 
 
 def source_resnet18(seed: int = 7) -> nn.Module:

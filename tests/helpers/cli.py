@@ -7,7 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from flowerml.cli import cli
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
 
 
 def invoke(*args: str, env: dict[str, str] | None = None, store: LocalStore | None = None,

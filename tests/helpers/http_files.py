@@ -1,7 +1,7 @@
 """A scripted HTTP file server on 127.0.0.1 for the download tests: each request gets the next
 behaviour of a script (serve the file, drop the connection after n bytes, answer a status, a
 raw 206), and every request is recorded (path, Range, headers). `scripted_server` runs one for
-a `with` block; `record_download_sleeps` records flowerml.download's backoff delays."""
+a `with` block; `record_download_sleeps` records flowerml.io.download's backoff delays."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from flowerml import download
+from flowerml.io import download
 
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes: several chunks at chunk_size=4096
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
@@ -168,7 +168,7 @@ def scripted_server() -> Iterator[Server]:
 
 
 def record_download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record every backoff delay flowerml.download sleeps (and still sleep it: they are tiny
+    """Record every backoff delay flowerml.io.download sleeps (and still sleep it: they are tiny
     with FAST)."""
     delays: list[float] = []
     real = download._sleep

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.runs import RunFiles
+from flowerml.training.runs import RunFiles
 
 
 class DiedBeforeCheckpoint(Exception):

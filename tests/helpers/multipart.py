@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowerml.storage_s3 import S3Store
+from flowerml.io.storage_s3 import S3Store
 
 MULTIPART_TEST_THRESHOLD = 5 * 1024 * 1024  # S3's smallest part; default chunks are 8 MiB
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 
-from flowerml.predictions import (
+from flowerml.evaluation.predictions import (
     ImagePrediction,
     PredictionSet,
     encode_predictions,
     predictions_record,
 )
-from flowerml.registry import ModelVersion, Registry
+from flowerml.registry.versions import ModelVersion, Registry
 from tests.helpers.registry_entries import MANIFEST, card, weights
 
 NAMES = ("pink primrose", "hard-leaved pocket orchid", "canterbury bells", "sweet pea")

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from flowerml.export import export_version
-from flowerml.manifest import PublishedDataset, resolve_dataset
-from flowerml.models import build_model
-from flowerml.registry import Registry
-from flowerml.storage_local import LocalStore
+from flowerml.data.manifest import PublishedDataset, resolve_dataset
+from flowerml.io.storage_local import LocalStore
+from flowerml.models.backbones import build_model
+from flowerml.registry.versions import Registry
+from flowerml.serving.export import export_version
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import DATASET, SMALL_SPEC, RegisteredRun, SyntheticData
 

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 from typing import NamedTuple
 
-from flowerml.storage import Store
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage import Store
+from flowerml.io.storage_local import LocalStore
 
 
 class StoreAndCache(NamedTuple):

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from flowerml.manifest import PublishedDataset, resolve_dataset
-from flowerml.recipes import TrainConfig, build_config
-from flowerml.registry import Registry
-from flowerml.storage import Store
-from flowerml.storage_local import LocalStore
-from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.core.recipes import TrainConfig, build_config
+from flowerml.data.manifest import PublishedDataset, resolve_dataset
+from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.io.storage import Store
+from flowerml.io.storage_local import LocalStore
+from flowerml.registry.versions import Registry
 from tests.helpers.stores import StoreAndCache, copy_tree
 
 DATASET = "flowers102"
@@ -81,8 +81,8 @@ class SyntheticData:
 
     def published(self, spec: SyntheticSpec) -> Path:
         """A folder with `store/` (`spec`'s archive ingested as flowers102) and `cache/`."""
-        from flowerml.ingest import ingest
-        from flowerml.source_files import FetchOptions
+        from flowerml.data.ingest import ingest
+        from flowerml.data.source_files import FetchOptions
 
         source = self.source(spec)
 
@@ -94,7 +94,7 @@ class SyntheticData:
 
     def trained(self, spec: SyntheticSpec, run_id: str, config: TrainConfig) -> Path:
         """`published(spec)` plus run `run_id` trained with `config` on the CPU."""
-        from flowerml.training import fit
+        from flowerml.training.fit import fit
 
         published = self.published(spec)
         identity = json.dumps([run_id, config.to_json()], sort_keys=True).encode()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from prefect.states import Failed
 
-from flowerml.errors import (
+from flowerml.core.errors import (
     DownloadError,
     DownloadRetriesExhausted,
     LabelsError,
     RetriesExhausted,
     SourceError,
 )
-from flowerml.storage import StoreAccessError, StoreUnreachable
+from flowerml.io.storage import StoreAccessError, StoreUnreachable
 from tasks.common import retry_transient
 
 

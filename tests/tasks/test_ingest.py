@@ -1,4 +1,4 @@
-"""The fetch task's retry policy: HTTP downloads are retried by flowerml.download only.
+"""The fetch task's retry policy: HTTP downloads are retried by flowerml.io.download only.
 
 A real HTTP server on 127.0.0.1 counts the requests it answers; the task runs under the
 session's Prefect test harness and its run count is read back from the server.
@@ -18,7 +18,7 @@ from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
-from flowerml import flowers
+from flowerml.data import flowers
 from tasks.ingest import fetch_sources_task
 
 DOWNLOAD_RETRIES = 2

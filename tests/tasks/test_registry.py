@@ -3,8 +3,8 @@ from the flow's parameters."""
 
 from __future__ import annotations
 
-from flowerml.comparison import compare
-from flowerml.gates import Gate, PairedUnavailable, paired_figures
+from flowerml.registry.comparison import compare
+from flowerml.registry.gates import Gate, PairedUnavailable, paired_figures
 from tasks.registry import gate_of, paired_section
 from tests.helpers.paired import paired_outcomes, prediction_set
 

@@ -9,10 +9,10 @@ import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
 
-from flowerml.ingest import ingest
-from flowerml.recipes import build_config
-from flowerml.source_files import FetchOptions
-from flowerml.storage_local import LocalStore
+from flowerml.core.recipes import build_config
+from flowerml.data.ingest import ingest
+from flowerml.data.source_files import FetchOptions
+from flowerml.io.storage_local import LocalStore
 from tasks.evaluate import evaluate_task, inline_images
 from tasks.train import child_arguments, progress_artifact, train_task
 from tests.helpers.prefect_runs import task_outcome

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowerml.cli.app import FlowermlGroup, emit_json, json_option, json_requested
-from flowerml.errors import DatasetNotFound
+from flowerml.core.errors import DatasetNotFound
 from tests.helpers.cli import assert_refused, invoke
 
 
@@ -45,7 +45,7 @@ def build_group() -> click.Group:
 
     @group.command()
     def warns() -> None:
-        logging.getLogger("flowerml.download").warning("download of URL failed; retry 1 of 2")
+        logging.getLogger("flowerml.io.download").warning("download of URL failed; retry 1 of 2")
         click.echo("done")
 
     @group.command()
@@ -227,7 +227,7 @@ def test_sigterm_stops_train_with_one_line_and_json(local_published, local_store
 # `flowerml` whose shards take half a second more each, so a test can stop it between them.
 SLOW_SHARDS = """
 import sys, time
-from flowerml import scoring
+from flowerml.serving import scoring
 score_shard = scoring.score_shard
 def score_slowly(*args, **kwargs):
     time.sleep(0.5)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from flowerml.registry import Registry
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
+from flowerml.registry.versions import Registry
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.paired import register_with_predictions
 from tests.helpers.registry_entries import MODEL, card, weights

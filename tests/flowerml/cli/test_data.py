@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowerml import flowers
+from flowerml.data import flowers
 from tests.helpers.archives import archive_members, regular, rewrite_archive, rewrite_mat, special
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.network import free_port

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flowerml.manifest import content_version, resolve_dataset
-from flowerml.storage_local import LocalStore
+from flowerml.data.manifest import content_version, resolve_dataset
+from flowerml.io.storage_local import LocalStore
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.synthetic import DATASET
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.ingest import ingest
-from flowerml.registry import Registry
-from flowerml.source_files import FetchOptions
-from flowerml.storage_local import LocalStore
-from flowerml.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.data.ingest import ingest
+from flowerml.data.source_files import FetchOptions
+from flowerml.data.synthetic import SyntheticSpec, write_synthetic_archive
+from flowerml.io.storage_local import LocalStore
+from flowerml.registry.versions import Registry
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import StoreAndCache, copy_tree
 from tests.helpers.synthetic import RegisteredRun

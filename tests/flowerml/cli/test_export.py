@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import RegisteredRun

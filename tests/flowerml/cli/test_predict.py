@@ -106,7 +106,7 @@ def test_failed_inputs_get_their_own_rows_and_exit_1(tiny_run: StoreAndCache, ph
 
 def test_a_list_file_names_images_as_flowerml_score_reads_them(tiny_run: StoreAndCache,
                                                                 photos: Path) -> None:
-    """A .txt list (flowerml.inputs): entries beside it, every one tried, comments skipped."""
+    """A .txt list (flowerml.serving.inputs): entries beside it, every one tried, comments skipped."""
     (photos / "today.txt").write_text("# today\nsub/c.jpg\nnotes.md\na.jpg\n")
     result = predict(tiny_run, str(photos / "today.txt"), "--json")
     assert result.exit_code == 1, result.output

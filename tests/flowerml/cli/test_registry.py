@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from flowerml.manifest import resolve_dataset
-from flowerml.models import build_model
-from flowerml.registry import Registry
-from flowerml.storage_local import LocalStore
+from flowerml.data.manifest import resolve_dataset
+from flowerml.io.storage_local import LocalStore
+from flowerml.models.backbones import build_model
+from flowerml.registry.versions import Registry
 from tests.helpers.cli import assert_refused
 from tests.helpers.cli import invoke as cli_invoke
 from tests.helpers.registries import published_card, two_version_registry
@@ -180,8 +180,8 @@ def test_rollback_walks_back_and_history_shows_padded_versions(registry: Registr
 
 
 def test_show_prints_the_gates_paired_test_from_each_card(local_store: LocalStore) -> None:
-    from flowerml.comparison import compare
-    from flowerml.gates import Gate, PairedUnavailable, paired_figures
+    from flowerml.registry.comparison import compare
+    from flowerml.registry.gates import Gate, PairedUnavailable, paired_figures
     from tests.helpers.paired import paired_outcomes, prediction_set
     from tests.helpers.registry_entries import card as bare_card
     from tests.helpers.registry_entries import weights

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.registry import Registry
-from flowerml.release import build_card
-from flowerml.runs import RunFiles
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
+from flowerml.registry.release import build_card
+from flowerml.registry.versions import Registry
+from flowerml.training.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import StoreAndCache, copy_tree
 from tests.helpers.synthetic import DATASET, TINY_RUN

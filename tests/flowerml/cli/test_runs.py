@@ -9,8 +9,8 @@ import click
 import pytest
 
 from flowerml.cli import cli
-from flowerml.runs import RunFiles
-from flowerml.storage_local import LocalStore
+from flowerml.io.storage_local import LocalStore
+from flowerml.training.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import DATASET, TINY_RUN, RegisteredRun

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import Result
 
-from flowerml.registry import Registry
+from flowerml.registry.versions import Registry
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
 from tests.helpers.scoring import PHOTO_KEYS, write_photos

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.registry import Registry
-from flowerml.storage import Store
-from flowerml.storage_s3 import S3Store
+from flowerml.io.storage import Store
+from flowerml.io.storage_s3 import S3Store
+from flowerml.registry.versions import Registry
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.registries import two_version_registry
 from tests.helpers.synthetic import SyntheticData

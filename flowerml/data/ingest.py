@@ -1,0 +1,286 @@
+"""Ingest: the three source files onto the store, then the official split as ImageFolder trees.
+
+Two steps, each safe to repeat and to interrupt (the pieces they use: `flowerml.data.source_files`
+brings each file from its source and checks it, `flowerml.data.raw_mirror` keeps the store's raw/
+copy and the local one, `flowerml.data.archive_survey` reads the archive once):
+
+1. `fetch_sources` materialises the files from a source (the official site, a mirror URL, a
+   local folder or an s3:// prefix), checks what they are (gzip, .mat, not an HTML page), their
+   MD5s when verifying, the .mat consistency and the archive's members, and only then mirrors them
+   to `datasets/<name>/raw/` with a `sources.json` record written last.
+2. `publish_split` surveys the archive (sha256 and a decode check of every image), refuses
+   train/valid/test leakage, derives the content-addressed version, uploads the images that are
+   not there yet, byte-identical to the archive, then `quarantine.json`, `manifest.json` last of
+   the version, then `CURRENT` (both written by `flowerml.data.manifest`, which owns their shape).
+   An archive `flowerml synth` drew (its imagelabels.mat carries the marker) is published as
+   synthetic; the result names the version in full and the version CURRENT named before.
+
+A step that fails removes the empty folders it left on a local store, so a refused source or a
+failed upload leaves nothing that looks like a dataset. Both steps first probe that the store
+takes writes (`Store.check_writable`), so a read-only credential is refused before any work.
+A version is published by one ingest at a time (`Store.writing_under`); on a local store the
+temp files of an ingest killed mid-upload are removed when the next one starts on the version
+(a stop by SIGTERM or Ctrl-C removes its own on the way out).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from inspect import signature
+from pathlib import Path
+from typing import Any
+
+from flowerml.core.errors import DataError, DatasetNotFound, LeakageError, SourceError
+from flowerml.core.progress import NullProgress, Progress
+from flowerml.data import flowers
+from flowerml.data.archive_survey import Survey, check_members_cover_split, load_or_survey
+from flowerml.data.manifest import (
+    ManifestEntry,
+    content_version,
+    count_splits,
+    dataset_prefix,
+    encode_json,
+    manifest_key,
+    parse_manifest,
+    quarantine_key,
+    read_current,
+    read_quarantine_names,
+    version_prefix,
+    write_current,
+    write_manifest,
+)
+from flowerml.data.raw_mirror import (
+    SOURCES_RECORD,
+    local_raw_files,
+    mirror_sources,
+    official_already_mirrored,
+    raw_key,
+    read_sources_record,
+    seed_raw_cache,
+)
+from flowerml.data.source_files import (
+    FetchOptions,
+    check_source_file,
+    describe_source,
+    materialise_source,
+    resolve_source,
+)
+from flowerml.data.splits import OfficialSplit, read_official_split
+from flowerml.data.synthetic import is_synthetic
+from flowerml.io.locations import OfficialLocation, SourceLocation
+from flowerml.io.storage import ObjectNotFound, Store
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ingest published; `to_json()` is the CLI's --json object.
+
+    `location` is the version's folder in full (path or s3:// URI); `replaced` the version
+    CURRENT named before, when this ingest moved it (None when it was unset or unchanged);
+    `synthetic` whether the archive was drawn by `flowerml synth`.
+    """
+
+    dataset: str
+    version: str
+    counts: dict[str, int]
+    uploaded: int
+    skipped: int
+    quarantined: int
+    store: str
+    location: str
+    replaced: str | None
+    synthetic: bool
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def leaves_no_empty_folders(step: Callable[..., Any]) -> Callable[..., Any]:
+    """When `step` (called with a `store` and a `dataset`) fails, the empty folders it left on
+    a local store (under the dataset, and the store's own folder if it made it) are removed."""
+    parameters = signature(step)
+
+    @functools.wraps(step)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return step(*args, **kwargs)
+        except BaseException:
+            bound = parameters.bind(*args, **kwargs).arguments
+            # The step's own error is the one to report, whatever the tidying meets.
+            with contextlib.suppress(ValueError, OSError):
+                bound["store"].remove_empty_folders(dataset_prefix(bound["dataset"]))
+            raise
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: fetch
+
+
+@leaves_no_empty_folders
+def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,
+                  options: FetchOptions, *, workers: int | None = None,
+                  progress: Progress | None = None) -> dict:
+    """Mirror the three checked source files to `datasets/<name>/raw/`; returns the record."""
+    location = resolve_source(source)  # before the store is touched
+    official = isinstance(location, OfficialLocation)
+    verify = options.verify or official
+    store.check()
+    store.check_writable()  # a read-only key is refused before any download
+    record = read_sources_record(store, dataset)
+    if official and official_already_mirrored(store, dataset, record):
+        return record  # type: ignore[return-value]
+    local = {name: materialise_source(location, name, cache_dir, options)
+             for name in flowers.SOURCE_FILES}
+    md5s = {}
+    for name, path in local.items():
+        try:
+            md5s[name] = check_source_file(path, name, verify)
+        except SourceError:
+            if path.is_relative_to(cache_dir):
+                path.unlink(missing_ok=True)  # never reuse a bad download
+            raise
+    split = read_official_split(local[flowers.LABELS], local[flowers.SETID])
+    local = seed_raw_cache(local, cache_dir, dataset)
+    survey = load_or_survey(local[flowers.ARCHIVE], md5s[flowers.ARCHIVE], cache_dir, dataset,
+                            workers, progress or NullProgress())
+    check_members_cover_split(flowers.ARCHIVE, survey.present, split)
+    return mirror_sources(store, dataset, record, local, md5s, describe_source(source), verify)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: publish
+
+
+def build_entries(split: OfficialSplit, survey: Survey) -> list[ManifestEntry]:
+    entries = []
+    for split_name, ids in split.splits.items():
+        for image_id in ids:
+            if image_id in survey.problems:
+                continue
+            label = split.label_of(image_id)
+            image = flowers.image_name(image_id)
+            entries.append(ManifestEntry(
+                split_name, label, image, f"{split_name}/{flowers.class_dir(label)}/{image}",
+                survey.sizes[image_id], survey.sha256[image_id]))
+    return sorted(entries, key=lambda e: e.key)
+
+
+def build_quarantine(split: OfficialSplit, survey: Survey) -> list[dict]:
+    where = split.split_of()
+    return [{"image": flowers.image_name(i), "split": where[i], "label": split.label_of(i),
+             "reason": survey.problems[i]} for i in sorted(survey.problems)]
+
+
+def check_leakage(entries: list[ManifestEntry]) -> None:
+    """Refuse identical bytes in two splits: a test image seen in training inflates accuracy."""
+    by_hash: dict[str, list[ManifestEntry]] = defaultdict(list)
+    for entry in entries:
+        by_hash[entry.sha256].append(entry)
+    leaks = [group for group in by_hash.values() if len({e.split for e in group}) > 1]
+    if leaks:
+        shown = "; ".join(" = ".join(f"{e.image} ({e.split})" for e in group)
+                          for group in leaks[:5])
+        raise LeakageError(f"identical images in more than one split, refusing to publish: "
+                           f"{shown}" + (f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""))
+
+
+def upload_images(store: Store, prefix: str, survey: Survey, entries: list[ManifestEntry],
+                  progress: Progress) -> tuple[int, int]:
+    """Upload what is not on the store yet, from the staged images; (uploaded, skipped)."""
+    existing = {info.key: info.size for info in store.list(prefix + "/")}
+    todo = [e for e in entries if existing.get(f"{prefix}/{e.key}") != e.size]
+    progress.start("uploading images", len(todo))
+
+    def staged(entry: ManifestEntry) -> bytes:
+        data = survey.staged(flowers.image_id(entry.image)).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise SourceError(f"{survey.folder / entry.image}: staged image changed since the "
+                              f"survey; delete {survey.folder} and re-run")
+        return data
+
+    stream = ((f"{prefix}/{entry.key}", staged(entry)) for entry in todo)
+    uploaded = store.upload_many(stream, progress=lambda _size: progress.advance())
+    return uploaded, len(entries) - len(todo)
+
+
+@leaves_no_empty_folders
+def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int | None = None,
+                  progress: Progress | None = None) -> IngestResult:
+    """Publish the official split from `datasets/<name>/raw/` as a content-addressed version."""
+    progress = progress or NullProgress()
+    store.check()
+    store.check_writable()
+    record = read_sources_record(store, dataset)
+    if record is None:
+        raise DatasetNotFound(f"{store.location(raw_key(dataset, SOURCES_RECORD))}: not found; "
+                              "fetch the sources first (flowerml ingest)")
+    files = local_raw_files(store, dataset, record, cache_dir)
+    split = read_official_split(files[flowers.LABELS], files[flowers.SETID])
+    survey = load_or_survey(files[flowers.ARCHIVE], record["files"][flowers.ARCHIVE]["md5"],
+                            cache_dir, dataset, workers, progress)
+    check_members_cover_split(flowers.ARCHIVE, survey.present, split)
+    entries = build_entries(split, survey)
+    check_leakage(entries)
+    quarantine = build_quarantine(split, survey)
+    quarantined_images = [q["image"] for q in quarantine]
+    synthetic = is_synthetic(files[flowers.LABELS])
+    version = content_version(entries, quarantined_images, synthetic)
+    prefix = version_prefix(dataset, version)
+    # One writer per version at a time; on a local store, the temp files an ingest stopped
+    # mid-upload left in the version (SIGKILL) are removed as this one starts.
+    with store.writing_under(prefix):
+        manifest = published_manifest(store, dataset, version)
+        if manifest is None:
+            uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
+            store.put_bytes(quarantine_key(dataset, version), encode_json(quarantine))
+            manifest = write_manifest(store, dataset, version,
+                                      flowers.class_names_for(split.num_classes), entries,
+                                      quarantined_images=quarantined_images,
+                                      sources=record["files"], synthetic=synthetic)
+        else:
+            uploaded, skipped = 0, len(entries)
+    replaced = move_current(store, dataset, version, manifest)
+    return IngestResult(dataset, version, count_splits(entries), uploaded, skipped,
+                        len(quarantine), store.uri, store.location(prefix), replaced, synthetic)
+
+
+def published_manifest(store: Store, dataset: str, version: str) -> bytes | None:
+    """The version's manifest when it is already published and checks out; None when this
+    ingest must write it (absent, or damaged or edited since: re-ingesting repairs it)."""
+    key = manifest_key(dataset, version)
+    try:
+        raw = store.get_bytes(key)
+    except ObjectNotFound:
+        return None
+    try:
+        parse_manifest(store.location(key), raw, dataset, version, hashlib.sha256(raw).hexdigest(),
+                       read_quarantine=lambda: read_quarantine_names(store, dataset, version))
+    except DataError:
+        return None
+    return raw
+
+
+def move_current(store: Store, dataset: str, version: str, manifest: bytes) -> str | None:
+    """Point CURRENT at `version`; returns the version it named before when this moved it."""
+    try:
+        before = read_current(store, dataset)
+    except DataError:
+        before = None  # a damaged CURRENT is one of the things an ingest repairs
+    write_current(store, dataset, version, manifest)
+    previous = before["version"] if before else None
+    return previous if previous != version else None
+
+
+def ingest(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,
+           options: FetchOptions, *, workers: int | None = None,
+           progress: Progress | None = None) -> IngestResult:
+    """Fetch then publish: the whole `flowerml ingest`."""
+    fetch_sources(source, store, dataset, cache_dir, options, workers=workers, progress=progress)
+    return publish_split(store, dataset, cache_dir, workers=workers, progress=progress)

@@ -1,0 +1,190 @@
+"""The per-image predictions an evaluation stores, and reading them back.
+
+Evaluation (`flowerml.evaluation.inference.publish_report`) writes `predictions.jsonl` next to the
+metrics: one line per image of the split, in manifest order,
+
+    {"key": "test/001/image_06734.jpg", "label": 1, "top5": [1, 77, 46, 51, 3],
+     "probs": [0.9731, 0.0112, 0.0041, 0.0032, 0.0011]}
+
+(1-based labels, most probable first; `top5[0]` is the prediction that top-1 counts), and records
+in metrics.json's `predictions` block what they were measured on (dataset version, test
+manifest sha256, split, weights sha256) and the file's own sha256. metrics.json is written last,
+so predictions are read only when complete; registration copies both into the version, where
+`flowerml.registry.comparison` reads them to compare two models image by image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flowerml.core.errors import UserError
+from flowerml.io.storage import ObjectNotFound, Store
+from flowerml.training.runs import RunFiles, check_run_id
+
+if TYPE_CHECKING:
+    from flowerml.training.metrics import TopPredictions
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+RUN_PREFIX = "run:"
+_PROBABILITY_DIGITS = 6
+
+
+class ComparisonError(UserError):
+    """Predictions that cannot be compared: unreadable, or of different images."""
+
+
+class PredictionsMissing(ComparisonError):
+    """A run or version with no stored per-image predictions (never evaluated, or evaluated
+    before evaluation kept them)."""
+
+    kind = "not-found"
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One image: its key under the dataset version, true label, and the most probable labels
+    (1-based, best first) with their probabilities."""
+
+    key: str
+    label: int
+    top: tuple[int, ...]
+    probabilities: tuple[float, ...]
+
+    @property
+    def predicted(self) -> int:
+        return self.top[0]
+
+    @property
+    def correct(self) -> bool:
+        return self.top[0] == self.label
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "top5": list(self.top),
+                "probs": list(self.probabilities)}
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> ImagePrediction:
+        try:
+            row = cls(value["key"], value["label"], tuple(value["top5"]), tuple(value["probs"]))
+        except (KeyError, TypeError):
+            row = None
+        if row is None or not row.is_valid():
+            raise ComparisonError(f"{where}: not a prediction row: {str(value)[:120]}")
+        return row
+
+    def is_valid(self) -> bool:
+        return (isinstance(self.key, str) and bool(self.key) and _is_label(self.label)
+                and bool(self.top) and len(self.top) == len(self.probabilities)
+                and all(_is_label(label) for label in self.top)
+                and all(isinstance(p, int | float) and 0 <= p <= 1 for p in self.probabilities))
+
+
+def _is_label(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def prediction_rows(keys: Sequence[str], top: TopPredictions) -> list[ImagePrediction]:
+    """The rows of one evaluation: `keys[i]` names sample i (the loader's order)."""
+    if len(keys) != len(top.targets):
+        raise ValueError(f"{len(keys)} image keys for {len(top.targets)} predictions")
+    return [ImagePrediction(key, int(label) + 1, tuple(int(c) + 1 for c in classes),
+                            tuple(round(float(p), _PROBABILITY_DIGITS) for p in probabilities))
+            for key, label, classes, probabilities
+            in zip(keys, top.targets, top.classes, top.probabilities, strict=True)]
+
+
+def encode_predictions(rows: Iterable[ImagePrediction]) -> bytes:
+    return "".join(json.dumps(row.to_json(), separators=(",", ":")) + "\n"
+                   for row in rows).encode()
+
+
+def decode_predictions(data: bytes, where: str) -> list[ImagePrediction]:
+    rows = []
+    for number, line in enumerate(data.decode(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            raise ComparisonError(f"{where}: line {number} is not JSON") from None
+        rows.append(ImagePrediction.from_json(value, f"{where}: line {number}"))
+    return rows
+
+
+def predictions_record(data: bytes, *, dataset: str, manifest_sha256: str, split: str,
+                       weights_sha256: str) -> dict[str, Any]:
+    """metrics.json's `predictions` block: which file, its sha256, and what it measured."""
+    return {"file": PREDICTIONS_FILE, "sha256": hashlib.sha256(data).hexdigest(),
+            "dataset": dataset, "manifest_sha256": manifest_sha256, "split": split,
+            "weights_sha256": weights_sha256}
+
+
+@dataclass(frozen=True)
+class PredictionSet:
+    """What one model predicted for every image of a split of one manifest."""
+
+    source: str  # "flowers102:000002" or "run:ID"
+    dataset: str  # "flowers102@<version>"
+    manifest_sha256: str
+    split: str
+    weights_sha256: str
+    class_names: tuple[str, ...]
+    images: tuple[ImagePrediction, ...]
+
+    @property
+    def top1(self) -> float:
+        return sum(row.correct for row in self.images) / len(self.images)
+
+
+def read_prediction_set(metrics: Any, read: Any, *, source: str, where: str,
+                        class_names: Sequence[str], fix: str) -> PredictionSet:
+    """A PredictionSet from a metrics.json value and `read(name) -> bytes | None` for the
+    files beside it; `fix` says what to run when there are none."""
+    record = metrics.get("predictions") if isinstance(metrics, dict) else None
+    if not isinstance(record, dict):
+        raise PredictionsMissing(f"{source} has no stored per-image predictions (evaluated "
+                                 f"before evaluation kept them): {fix}")
+    try:
+        name, digest = record["file"], record["sha256"]
+        identity = (record["dataset"], record["manifest_sha256"], record["split"],
+                    record["weights_sha256"])
+    except (KeyError, TypeError):
+        raise ComparisonError(f"{where}/{METRICS_FILE}: its predictions block is incomplete"
+                              ) from None
+    data = read(name) if name == PREDICTIONS_FILE else None
+    if data is None:
+        raise PredictionsMissing(f"{source} has no {PREDICTIONS_FILE} beside its metrics: {fix}")
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ComparisonError(f"{where}/{PREDICTIONS_FILE}: sha256 does not match the one "
+                              f"{METRICS_FILE} records: {fix}")
+    rows = decode_predictions(data, f"{where}/{PREDICTIONS_FILE}")
+    if not rows:
+        raise ComparisonError(f"{where}/{PREDICTIONS_FILE}: holds no predictions: {fix}")
+    return PredictionSet(source, *map(str, identity), tuple(class_names), tuple(rows))
+
+
+def run_predictions(store: Store, run_id: str, split: str = "test") -> PredictionSet:
+    """A run's stored predictions on `split` (its latest evaluation there)."""
+    run = RunFiles(store, check_run_id(run_id, "run id")).require()
+    source = f"{RUN_PREFIX}{run_id}"
+    fix = f"run flowerml evaluate --run {run_id}" + (f" --split {split}" if split != "test"
+                                                     else "")
+    metrics = run.read_optional_json(f"eval/{split}/{METRICS_FILE}")
+    if metrics is None:
+        raise PredictionsMissing(f"{source} has no {split} evaluation: {fix} first")
+
+    def read(name: str) -> bytes | None:
+        try:
+            return store.get_bytes(run.key(f"eval/{split}/{name}"))
+        except ObjectNotFound:
+            return None
+
+    classes = run.read_json("config.json").get("classes", [])
+    return read_prediction_set(metrics, read, source=source, fix=fix + " again",
+                               where=store.location(run.key(f"eval/{split}")),
+                               class_names=classes)

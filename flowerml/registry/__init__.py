@@ -1,0 +1,1 @@
+"""The model registry: numbered versions and their aliases, model cards, releasing a run into it, comparing two models, the promotion gates, the export record a version holds, and what a store holds, listed."""

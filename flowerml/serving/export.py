@@ -1,0 +1,272 @@
+"""ONNX export of a registry version, with a parity gate measured on the version's own test split.
+
+`export_version` writes two files into `registry/<model>/versions/<NNNNNN>/`, create-only:
+`model.onnx` (the graph) and `export.json` (its sha256, sizes, exporter, opset, input contract
+and the parity figures). A version holds one export for good: exporting it again returns the
+one it has.
+
+The graph takes what the evaluation loader produces, **uint8 RGB images, NCHW, already resized
+and centre-cropped to the card's `image_size`** (resize the short side to round(S*256/224), then
+centre-crop S), and normalises them inside (ImageNet mean and std): a consumer sends pixels, not
+floats it has to normalise the same way. Its batch axis is dynamic; the output is `logits`
+[N, classes] (softmax them for probabilities).
+
+Parity is measured, not assumed: ONNX Runtime's CPU provider and PyTorch eager score every test
+image of the manifest the card names; the export passes when their top-1 predictions agree on at
+least `MIN_AGREEMENT` of the images and no logit differs by more than `LOGIT_TOLERANCE`. A version
+whose export fails parity cannot be promoted without `--force` (see `flowerml.registry.gates`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flowerml.core.documents import check_document, plain
+from flowerml.core.files import sha256_hex
+from flowerml.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from flowerml.registry.export_record import (
+    EXPORT_JSON,
+    ONNX_FILE,
+    ExportError,
+    ExportRecord,
+    load_onnx_bytes,
+    read_export,
+)
+from flowerml.registry.versions import Registry
+
+DEFAULT_OPSET = 18
+MIN_AGREEMENT = 0.999
+LOGIT_TOLERANCE = 1e-3
+"""Largest |logit(onnx) - logit(torch)| allowed. Both run fp32 on the CPU; what differs is the
+order of the sums in their kernels, which moves a logit by ~1e-5 in ResNet-152."""
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+class PixelsToLogits(nn.Module):
+    """uint8 NCHW pixels -> logits: the model behind the same normalisation as training's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() - self.mean) / self.std)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """ONNX Runtime against PyTorch eager on the same images."""
+
+    images: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+    torch_images_per_second: float
+    onnx_images_per_second: float
+    min_agreement: float = MIN_AGREEMENT
+    logit_tolerance: float = LOGIT_TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return (self.images > 0 and self.top1_agreement >= self.min_agreement
+                and self.max_abs_logit_diff <= self.logit_tolerance)
+
+
+def export_onnx(model: nn.Module, image_size: int, path: Path,
+                opset: int = DEFAULT_OPSET) -> str:
+    """Write `model` (uint8 pixels in) as ONNX at `path`, checked by onnx's checker; returns
+    the exporter used: torch.export ("dynamo") where it works, else TorchScript."""
+    import onnx
+
+    wrapped = PixelsToLogits(model).eval()
+    example = (torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8),)
+    try:
+        exporter = "dynamo"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, example, str(path), dynamo=True, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              external_data=False, verbose=False)
+    except Exception:  # noqa: BLE001 - any dynamo failure falls back to the older exporter
+        exporter = "torchscript"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, example, str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    onnx.checker.check_model(str(path), full_check=True)
+    return exporter
+
+
+def build_onnx_session(data: bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session over a model's bytes, with `threads` intra-op threads (by
+    default as many as torch uses, so OMP_NUM_THREADS bounds both runtimes alike and a parity
+    check or a benchmark compares them on the same cores)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # warnings about unused initialisers are not the user's
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def measure_parity(model: nn.Module, session, batches) -> Parity:
+    """Score every (uint8 images, labels) batch with both runtimes and compare."""
+    wrapped = PixelsToLogits(model).eval()
+    images = agree = 0
+    max_diff = 0.0
+    torch_seconds = onnx_seconds = 0.0
+    for batch, _labels in batches:
+        pixels = batch.to(torch.uint8).contiguous()
+        start = time.perf_counter()
+        expected = wrapped(pixels).float().numpy()
+        torch_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        actual = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0]
+        onnx_seconds += time.perf_counter() - start
+        images += len(pixels)
+        agree += int((expected.argmax(1) == actual.argmax(1)).sum())
+        max_diff = max(max_diff, float(np.abs(expected - actual).max()))
+    return Parity(images=images, top1_agreement=agree / images if images else 0.0,
+                  max_abs_logit_diff=max_diff,
+                  torch_images_per_second=images / torch_seconds if torch_seconds else 0.0,
+                  onnx_images_per_second=images / onnx_seconds if onnx_seconds else 0.0)
+
+
+@dataclass(frozen=True)
+class Export:
+    """What `export_version` did: the record in export.json, and whether it was new."""
+
+    record: dict[str, Any]
+    created: bool
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.record.get("parity", {}).get("passed"))
+
+
+def export_version(registry: Registry, version: int, *, cache_dir: Path,
+                   opset: int = DEFAULT_OPSET, workers: int | None = None,
+                   batch_size: int = 32) -> Export:
+    """Export a committed version to ONNX, measure parity on its test split and attach
+    model.onnx, then export.json, create-only. Idempotent: an intact export is returned."""
+    from flowerml.registry.release import load_version
+
+    existing = read_export(registry, version)
+    if existing is not None:
+        load_onnx_bytes(registry, version)  # an export on the store is reused only if intact
+        return Export(existing, created=False)
+    trained = load_version(registry, version, device="cpu")  # verifies the weights' sha256
+    card = registry.get(version).card
+    with tempfile.TemporaryDirectory(prefix="flowerml-export-") as temp:
+        path = Path(temp) / ONNX_FILE
+        exporter = export_onnx(trained.model, trained.image_size, path, opset)
+        data = path.read_bytes()
+    if not registry.attach(version, ONNX_FILE, data):
+        # A concurrent export got there first: measure and record the file the version holds.
+        data = registry.read_attachment(version, ONNX_FILE) or data
+    batches = test_batches(registry.store, card, cache_dir, trained.image_size, workers,
+                           batch_size)
+    parity = measure_parity(trained.model, build_onnx_session(data), batches)
+    record = export_record(data, exporter, opset, trained, parity, card,
+                           weights_size(registry, version))
+    record = plain(check_document(ExportRecord, record, registry.attachment_key(
+        version, EXPORT_JSON), ExportError))
+    created = registry.attach(version, EXPORT_JSON, json.dumps(record, indent=2,
+                                                               sort_keys=True).encode())
+    if not created:  # a concurrent export recorded first: keep its record
+        return Export(read_export(registry, version) or record, created=False)
+    show_on_card(registry, version, record)
+    return Export(record, created=True)
+
+
+def export_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The export's figures as the card and the reports show them."""
+    parity = record["parity"]
+    return {"file": record["file"], "sha256": record["sha256"], "bytes": record["bytes"],
+            "weights_bytes": record.get("weights_bytes"), "exporter": record["exporter"],
+            "opset": record["opset"], "input": f"{record['input']['dtype']} "
+            f"{record['input']['layout']} {record['input']['size'][0]} px",
+            "parity_passed": parity["passed"], "top1_agreement": parity["top1_agreement"],
+            "max_abs_logit_diff": parity["max_abs_logit_diff"],
+            "parity_images": parity["images"],
+            "torch_images_per_second": parity["torch_images_per_second"],
+            "onnx_images_per_second": parity["onnx_images_per_second"]}
+
+
+def show_on_card(registry: Registry, version: int, record: dict[str, Any]) -> None:
+    """card.md again, with an `export` section: card.json stays as registered (it is the
+    version's record at registration); export.json is the export's own create-only record."""
+    from flowerml.registry.release import render_card
+
+    card = registry.get(version).card
+    prefix = registry.attachment_key(version, "")
+    files = sorted(info.key[len(prefix):] for info in registry.store.list(prefix))
+    markdown = render_card({**card, "export": export_summary(record)},
+                           [name for name in files if name not in {"CLAIM", "COMMITTED"}])
+    registry.store.put_bytes(registry.attachment_key(version, "card.md"), markdown.encode())
+
+
+def test_batches(store, card: dict[str, Any], cache_dir: Path, image_size: int,
+                 workers: int | None, batch_size: int):
+    """The version's own test split (the manifest its card names) as uint8 batches."""
+    from flowerml.data.loaders import build_eval_loader
+    from flowerml.data.manifest import resolve_dataset
+
+    lineage = card.get("lineage", {})
+    published = resolve_dataset(store, lineage["dataset"], lineage["dataset_version"])
+    return build_eval_loader(store, published, cache_dir, split="test", image_size=image_size,
+                             batch_size=batch_size, workers=workers)
+
+
+def export_record(data: bytes, exporter: str, opset: int, trained, parity: Parity,
+                  card: dict[str, Any], weights_bytes: int | None) -> dict[str, Any]:
+    """export.json: the file, how it was made, its input contract and its parity."""
+    size = trained.image_size
+    return {
+        "format": "onnx", "file": ONNX_FILE, "sha256": sha256_hex(data), "bytes": len(data),
+        "weights_bytes": weights_bytes, "exporter": exporter, "opset": opset,
+        "torch": torch.__version__, "onnxruntime": onnxruntime_version(),
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
+                  "size": [size, size],
+                  "preprocessing": f"resize the short side to {cache_side(size)}, centre-crop "
+                                   f"{size}; the graph normalises (ImageNet mean and std)"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(trained.class_names)],
+                   "meaning": "logits; softmax for probabilities; index i is label i + 1"},
+        "parity": {**asdict(parity), "passed": parity.passed, "split": "test",
+                   "manifest_sha256": card.get("test_manifest_sha256")},
+        "weights_sha256": trained.weights_sha256,
+        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def weights_size(registry: Registry, version: int) -> int | None:
+    for info in registry.store.list(registry.attachment_key(version, "model.safetensors")):
+        return info.size
+    return None
+
+
+def cache_side(image_size: int) -> int:
+    from flowerml.data.transforms import cache_resolution
+
+    return cache_resolution(image_size)
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,129 @@
+"""A model ready to score pixels, run by PyTorch or by ONNX Runtime behind one contract.
+
+A `Scorer` takes what the ONNX export takes (`flowerml.serving.export`): uint8 RGB pixels, NCHW, at
+its `image_size`, resized and centre-cropped the evaluation's way, and returns logits. Both
+`flowerml predict` and `flowerml score` run models through it, so the two runtimes are
+interchangeable wherever a model is used. `choose_runtime` picks and verifies the file a
+runtime will run (model.onnx against export.json, the weights against COMMITTED).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from flowerml.core.errors import UserError
+from flowerml.registry.versions import Registry
+
+if TYPE_CHECKING:
+    from flowerml.evaluation.inference import TrainedModel
+
+RUNTIMES = ("auto", "onnx", "torch")
+
+
+class RuntimeRefused(UserError):
+    """A runtime the model cannot run: no ONNX export, a failed parity, a different file."""
+
+
+@dataclass
+class Scorer:
+    """A loaded model: uint8 NCHW pixels -> logits, with the names of its classes."""
+
+    label: str
+    runtime: str
+    sha256: str
+    image_size: int
+    class_names: tuple[str, ...]
+    logits: Callable[[np.ndarray], np.ndarray]
+
+
+def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[str, str]:
+    """(runtime, sha256 of the file it runs), that file verified now, so that a bad one is
+    refused before any work. `auto` is onnx when a passing export exists, else torch."""
+    from flowerml.registry.export_record import load_onnx_bytes, read_export
+
+    if requested not in RUNTIMES:
+        raise RuntimeRefused(f"--runtime must be one of {', '.join(RUNTIMES)}: got "
+                             f"{requested!r}")
+    label = f"{registry.model}:{version:06d}"
+    record = read_export(registry, version)
+    passed = bool(record and record.get("parity", {}).get("passed"))
+    runtime = ("onnx" if passed else "torch") if requested == "auto" else requested
+    if runtime == "onnx":
+        if record is None:
+            raise RuntimeRefused(f"{label} has no ONNX export (run: flowerml export "
+                                 f"{registry.model}:{version}, or use --runtime torch)")
+        if not passed:
+            raise RuntimeRefused(f"{label}'s ONNX export failed its parity check against "
+                                 f"PyTorch: use --runtime torch")
+        _, record = load_onnx_bytes(registry, version)  # verifies its sha256
+        return "onnx", record["sha256"]
+    registry.verify(version)
+    return "torch", registry.get(version).weights_sha256
+
+
+def load_scorer(registry: Registry, version: int, runtime: str, sha256: str | None = None,
+                threads: int | None = None, device: str = "cpu") -> Scorer:
+    """A registry version ready to score (ONNX Runtime runs on the CPU; PyTorch on `device`);
+    `sha256`, when given, must be the file's."""
+    card = registry.require_committed(version).card
+    names = tuple(c["name"] for c in card["classes"])
+    label = f"{registry.model}:{version:06d}"
+    if runtime == "onnx":
+        from flowerml.registry.export_record import load_onnx_bytes
+        from flowerml.serving.export import build_onnx_session
+
+        data, record = load_onnx_bytes(registry, version)
+        check_same_file(label, "model.onnx", record["sha256"], sha256)
+        session = build_onnx_session(data, threads)
+        del data
+        return Scorer(label, runtime, record["sha256"], int(record["input"]["size"][0]), names,
+                      lambda pixels: session.run(["logits"], {"images": pixels})[0])
+    import torch
+
+    from flowerml.registry.release import load_version
+
+    if threads:
+        torch.set_num_threads(threads)
+    trained = load_version(registry, version, device=device)  # verifies the weights' sha256
+    check_same_file(label, "model.safetensors", trained.weights_sha256, sha256)
+    return scorer_from_model(trained, label=label)
+
+
+def scorer_from_model(trained: TrainedModel, label: str | None = None) -> Scorer:
+    """A model already loaded (a run's best weights, a registry version) as a PyTorch scorer on
+    its device."""
+    import torch
+
+    from flowerml.serving.export import PixelsToLogits
+
+    wrapped = PixelsToLogits(trained.model).to(trained.device).eval()
+
+    def logits(pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            batch = torch.from_numpy(pixels).to(trained.device)
+            return wrapped(batch).float().cpu().numpy()
+
+    return Scorer(label or trained.source, "torch", trained.weights_sha256, trained.image_size,
+                  trained.class_names, logits)
+
+
+def check_same_file(label: str, name: str, actual: str, expected: str | None) -> None:
+    if expected and actual != expected:
+        raise RuntimeRefused(f"{label}'s {name} has sha256 {actual}, but this run planned "
+                             f"{expected}")
+
+
+def softmax_top_k(scorer: Scorer, pixels: np.ndarray, top_k: int
+                  ) -> list[tuple[list[int], list[float]]]:
+    """For each image: its top-k class indices (0-based) and their probabilities."""
+    logits = scorer.logits(pixels).astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return [([int(i) for i in row], [float(p) for p in probabilities[n, row]])
+            for n, row in enumerate(order)]

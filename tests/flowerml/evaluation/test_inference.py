@@ -1,0 +1,151 @@
+"""Evaluate the tiny trained run (a copy per module), through the library and the CLI (predicting
+is tested in test_prediction.py and cli/test_predict.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowerml.evaluation.inference import eval_batch_size, evaluate_run
+from flowerml.evaluation.predictions import decode_predictions
+from flowerml.training.runs import RunFiles
+from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.stores import StoreAndCache
+
+
+def test_evaluate_publishes_report_and_plots(tiny_run: StoreAndCache) -> None:
+    store, cache = tiny_run
+    outcome = evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    summary = outcome.metrics.summary()
+    assert summary["n"] == 24  # the test split: 6 per class
+    assert 0.0 <= summary["top1"] <= summary["top5"] <= 1.0
+    keys = {info.key for info in store.list("runs/tiny/eval/test/")}
+    assert {f"runs/tiny/eval/test/{n}" for n in ("report.md", "metrics.json", "per_class.json",
+                                                  "confusion.png", "curves.png")} <= keys
+    report = store.get_bytes(outcome.report_key).decode()
+    assert "pink primrose" in report and "confusion.png" in report
+
+
+def test_evaluate_cli_json(tiny_run: StoreAndCache) -> None:
+    store, cache = tiny_run
+    result = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0", "--json",
+                    store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {"top1", "top5", "mean_class_accuracy", "loss", "n", "report"} <= set(summary)
+    assert summary["report"] == f"{store.root}/runs/tiny/eval/test/report.md"
+
+
+def test_the_batch_size_changes_nothing_but_the_passes(tiny_run: StoreAndCache) -> None:
+    """`--batch-size` (and the GPU's larger default) only changes how images are grouped: the
+    metrics and per-image predictions are the same, the last batch partial or not."""
+    store, cache = tiny_run
+    whole = json.loads(invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
+                              "--json", store=store, cache=cache).stdout)
+    whole_predictions = store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
+    fives = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
+                   "--batch-size", "5", "--json", store=store, cache=cache)
+    assert fives.exit_code == 0, fives.output
+    split = json.loads(fives.stdout)
+    for key in ("top1", "top5", "n", "mean_class_accuracy"):
+        assert split[key] == whole[key]
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    rows = decode_predictions(store.get_bytes("runs/tiny/eval/test/predictions.jsonl"), "5s")
+    assert len(rows) == 24
+    for row, before in zip(rows, decode_predictions(whole_predictions, "whole"), strict=True):
+        assert (row.key, row.label, row.top) == (before.key, before.label, before.top)
+        assert row.probabilities == pytest.approx(before.probabilities, abs=1e-5)
+    assert eval_batch_size(torch.device("cuda")) == 256 and \
+        eval_batch_size(torch.device("cpu")) == 64
+    assert_refused(invoke("evaluate", "--run", "tiny", "--batch-size", "0", store=store,
+                          cache=cache), "--batch-size")
+
+
+def test_altered_image_on_store_is_refused(tiny_run: StoreAndCache, tmp_path: Path) -> None:
+    store, _ = tiny_run
+    current = json.loads(store.get_bytes("datasets/flowers102/CURRENT"))
+    manifest = json.loads(store.get_bytes(f"datasets/flowers102/{current['version']}/"
+                                          "manifest.json"))
+    entry = next(e for e in manifest["files"] if e["split"] == "test")
+    key = f"datasets/flowers102/{current['version']}/{entry['key']}"
+    original = store.get_bytes(key)
+    store.put_bytes(key, original[:-10] + b"0123456789")
+    try:
+        result = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
+                        store=store, cache=tmp_path / "fresh-cache")
+        assert_refused(result, f"{entry['key']}: sha256 mismatch")
+    finally:
+        store.put_bytes(key, original)
+
+
+def test_tampered_weights_are_refused(tiny_run: StoreAndCache) -> None:
+    store, cache = tiny_run
+    key = RunFiles(store, "tiny").weights_key()  # the blob best.json names
+    assert key.startswith("runs/tiny/best-")
+    original = store.get_bytes(key)
+    store.put_bytes(key, original[:-4] + b"\x00\x00\x00\x01")
+    try:
+        assert_refused(invoke("evaluate", "--run", "tiny", "--device", "cpu", store=store,
+                              cache=cache),
+                       f"{key}: sha256 mismatch")
+    finally:
+        store.put_bytes(key, original)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--arch", "resnet9"], "--arch must be one of"),
+    (["--strategy", "distill"], "--strategy must be one of"),
+    (["--augment", "heavy"], "--augment must be one of"),
+    (["--batch-size", "0"], "--batch-size must be between"),
+    (["--lr", "-1"], "--lr must be between"),
+    (["--recipe", "fast"], "--recipe must be one of"),
+    (["--dataset", "missing"], "not published"),
+])
+def test_train_bad_options(tiny_run: StoreAndCache, args: list[str], message: str) -> None:
+    store, cache = tiny_run
+    if "--recipe" not in args:
+        args = ["--recipe", "demo", "--device", "cpu", *args]
+    assert_refused(invoke("train", *args, store=store, cache=cache), message)
+
+
+def test_train_cli_json(tiny_run: StoreAndCache) -> None:
+    store, cache = tiny_run
+    result = invoke("train", "--recipe", "demo", "--epochs", "1", "--image-size", "40",
+                    "--device", "cpu", "--workers", "0", "--run-id", "cli-run", "--json",
+                    store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {"run_id", "checkpoint", "best_valid_top1", "epochs_run", "resumed_from_epoch",
+            "seconds", "images_per_second"} <= set(summary)
+    assert summary["run_id"] == "cli-run" and summary["epochs_run"] == 1
+    assert summary["checkpoint"] == store.location(RunFiles(store, "cli-run").weights_key())
+
+
+def test_evaluate_stores_every_images_top5_beside_the_metrics(tiny_run: StoreAndCache) -> None:
+    from flowerml.core.files import sha256_hex
+    from flowerml.data.manifest import resolve_dataset
+    from flowerml.evaluation.predictions import decode_predictions, run_predictions
+
+    store, cache = tiny_run
+    outcome = evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    data = store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
+    rows = decode_predictions(data, "predictions.jsonl")
+    entries = resolve_dataset(store, "flowers102").split_files("test")
+    assert [(r.key, r.label) for r in rows] == [(e.key, e.label) for e in entries]
+    for row in rows:
+        assert len(row.top) == 4 and sorted(row.top) == [1, 2, 3, 4]  # k = min(5, 4 classes)
+        assert list(row.probabilities) == sorted(row.probabilities, reverse=True)
+        assert 0.99 <= sum(row.probabilities) <= 1.01  # every class is among the four
+    assert sum(r.correct for r in rows) / len(rows) == outcome.metrics.top1
+    record = json.loads(store.get_bytes("runs/tiny/eval/test/metrics.json"))["predictions"]
+    assert record == {"file": "predictions.jsonl", "sha256": sha256_hex(data),
+                      "dataset": f"flowers102@{outcome.dataset_version}",
+                      "manifest_sha256": resolve_dataset(store, "flowers102").manifest_sha256,
+                      "split": "test",
+                      "weights_sha256": RunFiles(store, "tiny").read_json("best.json")["sha256"]}
+    assert outcome.to_json()["predictions"] == f"{store.root}/runs/tiny/eval/test/" \
+                                               "predictions.jsonl"
+    assert run_predictions(store, "tiny").images == tuple(rows)
