@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowerml.core.errors import SettingsError
@@ -114,25 +114,16 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "s3_region")
     @classmethod
-    def _endpoint_is_url(cls, value: str | None) -> str | None:
+    def _s3_override_reads(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Empty is unset; a value must be an http(s) URL (endpoint) or a region name."""
         if not value:
             return None
-        problem = url_problem(value)
-        if problem == "is not an http(s) URL":
-            raise ValueError("must start with http:// or https://")
+        check = _endpoint_problem if info.field_name == "s3_endpoint_url" else _region_problem
+        problem = check(value)
         if problem:
-            raise ValueError(f"the URL {problem}")
-        return value
-
-    @field_validator("s3_region")
-    @classmethod
-    def _region_is_a_name(cls, value: str | None) -> str | None:
-        if not value:
-            return None
-        if not _REGION.match(value):
-            raise ValueError("must be a region name: letters, digits and '-' (like eu-west-1)")
+            raise ValueError(problem)
         return value
 
     def s3_options(self) -> S3Options:
@@ -144,6 +135,19 @@ class Settings(BaseSettings):
             response_checksum_validation=self.s3_response_checksum_validation,
         )
 
+
+
+def _endpoint_problem(value: str) -> str | None:
+    problem = url_problem(value)
+    if problem == "is not an http(s) URL":
+        return "must start with http:// or https://"
+    return f"the URL {problem}" if problem else None
+
+
+def _region_problem(value: str) -> str | None:
+    if _REGION.match(value):
+        return None
+    return "must be a region name: letters, digits and '-' (like eu-west-1)"
 
 def build_store(settings: Settings) -> Store:
     """The store the settings name, with their S3 overrides and transfer concurrency."""

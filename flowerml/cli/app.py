@@ -109,6 +109,17 @@ def emit_json(value: object) -> None:
     stream.flush()
 
 
+def emit_listing(items: Sequence[Any], *, as_json: bool, empty: str) -> bool:
+    """A `list` command's prologue: with --json, every item's `to_json()` as one array (True:
+    nothing more to print); with no items, `empty` on stderr. False: print the items."""
+    if as_json:
+        emit_json([item.to_json() for item in items])
+        return True
+    if not items:
+        click.echo(empty, err=True)
+    return False
+
+
 @contextlib.contextmanager
 def stdout_for_json_only(as_json: bool) -> Iterator[None]:
     """With --json, everything but `emit_json` writes to stderr while the command runs."""

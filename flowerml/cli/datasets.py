@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowerml.cli.app import CliError, cli, emit_json, json_option, store_option
+from flowerml.cli.app import CliError, cli, emit_json, emit_listing, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
 
@@ -37,11 +37,8 @@ def datasets_list(store: str | None, as_json: bool) -> None:
 
     target = build_store(load_settings(store=store))
     found = list_datasets(target)
-    if as_json:
-        emit_json([dataset.to_json() for dataset in found])
+    if emit_listing(found, as_json=as_json, empty=f"no datasets on {target.uri}"):
         return
-    if not found:
-        click.echo(f"no datasets on {target.uri}", err=True)
     for dataset in found:
         current = next((v for v in dataset.versions if v.current), None)
         shown = version_line(current) if current else "no CURRENT version"

@@ -23,7 +23,14 @@ from flowerml.cli.app import (
     store_option,
     training_options,
 )
-from flowerml.cli.training import new_run_id, say
+from flowerml.cli.training import (
+    launched_options,
+    new_run_id,
+    say,
+    train_dataset_version_option,
+    workers_option,
+)
+from flowerml.core.documents import plain
 from flowerml.core.recipes import RECIPE_NAMES, STUDENT_ARCHS, DistillConfig
 from flowerml.settings import build_store, load_settings
 
@@ -53,8 +60,7 @@ def distill_option(name: str) -> Any:
 @distill_option("mixup")
 @store_option
 @dataset_option
-@click.option("--dataset-version", default=None,
-              help="Dataset version to train on (default: the dataset's CURRENT).")
+@train_dataset_version_option
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
               help="A named set of the options below; explicit options override it. The "
                    "image size defaults to the teacher's.")
@@ -63,8 +69,7 @@ def distill_option(name: str) -> Any:
               help="The student's whole training config as JSON (its arch is the student), "
                    "instead of --student, --recipe and the options above.")
 @device_option
-@click.option("--workers", type=click.IntRange(0, 64), default=None,
-              help="DataLoader worker processes (default: from the CPU count).")
+@workers_option
 @click.option("--run-id", default=None,
               help="Resume this run with its own teacher and config (a larger --epochs "
                    "extends it), or name a new one (default: a new time-stamped id).")
@@ -81,10 +86,7 @@ def distill_option(name: str) -> Any:
               help="Student gate: minimum test top-1.")
 @click.option("--max-gap", type=float, default=0.01, show_default=True,
               help="Student gate: how far below the teacher's test top-1 the student may be.")
-@click.option("--exit-with-parent", type=int, default=None, hidden=True,
-              help="Stop when this process id is gone (set by the launcher).")
-@click.option("--json-progress", is_flag=True,
-              help="One JSON line per epoch on stdout (human text then goes to stderr).")
+@launched_options
 @json_option
 def distill(teacher_ref: str | None, teacher_run: str | None, student: str | None,
             temperature: float | None, alpha: float | None, mixup: float | None,
@@ -123,9 +125,9 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
         check_name(model_name)
     settings = load_settings(store=store, dataset=dataset)
     target = build_store(settings)
-    saved = RunFiles(target, check_run_id(run_id)).read_optional_json("config.json") \
-        if run_id else None
-    saved_objective = saved.get("objective") if isinstance(saved, dict) else None
+    record = RunFiles(target, check_run_id(run_id)).optional_record() if run_id else None
+    saved = plain(record) if record is not None else None
+    saved_objective = saved.get("objective") if saved is not None else None
     typed = {"temperature": temperature, "alpha": alpha, "mixup": mixup}
     settings_for_run = build_distill_config(**{
         **({k: saved_objective[k] for k in typed} if saved_objective else {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import click
 from click.core import ParameterSource
@@ -20,10 +21,23 @@ from flowerml.registry.gates import Gate
 from flowerml.registry.names import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
 
-class_drop_option = click.option(
-    "--class-drop", type=float, default=Gate.class_drop, show_default=True,
-    help="Largest drop of any one class's test accuracy below the alias's current model "
-         "(needs both models' stored per-image predictions).")
+
+def gate_options(purpose: str) -> Callable[[Callable], Callable]:
+    """The champion gate's figures as options (`--threshold`, `--tolerance`, `--class-drop`);
+    `purpose` ends each help line (what the gate's verdict is for)."""
+    figures = [
+        ("--threshold", Gate.threshold, "Minimum test top-1"),
+        ("--tolerance", Gate.tolerance, "Allowed drop below the alias's current model"),
+        ("--class-drop", Gate.class_drop, "Largest drop of any one class's test accuracy below "
+         "the alias's current model (needs both models' stored per-image predictions)"),
+    ]
+
+    def add(command: Callable) -> Callable:
+        for flag, default, text in reversed(figures):
+            command = click.option(flag, type=float, default=default, show_default=True,
+                                   help=f"{text}{purpose}.")(command)
+        return command
+    return add
 
 
 @cli.group()
@@ -162,11 +176,7 @@ def move_result(name: str, alias: str, version: int | None, previous: int | None
 @click.argument("name")
 @click.argument("version", type=VersionNumber())
 @alias_option
-@click.option("--threshold", type=float, default=Gate.threshold, show_default=True,
-              help="Minimum test top-1.")
-@click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
-              help="Allowed drop below the alias's current model.")
-@class_drop_option
+@gate_options(purpose="")
 @click.option("--max-gap", type=float, default=None,
               help="For a student version (released by `flowerml distill`): how far below its "
                    "teacher's test top-1 it may score.  [default: 0.01]")
@@ -294,11 +304,7 @@ def registry_history(name: str, alias: str, store: str | None, as_json: bool) ->
 @click.option("--model", "name", default="flowers102", show_default=True,
               help="The registry model to add a version to.")
 @alias_option
-@click.option("--threshold", type=float, default=Gate.threshold, show_default=True,
-              help="Minimum test top-1 for the gate's verdict recorded on the card.")
-@click.option("--tolerance", type=float, default=Gate.tolerance, show_default=True,
-              help="Allowed drop below the alias's current model, for the recorded verdict.")
-@class_drop_option
+@gate_options(purpose=" for the gate's verdict recorded on the card")
 @store_option
 @device_option
 @json_option

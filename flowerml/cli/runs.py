@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flowerml.cli.app import cli, emit_json, json_option, store_option
+from flowerml.cli.app import cli, emit_json, emit_listing, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
 
@@ -40,11 +40,8 @@ def runs_list(store: str | None, as_json: bool) -> None:
 
     target = open_store(store)
     found = list_runs(target)
-    if as_json:
-        emit_json([run.to_json() for run in found])
+    if emit_listing(found, as_json=as_json, empty=f"no runs on {target.uri}"):
         return
-    if not found:
-        click.echo(f"no runs on {target.uri}", err=True)
     for run in found:
         dataset = f"{run.dataset}@{run.dataset_version}" if run.dataset else "-"
         registered = f"  registered {', '.join(run.registered)}" if run.registered else ""

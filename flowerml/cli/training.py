@@ -24,6 +24,21 @@ from flowerml.core.recipes import RECIPE_NAMES
 from flowerml.io.storage import Store
 from flowerml.settings import build_store, load_settings
 
+train_dataset_version_option = click.option(
+    "--dataset-version", default=None,
+    help="Dataset version to train on (default: the dataset's CURRENT).")
+workers_option = click.option("--workers", type=click.IntRange(0, 64), default=None,
+                              help="DataLoader worker processes (default: from the CPU count).")
+
+
+def launched_options(command: Callable) -> Callable:
+    """What `flowerml retrain`'s launcher passes a training child: when to stop, and epoch
+    events as JSON lines."""
+    command = click.option("--json-progress", is_flag=True, help="One JSON line per epoch on "
+                           "stdout (human text then goes to stderr).")(command)
+    return click.option("--exit-with-parent", type=int, default=None, hidden=True,
+                        help="Stop when this process id is gone (set by the launcher).")(command)
+
 
 def new_run_id() -> str:
     import secrets
@@ -48,10 +63,11 @@ def announce_run(json_progress: bool) -> Callable[[dict], None]:
 
 def saved_config(store: Store, run_id: str) -> dict[str, Any] | None:
     """The training config a run was started with, or None for a new run id."""
+    from flowerml.core.documents import plain
     from flowerml.training.runs import RunFiles, check_run_id
 
-    record = RunFiles(store, check_run_id(run_id, "--run-id")).read_optional_json("config.json")
-    return record["config"] if isinstance(record, dict) and "config" in record else None
+    record = RunFiles(store, check_run_id(run_id, "--run-id")).optional_record()
+    return plain(record.config) if record is not None else None
 
 
 def say(text: str, machine_output: bool) -> None:
@@ -62,23 +78,18 @@ def say(text: str, machine_output: bool) -> None:
 @cli.command()
 @store_option
 @dataset_option
-@click.option("--dataset-version", default=None,
-              help="Dataset version to train on (default: the dataset's CURRENT).")
+@train_dataset_version_option
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
               help="A named set of the options below; explicit options override it.")
 @training_options
 @click.option("--config", "config_json", default=None,
               help="A whole training config as JSON, instead of --recipe and the options above.")
 @device_option
-@click.option("--workers", type=click.IntRange(0, 64), default=None,
-              help="DataLoader worker processes (default: from the CPU count).")
+@workers_option
 @click.option("--run-id", default=None,
               help="Resume this run with its own config (a larger --epochs extends it), or "
                    "name a new one (default: a new time-stamped id).")
-@click.option("--exit-with-parent", type=int, default=None, hidden=True,
-              help="Stop when this process id is gone (set by the launcher).")
-@click.option("--json-progress", is_flag=True,
-              help="One JSON line per epoch on stdout (human text then goes to stderr).")
+@launched_options
 @json_option
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
           config_json: str | None, device: str, workers: int | None, run_id: str | None,
@@ -133,8 +144,7 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
 @click.option("--dataset-version", default=None,
               help="Dataset version (default: the one the run trained on).")
 @device_option
-@click.option("--workers", type=click.IntRange(0, 64), default=None,
-              help="DataLoader worker processes (default: from the CPU count).")
+@workers_option
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=None,
               help="Images per forward pass (default: 256 on CUDA, 64 on the CPU).")
 @json_option
