@@ -17,19 +17,19 @@ from typing import Annotated, Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from flowerml.core.errors import FlowermlError
 from flowerml.core.recipes import (
     Device,
     DistillConfig,
     StudentArch,
     TrainConfig,
     load_config,
-    omit_default,
+    optional_field,
 )
 from flowerml.registry.names import DEFAULT_ALIAS
+from flows.run_once import run_once
 from tasks.distill import distill_task, release_student_task, resolve_teacher_task
 
 TRAINING_TIMEOUT_S = 2 * 3600
@@ -49,16 +49,14 @@ class StudentParams(BaseModel):
     """The student: its architecture, how it learns from the teacher, where it is released."""
 
     student: StudentArch = Field("mobilenet_v3_large", title="Student architecture")
-    epochs: Annotated[int, Field(ge=1, le=1000)] | SkipJsonSchema[None] = Field(
-        None, title="Epochs", description="Empty: the teacher's.",
-        json_schema_extra=omit_default)
-    weights: str | SkipJsonSchema[None] = Field(
-        None, title="Initial weights", description="imagenet, none, a file or an s3:// URI. "
-        "Empty: what the teacher started from.", json_schema_extra=omit_default)
+    epochs: Annotated[int, Field(ge=1, le=1000)] | SkipJsonSchema[None] = optional_field(
+        title="Epochs", description="Empty: the teacher's.")
+    weights: str | SkipJsonSchema[None] = optional_field(
+        title="Initial weights", description="imagenet, none, a file or an s3:// URI. "
+        "Empty: what the teacher started from.")
     distillation: DistillConfig = Field(default_factory=DistillConfig, title="Distillation")
-    model_name: str | SkipJsonSchema[None] = Field(
-        None, title="Student model name", description="Empty: the teacher's model + '-small'.",
-        json_schema_extra=omit_default)
+    model_name: str | SkipJsonSchema[None] = optional_field(
+        title="Student model name", description="Empty: the teacher's model + '-small'.")
     alias: str = Field(DEFAULT_ALIAS, title="Student alias",
                        description="The alias of the student model a passing student moves")
     gate: StudentGateParams = Field(default_factory=StudentGateParams, title="Student gate")
@@ -88,9 +86,8 @@ class Runner(BaseModel):
     """Where the student trains."""
 
     device: Device = Field("auto", title="Device", description="auto picks CUDA when present.")
-    workers: Annotated[int, Field(ge=0, le=64)] | SkipJsonSchema[None] = Field(
-        None, title="DataLoader workers", description="Empty: one per CPU core.",
-        json_schema_extra=omit_default)
+    workers: Annotated[int, Field(ge=0, le=64)] | SkipJsonSchema[None] = optional_field(
+        title="DataLoader workers", description="Empty: one per CPU core.")
     nproc_per_node: int = Field(1, ge=1, le=16, title="GPUs per node")
     timeout_s: float = Field(TRAINING_TIMEOUT_S, gt=0, le=7 * 24 * 3600,
                              title="Training timeout (seconds)")
@@ -102,9 +99,8 @@ class DistillParams(BaseModel):
     teacher: str = Field("flowers102@production", title="Teacher",
                          description="NAME@ALIAS or NAME:VERSION; an alias is resolved once, "
                                      "when the run starts")
-    store: str | SkipJsonSchema[None] = Field(
-        None, title="Store", description="Empty: the worker's FLOWERML_STORE",
-        json_schema_extra=omit_default)
+    store: str | SkipJsonSchema[None] = optional_field(
+        title="Store", description="Empty: the worker's FLOWERML_STORE")
     student: StudentParams = Field(default_factory=StudentParams, title="Student")
     runner: Runner = Field(default_factory=Runner, title="Training")
 
@@ -146,20 +142,8 @@ def distill_flowers(params: DistillForm) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.distill '<params JSON>'`: run once, print the release as JSON; exit 1
     when the student gate refused it."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        summary = distill_flowers(DistillParams.model_validate_json(argv[0] if argv else "{}"))
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in first["loc"])
-        print(f"flowerml: error: distill parameter {field}: {first['msg']}", file=sys.stderr)
-        return 2
-    except FlowermlError as error:
-        print(f"flowerml: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["promoted"] else 1
-
+    return run_once(distill_flowers, DistillParams, sys.argv[1:] if argv is None else argv,
+                    name="distill")
 
 if __name__ == "__main__":
     sys.exit(main())

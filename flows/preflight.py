@@ -37,7 +37,8 @@ def check_weights(config: TrainConfig) -> None:
     fetched, and checked the same way, by the training child."""
     if config.weights.strip().lower() in ("none", "imagenet"):
         return  # no torch import for the common case
-    from flowerml.models.weights import check_weights_value  # torch: only for a file the user named
+    # torch: imported only for a file the user named
+    from flowerml.models.weights import check_weights_value
 
     check_weights_value(config.weights, config.arch)
 

@@ -12,8 +12,9 @@ import importlib
 import threading
 from collections.abc import Callable
 
-TASK_MODULES = ("flowerml.evaluation.inference", "flowerml.evaluation.report", "flowerml.registry.promotion",
-                "flowerml.registry.release", "flowerml.serving.export", "onnx", "onnxruntime",
+TASK_MODULES = ("flowerml.evaluation.inference", "flowerml.evaluation.report",
+                "flowerml.registry.promotion", "flowerml.registry.release",
+                "flowerml.serving.export", "onnx", "onnxruntime",
                 "matplotlib.figure", "matplotlib.backends.backend_agg")
 
 

@@ -14,20 +14,26 @@ automatic recoveries; training has a timeout, and the flow one above it.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Annotated, Any
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from flowerml.core.errors import FlowermlError, UserError
-from flowerml.core.recipes import RECIPES, Device, TrainConfig, TrainOverrides, omit_default
+from flowerml.core.errors import UserError
+from flowerml.core.recipes import (
+    RECIPES,
+    Device,
+    TrainConfig,
+    TrainOverrides,
+    optional_field,
+)
 from flowerml.registry.gates import Gate
 from flowerml.registry.names import DEFAULT_ALIAS
 from flows.distill import DistillStageParams, Runner, distill_stage
+from flows.run_once import run_once
 from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
@@ -46,10 +52,9 @@ class TrainingParams(TrainOverrides):
     """How to train: a recipe, the options that override it, and where it runs."""
 
     device: Device = Field("auto", title="Device", description="auto picks CUDA when present.")
-    workers: Annotated[int, Field(ge=0, le=64)] | SkipJsonSchema[None] = Field(
-        None, title="DataLoader workers",
-        description="Input-pipeline processes. Empty: one per CPU core.",
-        json_schema_extra=omit_default)
+    workers: Annotated[int, Field(ge=0, le=64)] | SkipJsonSchema[None] = optional_field(
+        title="DataLoader workers",
+        description="Input-pipeline processes. Empty: one per CPU core.")
     nproc_per_node: int = Field(1, ge=1, le=16, title="GPUs per node",
                                 description="More than 1 runs torchrun with DDP on that many GPUs.")
     timeout_s: float = Field(TRAINING_TIMEOUT_S, gt=0, le=7 * 24 * 3600,
@@ -81,9 +86,8 @@ class RetrainParams(BaseModel):
                         description="official, a folder, a base URL or an s3:// prefix holding "
                                     "the three Flowers-102 files")
     dataset: str = Field("flowers102", title="Dataset", description="Dataset name on the store")
-    store: str | SkipJsonSchema[None] = Field(
-        None, title="Store", description="Store URI. Empty: the worker's FLOWERML_STORE",
-        json_schema_extra=omit_default)
+    store: str | SkipJsonSchema[None] = optional_field(
+        title="Store", description="Store URI. Empty: the worker's FLOWERML_STORE")
     verify: bool = Field(False, title="Verify checksums",
                          description="Check the official MD5s for non-official sources")
     training: TrainingParams = Field(default_factory=TrainingParams, title="Training")
@@ -190,26 +194,8 @@ def distill_promoted(params: RetrainParams, config: TrainConfig, run_id: str,
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.retrain '<params JSON>'`: run once, print the summary as JSON."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        params = RetrainParams.model_validate_json(argv[0] if argv else "{}")
-        summary = retrain_flowers(params)
-    except ValidationError as error:
-        print(f"flowerml: error: {describe_parameter_error(error)}", file=sys.stderr)
-        return 2
-    except FlowermlError as error:
-        print(f"flowerml: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["promoted"] else 1  # as `flowerml retrain`: the gate refused
-
-
-def describe_parameter_error(error: ValidationError) -> str:
-    first = error.errors(include_url=False)[0]
-    field = ".".join(str(p) for p in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    return f"retrain parameter {field}: {message}" if field else f"retrain parameters: {message}"
-
+    return run_once(retrain_flowers, RetrainParams, sys.argv[1:] if argv is None else argv,
+                    name="retrain")
 
 if __name__ == "__main__":
     sys.exit(main())

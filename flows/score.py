@@ -26,7 +26,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from flowerml.core.errors import FlowermlError, TransientError, UserError
 from flowerml.core.extras import require_extra
-from flowerml.core.recipes import omit_default
+from flowerml.core.recipes import optional_field
 from tasks.score import finish_task, plan_task, score_shard_task
 
 REQUEST_FIELDS = ("input", "model", "output", "runtime", "batch_size", "shard_size", "top_k")
@@ -51,19 +51,15 @@ class ScoreParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096, title="Batch size")
     shard_size: int = Field(1000, ge=1, le=1_000_000, title="Images per shard")
     top_k: int = Field(5, ge=1, le=1000, title="Top-k flowers per image")
-    store: str | SkipJsonSchema[None] = Field(
-        None, title="Registry store", description="Empty: the worker's FLOWERML_STORE",
-        json_schema_extra=omit_default)
+    store: str | SkipJsonSchema[None] = optional_field(
+        title="Registry store", description="Empty: the worker's FLOWERML_STORE")
     dask_address: Annotated[str, Field(pattern=r"^(tcp|tls|ucx|ws|wss)://\S+$")] | \
-        SkipJsonSchema[None] = Field(
-        None, title="Dask scheduler",
+        SkipJsonSchema[None] = optional_field(title="Dask scheduler",
         description="tcp://host:8786 runs the shards on that Dask cluster; empty: threads in "
-                    "the flow's process", json_schema_extra=omit_default)
+                    "the flow's process")
     parallel: int = Field(2, ge=1, le=64, title="Shards at once without Dask")
-    threads: Annotated[int, Field(ge=1, le=256)] | SkipJsonSchema[None] = Field(
-        None, title="Threads per model call",
-        description="Empty: the runtime's default (one per core)",
-        json_schema_extra=omit_default)
+    threads: Annotated[int, Field(ge=1, le=256)] | SkipJsonSchema[None] = optional_field(
+        title="Threads per model call", description="Empty: the runtime's default (one per core)")
 
     def request(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in REQUEST_FIELDS}

@@ -245,6 +245,11 @@ def omit_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
+def optional_field(*, title: str, description: str) -> Any:
+    """A form field that may stay empty (None: the recipe's or the worker's value decides)."""
+    return Field(None, title=title, description=description, json_schema_extra=omit_default)
+
+
 def _as_choice(schema: dict[str, Any]) -> None:
     # A form renders a boolean as a toggle, which is always on or off and so always overrides
     # the recipe; as a choice of true/false it can stay empty.

@@ -17,6 +17,7 @@ from flowerml.io.storage import S3Options
 from flowerml.io.storage_s3 import S3Store
 from flowerml.registry.versions import Registry
 from flows.retrain import RetrainParams, retrain_flowers
+from flows.run_once import describe_parameter_error
 from tasks.registry import register_task
 
 GOOD = {"recipe": "demo", "epochs": 8, "image_size": 40, "batch_size": 8, "device": "cpu",
@@ -230,7 +231,7 @@ def test_typos_are_refused_before_a_run_starts(training: dict, message: str) -> 
 
     with pytest.raises(ValidationError) as info:
         RetrainParams.model_validate({"training": training})
-    assert message in retrain_module.describe_parameter_error(info.value)
+    assert message in describe_parameter_error(info.value, "retrain")
 
 
 def test_training_params_resolve_through_the_recipe() -> None:
