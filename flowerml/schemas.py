@@ -15,24 +15,30 @@ from pathlib import Path
 
 from flowerml.core.documents import json_schema
 from flowerml.data.manifest import CurrentPointer, Manifest, Quarantine
+from flowerml.distillation.agreement import Agreement
+from flowerml.evaluation.predictions import EvaluationMetrics
 from flowerml.registry.aliases import AliasRecord, HistoryEntry
 from flowerml.registry.export_record import ExportRecord
 from flowerml.registry.model_card import ModelCard
 from flowerml.registry.versions import Committed
 from flowerml.serving.scoring import ScoringSuccess
-from flowerml.training.runs import BlobPointer
+from flowerml.training.runs import BlobPointer, RunRecord, RunResult
 
 DOCUMENTS: dict[str, type] = {
     "manifest": Manifest,
     "current": CurrentPointer,
     "quarantine": Quarantine,
+    "run-config": RunRecord,
+    "run-result": RunResult,
+    "run-blob-pointer": BlobPointer,
+    "evaluation-metrics": EvaluationMetrics,
+    "agreement": Agreement,
     "card": ModelCard,
     "committed": Committed,
     "alias": AliasRecord,
     "alias-history-entry": HistoryEntry,
     "export": ExportRecord,
     "scoring-success": ScoringSuccess,
-    "run-blob-pointer": BlobPointer,
 }
 """Document name (its schema's file name, without .json) -> its model."""
 

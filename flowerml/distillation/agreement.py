@@ -4,12 +4,12 @@ top-1, both measured on the same manifest (each model at its own image size); wr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from flowerml.core.documents import Sha256, StoredDocument, plain
 from flowerml.data.loaders import build_eval_loader
 from flowerml.data.manifest import resolve_dataset
 from flowerml.data.transforms import prepare_batch
@@ -20,10 +20,12 @@ from flowerml.io.storage import Store
 from flowerml.models.precision import autocast_for
 from flowerml.training.runs import RunFiles
 
+AGREEMENT_FILE = "agreement.json"
 
-@dataclass(frozen=True)
-class Agreement:
-    """A student and its teacher on the same split of the same manifest."""
+
+class Agreement(StoredDocument):
+    """A student and its teacher on the same split of the same manifest:
+    `runs/<run_id>/eval/<split>/agreement.json` (its `teacher` is the run's recorded one)."""
 
     split: str
     n: int
@@ -32,10 +34,10 @@ class Agreement:
     teacher_top1: float
     teacher: dict[str, Any]
     dataset_version: str
-    manifest_sha256: str
+    manifest_sha256: Sha256
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return plain(self)
 
 
 def measure_agreement(store: Store, run_id: str, *, cache_dir: Path, split: str = "test",
@@ -64,8 +66,8 @@ def compare_on_split(store: Store, run_id: str, student: TrainedModel, teacher: 
     """`measure_agreement` with the two models loaded already (`batch_size`: by default
     `eval_batch_size`'s for the student's device)."""
     run = RunFiles(store, run_id)
-    dataset = run.read_json("config.json")["dataset"]
-    published = resolve_dataset(store, dataset["name"], version or dataset["version"])
+    dataset = run.record().dataset
+    published = resolve_dataset(store, dataset.name, version or dataset.version)
     teacher.check_classes(published)
     student_loader, teacher_loader = (
         build_eval_loader(store, published, cache_dir, split=split, image_size=size,
@@ -74,9 +76,11 @@ def compare_on_split(store: Store, run_id: str, student: TrainedModel, teacher: 
         for size in (student.image_size, teacher.trained.image_size))
     n, agreeing, student_right, teacher_right = _count_agreement(
         student, teacher.trained, student_loader, teacher_loader)
-    result = Agreement(split, n, agreeing / n, student_right / n, teacher_right / n,
-                       teacher.identity, published.version, published.manifest_sha256)
-    run.write_json(f"eval/{split}/agreement.json", result.to_json())
+    result = Agreement(split=split, n=n, agreement=agreeing / n, student_top1=student_right / n,
+                       teacher_top1=teacher_right / n, teacher=teacher.identity,
+                       dataset_version=published.version,
+                       manifest_sha256=published.manifest_sha256)
+    run.write(f"eval/{split}/{AGREEMENT_FILE}", result)
     return result
 
 

@@ -106,7 +106,7 @@ def release_student(store: Store, run_id: str, *, cache_dir: Path, model: str | 
     agreement = compare_on_split(store, run_id, student, teacher, cache_dir=cache_dir,
                                  workers=workers)
     run = RunFiles(store, run_id)
-    name = model or default_student_model(teacher, run.read_json("config.json")["dataset"]["name"])
+    name = model or default_student_model(teacher, run.record().dataset.name)
     registry = Registry(store, name)
     metrics = evaluation.metrics.summary()
     passes, reasons = decide_student(
@@ -114,7 +114,7 @@ def release_student(store: Store, run_id: str, *, cache_dir: Path, model: str | 
         GateScore(agreement.teacher_top1, agreement.manifest_sha256), gate,
         teacher_label=teacher.label)
     efficiency = compare_profiles(
-        model_profile(student, run.read_json(BEST.pointer)["size"], seconds=speed_seconds),
+        model_profile(student, run.read_pointer(BEST.pointer)["size"], seconds=speed_seconds),
         model_profile(teacher.trained, teacher.file_bytes, seconds=speed_seconds))
     card = build_card(store, run_id, metrics, promote=passes, reasons=reasons,
                       gate={"kind": "student", **asdict(gate), "force": False})

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowerml.core.documents import plain
 from flowerml.core.recipes import DistillConfig, TrainConfig
 from flowerml.data.manifest import PublishedDataset
 from flowerml.distillation.teacher import DistillError, Teacher
@@ -146,7 +147,7 @@ class AgreementProbe(ValidationProbe):
 
 def distillation_record(store: Store, run_id: str) -> dict[str, Any] | None:
     """The `objective` a run's config.json records when it was distilled, else None."""
-    record = RunFiles(store, check_run_id(run_id, "--run")).read_optional_json("config.json")
-    objective = record.get("objective") if isinstance(record, dict) else None
-    return objective if isinstance(objective, dict) and objective.get("kind") == DISTILLATION \
+    record = RunFiles(store, check_run_id(run_id, "--run")).optional_record()
+    objective = record.objective if record is not None else None
+    return plain(objective) if objective is not None and objective.kind == DISTILLATION \
         else None

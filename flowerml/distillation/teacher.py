@@ -97,7 +97,7 @@ def _run_teacher(store: Store, run_id: str, device: str) -> Teacher:
     trained = load_trained_model(store, run_id, device)
     identity = {"source": "run", "run_id": run_id, "sha256": trained.weights_sha256,
                 "label": f"run {run_id}"}
-    return Teacher(freeze(trained), identity, int(run.read_json(BEST.pointer)["size"]))
+    return Teacher(freeze(trained), identity, int(run.read_pointer(BEST.pointer)["size"]))
 
 
 def load_recorded_teacher(store: Store, identity: dict[str, Any], device: str = "cpu") -> Teacher:

@@ -19,7 +19,9 @@ import torch
 from flowerml.data.loaders import build_eval_loader
 from flowerml.data.manifest import PublishedDataset, resolve_dataset
 from flowerml.evaluation.predictions import (
+    METRICS_FILE,
     PREDICTIONS_FILE,
+    EvaluationMetrics,
     encode_predictions,
     prediction_rows,
     predictions_record,
@@ -70,10 +72,10 @@ def load_trained_model(store: Store, run_id: str, device: str = "auto") -> Train
     run = RunFiles(store, check_run_id(run_id, "--run"))
     if not run.exists():
         raise RunNotFound(f"run '{run_id}' not found on {store.uri}")
-    record = run.read_json("config.json")
+    record = run.record()
     tensors, info = run.load_weights()
-    return build_trained_model(record["config"]["arch"], record["classes"],
-                               record["config"]["image_size"], tensors, source=run_id,
+    return build_trained_model(record.config.arch, record.classes,
+                               record.config.image_size, tensors, source=run_id,
                                weights_sha256=info["sha256"], device=device)
 
 
@@ -124,8 +126,8 @@ def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "te
                  batch_size: int | None = None) -> Evaluation:
     """Evaluate a run's best weights on a split and publish the report next to the run."""
     trained = load_trained_model(store, run_id, device)
-    dataset = RunFiles(store, run_id).read_json("config.json")["dataset"]
-    published = resolve_dataset(store, dataset["name"], version or dataset["version"])
+    dataset = RunFiles(store, run_id).record().dataset
+    published = resolve_dataset(store, dataset.name, version or dataset.version)
     metrics = evaluate_model(trained, store, published, cache_dir=cache_dir, split=split,
                              workers=workers, batch_size=batch_size)
     report_key = publish_report(store, trained, published, split, metrics)
@@ -160,7 +162,8 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     record = predictions_record(predictions, dataset=f"{published.dataset}@{published.version}",
                                 manifest_sha256=published.manifest_sha256, split=split,
                                 weights_sha256=trained.weights_sha256)
-    run.write_json(f"{prefix}/metrics.json", {**metrics.summary(), "predictions": record})
+    run.write(f"{prefix}/{METRICS_FILE}", EvaluationMetrics(**metrics.summary(),
+                                                          predictions=record))
     return run.key(f"{prefix}/report.md")
 
 

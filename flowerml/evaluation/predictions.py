@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from flowerml.core.documents import Sha256, StoredDocument
 from flowerml.core.errors import UserError
 from flowerml.io.storage import ObjectNotFound, Store
 from flowerml.training.runs import RunFiles, check_run_id
@@ -116,12 +117,38 @@ def decode_predictions(data: bytes, where: str) -> list[ImagePrediction]:
     return rows
 
 
+class PredictionsRecord(StoredDocument):
+    """metrics.json's `predictions` block: which file, its sha256, and what it measured
+    (`dataset` is `<name>@<version>`)."""
+
+    file: str
+    sha256: Sha256
+    dataset: str
+    manifest_sha256: Sha256
+    split: str
+    weights_sha256: Sha256
+
+
+class EvaluationMetrics(StoredDocument):
+    """`runs/<run_id>/eval/<split>/metrics.json` (and its copy in a registry version): the
+    headline numbers, and the `predictions` block (absent from evaluations made before the
+    per-image predictions were kept). Written last: its presence says the evaluation is
+    complete."""
+
+    top1: float
+    top5: float
+    mean_class_accuracy: float
+    loss: float
+    n: int
+    predictions: PredictionsRecord | None = None
+
+
 def predictions_record(data: bytes, *, dataset: str, manifest_sha256: str, split: str,
-                       weights_sha256: str) -> dict[str, Any]:
-    """metrics.json's `predictions` block: which file, its sha256, and what it measured."""
-    return {"file": PREDICTIONS_FILE, "sha256": hashlib.sha256(data).hexdigest(),
-            "dataset": dataset, "manifest_sha256": manifest_sha256, "split": split,
-            "weights_sha256": weights_sha256}
+                       weights_sha256: str) -> PredictionsRecord:
+    """metrics.json's `predictions` block of the predictions file `data`."""
+    return PredictionsRecord(file=PREDICTIONS_FILE, sha256=hashlib.sha256(data).hexdigest(),
+                             dataset=dataset, manifest_sha256=manifest_sha256, split=split,
+                             weights_sha256=weights_sha256)
 
 
 @dataclass(frozen=True)
@@ -141,31 +168,26 @@ class PredictionSet:
         return sum(row.correct for row in self.images) / len(self.images)
 
 
-def read_prediction_set(metrics: Any, read: Any, *, source: str, where: str,
+def read_prediction_set(metrics: EvaluationMetrics | None, read: Any, *, source: str, where: str,
                         class_names: Sequence[str], fix: str) -> PredictionSet:
-    """A PredictionSet from a metrics.json value and `read(name) -> bytes | None` for the
-    files beside it; `fix` says what to run when there are none."""
-    record = metrics.get("predictions") if isinstance(metrics, dict) else None
-    if not isinstance(record, dict):
+    """A PredictionSet from a metrics.json (validated; None when there is none) and
+    `read(name) -> bytes | None` for the files beside it; `fix` says what to run when there
+    are none."""
+    record = metrics.predictions if metrics is not None else None
+    if record is None:
         raise PredictionsMissing(f"{source} has no stored per-image predictions (evaluated "
                                  f"before evaluation kept them): {fix}")
-    try:
-        name, digest = record["file"], record["sha256"]
-        identity = (record["dataset"], record["manifest_sha256"], record["split"],
-                    record["weights_sha256"])
-    except (KeyError, TypeError):
-        raise ComparisonError(f"{where}/{METRICS_FILE}: its predictions block is incomplete"
-                              ) from None
-    data = read(name) if name == PREDICTIONS_FILE else None
+    data = read(record.file) if record.file == PREDICTIONS_FILE else None
     if data is None:
         raise PredictionsMissing(f"{source} has no {PREDICTIONS_FILE} beside its metrics: {fix}")
-    if hashlib.sha256(data).hexdigest() != digest:
+    if hashlib.sha256(data).hexdigest() != record.sha256:
         raise ComparisonError(f"{where}/{PREDICTIONS_FILE}: sha256 does not match the one "
                               f"{METRICS_FILE} records: {fix}")
     rows = decode_predictions(data, f"{where}/{PREDICTIONS_FILE}")
     if not rows:
         raise ComparisonError(f"{where}/{PREDICTIONS_FILE}: holds no predictions: {fix}")
-    return PredictionSet(source, *map(str, identity), tuple(class_names), tuple(rows))
+    return PredictionSet(source, record.dataset, record.manifest_sha256, record.split,
+                         record.weights_sha256, tuple(class_names), tuple(rows))
 
 
 def run_predictions(store: Store, run_id: str, split: str = "test") -> PredictionSet:
@@ -174,7 +196,7 @@ def run_predictions(store: Store, run_id: str, split: str = "test") -> Predictio
     source = f"{RUN_PREFIX}{run_id}"
     fix = f"run flowerml evaluate --run {run_id}" + (f" --split {split}" if split != "test"
                                                      else "")
-    metrics = run.read_optional_json(f"eval/{split}/{METRICS_FILE}")
+    metrics = run.read_optional(f"eval/{split}/{METRICS_FILE}", EvaluationMetrics)
     if metrics is None:
         raise PredictionsMissing(f"{source} has no {split} evaluation: {fix} first")
 
@@ -184,7 +206,7 @@ def run_predictions(store: Store, run_id: str, split: str = "test") -> Predictio
         except ObjectNotFound:
             return None
 
-    classes = run.read_json("config.json").get("classes", [])
+    classes = run.record().classes
     return read_prediction_set(metrics, read, source=source, fix=fix + " again",
                                where=store.location(run.key(f"eval/{split}")),
                                class_names=classes)

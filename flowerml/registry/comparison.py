@@ -13,20 +13,22 @@ version an alias points at (`NAME` alone: production). scipy is imported only fo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flowerml.core.documents import read_document
 from flowerml.evaluation.predictions import (
     METRICS_FILE,
     RUN_PREFIX,
     ComparisonError,
+    EvaluationMetrics,
     PredictionSet,
     read_prediction_set,
     run_predictions,
 )
 from flowerml.io.storage import Store
+from flowerml.registry.aliases import DamagedRegistryDocument
 from flowerml.registry.names import parse_model_ref
 from flowerml.registry.versions import Registry
 
@@ -44,12 +46,10 @@ def version_predictions(registry: Registry, version: int) -> PredictionSet:
     fix = (f"evaluate its run again (flowerml evaluate --run {run_id}) and compare "
            f"{RUN_PREFIX}{run_id} instead" if run_id else "evaluate its run again")
     metrics_bytes = registry.read_attachment(version, METRICS_FILE)
-    try:
-        metrics = json.loads(metrics_bytes) if metrics_bytes is not None else None
-    except json.JSONDecodeError:
-        metrics = None
-    folder = registry.store.location(registry.attachment_key(version, METRICS_FILE)
-                                     ).rsplit("/", 1)[0]
+    metrics_file = registry.store.location(registry.attachment_key(version, METRICS_FILE))
+    metrics = None if metrics_bytes is None else read_document(
+        EvaluationMetrics, metrics_bytes, metrics_file, DamagedRegistryDocument)
+    folder = metrics_file.rsplit("/", 1)[0]
     loaded = read_prediction_set(
         metrics, lambda name: registry.read_attachment(version, name), source=found.label,
         where=folder, class_names=[c["name"] for c in found.card.get("classes", [])], fix=fix)

@@ -30,9 +30,20 @@ from flowerml.data.manifest import (
     version_prefix,
 )
 from flowerml.data.manifest import read_quarantine as read_quarantine_document
+from flowerml.evaluation.predictions import METRICS_FILE, EvaluationMetrics
 from flowerml.io.storage import ObjectNotFound, Store
 from flowerml.registry.versions import Registry, list_models
-from flowerml.training.runs import BEST, CHECKPOINT, RunError, RunFiles, check_run_id, run_ids
+from flowerml.training.runs import (
+    BEST,
+    CHECKPOINT,
+    RESULT_JSON,
+    BlobPointer,
+    RunError,
+    RunFiles,
+    RunResult,
+    check_run_id,
+    run_ids,
+)
 
 RAW = "raw"  # datasets/<name>/raw/: the verified source files, not a version
 
@@ -163,44 +174,51 @@ def read_into(run: RunFiles, summary: RunSummary,
 
 
 def fill_summary(run: RunFiles, summary: RunSummary) -> None:
-    record = run.read_optional_json("config.json")
+    record = run.optional_record()
     if record is None:
         summary.problem = (f"no config.json: leftovers of a run that never started "
                            f"(flowerml runs delete {run.run_id} removes them)")
         return
-    summary.dataset = record["dataset"]["name"]
-    summary.dataset_version = record["dataset"]["version"]
-    summary.arch = record["config"]["arch"]
-    summary.epochs = record["config"]["epochs"]
-    checkpoint = run.read_optional_json(CHECKPOINT.pointer)
-    result = run.read_optional_json("result.json")
-    best = run.read_optional_json(BEST.pointer)
+    summary.dataset = record.dataset.name
+    summary.dataset_version = record.dataset.version
+    summary.arch = record.config.arch
+    summary.epochs = record.config.epochs
+    checkpoint = optional_pointer(run, CHECKPOINT.pointer)
+    result = run.read_optional(RESULT_JSON, RunResult)
+    best = optional_pointer(run, BEST.pointer)
     summary.epochs_done = checkpoint["epoch"] if checkpoint else 0
     if best is not None:
         summary.best_valid_top1, summary.best_epoch = best.get("valid_top1"), best.get("epoch")
-    if result is not None and (checkpoint is None
-                               or result["epochs_run"] == summary.epochs_done):
+    if result is not None and (checkpoint is None or result.epochs_run == summary.epochs_done):
         summary.status = "finished"
-        summary.best_valid_top1 = result["best_valid_top1"]
-        summary.best_epoch = result["best_epoch"]
+        summary.best_valid_top1 = result.best_valid_top1
+        summary.best_epoch = result.best_epoch
     else:
         summary.status = "incomplete" if checkpoint else "not started"
     test = read_evaluation(run, "test")
     summary.test_top1 = test.metrics.get("top1") if test else None
 
 
+def optional_pointer(run: RunFiles, pointer: str) -> dict[str, Any] | None:
+    """A run's pointer (checkpoint.json, best.json) with its extras, validated; None when the
+    run has none."""
+    found = run.read_optional(pointer, BlobPointer)
+    return plain(found) if found is not None else None
+
+
 def fill_details(run: RunFiles, details: RunDetails) -> None:
-    record = run.read_optional_json("config.json")
-    if record is None:
+    found = run.optional_record()
+    if found is None:
         return
+    record = plain(found)  # as stored: a field an older writer left out shows as absent
     details.config = record["config"]
-    details.manifest_sha256 = record["dataset"].get("manifest_sha256")
-    details.device = record.get("device")
+    details.manifest_sha256 = record["dataset"]["manifest_sha256"]
+    details.device = record["device"]
     details.world_size = record.get("world_size")
     details.extensions = record.get("extensions", [])
-    result = run.read_optional_json("result.json") or {}
-    details.stopped_early = bool(result.get("stopped_early", False))
-    details.seconds = result.get("seconds")
+    result = run.read_optional(RESULT_JSON, RunResult)
+    details.stopped_early = result.stopped_early if result is not None else False
+    details.seconds = result.seconds if result is not None else None
     details.history = run.read_history()
     details.evaluations = [evaluation for split in evaluated_splits(run)
                            if (evaluation := read_evaluation(run, split)) is not None]
@@ -225,7 +243,7 @@ def _report_field(report: str, name: str) -> str | None:
 
 def read_evaluation(run: RunFiles, split: str) -> Evaluation | None:
     """The run's published evaluation on `split`, or None when it has none."""
-    metrics = run.read_optional_json(f"eval/{split}/metrics.json")
+    metrics = run.read_optional(f"eval/{split}/{METRICS_FILE}", EvaluationMetrics)
     if metrics is None:
         return None
     report_key = run.key(f"eval/{split}/report.md")
@@ -233,8 +251,7 @@ def read_evaluation(run: RunFiles, split: str) -> Evaluation | None:
         report = run.store.get_bytes(report_key).decode(errors="replace")
     except ObjectNotFound:
         report = ""
-    summary = {k: metrics[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")
-               if k in metrics}
+    summary = metrics.model_dump(include={"top1", "top5", "mean_class_accuracy", "loss", "n"})
     return Evaluation(split, summary, location(run.store, report_key),
                       _report_field(report, "dataset"), _report_field(report, "weights sha256"))
 
@@ -247,7 +264,7 @@ def current_test_evaluation(store: Store, run_id: str) -> tuple[dict[str, Any], 
     if not run.exists() or not run.store.exists(run.key("result.json")):
         raise RunError(f"run '{run_id}' has not finished training (no result.json in "
                        f"{location(store, run.key(''))}); train it to the end first")
-    record = run.read_json("config.json")
+    record = plain(run.record())
     evaluate = f"run flowerml evaluate --run {run_id} first"
     evaluation = read_evaluation(run, "test")
     if evaluation is None:
@@ -257,7 +274,7 @@ def current_test_evaluation(store: Store, run_id: str) -> tuple[dict[str, Any], 
         measured = evaluation.dataset or "an unrecorded dataset version"
         raise EvaluationMissing(f"run '{run_id}' was evaluated on {measured}, not on "
                                 f"{trained_on} it trained on: {evaluate}")
-    weights = run.read_json(BEST.pointer)["sha256"]
+    weights = run.read_pointer(BEST.pointer)["sha256"]
     if not evaluation.weights_sha256 or not weights.startswith(evaluation.weights_sha256):
         raise EvaluationMissing(f"run '{run_id}''s test evaluation is of other weights than its "
                                 f"best ones now (it trained further since): {evaluate}")
@@ -276,7 +293,7 @@ def registrable_run(store: Store, model: str, run_id: str) -> Evaluation:
     run's current weights (registering twice would make a second, identical version)."""
     registry = Registry(store, model)
     _, evaluation = current_test_evaluation(store, run_id)
-    weights = RunFiles(store, run_id).read_json(BEST.pointer)["sha256"]
+    weights = RunFiles(store, run_id).read_pointer(BEST.pointer)["sha256"]
     same = [f"{model}:{version.version:06d}" for version in registry.versions()
             if version.committed and version.weights_sha256 == weights]
     if same:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from flowerml.core.documents import field_message
+from flowerml.core.documents import field_message, plain
 from flowerml.core.markdown import cell, table
 from flowerml.data.manifest import resolve_dataset
 from flowerml.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -50,29 +50,27 @@ def build_card(store: Store, run_id: str, metrics: dict[str, Any], *, promote: b
     """The model card of a run: what it is, how it scored, where it came from, and whether
     its data was synthetic (read from the dataset version's manifest)."""
     run = RunFiles(store, run_id)
-    record = run.read_json("config.json")
-    result = run.read_json("result.json")
-    config = record["config"]
-    dataset = resolve_dataset(store, record["dataset"]["name"], record["dataset"]["version"])
+    record, result = run.record(), run.result()
+    dataset = resolve_dataset(store, record.dataset.name, record.dataset.version)
     return {
-        "arch": config["arch"],
+        "arch": record.config.arch,
         "synthetic_data": dataset.synthetic,
-        "classes": [{"label": i + 1, "name": name} for i, name in enumerate(record["classes"])],
-        "image_size": config["image_size"],
+        "classes": [{"label": i + 1, "name": name} for i, name in enumerate(record.classes)],
+        "image_size": record.config.image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "metrics": metrics,
-        "test_manifest_sha256": record["dataset"]["manifest_sha256"],
+        "test_manifest_sha256": record.dataset.manifest_sha256,
         "gate": {**gate, "promote": promote, "reasons": reasons},
-        "lineage": {"dataset": record["dataset"]["name"],
-                    "dataset_version": record["dataset"]["version"],
-                    "manifest_sha256": record["dataset"]["manifest_sha256"],
-                    "run_id": run_id, "training_config": config,
-                    "best_valid_top1": result["best_valid_top1"],
-                    "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]},
+        "lineage": {"dataset": record.dataset.name,
+                    "dataset_version": record.dataset.version,
+                    "manifest_sha256": record.dataset.manifest_sha256,
+                    "run_id": run_id, "training_config": plain(record.config),
+                    "best_valid_top1": result.best_valid_top1,
+                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run},
         "software": software_versions(),
-        "device": record["device"],
-        "world_size": record.get("world_size", 1),
-        "wall_seconds": result["seconds"],
+        "device": record.device,
+        "world_size": record.world_size,
+        "wall_seconds": result.seconds,
     }
 
 

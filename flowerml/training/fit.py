@@ -42,7 +42,7 @@ from flowerml.training.run_record import (
     run_record,
     start_run,
 )
-from flowerml.training.runs import RunFiles, check_run_id
+from flowerml.training.runs import RESULT_JSON, RunFiles, RunResult, check_run_id
 from flowerml.training.seeding import seed_everything
 from flowerml.training.trainee import Trainee, WholeModel
 from flowerml.training.training_task import ClassificationTask, TrainingTask
@@ -128,7 +128,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
     run = RunFiles(store, run_id)
     pinned = has_trained(run)
     if version is None and pinned:
-        version = run.read_json("config.json")["dataset"]["version"]
+        version = run.record().dataset.version
     published = resolve_dataset(store, dataset, version)
     extends = pinned and check_compatible(run, config, published, task)
     task.prepare(published, placement, config)
@@ -170,5 +170,5 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
         stopped_early=state.stopped_early, world_size=placement.world_size,
         history=state.history, rank=placement.rank)
     if placement.is_main:
-        run.write_json("result.json", result.to_json() | {"history": state.history})
+        run.write(RESULT_JSON, RunResult(**result.to_json(), history=state.history))
     return result

@@ -9,19 +9,28 @@ from typing import Any
 
 import torch
 
+from flowerml.core.documents import plain
 from flowerml.core.recipes import TrainConfig
 from flowerml.data.manifest import PublishedDataset
 from flowerml.models.distributed import Placement
 from flowerml.training.checkpoints import TrainState
 from flowerml.training.optimization import Stepper, follow_schedule
-from flowerml.training.runs import BEST, RunError, RunFiles
+from flowerml.training.runs import (
+    BEST,
+    CONFIG_JSON,
+    RESULT_JSON,
+    RunError,
+    RunExtension,
+    RunFiles,
+    RunRecord,
+)
 from flowerml.training.training_task import TrainingTask, describe_task_record
 
 
 def run_record(config: TrainConfig, published: PublishedDataset, placement: Placement,
-               task: TrainingTask) -> dict:
+               task: TrainingTask) -> RunRecord:
     extra = task.record()
-    return {
+    return RunRecord.model_validate({
         "config": config.to_json(),
         **({"objective": extra} if extra is not None else {}),
         "dataset": {"name": published.dataset, "version": published.version,
@@ -30,7 +39,7 @@ def run_record(config: TrainConfig, published: PublishedDataset, placement: Plac
         "torch": torch.__version__,
         "device": str(placement.device),
         "world_size": placement.world_size,
-    }
+    })
 
 
 def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDataset,
@@ -38,24 +47,26 @@ def check_compatible(run: RunFiles, config: TrainConfig, published: PublishedDat
     """A run id resumes only the run it started: same configuration, same task, same data.
     The one change a trained run accepts is more epochs; returns True when `config` asks for
     that."""
-    saved = run.read_json("config.json")
+    saved = run.record()
+    theirs = plain(saved.objective) if saved.objective is not None else None
     ours = task.record()
-    if saved.get("objective") != ours:
+    if theirs != ours:
         raise RunError(f"run '{run.run_id}' was trained with "
-                       f"{describe_task_record(saved.get('objective'))}, not "
+                       f"{describe_task_record(theirs)}, not "
                        f"{describe_task_record(ours)}; a trained run resumes only as itself: "
                        "use a new --run-id")
-    differing = sorted(k for k, v in config.to_json().items() if saved["config"].get(k) != v)
-    extends = differing == ["epochs"] and config.epochs > saved["config"]["epochs"]
+    recorded = plain(saved.config)
+    differing = sorted(k for k, v in config.to_json().items() if recorded.get(k) != v)
+    extends = differing == ["epochs"] and config.epochs > saved.config.epochs
     if differing and not extends:
-        shown = ", ".join(f"{k} {saved['config'].get(k)!r} -> {getattr(config, k)!r}"
+        shown = ", ".join(f"{k} {recorded.get(k)!r} -> {getattr(config, k)!r}"
                           for k in differing[:4])
         raise RunError(f"run '{run.run_id}' was started with a different configuration "
                        f"({shown}); a trained run takes only a larger --epochs: use a new "
                        "--run-id")
-    if saved["dataset"]["manifest_sha256"] != published.manifest_sha256:
-        raise RunError(f"run '{run.run_id}' trained on {saved['dataset']['name']}@"
-                       f"{saved['dataset']['version']}, not @{published.version}")
+    if saved.dataset.manifest_sha256 != published.manifest_sha256:
+        raise RunError(f"run '{run.run_id}' trained on {saved.dataset.name}@"
+                       f"{saved.dataset.version}, not @{published.version}")
     return extends
 
 
@@ -76,25 +87,25 @@ def extend_run(run: RunFiles, config: TrainConfig, state: TrainState, stepper: S
                        f"{config.patience}); more --epochs would not train it further: use a "
                        "new --run-id")
     follow_schedule(stepper.optimizer, stepper.scheduler)
-    record = run.read_json("config.json")
-    extension = {"epochs_before": record["config"]["epochs"], "epochs": config.epochs,
-                 "at_epoch": state.epoch,
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    record = run.record()
+    extension = RunExtension(epochs_before=record.config.epochs, epochs=config.epochs,
+                             at_epoch=state.epoch,
+                             time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if write:
-        record["config"] = config.to_json()
-        record["extensions"] = [*record.get("extensions", []), extension]
-        run.write_json("config.json", record)
-    return extension
+        run.write(CONFIG_JSON, record.model_copy(update={
+            "config": type(record.config).model_validate(config.to_json()),
+            "extensions": [*record.extensions, extension]}))
+    return plain(extension)
 
 
 def has_trained(run: RunFiles) -> bool:
     """Whether `run` has a config.json and finished an epoch (a checkpoint, or a result): only
     such a run is pinned to its configuration and dataset version. One that stopped before
     (a crash or a kill in epoch 1) starts again with whatever it is given."""
-    return run.exists() and (run.has_checkpoint() or run.store.exists(run.key("result.json")))
+    return run.exists() and (run.has_checkpoint() or run.store.exists(run.key(RESULT_JSON)))
 
 
-def start_run(run: RunFiles, record: dict) -> None:
+def start_run(run: RunFiles, record: RunRecord) -> None:
     """config.json of a run that starts from scratch. Written only once the inputs are
     validated, the weights resolved and the model built, so that a typo cannot claim the run
     id. A run that never finished an epoch is replaced: its config.json, and the best weights
@@ -105,5 +116,5 @@ def start_run(run: RunFiles, record: dict) -> None:
                  if BEST.matches(info.key[len(base):])]
         for key in [run.key(BEST.pointer), *stale, run.key("metrics.jsonl")]:
             run.store.delete(key)
-    run.write_json("config.json", record)
+    run.write(CONFIG_JSON, record)
 

@@ -21,7 +21,7 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from pydantic import Field
 
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     import torch
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CONFIG_JSON = "config.json"
+RESULT_JSON = "result.json"
+
+Document = TypeVar("Document", bound=StoredDocument)
 
 
 class RunError(UserError):
@@ -41,7 +45,8 @@ class RunError(UserError):
 
 
 class DamagedRunFile(DocumentError, RunError):
-    """A run's pointer (checkpoint.json, best.json) that does not read as `BlobPointer`."""
+    """A run's document (config.json, result.json, checkpoint.json, best.json) that does not
+    read as its model."""
 
 
 class BlobPointer(StoredDocument):
@@ -52,6 +57,72 @@ class BlobPointer(StoredDocument):
     key: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     sha256: Sha256
     size: int | None = None
+
+
+class RecordedConfig(StoredDocument):
+    """config.json's `config`: the run's `TrainConfig` as JSON. Only the fields a reader of
+    the record needs are declared; the rest are kept as written (a recipe field added or
+    removed since does not make an older run unreadable)."""
+
+    arch: str
+    image_size: int
+    epochs: int
+
+
+class RecordedDataset(StoredDocument):
+    """config.json's `dataset`: the published version the run trains on."""
+
+    name: str
+    version: str
+    manifest_sha256: Sha256
+
+
+class RecordedObjective(StoredDocument):
+    """config.json's `objective`, present when a task other than classification trained the
+    run (its own fields, e.g. distillation's teacher, are the task's)."""
+
+    kind: str
+    description: str | None = None
+
+
+class RunExtension(StoredDocument):
+    """One entry of config.json's `extensions`: a trained run taken to more epochs."""
+
+    epochs_before: int
+    epochs: int
+    at_epoch: int
+    time: str
+
+
+class RunRecord(StoredDocument):
+    """`runs/<run_id>/config.json`: what was trained on what, written when the run starts
+    (`flowerml.training.run_record`) and again when it is extended."""
+
+    config: RecordedConfig
+    objective: RecordedObjective | None = None
+    dataset: RecordedDataset
+    classes: list[str]
+    torch: str
+    device: str
+    world_size: int = 1
+    extensions: list[RunExtension] = Field(default_factory=list)
+
+
+class RunResult(StoredDocument):
+    """`runs/<run_id>/result.json`: what the run produced, written when training ends
+    (`flowerml.training.fit`), with every epoch's row of metrics.jsonl as `history`."""
+
+    run_id: str
+    checkpoint: str
+    best_valid_top1: float
+    best_epoch: int
+    epochs_run: int
+    resumed_from_epoch: int | None
+    seconds: float
+    images_per_second: float
+    stopped_early: bool = False
+    world_size: int = 1
+    history: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class RunNotFound(RunError):
@@ -106,12 +177,44 @@ class RunFiles:
         return f"runs/{self.run_id}/{name}"
 
     def exists(self) -> bool:
-        return self.store.exists(self.key("config.json"))
+        return self.store.exists(self.key(CONFIG_JSON))
 
     def write_json(self, name: str, value: object) -> None:
         self.store.put_bytes(self.key(name), json_bytes(value))
 
+    def write(self, name: str, document: StoredDocument) -> None:
+        """A document of the run, stored as `plain` JSON (only the fields it was given)."""
+        self.write_json(name, plain(document))
+
+    def read(self, name: str, model: type[Document]) -> Document:
+        """The run's document `name` as `model`, validated: RunError when it is absent,
+        DamagedRunFile (one line naming the key and field) when it does not read."""
+        key = self.key(name)
+        try:
+            raw = self.store.get_bytes(key)
+        except ObjectNotFound:
+            raise RunError(f"run '{self.run_id}' has no {name} on {self.store.uri}") from None
+        return read_document(model, raw, key, DamagedRunFile)
+
+    def read_optional(self, name: str, model: type[Document]) -> Document | None:
+        """`read`, or None when the run has no `name`."""
+        return self.read(name, model) if self.store.exists(self.key(name)) else None
+
+    def record(self) -> RunRecord:
+        """config.json, validated."""
+        return self.read(CONFIG_JSON, RunRecord)
+
+    def optional_record(self) -> RunRecord | None:
+        """config.json, validated, or None when the run has none."""
+        return self.read_optional(CONFIG_JSON, RunRecord)
+
+    def result(self) -> RunResult:
+        """result.json, validated."""
+        return self.read(RESULT_JSON, RunResult)
+
     def read_json(self, name: str) -> Any:
+        """A JSON file of the run as it is stored, unvalidated (a run's own documents are read
+        through `read`)."""
         try:
             return json.loads(self.store.get_bytes(self.key(name)))
         except ObjectNotFound:
@@ -126,8 +229,7 @@ class RunFiles:
         digest = sha256_hex(data)
         name = kind.name(digest)
         self.store.put_bytes(self.key(name), data)
-        self.store.put_bytes(self.key(kind.pointer), json_bytes(plain(BlobPointer(
-            key=name, sha256=digest, size=len(data), **extra))))
+        self.write(kind.pointer, BlobPointer(key=name, sha256=digest, size=len(data), **extra))
         self._remove_other_blobs(kind, keep=name)
         return digest
 
@@ -140,17 +242,13 @@ class RunFiles:
         for key in stale:
             self.store.delete(key)
 
-    def _read_pointer(self, pointer: str) -> dict[str, Any]:
-        """A pointer, validated (DamagedRunFile: one line naming the key and field)."""
-        key = self.key(pointer)
-        try:
-            raw = self.store.get_bytes(key)
-        except ObjectNotFound:
-            raise RunError(f"run '{self.run_id}' has no {pointer} on {self.store.uri}") from None
-        return plain(read_document(BlobPointer, raw, key, DamagedRunFile))
+    def read_pointer(self, pointer: str) -> dict[str, Any]:
+        """A pointer (checkpoint.json, best.json), validated (DamagedRunFile: one line naming
+        the key and field), with the writer's extras."""
+        return plain(self.read(pointer, BlobPointer))
 
     def _read_verified(self, pointer: str) -> tuple[bytes, dict]:
-        record = self._read_pointer(pointer)
+        record = self.read_pointer(pointer)
         try:
             data = self.store.get_bytes(self.key(record["key"]))
         except ObjectNotFound:
@@ -161,7 +259,7 @@ class RunFiles:
         return data, record
 
     def _pointed_key(self, kind: Blob) -> str:
-        return self.key(self._read_pointer(kind.pointer)["key"])
+        return self.key(self.read_pointer(kind.pointer)["key"])
 
     def save_checkpoint(self, state: dict[str, Any], epoch: int) -> None:
         import torch
@@ -242,12 +340,6 @@ class RunFiles:
             raise RunNotFound(f"run '{self.run_id}' not found on {self.store.uri}")
         return self
 
-    def read_optional_json(self, name: str) -> Any | None:
-        """A JSON file of the run, or None when it is absent."""
-        if not self.store.exists(self.key(name)):
-            return None
-        return self.read_json(name)
-
     def keys(self) -> list[str]:
         """Every key under `runs/<run_id>/`."""
         return [info.key for info in self.store.list(self.key(""))]
@@ -260,8 +352,8 @@ class RunFiles:
         remains is a run that never finished an epoch: training it again starts afresh, and
         deleting it again finishes the job), then the blobs and reports, config.json last."""
         keys = self.keys()
-        first = [self.key(name) for name in ("result.json", CHECKPOINT.pointer, BEST.pointer)]
-        last = self.key("config.json")
+        first = [self.key(name) for name in (RESULT_JSON, CHECKPOINT.pointer, BEST.pointer)]
+        last = self.key(CONFIG_JSON)
         ordered = ([key for key in first if key in keys]
                    + [key for key in keys if key not in first and key != last]
                    + ([last] if last in keys else []))

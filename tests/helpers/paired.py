@@ -4,9 +4,11 @@ two models' outcomes on the same images, and registry versions that store them."
 from __future__ import annotations
 
 import hashlib
-import json
 
+from flowerml.core.documents import plain
+from flowerml.core.files import json_bytes
 from flowerml.evaluation.predictions import (
+    EvaluationMetrics,
     ImagePrediction,
     PredictionSet,
     encode_predictions,
@@ -66,12 +68,13 @@ def register_with_predictions(registry: Registry, seed: int,
     rows = prediction_set("x", outcomes, manifest=manifest, weights_sha256=sha).images
     encoded = encode_predictions(rows)
     top1 = sum(row.correct for row in rows) / len(rows)
-    metrics = {"top1": top1, "n": len(rows),
-               "predictions": predictions_record(encoded, dataset="flowers102@abc",
-                                                 manifest_sha256=manifest, split="test",
-                                                 weights_sha256=sha)}
+    metrics = EvaluationMetrics(
+        top1=top1, top5=top1, mean_class_accuracy=top1, loss=0.0, n=len(rows),
+        predictions=predictions_record(encoded, dataset="flowers102@abc",
+                                       manifest_sha256=manifest, split="test",
+                                       weights_sha256=sha))
     version_card = {**card(top1, manifest),
                     "classes": [{"label": i + 1, "name": n} for i, n in enumerate(NAMES)],
                     "lineage": {"run_id": f"run-{seed}"}}
-    return registry.register(data, version_card, {"metrics.json": json.dumps(metrics).encode(),
+    return registry.register(data, version_card, {"metrics.json": json_bytes(plain(metrics)),
                                                   "predictions.jsonl": encoded})

@@ -15,6 +15,7 @@ from flowerml.evaluation.predictions import (
     run_predictions,
 )
 from flowerml.io.storage_local import LocalStore
+from flowerml.registry.aliases import DamagedRegistryDocument
 from flowerml.registry.comparison import (
     DifferentManifests,
     biggest_changes,
@@ -179,3 +180,17 @@ def test_hand_built_versions_read_back(local_store: LocalStore) -> None:
     assert (result.a, result.b) == ("flowers102:000001", "flowers102:000002")
     assert (result.a_only, result.b_only) == (1, 2)
     assert [c.name for c in result.per_class] == list(NAMES)
+
+
+def test_an_edited_metrics_json_of_a_version_is_one_line_naming_file_and_field(
+        local_store: LocalStore) -> None:
+    registry = Registry(local_store, MODEL)
+    register_with_predictions(registry, 1, A)
+    key = registry.attachment_key(1, "metrics.json")
+    metrics = json.loads(local_store.get_bytes(key))
+    metrics["predictions"]["split"] = 3
+    local_store.put_bytes(key, json.dumps(metrics).encode())
+    with pytest.raises(DamagedRegistryDocument) as caught:
+        version_predictions(registry, 1)
+    assert str(caught.value) == (f"{local_store.root}/{key}: field predictions.split: Input "
+                                 "should be a valid string (got 3)")

@@ -37,7 +37,8 @@ def test_list_runs_shows_each_runs_state_and_registrations(registered_copy: Stor
     record = RunFiles(store, TINY_RUN).read_json("config.json")
     write_run(store, "not-started", {"config.json": record})
     write_run(store, "interrupted", {"config.json": {**record, "config": {
-        **record["config"], "epochs": 4}}, "checkpoint.json": {"key": "x", "epoch": 2}})
+        **record["config"], "epochs": 4}}, "checkpoint.json": {"key": "checkpoint-0123456789abcdef.pt", "sha256": "0" * 64,
+                            "size": 1, "epoch": 2}})
     write_run(store, "leftovers", {"eval/test/metrics.json": {"top1": 0.5}})
     runs = {run.run_id: run for run in inventory.list_runs(store)}
     assert sorted(runs) == ["interrupted", "leftovers", "not-started", TINY_RUN]
@@ -64,8 +65,11 @@ def test_a_damaged_run_does_not_hide_the_others(registered_copy: StoreAndCache) 
     runs = {run.run_id: run for run in inventory.list_runs(store)}
     assert runs[TINY_RUN].status == "finished"
     assert runs["broken"].status == "damaged"
-    assert "runs/broken/config.json: is not valid JSON" in runs["broken"].problem
-    assert runs["odd"].status == "damaged" and "unexpected content" in runs["odd"].problem
+    assert runs["broken"].problem == ("runs/broken/config.json: not valid JSON (key must be a "
+                                      "string at line 1 column 2)")
+    assert runs["odd"].status == "damaged"
+    assert runs["odd"].problem == ("runs/odd/config.json: field config.arch: Field required "
+                                   "(and 6 more)")
 
 
 def test_describe_run_has_config_history_evaluations_and_locations(

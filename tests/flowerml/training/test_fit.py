@@ -271,7 +271,10 @@ def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAn
     with pytest.raises(DiedBeforeCheckpoint):
         run_fit(published_store, "abandoned", epochs=2)
     assert "best.json" in run_files(store, "abandoned")
-    start_run(RunFiles(store, "abandoned"), {"config": {"arch": "vgg16"}})
+    run = RunFiles(store, "abandoned")
+    record = run.record()
+    start_run(run, record.model_copy(update={"config": record.config.model_copy(
+        update={"arch": "vgg16"})}))
     assert run_files(store, "abandoned") == ["config.json"]
 
 

@@ -19,9 +19,11 @@ from flowerml.training.runs import (
     RunError,
     RunFiles,
     RunNotFound,
+    RunRecord,
     check_run_id,
     run_ids,
 )
+from tests.helpers.stored_documents import fixture_bytes
 
 
 class RecordingStore(LocalStore):
@@ -462,3 +464,76 @@ def test_an_edited_pointer_is_one_line_naming_file_and_field(run: RunFiles,
         run.read_weights_bytes()
     assert str(caught.value) == f"{run.key('best.json')}: field {field}"
     assert isinstance(caught.value, RunError)
+
+
+# --------------------------------------------------------------------------------------------
+# config.json and result.json
+
+
+@pytest.mark.parametrize("name", ["config.json", "result.json"])
+def test_run_documents_as_written_before_their_models_read_back_byte_for_byte(
+        run: RunFiles, local_store: LocalStore, name: str):
+    local_store.put_bytes(run.key(name), fixture_bytes(name))
+    document = run.record() if name == "config.json" else run.result()
+    run.write(name, document)
+    assert local_store.get_bytes(run.key(name)) == fixture_bytes(name)
+
+
+def test_a_record_reads_as_written(run: RunFiles):
+    record = RunRecord.model_validate(json.loads(fixture_bytes("config.json")))
+    run.write("config.json", record)
+    assert run.record() == record
+    assert run.record().objective.kind == "distillation"
+    assert run.record().extensions[0].epochs_before == 2
+
+
+def test_a_record_from_a_writer_that_left_out_world_size_still_reads(run: RunFiles,
+                                                                      local_store: LocalStore):
+    record = json.loads(fixture_bytes("config.json"))
+    del record["world_size"], record["objective"], record["extensions"]
+    local_store.put_bytes(run.key("config.json"), json.dumps(record).encode())
+    assert (run.record().world_size, run.record().objective, run.record().extensions) == (
+        1, None, [])
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda r: r["dataset"].update(manifest_sha256="zz"), "field dataset.manifest_sha256: "
+     "String should match pattern '^[0-9a-f]{64}$' (got 'zz')"),
+    (lambda r: r["config"].update(image_size="224"), "field config.image_size: Input should "
+     "be a valid integer (got '224')"),
+    (lambda r: r.pop("classes"), "field classes: Field required"),
+    (lambda r: r["extensions"][0].pop("at_epoch"), "field extensions.0.at_epoch: Field "
+     "required"),
+])
+def test_an_edited_config_json_is_one_line_naming_file_and_field(
+        run: RunFiles, local_store: LocalStore, change, problem: str):
+    record = json.loads(fixture_bytes("config.json"))
+    change(record)
+    local_store.put_bytes(run.key("config.json"), json.dumps(record).encode())
+    with pytest.raises(DamagedRunFile) as caught:
+        run.record()
+    assert str(caught.value) == f"runs/run-1/config.json: {problem}"
+    assert isinstance(caught.value, RunError)
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda r: r.update(best_epoch="3"), "field best_epoch: Input should be a valid integer "
+     "(got '3')"),
+    (lambda r: r.pop("best_valid_top1"), "field best_valid_top1: Field required"),
+])
+def test_an_edited_result_json_is_one_line_naming_file_and_field(
+        run: RunFiles, local_store: LocalStore, change, problem: str):
+    result = json.loads(fixture_bytes("result.json"))
+    change(result)
+    local_store.put_bytes(run.key("result.json"), json.dumps(result).encode())
+    with pytest.raises(DamagedRunFile) as caught:
+        run.result()
+    assert str(caught.value) == f"runs/run-1/result.json: {problem}"
+
+
+def test_a_run_without_a_record_says_so(run: RunFiles, local_store: LocalStore):
+    assert run.optional_record() is None
+    with pytest.raises(RunError) as caught:
+        run.record()
+    assert str(caught.value) == f"run 'run-1' has no config.json on {local_store.uri}"
+    assert type(caught.value) is RunError
