@@ -15,16 +15,19 @@ from pathlib import Path
 
 from flowerml.core.documents import json_schema
 from flowerml.data.manifest import CurrentPointer, Manifest, Quarantine
+from flowerml.data.raw_mirror import SourcesRecord
 from flowerml.distillation.agreement import Agreement
 from flowerml.evaluation.predictions import EvaluationMetrics
 from flowerml.registry.aliases import AliasRecord, HistoryEntry
 from flowerml.registry.export_record import ExportRecord
 from flowerml.registry.model_card import ModelCard
-from flowerml.registry.versions import Committed
+from flowerml.registry.versions import Claim, Committed
 from flowerml.serving.scoring import ScoringSuccess
+from flowerml.serving.scoring_plan import ScoringListing, ScoringShard
 from flowerml.training.runs import BlobPointer, RunRecord, RunResult
 
 DOCUMENTS: dict[str, type] = {
+    "sources": SourcesRecord,
     "manifest": Manifest,
     "current": CurrentPointer,
     "quarantine": Quarantine,
@@ -34,10 +37,13 @@ DOCUMENTS: dict[str, type] = {
     "evaluation-metrics": EvaluationMetrics,
     "agreement": Agreement,
     "card": ModelCard,
+    "claim": Claim,
     "committed": Committed,
     "alias": AliasRecord,
     "alias-history-entry": HistoryEntry,
     "export": ExportRecord,
+    "scoring-listing": ScoringListing,
+    "scoring-shard": ScoringShard,
     "scoring-success": ScoringSuccess,
 }
 """Document name (its schema's file name, without .json) -> its model."""

@@ -9,11 +9,14 @@ from the record.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
+from typing import Annotated, Any
 
+from pydantic import Field
+
+from flowerml.core.documents import DocumentError, StoredDocument, plain, read_document
 from flowerml.core.errors import SourceError
 from flowerml.core.files import md5_file, write_atomically
 from flowerml.data import flowers
@@ -23,15 +26,39 @@ from flowerml.io.storage import ObjectNotFound, Store
 SOURCES_RECORD = "sources.json"
 
 
+class DamagedSourcesRecord(DocumentError, SourceError):
+    """A `sources.json` that does not read as `SourcesRecord`."""
+
+
+class MirroredFile(StoredDocument):
+    """One source file of the mirror: its MD5 (as published) and size in bytes."""
+
+    md5: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    size: int
+
+
+class SourcesRecord(StoredDocument):
+    """`datasets/<name>/raw/sources.json`, written after the files it vouches for: where they
+    came from, whether their MD5s were checked against the published ones, and each file."""
+
+    source: str
+    verified: bool
+    files: dict[str, MirroredFile]
+
+
 def raw_key(dataset: str, name: str) -> str:
     return f"{dataset_prefix(dataset)}/raw/{name}"
 
 
-def read_sources_record(store: Store, dataset: str) -> dict | None:
+def read_sources_record(store: Store, dataset: str) -> dict[str, Any] | None:
+    """sources.json, validated (DamagedSourcesRecord: one line naming the file and field),
+    as its JSON object; None when the dataset has no mirror yet."""
+    key = raw_key(dataset, SOURCES_RECORD)
     try:
-        return json.loads(store.get_bytes(raw_key(dataset, SOURCES_RECORD)))
+        raw = store.get_bytes(key)
     except ObjectNotFound:
         return None
+    return plain(read_document(SourcesRecord, raw, store.location(key), DamagedSourcesRecord))
 
 
 def raw_is_current(store: Store, dataset: str, record: dict | None, name: str, md5: str) -> bool:
@@ -54,12 +81,10 @@ def mirror_sources(store: Store, dataset: str, record: dict | None, local: dict[
     for name, path in local.items():
         if not raw_is_current(store, dataset, record, name, md5s[name]):
             store.put_file(raw_key(dataset, name), path)
-    new_record = {
-        "source": source,
-        "verified": verified,
-        "files": {name: {"md5": md5s[name], "size": local[name].stat().st_size}
-                  for name in flowers.SOURCE_FILES},
-    }
+    new_record = plain(SourcesRecord(
+        source=source, verified=verified,
+        files={name: MirroredFile(md5=md5s[name], size=local[name].stat().st_size)
+               for name in flowers.SOURCE_FILES}))
     if new_record != record:
         store.put_bytes(raw_key(dataset, SOURCES_RECORD), encode_json(new_record))
     return new_record

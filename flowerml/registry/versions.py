@@ -72,6 +72,14 @@ class Committed(StoredDocument):
     committed_at: str
 
 
+class Claim(StoredDocument):
+    """`versions/<NNNNNN>/CLAIM`: who allocated the number, and when. Only its existence is
+    read (create-only: the first registrar to write it owns the number)."""
+
+    claimed_at: str
+    token: str
+
+
 RenderCard = Callable[[dict, list[str]], str]
 """(the full card, the extra files' names) -> card.md: see `release.render_card`."""
 
@@ -215,7 +223,7 @@ class Registry(ModelAliases):
         numbers = self._version_files()
         version = max(numbers, default=0) + 1
         while version <= MAX_VERSION:
-            claim = json_bytes({"claimed_at": now(), "token": uuid.uuid4().hex})
+            claim = json_bytes(plain(Claim(claimed_at=now(), token=uuid.uuid4().hex)))
             if self.store.put_if_absent(self._version_key(version, CLAIM), claim):
                 return version
             version += 1

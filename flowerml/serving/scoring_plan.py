@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from flowerml.core.documents import DocumentError, StoredDocument, plain, read_document
 from flowerml.core.errors import UserError
 from flowerml.io.storage import (
     ObjectNotFound,
@@ -45,6 +46,35 @@ SHARDS = "_shards"
 class ScoringError(UserError):
     """Bad scoring input: options, an input without images, an output that cannot be written,
     a runtime the version cannot run, or an output started with other settings."""
+
+
+class DamagedScoringDocument(DocumentError, ScoringError):
+    """A `_listing.json` or `_shards/NNNNN.json` that does not read as its model."""
+
+
+class ScoringListing(StoredDocument):
+    """`<model>/<NNNNNN>/<input-id>/_listing.json`, written create-only after the shards it
+    lists: what was listed and the settings every later run on this output must share."""
+
+    format: int
+    input: str
+    root: str
+    input_id: str
+    images: int
+    shards: int
+    shard_size: int
+    model: str
+    version: int
+    runtime: str
+    top_k: int
+
+
+class ScoringShard(StoredDocument):
+    """`<model>/<NNNNNN>/<input-id>/_shards/NNNNN.json`: the keys of shard N, in listing
+    order."""
+
+    shard: int
+    keys: list[str]
 
 
 class OutputNotWritable(ScoringError):
@@ -156,19 +186,19 @@ def plan_scoring(request: ScoringRequest, *, registry_store: Store, output_store
     return plan
 
 
-def resume_settings(started: dict[str, Any], request: ScoringRequest, registry: Registry,
+def resume_settings(started: ScoringListing, request: ScoringRequest, registry: Registry,
                     version: int, chosen: tuple[str, str], where: str) -> tuple[str, str]:
     """The runtime (and its file's sha256) for an output that an earlier run started: that
     run's, so that every part of one output comes from one runtime and one top-k."""
-    if started["top_k"] != request.top_k:
-        raise ScoringError(f"{where} was started with --top-k {started['top_k']}: use the "
+    if started.top_k != request.top_k:
+        raise ScoringError(f"{where} was started with --top-k {started.top_k}: use the "
                            "same, or another --output")
-    if started["runtime"] == chosen[0]:
+    if started.runtime == chosen[0]:
         return chosen
     if request.runtime != "auto":
-        raise ScoringError(f"{where} was started with --runtime {started['runtime']}: use the "
+        raise ScoringError(f"{where} was started with --runtime {started.runtime}: use the "
                            "same, or another --output")
-    return choose_runtime(registry, version, started["runtime"])
+    return choose_runtime(registry, version, started.runtime)
 
 
 def nested_prefix(root: str, output: str) -> str | None:
@@ -198,40 +228,49 @@ def write_shards(output_store: Store, plan: ScoringPlan, spooled: Spooled, outpu
     there. Shards are deterministic, so a concurrent run writing the same bytes is harmless."""
     def shard_files() -> Iterator[tuple[str, bytes]]:
         for index, keys in enumerate(spooled_shards(spooled, plan.shard_size)):
-            yield plan.shard_key(index), json.dumps({"shard": index, "keys": keys}).encode()
+            yield plan.shard_key(index), json.dumps(plain(ScoringShard(shard=index,
+                                                                       keys=keys))).encode()
 
     try:
         output_store.upload_many(shard_files())
     except StoreAccessError as error:
         raise OutputNotWritable(f"--output {output} is not writable: {error}") from None
-    record = {"format": LISTING_FORMAT, "input": plan.input, "root": plan.root,
-              "input_id": plan.input_id, "images": plan.images, "shards": plan.shards,
-              "shard_size": plan.shard_size, "model": plan.model, "version": plan.version,
-              "runtime": plan.runtime, "top_k": plan.top_k}
+    record = ScoringListing(
+        format=LISTING_FORMAT, input=plan.input, root=plan.root, input_id=plan.input_id,
+        images=plan.images, shards=plan.shards, shard_size=plan.shard_size, model=plan.model,
+        version=plan.version, runtime=plan.runtime, top_k=plan.top_k)
     try:
-        output_store.put_bytes(plan.key(LISTING), json.dumps(record, indent=2).encode(),
+        output_store.put_bytes(plan.key(LISTING), json.dumps(plain(record), indent=2).encode(),
                                if_none_match=True)
     except PreconditionFailed:  # a concurrent run listed it first: its settings stand
         theirs = read_listing(output_store, plan.prefix, output) or record
-        if (theirs["runtime"], theirs["top_k"]) != (plan.runtime, plan.top_k):
+        if (theirs.runtime, theirs.top_k) != (plan.runtime, plan.top_k):
             raise ScoringError(f"{output_store.location(plan.prefix)} was just started by "
-                               f"another run with --runtime {theirs['runtime']} --top-k "
-                               f"{theirs['top_k']}: use the same, or another --output") \
+                               f"another run with --runtime {theirs.runtime} --top-k "
+                               f"{theirs.top_k}: use the same, or another --output") \
                 from None
 
 
-def read_listing(output_store: Store, prefix: str, output: str) -> dict[str, Any] | None:
-    """The record of an earlier run on this output, if any."""
+def read_listing(output_store: Store, prefix: str, output: str) -> ScoringListing | None:
+    """The record of an earlier run on this output, validated; None when there is none. A
+    damaged one is one line naming the file and field, and what to do."""
+    key = f"{prefix}/{LISTING}"
     try:
-        return json.loads(output_store.get_bytes(f"{prefix}/{LISTING}"))
+        raw = output_store.get_bytes(key)
     except ObjectNotFound:
         return None
     except StoreAccessError as error:
         raise ScoringError(f"--output {output}: {error}") from None
-    except ValueError:
-        raise ScoringError(f"{output_store.location(f'{prefix}/{LISTING}')} is not valid "
-                           "JSON: remove that folder, or use another --output") from None
+    try:
+        return read_document(ScoringListing, raw, output_store.location(key),
+                             DamagedScoringDocument)
+    except DamagedScoringDocument as damaged:
+        raise DamagedScoringDocument(f"{damaged}: remove that folder, or use another "
+                                     "--output") from None
 
 
 def read_shard(output_store: Store, plan: ScoringPlan, shard: int) -> list[str]:
-    return json.loads(output_store.get_bytes(plan.shard_key(shard)))["keys"]
+    """The keys of shard `shard`, validated (DamagedScoringDocument naming file and field)."""
+    key = plan.shard_key(shard)
+    return read_document(ScoringShard, output_store.get_bytes(key), output_store.location(key),
+                         DamagedScoringDocument).keys

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from flowerml.core.documents import read_document
 from flowerml.io.storage import Store
 from flowerml.io.storage_local import LocalStore
 from flowerml.registry.gates import Scorecard
 from flowerml.registry.names import RegistryError
 from flowerml.registry.promotion import promote
-from flowerml.registry.versions import ModelVersion, Registry, list_models, resolve_ref
+from flowerml.registry.versions import Claim, ModelVersion, Registry, list_models, resolve_ref
 from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 
 
@@ -54,6 +55,8 @@ def test_register_writes_numbered_versions_with_card_and_files(store: Store,
     assert stored["metrics"]["top1"] == 0.96 and "registered_at" in stored
     committed = json.loads(store.get_bytes(vkey(1, "COMMITTED")))
     assert committed["weights_sha256"] == first.weights_sha256 and "committed_at" in committed
+    claim = read_document(Claim, store.get_bytes(vkey(1, "CLAIM")), "CLAIM")
+    assert len(claim.token) == 32 and claim.claimed_at.startswith("20")
 
     readable = store.get_bytes(vkey(1, "card.md")).decode()
     assert readable.startswith("# flowers102 v000001")
