@@ -16,7 +16,7 @@ import pytest
 from flowerml.core.errors import UserError
 from flowerml.core.extras import EXTRAS, MissingExtra, require_extra
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DASK_MISSING = "needs the dask extra: pip install 'flowerml[dask]'"
 # Runs `python -m MODULE ARGS` with the dask extra's modules unimportable, as in an install
 # without the extra (None in sys.modules makes `import` raise ImportError).

@@ -134,7 +134,7 @@ def test_two_gloo_processes_join_agree_and_leave(tmp_path: Path):
                "--nproc-per-node=2", str(script), str(tmp_path)]
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
-                          cwd=Path(__file__).resolve().parents[2])
+                          cwd=Path(__file__).resolve().parents[3])
 
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
