@@ -54,6 +54,7 @@ BIND_ERROR = "error while attempting to bind"
 # keeps the proxies the environment named when it was first used (by torch.hub, say) and would
 # send loopback requests to a proxy long gone; a user's HTTP_PROXY does not cover 127.0.0.1 either.
 LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+API_ATTEMPTS = 5  # a 503 or 429 is retried after 1, 2, 4, 8 s
 
 
 def free_port() -> int:
@@ -123,8 +124,17 @@ class LocalPrefect:
             f"{self.url}/api{path}", method=method or ("POST" if body is not None else "GET"),
             data=json.dumps(body).encode() if body is not None else None,
             headers={"Content-Type": "application/json"})
-        with LOOPBACK.open(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
+        for attempt in range(API_ATTEMPTS):
+            try:
+                with LOOPBACK.open(request, timeout=30) as response:
+                    return json.loads(response.read() or b"null")
+            except urllib.error.HTTPError as error:
+                # A busy server sheds load with 503 (its SQLite database locked) or 429, which
+                # Prefect's own client retries too.
+                if error.code not in (429, 503) or attempt == API_ATTEMPTS - 1:
+                    raise
+                time.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
 
     def set_up_deployments(self, automation_file: Path | None = None) -> None:
         """deploy/README.md sections 2, 7 and 9, as an operator runs them."""
