@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+from pydantic import ConfigDict
 
 from flowerml.core.documents import DocumentError, StoredDocument, plain, read_document
 from flowerml.core.errors import UserError
@@ -108,22 +110,14 @@ class ScoringRequest:
             raise ScoringError("--output must not be empty")
 
 
-@dataclass(frozen=True)
-class ScoringPlan:
-    """A run's resolved plan, small and JSON-able (it travels to every shard task)."""
+class ScoringPlan(ScoringListing):
+    """A run's resolved plan, small and JSON-able (it travels to every shard task): the
+    listing it writes (or found) and what the shards need besides."""
 
-    input: str
-    root: str
-    input_id: str
-    images: int
-    shards: int
-    shard_size: int
-    model: str
-    version: int
-    runtime: str
+    model_config = ConfigDict(frozen=True)
+
     sha256: str  # of the file the runtime runs: model.onnx or model.safetensors
     weights_sha256: str
-    top_k: int
     batch_size: int
     registry: str  # the registry's store URI
     output: str  # the output store's URI
@@ -139,11 +133,11 @@ class ScoringPlan:
         return self.key(f"{SHARDS}/{shard:05d}.json")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> ScoringPlan:
-        return cls(**value)
+        return cls.model_validate(value)
 
     @property
     def label(self) -> str:
@@ -174,7 +168,7 @@ def plan_scoring(request: ScoringRequest, *, registry_store: Store, output_store
             runtime, sha = resume_settings(started, request, registry, version, (runtime, sha),
                                            output_store.location(prefix))
         plan = ScoringPlan(
-            input=request.input, root=listing.root, input_id=spooled.digest[:16],
+            format=LISTING_FORMAT, input=request.input, root=listing.root, input_id=spooled.digest[:16],
             images=spooled.count, shards=-(-spooled.count // request.shard_size),
             shard_size=request.shard_size, model=model, version=version, runtime=runtime,
             sha256=sha, weights_sha256=registry.get(version).weights_sha256,
@@ -235,10 +229,7 @@ def write_shards(output_store: Store, plan: ScoringPlan, spooled: Spooled, outpu
         output_store.upload_many(shard_files())
     except StoreAccessError as error:
         raise OutputNotWritable(f"--output {output} is not writable: {error}") from None
-    record = ScoringListing(
-        format=LISTING_FORMAT, input=plan.input, root=plan.root, input_id=plan.input_id,
-        images=plan.images, shards=plan.shards, shard_size=plan.shard_size, model=plan.model,
-        version=plan.version, runtime=plan.runtime, top_k=plan.top_k)
+    record = ScoringListing(**plan.model_dump(include=set(ScoringListing.model_fields)))
     try:
         output_store.put_bytes(plan.key(LISTING), json.dumps(plain(record), indent=2).encode(),
                                if_none_match=True)

@@ -15,11 +15,11 @@ probe's head: `trainee`, `linear_probe`), `optimization`, `seeding`, `precision`
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -48,25 +48,14 @@ from flowerml.training.trainee import Trainee, WholeModel
 from flowerml.training.training_task import ClassificationTask, TrainingTask
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """What a training run produced; `to_json()` is `flowerml train --json`."""
+class FitResult(RunResult):
+    """What a training run produced: result.json's fields and this process's DDP rank;
+    `to_json()` is `flowerml train --json` (no history, no rank)."""
 
-    run_id: str
-    checkpoint: str
-    best_valid_top1: float
-    best_epoch: int
-    epochs_run: int
-    resumed_from_epoch: int | None
-    seconds: float
-    images_per_second: float
-    stopped_early: bool = False
-    world_size: int = 1
-    history: list[dict] = field(default_factory=list)
-    rank: int = 0
+    rank: int = Field(0, exclude=True)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("history", "rank")}
+        return self.model_dump(mode="json", exclude={"history"})
 
 
 def prepare_model(config: TrainConfig, num_classes: int, placement: Placement,

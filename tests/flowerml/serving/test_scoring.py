@@ -474,7 +474,7 @@ def fixture_plan(output: LocalStore) -> ScoringPlan:
                                                "shard_size", "model", "version", "runtime",
                                                "sha256", "weights_sha256", "top_k",
                                                "batch_size")}
-    return ScoringPlan(**fields, images=success["images"], registry="registry",
+    return ScoringPlan(**fields, format=1, images=success["images"], registry="registry",
                        output=output.uri, prefix=f"tulips/000001/{success['input_id']}")
 
 

@@ -36,7 +36,7 @@ def written(local_store: LocalStore, tmp_path: Path) -> ScoringPlan:
     listing = list_input(str(photos), None)
     spooled = spool_listing(listing, SHARD_SIZE, tmp_path)
     input_id = spooled.digest[:16]
-    plan = ScoringPlan(input=str(photos), root=listing.root, input_id=input_id, images=3,
+    plan = ScoringPlan(format=1, input=str(photos), root=listing.root, input_id=input_id, images=3,
                        shards=2, shard_size=SHARD_SIZE, model="flowers102", version=1,
                        runtime="torch", sha256="1" * 64, weights_sha256="2" * 64, top_k=5,
                        batch_size=4, registry="file:///registry", output=local_store.uri,
