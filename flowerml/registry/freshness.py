@@ -1,0 +1,77 @@
+"""Whether a retrain would only repeat the model in production: what it would train on and
+with (dataset version, resolved training config, flowerml version) against the lineage that
+production's card records. A match means "up to date": the run ends without training and
+without a new version; any difference is named, so a person sees why a run trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flowerml.registry.names import RegistryNotFound
+from flowerml.registry.versions import Registry
+
+
+@dataclass(frozen=True)
+class PlannedTraining:
+    """What a retrain is about to train: on which published version, with which config."""
+
+    dataset: str
+    dataset_version: str
+    training_config: dict[str, Any]
+    flowerml_version: str | None
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """The verdict: `up_to_date` when production was trained on exactly this; `production`
+    is its label (None: no production model), `differences` what would change."""
+
+    up_to_date: bool
+    production: str | None
+    differences: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "differences": list(self.differences)}
+
+    def reason(self) -> str:
+        """One line for a person: why the run trains, or why it need not."""
+        if self.up_to_date:
+            return (f"up to date: {self.production} was trained on this dataset version with "
+                    "this training config and flowerml version; nothing to train "
+                    "(force_train / --force-train trains anyway)")
+        if self.production is None:
+            return f"training: {self.differences[0]}"
+        return f"training: {'; '.join(self.differences)} (production is {self.production})"
+
+
+def compare_with_production(registry: Registry, alias: str,
+                            planned: PlannedTraining) -> Freshness:
+    """`planned` against the lineage of the version `alias` points at."""
+    try:
+        production = registry.resolve(alias)
+    except RegistryNotFound:
+        return Freshness(False, None, (f"{registry.model} has no '{alias}' model yet",))
+    card = production.card
+    lineage = card.get("lineage") or {}
+    trained_with = (card.get("software") or {}).get("flowerml")
+    differences = []
+    if (lineage.get("dataset"), lineage.get("dataset_version")) != (
+            planned.dataset, planned.dataset_version):
+        trained_on = (f"{lineage['dataset']}@{lineage.get('dataset_version')}"
+                      if lineage.get("dataset") else "data its card does not record")
+        differences.append(f"dataset {planned.dataset}@{planned.dataset_version}, production "
+                           f"was trained on {trained_on}")
+    changed = config_changes(lineage.get("training_config") or {}, planned.training_config)
+    if changed:
+        differences.append(f"training config differs in {', '.join(changed)}")
+    if trained_with != planned.flowerml_version:
+        differences.append(f"flowerml {planned.flowerml_version}, production was trained with "
+                           f"{trained_with}")
+    return Freshness(not differences, production.label, tuple(differences))
+
+
+def config_changes(recorded: dict[str, Any], planned: dict[str, Any]) -> list[str]:
+    """The config fields whose values differ (a field only one side has counts as changed)."""
+    return sorted(k for k in recorded.keys() | planned.keys() if recorded.get(k) != planned.get(k))
