@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from flowerml.cli.app import cli, dataset_option, emit_json, json_option, store_option
+from flowerml.cli.app import (
+    Choice,
+    CliError,
+    cli,
+    dataset_option,
+    emit_json,
+    json_option,
+    store_option,
+)
 from flowerml.settings import build_store, load_settings
 
 # The synthetic archive's bounds (flowerml.data.synthetic's MAX_IMAGES and MAX_IMAGE_SIZE), for the
@@ -47,9 +55,16 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 
 
 @cli.command()
-@click.option("--source", default="official", show_default=True,
-              help="Where the three files are: 'official' (the Oxford site), a folder path, "
-                   "file://PATH, an http(s):// base URL or s3://bucket[/prefix].")
+@click.option("--source", default=None,
+              help="Where the three files are: 'official' (the Oxford site, the default), a "
+                   "folder path, file://PATH, an http(s):// base URL or s3://bucket[/prefix].")
+@click.option("--add", "add_source", default=None, metavar="SOURCE",
+              help="Publish CURRENT plus the labelled images of SOURCE as a new version: a "
+                   "folder (local or s3://) of class folders named by label number or class "
+                   "name, or a .csv/.jsonl list of path,label.")
+@click.option("--split", "target_split", type=Choice(("train", "valid")), default="train",
+              show_default=True, help="With --add: the split the images go to (test never "
+                                      "changes).")
 @store_option
 @dataset_option
 @click.option("--verify/--no-verify", default=False,
@@ -57,15 +72,22 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 @click.option("--workers", default=None, type=click.IntRange(1, 64),
               help="Threads for checking images (default: CPU count).")
 @json_option
-def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
-           workers: int | None, as_json: bool) -> None:
-    """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store."""
+def ingest(source: str | None, add_source: str | None, target_split: str, store: str | None,
+           dataset: str | None, verify: bool, workers: int | None, as_json: bool) -> None:
+    """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store;
+    with --add, add labelled images to the CURRENT version as a new one."""
     from flowerml.core.progress import progress_for_terminal
     from flowerml.data.ingest import ingest as run_ingest
     from flowerml.data.source_files import FetchOptions
     from flowerml.io.locations import parse_source
 
-    where = parse_source(source, "--source")  # refused before any setting or store is touched
+    if add_source is not None:
+        if source is not None:
+            raise CliError("--add and --source: give one (--source ingests an archive, --add "
+                           "adds images to a published dataset)")
+        add(add_source, target_split, store, dataset, workers, as_json)
+        return
+    where = parse_source(source or "official", "--source")  # before any setting or store
     settings = load_settings(store=store, dataset=dataset)
     options = FetchOptions(verify=verify, retries=settings.download_retries,
                            timeout=settings.download_timeout, s3=settings.s3_options())
@@ -84,3 +106,37 @@ def ingest(source: str, store: str | None, dataset: str | None, verify: bool,
         click.echo(f"CURRENT moved from {result.replaced} to {result.version}")
     if result.synthetic:
         click.echo("synthetic data (drawn by flowerml synth): not Flowers-102 photographs")
+
+
+def add(source: str, split: str, store: str | None, dataset: str | None, workers: int | None,
+        as_json: bool) -> None:
+    """`ingest --add`: CURRENT plus SOURCE's images, printed as what was added and skipped."""
+    from flowerml.core.progress import progress_for_terminal
+    from flowerml.data.add import add_images
+
+    if not source.strip():
+        raise CliError("--add must not be empty")
+    settings = load_settings(store=store, dataset=dataset)
+    with progress_for_terminal(quiet=as_json) as progress:
+        result = add_images(build_store(settings), settings.dataset, source,
+                            settings.cache_dir, split=split, s3=settings.s3_options(),
+                            workers=workers, progress=progress)
+    if as_json:
+        emit_json(result.to_json())
+        return
+    if result.published:
+        click.echo(f"published {result.dataset}@{result.version} on top of {result.parent} at "
+                   f"{result.location}: added {result.added_images} to {result.split}; "
+                   f"uploaded {result.uploaded} ({result.uploaded_bytes} bytes)")
+        click.echo(f"CURRENT moved from {result.parent} to {result.version}")
+    else:
+        click.echo(f"nothing new: {result.dataset}@{result.version} (CURRENT) already holds "
+                   "every image; nothing published")
+    for kind, what in (("already_present", "already present"), ("leakage", "leakage"),
+                       ("rejected", "rejected")):
+        items = getattr(result, kind)
+        if items:
+            click.echo(f"{what}: {len(items)}")
+        for item in items:
+            click.echo(f"  {item['path']}: " + (item["reason"] if "reason" in item
+                                                 else f"same bytes as {item['key']}"))

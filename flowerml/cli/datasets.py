@@ -24,6 +24,19 @@ def version_line(version) -> str:
             f"{version.quarantined} quarantined; {kind}")
 
 
+def addition_line(version) -> str:
+    """`on top of <parent>: added train 4 (002: 3, 003: 1); skipped: 1 leakage, 1 rejected`;
+    `ingested` for a version no addition published."""
+    if version.parent is None:
+        return "ingested"
+    added = "; ".join(f"added {split} {sum(classes.values())} (" + ", ".join(
+        f"{folder}: {n}" for folder, n in classes.items()) + ")"
+        for split, classes in (version.added or {}).items()) or "added nothing"
+    skipped = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in
+                        (version.skipped or {}).items() if n)
+    return f"on top of {version.parent}: {added}" + (f"; skipped {skipped}" if skipped else "")
+
+
 @datasets.command("list")
 @store_option
 @json_option
@@ -96,6 +109,11 @@ def print_dataset(dataset) -> None:
     click.echo(f"dataset {dataset.name}: CURRENT {dataset.current or '-'}; {dataset.location}")
     if dataset.problem:
         click.echo(f"  problem: {dataset.problem}")
+    by_name = {version.version: version for version in dataset.versions}
+    if len(dataset.chain) > 1:
+        click.echo(f"  chain (CURRENT first): {' <- '.join(dataset.chain)}")
+        for name in dataset.chain:
+            click.echo(f"    {name}: {addition_line(by_name[name])}")
     for version in dataset.versions:
         click.echo(f"  {version_line(version)}")
         click.echo(f"    {version.location}")

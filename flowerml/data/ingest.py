@@ -29,7 +29,7 @@ import contextlib
 import functools
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from inspect import signature
 from pathlib import Path
@@ -194,20 +194,38 @@ def check_leakage(entries: list[ManifestEntry]) -> None:
 def upload_images(store: Store, prefix: str, survey: Survey, entries: list[ManifestEntry],
                   progress: Progress) -> tuple[int, int]:
     """Upload what is not on the store yet, from the staged images; (uploaded, skipped)."""
+    uploaded, _bytes, skipped = upload_missing(
+        store, prefix, entries, lambda entry: survey.staged(flowers.image_id(entry.image)),
+        progress)
+    return uploaded, skipped
+
+
+def upload_missing(store: Store, prefix: str, entries: Sequence[ManifestEntry],
+                   staged: Callable[[ManifestEntry], Path],
+                   progress: Progress) -> tuple[int, int, int]:
+    """Upload the entries not under `prefix` yet (by key and size) from their staged files,
+    each checked against its sha256 first; (uploaded, bytes uploaded, already there)."""
     existing = {info.key: info.size for info in store.list(prefix + "/")}
     todo = [e for e in entries if existing.get(f"{prefix}/{e.key}") != e.size]
     progress.start("uploading images", len(todo))
+    sent = 0
 
-    def staged(entry: ManifestEntry) -> bytes:
-        data = survey.staged(flowers.image_id(entry.image)).read_bytes()
+    def read_checked(entry: ManifestEntry) -> bytes:
+        path = staged(entry)
+        data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise SourceError(f"{survey.folder / entry.image}: staged image changed since the "
-                              f"survey; delete {survey.folder} and re-run")
+            raise SourceError(f"{path}: staged image changed since it was checked; delete "
+                              f"{path.parent} and re-run")
         return data
 
-    stream = ((f"{prefix}/{entry.key}", staged(entry)) for entry in todo)
-    uploaded = store.upload_many(stream, progress=lambda _size: progress.advance())
-    return uploaded, len(entries) - len(todo)
+    def advance(size: int) -> None:
+        nonlocal sent
+        sent += size
+        progress.advance()
+
+    stream = ((f"{prefix}/{entry.key}", read_checked(entry)) for entry in todo)
+    uploaded = store.upload_many(stream, progress=advance)
+    return uploaded, sent, len(entries) - len(todo)
 
 
 @leaves_no_empty_folders

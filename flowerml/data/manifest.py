@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, StrictBool, ValidationInfo, field_validator
@@ -37,7 +37,7 @@ from flowerml.core.documents import (
 )
 from flowerml.core.errors import DataError, DatasetNotFound
 from flowerml.data import flowers
-from flowerml.io.storage import ObjectNotFound, Store
+from flowerml.io.storage import ObjectNotFound, PreconditionFailed, Store
 
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
@@ -122,10 +122,40 @@ class ManifestClass(StoredDocument):
     name: str
 
 
+class SkippedImage(StoredDocument):
+    """An image an addition did not add: `path` as SOURCE named it, `key` the parent's entry
+    that already holds the same bytes."""
+
+    path: str
+    key: str
+
+
+class RejectedImage(StoredDocument):
+    """An image an addition set aside because it failed ingest's checks, and why."""
+
+    path: str
+    reason: str
+
+
+class AdditionRecord(StoredDocument):
+    """What `flowerml ingest --add` put in a version on top of its parent: the SOURCE, the
+    target split, the added images per split and class label, and those it skipped: already in
+    that split, already in another split (leakage), or failing the checks."""
+
+    source: str
+    split: Split
+    added: dict[str, dict[str, int]]
+    already_present: list[SkippedImage]
+    leakage: list[SkippedImage]
+    rejected: list[RejectedImage]
+
+
 class Manifest(StoredDocument):
     """`datasets/<name>/<version>/manifest.json`. `synthetic` and `quarantined_images` are
     absent from manifests written before they existed (read as false, and from
-    quarantine.json)."""
+    quarantine.json). A version an addition published names its `parent` and the `addition`,
+    and `objects_in` lists, by version, the keys whose objects stay in an earlier version's
+    folder (every other key is under this version's)."""
 
     dataset: str
     version: str
@@ -136,6 +166,9 @@ class Manifest(StoredDocument):
     quarantined_images: list[str] | None = None
     sources: dict[str, Any]
     files: list[ManifestEntry]
+    parent: str | None = None
+    addition: AdditionRecord | None = None
+    objects_in: dict[str, list[str]] | None = None
 
     @field_validator("classes")
     @classmethod
@@ -198,6 +231,13 @@ class PublishedDataset:
     class_names: tuple[str, ...]  # index i is label i + 1
     files: tuple[ManifestEntry, ...]
     synthetic: bool = False  # drawn by `flowerml synth`, not photographs
+    object_versions: Mapping[str, str] = field(default_factory=dict)  # key -> version folder
+
+    def object_key(self, entry: ManifestEntry) -> str:
+        """The store key of an entry's image: under this version, or the earlier one whose
+        folder holds it (a version an addition published keeps its parent's objects there)."""
+        version = self.object_versions.get(entry.key, self.version)
+        return f"{version_prefix(self.dataset, version)}/{entry.key}"
 
     @property
     def num_classes(self) -> int:
@@ -215,10 +255,12 @@ class PublishedDataset:
 
 def build_manifest(dataset: str, version: str, class_names: Sequence[str],
                    entries: Sequence[ManifestEntry], *, quarantined_images: Sequence[str],
-                   sources: dict, synthetic: bool = False) -> Manifest:
+                   sources: dict, synthetic: bool = False, **lineage: Any) -> Manifest:
+    """The manifest document; `lineage` (parent, addition, objects_in) only for a version an
+    addition published, so an ingest's manifest keeps the fields (and bytes) it always had."""
     if version != content_version(entries, quarantined_images, synthetic):
         raise ValueError(f"version {version!r} is not the content version of these entries")
-    return Manifest(
+    return Manifest(**lineage,
         dataset=dataset, version=version, synthetic=synthetic,
         classes=[ManifestClass(label=label, dir=flowers.class_dir(label), name=name)
                  for label, name in enumerate(class_names, start=1)],
@@ -228,20 +270,37 @@ def build_manifest(dataset: str, version: str, class_names: Sequence[str],
 
 def write_manifest(store: Store, dataset: str, version: str, class_names: Sequence[str],
                    entries: Sequence[ManifestEntry], *, quarantined_images: Sequence[str],
-                   sources: dict, synthetic: bool = False) -> bytes:
+                   sources: dict, synthetic: bool = False, **lineage: Any) -> bytes:
     """Write the version's manifest.json, after every image it lists; its bytes. `version`
     must be `content_version` of the entries."""
     raw = encode_json(plain(build_manifest(dataset, version, class_names, entries,
                                            quarantined_images=quarantined_images,
-                                           sources=sources, synthetic=synthetic)))
+                                           sources=sources, synthetic=synthetic, **lineage)))
     store.put_bytes(manifest_key(dataset, version), raw)
     return raw
 
 
+def current_bytes(version: str, manifest: bytes) -> bytes:
+    """CURRENT's content naming `version`, with its manifest's sha256."""
+    return encode_json(plain(CurrentPointer(
+        version=version, manifest_sha256=hashlib.sha256(manifest).hexdigest())))
+
+
 def write_current(store: Store, dataset: str, version: str, manifest: bytes) -> None:
     """Point CURRENT at `version`, recording its manifest's sha256; after the manifest."""
-    store.put_bytes(current_key(dataset), encode_json(plain(CurrentPointer(
-        version=version, manifest_sha256=hashlib.sha256(manifest).hexdigest()))))
+    store.put_bytes(current_key(dataset), current_bytes(version, manifest))
+
+
+def swap_current(store: Store, dataset: str, version: str, manifest: bytes, etag: str) -> bool:
+    """Compare-and-swap CURRENT from the content with `etag` to `version`; False when another
+    writer moved it first (on 412, or when a store whose conditional writes are not atomic
+    let another writer's land after ours: re-read and decide again)."""
+    data = current_bytes(version, manifest)
+    try:
+        store.put_bytes(current_key(dataset), data, if_match=etag)
+        return store.get_bytes(current_key(dataset)) == data
+    except (PreconditionFailed, ObjectNotFound):
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,12 +314,17 @@ def not_published(store: Store, dataset: str, version: str) -> DatasetNotFound:
 
 def read_current(store: Store, dataset: str) -> dict | None:
     """CURRENT's {"version", "manifest_sha256"}, or None when nothing is published."""
+    return read_current_with_etag(store, dataset)[0]
+
+
+def read_current_with_etag(store: Store, dataset: str) -> tuple[dict | None, str | None]:
+    """CURRENT as `read_current` reads it, and the etag of exactly that content."""
     key = current_key(dataset)
     try:
-        raw = store.get_bytes(key)
+        raw, etag = store.get_with_etag(key)
     except ObjectNotFound:
-        return None
-    return plain(read_document(CurrentPointer, raw, key, DamagedManifest))
+        return None, None
+    return plain(read_document(CurrentPointer, raw, key, DamagedManifest)), etag
 
 
 def resolve_dataset(store: Store, dataset: str, version: str | None = None) -> PublishedDataset:
@@ -334,4 +398,21 @@ def parse_manifest(where: str, raw: bytes, dataset: str, version: str, digest: s
     if computed != version:
         raise DamagedManifest(f"{where}: its entries hash to version {computed}, not {version}: "
                               "the manifest was changed after ingest (re-run flowerml ingest)")
-    return PublishedDataset(dataset, version, digest, names, entries, manifest.synthetic)
+    return PublishedDataset(dataset, version, digest, names, entries, manifest.synthetic,
+                            object_versions(where, manifest))
+
+
+def object_versions(where: str, manifest: Manifest) -> dict[str, str]:
+    """`objects_in` as {key: version}, each version a valid name and each key an entry's."""
+    keys = {entry.key for entry in manifest.files}
+    found = {}
+    for version, listed in (manifest.objects_in or {}).items():
+        if not _NAME.match(version):
+            raise DamagedManifest(field_message(where, ("objects_in", version),
+                                                "not a version name"))
+        for key in listed:
+            if key not in keys:
+                raise DamagedManifest(field_message(where, ("objects_in", version),
+                                                    f"{key!r} is not a key of the manifest"))
+            found[key] = version
+    return found

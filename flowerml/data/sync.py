@@ -20,7 +20,7 @@ from typing import Any
 from flowerml.core.errors import DataError
 from flowerml.core.files import file_lock, sha256_file, write_atomically
 from flowerml.core.progress import NullProgress, Progress
-from flowerml.data.manifest import ManifestEntry, PublishedDataset, check_split, version_prefix
+from flowerml.data.manifest import ManifestEntry, PublishedDataset, check_split
 from flowerml.io.storage import ObjectNotFound, Store
 
 MAX_LISTED = 5  # files named in one error message
@@ -172,9 +172,8 @@ def download_entries(store: Store, published: PublishedDataset, split: str, root
                      entries: list[ManifestEntry], progress: Progress) -> None:
     if not entries:
         return
-    prefix = version_prefix(published.dataset, published.version)
     progress.start(f"downloading {split}", len(entries))
-    items = [(f"{prefix}/{e.key}", root / e.key) for e in entries]
+    items = [(published.object_key(e), root / e.key) for e in entries]
     try:
         store.download_many(items, progress=lambda _size: progress.advance())
     except ObjectNotFound as error:
@@ -184,8 +183,7 @@ def download_entries(store: Store, published: PublishedDataset, split: str, root
 
 
 def sha256_mismatch(published: PublishedDataset, bad: list[ManifestEntry]) -> DataError:
-    prefix = version_prefix(published.dataset, published.version)
-    keys = ", ".join(f"{prefix}/{e.key}" for e in bad[:MAX_LISTED])
+    keys = ", ".join(published.object_key(e) for e in bad[:MAX_LISTED])
     more = f" and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
     return DataError(f"{keys}{more}: sha256 mismatch: the store does not match the manifest "
                      "(the downloaded file was removed from the local cache)")

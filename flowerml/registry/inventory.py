@@ -345,6 +345,9 @@ class DatasetVersion:
     synthetic: bool | None = None
     problem: str | None = None
     quarantine: list[dict] | None = None  # the quarantined images, when asked for
+    parent: str | None = None  # the version an addition (ingest --add) published this on
+    added: dict[str, dict[str, int]] | None = None  # split -> class folder -> images added
+    skipped: dict[str, int] | None = None  # already_present, leakage, rejected: how many
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "quarantine" or v is not None}
@@ -357,6 +360,8 @@ class DatasetSummary:
     current: str | None
     versions: list[DatasetVersion]
     problem: str | None = None
+    chain: list[str] = field(default_factory=list)  # CURRENT, its parent, ... the ingest
+
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "versions"},
@@ -411,7 +416,18 @@ def summarise_dataset(store: Store, name: str, versions: dict[str, bool]) -> Dat
         problem = f"{location(store, current_key(name))} names version {current}, which is " \
                   "not on the store"
     return DatasetSummary(name, location(store, f"{dataset_prefix(name)}/"), current, described,
-                          problem)
+                          problem, version_chain(current, described))
+
+
+def version_chain(current: str | None, versions: list[DatasetVersion]) -> list[str]:
+    """CURRENT, then each parent an addition recorded, down to the ingested version."""
+    parents = {v.version: v.parent for v in versions}
+    chain: list[str] = []
+    version = current
+    while version in parents and version not in chain:
+        chain.append(version)
+        version = parents.get(version)
+    return chain
 
 
 def describe_version(store: Store, name: str, version: str, complete: bool,
@@ -437,6 +453,12 @@ def describe_version(store: Store, name: str, version: str, complete: bool,
     described.classes = len(manifest.classes)
     described.quarantined = manifest.quarantined
     described.synthetic = manifest.synthetic
+    described.parent = manifest.parent
+    if manifest.addition is not None:
+        described.added = manifest.addition.added
+        described.skipped = {"already_present": len(manifest.addition.already_present),
+                             "leakage": len(manifest.addition.leakage),
+                             "rejected": len(manifest.addition.rejected)}
     return described
 
 

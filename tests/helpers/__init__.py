@@ -1,6 +1,7 @@
 """Helpers the tests share, one idea a module (fixtures stay in the conftest files, which
 import these):
 
+- `additions`: labelled images to add to a dataset (class folders, .csv/.jsonl lists).
 - `archives`: damaged sources (tar members, rewritten archives and .mat files) fed to ingest.
 - `backbones`: a seeded torchvision ResNet-18 and the checks that a model holds its backbone.
 - `cli`: the library's `flowerml` command run in-process, and the one check of a refusal.
