@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import shutil
 import tarfile
 import threading
 from collections.abc import Callable
@@ -15,9 +16,14 @@ import numpy as np
 import pytest
 
 from flowerml.data import flowers
+from flowerml.data.manifest import PublishedDataset
+from flowerml.io.storage_local import LocalStore
+from tests.helpers.additions import class_folders, csv_list
 from tests.helpers.archives import archive_members, regular, rewrite_archive, rewrite_mat, special
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.network import free_port
+from tests.helpers.stores import store_keys
+from tests.helpers.synthetic import DATASET
 
 
 def ingest_args(source: Path | str, store: Path | str, *extra: str) -> list[str]:
@@ -191,3 +197,134 @@ def test_unreachable_endpoint(source_copy: Path, s3_bucket: str, moto_endpoint: 
 
     listed = boto3.client("s3", endpoint_url=moto_endpoint).list_objects_v2(Bucket=s3_bucket)
     assert listed.get("KeyCount", 0) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# ingest --add
+
+
+def add_args(source: Path | str, *extra: str) -> list[str]:
+    return ["ingest", "--add", str(source), *extra]
+
+
+def assert_add_refused(result, line: str, store: LocalStore, before: list[str]) -> None:
+    """Exactly `flowerml: error: <line>`, exit 2, and the store as it was (CURRENT too)."""
+    assert_refused(result, line)
+    assert result.stderr == f"flowerml: error: {line}\n"
+    assert store_keys(store) == before
+
+
+@pytest.fixture
+def add_store(local_store: LocalStore, local_published: PublishedDataset) -> LocalStore:
+    return local_store
+
+
+def test_add_json_then_again(add_store: LocalStore, local_published: PublishedDataset,
+                             tmp_path: Path) -> None:
+    source = class_folders(tmp_path / "new", {"01": 1, "Pink Primrose": 1})
+    first = invoke(*add_args(source, "--json"), store=add_store, cache=tmp_path / "cache")
+    assert first.exit_code == 0, first.output
+    added = json.loads(first.stdout)
+    assert (added["parent"], added["published"], added["added_images"], added["uploaded"]) == (
+        local_published.version, True, 2, 2)
+    again = invoke(*add_args(source), store=add_store, cache=tmp_path / "cache")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.splitlines()[:2] == [
+        f"nothing new: {DATASET}@{added['version']} (CURRENT) already holds every image; "
+        "nothing published", "already present: 2"]
+
+
+BAD_FOLDERS = {
+    "unknown class": ({"tulips": 1}, "{root}/tulips/: 'tulips' is not a class of the dataset "
+                      "(a label 1..4 or one of its class names)"),
+    "label out of range": ({"005": 1}, "{root}/005/: label 005 is out of range 1..4"),
+    "label zero": ({"0": 1}, "{root}/0/: label 0 is out of range 1..4"),
+    "empty source": ({}, "{root}: no images to add"),
+}
+
+
+@pytest.mark.parametrize("folders,line", BAD_FOLDERS.values(), ids=BAD_FOLDERS)
+def test_add_refuses_a_bad_folder(folders: dict, line: str, add_store: LocalStore,
+                                  tmp_path: Path) -> None:
+    root = class_folders(tmp_path / "new", {"1": 1, **folders})
+    if not folders:
+        shutil.rmtree(root / "1")
+    before = store_keys(add_store)
+    result = invoke(*add_args(root), store=add_store, cache=tmp_path / "cache")
+    assert_add_refused(result, line.format(root=root.resolve()), add_store, before)
+
+
+def test_add_refuses_a_link_out_of_the_source(add_store: LocalStore, tmp_path: Path) -> None:
+    root = class_folders(tmp_path / "new", {"1": 1})
+    outside = class_folders(tmp_path / "elsewhere", {"x": 1}) / "x" / "new_0.jpg"
+    (root / "1" / "linked.jpg").symlink_to(outside)
+    before = store_keys(add_store)
+    result = invoke(*add_args(root), store=add_store, cache=tmp_path / "cache")
+    assert_add_refused(result, f"{root.resolve()}/1/linked.jpg: outside the source root "
+                       f"{root.resolve()}", add_store, before)
+
+
+BAD_LISTS = {
+    "unknown class": ("labels.csv", "path,label\nx/new_0.jpg,tulip\n",
+                      "{list} row 2: 'tulip' is not a class of the dataset (a label 1..4 or "
+                      "one of its class names)"),
+    "label out of range": ("labels.csv", "path,label\nx/new_0.jpg,103\n",
+                           "{list} row 2: label 103 is out of range 1..4"),
+    "path outside the root": ("labels.csv", "path,label\n../x/new_0.jpg,1\n",
+                              "{list} row 2: ../x/new_0.jpg is outside the source root {root}"),
+    "missing columns": ("labels.csv", "file,class\nx/new_0.jpg,1\n",
+                        "{list}: needs the columns path, label in its header (found: file, "
+                        "class)"),
+    "empty list": ("labels.csv", "path,label\n", "{list}: no images to add"),
+    "row without a label": ("labels.csv", "path,label\nx/new_0.jpg,1\nx/new_0.jpg,\n",
+                            "{list} row 3: needs a path and a label"),
+    "jsonl without a key": ("labels.jsonl", '{"path": "x/new_0.jpg"}\n',
+                            "{list} line 1: needs the keys path, label (path a string, label a "
+                            "number or a class name)"),
+    "jsonl not json": ("labels.jsonl", "path,label\n", "{list} line 1: not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name,text,line", BAD_LISTS.values(), ids=BAD_LISTS)
+def test_add_refuses_a_bad_list(name: str, text: str, line: str, add_store: LocalStore,
+                                tmp_path: Path) -> None:
+    root = class_folders(tmp_path / "lists", {"x": 1})
+    listed = root / name
+    listed.write_text(text)
+    before = store_keys(add_store)
+    result = invoke(*add_args(listed), store=add_store, cache=tmp_path / "cache")
+    assert_add_refused(result, line.format(list=listed, root=root.resolve()), add_store, before)
+
+
+def test_add_refuses_one_image_under_two_labels(add_store: LocalStore, tmp_path: Path) -> None:
+    root = class_folders(tmp_path / "lists", {"x": 1})
+    listed = csv_list(root / "labels.csv", [("x/new_0.jpg", "1"), ("x/new_0.jpg", "2")])
+    before = store_keys(add_store)
+    result = invoke(*add_args(listed), store=add_store, cache=tmp_path / "cache")
+    image = f"{root.resolve()}/x/new_0.jpg"
+    assert_add_refused(result, f"{image}: the same image as {image}, with label 2 instead of 1",
+                       add_store, before)
+
+
+@pytest.mark.parametrize("extra,line", [
+    (("--split", "test"), "--split must be one of train, valid: got 'test'"),
+    (("--source", "official"), "--add and --source: give one (--source ingests an archive, "
+                               "--add adds images to a published dataset)"),
+])
+def test_add_refuses_bad_options(extra: tuple[str, ...], line: str, add_store: LocalStore,
+                                 tmp_path: Path) -> None:
+    root = class_folders(tmp_path / "new", {"1": 1})
+    before = store_keys(add_store)
+    result = invoke(*add_args(root, *extra), store=add_store, cache=tmp_path / "cache")
+    assert_add_refused(result, line, add_store, before)
+
+
+def test_add_to_a_dataset_never_ingested(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    root = class_folders(tmp_path / "new", {"1": 1})
+    result = invoke(*add_args(root, "--json"), store=store, cache=tmp_path / "cache")
+    assert result.exit_code == 2
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "error": f"dataset '{DATASET}' has no CURRENT version on {store.uri}: ingest it before "
+                 "adding to it (flowerml ingest)", "kind": "not-found"}
+    assert published(tmp_path / "store") == []

@@ -115,3 +115,29 @@ def test_show_verifies_each_manifest_as_train_does(local_published,
     train = invoke("train", "--store", str(local_store.root), "--recipe", "demo", "--device",
                    "cpu")
     assert_refused(train, problem)  # the same refusal, in train's words
+
+
+def test_show_prints_the_chain_of_additions(local_published, local_store: LocalStore,
+                                            tmp_path: Path) -> None:
+    from flowerml.data.add import add_images
+    from tests.helpers.additions import class_folders, copy_published_image
+
+    first = class_folders(tmp_path / "first", {"2": 2, "3": 1})
+    one = add_images(local_store, DATASET, str(first), tmp_path / "cache")
+    second = class_folders(tmp_path / "second", {"4": 1}, seed=7)
+    copy_published_image(local_store, local_published, "test", second / "4" / "leak.jpg")
+    two = add_images(local_store, DATASET, str(second), tmp_path / "cache", split="valid")
+    result = invoke("datasets", "show", "--store", str(local_store.root))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[1:5] == [
+        f"  chain (CURRENT first): {two.version} <- {one.version} <- {local_published.version}",
+        f"    {two.version}: on top of {one.version}: added valid 1 (004: 1); skipped 1 leakage",
+        f"    {one.version}: on top of {local_published.version}: added train 3 (002: 2, 003: 1)",
+        f"    {local_published.version}: ingested"]
+    shown = json.loads(invoke("datasets", "show", "--store", str(local_store.root),
+                              "--json").stdout)
+    assert shown["chain"] == [two.version, one.version, local_published.version]
+    by_version = {v["version"]: v for v in shown["versions"]}
+    assert by_version[two.version]["parent"] == one.version
+    assert by_version[two.version]["skipped"] == {"already_present": 0, "leakage": 1,
+                                                  "rejected": 0}
