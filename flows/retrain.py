@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from pydantic import BaseModel, Field
 from pydantic.json_schema import SkipJsonSchema
 
@@ -39,7 +40,13 @@ from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
 from tasks.ingest import fetch_sources_task, publish_split_task
-from tasks.registry import announce, decide_task, promote_task, register_task
+from tasks.registry import (
+    announce,
+    check_up_to_date_task,
+    decide_task,
+    promote_task,
+    register_task,
+)
 from tasks.train import train_task
 
 TRAINING_TIMEOUT_S = 2 * 3600
@@ -101,6 +108,9 @@ class RetrainParams(BaseModel):
     recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
                                 description="How many times a crashed run may be resumed "
                                             "automatically before it gives up")
+    force_train: bool = Field(False, title="Train even when up to date",
+                              description="Train and register although production was trained "
+                                          "on this dataset version with this config")
     distill: DistillStageParams = Field(default_factory=DistillStageParams,
                                         title="Distillation (optional last stage)")
 
@@ -141,14 +151,20 @@ RetrainForm = Annotated[RetrainParams, Field(json_schema_extra={"title": "Retrai
 
 @flow(name="retrain-flowers", flow_run_name=run_name, log_prints=True,
       timeout_seconds=FLOW_TIMEOUT_S)
-def retrain_flowers(params: RetrainForm) -> dict[str, Any]:
-    """Ingest, train, evaluate, and promote the model only when it clears the gate."""
+def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
+    """Ingest, train, evaluate, and promote the model only when it clears the gate; end
+    `Up to date` without training when production was trained on exactly this."""
     check_recoveries(flow_run.run_count, params.recovery_limit)
     close_interrupted_attempts(flow_run.id, flow_run.run_count)
     config, gate, model = params.training.config(), params.gate.model_dump(), params.model_name
     fetched = fetch_sources_task(params.source, params.dataset, params.store, params.verify)
     published = publish_split_task(fetched["dataset"], fetched["store"])
     store, version = published["store"], published["version"]
+    if not params.force_train:
+        fresh = check_up_to_date_task(model, params.alias, params.dataset, version,
+                                      config.to_json(), store=store)
+        if fresh["up_to_date"]:
+            return up_to_date(version, fresh)
     run_id = training_run_id(model, flow_run.id)
     train_task(run_id, config.to_json(), store=store, dataset=params.dataset,
                dataset_version=version, device=params.training.device,
@@ -167,14 +183,22 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any]:
         moved = promote_task(model, registered["version"], params.alias,
                              decision["candidate"], decision["champion"], gate, store=store)
         promoted, reasons = moved["promoted"], moved["reasons"]
-    summary = {"dataset_version": version, "run_id": run_id, "metrics": metrics,
-               "promoted": promoted, "version": registered["version"], "reasons": reasons,
-               "export": exported}
+    summary = {"up_to_date": False, "dataset_version": version, "run_id": run_id,
+               "metrics": metrics, "promoted": promoted, "version": registered["version"],
+               "reasons": reasons, "export": exported}
     announce(model, {**summary, "alias": params.alias, "paired": decision["paired"]})
     if params.distill.enabled:
         summary["distill"] = distill_promoted(params, config, run_id, registered, version, store) \
             if promoted else {"skipped": "the new model was not promoted: no student of it"}
     return summary
+
+
+def up_to_date(dataset_version: str, fresh: dict[str, Any]) -> State:
+    """The run's end when production was trained on exactly this: Completed, named so."""
+    print(fresh["reason"])
+    summary = {"up_to_date": True, "promoted": False, "dataset_version": dataset_version,
+               "production": fresh["production"], "reasons": [fresh["reason"]]}
+    return Completed(name="Up to date", message=fresh["reason"], data=summary)
 
 
 def distill_promoted(params: RetrainParams, config: TrainConfig, run_id: str,

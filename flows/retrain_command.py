@@ -13,8 +13,8 @@ as the last line. Prefect's own console output (its server, engine logs, traceba
 with `--verbose`; every log line still reaches the Prefect API either way. SIGTERM and Ctrl-C
 stop the flow and the training child's whole process group (flows/stop_signals.py).
 
-Exit codes: 0 promoted; 1 finished but not promoted (the gate refused, as `registry
-promote`); 2 not done (bad input, unreachable API, failed run), one line says why; 130/143
+Exit codes: 0 promoted, or up to date (nothing trained); 1 finished but not promoted (the
+gate refused, as `registry promote`); 2 not done (bad input, unreachable API, failed run), one line says why; 130/143
 stopped by SIGINT/SIGTERM.
 """
 
@@ -83,6 +83,9 @@ from flows.stop_signals import Stopped, stop_on_signals, stopped_error
 @click.option("--class-drop", type=FiniteFloat(), default=None,
               help=f"Largest drop of any class's accuracy below the alias's current model "
                    f"(default {Gate.class_drop:g}).")
+@click.option("--force-train", is_flag=True,
+              help="Train even when production was trained on this dataset version with this "
+                   "config (otherwise the run ends 'Up to date' without training).")
 @click.option("--force", is_flag=True, default=None,
               help="Promote regardless of the gate (recorded).")
 @click.option("--model-name", default="flowers102", show_default=True,
@@ -96,12 +99,14 @@ from flows.stop_signals import Stopped, stop_on_signals, stopped_error
 @json_option
 def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
             threshold: float | None, tolerance: float | None, class_drop: float | None,
-            force: bool | None, model_name: str, alias: str, export_onnx: bool, verbose: bool,
+            force: bool | None, force_train: bool, model_name: str, alias: str,
+            export_onnx: bool, verbose: bool,
             as_json: bool, **training: Any) -> None:
     """Run the retrain flow: ingest, train, evaluate, register, promote past the gate.
 
     Reports to PREFECT_API_URL when set; otherwise Prefect runs it with a temporary local
-    server. Exit code 0 promoted, 1 not promoted, 2 not done (one line says why).
+    server. Exit code 0 promoted or up to date (production was trained on this dataset version
+    with this config: nothing trained), 1 not promoted, 2 not done (one line says why).
     """
     prefect_settings()
     settings = load_settings(store=store, dataset=dataset)
@@ -109,7 +114,8 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     gate = {"threshold": threshold, "tolerance": tolerance, "class_drop": class_drop,
             "force": force}
     params = validated_params(settings, preset, source, store, dataset, gate, model_name, alias,
-                              training).model_copy(update={"export_onnx": export_onnx})
+                              training).model_copy(update={"export_onnx": export_onnx,
+                                                           "force_train": force_train})
     check_source(params, preset, source)
     check_weights(params.training.config())
     check_device(params.training.device)
@@ -125,7 +131,7 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
         emit_json(summary)
     else:
         print_retrain_summary(summary, model_name, alias, settings)
-    if not summary["promoted"]:
+    if not (summary["promoted"] or summary.get("up_to_date")):
         sys.exit(EXIT_REFUSED)
 
 

@@ -16,6 +16,10 @@ from flowerml.settings import Settings
 
 def print_retrain_summary(summary: dict, model_name: str, alias: str,
                           settings: Settings) -> None:
+    if summary.get("up_to_date"):
+        click.echo(f"UP TO DATE: {summary['production']} (dataset {summary['dataset_version']})")
+        click.echo(f"  - {summary['reasons'][0]}")
+        return
     metrics = summary["metrics"]
     verdict = "PROMOTED" if summary["promoted"] else "NOT PROMOTED"
     click.echo(f"{verdict}: {model_name} version {summary['version']} "

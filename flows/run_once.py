@@ -1,5 +1,6 @@
 """`python -m flows.<flow> '<params JSON>'`: one flow run from a shell, its summary printed as
-JSON; exit 2 for bad parameters or input (one line), 1 when the gate refused, 0 when promoted."""
+JSON; exit 2 for bad parameters or input (one line), 1 when the gate refused, 0 when promoted
+or up to date."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def run_once(flow: Callable[[Params], dict[str, Any]], params: type[Params], arg
         print(f"flowerml: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["promoted"] else 1  # as `flowerml retrain`: the gate refused
+    # as `flowerml retrain`: 1 when the gate refused
+    return 0 if summary["promoted"] or summary.get("up_to_date") else 1
 
 
 def describe_parameter_error(error: ValidationError, name: str) -> str:

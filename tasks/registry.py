@@ -51,6 +51,30 @@ def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: st
             "paired": paired_figures(candidate.paired, gate_of(gate))}
 
 
+@task(name="check-up-to-date", task_run_name="is {model}@{alias} up to date?", retries=2,
+      retry_delay_seconds=10, retry_condition_fn=retry_transient)
+def check_up_to_date_task(model: str, alias: str, dataset: str, version: str,
+                          training_config: dict[str, Any],
+                          store: str | None = None) -> dict[str, Any]:
+    """Whether production was trained on exactly this dataset version and config (see
+    `flowerml.registry.freshness`); `reason` says why the run trains, or need not."""
+    from flowerml.registry.freshness import (
+        PlannedTraining,
+        compare_with_production,
+        installed_flowerml,
+    )
+    from flowerml.registry.versions import Registry
+
+    registry = Registry(build_store(load_settings(store=store)), model)
+    fresh = compare_with_production(registry, alias, PlannedTraining(
+        dataset, version, training_config, installed_flowerml()))
+    if fresh.up_to_date:
+        create_markdown_artifact(
+            f"# Up to date\n\n{fresh.reason()}\n\nDataset `{dataset}@{version}`.\n",
+            key=artifact_key(model, "up-to-date"), description=fresh.reason())
+    return {**fresh.to_json(), "reason": fresh.reason()}
+
+
 @task(name="register-model", task_run_name="register {run_id} as {model}", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, Any],

@@ -7,6 +7,7 @@ without a new version; any difference is named, so a person sees why a run train
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from typing import Any
 
 from flowerml.registry.names import RegistryNotFound
@@ -44,6 +45,14 @@ class Freshness:
         if self.production is None:
             return f"training: {self.differences[0]}"
         return f"training: {'; '.join(self.differences)} (production is {self.production})"
+
+
+def installed_flowerml() -> str | None:
+    """This install's flowerml version, as a card's `software.flowerml` records it."""
+    try:
+        return metadata.version("flowerml")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def compare_with_production(registry: Registry, alias: str,

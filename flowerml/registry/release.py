@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from flowerml.evaluation.inference import TrainedModel, build_trained_model
 from flowerml.evaluation.report import SYNTHETIC_NOTICE
 from flowerml.io.storage import ObjectNotFound, Store
 from flowerml.registry.aliases import DamagedRegistryDocument
+from flowerml.registry.freshness import installed_flowerml
 from flowerml.registry.names import parse_model_ref
 from flowerml.registry.versions import CARD_FIELDS, CARD_JSON, ModelVersion, Registry
 from flowerml.training.runs import RunFiles
@@ -32,10 +32,7 @@ LOADING_FIELDS = ("arch", "classes", "image_size")
 
 def software_versions() -> dict[str, str | None]:
     """flowerml, its git commit when run from a checkout, torch and CUDA."""
-    try:
-        version = metadata.version("flowerml")
-    except metadata.PackageNotFoundError:
-        version = None
+    version = installed_flowerml()
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=5).stdout.strip() or None

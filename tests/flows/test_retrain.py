@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,11 +38,12 @@ def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint:
     store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
 
     def run(training: dict, export_onnx: bool = False, distill: dict | None = None,
-            **gate) -> dict:
+            force_train: bool = False, return_state: bool = False, **gate) -> Any:
         params = RetrainParams(source=str(source), store=f"s3://{s3_bucket}/ml",
                                training=training, gate={"threshold": 0.5, **gate},
-                               export_onnx=export_onnx, distill=distill or {})
-        return retrain_flowers(params)
+                               export_onnx=export_onnx, distill=distill or {},
+                               force_train=force_train)
+        return retrain_flowers(params, return_state=return_state)
 
     return run, Registry(store, "flowers102")
 
@@ -77,6 +79,17 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     assert f"{registry.store.uri}/registry/flowers102/versions/000001/" in entry
     assert "flowerml predict IMAGE.jpg --model flowers102:1" in entry
 
+    # Nothing changed since: the same data and config again is up to date, no training.
+    state = run(GOOD, return_state=True)
+    again = state.result()
+    assert (state.type.value, state.name) == ("COMPLETED", "Up to date")
+    assert again["up_to_date"] and not again["promoted"], again
+    assert (again["production"], again["dataset_version"]) == ("flowers102:000001",
+                                                              first["dataset_version"])
+    assert again["reasons"][0].startswith("up to date: flowers102:000001 was trained on this")
+    assert [v.version for v in registry.versions()] == [1]
+    assert latest_artifact_data("flowers102-up-to-date").startswith("# Up to date")
+
     # One rejected candidate fails both checks: the floor and the regression against production
     # (they used to be two runs; the gate reports every reason either way).
     # Its distill stage (tests/flows/test_distill.py runs one) has no promoted model to learn
@@ -110,8 +123,8 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Registry, "_commit", crash)
     monkeypatch.setattr(retrain_module, "register_task", register_task.with_options(retries=0))
     alias_before = registry.alias()
-    with pytest.raises(RuntimeError):
-        run(BAD, threshold=0.0, force=True)
+    with pytest.raises(RuntimeError):  # production's own data and config, trained as asked
+        run(GOOD, threshold=0.0, force=True, force_train=True)
     assert registry.alias() == alias_before
     newest = registry.versions()[-1]
     assert newest.version == 4 and not newest.committed

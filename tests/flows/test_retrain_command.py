@@ -157,6 +157,27 @@ def test_no_export_turns_the_flows_export_off(tmp_path: Path, monkeypatch: pytes
     assert [params.export_onnx for params in ran] == [export_onnx]
 
 
+@pytest.mark.parametrize(("args", "force_train"), [([], False), (["--force-train"], True)])
+def test_an_up_to_date_run_says_why_and_exits_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                args: list[str], force_train: bool) -> None:
+    ran = []
+    reason = ("up to date: flowers102:000001 was trained on this dataset version with this "
+              "training config and flowerml version; nothing to train")
+
+    def run_retrain(params):
+        ran.append(params)
+        return {"up_to_date": True, "promoted": False, "dataset_version": "v",
+                "production": "flowers102:000001", "reasons": [reason]}
+
+    monkeypatch.setattr(retrain_command, "run_retrain", run_retrain)
+    monkeypatch.setattr(retrain_command, "check_prefect_api", lambda: None)
+    result = CliRunner().invoke(cli, ["retrain", "--preset", "demo", *args], env={
+        "FLOWERML_STORE": str(tmp_path / "store"), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"UP TO DATE: flowers102:000001 (dataset v)\n  - {reason}\n"
+    assert [params.force_train for params in ran] == [force_train]
+
+
 @pytest.mark.slow
 def test_an_unreachable_prefect_api_is_one_line_before_any_work(tmp_path: Path) -> None:
     env = {**retrain_env(tmp_path), "PREFECT_API_URL": "http://127.0.0.1:9/api"}
