@@ -159,7 +159,7 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
     config, gate, model = params.training.config(), params.gate.model_dump(), params.model_name
     fetched = fetch_sources_task(params.source, params.dataset, params.store, params.verify)
     published = publish_split_task(fetched["dataset"], fetched["store"])
-    store, version = published["store"], published["version"]
+    store, version = published["store"], published["current"]  # with any images added on top
     if not params.force_train:
         fresh = check_up_to_date_task(model, params.alias, params.dataset, version,
                                       config.to_json(), store=store)

@@ -104,6 +104,9 @@ def ingest(source: str | None, add_source: str | None, target_split: str, store:
                f"quarantined {result.quarantined}")
     if result.replaced:
         click.echo(f"CURRENT moved from {result.replaced} to {result.version}")
+    if result.current != result.version:
+        click.echo(f"CURRENT stays {result.current}: it adds labelled images on top of "
+                   f"{result.version} (flowerml ingest --add)")
     if result.synthetic:
         click.echo("synthetic data (drawn by flowerml synth): not Flowers-102 photographs")
 

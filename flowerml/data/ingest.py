@@ -49,6 +49,7 @@ from flowerml.data.manifest import (
     parse_manifest,
     quarantine_key,
     read_current,
+    read_manifest,
     read_quarantine_names,
     version_prefix,
     write_current,
@@ -82,7 +83,9 @@ class IngestResult:
 
     `location` is the version's folder in full (path or s3:// URI); `replaced` the version
     CURRENT named before, when this ingest moved it (None when it was unset or unchanged);
-    `synthetic` whether the archive was drawn by `flowerml synth`.
+    `synthetic` whether the archive was drawn by `flowerml synth`; `current` the version CURRENT
+    names after it: this one, or one that adds labelled images on top of it (the version to
+    train on).
     """
 
     dataset: str
@@ -95,6 +98,7 @@ class IngestResult:
     location: str
     replaced: str | None
     synthetic: bool
+    current: str
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -265,8 +269,10 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
         else:
             uploaded, skipped = 0, len(entries)
     replaced = move_current(store, dataset, version, manifest)
+    current = (read_current(store, dataset) or {}).get("version", version)
     return IngestResult(dataset, version, count_splits(entries), uploaded, skipped,
-                        len(quarantine), store.uri, store.location(prefix), replaced, synthetic)
+                        len(quarantine), store.uri, store.location(prefix), replaced, synthetic,
+                        current)
 
 
 def published_manifest(store: Store, dataset: str, version: str) -> bytes | None:
@@ -286,14 +292,35 @@ def published_manifest(store: Store, dataset: str, version: str) -> bytes | None
 
 
 def move_current(store: Store, dataset: str, version: str, manifest: bytes) -> str | None:
-    """Point CURRENT at `version`; returns the version it named before when this moved it."""
+    """Point CURRENT at `version`; returns the version it named before when this moved it.
+    CURRENT stays where it is when it already builds on `version` (labelled images added on
+    top by `flowerml ingest --add`): re-ingesting the same archive must not drop them."""
     try:
         before = read_current(store, dataset)
     except DataError:
         before = None  # a damaged CURRENT is one of the things an ingest repairs
-    write_current(store, dataset, version, manifest)
     previous = before["version"] if before else None
+    if previous is not None and previous != version and builds_on(store, dataset, previous,
+                                                                  version):
+        return None
+    write_current(store, dataset, version, manifest)
     return previous if previous != version else None
+
+
+def builds_on(store: Store, dataset: str, child: str, ancestor: str) -> bool:
+    """Whether `ancestor` is on `child`'s chain of parents (its manifests name them)."""
+    seen = set()
+    version: str | None = child
+    while version is not None and version not in seen:
+        if version == ancestor:
+            return True
+        seen.add(version)
+        key = manifest_key(dataset, version)
+        try:
+            version = read_manifest(store.location(key), store.get_bytes(key)).parent
+        except (ObjectNotFound, DataError):
+            return False
+    return False
 
 
 def ingest(source: str | SourceLocation, store: Store, dataset: str, cache_dir: Path,

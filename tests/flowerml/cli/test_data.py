@@ -45,9 +45,10 @@ def test_synth_then_ingest_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert set(summary) == {"dataset", "version", "counts", "uploaded", "skipped", "quarantined",
-                            "store", "location", "replaced", "synthetic"}
+                            "store", "location", "replaced", "synthetic", "current"}
     assert summary["counts"] == {"train": 3, "valid": 3, "test": 6}
     assert summary["uploaded"] == 12 and summary["quarantined"] == 0
+    assert summary["current"] == summary["version"]
 
 
 def test_synth_bad_option(tmp_path: Path) -> None:

@@ -21,15 +21,18 @@ from flowerml.core.errors import (
 )
 from flowerml.core.files import sha256_hex
 from flowerml.data import flowers, ingest
+from flowerml.data.add import add_images
 from flowerml.data.ingest import publish_split
-from flowerml.data.manifest import resolve_dataset
+from flowerml.data.manifest import PublishedDataset, read_current, resolve_dataset
 from flowerml.data.source_files import FetchOptions
 from flowerml.io.storage import Store
 from flowerml.io.storage_local import LocalStore
 from flowerml.io.storage_s3 import S3Store
+from tests.helpers.additions import class_folders
 from tests.helpers.archives import archive_members, rewrite_archive
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import store_keys
+from tests.helpers.synthetic import DATASET
 
 
 def run_ingest(source: Path | str, store: Store, cache: Path, **options) -> ingest.IngestResult:
@@ -472,3 +475,13 @@ def test_a_read_only_store_key_is_refused_before_any_download(
     assert json.loads(result.stdout.splitlines()[-1])["kind"] == "denied"
     assert store_keys(seaweedfs_store) == []
     assert not (tmp_path / "cache" / "flowers102").exists()  # nothing surveyed or staged
+
+
+def test_ingesting_the_same_archive_again_keeps_the_images_added_on_top(
+        local_store: LocalStore, local_published: PublishedDataset, tmp_path: Path) -> None:
+    added = add_images(local_store, DATASET, str(class_folders(tmp_path / "new", {"1": 2})),
+                       tmp_path / "cache")
+    again = publish_split(local_store, DATASET, tmp_path / "cache")
+    assert again.version == local_published.version  # the same archive: the same version
+    assert (again.current, again.replaced) == (added.version, None)
+    assert read_current(local_store, DATASET)["version"] == added.version
