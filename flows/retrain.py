@@ -108,6 +108,11 @@ class RetrainParams(BaseModel):
     recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
                                 description="How many times a crashed run may be resumed "
                                             "automatically before it gives up")
+    min_new_images: Annotated[int, Field(ge=1)] | SkipJsonSchema[None] = optional_field(
+        title="Retrain only with this many new training images",
+        description="Empty: retrain on any change. A number: end Up to date until the "
+                    "dataset holds that many training images production was not trained on "
+                    "(the retrain-on-new-data deployment sets 50)")
     force_train: bool = Field(False, title="Train even when up to date",
                               description="Train and register although production was trained "
                                           "on this dataset version with this config")
@@ -162,7 +167,8 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
     store, version = published["store"], published["current"]  # with any images added on top
     if not params.force_train:
         fresh = check_up_to_date_task(model, params.alias, params.dataset, version,
-                                      config.to_json(), store=store)
+                                      config.to_json(), store=store,
+                                      min_new_images=params.min_new_images)
         if fresh["up_to_date"]:
             return up_to_date(version, fresh)
     run_id = training_run_id(model, flow_run.id)

@@ -1,4 +1,5 @@
-"""Prefect tasks for ingest: fetch the sources onto the store, publish the official split.
+"""Prefect tasks for ingest: fetch the sources onto the store, publish the official split, add
+labelled images on top; each new version is announced as a `flowerml.dataset.published` event.
 
 Thin adapters: read the settings, call one flowerml function, return a small JSON-able dict.
 Both steps are idempotent, so retries (transient failures only) and re-runs are safe.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 from prefect import task
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
+from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 
+from flowerml.data.add import add_images
 from flowerml.data.ingest import fetch_sources, publish_split
 from flowerml.data.source_files import FetchOptions
 from flowerml.settings import build_store, load_settings
@@ -48,4 +51,32 @@ def publish_split_task(dataset: str | None = None, store: str | None = None) -> 
     settings = load_settings(store=store, dataset=dataset)
     result = publish_split(build_store(settings), settings.dataset, settings.cache_dir,
                            progress=LogProgress())
+    if result.uploaded or result.replaced:  # a version new to the store, or CURRENT moved
+        announce_published(result.dataset, result.version, parent=result.replaced,
+                           added=result.counts, store=result.store)
     return result.to_json()
+
+
+@task(name="add-images", task_run_name="add {source} to {dataset}", retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient, cache_policy=PER_RUN_CACHE)
+def add_images_task(source: str, dataset: str | None = None, split: str = "train",
+                    store: str | None = None) -> dict:
+    """Publish CURRENT plus the labelled images SOURCE names (`flowerml ingest --add`)."""
+    settings = load_settings(store=store, dataset=dataset)
+    result = add_images(build_store(settings), settings.dataset, source, settings.cache_dir,
+                        split=split, s3=settings.s3_options(), progress=LogProgress())
+    if result.published:
+        added = {split: sum(classes.values()) for split, classes in result.added.items()}
+        announce_published(result.dataset, result.version, parent=result.parent, added=added,
+                           store=result.store)
+    return result.to_json()
+
+
+def announce_published(dataset: str, version: str, *, parent: str | None,
+                       added: dict[str, int], store: str) -> None:
+    """`flowerml.dataset.published`: a new CURRENT to train on (retrain-on-new-data listens)."""
+    emit_event(event="flowerml.dataset.published",
+               resource={"prefect.resource.id": f"flowerml.dataset.{dataset}",
+                         "prefect.resource.name": dataset},
+               payload={"version": version, "parent": parent, "added": added, "store": store})

@@ -54,9 +54,10 @@ def decide_task(model: str, alias: str, metrics: dict, dataset: str, version: st
 @task(name="check-up-to-date", task_run_name="is {model}@{alias} up to date?", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def check_up_to_date_task(model: str, alias: str, dataset: str, version: str,
-                          training_config: dict[str, Any],
-                          store: str | None = None) -> dict[str, Any]:
-    """Whether production was trained on exactly this dataset version and config (see
+                          training_config: dict[str, Any], store: str | None = None,
+                          min_new_images: int | None = None) -> dict[str, Any]:
+    """Whether production was trained on exactly this dataset version and config, or (with
+    `min_new_images`) on all but fewer than that many of its training images (see
     `flowerml.registry.freshness`); `reason` says why the run trains, or need not."""
     from flowerml.registry.freshness import (
         PlannedTraining,
@@ -67,7 +68,7 @@ def check_up_to_date_task(model: str, alias: str, dataset: str, version: str,
 
     registry = Registry(build_store(load_settings(store=store)), model)
     fresh = compare_with_production(registry, alias, PlannedTraining(
-        dataset, version, training_config, installed_flowerml()))
+        dataset, version, training_config, installed_flowerml(), min_new_images))
     if fresh.up_to_date:
         create_markdown_artifact(
             f"# Up to date\n\n{fresh.reason()}\n\nDataset `{dataset}@{version}`.\n",

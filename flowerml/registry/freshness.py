@@ -1,7 +1,9 @@
 """Whether a retrain would only repeat the model in production: what it would train on and
 with (dataset version, resolved training config, flowerml version) against the lineage that
 production's card records. A match means "up to date": the run ends without training and
-without a new version; any difference is named, so a person sees why a run trained.
+without a new version; any difference is named, so a person sees why a run trained. A retrain
+started by new data (`min_new_images`) is also up to date until the dataset holds that many
+training images production's dataset version does not.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import Any
 
+from flowerml.core.errors import DatasetNotFound
+from flowerml.data.manifest import resolve_dataset
+from flowerml.io.storage import Store
 from flowerml.registry.names import RegistryNotFound
 from flowerml.registry.versions import Registry
 
@@ -22,6 +27,7 @@ class PlannedTraining:
     dataset_version: str
     training_config: dict[str, Any]
     flowerml_version: str | None
+    min_new_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,12 +38,17 @@ class Freshness:
     up_to_date: bool
     production: str | None
     differences: tuple[str, ...]
+    new_images: int | None = None  # training images production's data did not hold
+    needed: int | None = None  # how many new ones a retrain waits for (None: any change)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "differences": list(self.differences)}
 
     def reason(self) -> str:
         """One line for a person: why the run trains, or why it need not."""
+        if self.up_to_date and self.differences:
+            return (f"up to date: {self.new_images} new training images since production "
+                    f"{self.production} was trained, {self.needed} needed to retrain")
         if self.up_to_date:
             return (f"up to date: {self.production} was trained on this dataset version with "
                     "this training config and flowerml version; nothing to train "
@@ -78,7 +89,29 @@ def compare_with_production(registry: Registry, alias: str,
     if trained_with != planned.flowerml_version:
         differences.append(f"flowerml {planned.flowerml_version}, production was trained with "
                            f"{trained_with}")
-    return Freshness(not differences, production.label, tuple(differences))
+    fresh = Freshness(not differences, production.label, tuple(differences))
+    if differences and planned.min_new_images is not None:
+        new = new_training_images(registry.store, planned.dataset, planned.dataset_version,
+                                  lineage.get("dataset_version")
+                                  if lineage.get("dataset") == planned.dataset else None)
+        fresh = Freshness(new < planned.min_new_images, production.label, tuple(differences),
+                          new, planned.min_new_images)
+    return fresh
+
+
+def new_training_images(store: Store, dataset: str, version: str,
+                        baseline: str | None) -> int:
+    """How many training images of `dataset@version` (by sha256) `baseline`'s splits lack
+    (all of them when there is no baseline, or it is gone from the store)."""
+    train = {entry.sha256 for entry in resolve_dataset(store, dataset, version)
+             .split_files("train")}
+    if baseline is None:
+        return len(train)
+    try:
+        held = {entry.sha256 for entry in resolve_dataset(store, dataset, baseline).files}
+    except DatasetNotFound:
+        return len(train)
+    return len(train - held)
 
 
 def config_changes(recorded: dict[str, Any], planned: dict[str, Any]) -> list[str]:

@@ -19,7 +19,10 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
 from flowerml.data import flowers
-from tasks.ingest import fetch_sources_task
+from flowerml.io.storage_local import LocalStore
+from tasks.ingest import add_images_task, fetch_sources_task, publish_split_task
+from tests.helpers.additions import class_folders
+from tests.helpers.synthetic import DATASET, SMALL_SPEC, SyntheticData, publish_copy
 
 DOWNLOAD_RETRIES = 2
 TASK_RETRIES = 3  # more than enough to show a multiplication if there were one
@@ -146,3 +149,35 @@ def test_a_404_is_tried_once_by_both_layers(prefect_harness: None, env: Path,
 
     assert failed and "HTTP 404" in message
     assert (runs, len(http_source.paths)) == (1, 1)
+
+
+def test_a_new_version_is_announced_once_and_nothing_new_is_not(
+        prefect_harness: None, monkeypatch: pytest.MonkeyPatch, local_store: LocalStore,
+        synthetic_data: SyntheticData, tmp_path: Path) -> None:
+    """retrain-on-new-data listens for `flowerml.dataset.published`: an add that published a
+    version says so once; the same add again, or the same archive ingested again, says nothing."""
+    import tasks.ingest as ingest_tasks
+
+    published = publish_copy(synthetic_data.published(SMALL_SPEC) / "store", local_store)
+    emitted: list[dict] = []
+    monkeypatch.setattr(ingest_tasks, "emit_event", lambda **event: emitted.append(event))
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
+    source = str(class_folders(tmp_path / "new", {"1": 2}))
+
+    @flow
+    def add() -> dict:
+        return add_images_task(source, DATASET, "train", str(local_store.root))
+
+    @flow
+    def ingest_again() -> dict:
+        return publish_split_task(DATASET, str(local_store.root))
+
+    first, again, reingested = add(), add(), ingest_again()
+    assert first["published"] and not again["published"]
+    assert reingested["current"] == first["version"]  # the addition stays CURRENT
+    assert emitted == [{
+        "event": "flowerml.dataset.published",
+        "resource": {"prefect.resource.id": f"flowerml.dataset.{DATASET}",
+                     "prefect.resource.name": DATASET},
+        "payload": {"version": first["version"], "parent": published.version,
+                    "added": {"train": 2}, "store": local_store.uri}}]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from flowerml.data.add import add_images
+from flowerml.data.manifest import PublishedDataset
 from flowerml.io.storage_local import LocalStore
 from flowerml.registry.freshness import PlannedTraining, compare_with_production
 from flowerml.registry.versions import Registry
+from tests.helpers.additions import class_folders
 from tests.helpers.registry_entries import MODEL, card, weights
+from tests.helpers.synthetic import DATASET
 
 CONFIG = {"arch": "resnet18", "epochs": 3, "lr": 0.01, "seed": 0}
 PLANNED = PlannedTraining("flowers102", "000002", CONFIG, "0.9.0")
@@ -48,7 +54,8 @@ def test_each_difference_is_named(registry: Registry, change: dict, difference: 
 def test_no_production_model_means_training(local_store: LocalStore) -> None:
     fresh = compare_with_production(Registry(local_store, MODEL), "production", PLANNED)
     assert fresh.to_json() == {"up_to_date": False, "production": None,
-                               "differences": ["flowers102 has no 'production' model yet"]}
+                               "differences": ["flowers102 has no 'production' model yet"],
+                               "new_images": None, "needed": None}
     assert fresh.reason() == "training: flowers102 has no 'production' model yet"
 
 
@@ -60,3 +67,25 @@ def test_a_card_without_lineage_is_not_up_to_date(local_store: LocalStore) -> No
     assert not fresh.up_to_date
     assert fresh.differences[0] == ("dataset flowers102@000002, production was trained on "
                                     "data its card does not record")
+
+
+@pytest.mark.parametrize("needed, waits", [(3, True), (2, False)])
+def test_a_data_triggered_retrain_waits_for_enough_new_training_images(
+        local_store: LocalStore, local_published: PublishedDataset, tmp_path: Path,
+        needed: int, waits: bool) -> None:
+    added = add_images(local_store, DATASET, str(class_folders(tmp_path / "new", {"1": 2})),
+                       tmp_path / "cache")
+    registry = Registry(local_store, MODEL)
+    lineage = {"dataset": DATASET, "dataset_version": local_published.version,
+               "training_config": CONFIG}
+    registry.register(weights(1), {**card(0.9), "lineage": lineage,
+                                   "software": {"flowerml": "0.9.0"}})
+    registry.set_alias("production", 1, reason="test")
+    planned = PlannedTraining(DATASET, added.version, CONFIG, "0.9.0", min_new_images=needed)
+    fresh = compare_with_production(registry, "production", planned)
+    assert (fresh.up_to_date, fresh.new_images, fresh.needed) == (waits, 2, needed)
+    if waits:
+        assert fresh.reason() == ("up to date: 2 new training images since production "
+                                  "flowers102:000001 was trained, 3 needed to retrain")
+    else:
+        assert fresh.reason().startswith(f"training: dataset {DATASET}@{added.version}")
