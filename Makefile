@@ -19,9 +19,10 @@ lint: $(STAMP)
 
 # Three workers on two cores: the deployment tests spend most of their time waiting (missed
 # heartbeats, a worker's poll), so a third worker fills those waits. --dist loadfile keeps a
-# module (and its server) on one worker.
+# module (and its server) on one worker; --no-loadscope-reorder keeps the order tests/conftest.py
+# gives the modules, longest first (xdist's own, most tests first, started the longest last).
 test: $(STAMP) lint
-	$(BIN)/pytest -q -n 3 --dist loadfile
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow"

@@ -64,6 +64,25 @@ def pytest_configure(config: pytest.Config) -> None:
     reaper.guard_this_process(pass_sigterm_to_children=is_xdist_master)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker, the modules allowed the longest (the largest timeout mark of their
+    tests) come first, slow ones before quick ones at equal allowance. `make test` hands out
+    whole modules (--dist loadfile) in this order (--no-loadscope-reorder; xdist's own order,
+    most tests first, started the deployment tests last): a minutes-long module that started
+    last would run on alone while the other workers idle."""
+    if not hasattr(config, "workerinput"):
+        return
+    default_timeout = float(config.getini("timeout") or 0)
+    rank: dict[str, tuple[float, bool]] = {}
+    for item in items:
+        timeout = item.get_closest_marker("timeout")
+        allowed = float(timeout.args[0]) if timeout and timeout.args else default_timeout
+        key = (-allowed, item.get_closest_marker("slow") is None)
+        module = item.nodeid.split("::", 1)[0]
+        rank[module] = min(rank.get(module, key), key)
+    items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable
+
+
 def pytest_runtest_logfinish() -> None:
     """A test that ran a command in-process which installs its own SIGTERM/SIGINT handlers
     (`flowerml retrain` does) must not leave the session unable to stop cleanly."""

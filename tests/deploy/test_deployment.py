@@ -7,15 +7,15 @@ of training. Without a human, the zombie automation marks the run Crashed (its h
 the recovery automation reschedules it, a restarted worker picks it up and the same flow run
 resumes its training run from the last checkpoint. A manual run submitted meanwhile never trains
 at the same time (one GPU, one limit), and the scheduler's runs each get their own training run.
+How a worker stops (systemd, one SIGTERM, idle or training) is in test_deployment_workers.py, on
+a server of its own (tests/deploy/conftest.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,73 +28,17 @@ from flowerml.io.storage_s3 import S3Store
 from flowerml.registry.versions import Registry
 from flowerml.training.runs import RunFiles
 from flows.retrain import training_run_id
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
-from demo import REPO, LocalPrefect  # noqa: E402
+from tests.helpers.deployment import (
+    REPO,
+    LocalPrefect,
+    assert_nothing_left_running,
+    command_line,
+    descendants,
+    run_params,
+    short_zombie_automations,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-# Heartbeats come every 30 s (Prefect's minimum); the test's zombie threshold is just above it.
-ZOMBIE_AFTER_S = 40
-
-
-@pytest.fixture(scope="module")
-def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str):
-    """One server for the module, set up as the runbook says (pools, deployments, automations
-    with the test's short zombie threshold)."""
-    tmp_path = tmp_path_factory.mktemp("prefect-stack")
-    prefect = LocalPrefect(tmp_path, ui=True, env={
-        "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
-        "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
-        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
-        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT2S",
-        "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "2",
-    })
-    try:
-        prefect.start_server()
-        prefect.set_up_deployments(short_zombie_automations(tmp_path))
-        yield prefect
-    finally:
-        prefect.stop()
-
-
-def short_zombie_automations(tmp_path: Path) -> Path:
-    text = (REPO / "deploy/automations/operations.yaml").read_text()
-    assert text.count("within: 90") == 1
-    path = tmp_path / "operations.yaml"
-    path.write_text(text.replace("within: 90", f"within: {ZOMBIE_AFTER_S}"))
-    return path
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the flow-run process and anything it started)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def run_params(source: Path, bucket: str, epochs: int) -> dict:
-    return {"source": str(source), "store": f"s3://{bucket}/ml",
-            "training": {"recipe": "demo", "epochs": epochs, "image_size": 40, "batch_size": 8,
-                         "device": "cpu", "workers": 0},
-            "gate": {"threshold": 0.0, "tolerance": 1.0}}
 
 
 def test_scheduled_runs_each_get_their_own_training_run(prefect_stack: LocalPrefect,
@@ -151,141 +95,6 @@ def test_the_notifications_apply_with_a_block(prefect_stack: LocalPrefect) -> No
     assert block != "00000000-0000-0000-0000-000000000000"
     assert {automations[n]["actions"][0]["block_document_id"] for n in (
         "flowerml-model-promoted", "flowerml-model-rejected")} == {block}
-
-
-def stop_as_the_unit_does(worker, timeout: float = 60) -> list[int]:
-    """deploy/systemd's stop (KillMode=mixed): SIGTERM to the main process, `flowerml worker`;
-    once it has exited (or after TimeoutStopSec), SIGKILL to whatever is left of the unit.
-    Returns the processes that were still left for that SIGKILL."""
-    unit = [worker.pid, *descendants(worker.pid)]
-    os.kill(worker.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        worker.wait(timeout=timeout)
-    left = [pid for pid in unit if process_alive(pid)]
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return left
-
-
-def test_the_systemd_stop_sequence_stops_an_idle_worker_at_once(
-        prefect_stack: LocalPrefect) -> None:
-    """deploy/systemd: one SIGTERM to `flowerml worker` ends an idle worker within seconds
-    (a bare Prefect worker sat on its first SIGTERM for minutes), and so do two in a row."""
-    prefect = prefect_stack
-    prefect.prefect("work-pool", "create", "idle", "--type", "process")
-    worker = prefect.start_worker("idle", "--limit", "1", name="idle-worker")
-    deadline = time.monotonic() + 120
-    while "started!" not in (prefect.root / "idle-worker.log").read_text():
-        assert time.monotonic() < deadline and worker.poll() is None
-        time.sleep(0.2)
-    started = time.monotonic()
-    assert stop_as_the_unit_does(worker, timeout=30) == []
-    assert worker.returncode == 0 and time.monotonic() - started < 10
-    # The runbook's old habit, two SIGTERMs in a row, ends an idle worker as fast.
-    again = prefect.start_worker("idle", "--limit", "1", name="idle-worker-2")
-    while "started!" not in (prefect.root / "idle-worker-2.log").read_text():
-        assert time.monotonic() < deadline + 120 and again.poll() is None
-        time.sleep(0.2)
-    started = time.monotonic()
-    os.kill(again.pid, signal.SIGTERM)
-    os.kill(again.pid, signal.SIGTERM)
-    assert again.wait(timeout=30) == 0 and time.monotonic() - started < 10
-
-
-def training_pids(root_pid: int) -> list[int]:
-    return [p for p in descendants(root_pid) if "flowerml.cli train" in command_line(p)]
-
-
-def wait_for_checkpoint_past(store: S3Store, run_id: str, epoch: int, prefect: LocalPrefect,
-                             timeout: float = 300) -> int:
-    """The epoch of the run's checkpoint once it is past `epoch`."""
-    pointer = RunFiles(store, run_id).key("checkpoint.json")
-    deadline = time.monotonic() + timeout
-    while True:
-        if store.exists(pointer) and (
-                saved := json.loads(store.get_bytes(pointer))["epoch"]) > epoch:
-            return saved
-        assert time.monotonic() < deadline, f"no checkpoint past epoch {epoch}; logs in " \
-                                            f"{prefect.root}"
-        time.sleep(0.2)
-
-
-def stop_busy_worker(prefect: LocalPrefect, worker, run: str, waiting: str | None,
-                     stop: str) -> dict[str, float]:
-    """Stop a worker that is training `run`; check it lets go within the runbook's bounds and
-    takes nothing new (`waiting` is queued behind it). Returns the timings."""
-    trainers = training_pids(worker.pid)
-    assert trainers, "the training child is not running"
-    signalled = time.monotonic()
-    if stop == "unit":
-        assert stop_as_the_unit_does(worker) == [], "the unit had processes left to SIGKILL"
-    else:  # one SIGTERM: `docker stop`, Kubernetes, `kill -TERM`
-        os.kill(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
-    timings = {"worker exited": time.monotonic() - signalled}
-    while any(process_alive(p) for p in trainers):
-        assert time.monotonic() - signalled < 20, "the training child outlived its worker"
-        time.sleep(0.1)
-    timings["training child stopped"] = time.monotonic() - signalled
-    while prefect.flow_run(run)["state_type"] in ("RUNNING", "PENDING"):
-        assert time.monotonic() - signalled < 15, "the run stayed Running after the stop"
-        time.sleep(0.2)
-    timings["run left Running"] = time.monotonic() - signalled
-    assert worker.returncode == 0
-    time.sleep(3)  # a worker that still polled (every 2 s here) would take a run now
-    assert prefect.flow_run(run)["state_name"] == "Recovering"
-    if waiting:
-        assert prefect.flow_run(waiting)["state_type"] == "SCHEDULED"
-    return timings
-
-
-EPOCHS = 40  # about 0.3 s each here: long enough to be stopped twice while training
-
-
-def test_a_stopped_busy_worker_lets_go_and_the_run_resumes_on_the_next(
-        prefect_stack: LocalPrefect, s3_bucket: str, moto_endpoint: str,
-        synthetic_source: Path) -> None:
-    """A worker training a run is stopped twice, as systemd stops the unit and with a single
-    SIGTERM: each time it takes no new run, its training child stops, the run is
-    Crashed at once (not 90 s later by the zombie rule) and rescheduled, and the next worker
-    resumes it from its checkpoint; it ends Completed with nothing of the stopped attempts
-    left Running and one progress bar at 100%."""
-    prefect = prefect_stack
-    store = S3Store(s3_bucket, "ml", S3Options(endpoint_url=moto_endpoint))
-    run = prefect.run_deployment("retrain-flowers/retrain-manual",
-                                 run_params(synthetic_source, s3_bucket, epochs=EPOCHS))
-    # Queued behind it (the pool's one slot): a stopping worker must not take it.
-    waiting = prefect.run_deployment("retrain-flowers/retrain-manual",
-                                     run_params(synthetic_source, s3_bucket, epochs=1))
-    run_id = training_run_id("flowers102", run)
-    epoch, timings = 0, {}
-    for attempt, stop in enumerate(("unit", "one SIGTERM"), start=1):
-        worker = prefect.start_worker("gpu", "--limit", "1", name=f"busy-{attempt}")
-        epoch = wait_for_checkpoint_past(store, run_id, epoch, prefect)
-        timings[stop] = stop_busy_worker(prefect, worker, run, waiting, stop)
-        if waiting:  # it has shown that the stopped worker took nothing; the next would
-            prefect.api(f"/flow_runs/{waiting}", method="DELETE")
-            waiting = None
-    last = prefect.start_worker("gpu", "--limit", "1", name="busy-3")
-    final = prefect.wait_for_final_state(run, timeout=600)
-    assert final["state_type"] == "COMPLETED", f"{final['state_name']}; logs in {prefect.root}"
-    prefect.stop_worker(last)
-    history = [s["name"] for s in prefect.api(f"/flow_run_states/?flow_run_id={run}")]
-    assert history.count("Crashed") == 2 and history.count("Recovering") == 2, history
-    result = json.loads(store.get_bytes(RunFiles(store, run_id).key("result.json")))
-    assert result["resumed_from_epoch"] >= 2 and result["epochs_run"] == EPOCHS
-    assert_nothing_left_running(prefect, run)
-    print(f"\nbusy worker stops: {json.dumps(timings)}")
-
-
-def assert_nothing_left_running(prefect: LocalPrefect, run: str) -> None:
-    """The run graph of a recovered run: no task run left Running, one bar at 100%."""
-    tasks = prefect.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [run]}}})
-    assert [t["name"] for t in tasks if t["state_type"] not in ("COMPLETED", "CRASHED")] == []
-    bars = [a for a in prefect.api("/artifacts/filter", {"artifacts": {
-        "flow_run_id": {"any_": [run]}, "type": {"any_": ["progress"]}}})]
-    assert [a["data"] for a in bars] == [100.0]
 
 
 def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect, tmp_path: Path,

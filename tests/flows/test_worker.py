@@ -1,6 +1,7 @@
 """`flowerml worker` (flows/worker.py) around a stand-in Prefect worker: on SIGTERM it freezes the
 worker's polling at once, SIGTERMs the flow-run processes the worker started, waits for them,
-ends the worker and exits 0. The real Prefect worker, server and runs: tests/deploy/test_deployment.py.
+ends the worker and exits 0. The real Prefect worker, server and runs:
+tests/deploy/test_deployment_workers.py.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import these):
 - `archives`: damaged sources (tar members, rewritten archives and .mat files) fed to ingest.
 - `backbones`: a seeded torchvision ResNet-18 and the checks that a model holds its backbone.
 - `cli`: the library's `flowerml` command run in-process, and the one check of a refusal.
+- `deployment`: the deployment tests' tiny runs, worker processes and short zombie rule.
 - `http_files`: a scripted HTTP file server, and the download's backoff delays recorded.
 - `http_files`: a scripted HTTP file server for the download tests, and backoff delays recorded.
 - `images`: image files a user may hand over (photo-like JPEGs, a bomb's PNG header, cut ones).

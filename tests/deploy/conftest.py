@@ -1,0 +1,31 @@
+"""The deployment tests' Prefect server (tests/deploy/test_deployment*.py): one per module, set
+up as deploy/README.md says, so that the two modules run side by side on two xdist workers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.deployment import LocalPrefect, short_zombie_automations
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory: pytest.TempPathFactory,
+                  moto_endpoint: str) -> Iterator[LocalPrefect]:
+    """One server for the module, set up as the runbook says (pools, deployments, automations
+    with the tests' short zombie threshold)."""
+    tmp_path = tmp_path_factory.mktemp("prefect-stack")
+    prefect = LocalPrefect(tmp_path, ui=True, env={
+        "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
+        "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
+        "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
+        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT2S",
+        "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "2",
+    })
+    try:
+        prefect.start_server()
+        prefect.set_up_deployments(short_zombie_automations(tmp_path))
+        yield prefect
+    finally:
+        prefect.stop()

@@ -1,0 +1,65 @@
+"""The deployment tests' shared parts (tests/deploy/test_deployment*.py): the operations
+automations with the tests' short zombie threshold, a tiny run's parameters, the processes below
+a worker, and the check that a recovered run left nothing Running."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "deploy"))
+from demo import REPO, LocalPrefect  # noqa: E402
+
+# Heartbeats come every 30 s (Prefect's minimum); the tests' zombie threshold is just above it.
+ZOMBIE_AFTER_S = 40
+
+
+def short_zombie_automations(tmp_path: Path) -> Path:
+    text = (REPO / "deploy/automations/operations.yaml").read_text()
+    assert text.count("within: 90") == 1
+    path = tmp_path / "operations.yaml"
+    path.write_text(text.replace("within: 90", f"within: {ZOMBIE_AFTER_S}"))
+    return path
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the flow-run process and anything it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def run_params(source: Path, bucket: str, epochs: int) -> dict:
+    """A tiny run. No ONNX export: what these tests follow (slots, crashes, resumes, events)
+    does not depend on it, and tests/flows/test_retrain.py's story exports and checks one."""
+    return {"source": str(source), "store": f"s3://{bucket}/ml", "export_onnx": False,
+            "training": {"recipe": "demo", "epochs": epochs, "image_size": 40, "batch_size": 8,
+                         "device": "cpu", "workers": 0},
+            "gate": {"threshold": 0.0, "tolerance": 1.0}}
+
+
+def assert_nothing_left_running(prefect: LocalPrefect, run: str) -> None:
+    """The run graph of a recovered run: no task run left Running, one bar at 100%."""
+    tasks = prefect.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [run]}}})
+    assert [t["name"] for t in tasks if t["state_type"] not in ("COMPLETED", "CRASHED")] == []
+    bars = [a for a in prefect.api("/artifacts/filter", {"artifacts": {
+        "flow_run_id": {"any_": [run]}, "type": {"any_": ["progress"]}}})]
+    assert [a["data"] for a in bars] == [100.0]
