@@ -282,6 +282,22 @@ def _encoded_images(labels: np.ndarray, spec: SyntheticSpec) -> Iterator[tuple[s
         yield f"jpg/{image_name(image_id)}", encode_jpeg(image, spec.jpeg_quality)
 
 
+def write_labelled_folders(root: Path, *, classes: int, per_class: int, image_size: int,
+                           seed: int) -> int:
+    """`root/<NNN>/new_<i>.jpg`: freshly drawn images of classes 1..`classes`, `per_class`
+    each, in class folders as `flowerml ingest --add` takes them (new labelled photographs
+    arriving, for the demos). Returns how many it wrote."""
+    for label in range(1, classes + 1):
+        folder = root / f"{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            rng = _rng(seed, _STREAM_IMAGE, label, index)
+            width, height = image_dimensions(image_size, rng)
+            write_atomically(folder / f"new_{index}.jpg",
+                             encode_jpeg(draw_flower(label, rng, width, height), 90))
+    return classes * per_class
+
+
 def _rng(seed: int, stream: int, *keys: int) -> np.random.Generator:
     # One generator per (seed, stream, image): independent of generation order, so an image's
     # pixels depend only on the seed and its id.

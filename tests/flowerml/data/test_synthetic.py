@@ -319,3 +319,21 @@ def test_a_stopped_synth_leaves_no_temp_file(tmp_path: Path, signum: str) -> Non
     assert process.returncode == 128 + getattr(signal, signum), stderr
     assert stderr == f"flowerml: error: stopped by {signum}\n"
     assert list(out.iterdir()) == []  # no temp file, no archive
+
+
+def test_labelled_folders_are_class_folders_of_new_images_fixed_by_their_seed(
+        tmp_path: Path) -> None:
+    from PIL import Image
+
+    from flowerml.data.synthetic import write_labelled_folders
+
+    assert write_labelled_folders(tmp_path / "a", classes=2, per_class=2, image_size=48,
+                                  seed=3) == 4
+    write_labelled_folders(tmp_path / "b", classes=2, per_class=2, image_size=48, seed=3)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    assert [str(p) for p in files] == ["001/new_0.jpg", "001/new_1.jpg", "002/new_0.jpg",
+                                       "002/new_1.jpg"]
+    data = [(tmp_path / "a" / p).read_bytes() for p in files]
+    assert len(set(data)) == 4 and data == [(tmp_path / "b" / p).read_bytes() for p in files]
+    with Image.open(tmp_path / "a" / files[0]) as image:
+        assert image.format == "JPEG" and max(image.size) == 48
