@@ -32,7 +32,7 @@ def split_sizes(scale: float) -> dict[str, int]:
 def _draw(job: tuple[int, int, int, int, int]) -> bytes:
     import numpy as np
 
-    from flowerml.data.synthetic import draw_flower, encode_jpeg, image_dimensions
+    from flowerml.data.flower_drawing import draw_flower, encode_jpeg, image_dimensions
 
     image_id, label, size, quality, seed = job
     rng = np.random.default_rng([seed, 3, image_id])  # flowerml.data.synthetic's image stream

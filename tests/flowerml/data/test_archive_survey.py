@@ -57,7 +57,7 @@ def test_reduced_scale_decode_check_catches_corrupt_and_truncated_jpegs() -> Non
 
     import numpy as np
 
-    from flowerml.data.synthetic import draw_flower, encode_jpeg, image_dimensions
+    from flowerml.data.flower_drawing import draw_flower, encode_jpeg, image_dimensions
 
     rng = np.random.default_rng(7)
     width, height = image_dimensions(500, rng)  # the real archive's size

@@ -16,13 +16,9 @@ import scipy.io
 from PIL import Image
 
 from flowerml.core.errors import UserError
+from flowerml.data.flower_drawing import draw_flower
 from flowerml.data.flowers import ARCHIVE, LABELS, MEMBER_PATTERN, SETID, SPLIT_KEYS, image_name
-from flowerml.data.synthetic import (
-    SyntheticSpec,
-    build_split,
-    draw_flower,
-    write_synthetic_archive,
-)
+from flowerml.data.synthetic import SyntheticSpec, build_split, write_synthetic_archive
 
 SPEC = SyntheticSpec(classes=5, per_class=7, image_size=48, seed=3)
 
