@@ -64,12 +64,21 @@ def pytest_configure(config: pytest.Config) -> None:
     reaper.guard_this_process(pass_sigterm_to_children=is_xdist_master)
 
 
+# A test that needs one of these servers is slow (make test-fast starts none of them): the
+# Prefect test server, SeaweedFS, moto's IAM-enforcing process (moto's threaded one is quick).
+SERVER_FIXTURES = frozenset({"prefect_harness", "seaweedfs_endpoint", "denying_s3_endpoint"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """On an xdist worker, the modules allowed the longest (the largest timeout mark of their
+    """A test that uses a server fixture is marked slow. On an xdist worker, the modules allowed the longest (the largest timeout mark of their
     tests) come first, slow ones before quick ones at equal allowance. `make test` hands out
     whole modules (--dist loadfile) in this order (--no-loadscope-reorder; xdist's own order,
     most tests first, started the deployment tests last): a minutes-long module that started
     last would run on alone while the other workers idle."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if not hasattr(config, "workerinput"):
         return
     default_timeout = float(config.getini("timeout") or 0)
