@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -16,6 +17,10 @@ from flowerml.cli.app import (
     store_option,
 )
 from flowerml.settings import build_store, load_settings
+
+if TYPE_CHECKING:
+    from flowerml.data.ingest import IngestResult
+    from flowerml.io.locations import ImageFolderLocation
 
 # The synthetic archive's bounds (flowerml.data.synthetic's MAX_IMAGES and MAX_IMAGE_SIZE), for the
 # help text without importing numpy, scipy and PIL for every `flowerml` command.
@@ -57,7 +62,15 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 @cli.command()
 @click.option("--source", default=None,
               help="Where the three files are: 'official' (the Oxford site, the default), a "
-                   "folder path, file://PATH, an http(s):// base URL or s3://bucket[/prefix].")
+                   "folder path, file://PATH, an http(s):// base URL or s3://bucket[/prefix]; "
+                   "or imagefolder:PATH, a dataset of your own classes: PATH (a folder or "
+                   "s3:// prefix) holds train/ valid/ test/ of class folders, or class folders "
+                   "alone with --split-ratios.")
+@click.option("--split-ratios", default=None, metavar="TRAIN,VALID,TEST",
+              help="With --source imagefolder:PATH of class folders alone: split each class "
+                   "by these ratios (e.g. 0.8,0.1,0.1), deterministically.")
+@click.option("--seed", default=None, type=int,
+              help="With --split-ratios: the seed of the split (default 0).")
 @click.option("--add", "add_source", default=None, metavar="SOURCE",
               help="Publish CURRENT plus the labelled images of SOURCE as a new version: a "
                    "folder (local or s3://) of class folders named by label number or class "
@@ -72,22 +85,31 @@ def synth(out_dir: Path, classes: int, per_class: int, image_size: int, seed: in
 @click.option("--workers", default=None, type=click.IntRange(1, 64),
               help="Threads for checking images (default: CPU count).")
 @json_option
-def ingest(source: str | None, add_source: str | None, target_split: str, store: str | None,
+def ingest(source: str | None, split_ratios: str | None, seed: int | None,
+           add_source: str | None, target_split: str, store: str | None,
            dataset: str | None, verify: bool, workers: int | None, as_json: bool) -> None:
     """Fetch Flowers-102 and publish its official split as ImageFolder trees on the store;
+    with --source imagefolder:PATH, publish a dataset of your own classes (its folder names);
     with --add, add labelled images to the CURRENT version as a new one."""
     from flowerml.core.progress import progress_for_terminal
     from flowerml.data.ingest import ingest as run_ingest
     from flowerml.data.source_files import FetchOptions
-    from flowerml.io.locations import parse_source
+    from flowerml.io.locations import ImageFolderLocation, parse_source
 
+    if add_source is not None and source is not None:
+        raise CliError("--add and --source: give one (--source ingests an archive, --add "
+                       "adds images to a published dataset)")
+    where = parse_source(source or "official", "--source")  # before any setting or store
+    for option, value in (("--split-ratios", split_ratios), ("--seed", seed)):
+        if value is not None and not isinstance(where, ImageFolderLocation):
+            raise CliError(f"{option}: only with --source imagefolder:PATH (a folder of class "
+                           "folders to split)")
     if add_source is not None:
-        if source is not None:
-            raise CliError("--add and --source: give one (--source ingests an archive, --add "
-                           "adds images to a published dataset)")
         add(add_source, target_split, store, dataset, workers, as_json)
         return
-    where = parse_source(source or "official", "--source")  # before any setting or store
+    if isinstance(where, ImageFolderLocation):
+        image_folder(where, split_ratios, seed, store, dataset, workers, as_json)
+        return
     settings = load_settings(store=store, dataset=dataset)
     options = FetchOptions(verify=verify, retries=settings.download_retries,
                            timeout=settings.download_timeout, s3=settings.s3_options())
@@ -97,6 +119,33 @@ def ingest(source: str | None, add_source: str | None, target_split: str, store:
     if as_json:
         emit_json(result.to_json())
         return
+    echo_published(result)
+    if result.synthetic:
+        click.echo("synthetic data (drawn by flowerml synth): not Flowers-102 photographs")
+
+
+def image_folder(where: ImageFolderLocation, split_ratios: str | None, seed: int | None,
+                 store: str | None, dataset: str | None, workers: int | None,
+                 as_json: bool) -> None:
+    """`ingest --source imagefolder:PATH`: PATH's class folders published, printed with their
+    names (the dataset's classes)."""
+    from flowerml.core.progress import progress_for_terminal
+    from flowerml.data.imagefolder import publish_image_folder
+
+    settings = load_settings(store=store, dataset=dataset)
+    with progress_for_terminal(quiet=as_json) as progress:
+        result, class_names = publish_image_folder(
+            where, build_store(settings), settings.dataset, settings.cache_dir,
+            split_ratios=split_ratios, seed=seed or 0, s3=settings.s3_options(),
+            workers=workers, progress=progress)
+    if as_json:
+        emit_json({**result.to_json(), "classes": list(class_names)})
+        return
+    echo_published(result)
+    click.echo(f"classes ({len(class_names)}): {', '.join(class_names)}")
+
+
+def echo_published(result: IngestResult) -> None:
     counts = result.counts
     click.echo(f"published {result.dataset}@{result.version} at {result.location}: "
                f"train {counts['train']}, valid {counts['valid']}, test {counts['test']}; "
@@ -107,8 +156,6 @@ def ingest(source: str | None, add_source: str | None, target_split: str, store:
     if result.current != result.version:
         click.echo(f"CURRENT stays {result.current}: it adds labelled images on top of "
                    f"{result.version} (flowerml ingest --add)")
-    if result.synthetic:
-        click.echo("synthetic data (drawn by flowerml synth): not Flowers-102 photographs")
 
 
 def add(source: str, split: str, store: str | None, dataset: str | None, workers: int | None,

@@ -143,7 +143,7 @@ def plan_addition(parent: PublishedDataset, parent_manifest: Manifest,
         already_present=present, leakage=leakage, rejected=rejected)
     entries = sorted([*parent.files, *new.values()], key=lambda e: e.key)
     version = content_version(entries, parent_manifest.quarantined_images or [],
-                              parent.synthetic)
+                              parent.synthetic, parent.class_names)
     return Plan(parent, parent_manifest, version, entries, list(new.values()), record)
 
 

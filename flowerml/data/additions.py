@@ -110,27 +110,36 @@ def read_folder(source: str, class_names: Sequence[str],
         raise AdditionError(f"{source}: not a folder of class folders, nor a .csv or .jsonl "
                             "list")
     store = open_source_store(source, s3)
+    return [LabelledImage(store.location(key), resolve_label(
+                folder, class_names, f"{store.location(folder)}/"), store, key)
+            for folder, key in class_folder_images(store, "SOURCE")]
+
+
+def class_folder_images(store: Store, what: str,
+                        error: type[DataError] = AdditionError) -> list[tuple[str, str]]:
+    """(class folder, key) of each image file in a folder of class folders (`store`'s root),
+    sorted by key; hidden names skipped, a file outside a class folder refused (`what`
+    names the folder in the message), each local file checked to stay inside the root."""
     images = []
     for info in store.list(""):
         parts = info.key.split("/")
         if any(part.startswith(".") for part in parts):
             continue
         if len(parts) == 1:
-            raise AdditionError(f"{store.location(info.key)}: not in a class folder (SOURCE "
-                                "holds one folder per class)")
+            raise error(f"{store.location(info.key)}: not in a class folder ({what} holds one "
+                        "folder per class)")
         if not parts[-1].lower().endswith(IMAGE_SUFFIXES):
             continue
-        label = resolve_label(parts[0], class_names, f"{store.location(parts[0])}/")
-        check_inside(store, info.key)
-        images.append(LabelledImage(store.location(info.key), label, store, info.key))
-    return images
+        check_inside(store, info.key, error)
+        images.append((parts[0], info.key))
+    return sorted(images, key=lambda image: image[1])
 
 
-def check_inside(store: Store, key: str) -> None:
+def check_inside(store: Store, key: str, error: type[DataError] = AdditionError) -> None:
     """A local file (a symbolic link, say) must not lead outside the source's root."""
     root = getattr(store, "root", None)
     if root is not None and not (root / key).resolve().is_relative_to(root):
-        raise AdditionError(f"{store.location(key)}: outside the source root {root}")
+        raise error(f"{store.location(key)}: outside the source root {root}")
 
 
 def read_list(source: str, class_names: Sequence[str],

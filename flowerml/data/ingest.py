@@ -195,15 +195,6 @@ def check_leakage(entries: list[ManifestEntry]) -> None:
                            f"{shown}" + (f"; and {len(leaks) - 5} more" if len(leaks) > 5 else ""))
 
 
-def upload_images(store: Store, prefix: str, survey: Survey, entries: list[ManifestEntry],
-                  progress: Progress) -> tuple[int, int]:
-    """Upload what is not on the store yet, from the staged images; (uploaded, skipped)."""
-    uploaded, _bytes, skipped = upload_missing(
-        store, prefix, entries, lambda entry: survey.staged(flowers.image_id(entry.image)),
-        progress)
-    return uploaded, skipped
-
-
 def upload_missing(store: Store, prefix: str, entries: Sequence[ManifestEntry],
                    staged: Callable[[ManifestEntry], Path],
                    progress: Progress) -> tuple[int, int, int]:
@@ -251,21 +242,32 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     entries = build_entries(split, survey)
     check_leakage(entries)
     quarantine = build_quarantine(split, survey)
+    return publish_version(
+        store, dataset, flowers.class_names_for(split.num_classes), entries, quarantine,
+        sources=record["files"], synthetic=is_synthetic(files[flowers.LABELS]),
+        staged=lambda entry: survey.staged(flowers.image_id(entry.image)), progress=progress)
+
+
+def publish_version(store: Store, dataset: str, class_names: Sequence[str],
+                    entries: list[ManifestEntry], quarantine: list[dict], *, sources: dict,
+                    synthetic: bool, staged: Callable[[ManifestEntry], Path],
+                    progress: Progress) -> IngestResult:
+    """The one publish path of a dataset's version (the official split, an imagefolder):
+    content-addressed version, the images not on the store yet (read from `staged`), then
+    `quarantine.json`, `manifest.json` last of the version, then CURRENT."""
     quarantined_images = [q["image"] for q in quarantine]
-    synthetic = is_synthetic(files[flowers.LABELS])
-    version = content_version(entries, quarantined_images, synthetic)
+    version = content_version(entries, quarantined_images, synthetic, class_names)
     prefix = version_prefix(dataset, version)
     # One writer per version at a time; on a local store, the temp files an ingest stopped
     # mid-upload left in the version (SIGKILL) are removed as this one starts.
     with store.writing_under(prefix):
         manifest = published_manifest(store, dataset, version)
         if manifest is None:
-            uploaded, skipped = upload_images(store, prefix, survey, entries, progress)
+            uploaded, _bytes, skipped = upload_missing(store, prefix, entries, staged, progress)
             store.put_bytes(quarantine_key(dataset, version), encode_json(quarantine))
-            manifest = write_manifest(store, dataset, version,
-                                      flowers.class_names_for(split.num_classes), entries,
+            manifest = write_manifest(store, dataset, version, class_names, entries,
                                       quarantined_images=quarantined_images,
-                                      sources=record["files"], synthetic=synthetic)
+                                      sources=sources, synthetic=synthetic)
         else:
             uploaded, skipped = 0, len(entries)
     replaced = move_current(store, dataset, version, manifest)

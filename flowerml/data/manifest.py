@@ -208,16 +208,21 @@ def count_splits(entries: Sequence[ManifestEntry]) -> dict[str, int]:
 
 
 def content_version(entries: Sequence[ManifestEntry], quarantined_images: Sequence[str],
-                    synthetic: bool) -> str:
+                    synthetic: bool, class_names: Sequence[str] | None = None) -> str:
     """A prefix of the sha256 over the sorted entries: same content, same version.
 
     Written by ingest and recomputed by every read, so a manifest edited after publishing (and
-    CURRENT re-hashed to match) no longer passes for the version it names.
+    CURRENT re-hashed to match) no longer passes for the version it names. Class names other
+    than Flowers-102's (a dataset of one's own classes) are part of the identity: the same
+    images under renamed class folders are another version.
     """
     canonical: list = sorted([e.split, e.label, e.image, e.sha256] for e in entries)
     canonical.append(sorted(quarantined_images))
     if synthetic:  # appended only then, so real data keeps the ids it always had
         canonical.append(["synthetic"])
+    if class_names is not None and list(class_names) != flowers.class_names_for(
+            len(class_names)):  # likewise: Flowers-102's versions keep their ids
+        canonical.append(["classes", *class_names])
     return hashlib.sha256(encode_json(canonical)).hexdigest()[:VERSION_CHARS]
 
 
@@ -258,7 +263,7 @@ def build_manifest(dataset: str, version: str, class_names: Sequence[str],
                    sources: dict, synthetic: bool = False, **lineage: Any) -> Manifest:
     """The manifest document; `lineage` (parent, addition, objects_in) only for a version an
     addition published, so an ingest's manifest keeps the fields (and bytes) it always had."""
-    if version != content_version(entries, quarantined_images, synthetic):
+    if version != content_version(entries, quarantined_images, synthetic, class_names):
         raise ValueError(f"version {version!r} is not the content version of these entries")
     return Manifest(**lineage,
         dataset=dataset, version=version, synthetic=synthetic,
@@ -394,7 +399,7 @@ def parse_manifest(where: str, raw: bytes, dataset: str, version: str, digest: s
     if quarantined is None:
         quarantined = read_quarantine() if manifest.quarantined and read_quarantine else []
     entries = tuple(manifest.files)
-    computed = content_version(entries, quarantined, manifest.synthetic)
+    computed = content_version(entries, quarantined, manifest.synthetic, names)
     if computed != version:
         raise DamagedManifest(f"{where}: its entries hash to version {computed}, not {version}: "
                               "the manifest was changed after ingest (re-run flowerml ingest)")

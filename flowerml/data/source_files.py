@@ -20,6 +20,7 @@ from flowerml.data import flowers
 from flowerml.data.archive import sniff_archive, sniff_mat
 from flowerml.io.download import download_file
 from flowerml.io.locations import (
+    ImageFolderLocation,
     LocalLocation,
     OfficialLocation,
     S3Location,
@@ -48,6 +49,11 @@ def resolve_source(source: str | SourceLocation) -> SourceLocation:
     is read or written when it cannot work: another scheme, no bucket or host, or a local path
     that is not an existing folder."""
     location = parse_source(source) if isinstance(source, str) else source
+    if isinstance(location, ImageFolderLocation):
+        # Class folders are published by flowerml.data.imagefolder; nothing here to fetch.
+        raise SourceError(f"source {location.shown} is a folder of class folders, not the "
+                          "three Flowers-102 files: publish it with flowerml ingest --source "
+                          f"{location.shown} --dataset NAME")
     if isinstance(location, LocalLocation):
         check_source_folder(location.path)
     return location
@@ -71,7 +77,7 @@ def describe_source(source: str | SourceLocation) -> str:
         return str(source.path)
     if isinstance(source, S3Location):
         return source.uri
-    if isinstance(source, UrlLocation):
+    if isinstance(source, UrlLocation | ImageFolderLocation):
         return source.shown
     return redact_url(source) if "://" in source else source
 

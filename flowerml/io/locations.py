@@ -6,7 +6,9 @@ Both take the same schemes, so what names a folder or a bucket for one names it 
 - a local folder: a path (`./data`, `/srv/flowers`, `~/flowers`) or `file://PATH`
   (`file:///srv/flowers`; `file://localhost/srv/flowers` is the same folder);
 - `s3://bucket[/prefix]`, the bucket named by S3's rules;
-- sources only: an `http(s)://host[:port]/path` base URL, and `official` (the Oxford site).
+- sources only: an `http(s)://host[:port]/path` base URL, `official` (the Oxford site), and
+  `imagefolder:PATH` (PATH a folder path, file://PATH or s3://bucket[/prefix] of class folders:
+  a dataset of the user's own classes rather than the three Flowers-102 files).
 
 Anything else (another scheme such as `ftp://`, an empty value, `s3://` without a bucket, an
 invalid bucket name, a URL without a host or with a port outside 1-65535) is refused with one
@@ -28,6 +30,7 @@ from flowerml.io.urls import redact_url, url_problem
 __all__ = [
     "SOURCE_FORMS",
     "STORE_FORMS",
+    "ImageFolderLocation",
     "LocalLocation",
     "LocationError",
     "OfficialLocation",
@@ -41,8 +44,9 @@ __all__ = [
 ]
 
 STORE_FORMS = "a store is a folder path, file://PATH or s3://bucket[/prefix]"
-SOURCE_FORMS = ("a source is 'official', a folder path, file://PATH, s3://bucket[/prefix] "
-                "or an http(s)://host/path URL")
+SOURCE_FORMS = ("a source is 'official', a folder path, file://PATH, s3://bucket[/prefix], "
+                "an http(s)://host/path URL or imagefolder:PATH")
+IMAGEFOLDER = "imagefolder:"
 BUCKET_RULE = ("S3 bucket names are 3-63 characters of a-z, 0-9, '.' and '-', begin and end "
                "with a letter or digit, and are not IP addresses")
 
@@ -99,7 +103,23 @@ class OfficialLocation:
 
 
 StoreLocation = LocalLocation | S3Location
-SourceLocation = LocalLocation | S3Location | UrlLocation | OfficialLocation
+
+
+@dataclass(frozen=True)
+class ImageFolderLocation:
+    """`imagefolder:PATH`: a folder (local or an S3 prefix) of class folders, or of train/,
+    valid/ and test/ each holding them; `shown` is the value as messages quote it."""
+
+    root: StoreLocation
+    shown: str
+
+    @property
+    def uri(self) -> str:
+        """The folder as a store URI (`open_store` takes it)."""
+        return self.root.uri if isinstance(self.root, S3Location) else str(self.root.path)
+
+
+SourceLocation = LocalLocation | S3Location | UrlLocation | OfficialLocation | ImageFolderLocation
 
 
 def parse_store(value: str, name: str = "store") -> StoreLocation:
@@ -120,6 +140,13 @@ def _parse(value: str, name: str, forms: str, *, remote_sources: bool) -> Source
         raise LocationError(name, "must not be empty", forms)
     if remote_sources and text == "official":
         return OfficialLocation()
+    if remote_sources and text.startswith(IMAGEFOLDER):
+        folder = text.removeprefix(IMAGEFOLDER)
+        if not folder.strip():
+            raise LocationError(name, f"'{text}' has no folder after {IMAGEFOLDER}", forms)
+        root = _parse(folder, name, forms, remote_sources=False)
+        assert isinstance(root, LocalLocation | S3Location)
+        return ImageFolderLocation(root, _shown(text))
     match = _SCHEME.match(text)
     if match is None:
         return LocalLocation(Path(text).expanduser())

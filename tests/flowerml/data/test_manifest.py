@@ -48,7 +48,7 @@ def test_written_entries_are_read_back_typed(local_store: LocalStore) -> None:
                              "ab" * 32),
                ManifestEntry("test", 1, "image_00001.jpg", "test/001/image_00001.jpg", 12,
                              "cd" * 32)]
-    version = content_version(entries, [], synthetic=False)
+    version = content_version(entries, [], synthetic=False, class_names=["red", "yellow"])
     raw = write_manifest(local_store, "tulips", version, ["red", "yellow"], entries,
                          quarantined_images=[], sources={})
     write_current(local_store, "tulips", version, raw)
@@ -146,11 +146,27 @@ def test_synthetic_flag_is_read_and_cannot_be_edited_away(local_store: LocalStor
         resolve_dataset(local_store, DATASET)
 
 
+def test_class_names_of_ones_own_are_part_of_the_version(local_store: LocalStore) -> None:
+    entries = [ManifestEntry("test", 1, "a.jpg", "test/001/a.jpg", 12, "cd" * 32)]
+    flowers_version = content_version(entries, [], False, ["pink primrose"])
+    assert flowers_version == content_version(entries, [], False)  # Flowers-102 ids as before
+    red = content_version(entries, [], False, ["red"])
+    assert len({flowers_version, red, content_version(entries, [], False, ["blue"])}) == 3
+    raw = write_manifest(local_store, "tulips", red, ["red"], entries, quarantined_images=[],
+                         sources={})
+    edited = json.loads(raw)
+    edited["classes"][0]["name"] = "blue"  # renamed after publishing: no longer this version
+    local_store.put_bytes(f"datasets/tulips/{red}/manifest.json", json.dumps(edited).encode())
+    with pytest.raises(DataError, match=f"its entries hash to version .*, not {red}"):
+        resolve_dataset(local_store, "tulips", red)
+
+
 def test_older_manifest_without_quarantine_names_reads_quarantine_json(
         local_store: LocalStore) -> None:
     entries = [ManifestEntry("test", 1, "image_00001.jpg", "test/001/image_00001.jpg", 12,
                              "cd" * 32)]
-    version = content_version(entries, ["image_00002.jpg"], synthetic=False)
+    version = content_version(entries, ["image_00002.jpg"], synthetic=False,
+                              class_names=["red"])
     raw = write_manifest(local_store, "tulips", version, ["red"], entries,
                          quarantined_images=["image_00002.jpg"], sources={})
     manifest = json.loads(raw)

@@ -102,8 +102,8 @@ def test_official_source_is_always_verified(http_source: tuple[str, Path],
 # --------------------------------------------------------------------------------------------
 # Sources are parsed like stores (issue 9): one line naming the accepted forms, nothing written.
 
-SOURCE_FORMS_TEXT = ("a source is 'official', a folder path, file://PATH, s3://bucket[/prefix] "
-                     "or an http(s)://host/path URL")
+SOURCE_FORMS_TEXT = ("a source is 'official', a folder path, file://PATH, s3://bucket[/prefix], "
+                     "an http(s)://host/path URL or imagefolder:PATH")
 
 
 @pytest.mark.parametrize(("source", "message"), [
