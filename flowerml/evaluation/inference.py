@@ -4,7 +4,9 @@
 Evaluation writes its report next to the run (`runs/<run_id>/eval/<split>/`): report.md,
 per_class.json, confusion.png, curves.png, predictions.jsonl (every image's top-5, so that two
 models can be compared image by image later: `flowerml.registry.comparison`) and, last, metrics.json,
-which names the predictions file by sha256 and what it was measured on.
+which names the predictions file by sha256 and what it was measured on, and holds the split's
+histograms of top-1 probability and predicted class (the baseline scoring measures drift
+against: `flowerml.evaluation.drift`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import torch
 
 from flowerml.data.loaders import build_eval_loader
 from flowerml.data.manifest import PublishedDataset, resolve_dataset
+from flowerml.evaluation.drift import baseline_histograms
 from flowerml.evaluation.predictions import (
     METRICS_FILE,
     PREDICTIONS_FILE,
     EvaluationMetrics,
+    ImagePrediction,
     encode_predictions,
     prediction_rows,
     predictions_record,
@@ -154,7 +158,8 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     report = render_report(metrics, title=f"{published.dataset} {split}: run {trained.source}",
                            context=context, plots={k: v.name for k, v in plots.items()},
                            synthetic=published.synthetic)
-    predictions = prediction_bytes(metrics, published, split)
+    rows = split_predictions(metrics, published, split)
+    predictions = encode_predictions(rows)
     store.put_bytes(run.key(f"{prefix}/{PREDICTIONS_FILE}"), predictions)
     run.write_json(f"{prefix}/per_class.json", per_class_rows(metrics))
     store.put_bytes(run.key(f"{prefix}/report.md"), report.encode())
@@ -162,14 +167,16 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     record = predictions_record(predictions, dataset=f"{published.dataset}@{published.version}",
                                 manifest_sha256=published.manifest_sha256, split=split,
                                 weights_sha256=trained.weights_sha256)
+    baseline = baseline_histograms(rows, len(published.class_names))
     run.write(f"{prefix}/{METRICS_FILE}", EvaluationMetrics(**metrics.summary(),
-                                                          predictions=record))
+                                                          predictions=record, baseline=baseline))
     return run.key(f"{prefix}/report.md")
 
 
-def prediction_bytes(metrics: Metrics, published: PublishedDataset, split: str) -> bytes:
-    """predictions.jsonl: every image of the split, keyed as in the manifest."""
+def split_predictions(metrics: Metrics, published: PublishedDataset,
+                      split: str) -> list[ImagePrediction]:
+    """predictions.jsonl's rows: every image of the split, keyed as in the manifest."""
     if metrics.predictions is None:
         raise ValueError("these metrics carry no per-image predictions to store")
     keys = [entry.key for entry in published.split_files(split)]
-    return encode_predictions(prediction_rows(keys, metrics.predictions))
+    return prediction_rows(keys, metrics.predictions)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowerml.core.documents import Sha256, StoredDocument
 from flowerml.core.errors import UserError
+from flowerml.evaluation.drift import Histograms
 from flowerml.io.storage import ObjectNotFound, Store
 from flowerml.training.runs import RunFiles, check_run_id
 
@@ -131,9 +132,10 @@ class PredictionsRecord(StoredDocument):
 
 class EvaluationMetrics(StoredDocument):
     """`runs/<run_id>/eval/<split>/metrics.json` (and its copy in a registry version): the
-    headline numbers, and the `predictions` block (absent from evaluations made before the
-    per-image predictions were kept). Written last: its presence says the evaluation is
-    complete."""
+    headline numbers, the `predictions` block (absent from evaluations made before the
+    per-image predictions were kept) and the `baseline` histograms drift is measured against
+    (`flowerml.evaluation.drift`; absent before they were kept: computed from the predictions
+    then). Written last: its presence says the evaluation is complete."""
 
     top1: float
     top5: float
@@ -141,6 +143,7 @@ class EvaluationMetrics(StoredDocument):
     loss: float
     n: int
     predictions: PredictionsRecord | None = None
+    baseline: Histograms | None = None
 
 
 def predictions_record(data: bytes, *, dataset: str, manifest_sha256: str, split: str,

@@ -21,9 +21,18 @@ prefix):
 <model>/<NNNNNN>/<input-id>/part-NNNNN.jsonl    one row per key of shard N, in listing order:
                                                 {"key", "labels", "names", "probabilities"}
                                                 or {"key", "error"}; create-only
+<model>/<NNNNNN>/<input-id>/review.jsonl        with --review-below P: the images whose top-1
+                                                probability is below P, least sure first,
+                                                for a person to label (then ingest --add)
 <model>/<NNNNNN>/<input-id>/_SUCCESS.json       written LAST, create-only: counts, failures,
-                                                model version and sha256, runtime, seconds
+                                                model version and sha256, runtime, seconds,
+                                                drift against the version's test baseline
 ```
+
+Drift: `_SUCCESS.json`'s `drift` holds the histograms of top-1 probability and predicted class
+of the scored images, the version's test baseline, the population stability index of each
+and whether either is above the run's `drift_threshold` (`flowerml.serving.scoring_drift`,
+`flowerml.evaluation.drift`); `drift_unavailable` says why a run has none.
 
 `<input-id>` is a content hash of the listing (its root, shard size and every key, in order),
 so scoring the same collection with the same version again lands in the same folder and skips
@@ -51,7 +60,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flowerml.core.documents import DocumentError, Sha256, StoredDocument, plain, read_document
+from flowerml.evaluation.drift import DriftFigures
 from flowerml.io.storage import ObjectNotFound, PreconditionFailed, S3Options, Store
+from flowerml.serving.scoring_drift import ReviewRecord, run_figures
 from flowerml.serving.scoring_plan import ScoringError, ScoringPlan, ScoringRequest, plan_scoring
 from flowerml.serving.scoring_shards import LISTED_FAILURES, ShardResult, score_shard
 
@@ -88,6 +99,9 @@ class ScoringSuccess(StoredDocument):
     output: str
     parts: list[str]
     finished_at: str
+    drift: DriftFigures | None = None
+    drift_unavailable: str | None = None
+    review: ReviewRecord | None = None
 
 
 def read_success(output_store: Store, plan: ScoringPlan) -> dict[str, Any] | None:
@@ -102,9 +116,9 @@ def read_success(output_store: Store, plan: ScoringPlan) -> dict[str, Any] | Non
 
 
 def finish_scoring(plan: ScoringPlan, results: Iterable[ShardResult], output_store: Store,
-                   seconds: float) -> dict[str, Any]:
-    """Write `_SUCCESS.json` once every shard's part is there; returns it (or the one a
-    concurrent run wrote first)."""
+                   seconds: float, *, registry_store: Store) -> dict[str, Any]:
+    """Write review.jsonl (when asked) and `_SUCCESS.json` with the run's drift figures once
+    every shard's part is there; returns it (or the one a concurrent run wrote first)."""
     by_shard = {r.shard: r for r in results}
     parts = {info.key for info in output_store.list(plan.key("part-"))}
     missing = [s for s in range(plan.shards) if s not in by_shard or plan.part_key(s) not in parts]
@@ -125,7 +139,8 @@ def finish_scoring(plan: ScoringPlan, results: Iterable[ShardResult], output_sto
         batch_size=plan.batch_size, seconds=round(seconds, 3),
         output=output_store.location(plan.prefix),
         parts=[plan.part_key(s).rsplit("/", 1)[1] for s in range(plan.shards)],
-        finished_at=datetime.now(UTC).isoformat(timespec="seconds")))
+        finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        **run_figures(plan, registry_store, output_store)))
     try:
         output_store.put_bytes(plan.key(SUCCESS), json.dumps(success, indent=2).encode(),
                                if_none_match=True)
@@ -167,4 +182,5 @@ def score_collection(request: ScoringRequest, *, registry_store: Store, output_s
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
-    return finish_scoring(plan, results, output_store, time.monotonic() - started)
+    return finish_scoring(plan, results, output_store, time.monotonic() - started,
+                          registry_store=registry_store)

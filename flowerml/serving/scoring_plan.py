@@ -11,6 +11,7 @@ refused when the request asks for others. Every refusal comes before the first w
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pydantic import ConfigDict
 
 from flowerml.core.documents import DocumentError, StoredDocument, plain, read_document
 from flowerml.core.errors import UserError
+from flowerml.evaluation.drift import DEFAULT_DRIFT_THRESHOLD
 from flowerml.io.storage import (
     ObjectNotFound,
     PreconditionFailed,
@@ -96,6 +98,8 @@ class ScoringRequest:
     batch_size: int = DEFAULT_BATCH_SIZE
     shard_size: int = DEFAULT_SHARD_SIZE
     top_k: int = DEFAULT_TOP_K
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
+    review_below: float | None = None
 
     def check(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -108,6 +112,17 @@ class ScoringRequest:
                                    f"(got {value!r})")
         if not self.output.strip():
             raise ScoringError("--output must not be empty")
+        if not is_number(self.drift_threshold) or self.drift_threshold < 0:
+            raise ScoringError("--drift-threshold must be a population stability index of at "
+                               f"least 0 (got {self.drift_threshold!r})")
+        if self.review_below is not None and not (is_number(self.review_below)
+                                                  and 0 < self.review_below <= 1):
+            raise ScoringError("--review-below must be a probability above 0 and at most 1 "
+                               f"(got {self.review_below!r})")
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ScoringPlan(ScoringListing):
@@ -122,6 +137,8 @@ class ScoringPlan(ScoringListing):
     registry: str  # the registry's store URI
     output: str  # the output store's URI
     prefix: str  # <model>/<NNNNNN>/<input-id>
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD  # judged when _SUCCESS.json is written
+    review_below: float | None = None  # review.jsonl's threshold; None: no review.jsonl
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -173,7 +190,8 @@ def plan_scoring(request: ScoringRequest, *, registry_store: Store, output_store
             shard_size=request.shard_size, model=model, version=version, runtime=runtime,
             sha256=sha, weights_sha256=registry.get(version).weights_sha256,
             top_k=request.top_k, batch_size=request.batch_size, registry=registry_store.uri,
-            output=output_store.uri, prefix=prefix)
+            output=output_store.uri, prefix=prefix, drift_threshold=request.drift_threshold,
+            review_below=request.review_below)
         if started is None:
             check_writable(output_store, request.output)
             write_shards(output_store, plan, spooled, request.output)

@@ -210,7 +210,7 @@ def test_success_is_written_only_when_every_part_is_there(registry: Registry, ph
     done = [score_shard(plan, shard, registry_store=registry.store, output_store=output)
             for shard in (0,)]
     with pytest.raises(ScoringError, match="1 shards of .* have no part .first: 1.: run again"):
-        finish_scoring(plan, done, output, 1.0)
+        finish_scoring(plan, done, output, 1.0, registry_store=registry.store)
     assert not output.exists(plan.key(SUCCESS))
     assert ScoringPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
@@ -492,7 +492,7 @@ def test_finish_writes_what_read_success_reads(local_store: LocalStore) -> None:
     for shard in range(plan.shards):
         local_store.put_bytes(plan.part_key(shard), b"")
     written = finish_scoring(plan, [ShardResult(0, 2, 0), ShardResult(1, 1, 0)], local_store,
-                             0.5)
+                             0.5, registry_store=local_store)
     assert read_success(local_store, plan) == written
     assert (written["images"], written["scored"], written["parts"]) == (
         3, 3, ["part-00000.jsonl", "part-00001.jsonl"])
