@@ -329,3 +329,94 @@ def test_add_to_a_dataset_never_ingested(tmp_path: Path) -> None:
         "error": f"dataset '{DATASET}' has no CURRENT version on {store.uri}: ingest it before "
                  "adding to it (flowerml ingest)", "kind": "not-found"}
     assert published(tmp_path / "store") == []
+
+
+# --------------------------------------------------------------------------------------------
+# A dataset of your own classes: --source imagefolder:PATH
+
+
+def own_classes(root: Path) -> Path:
+    """`root/{train,valid,test}/{tulip,daisy,rose}/`, 3 distinct JPEGs each."""
+    for seed, split in enumerate(("train", "valid", "test"), start=1):
+        class_folders(root / split, dict.fromkeys(("tulip", "daisy", "rose"), 3), seed=seed)
+    return root
+
+
+def test_imagefolder_ingest_prints_its_class_names(tmp_path: Path) -> None:
+    source = own_classes(tmp_path / "mine")
+    env = {"FLOWERML_CACHE_DIR": str(tmp_path / "cache")}
+    result = invoke("ingest", "--source", f"imagefolder:{source}", "--dataset", "garden",
+                    "--store", str(tmp_path / "store"), env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("published garden@") and lines[0].endswith(
+        "train 9, valid 9, test 9; uploaded 27, already there 0, quarantined 0")
+    assert lines[1] == "classes (3): daisy, rose, tulip"
+    flat = class_folders(tmp_path / "flat", {"b": 10, "a": 10})
+    result = invoke("ingest", "--source", f"imagefolder:{flat}", "--split-ratios", "0.8,0.1,0.1",
+                    "--seed", "3", "--dataset", "flat", "--store", str(tmp_path / "store"),
+                    "--json", env=env)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["classes"] == ["a", "b"]
+    assert summary["counts"] == {"train": 16, "valid": 2, "test": 2}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split-ratios", "0.8,0.1,0.1"], "flowerml: error: --split-ratios: only with --source "
+                                        "imagefolder:PATH (a folder of class folders to split)"),
+    (["--seed", "1"], "flowerml: error: --seed: only with --source imagefolder:PATH"),
+    (["--source", "imagefolder:", "--split-ratios", "1,0,0"],
+     "flowerml: error: --source 'imagefolder:' has no folder after imagefolder:"),
+])
+def test_split_options_need_an_imagefolder(tmp_path: Path, source_copy: Path, args: list[str],
+                                           message: str) -> None:
+    args = args if "--source" in args else ["--source", str(source_copy), *args]
+    result = invoke("ingest", *args, "--store", str(tmp_path / "store"))
+    assert_refused(result, message)
+    assert published(tmp_path / "store") == []
+
+
+def test_imagefolder_bad_input_is_refused_with_nothing_published(tmp_path: Path) -> None:
+    flat = class_folders(tmp_path / "flat", {"a": 2, "b": 2})
+    env = {"FLOWERML_CACHE_DIR": str(tmp_path / "cache")}
+    result = invoke("ingest", "--source", f"imagefolder:{flat}", "--split-ratios", "0.5,0.5,0",
+                    "--store", str(tmp_path / "store"), "--json", env=env)
+    assert result.exit_code == 2
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "error": f"{flat}/a: 2 usable image(s) leave test empty at --split-ratios 0.5,0.5,0 "
+                 "(every split needs at least one image of each class)", "kind": "bad-input"}
+    assert_refused(invoke("ingest", "--source", f"imagefolder:{tmp_path}/nope", "--store",
+                          str(tmp_path / "store"), env=env),
+                   f"flowerml: error: imagefolder:{tmp_path}/nope: folder {tmp_path}/nope does "
+                   "not exist")
+    assert published(tmp_path / "store") == []
+
+
+@pytest.mark.slow  # ~12 s on two busy cores: a training, an evaluation and a prediction
+def test_an_imagefolder_dataset_trains_evaluates_registers_and_predicts_its_names(
+        tmp_path: Path) -> None:
+    source = own_classes(tmp_path / "mine")
+    env = {"FLOWERML_CACHE_DIR": str(tmp_path / "cache"), "FLOWERML_STORE": str(tmp_path / "s"),
+           "FLOWERML_DATASET": "garden"}
+
+    def run(*args: str) -> str:
+        result = invoke(*args, env=env)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    run("ingest", "--source", f"imagefolder:{source}")
+    run("train", "--recipe", "demo", "--epochs", "1", "--image-size", "40", "--batch-size", "8",
+        "--device", "cpu", "--workers", "0", "--run-id", "own")
+    evaluated = json.loads(run("evaluate", "--run", "own", "--device", "cpu", "--workers", "0",
+                               "--json"))
+    assert evaluated["n"] == 9
+    per_class = json.loads((Path(evaluated["report"]).parent / "per_class.json").read_text())
+    assert [(c["label"], c["name"], c["support"]) for c in per_class] == [
+        (1, "daisy", 3), (2, "rose", 3), (3, "tulip", 3)]
+    run("registry", "register", "--run", "own", "--model", "garden", "--threshold", "0",
+        "--device", "cpu")
+    predicted = run("predict", str(source / "test" / "rose" / "new_0.jpg"), "--model",
+                    "garden:1", "--top-k", "3", "--device", "cpu")
+    names = [part.split()[0] for part in predicted.split(": ", 1)[1].split(", ")]
+    assert sorted(names) == ["daisy", "rose", "tulip"]
