@@ -42,7 +42,7 @@ DEFAULT_MODEL = "flowers102@production"
               help="Use a training run's best weights instead of a registry model.")
 @store_option
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
-              help="How many flower names to give per image, most likely first.")
+              help="How many class names to give per image, most likely first.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images decoded and classified at a time (memory grows with it).")
 @click.option("--runtime", type=Choice(RUNTIMES), default="auto", show_default=True,

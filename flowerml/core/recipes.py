@@ -57,7 +57,7 @@ class TrainConfig(BaseModel):
 
     arch: Arch = Field("resnet152", title="Architecture",
                        description="torchvision backbone; its classifier is replaced by a "
-                                   "102-way head.")
+                                   "head with one output per class of the dataset.")
     weights: str = Field("imagenet", title="Initial weights", min_length=1,
                          description="imagenet, none, a local .safetensors/.pth file or an "
                                      "s3:// URI.")

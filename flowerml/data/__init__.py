@@ -1,1 +1,1 @@
-"""Flowers-102 as data: the archive read and surveyed, the official split, ingest onto the store (manifest, raw mirror, ImageFolder trees), synthetic archives, and a published split synced, decoded and loaded for PyTorch."""
+"""Flowers-102 as data: the archive read and surveyed, the official split, ingest onto the store (manifest, raw mirror, ImageFolder trees), labelled images added on top, datasets of one's own classes (imagefolder), synthetic archives, and a published split synced, decoded and loaded for PyTorch."""

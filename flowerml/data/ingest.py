@@ -14,6 +14,8 @@ copy and the local one, `flowerml.data.archive_survey` reads the archive once):
    the version, then `CURRENT` (both written by `flowerml.data.manifest`, which owns their shape).
    An archive `flowerml synth` drew (its imagelabels.mat carries the marker) is published as
    synthetic; the result names the version in full and the version CURRENT named before.
+   `publish_version` is that publishing, the one path every dataset's version takes (a
+   dataset of one's own classes too: `flowerml.data.imagefolder`).
 
 A step that fails removes the empty folders it left on a local store, so a refused source or a
 failed upload leaves nothing that looks like a dataset. Both steps first probe that the store
