@@ -29,7 +29,8 @@ from flowerml.core.extras import require_extra
 from flowerml.core.recipes import optional_field
 from tasks.score import finish_task, plan_task, score_shard_task
 
-REQUEST_FIELDS = ("input", "model", "output", "runtime", "batch_size", "shard_size", "top_k")
+REQUEST_FIELDS = ("input", "model", "output", "runtime", "batch_size", "shard_size", "top_k",
+                  "drift_threshold", "review_below")
 SCHEDULER_TIMEOUT_S = 5.0
 
 
@@ -51,6 +52,14 @@ class ScoreParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096, title="Batch size")
     shard_size: int = Field(1000, ge=1, le=1_000_000, title="Images per shard")
     top_k: int = Field(5, ge=1, le=1000, title="Top-k flowers per image")
+    drift_threshold: float = Field(
+        0.2, ge=0, title="Drift threshold (PSI)",
+        description="Above this population stability index (of top-1 probability or "
+                    "predicted class, against the version's test baseline) the run emits "
+                    "flowerml.model.drift")
+    review_below: Annotated[float, Field(gt=0, le=1)] | SkipJsonSchema[None] = optional_field(
+        title="Review below", description="Also write review.jsonl: the images whose top-1 "
+        "probability is below this, least sure first, for a person to label; empty: none")
     store: str | SkipJsonSchema[None] = optional_field(
         title="Registry store", description="Empty: the worker's FLOWERML_STORE")
     dask_address: Annotated[str, Field(pattern=r"^(tcp|tls|ucx|ws|wss)://\S+$")] | \
@@ -137,6 +146,8 @@ def score_shards(plan: dict[str, Any], threads: int | None = None) -> list[dict[
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--shard-size", type=int, default=1000, show_default=True)
 @click.option("--top-k", type=int, default=5, show_default=True)
+@click.option("--drift-threshold", type=float, default=0.2, show_default=True)
+@click.option("--review-below", type=float, default=None)
 @click.option("--store", default=None, help="Registry store (default: FLOWERML_STORE).")
 @click.option("--dask-address", default=None, help="tcp://host:port of a Dask scheduler.")
 @click.option("--parallel", type=int, default=2, show_default=True,

@@ -5,6 +5,11 @@ each reads the settings where it runs (a Dask worker has its own FLOWERML_* and 
 environment), calls one library function and returns a small JSON-able dict. Every step is
 idempotent on the store (create-only parts, `_SUCCESS.json` last), so a retry, a re-run or a
 shard rescheduled off a dead Dask worker never scores into a corrupt part.
+
+When the finished run's drift (`_SUCCESS.json`'s `drift`, against the version's test baseline)
+is above its threshold, the finish emits `flowerml.model.drift` (resource
+`flowerml.model.<model>`; payload: version, the two PSIs, the threshold, the output), which
+deploy/automations/notify-drift.yaml and retrain-on-drift.yaml act on.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
 
 from flowerml.io.storage import Store
 from flowerml.io.storage_open import open_store
@@ -64,7 +70,8 @@ def score_shard_task(plan: dict[str, Any], shard: int, threads: int | None = Non
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def finish_task(plan: dict[str, Any], results: list[dict[str, Any]],
                 seconds: float) -> dict[str, Any]:
-    """`_SUCCESS.json`, once every part is there, and a report artifact."""
+    """`_SUCCESS.json`, once every part is there, a report artifact, and the drift event when
+    the scored images drifted."""
     from flowerml.serving.scoring import finish_scoring
     from flowerml.serving.scoring_plan import ScoringPlan
     from flowerml.serving.scoring_shards import ShardResult
@@ -72,10 +79,30 @@ def finish_task(plan: dict[str, Any], results: list[dict[str, Any]],
     scoring = ScoringPlan.from_json(plan)
     settings = load_settings(store=scoring.registry)
     summary = finish_scoring(scoring, [ShardResult.from_json(r) for r in results],
-                             output_store(scoring.output, settings), seconds)
+                             output_store(scoring.output, settings), seconds,
+                             registry_store=build_store(settings))
     create_markdown_artifact(scoring_report(summary), key=artifact_key(scoring.model, "scores"),
                              description=f"Scores of {scoring.input} by {scoring.label}")
+    announce_drift(summary)
     return summary
+
+
+def announce_drift(summary: dict[str, Any]) -> None:
+    """`flowerml.model.drift` when either PSI is above the run's threshold; nothing else."""
+    drift = summary.get("drift")
+    if not drift or not drift["drifted"]:
+        return
+    get_run_logger().warning("drift: PSI top-1 probability %.3f, predicted class %.3f "
+                             "(threshold %g)", drift["psi_confidence"], drift["psi_classes"],
+                             drift["threshold"])
+    model = summary["model"]
+    emit_event(event="flowerml.model.drift",
+               resource={"prefect.resource.id": f"flowerml.model.{model}",
+                         "prefect.resource.name": model},
+               payload={"version": summary["version"], "psi_confidence": drift["psi_confidence"],
+                        "psi_classes": drift["psi_classes"], "threshold": drift["threshold"],
+                        "images": drift["scored"]["images"], "input": summary["input"],
+                        "output": summary["output"]})
 
 
 def scoring_report(summary: dict[str, Any]) -> str:
@@ -87,7 +114,28 @@ def scoring_report(summary: dict[str, Any]) -> str:
              f"({summary['shards_skipped']} done before this run)",
              f"- seconds: {summary['seconds']:.1f}", "", "Results:", "",
              f"    {summary['output']}/part-*.jsonl"]
+    lines += drift_section(summary)
     if summary["failures"]:
         lines += ["", "## Failed images", "",
                   *[f"- `{f['key']}`: {f['error']}" for f in summary["failures"]]]
     return "\n".join(lines) + "\n"
+
+
+def drift_section(summary: dict[str, Any]) -> list[str]:
+    """The report's drift figures (or why there are none) and the review file."""
+    drift = summary.get("drift")
+    if not drift:
+        lines = ["", "## Drift", "",
+                 f"Not measured: {summary.get('drift_unavailable') or 'finished before'}"]
+    else:
+        verdict = "**drift found**" if drift["drifted"] else "no drift"
+        lines = ["", "## Drift", "",
+                 f"{verdict} against the version's test baseline (threshold "
+                 f"{drift['threshold']:g}):", "",
+                 f"- PSI of top-1 probability: {drift['psi_confidence']:.4f}",
+                 f"- PSI of predicted class: {drift['psi_classes']:.4f}"]
+    review = summary.get("review")
+    if review:
+        lines += ["", f"{review['images']} images below top-1 probability "
+                      f"{review['below']:g} to label: `{review['file']}`"]
+    return lines

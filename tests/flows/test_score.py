@@ -138,7 +138,12 @@ def test_python_m_flows_score_prints_the_summary_or_one_line(prefect_harness: No
     assert done.exit_code == 1, (done.output, done.exception)  # one photo cannot be read
     summary = json.loads(done.stdout)
     assert (summary["images"], summary["failed"]) == (8, 1)
+    assert summary["drift"]["scored"]["images"] == 7 and summary["drift"]["threshold"] == 0.2
     for args, message in (
+            ([str(photos), "--output", str(tmp_path / "x"), *base, "--drift-threshold", "-1"],
+             "score parameter drift_threshold: Input should be greater than or equal to 0"),
+            ([str(photos), "--output", str(tmp_path / "x"), *base, "--review-below", "2"],
+             "score parameter review_below: Input should be less than or equal to 1"),
             ([str(photos), "--output", str(tmp_path / "x"), *base, "--shard-size", "0"],
              "score parameter shard_size: Input should be greater than or equal to 1"),
             ([str(photos), "--output", str(tmp_path / "x"), *base, "--dask-address", "8786"],

@@ -52,8 +52,10 @@ def test_score_writes_its_parts_says_what_failed_and_exits_1(registry: Registry,
     assert lines[0].startswith("scored 8 images with flowers102:000001 (onnx): 7 ok, 1 failed")
     [success] = output.rglob("_SUCCESS.json")
     assert lines[1] == f"results: {success.parent}/ (2 part files, _SUCCESS.json)"
-    assert lines[2].startswith("failed: cut.jpg: unreadable image")
-    assert len(lines) == 3
+    assert lines[2].startswith("no drift: PSI top-1 probability ") or lines[2].startswith(
+        "drift found: PSI top-1 probability "), lines[2]
+    assert lines[3].startswith("failed: cut.jpg: unreadable image")
+    assert len(lines) == 4
     assert result.stderr.splitlines()[0].startswith("shard 1/2: 4 images, 1 failed (")
     rows = [json.loads(line) for part in sorted(success.parent.glob("part-*.jsonl"))
             for line in part.read_text().splitlines()]
@@ -79,7 +81,8 @@ def test_a_collection_without_failures_exits_0(registry: Registry, photos: Path,
 
 
 @pytest.mark.parametrize("case", ["no images", "shard size 0", "no such alias",
-                                  "output not writable", "output scheme", "no export"])
+                                  "output not writable", "output scheme", "no export",
+                                  "drift threshold -1", "review below 2"])
 def test_bad_input_is_one_line_and_writes_nothing(registry: Registry, photos: Path,
                                                   tmp_path: Path, case: str) -> None:
     empty = tmp_path / "empty"
@@ -99,6 +102,12 @@ def test_bad_input_is_one_line_and_writes_nothing(registry: Registry, photos: Pa
                           "--output 'ftp://host/x' uses an unsupported scheme"),
         "no export": ([str(photos), "--model", "flowers102:1", "--runtime", "onnx"],
                       "flowers102:000001 has no ONNX export (run: flowerml export"),
+        "drift threshold -1": ([str(photos), "--drift-threshold", "-1"],
+                               "--drift-threshold must be a population stability index of at "
+                               "least 0 (got -1.0)"),
+        "review below 2": ([str(photos), "--review-below", "2"],
+                           "--review-below must be a probability above 0 and at most 1 "
+                           "(got 2.0)"),
     }[case]
     if case == "no export":
         for name in ("export.json", "model.onnx"):
@@ -147,3 +156,48 @@ def test_a_list_that_cannot_be_read_is_one_line_and_writes_nothing(registry: Reg
         assert_refused(result, f"INPUT {tmp_path / name}: {why}")
         assert result.stderr == f"flowerml: error: INPUT {tmp_path / name}: {why}\n"
         assert nothing_under(output)  # no _listing.json, no _shards
+
+
+def test_drift_found_is_one_line_and_leaves_the_exit_code(registry: Registry, photos: Path,
+                                                          tmp_path: Path) -> None:
+    # photos are not the version's test images: at threshold 0 any difference is drift
+    result = run_score(registry, f"{photos}/sub", "--output", str(tmp_path / "s"),
+                       "--drift-threshold", "0")
+    assert result.exit_code == 0, result.output
+    line = result.stdout.splitlines()[2]  # after the summary and the results' folder
+    assert len(result.stdout.splitlines()) == 3
+    assert line.startswith("drift found: PSI top-1 probability ")
+    assert line.endswith(", above 0, against flowers102:000001's test baseline")
+
+
+def test_review_jsonl_labelled_goes_back_in_through_ingest_add(registry: Registry,
+                                                                tmp_path: Path) -> None:
+    photos = write_photos(tmp_path / "photos")
+    (photos / "cut.jpg").unlink()
+    result = run_score(registry, str(photos), "--output", str(tmp_path / "scores"),
+                       "--review-below", "1", "--json")
+    assert result.exit_code == 0, result.output
+    review = json.loads(result.stdout)["review"]
+    assert review["images"] == 7 and review["below"] == 1.0
+    rows = [json.loads(line) for line in Path(review["file"]).read_text().splitlines()]
+    assert [row["probability"] for row in rows] == sorted(row["probability"] for row in rows)
+
+    # a row left without a label is refused, naming its line; nothing is published
+    (photos / "unlabelled.jsonl").write_text(Path(review["file"]).read_text())
+    datasets = registry.store.root / "datasets"
+    before = sorted(p.relative_to(datasets) for p in datasets.rglob("*"))
+    refused = invoke("ingest", "--add", str(photos / "unlabelled.jsonl"), store=registry.store,
+                     cache=tmp_path / "cache")
+    assert_refused(refused, f"{photos / 'unlabelled.jsonl'} line 1: needs the keys path, label")
+    assert sorted(p.relative_to(datasets) for p in datasets.rglob("*")) == before
+
+    # labelled (each with the model's own guess) and saved beside the photos, it goes in
+    labelled = photos / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({**row, "label": row["names"][0]}) + "\n"
+                                for row in rows))
+    added = invoke("ingest", "--add", str(labelled), "--json", store=registry.store,
+                   cache=tmp_path / "cache")
+    assert added.exit_code == 0, added.output
+    summary = json.loads(added.stdout.splitlines()[-1])
+    assert summary["added_images"] == 6, added.stdout  # a dataset holds JPEGs: c.png is not
+    assert summary["rejected"] == [{"path": str(photos / "c.png"), "reason": "not a JPEG (PNG)"}]
