@@ -253,6 +253,14 @@ class PublishedDataset:
         check_split(split)
         return sorted((f for f in self.files if f.split == split), key=lambda f: f.key)
 
+    def split_sha256(self, split: str) -> str:
+        """The identity of one split's images: the sha256 of its entries (key, label, image
+        sha256), one line each in key order. A version that only added training images has
+        the test split's digest of its parent, so models of either are gated on the same
+        test images (cards record it as `test_manifest_sha256`)."""
+        lines = "".join(f"{f.key}\t{f.label}\t{f.sha256}\n" for f in self.split_files(split))
+        return hashlib.sha256(lines.encode()).hexdigest()
+
 
 # --------------------------------------------------------------------------------------------
 # The writer

@@ -79,7 +79,7 @@ def compare_on_split(store: Store, run_id: str, student: TrainedModel, teacher: 
     result = Agreement(split=split, n=n, agreement=agreeing / n, student_top1=student_right / n,
                        teacher_top1=teacher_right / n, teacher=teacher.identity,
                        dataset_version=published.version,
-                       manifest_sha256=published.manifest_sha256)
+                       manifest_sha256=published.split_sha256(split))
     run.write(f"eval/{split}/{AGREEMENT_FILE}", result)
     return result
 

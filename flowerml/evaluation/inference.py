@@ -165,7 +165,7 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     store.put_bytes(run.key(f"{prefix}/report.md"), report.encode())
     # Last: metrics.json says the evaluation is complete and names the predictions beside it.
     record = predictions_record(predictions, dataset=f"{published.dataset}@{published.version}",
-                                manifest_sha256=published.manifest_sha256, split=split,
+                                manifest_sha256=published.split_sha256(split), split=split,
                                 weights_sha256=trained.weights_sha256)
     baseline = baseline_histograms(rows, len(published.class_names))
     run.write(f"{prefix}/{METRICS_FILE}", EvaluationMetrics(**metrics.summary(),

@@ -73,12 +73,12 @@ def measure_champion(registry: Registry, published: PublishedDataset, *, alias: 
         return None
     champion = registry.require_committed(state.version)
     card = champion.card
-    if card.get("test_manifest_sha256") == published.manifest_sha256:
+    if card.get("test_manifest_sha256") == published.split_sha256("test"):
         return Champion(champion.label, Scorecard.from_card(card, champion.version),
                         _loaded(version_predictions, registry, champion.version))
     top1, predictions = _evaluate_version(registry, champion.version, published,
                                           cache_dir=cache_dir, device=device, workers=workers)
-    return Champion(champion.label, Scorecard(top1, published.manifest_sha256,
+    return Champion(champion.label, Scorecard(top1, published.split_sha256("test"),
                                               champion.version), predictions)
 
 
@@ -114,8 +114,9 @@ def _evaluate_version(registry: Registry, version: int, published: PublishedData
     keys = [entry.key for entry in published.split_files("test")]
     rows = prediction_rows(keys, metrics.predictions) if metrics.predictions else []
     return metrics.top1, PredictionSet(
-        trained.source, f"{published.dataset}@{published.version}", published.manifest_sha256,
-        "test", trained.weights_sha256, trained.class_names, tuple(rows))
+        trained.source, f"{published.dataset}@{published.version}",
+        published.split_sha256("test"), "test", trained.weights_sha256, trained.class_names,
+        tuple(rows))
 
 
 def pair_with_champion(champion: Champion, candidate: PredictionSet | str) -> Paired:
@@ -142,7 +143,7 @@ def judge_candidate(store: Store, model: str, alias: str, top1: float, dataset: 
     published = resolve_dataset(store, dataset, version)
     champion = measure_champion(Registry(store, model), published, alias=alias,
                                 cache_dir=cache_dir, device=device)
-    candidate = Scorecard(top1, published.manifest_sha256)
+    candidate = Scorecard(top1, published.split_sha256("test"))
     if champion is not None and run_id is not None:
         candidate = replace(candidate, paired=pair_with_champion(
             champion, _loaded(run_predictions, store, run_id)))

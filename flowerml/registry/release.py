@@ -56,7 +56,7 @@ def build_card(store: Store, run_id: str, metrics: dict[str, Any], *, promote: b
         "image_size": record.config.image_size,
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
         "metrics": metrics,
-        "test_manifest_sha256": record.dataset.manifest_sha256,
+        "test_manifest_sha256": dataset.split_sha256("test"),
         "gate": {**gate, "promote": promote, "reasons": reasons},
         "lineage": {"dataset": record.dataset.name,
                     "dataset_version": record.dataset.version,

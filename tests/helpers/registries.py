@@ -46,7 +46,7 @@ def published_card(published: PublishedDataset, top1: float) -> dict:
     """The card of a 4-class ResNet-18 tested on `published` with test top-1 `top1`."""
     return {"arch": "resnet18", "image_size": 48,
             "classes": [{"label": i + 1, "name": n} for i, n in enumerate(published.class_names)],
-            "metrics": {"top1": top1}, "test_manifest_sha256": published.manifest_sha256,
+            "metrics": {"top1": top1}, "test_manifest_sha256": published.split_sha256("test"),
             "lineage": {"dataset": published.dataset, "dataset_version": published.version}}
 
 

@@ -143,7 +143,7 @@ def test_evaluate_stores_every_images_top5_beside_the_metrics(tiny_run: StoreAnd
     record = json.loads(store.get_bytes("runs/tiny/eval/test/metrics.json"))["predictions"]
     assert record == {"file": "predictions.jsonl", "sha256": sha256_hex(data),
                       "dataset": f"flowers102@{outcome.dataset_version}",
-                      "manifest_sha256": resolve_dataset(store, "flowers102").manifest_sha256,
+                      "manifest_sha256": resolve_dataset(store, "flowers102").split_sha256("test"),
                       "split": "test",
                       "weights_sha256": RunFiles(store, "tiny").read_json("best.json")["sha256"]}
     assert outcome.to_json()["predictions"] == f"{store.root}/runs/tiny/eval/test/" \

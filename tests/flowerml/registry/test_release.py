@@ -12,7 +12,7 @@ def test_card_records_lineage_and_software(registered_run: RegisteredRun) -> Non
     card = registry.get(1).card
     published = resolve_dataset(store, "flowers102")
     assert card["metrics"] == metrics and card["arch"] == "resnet18"
-    assert card["test_manifest_sha256"] == published.manifest_sha256
+    assert card["test_manifest_sha256"] == published.split_sha256("test")
     assert card["lineage"]["run_id"] == "tiny"
     assert card["lineage"]["dataset_version"] == published.version
     assert card["software"]["torch"] and "git_commit" in card["software"]
