@@ -5,7 +5,8 @@ It starts a Prefect server on 127.0.0.1 (its own PREFECT_HOME and SQLite databas
 pool's concurrency limit, registers deploy/prefect.yaml, applies the operations automations
 (zombie detection, crash recovery), starts a process worker, runs the `retrain-manual`
 deployment with demo parameters (a synthetic archive, the `demo` recipe, a 0.7 gate), waits for
-it, prints the decision and the UI URL, and stops everything it started. With `--keep` the
+it, prints the decision, waits for the retrain-on-new-data run its ingest's event started (Up to
+date: nothing new), prints the UI URL, and stops everything it started. With `--keep` the
 server stays up (open the UI) until Ctrl-C.
 
 `LocalPrefect` is also what tests/deploy/test_deployment.py drives, so the demo and the test walk
@@ -185,6 +186,40 @@ class LocalPrefect:
                                    f"{timeout:g} s; logs in {self.root}")
             time.sleep(1)
 
+    def runs_of(self, deployment: str) -> list[dict[str, Any]]:
+        """The flow runs of `deployment` (FLOW/NAME), oldest first."""
+        found = self.api(f"/deployments/name/{deployment}")
+        return self.api("/flow_runs/filter", {
+            "flow_runs": {"deployment_id": {"any_": [found["id"]]}},
+            "sort": "EXPECTED_START_TIME_ASC"})
+
+    def wait_for_triggered_run(self, deployment: str, known: set[str],
+                               timeout: float = 120) -> str:
+        """The id of the first run of `deployment` not in `known` (an automation made it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            new = [run["id"] for run in self.runs_of(deployment) if run["id"] not in known]
+            if new:
+                return new[0]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no run of {deployment} was triggered in {timeout:g} s")
+            time.sleep(1)
+
+    def set_deployment_params(self, deployment: str, **params: Any) -> None:
+        """Change some of a retrain-style deployment's default `params` (the ones a schedule or
+        an event trigger runs it with), as an operator edits prefect.yaml."""
+        found = self.api(f"/deployments/name/{deployment}")
+        self.api(f"/deployments/{found['id']}", {"parameters": {
+            "params": {**found["parameters"]["params"], **params}}}, method="PATCH")
+
+    def enable_automation(self, name: str, enabled: bool) -> None:
+        for automation in self.api("/automations/filter", {}):
+            if automation["name"] == name:
+                self.api(f"/automations/{automation['id']}", {"enabled": enabled},
+                         method="PATCH")
+                return
+        raise LookupError(f"no automation named {name}")
+
     def latest_artifact(self, key: str) -> dict[str, Any] | None:
         with contextlib.suppress(urllib.error.HTTPError):
             return self.api(f"/artifacts/{key}/latest")
@@ -303,16 +338,25 @@ def main() -> int:
         print(f"Prefect server and UI: {prefect.url} (logs in {root})", flush=True)
         prefect.set_up_deployments()
         print(prefect.summary(), flush=True)
+        # The new-data deployment runs with its defaults when the demo's ingest publishes:
+        # give it the demo's data and recipe, as an operator sets theirs in prefect.yaml.
+        demo_params = {"source": str(root / "source"), "training": DEMO_TRAINING,
+                       "gate": {"threshold": 0.7}}
+        prefect.set_deployment_params("retrain-flowers/retrain-on-new-data", **demo_params)
         prefect.start_worker("gpu", "--limit", "1", name="worker-gpu")
-        run_id = prefect.run_deployment("retrain-flowers/retrain-manual", {
-            "source": str(root / "source"), "training": DEMO_TRAINING,
-            "gate": {"threshold": 0.7}})
+        run_id = prefect.run_deployment("retrain-flowers/retrain-manual", demo_params)
         print(f"flow run {run_id}: {prefect.url}/runs/flow-run/{run_id}", flush=True)
         run = prefect.wait_for_final_state(run_id, timeout=900)
         decision = prefect.latest_artifact("flowers102-promotion-decision")
         print(f"\nflow run {run['name']}: {run['state_name']} "
               f"after {time.monotonic() - started:.0f} s")
         print(decision["data"] if decision else "(no decision: see the worker log)")
+        # Its ingest published the dataset: retrain-on-new-data was triggered, and finds
+        # nothing new to train on.
+        triggered = prefect.wait_for_final_state(prefect.wait_for_triggered_run(
+            "retrain-flowers/retrain-on-new-data", set()), timeout=600)
+        print(f"\nretrain-on-new-data (started by the ingest's flowerml.dataset.published "
+              f"event): {triggered['state_name']}: {triggered['state']['message']}")
         print(f"UI: {prefect.url}/runs/flow-run/{run_id}")
         if args.keep:
             print("serving until Ctrl-C ...", flush=True)

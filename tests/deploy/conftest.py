@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers.deployment import LocalPrefect, short_zombie_automations
+from tests.helpers.deployment import NEW_DATA_TRIGGER, LocalPrefect, short_zombie_automations
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,10 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory,
     try:
         prefect.start_server()
         prefect.set_up_deployments(short_zombie_automations(tmp_path))
+        # Each test's first ingest publishes flowers102 on its own bucket; the new-data trigger
+        # would start runs of retrain-on-new-data with the real defaults in between. The test
+        # of the trigger turns it on for itself.
+        prefect.enable_automation(NEW_DATA_TRIGGER, False)
         yield prefect
     finally:
         prefect.stop()

@@ -29,6 +29,7 @@ from flowerml.registry.versions import Registry
 from flowerml.training.runs import RunFiles
 from flows.retrain import training_run_id
 from tests.helpers.deployment import (
+    NEW_DATA_TRIGGER,
     REPO,
     LocalPrefect,
     assert_nothing_left_running,
@@ -66,6 +67,30 @@ def test_scheduled_runs_each_get_their_own_training_run(prefect_stack: LocalPref
     # Applying the automations again replaces them instead of doubling them.
     prefect.apply_automations(short_zombie_automations(tmp_path))
     assert sorted(a["name"] for a in prefect.api("/automations/filter", {})) == sorted(names)
+
+
+def test_a_published_dataset_starts_retrain_on_new_data(prefect_stack: LocalPrefect) -> None:
+    """deploy/prefect.yaml's trigger: a flowerml.dataset.published event of flowers102 makes a
+    run of retrain-on-new-data, with its min_new_images; one of another dataset does not."""
+    prefect = prefect_stack
+    name = "retrain-flowers/retrain-on-new-data"
+    deployment = prefect.api(f"/deployments/name/{name}")
+    assert deployment["parameters"]["params"]["min_new_images"] == 50
+    known = {run["id"] for run in prefect.runs_of(name)}
+    prefect.enable_automation(NEW_DATA_TRIGGER, True)
+    try:
+        for dataset in ("tulips", "flowers102"):
+            prefect.prefect("event", "emit", "flowerml.dataset.published", "--resource-id",
+                            f"flowerml.dataset.{dataset}", "--payload", json.dumps(
+                                {"version": "v2", "parent": "v1", "added": {"train": 60}}))
+        run_id = prefect.wait_for_triggered_run(name, known, timeout=120)
+        time.sleep(3)  # time enough for the other dataset's event to have started a run too
+        triggered = [run for run in prefect.runs_of(name) if run["id"] not in known]
+    finally:
+        prefect.enable_automation(NEW_DATA_TRIGGER, False)
+    assert [run["id"] for run in triggered] == [run_id]
+    assert triggered[0]["parameters"]["params"]["min_new_images"] == 50
+    prefect.api(f"/flow_runs/{run_id}", method="DELETE")  # no later worker may take it
 
 
 def test_the_notifications_apply_with_a_block(prefect_stack: LocalPrefect) -> None:

@@ -107,6 +107,12 @@ STEPS = [
          """source='"s3://ml-artifacts/mirror/flowers102"' -p verify=true""",
          says="Created flow run"),
     Step("prefect deployment run distill-flowers/distill-manual", says="Created flow run"),
+    # 8a. Retrain when the data changes
+    Step("""prefect deployment run add-images/add-images -p source='"s3://ml-artifacts/inbox/"""
+         """2026-12/"'""", says="Created flow run"),
+    Step("prefect automation ls", says="flowerml-retrain-on-new-data"),
+    Step("prefect event emit flowerml.dataset.published --resource-id flowerml.dataset.flowers102",
+         says="Successfully emitted event 'flowerml.dataset.published'"),
     Step("""prefect deployment run distill-flowers/distill-manual --watch \\\n  --params """
          """'{"params": {"student": {"student": "resnet18", "epochs": 60, "gate": """
          """{"max_gap": 0.02}}}}'""", run=NO_WATCH, says="Created flow run"),

@@ -12,6 +12,8 @@ from demo import REPO, LocalPrefect  # noqa: E402
 
 # Heartbeats come every 30 s (Prefect's minimum); the tests' zombie threshold is just above it.
 ZOMBIE_AFTER_S = 40
+# deploy/prefect.yaml's retrain-on-new-data trigger, as `prefect deploy` names its automation.
+NEW_DATA_TRIGGER = "flowerml-retrain-on-new-data"
 
 
 def short_zombie_automations(tmp_path: Path) -> Path:
