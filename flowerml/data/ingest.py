@@ -139,6 +139,7 @@ def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cach
     verify = options.verify or official
     store.check()
     store.check_writable()  # a read-only key is refused before any download
+    check_no_own_classes(store, dataset)
     record = read_sources_record(store, dataset)
     if official and official_already_mirrored(store, dataset, record):
         return record  # type: ignore[return-value]
@@ -158,6 +159,24 @@ def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cach
                             workers, progress or NullProgress())
     check_members_cover_split(flowers.ARCHIVE, survey.present, split)
     return mirror_sources(store, dataset, record, local, md5s, describe_source(source), verify)
+
+
+def check_no_own_classes(store: Store, dataset: str) -> None:
+    """Refuse to fetch Flowers-102 into a dataset of one's own classes (`imagefolder:`): it
+    has no official source, and publishing one would move CURRENT off its classes."""
+    try:
+        current = read_current(store, dataset)
+        if current is None:
+            return
+        key = manifest_key(dataset, current["version"])
+        sources = read_manifest(store.location(key), store.get_bytes(key)).sources
+    except (ObjectNotFound, DataError):
+        return  # nothing readable to protect: ingest repairs a damaged dataset
+    if "imagefolder" in sources:
+        path = sources["imagefolder"].get("path", "imagefolder:PATH")
+        raise SourceError(f"dataset '{dataset}' holds its own classes (from {path}) and has "
+                          "no Flowers-102 source: publish it again with flowerml ingest "
+                          f"--source {path} --dataset {dataset}")
 
 
 # --------------------------------------------------------------------------------------------

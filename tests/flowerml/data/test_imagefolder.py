@@ -5,22 +5,24 @@ line and nothing published."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from flowerml.core.errors import DataError, LeakageError
+from flowerml.core.errors import DataError, LeakageError, SourceError
 from flowerml.data.add import add_images
 from flowerml.data.imagefolder import publish_image_folder
-from flowerml.data.ingest import IngestResult
+from flowerml.data.ingest import IngestResult, ingest
 from flowerml.data.manifest import (
     PublishedDataset,
     manifest_key,
     read_manifest,
     resolve_dataset,
 )
+from flowerml.data.source_files import FetchOptions
 from flowerml.data.sync import sync_split
 from flowerml.io.locations import ImageFolderLocation, parse_source
 from flowerml.io.storage import S3Options, Store
@@ -219,3 +221,16 @@ def test_bad_input_is_one_line_and_publishes_nothing(case: str, local_store: Loc
     text = str(refused.value)
     assert message in text and "\n" not in text
     assert not local_store.root.exists() or store_keys(local_store) == []
+
+
+def test_flowers_102_is_never_fetched_into_a_dataset_of_ones_own_classes(
+        local_store: LocalStore, tmp_path: Path, source_copy: Path) -> None:
+    source = split_folders(tmp_path / "mine")
+    publish(source, local_store, tmp_path / "cache")
+    keys = store_keys(local_store)
+    with pytest.raises(SourceError, match=re.escape(
+            f"dataset '{DATASET}' holds its own classes (from imagefolder:{source}) and has no "
+            f"Flowers-102 source: publish it again with flowerml ingest --source "
+            f"imagefolder:{source} --dataset {DATASET}")):
+        ingest(str(source_copy), local_store, DATASET, tmp_path / "cache", FetchOptions())
+    assert store_keys(local_store) == keys
