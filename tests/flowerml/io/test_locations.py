@@ -10,6 +10,7 @@ from flowerml.core.errors import UserError
 from flowerml.io.locations import (
     SOURCE_FORMS,
     STORE_FORMS,
+    ImageFolderLocation,
     LocalLocation,
     LocationError,
     OfficialLocation,
@@ -128,3 +129,32 @@ def test_valid_bucket_names(bucket: str) -> None:
                                     "192.168.1.1", "space d"])
 def test_invalid_bucket_names(bucket: str) -> None:
     assert "S3 bucket names are 3-63 characters" in bucket_name_problem(bucket)
+
+
+# --- imagefolder:PATH, a dataset of one's own classes (sources only) ------------------------
+
+
+@pytest.mark.parametrize(("value", "root", "uri"), [
+    ("imagefolder:/srv/mine", LocalLocation(Path("/srv/mine")), "/srv/mine"),
+    ("imagefolder:file:///srv/mine", LocalLocation(Path("/srv/mine")), "/srv/mine"),
+    ("imagefolder:s3://my-bucket/plants/", S3Location("my-bucket", "plants"),
+     "s3://my-bucket/plants"),
+])
+def test_imagefolder_names_a_folder_or_prefix(value: str, root: object, uri: str) -> None:
+    assert parse_source(value) == ImageFolderLocation(root, value)
+    assert parse_source(value).uri == uri
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("imagefolder:", "'imagefolder:' has no folder after imagefolder:"),
+    ("imagefolder:s3://", "'s3://' has no bucket name"),
+    ("imagefolder:https://host/x", "'https://host/x' uses an unsupported scheme (https://)"),
+])
+def test_imagefolder_without_a_folder_is_refused(value: str, problem: str) -> None:
+    with pytest.raises(LocationError) as refused:
+        parse_source(value, "--source")
+    assert str(refused.value) == f"--source {problem}; {SOURCE_FORMS}"
+
+
+def test_a_store_named_imagefolder_is_a_local_folder() -> None:
+    assert parse_store("imagefolder:x") == LocalLocation(Path("imagefolder:x"))
