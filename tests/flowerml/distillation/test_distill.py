@@ -189,6 +189,7 @@ class RecordingDistillation(DistillationTask):
             self.steps.append((inputs.detach().clone(), fed["student"], fed["teacher"]))
 
 
+@pytest.mark.slow  # trains a student
 def test_teacher_and_student_see_the_same_view_and_the_teacher_stays_frozen(
         teacher_store: StoreAndCache) -> None:
     store, cache = teacher_store
@@ -208,6 +209,7 @@ def test_teacher_and_student_see_the_same_view_and_the_teacher_stays_frozen(
     assert result.epochs_run == 1
 
 
+@pytest.mark.slow  # trains a student (`straight`)
 def test_a_distilled_run_records_its_teacher_and_agreement(teacher_store: StoreAndCache,
                                                            straight) -> None:
     store, _ = teacher_store
@@ -240,6 +242,7 @@ def assert_same_run(store, run_id: str, reference: str) -> None:
     assert metrics(run_id) == metrics(reference)
 
 
+@pytest.mark.slow  # trains a student, twice
 def test_an_interrupted_distillation_resumes_bit_for_bit(teacher_store: StoreAndCache,
                                                          straight,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,6 +292,7 @@ def test_ddp_with_two_gloo_processes(teacher_store: StoreAndCache) -> None:
     assert RunFiles(store, "ddp").read_json("config.json")["objective"]["teacher"]["version"] == 1
 
 
+@pytest.mark.slow  # trains a student (`straight`)
 def test_a_run_resumes_only_with_its_own_objective(teacher_store: StoreAndCache,
                                                    straight) -> None:
     store, cache = teacher_store
@@ -359,6 +363,7 @@ def test_macs_are_counted_without_computing() -> None:
         0.217e9, rel=0.02)
 
 
+@pytest.mark.slow  # trains a student
 def test_release_registers_the_student_under_its_own_name_with_its_teacher(
         registered_run: RegisteredRun, tmp_path: Path) -> None:
     store, cache = copy_store(registered_run, tmp_path)
