@@ -19,27 +19,23 @@ from flowerml.registry.versions import Registry
 from flowerml.serving.scoring import SUCCESS, score_collection
 from flowerml.serving.scoring_drift import REVIEW, version_baseline
 from flowerml.serving.scoring_plan import ScoringRequest
-from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
+from tests.helpers.registries import registry_copy
 from tests.helpers.scoring import PHOTO_KEYS, rows_in_folder, write_photos
+from tests.helpers.stores import replace_file
 from tests.helpers.synthetic import DATASET, RegisteredRun
 
 
-@pytest.fixture(scope="module")
-def exported_registry(registered_run: RegisteredRun,
-                      tmp_path_factory: pytest.TempPathFactory) -> ExportedRegistry:
-    return export_registry_copy(registered_run, tmp_path_factory.mktemp("drift-registry"))
-
-
 @pytest.fixture
-def registry(exported_registry: ExportedRegistry, tmp_path: Path) -> Registry:
-    return own_registry(exported_registry, tmp_path / "registry-store")
+def registry(registered_run: RegisteredRun, tmp_path: Path) -> Registry:
+    """A test's own copy of the registered tiny run (scored with torch: no export needed)."""
+    return registry_copy(registered_run, tmp_path / "registry")[0]
 
 
 @pytest.fixture(scope="module")
-def test_images(exported_registry: ExportedRegistry,
+def test_images(registered_run: RegisteredRun,
                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The version's own test split as image files, and a greyscale copy of each."""
-    store = LocalStore(exported_registry.root / "store")
+    store = registered_run.store
     published = resolve_dataset(store, DATASET)
     own, grey = tmp_path_factory.mktemp("own-test"), tmp_path_factory.mktemp("grey-test")
     for entry in published.split_files("test"):
@@ -67,8 +63,8 @@ def test_evaluation_stores_the_baseline_and_an_older_version_gets_it_from_predic
     assert len(computed.classes) == 4 and len(computed.confidence) == 10
 
     del stored["baseline"]  # as registered before evaluation kept a baseline
-    (registry.store.root / registry.attachment_key(1, METRICS_FILE)).write_text(
-        json.dumps(stored))
+    replace_file(registry.store.root / registry.attachment_key(1, METRICS_FILE),
+                 json.dumps(stored).encode())
     assert version_baseline(registry, 1) == computed
 
 
