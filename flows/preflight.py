@@ -24,8 +24,12 @@ def check_names(model_name: str, alias: str) -> None:
 def check_source(params: Any, preset: str | None, source: str | None) -> None:
     """The source's form, and a local one an existing folder (the demo's is written later)."""
     from flowerml.data.source_files import resolve_source
+    from flowerml.io.locations import parse_source
 
     if preset == "demo" and source is None:
+        return
+    if params.source.startswith("imagefolder:"):
+        parse_source(params.source)  # its folders are read when the flow publishes them
         return
     resolve_source(params.source)
 

@@ -39,7 +39,12 @@ from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key
 from tasks.evaluate import evaluate_task
 from tasks.export import export_task
-from tasks.ingest import fetch_sources_task, publish_split_task
+from tasks.ingest import (
+    fetch_sources_task,
+    own_classes_task,
+    publish_image_folder_task,
+    publish_split_task,
+)
 from tasks.registry import (
     announce,
     check_up_to_date_task,
@@ -91,7 +96,9 @@ class RetrainParams(BaseModel):
 
     source: str = Field("official", title="Source",
                         description="official, a folder, a base URL or an s3:// prefix holding "
-                                    "the three Flowers-102 files")
+                                    "the three Flowers-102 files; or imagefolder:PATH (train/ "
+                                    "valid/ test/ of your own class folders). A dataset of your "
+                                    "own classes trains on its CURRENT version as it is")
     dataset: str = Field("flowers102", title="Dataset", description="Dataset name on the store")
     store: str | SkipJsonSchema[None] = optional_field(
         title="Store", description="Store URI. Empty: the worker's FLOWERML_STORE")
@@ -162,8 +169,7 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
     check_recoveries(flow_run.run_count, params.recovery_limit)
     close_interrupted_attempts(flow_run.id, flow_run.run_count)
     config, gate, model = params.training.config(), params.gate.model_dump(), params.model_name
-    fetched = fetch_sources_task(params.source, params.dataset, params.store, params.verify)
-    published = publish_split_task(fetched["dataset"], fetched["store"])
+    published = training_data(params)
     store, version = published["store"], published["current"]  # with any images added on top
     if not params.force_train:
         fresh = check_up_to_date_task(model, params.alias, params.dataset, version,
@@ -197,6 +203,19 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
         summary["distill"] = distill_promoted(params, config, run_id, registered, version, store) \
             if promoted else {"skipped": "the new model was not promoted: no student of it"}
     return summary
+
+
+def training_data(params: RetrainParams) -> dict[str, Any]:
+    """Publish what `source` names; `current` is the version to train on. Flowers-102's
+    official split (re-published: a no-op when unchanged), a folder of one's own classes
+    (`imagefolder:PATH`), or, for a dataset of one's own classes, its CURRENT as it is."""
+    if params.source.startswith("imagefolder:"):
+        return publish_image_folder_task(params.source, params.dataset, params.store)
+    own = own_classes_task(params.dataset, params.store)
+    if own is not None:
+        return own
+    fetched = fetch_sources_task(params.source, params.dataset, params.store, params.verify)
+    return publish_split_task(fetched["dataset"], fetched["store"])
 
 
 def up_to_date(dataset_version: str, fresh: dict[str, Any]) -> State:

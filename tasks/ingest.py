@@ -18,7 +18,8 @@ from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 
 from flowerml.data.add import add_images
-from flowerml.data.ingest import fetch_sources, publish_split
+from flowerml.data.ingest import fetch_sources, own_classes_source, publish_split
+from flowerml.data.manifest import read_current
 from flowerml.data.source_files import FetchOptions
 from flowerml.settings import build_store, load_settings
 from tasks.common import LogProgress, retry_transient
@@ -55,6 +56,42 @@ def publish_split_task(dataset: str | None = None, store: str | None = None) -> 
         announce_published(result.dataset, result.version, parent=result.replaced,
                            added=result.counts, store=result.store)
     return result.to_json()
+
+
+@task(name="publish-image-folder", task_run_name="publish {source} as {dataset}", retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient, cache_policy=PER_RUN_CACHE)
+def publish_image_folder_task(source: str, dataset: str | None = None,
+                              store: str | None = None) -> dict:
+    """Publish a folder of one's own class folders (`imagefolder:PATH`, holding train/ valid/
+    test/) as a content-addressed version; returns the ingest summary and the class names."""
+    from flowerml.data.imagefolder import publish_image_folder
+    from flowerml.io.locations import parse_source
+
+    settings = load_settings(store=store, dataset=dataset)
+    result, classes = publish_image_folder(
+        parse_source(source), build_store(settings), settings.dataset, settings.cache_dir,
+        s3=settings.s3_options(), progress=LogProgress())
+    if result.uploaded or result.replaced:
+        announce_published(result.dataset, result.version, parent=result.replaced,
+                           added=result.counts, store=result.store)
+    return {**result.to_json(), "classes": list(classes)}
+
+
+@task(name="own-classes", task_run_name="is {dataset} of its own classes?", retries=3,
+      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_transient)
+def own_classes_task(dataset: str | None = None, store: str | None = None) -> dict | None:
+    """A dataset of one's own classes (published from an imagefolder: nothing to fetch): its
+    store and CURRENT version to train on; None for Flowers-102."""
+    settings = load_settings(store=store, dataset=dataset)
+    target = build_store(settings)
+    source = own_classes_source(target, settings.dataset)
+    if source is None:
+        return None
+    current = read_current(target, settings.dataset)
+    return {"store": target.uri, "dataset": settings.dataset, "source": source,
+            "current": current["version"]}
 
 
 @task(name="add-images", task_run_name="add {source} to {dataset}", retries=3,

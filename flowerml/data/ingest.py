@@ -161,19 +161,27 @@ def fetch_sources(source: str | SourceLocation, store: Store, dataset: str, cach
     return mirror_sources(store, dataset, record, local, md5s, describe_source(source), verify)
 
 
-def check_no_own_classes(store: Store, dataset: str) -> None:
-    """Refuse to fetch Flowers-102 into a dataset of one's own classes (`imagefolder:`): it
-    has no official source, and publishing one would move CURRENT off its classes."""
+def own_classes_source(store: Store, dataset: str) -> str | None:
+    """The `imagefolder:PATH` a dataset of one's own classes was published from (its CURRENT
+    manifest's sources), or None: Flowers-102, nothing published, or nothing readable."""
     try:
         current = read_current(store, dataset)
         if current is None:
-            return
+            return None
         key = manifest_key(dataset, current["version"])
         sources = read_manifest(store.location(key), store.get_bytes(key)).sources
     except (ObjectNotFound, DataError):
-        return  # nothing readable to protect: ingest repairs a damaged dataset
-    if "imagefolder" in sources:
-        path = sources["imagefolder"].get("path", "imagefolder:PATH")
+        return None  # nothing readable to protect: ingest repairs a damaged dataset
+    if "imagefolder" not in sources:
+        return None
+    return str(sources["imagefolder"].get("path", "imagefolder:PATH"))
+
+
+def check_no_own_classes(store: Store, dataset: str) -> None:
+    """Refuse to fetch Flowers-102 into a dataset of one's own classes (`imagefolder:`): it
+    has no official source, and publishing one would move CURRENT off its classes."""
+    path = own_classes_source(store, dataset)
+    if path is not None:
         raise SourceError(f"dataset '{dataset}' holds its own classes (from {path}) and has "
                           "no Flowers-102 source: publish it again with flowerml ingest "
                           f"--source {path} --dataset {dataset}")

@@ -15,11 +15,13 @@ import pytest
 
 import flows.retrain as retrain_module
 from flowerml.io.storage import S3Options
+from flowerml.io.storage_local import LocalStore
 from flowerml.io.storage_s3 import S3Store
 from flowerml.registry.versions import Registry
 from flows.retrain import RetrainParams, retrain_flowers
 from flows.run_once import describe_parameter_error
 from tasks.registry import register_task
+from tests.helpers.additions import split_folders
 
 GOOD = {"recipe": "demo", "epochs": 8, "image_size": 40, "batch_size": 8, "device": "cpu",
         "workers": 0}
@@ -251,3 +253,26 @@ def test_training_params_resolve_through_the_recipe() -> None:
     params = RetrainParams.model_validate({"training": {"recipe": "demo", "epochs": 3}})
     config = params.training.config()
     assert config.arch == "resnet18" and config.epochs == 3 and config.weights == "none"
+
+
+def test_a_dataset_of_ones_own_classes_trains_on_its_current_version(
+        prefect_harness: None, local_store: LocalStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`source` official (the default) for a dataset published from an imagefolder: nothing is
+    fetched, its CURRENT is trained on; `imagefolder:PATH` publishes the folder first."""
+    from prefect import flow
+
+    from flows.retrain import training_data
+
+    monkeypatch.setenv("FLOWERML_CACHE_DIR", str(tmp_path / "cache"))
+    folder = f"imagefolder:{split_folders(tmp_path / 'garden')}"
+
+    @flow
+    def data(source: str) -> dict:
+        return training_data(RetrainParams(source=source, dataset="garden",
+                                           store=str(local_store.root)))
+
+    published = data(folder)
+    assert published["classes"] == ["Rose", "daisy", "tulip"]
+    assert data("official") == {"store": local_store.uri, "dataset": "garden",
+                                "source": folder, "current": published["current"]}

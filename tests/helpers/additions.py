@@ -21,6 +21,15 @@ def class_folders(root: Path, counts: dict[str, int], seed: int = 0) -> Path:
     return root
 
 
+def split_folders(root: Path, per_split: int = 2,
+                  classes: tuple[str, ...] = ("tulip", "daisy", "Rose")) -> Path:
+    """`root/{train,valid,test}/<class>/new_<i>.jpg`, every image distinct: a dataset of one's
+    own classes as `imagefolder:PATH` takes it."""
+    for seed, split in enumerate(("train", "valid", "test"), start=1):
+        class_folders(root / split, dict.fromkeys(classes, per_split), seed=seed)
+    return root
+
+
 def csv_list(path: Path, rows: list[tuple[str, str]], header: str = "path,label") -> Path:
     path.write_text("\n".join([header, *(f"{p},{label}" for p, label in rows)]) + "\n")
     return path

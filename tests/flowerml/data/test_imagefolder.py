@@ -28,18 +28,11 @@ from flowerml.io.locations import ImageFolderLocation, parse_source
 from flowerml.io.storage import S3Options, Store
 from flowerml.io.storage_local import LocalStore
 from flowerml.io.storage_s3 import S3Store
-from tests.helpers.additions import class_folders
+from tests.helpers.additions import class_folders, split_folders
 from tests.helpers.stores import store_keys
 
 DATASET = "garden"
 CLASSES = ("tulip", "daisy", "Rose")  # sorted: Rose, daisy, tulip (code-point order)
-
-
-def split_folders(root: Path, per_split: int = 2, classes: tuple[str, ...] = CLASSES) -> Path:
-    """`root/{train,valid,test}/<class>/new_<i>.jpg`, every image distinct."""
-    for seed, split in enumerate(("train", "valid", "test"), start=1):
-        class_folders(root / split, dict.fromkeys(classes, per_split), seed=seed)
-    return root
 
 
 def location(path: Path | str) -> ImageFolderLocation:
