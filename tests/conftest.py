@@ -71,11 +71,12 @@ SERVER_FIXTURES = frozenset({"prefect_harness", "seaweedfs_endpoint", "denying_s
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that uses a server fixture is marked slow. On an xdist worker, the modules allowed the longest (the largest timeout mark of their
-    tests) come first, slow ones before quick ones at equal allowance. `make test` hands out
-    whole modules (--dist loadfile) in this order (--no-loadscope-reorder; xdist's own order,
-    most tests first, started the deployment tests last): a minutes-long module that started
-    last would run on alone while the other workers idle."""
+    """A test that uses a server fixture is marked slow. On an xdist worker, the slow modules
+    come first, those allowed the longest (the largest timeout mark of their tests) first among
+    them. `make test` hands out whole modules (--dist loadfile) in this order
+    (--no-loadscope-reorder; xdist's own order, most tests first, started the deployment tests
+    last): a minutes-long module that started last would run on alone while the other workers
+    idle, and the many quick modules fill the end."""
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
@@ -86,7 +87,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         timeout = item.get_closest_marker("timeout")
         allowed = float(timeout.args[0]) if timeout and timeout.args else default_timeout
-        key = (-allowed, item.get_closest_marker("slow") is None)
+        key = (item.get_closest_marker("slow") is None, -allowed)
         module = item.nodeid.split("::", 1)[0]
         rank[module] = min(rank.get(module, key), key)
     items.sort(key=lambda item: rank[item.nodeid.split("::", 1)[0]])  # stable

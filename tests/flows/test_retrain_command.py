@@ -59,6 +59,8 @@ def assert_only_flowerml_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # about 50 s on 2 quiet cores: Prefect's temporary server, a synthetic
+# archive of 300 images, one epoch, evaluation, ONNX export and parity
 def test_retrain_demo_preset_json(tmp_path: Path) -> None:
     """`flowerml retrain --preset demo` end to end, in Prefect's ephemeral mode: the flow run
     is named first, then one line per epoch; one epoch cannot pass the demo's 0.7 gate, so the
