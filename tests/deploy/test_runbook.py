@@ -127,6 +127,10 @@ STEPS = [
          says="applied automation flowerml-weekly-retrain-needs-attention"),
     Step("prefect automation ls", says="flowerml-model-promoted"),
     Step(EVENT, says="Successfully emitted event 'flowerml.model.promoted'"),
+    Step("python deploy/automations/apply.py deploy/automations/notify-drift.yaml \\\n"
+         "  --block slack-webhook/flowerml-alerts", says="applied automation flowerml-model-drift"),
+    Step("python deploy/automations/apply.py deploy/automations/retrain-on-drift.yaml",
+         says="applied automation flowerml-retrain-on-drift"),
     # 10. Roll back a bad model (on a store with no models: the refusal names the store)
     Step("flowerml registry show flowers102", rc=2, says="has no versions on "),
     Step("flowerml registry history flowers102 --alias production", rc=2,
