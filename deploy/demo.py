@@ -316,23 +316,34 @@ def write_demo_source(folder: Path) -> None:
     write_synthetic_archive(folder, SyntheticSpec(classes=10, per_class=30, image_size=96))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("flowerml-deploy-demo"),
+def demo_folder(description: str, default: str) -> argparse.Namespace:
+    """A demo's command line (`--dir`, emptied, with the demo's source archive in it; `--keep`)
+    and its signals: Ctrl-C, and SIGTERM from `timeout` or a CI runner, unwind through the
+    cleanup that stops the server and the workers (a background job may have started with
+    SIGINT ignored)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dir", type=Path, default=Path(default),
                         help="where the server's database, the store and the logs go "
                              "(emptied first)")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the server up after the run, until Ctrl-C")
+                        help="keep the server up after the demo, until Ctrl-C")
     args = parser.parse_args()
-    # Ctrl-C, and SIGTERM from `timeout` or a CI runner, unwind through the cleanup that stops
-    # the server and the worker (a background job may have started with SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    root = args.dir.resolve()
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    write_demo_source(root / "source")
-    env = {"FLOWERML_STORE": str(root / "store"), "FLOWERML_CACHE_DIR": str(root / "cache")}
+    args.dir = args.dir.resolve()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
+    write_demo_source(args.dir / "source")
+    return args
+
+
+def store_env(root: Path) -> dict[str, str]:
+    return {"FLOWERML_STORE": str(root / "store"), "FLOWERML_CACHE_DIR": str(root / "cache")}
+
+
+def main() -> int:
+    args = demo_folder(__doc__.splitlines()[0], "flowerml-deploy-demo")
+    root, env = args.dir, store_env(args.dir)
     started = time.monotonic()
     with local_prefect(root, env=env) as prefect:
         print(f"Prefect server and UI: {prefect.url} (logs in {root})", flush=True)

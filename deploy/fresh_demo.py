@@ -16,17 +16,15 @@ to look at the runs and the trigger in the UI. Everything lives under ./flowerml
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import shutil
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from demo import DEMO_TRAINING, LocalPrefect, local_prefect, write_demo_source
+from demo import DEMO_TRAINING, LocalPrefect, demo_folder, local_prefect, store_env
 
 # The demo's gate: a floor the demo recipe clears on the synthetic data, and room for a model
 # trained on more images to differ a little from the one before (the default tolerance is
@@ -110,20 +108,8 @@ def demonstrate(prefect: LocalPrefect, root: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("flowerml-fresh-demo"),
-                        help="where the server's database, the store and the logs go "
-                             "(emptied first)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the server up after the demo, until Ctrl-C")
-    args = parser.parse_args()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    root = args.dir.resolve()
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    write_demo_source(root / "source")
-    env = {"FLOWERML_STORE": str(root / "store"), "FLOWERML_CACHE_DIR": str(root / "cache")}
+    args = demo_folder(__doc__.splitlines()[0], "flowerml-fresh-demo")
+    root, env = args.dir, store_env(args.dir)
     with local_prefect(root, env=env) as prefect:
         print(f"Prefect server and UI: {prefect.url} (logs in {root})", flush=True)
         demonstrate(prefect, root)
