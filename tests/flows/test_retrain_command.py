@@ -69,8 +69,9 @@ def test_retrain_demo_preset_json(tmp_path: Path) -> None:
                            "--json")
     assert done.returncode == 1, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
-    assert set(summary) == {"dataset_version", "run_id", "metrics", "promoted", "version",
-                            "reasons", "export"}
+    assert set(summary) == {"up_to_date", "dataset_version", "run_id", "metrics", "promoted",
+                            "version", "reasons", "export"}
+    assert summary["up_to_date"] is False  # a first run: nothing in production to compare
     assert summary["version"] == 1 and summary["metrics"]["n"] == 140
     assert summary["export"]["parity_passed"] and summary["export"]["parity_images"] == 140
     assert not summary["promoted"]
