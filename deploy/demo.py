@@ -367,7 +367,7 @@ def main() -> int:
         triggered = prefect.wait_for_final_state(prefect.wait_for_triggered_run(
             "retrain-flowers/retrain-on-new-data", set()), timeout=600)
         print(f"\nretrain-on-new-data (started by the ingest's flowerml.dataset.published "
-              f"event): {triggered['state_name']}: {triggered['state']['message']}")
+              f"event): {triggered['state_name']}\n  {triggered['state']['message']}")
         print(f"UI: {prefect.url}/runs/flow-run/{run_id}")
         if args.keep:
             print("serving until Ctrl-C ...", flush=True)
