@@ -25,7 +25,7 @@ test: $(STAMP) lint
 	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 3 --dist loadfile -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/flowerml retrain --preset demo || [ $$? -eq 1 ]  # 1: ran, the gate said no
@@ -35,7 +35,7 @@ deploy-demo: $(STAMP)
 	$(BIN)/python deploy/demo.py
 
 # Keeping the model fresh: v1 promoted, labelled images added, their event retrains v2, the
-# weekly run ends Up to date (a local Prefect server and two workers; about 10 minutes on 2 cores).
+# weekly run ends Up to date (a local Prefect server, two workers; ~3 min on 2 quiet cores).
 fresh-demo: $(STAMP)
 	$(BIN)/python deploy/fresh_demo.py
 

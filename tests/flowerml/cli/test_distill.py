@@ -45,6 +45,7 @@ def snapshot(store: LocalStore) -> dict[str, tuple[int, int]]:
             for path in store.root.rglob("*") if path.is_file() and path.suffix != ".lock"}
 
 
+@pytest.mark.slow  # trains a student in a child process, resumes it, releases it (~15 s)
 def test_a_student_run_its_evaluation_resume_and_release(teacher_store: StoreAndCache) -> None:
     store, cache = teacher_store
     trained = invoke("distill", "--teacher", TEACHER, *STUDENT, "--temperature", "2",

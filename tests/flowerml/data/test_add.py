@@ -147,7 +147,9 @@ def test_a_sigkilled_add_resumes(local_store: LocalStore, local_published: Publi
     assert not [p for p in local_store.root.rglob(".tmp-*")]
 
 
-@pytest.mark.parametrize("store_fixture", ["local_store", "s3_store", "seaweedfs_store"])
+@pytest.mark.parametrize("store_fixture", [
+    "local_store", "s3_store",
+    pytest.param("seaweedfs_store", marks=pytest.mark.slow)])  # a SeaweedFS server
 def test_racing_adds_both_land(store_fixture: str, request: pytest.FixtureRequest,
                                synthetic_data: SyntheticData, tmp_path: Path) -> None:
     store = request.getfixturevalue(store_fixture)

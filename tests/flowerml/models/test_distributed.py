@@ -124,6 +124,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two torch processes join a gloo group (~8 s)
 def test_two_gloo_processes_join_agree_and_leave(tmp_path: Path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
