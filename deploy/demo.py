@@ -164,8 +164,13 @@ class LocalPrefect:
                        cwd=REPO, check=True, capture_output=True, text=True, timeout=120)
 
     def run_deployment(self, name: str, params: dict[str, Any]) -> str:
-        """`prefect deployment run NAME --params ...`; returns the flow run's id."""
-        out = self.prefect("deployment", "run", name, "--params", json.dumps({"params": params}))
+        """A run of a deployment whose flow takes one `params` object (retrain, distill)."""
+        return self.start_run(name, {"params": params})
+
+    def start_run(self, name: str, parameters: dict[str, Any]) -> str:
+        """`prefect deployment run NAME --params ...`; returns the flow run's id. Parameters
+        left out take the deployment's defaults."""
+        out = self.prefect("deployment", "run", name, "--params", json.dumps(parameters))
         return next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
 
     def flow_run(self, run_id: str) -> dict[str, Any]:

@@ -17,7 +17,6 @@ to look at the runs and the trigger in the UI. Everything lives under ./flowerml
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -44,11 +43,6 @@ def set_demo_parameters(prefect: LocalPrefect, source: Path) -> None:
                                   min_new_images=MIN_NEW_IMAGES)
 
 
-def run_deployment(prefect: LocalPrefect, name: str, parameters: dict[str, Any]) -> str:
-    out = prefect.prefect("deployment", "run", name, "--params", json.dumps(parameters))
-    return next(line.split()[-1] for line in out.splitlines() if "UUID" in line)
-
-
 def finish(prefect: LocalPrefect, step: str, run_id: str, started: float) -> dict[str, Any]:
     run = prefect.wait_for_final_state(run_id, timeout=900)
     print(f"{step}: flow run {run['name']} {run['state_name']} after "
@@ -73,7 +67,7 @@ def demonstrate(prefect: LocalPrefect, root: Path) -> None:
     prefect.start_worker("cpu", name="worker-cpu")
 
     started = time.monotonic()
-    first = run_deployment(prefect, "retrain-flowers/retrain-manual", {})
+    first = prefect.start_run("retrain-flowers/retrain-manual", {})
     finish(prefect, "1. retrain-manual", first, started)
     v1 = production_card(root)
     print(f"   production: flowers102:{v1['version']} on dataset "
@@ -89,7 +83,7 @@ def demonstrate(prefect: LocalPrefect, root: Path) -> None:
                                    per_class=NEW_IMAGES_PER_CLASS, image_size=96, seed=2026)
     known = {run["id"] for run in prefect.runs_of("retrain-flowers/retrain-on-new-data")}
     started = time.monotonic()
-    add = run_deployment(prefect, "add-images/add-images",
+    add = prefect.start_run("add-images/add-images",
                          {"source": str(root / "new-images")})
     finish(prefect, f"2. add-images ({added} labelled images)", add, started)
     retrain = prefect.wait_for_triggered_run("retrain-flowers/retrain-on-new-data", known)
@@ -102,7 +96,7 @@ def demonstrate(prefect: LocalPrefect, root: Path) -> None:
           flush=True)
 
     started = time.monotonic()
-    weekly = run_deployment(prefect, "retrain-flowers/retrain-weekly", {})
+    weekly = prefect.start_run("retrain-flowers/retrain-weekly", {})
     run = finish(prefect, "3. retrain-weekly (as its schedule runs it)", weekly, started)
     print(f"   {run['state']['message']}", flush=True)
 

@@ -11,26 +11,8 @@ from click.testing import Result
 
 from flowerml.registry.versions import Registry
 from tests.helpers.cli import assert_refused, invoke
-from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
 from tests.helpers.scoring import PHOTO_KEYS, write_photos
 from tests.helpers.stores import replace_file
-from tests.helpers.synthetic import RegisteredRun
-
-
-@pytest.fixture(scope="module")
-def exported_registry(registered_run: RegisteredRun,
-                      tmp_path_factory: pytest.TempPathFactory) -> ExportedRegistry:
-    return export_registry_copy(registered_run, tmp_path_factory.mktemp("cli-registry"))
-
-
-@pytest.fixture
-def registry(exported_registry: ExportedRegistry, tmp_path: Path) -> Registry:
-    return own_registry(exported_registry, tmp_path / "registry-store")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 def run_score(registry: Registry, *args: str) -> Result:

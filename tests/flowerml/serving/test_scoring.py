@@ -40,27 +40,9 @@ from flowerml.serving.scoring_plan import (
 )
 from flowerml.serving.scoring_shards import ShardResult, score_shard
 from tests.helpers.images import write_jpeg
-from tests.helpers.registries import ExportedRegistry, export_registry_copy, own_registry
-from tests.helpers.scoring import PHOTO_KEYS, write_photos
+from tests.helpers.scoring import PHOTO_KEYS
 from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.stores import copy_tree, replace_file, store_keys
-from tests.helpers.synthetic import RegisteredRun
-
-
-@pytest.fixture(scope="module")
-def exported_registry(registered_run: RegisteredRun,
-                      tmp_path_factory: pytest.TempPathFactory) -> ExportedRegistry:
-    return export_registry_copy(registered_run, tmp_path_factory.mktemp("scoring-registry"))
-
-
-@pytest.fixture
-def registry(exported_registry: ExportedRegistry, tmp_path: Path) -> Registry:
-    return own_registry(exported_registry, tmp_path / "registry-store")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 def request(input: str | Path, output: str | Path, **options) -> ScoringRequest:
