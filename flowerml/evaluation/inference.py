@@ -3,29 +3,40 @@
 
 Evaluation writes its report next to the run (`runs/<run_id>/eval/<split>/`): report.md,
 per_class.json, confusion.png, curves.png, predictions.jsonl (every image's top-5, so that two
-models can be compared image by image later: `flowerml.registry.comparison`) and, last, metrics.json,
-which names the predictions file by sha256 and what it was measured on, and holds the split's
+models can be compared image by image later: `flowerml.registry.comparison`), logits.npy (every
+image's full float32 logits, which the ONNX export's parity check compares its graph with, so
+that PyTorch runs once over the test split) and, last, metrics.json, which names both files by
+sha256 and what they were measured on, and holds the split's
 histograms of top-1 probability and predicted class (the baseline scoring measures drift
 against: `flowerml.evaluation.drift`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from flowerml.data.loaders import build_eval_loader
 from flowerml.data.manifest import PublishedDataset, resolve_dataset
+from flowerml.data.preprocessing import (
+    Preprocessing,
+    default_preprocessing,
+    recorded_preprocessing,
+)
 from flowerml.evaluation.drift import baseline_histograms
 from flowerml.evaluation.predictions import (
+    LOGITS_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
     EvaluationMetrics,
     ImagePrediction,
+    encode_logits,
     encode_predictions,
     prediction_rows,
     predictions_record,
@@ -45,7 +56,9 @@ from flowerml.training.runs import RunError, RunFiles, RunNotFound, check_run_id
 
 @dataclass
 class TrainedModel:
-    """Trained weights in a model (from a run or the registry), with what it needs to read images."""
+    """Trained weights in a model (from a run or the registry), with what it needs to read
+    images: `preprocessing`, what its run or card records (today's values when it records
+    none)."""
 
     model: FlowerModel
     source: str
@@ -54,12 +67,19 @@ class TrainedModel:
     arch: str
     weights_sha256: str
     device: torch.device
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = default_preprocessing(self.image_size)
 
 
 def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], image_size: int,
                         tensors: dict[str, torch.Tensor], *, source: str, weights_sha256: str,
-                        device: str = "auto") -> TrainedModel:
-    """A model with the given weights loaded, on `device`, in eval mode."""
+                        device: str = "auto",
+                        preprocessing: Preprocessing | None = None) -> TrainedModel:
+    """A model with the given weights loaded, on `device`, in eval mode; `preprocessing`:
+    what its run or card records (None: today's values for `image_size`)."""
     model = build_model(arch, len(class_names))
     try:
         model.load_state_dict(tensors)
@@ -68,7 +88,7 @@ def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], ima
                        f"({str(error).splitlines()[0]})") from None
     placed = select_device(device)
     return TrainedModel(model.to(placed).eval(), source, tuple(class_names), int(image_size),
-                        arch, weights_sha256, placed)
+                        arch, weights_sha256, placed, preprocessing)
 
 
 def load_trained_model(store: Store, run_id: str, device: str = "auto") -> TrainedModel:
@@ -80,7 +100,9 @@ def load_trained_model(store: Store, run_id: str, device: str = "auto") -> Train
     tensors, info = run.load_weights()
     return build_trained_model(record.config.arch, record.classes,
                                record.config.image_size, tensors, source=run_id,
-                               weights_sha256=info["sha256"], device=device)
+                               weights_sha256=info["sha256"], device=device,
+                               preprocessing=recorded_preprocessing(record.preprocessing,
+                                                                    record.config.image_size))
 
 
 def check_same_classes(trained: TrainedModel, published: PublishedDataset) -> None:
@@ -103,13 +125,39 @@ def evaluate_model(trained: TrainedModel, store: Store, published: PublishedData
     """Metrics of a trained model on one split of a published dataset; their `predictions`
     are in the order of `published.split_files(split)`. `batch_size`: `eval_batch_size`'s
     choice for the model's device when not given."""
+    return evaluate_with_logits(trained, store, published, cache_dir=cache_dir, split=split,
+                                workers=workers, batch_size=batch_size)[0]
+
+
+def evaluate_with_logits(trained: TrainedModel, store: Store, published: PublishedDataset, *,
+                         cache_dir: Path, split: str = "test", workers: int | None = None,
+                         batch_size: int | None = None) -> tuple[Metrics, np.ndarray]:
+    """`evaluate_model`'s metrics and every image's logits, float32 [images, classes] in the
+    same order. Computed in full fp32 on every device (no autocast, no TF32 convolutions):
+    they are the reference the ONNX graph's logits must match within 1e-3."""
     check_same_classes(trained, published)
     loader = build_eval_loader(store, published, cache_dir, split=split,
                                image_size=trained.image_size,
                                batch_size=batch_size or eval_batch_size(trained.device),
                                workers=workers)
-    return evaluate_loader(trained.model, loader, trained.device, published.class_names,
-                           amp=trained.device.type == "cuda")
+    kept: list[np.ndarray] = []
+
+    def keep(_inputs: torch.Tensor, logits: torch.Tensor) -> None:
+        kept.append(logits.float().cpu().numpy())
+
+    with full_fp32(trained.device):
+        metrics = evaluate_loader(trained.model, loader, trained.device, published.class_names,
+                                  amp=False, observe=keep)
+    logits = (np.concatenate(kept) if kept
+              else np.zeros((0, len(published.class_names)), np.float32))
+    return metrics, logits
+
+
+def full_fp32(device: torch.device) -> contextlib.AbstractContextManager:
+    """cuDNN without TF32 on a GPU (its convolutions otherwise round inputs to 10 bits)."""
+    if device.type == "cuda":
+        return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -132,16 +180,16 @@ def evaluate_run(store: Store, run_id: str, *, cache_dir: Path, split: str = "te
     trained = load_trained_model(store, run_id, device)
     dataset = RunFiles(store, run_id).record().dataset
     published = resolve_dataset(store, dataset.name, version or dataset.version)
-    metrics = evaluate_model(trained, store, published, cache_dir=cache_dir, split=split,
-                             workers=workers, batch_size=batch_size)
-    report_key = publish_report(store, trained, published, split, metrics)
+    metrics, logits = evaluate_with_logits(trained, store, published, cache_dir=cache_dir,
+                                           split=split, workers=workers, batch_size=batch_size)
+    report_key = publish_report(store, trained, published, split, metrics, logits)
     return Evaluation(metrics, report_key, published.version, store.location(report_key))
 
 
 def publish_report(store: Store, trained: TrainedModel, published: PublishedDataset, split: str,
-                   metrics: Metrics) -> str:
-    """Write report.md, its plots, the per-image predictions and the metrics (last) under
-    runs/<run_id>/eval/<split>/."""
+                   metrics: Metrics, logits: np.ndarray | None = None) -> str:
+    """Write report.md, its plots, the per-image predictions (and `logits`, when given) and the
+    metrics (last) under runs/<run_id>/eval/<split>/."""
     run = RunFiles(store, trained.source)
     prefix = f"eval/{split}"
     history = run.read_history()
@@ -161,12 +209,16 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
     rows = split_predictions(metrics, published, split)
     predictions = encode_predictions(rows)
     store.put_bytes(run.key(f"{prefix}/{PREDICTIONS_FILE}"), predictions)
+    kept = None if logits is None else encode_logits(logits)
+    if kept is not None:
+        store.put_bytes(run.key(f"{prefix}/{LOGITS_FILE}"), kept)
     run.write_json(f"{prefix}/per_class.json", per_class_rows(metrics))
     store.put_bytes(run.key(f"{prefix}/report.md"), report.encode())
     # Last: metrics.json says the evaluation is complete and names the predictions beside it.
     record = predictions_record(predictions, dataset=f"{published.dataset}@{published.version}",
                                 manifest_sha256=published.split_sha256(split), split=split,
-                                weights_sha256=trained.weights_sha256)
+                                weights_sha256=trained.weights_sha256, logits=kept,
+                                logits_shape=() if logits is None else logits.shape)
     baseline = baseline_histograms(rows, len(published.class_names))
     run.write(f"{prefix}/{METRICS_FILE}", EvaluationMetrics(**metrics.summary(),
                                                           predictions=record, baseline=baseline))

@@ -6,9 +6,11 @@ metrics: one line per image of the split, in manifest order,
     {"key": "test/001/image_06734.jpg", "label": 1, "top5": [1, 77, 46, 51, 3],
      "probs": [0.9731, 0.0112, 0.0041, 0.0032, 0.0011]}
 
-(1-based labels, most probable first; `top5[0]` is the prediction that top-1 counts), and records
-in metrics.json's `predictions` block what they were measured on (dataset version, test
-manifest sha256, split, weights sha256) and the file's own sha256. metrics.json is written last,
+(1-based labels, most probable first; `top5[0]` is the prediction that top-1 counts), and beside
+it `logits.npy`: every image's full logits, float32 [images, classes] in the same order (NumPy's
+.npy format, read without pickle), which the ONNX export's parity check compares its graph with
+instead of running PyTorch again. metrics.json's `predictions` block records what they were
+measured on (dataset version, test manifest sha256, split, weights sha256) and both files' sha256. metrics.json is written last,
 so predictions are read only when complete; registration copies both into the version, where
 `flowerml.registry.comparison` reads them to compare two models image by image.
 """
@@ -16,10 +18,13 @@ so predictions are read only when complete; registration copies both into the ve
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from flowerml.core.documents import Sha256, StoredDocument
 from flowerml.core.errors import UserError
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from flowerml.training.metrics import TopPredictions
 
 PREDICTIONS_FILE = "predictions.jsonl"
+LOGITS_FILE = "logits.npy"
 METRICS_FILE = "metrics.json"
 RUN_PREFIX = "run:"
 _PROBABILITY_DIGITS = 6
@@ -118,9 +124,40 @@ def decode_predictions(data: bytes, where: str) -> list[ImagePrediction]:
     return rows
 
 
+def encode_logits(logits: np.ndarray) -> bytes:
+    """logits.npy's bytes: float32 [images, classes]."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(logits, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_logits(data: bytes, where: str) -> np.ndarray:
+    """logits.npy back as float32 [images, classes] (never unpickled)."""
+    try:
+        logits = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise ComparisonError(f"{where}: not a .npy array") from None
+    if logits.dtype != np.float32 or logits.ndim != 2:
+        raise ComparisonError(f"{where}: not float32 [images, classes] logits "
+                              f"({logits.dtype} {list(logits.shape)})")
+    return logits
+
+
+class LogitsRecord(StoredDocument):
+    """The `logits` block of metrics.json's `predictions`: logits.npy, its sha256, its shape
+    and the arithmetic that computed it (`float32`: no autocast, no TF32)."""
+
+    file: str
+    sha256: Sha256
+    shape: list[int]
+    dtype: str
+    precision: str
+
+
 class PredictionsRecord(StoredDocument):
     """metrics.json's `predictions` block: which file, its sha256, and what it measured
-    (`dataset` is `<name>@<version>`)."""
+    (`dataset` is `<name>@<version>`); `logits` is absent from evaluations made before the full
+    logits were kept."""
 
     file: str
     sha256: Sha256
@@ -128,6 +165,7 @@ class PredictionsRecord(StoredDocument):
     manifest_sha256: Sha256
     split: str
     weights_sha256: Sha256
+    logits: LogitsRecord | None = None
 
 
 class EvaluationMetrics(StoredDocument):
@@ -147,11 +185,36 @@ class EvaluationMetrics(StoredDocument):
 
 
 def predictions_record(data: bytes, *, dataset: str, manifest_sha256: str, split: str,
-                       weights_sha256: str) -> PredictionsRecord:
-    """metrics.json's `predictions` block of the predictions file `data`."""
+                       weights_sha256: str, logits: bytes | None = None,
+                       logits_shape: Sequence[int] = (), precision: str = "float32"
+                       ) -> PredictionsRecord:
+    """metrics.json's `predictions` block of the predictions file `data` (and of logits.npy's
+    bytes `logits`, when kept)."""
+    kept = None if logits is None else LogitsRecord(
+        file=LOGITS_FILE, sha256=hashlib.sha256(logits).hexdigest(),
+        shape=[int(n) for n in logits_shape], dtype="float32", precision=precision)
     return PredictionsRecord(file=PREDICTIONS_FILE, sha256=hashlib.sha256(data).hexdigest(),
                              dataset=dataset, manifest_sha256=manifest_sha256, split=split,
-                             weights_sha256=weights_sha256)
+                             weights_sha256=weights_sha256, logits=kept)
+
+
+def read_logits(record: PredictionsRecord, read: Any, where: str) -> np.ndarray | None:
+    """The logits `record` names, verified against its sha256 and shape, from `read(name) ->
+    bytes | None`; None when the evaluation kept none (made before they were kept) or the
+    file is absent."""
+    if record.logits is None or record.logits.file != LOGITS_FILE:
+        return None
+    data = read(record.logits.file)
+    if data is None:
+        return None
+    if hashlib.sha256(data).hexdigest() != record.logits.sha256:
+        raise ComparisonError(f"{where}/{LOGITS_FILE}: sha256 does not match the one "
+                              f"{METRICS_FILE} records")
+    logits = decode_logits(data, f"{where}/{LOGITS_FILE}")
+    if list(logits.shape) != record.logits.shape:
+        raise ComparisonError(f"{where}/{LOGITS_FILE}: shape {list(logits.shape)}, "
+                              f"{METRICS_FILE} records {record.logits.shape}")
+    return logits
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from flowerml.registry.versions import CARD_FIELDS, CARD_JSON, ModelVersion, Reg
 from flowerml.training.runs import RunFiles
 
 REPORT_FILES = ("report.md", "confusion.png", "curves.png", "metrics.json", "per_class.json",
-                "predictions.jsonl")
+                "predictions.jsonl", "logits.npy")
 LOADING_FIELDS = ("arch", "classes", "image_size")
 """The card's fields a model is built from (optional in `ModelCard`: release writes them)."""
 

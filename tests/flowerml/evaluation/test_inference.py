@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from flowerml.evaluation.inference import eval_batch_size, evaluate_run
-from flowerml.evaluation.predictions import decode_predictions
+from flowerml.evaluation.predictions import (
+    ComparisonError,
+    EvaluationMetrics,
+    decode_logits,
+    decode_predictions,
+    read_logits,
+)
 from flowerml.training.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.stores import StoreAndCache
@@ -27,6 +33,29 @@ def test_evaluate_publishes_report_and_plots(tiny_run: StoreAndCache) -> None:
                                                   "confusion.png", "curves.png")} <= keys
     report = store.get_bytes(outcome.report_key).decode()
     assert "pink primrose" in report and "confusion.png" in report
+
+
+def test_evaluate_keeps_every_images_full_logits_checksummed(tiny_run: StoreAndCache) -> None:
+    """logits.npy beside predictions.jsonl: float32 [images, classes], same order, its sha256
+    and shape in metrics.json; a changed byte is refused on read."""
+    import hashlib
+
+    store, cache = tiny_run
+    evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    folder = "runs/tiny/eval/test"
+    metrics = EvaluationMetrics.model_validate_json(store.get_bytes(f"{folder}/metrics.json"))
+    data = store.get_bytes(f"{folder}/logits.npy")
+    record = metrics.predictions.logits
+    assert (record.file, record.dtype, record.precision, record.shape) == (
+        "logits.npy", "float32", "float32", [24, 4])
+    assert record.sha256 == hashlib.sha256(data).hexdigest()
+    logits = read_logits(metrics.predictions, lambda name: store.get_bytes(f"{folder}/{name}"),
+                         folder)
+    rows = decode_predictions(store.get_bytes(f"{folder}/predictions.jsonl"), "rows")
+    assert [int(i) + 1 for i in logits.argmax(1)] == [row.predicted for row in rows]
+    assert decode_logits(data, "x").dtype == "float32"
+    with pytest.raises(ComparisonError, match="logits.npy: sha256 does not match"):
+        read_logits(metrics.predictions, lambda name: data[:-1] + b"\1", folder)
 
 
 def test_evaluate_cli_json(tiny_run: StoreAndCache) -> None:
