@@ -4,7 +4,10 @@
 `<root>/decoded/<split>-<R>px-<manifest>-v<format>.npy`, [N, R, R, 3] uint8, plus the labels and
 a meta file written last; every epoch and every later run of the same version maps that file
 instead of decoding the full-size originals again. `cache_resolution` is the side R for a
-training size (224 -> 256, the tutorial's Resize(256) + CenterCrop(224) geometry).
+training size without weights of its own (224 -> 256, the tutorial's Resize(256) +
+CenterCrop(224) geometry); a model's recorded preprocessing may ask for another (232 for
+ResNet-152's IMAGENET1K_V2 weights) and another filter (bicubic: `-bicubic` in the name), each
+its own file.
 
 The decode runs on every core by default. Pillow releases the GIL only while it decodes and
 resizes (~93% of an image's time: two threads decode 1.87x as fast as one on two cores), so
@@ -54,7 +57,10 @@ def cache_resolution(image_size: int) -> int:
     return round(image_size * RESIZE_RATIO)
 
 
-def decode_square(path: Path, resolution: int) -> np.ndarray:
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def decode_square(path: Path, resolution: int, interpolation: str = "bilinear") -> np.ndarray:
     """[R, R, 3] uint8: the short side resized to R, centre-cropped to a square.
 
     One Pillow call does both: `resize(box=...)` filters the centred square straight to R x R
@@ -73,7 +79,7 @@ def decode_square(path: Path, resolution: int) -> np.ndarray:
     width, height = rgb.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
-    square = rgb.resize((resolution, resolution), Image.Resampling.BILINEAR,
+    square = rgb.resize((resolution, resolution), FILTERS[interpolation],
                         box=(left, top, left + side, top + side))
     return np.asarray(square)
 
@@ -110,17 +116,21 @@ class DecodedSplit:
         self.images = self._open()
 
 
-def decoded_paths(root: Path, published: PublishedDataset, split: str,
-                  resolution: int) -> tuple[Path, Path, Path]:
-    """(images .npy, labels .npy, meta .json), named by split, resolution and manifest."""
-    stem = f"{split}-{resolution}px-{published.manifest_sha256[:16]}-v{DECODE_FORMAT}"
+def decoded_paths(root: Path, published: PublishedDataset, split: str, resolution: int,
+                  interpolation: str = "bilinear") -> tuple[Path, Path, Path]:
+    """(images .npy, labels .npy, meta .json), named by split, resolution, filter (when not
+    bilinear, so that the bilinear caches keep their names) and manifest."""
+    fil = "" if interpolation == "bilinear" else f"-{interpolation}"
+    stem = f"{split}-{resolution}px{fil}-{published.manifest_sha256[:16]}-v{DECODE_FORMAT}"
     folder = root / "decoded"
     return folder / f"{stem}.npy", folder / f"{stem}.labels.npy", folder / f"{stem}.json"
 
 
-def decoded_meta(published: PublishedDataset, split: str, resolution: int, count: int) -> dict:
-    return {"split": split, "resolution": resolution, "count": count, "layout": "NHWC",
+def decoded_meta(published: PublishedDataset, split: str, resolution: int, count: int,
+                 interpolation: str = "bilinear") -> dict:
+    meta = {"split": split, "resolution": resolution, "count": count, "layout": "NHWC",
             "manifest_sha256": published.manifest_sha256, "format": DECODE_FORMAT}
+    return meta if interpolation == "bilinear" else {**meta, "interpolation": interpolation}
 
 
 def open_decoded(paths: tuple[Path, Path, Path], meta: dict) -> DecodedSplit | None:
@@ -139,19 +149,23 @@ def open_decoded(paths: tuple[Path, Path, Path], meta: dict) -> DecodedSplit | N
 
 
 def build_decoded_split(root: Path, published: PublishedDataset, split: str, resolution: int,
-                        *, workers: int | None = None,
-                        progress: Progress | None = None) -> DecodedSplit:
-    """The split decoded at `resolution`, built on first use (the split must be synced), on
-    `workers` threads or processes (default: one per CPU core)."""
+                        *, workers: int | None = None, progress: Progress | None = None,
+                        interpolation: str = "bilinear") -> DecodedSplit:
+    """The split decoded at `resolution` with `interpolation` (bilinear or bicubic), built on
+    first use (the split must be synced), on `workers` threads or processes (default: one per
+    CPU core)."""
     check_split(split)
     if resolution < 1:
         raise DataError(f"resolution must be positive: got {resolution}")
+    if interpolation not in FILTERS:
+        raise DataError(f"interpolation must be one of {', '.join(FILTERS)}: got "
+                        f"{interpolation!r}")
     entries = published.split_files(split)
     if not entries:
         raise DataError(f"split '{split}' of {published.dataset}@{published.version} "
                         "has no images")
-    paths = decoded_paths(Path(root), published, split, resolution)
-    meta = decoded_meta(published, split, resolution, len(entries))
+    paths = decoded_paths(Path(root), published, split, resolution, interpolation)
+    meta = decoded_meta(published, split, resolution, len(entries), interpolation)
     with file_lock(paths[0].with_suffix(".lock")):
         existing = open_decoded(paths, meta)
         if existing is not None:
@@ -159,7 +173,8 @@ def build_decoded_split(root: Path, published: PublishedDataset, split: str, res
         files = [Path(root) / e.key for e in entries]
         require_synced(files)
         labels = np.array([e.label - 1 for e in entries], dtype=np.int64)
-        decode_into(paths[0], files, resolution, workers, progress or NullProgress())
+        decode_into(paths[0], files, resolution, workers, progress or NullProgress(),
+                    interpolation)
         write_npy_atomically(paths[1], labels)
         # The meta file is the pointer: written last, so a cache is used only when complete.
         write_atomically(paths[2], json.dumps(meta, sort_keys=True).encode())
@@ -167,7 +182,7 @@ def build_decoded_split(root: Path, published: PublishedDataset, split: str, res
 
 
 def decode_into(path: Path, files: list[Path], resolution: int, workers: int | None,
-                progress: Progress) -> None:
+                progress: Progress, interpolation: str = "bilinear") -> None:
     """Decode `files` into a new .npy at `path`, which appears whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
@@ -178,9 +193,9 @@ def decode_into(path: Path, files: list[Path], resolution: int, workers: int | N
         workers = decode_workers(workers, len(files))
         if use_processes(workers, len(files)):
             array.flush()  # the header and size on disk before the processes map the file
-            fill_in_processes(temp, files, resolution, workers, progress)
+            fill_in_processes(temp, files, resolution, workers, progress, interpolation)
         else:
-            fill(array, files, resolution, workers, progress)
+            fill(array, files, resolution, workers, progress, interpolation)
         array.flush()
         del array  # unmapped before the rename
         os.replace(temp, path)
@@ -198,24 +213,25 @@ def use_processes(workers: int, count: int) -> bool:
 
 
 def fill(array: np.ndarray, files: list[Path], resolution: int, workers: int | None,
-         progress: Progress) -> None:
+         progress: Progress, interpolation: str = "bilinear") -> None:
     """array[i] = files[i] decoded, on threads (Pillow releases the GIL to decode and resize)."""
 
     def decode(index: int) -> None:
-        array[index] = decode_square(files[index], resolution)
+        array[index] = decode_square(files[index], resolution, interpolation)
 
     for _ in parallel_map(decode, range(len(files)), workers):
         progress.advance()
 
 
 def fill_in_processes(path: Path, files: list[Path], resolution: int, workers: int,
-                      progress: Progress) -> None:
+                      progress: Progress, interpolation: str = "bilinear") -> None:
     """The .npy at `path` filled with `files` decoded, by `workers` processes that each map
     the file and write their images in place (nothing is pickled back but a count).
     Forked, as the DataLoader's workers are: a spawned process would re-import the program's
     main module (and run a script that has no main guard again), and pay for fresh imports;
     a forked one only decodes, so it never takes the locks other threads may have held."""
-    tasks = [(start, [str(f) for f in files[start:start + PROCESS_CHUNK]], resolution)
+    tasks = [(start, [str(f) for f in files[start:start + PROCESS_CHUNK]], resolution,
+              interpolation)
              for start in range(0, len(files), PROCESS_CHUNK)]
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_map_target, initargs=(str(path),))
@@ -234,12 +250,12 @@ def _map_target(path: str) -> None:
     _target = np.load(path, mmap_mode="r+")
 
 
-def _decode_range(task: tuple[int, list[str], int]) -> int:
-    start, paths, resolution = task
+def _decode_range(task: tuple[int, list[str], int, str]) -> int:
+    start, paths, resolution, interpolation = task
     assert _target is not None
     for offset, name in enumerate(paths):
         # A shared mapping: the parent sees these pages, and flushes them once at the end.
-        _target[start + offset] = decode_square(Path(name), resolution)
+        _target[start + offset] = decode_square(Path(name), resolution, interpolation)
     return len(paths)
 
 

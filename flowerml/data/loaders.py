@@ -4,7 +4,9 @@
 transform (the decode cache for `standard` and `none`, the synced JPEG folder for `tutorial`)
 and wraps it in a DataLoader: train shuffled by a seeded generator (a DistributedSampler under
 torchrun), valid and test whole and in order. `build_eval_loader` is one split for evaluation;
-`ShardSampler` shards an evaluation across ranks without duplicates.
+`ShardSampler` shards an evaluation across ranks without duplicates. Every split is decoded at
+the model's `Preprocessing` (resize and filter; default: `default_preprocessing(image_size)`),
+so a model is validated and evaluated on the pixels its weights expect.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from flowerml.core.errors import DataError
-from flowerml.data.cache import DecodedSplit, build_decoded_split, cache_resolution
+from flowerml.data.cache import DecodedSplit, build_decoded_split
 from flowerml.data.manifest import PublishedDataset, check_split
+from flowerml.data.preprocessing import Preprocessing, default_preprocessing
 from flowerml.data.sync import require_synced, sync_split
 from flowerml.data.transforms import build_transforms, check_preset
 from flowerml.io.storage import Store
@@ -113,16 +116,30 @@ def default_workers(workers: int | None) -> int:
 
 
 def split_dataset(root: Path, published: PublishedDataset, split: str, preset: str,
-                  image_size: int, train: bool) -> Dataset:
+                  image_size: int, train: bool,
+                  preprocessing: Preprocessing | None = None) -> Dataset:
     if not published.split_files(split):
         raise DataError(f"split '{split}' of {published.dataset}@{published.version} "
                         "has no images")
-    transform = build_transforms(preset, image_size, train=train)
+    pre = model_preprocessing(preprocessing, image_size)
+    transform = build_transforms(preset, image_size, train=train, preprocessing=pre)
     if preset == "tutorial":
         return FolderImageDataset(root, published, split, transform)
     # Decoded on every core (workers=None): the DataLoader's workers have not started yet.
-    decoded = build_decoded_split(root, published, split, cache_resolution(image_size))
+    decoded = build_decoded_split(root, published, split, pre.resize,
+                                  interpolation=pre.interpolation)
     return CachedImageDataset(decoded, transform)
+
+
+def model_preprocessing(preprocessing: Preprocessing | None, image_size: int) -> Preprocessing:
+    """`preprocessing` (default: today's for `image_size`), refused when its crop is not the
+    size the model is trained or evaluated at."""
+    if preprocessing is None:
+        return default_preprocessing(image_size)
+    if preprocessing.crop != image_size:
+        raise DataError(f"preprocessing crops {preprocessing.crop} px, but the image size is "
+                        f"{image_size}")
+    return preprocessing
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, workers: int, pin_memory: bool,
@@ -142,7 +159,8 @@ def build_loaders(store: Store, published: PublishedDataset, cache_dir: Path, *,
                   preset: str = "standard", image_size: int = 224, batch_size: int = 64,
                   workers: int | None = None, splits: Iterable[str] = ("train", "valid"),
                   pin_memory: bool | None = None, seed: int = 0,
-                  distributed: bool = False) -> Loaders:
+                  distributed: bool = False,
+                  preprocessing: Preprocessing | None = None) -> Loaders:
     """Sync the splits, build their datasets, and wrap them in DataLoaders.
 
     Train is shuffled by a generator seeded with `seed`, which also seeds the workers'
@@ -150,6 +168,7 @@ def build_loaders(store: Store, published: PublishedDataset, cache_dir: Path, *,
     seed that too for a repeatable run). With `distributed`, train uses a DistributedSampler (call
     `set_epoch`); valid and test stay whole and in order on every rank, because the
     evaluation computes its metrics in one process (`ShardSampler` shards them instead).
+    `preprocessing`: the model's (see the module docstring).
     """
     check_preset(preset)
     splits = tuple(dict.fromkeys(check_split(s) for s in splits))
@@ -161,7 +180,8 @@ def build_loaders(store: Store, published: PublishedDataset, cache_dir: Path, *,
     loaders: dict[str, DataLoader] = {}
     for split in splits:
         train = split == "train"
-        dataset = split_dataset(root, published, split, preset, image_size, train)
+        dataset = split_dataset(root, published, split, preset, image_size, train,
+                                preprocessing)
         sampler, generator = train_order(dataset, seed, distributed) if train else (None, None)
         loaders[split] = make_loader(dataset, batch_size=batch_size, workers=workers,
                                      pin_memory=pin_memory, persistent=split != "test",
@@ -184,14 +204,16 @@ def train_order(dataset: Dataset, seed: int,
 def build_eval_loader(store: Store, published: PublishedDataset, cache_dir: Path, *,
                       split: str = "test", preset: str = "standard", image_size: int = 224,
                       batch_size: int = 64, workers: int | None = None,
-                      pin_memory: bool | None = None) -> DataLoader:
-    """One split, in order, through the eval transform (for `flowerml evaluate`)."""
+                      pin_memory: bool | None = None,
+                      preprocessing: Preprocessing | None = None) -> DataLoader:
+    """One split, in order, through the eval transform (for `flowerml evaluate`), decoded at
+    the model's `preprocessing`."""
     check_preset(preset)
     check_split(split)
     workers = default_workers(workers)
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     root = sync_split(store, published, (split,), cache_dir)
-    dataset = split_dataset(root, published, split, preset, image_size, False)
+    dataset = split_dataset(root, published, split, preset, image_size, False, preprocessing)
     return make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
                        persistent=False)
 

@@ -2,8 +2,10 @@
 
 - `build_transforms(preset, size, train=...)`: the `standard`, `tutorial` and `none` presets.
   `standard` and `none` work on the decode cache's uint8 [3, R, R] tensors and return uint8
-  [3, S, S]; `tutorial` is the original notebook's PIL pipeline on the full-size JPEGs.
-- `prepare_batch`: uint8 -> normalised float on the device (ImageNet mean and std).
+  [3, S, S]; `tutorial` is the original notebook's PIL pipeline on the full-size JPEGs, its
+  eval resize and normalisation the model's `Preprocessing`.
+- `prepare_batch`: uint8 -> normalised float on the device (ImageNet mean and std unless the
+  model's preprocessing says otherwise).
 
 Why `standard` keeps two hand-written ops (`ChannelsLastResizedCrop`, `FusedColorJitter`) rather
 than stock torchvision v2 ones: the stock ops miss the loader's target of 5x the tutorial's
@@ -28,10 +30,13 @@ from torchvision.transforms import v2
 
 from flowerml.core.errors import DataError
 from flowerml.core.recipes import Augment
-from flowerml.data.cache import cache_resolution
+from flowerml.data.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    default_preprocessing,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESETS: tuple[str, ...] = get_args(Augment)  # declared once, in flowerml/core/recipes.py
 
 
@@ -161,23 +166,26 @@ def check_preset(preset: str) -> str:
     return preset
 
 
-def build_transforms(preset: str, image_size: int = 224, *, train: bool) -> Callable:
-    """The transform of a preset for training or evaluation.
+def build_transforms(preset: str, image_size: int = 224, *, train: bool,
+                     preprocessing: Preprocessing | None = None) -> Callable:
+    """The transform of a preset for training or evaluation; `preprocessing` is the model's
+    (default: `default_preprocessing(image_size)`).
 
-    - `standard`: on the uint8 decoded cache (short side round(S*256/224), square). Train:
+    - `standard`: on the uint8 decoded cache (short side `preprocessing.resize`, square). Train:
       RandomResizedCrop(S, scale 0.25-1) + horizontal flip + a mild colour jitter (p=0.8);
       flowers' colour is a class cue, so hue moves by at most 0.02 of the circle. Eval:
       CenterCrop(S), the tutorial's Resize(256)+CenterCrop(224) geometry. Output uint8
       [3, S, S]; `prepare_batch` normalises on the device.
-    - `tutorial`: exactly the original notebook's PIL transforms on the full-size JPEGs,
-      output normalised float (use with FolderImageDataset).
+    - `tutorial`: the original notebook's PIL transforms on the full-size JPEGs (eval: the
+      preprocessing's resize, filter and crop), output normalised float (use with
+      FolderImageDataset).
     - `none`: the eval transform for training too.
     """
     check_preset(preset)
     if image_size < 1:
         raise DataError(f"image size must be positive: got {image_size}")
     if preset == "tutorial":
-        return tutorial_transform(image_size, train=train)
+        return tutorial_transform(image_size, train=train, preprocessing=preprocessing)
     if preset == "standard" and train:
         return standard_train_transform(image_size)
     return centre_crop_transform(image_size)
@@ -194,19 +202,22 @@ def centre_crop_transform(image_size: int) -> Callable:
     return v2.Compose([v2.CenterCrop(image_size), ToPlanar()])
 
 
-def tutorial_transform(image_size: int, *, train: bool) -> Callable:
+def tutorial_transform(image_size: int, *, train: bool,
+                       preprocessing: Preprocessing | None = None) -> Callable:
     """The original notebook's PIL transforms, output normalised float."""
     from torchvision import transforms
 
-    normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    pre = preprocessing or default_preprocessing(image_size)
+    normalise = [transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)]
     if train:
         return transforms.Compose([
             transforms.RandomRotation(45), transforms.CenterCrop(image_size),
             transforms.RandomVerticalFlip(0.5), transforms.RandomHorizontalFlip(0.5),
             transforms.ColorJitter(brightness=0.2, contrast=0.1, saturation=0.1, hue=0.1),
             transforms.RandomGrayscale(0.025), *normalise])
-    return transforms.Compose([transforms.Resize(cache_resolution(image_size)),
-                               transforms.CenterCrop(image_size), *normalise])
+    filter_ = transforms.InterpolationMode(pre.interpolation)
+    return transforms.Compose([transforms.Resize(pre.resize, interpolation=filter_),
+                               transforms.CenterCrop(pre.crop), *normalise])
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,3 +252,11 @@ def prepare_batch(images: torch.Tensor, device: torch.device | str, *,
         return images
     shift, scale = _normaliser(device, tuple(map(float, mean)), tuple(map(float, std)))
     return images.float().div_(255).sub_(shift).div_(scale)
+
+
+def normalising(preprocessing: Preprocessing | None) -> dict[str, tuple[float, ...]]:
+    """`prepare_batch`'s mean and std keywords for a model's preprocessing (None: its
+    defaults, ImageNet's)."""
+    if preprocessing is None:
+        return {}
+    return {"mean": preprocessing.mean, "std": preprocessing.std}

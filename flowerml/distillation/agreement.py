@@ -12,7 +12,7 @@ import torch
 from flowerml.core.documents import Sha256, StoredDocument, plain
 from flowerml.data.loaders import build_eval_loader
 from flowerml.data.manifest import resolve_dataset
-from flowerml.data.transforms import prepare_batch
+from flowerml.data.transforms import normalising, prepare_batch
 from flowerml.distillation.distillation_task import distillation_record
 from flowerml.distillation.teacher import DistillError, Teacher, load_recorded_teacher
 from flowerml.evaluation.inference import TrainedModel, eval_batch_size, load_trained_model
@@ -70,10 +70,11 @@ def compare_on_split(store: Store, run_id: str, student: TrainedModel, teacher: 
     published = resolve_dataset(store, dataset.name, version or dataset.version)
     teacher.check_classes(published)
     student_loader, teacher_loader = (
-        build_eval_loader(store, published, cache_dir, split=split, image_size=size,
+        build_eval_loader(store, published, cache_dir, split=split,
+                          image_size=model.image_size, preprocessing=model.preprocessing,
                           batch_size=batch_size or eval_batch_size(student.device),
                           workers=workers)
-        for size in (student.image_size, teacher.trained.image_size))
+        for model in (student, teacher.trained))
     n, agreeing, student_right, teacher_right = _count_agreement(
         student, teacher.trained, student_loader, teacher_loader)
     result = Agreement(split=split, n=n, agreement=agreeing / n, student_top1=student_right / n,
@@ -88,14 +89,16 @@ def compare_on_split(store: Store, run_id: str, student: TrainedModel, teacher: 
 def _count_agreement(student: TrainedModel, teacher: TrainedModel, student_loader: Any,
                      teacher_loader: Any) -> tuple[int, int, int, int]:
     """(images, agreeing, student right, teacher right) over two loaders of the same split in
-    the same order (each at its model's image size)."""
+    the same order (each at its model's own preprocessing)."""
     n = agreeing = student_right = teacher_right = 0
     autocast = autocast_for(student.device, student.device.type == "cuda")
     for (student_batch, labels), (teacher_batch, _) in zip(student_loader, teacher_loader,
                                                            strict=True):
         with autocast():
-            ours = student.model(prepare_batch(student_batch, student.device)).argmax(dim=1)
-            theirs = teacher.model(prepare_batch(teacher_batch, teacher.device)).argmax(dim=1)
+            ours = student.model(prepare_batch(
+                student_batch, student.device, **normalising(student.preprocessing))).argmax(1)
+            theirs = teacher.model(prepare_batch(
+                teacher_batch, teacher.device, **normalising(teacher.preprocessing))).argmax(1)
         labels = labels.to(student.device)
         n += len(labels)
         agreeing += int((ours == theirs.to(student.device)).sum())

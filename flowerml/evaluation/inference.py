@@ -24,6 +24,11 @@ import torch
 
 from flowerml.data.loaders import build_eval_loader
 from flowerml.data.manifest import PublishedDataset, resolve_dataset
+from flowerml.data.preprocessing import (
+    Preprocessing,
+    default_preprocessing,
+    recorded_preprocessing,
+)
 from flowerml.evaluation.drift import baseline_histograms
 from flowerml.evaluation.predictions import (
     LOGITS_FILE,
@@ -51,7 +56,9 @@ from flowerml.training.runs import RunError, RunFiles, RunNotFound, check_run_id
 
 @dataclass
 class TrainedModel:
-    """Trained weights in a model (from a run or the registry), with what it needs to read images."""
+    """Trained weights in a model (from a run or the registry), with what it needs to read
+    images: `preprocessing`, what its run or card records (today's values when it records
+    none)."""
 
     model: FlowerModel
     source: str
@@ -60,12 +67,19 @@ class TrainedModel:
     arch: str
     weights_sha256: str
     device: torch.device
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = default_preprocessing(self.image_size)
 
 
 def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], image_size: int,
                         tensors: dict[str, torch.Tensor], *, source: str, weights_sha256: str,
-                        device: str = "auto") -> TrainedModel:
-    """A model with the given weights loaded, on `device`, in eval mode."""
+                        device: str = "auto",
+                        preprocessing: Preprocessing | None = None) -> TrainedModel:
+    """A model with the given weights loaded, on `device`, in eval mode; `preprocessing`:
+    what its run or card records (None: today's values for `image_size`)."""
     model = build_model(arch, len(class_names))
     try:
         model.load_state_dict(tensors)
@@ -74,7 +88,7 @@ def build_trained_model(arch: str, class_names: list[str] | tuple[str, ...], ima
                        f"({str(error).splitlines()[0]})") from None
     placed = select_device(device)
     return TrainedModel(model.to(placed).eval(), source, tuple(class_names), int(image_size),
-                        arch, weights_sha256, placed)
+                        arch, weights_sha256, placed, preprocessing)
 
 
 def load_trained_model(store: Store, run_id: str, device: str = "auto") -> TrainedModel:
@@ -86,7 +100,9 @@ def load_trained_model(store: Store, run_id: str, device: str = "auto") -> Train
     tensors, info = run.load_weights()
     return build_trained_model(record.config.arch, record.classes,
                                record.config.image_size, tensors, source=run_id,
-                               weights_sha256=info["sha256"], device=device)
+                               weights_sha256=info["sha256"], device=device,
+                               preprocessing=recorded_preprocessing(record.preprocessing,
+                                                                    record.config.image_size))
 
 
 def check_same_classes(trained: TrainedModel, published: PublishedDataset) -> None:

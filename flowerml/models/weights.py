@@ -13,6 +13,12 @@
 It returns `ResolvedWeights`: the file and a description of the source for cards and errors.
 `models.build_model` loads it; nothing is unpickled as code (torch files load weights-only).
 
+`preprocessing_for(weights_name, image_size)` is the preprocessing torchvision measured those
+weights with (their `weights.transforms()`: resize, crop, mean, std, filter), read from the
+enum without loading any weights; `weights_preprocessing(resolved, image_size)` is it for what
+`--weights` resolved to (ImageNet, or a staged copy of a torchvision file, known by its name),
+and today's values (`default_preprocessing`) for `none` or weights of unknown origin.
+
 `check_weights_value(value, arch)` is the same judgement made up front, before anything starts
 (`flowerml retrain`): the form, and a local file loaded and fitted to `arch`'s backbone on a
 parameter-less model (meta device), which costs no model build.
@@ -37,6 +43,7 @@ import torch
 import torchvision
 
 from flowerml.core.files import sha256_file, write_atomically
+from flowerml.data.preprocessing import INTERPOLATIONS, Preprocessing, default_preprocessing
 from flowerml.models.backbones import (
     ARCHS,
     FlowerModel,
@@ -254,6 +261,54 @@ def _hash_mismatch(path: Path) -> str | None:
         return None
     digest = sha256_file(path)
     return None if digest.startswith(expected) else digest
+
+
+# --------------------------------------------------------------------------------------------
+# The weights' own preprocessing
+
+
+def preprocessing_for(weights_name: str | None, image_size: int) -> Preprocessing:
+    """What torchvision's `weights_name` (e.g. "ResNet152_Weights.IMAGENET1K_V2") were
+    measured with, `weights.transforms()`, for a model trained at `image_size`: their resize,
+    crop, mean, std and filter (the resize scaled by image_size / crop when the two differ).
+    None or "none": `default_preprocessing(image_size)`. No weights are loaded."""
+    if weights_name is None or weights_name.lower() == "none":
+        return default_preprocessing(image_size)
+    try:
+        preset = torchvision.models.get_weight(weights_name).transforms()
+    except (KeyError, ValueError, AttributeError):
+        raise WeightsError(f"{weights_name!r} names no torchvision weights") from None
+    (crop,), (resize,) = preset.crop_size, preset.resize_size
+    interpolation = preset.interpolation.value
+    if interpolation not in INTERPOLATIONS:
+        raise WeightsError(f"{weights_name} resize with {interpolation}: only "
+                           f"{', '.join(INTERPOLATIONS)} are supported")
+    return Preprocessing(resize=round(image_size * resize / crop), crop=image_size,
+                         mean=tuple(preset.mean), std=tuple(preset.std),
+                         interpolation=interpolation)
+
+
+def weights_preprocessing(weights: ResolvedWeights, image_size: int) -> Preprocessing:
+    """`preprocessing_for` the torchvision weights `weights` are (`imagenet`, or a file
+    named like one of torchvision's: a staged copy, its hash checked against that name);
+    today's values for random init or a file of unknown origin."""
+    return preprocessing_for(torchvision_weights_name(weights), image_size)
+
+
+def torchvision_weights_name(weights: ResolvedWeights) -> str | None:
+    """"ResNet152_Weights.IMAGENET1K_V2" for torchvision's weights, None for any other."""
+    if weights.source.startswith("imagenet:"):
+        return weights.source.removeprefix("imagenet:")
+    if weights.file is None:
+        return None
+    return _torchvision_file_weights().get(weights.file.name)
+
+
+@lru_cache(maxsize=1)
+def _torchvision_file_weights() -> dict[str, str]:
+    """{file name: weights name} of every torchvision checkpoint for our archs."""
+    return {Path(urlparse(weights.url).path).name: f"{type(weights).__name__}.{weights.name}"
+            for arch in ARCHS for weights in torchvision.models.get_model_weights(arch)}
 
 
 # --------------------------------------------------------------------------------------------

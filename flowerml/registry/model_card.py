@@ -25,6 +25,19 @@ class Normalisation(StoredDocument):
     std: list[float]
 
 
+class CardPreprocessing(StoredDocument):
+    """The pixels the model expects (`flowerml.data.preprocessing.Preprocessing`): its
+    weights' own resize, crop, filter, mean and std. A card without it (registered before the
+    field existed, or for a model trained with `--weights none`'s values) reads as today's:
+    short side round(S*256/224), centre S, bilinear, ImageNet mean and std."""
+
+    resize: int
+    crop: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bilinear"
+
+
 class CardMetrics(StoredDocument):
     """The evaluation's metrics.json on the test split (`top1` is what the gates compare)."""
 
@@ -59,6 +72,7 @@ class CardFields(StoredDocument):
     classes: list[CardClass] | None = None
     image_size: int | None = None
     normalisation: Normalisation | None = None
+    preprocessing: CardPreprocessing | None = None
     metrics: CardMetrics | None = None
     test_manifest_sha256: Sha256 | None = None
     gate: Gate | None = None

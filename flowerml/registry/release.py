@@ -14,7 +14,7 @@ import torch
 from flowerml.core.documents import field_message, plain
 from flowerml.core.markdown import cell, table
 from flowerml.data.manifest import resolve_dataset
-from flowerml.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from flowerml.data.preprocessing import Preprocessing, recorded_preprocessing
 from flowerml.evaluation.inference import TrainedModel, build_trained_model
 from flowerml.evaluation.report import SYNTHETIC_NOTICE
 from flowerml.io.storage import ObjectNotFound, Store
@@ -49,12 +49,14 @@ def build_card(store: Store, run_id: str, metrics: dict[str, Any], *, promote: b
     run = RunFiles(store, run_id)
     record, result = run.record(), run.result()
     dataset = resolve_dataset(store, record.dataset.name, record.dataset.version)
+    preprocessing = recorded_preprocessing(record.preprocessing, record.config.image_size)
     return {
         "arch": record.config.arch,
         "synthetic_data": dataset.synthetic,
         "classes": [{"label": i + 1, "name": name} for i, name in enumerate(record.classes)],
         "image_size": record.config.image_size,
-        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalisation": {"mean": list(preprocessing.mean), "std": list(preprocessing.std)},
+        "preprocessing": preprocessing.to_json(),
         "metrics": metrics,
         "test_manifest_sha256": dataset.split_sha256("test"),
         "gate": {**gate, "promote": promote, "reasons": reasons},
@@ -147,7 +149,12 @@ def load_version(registry: Registry, version: int, device: str = "auto") -> Trai
     return build_trained_model(card["arch"], [c["name"] for c in card["classes"]],
                                card["image_size"], registry.load_weights(chosen.version),
                                source=chosen.label, weights_sha256=chosen.weights_sha256,
-                               device=device)
+                               device=device, preprocessing=card_preprocessing(card))
+
+
+def card_preprocessing(card: dict[str, Any]) -> Preprocessing:
+    """What a card records its model expects (today's values for a card without the field)."""
+    return recorded_preprocessing(card.get("preprocessing"), card["image_size"])
 
 
 def load_registered_model(store: Store, ref: str, device: str = "auto") -> TrainedModel:

@@ -6,8 +6,9 @@ and the parity figures). A version holds one export for good: exporting it again
 one it has.
 
 The graph takes what the evaluation loader produces, **uint8 RGB images, NCHW, already resized
-and centre-cropped to the card's `image_size`** (resize the short side to round(S*256/224), then
-centre-crop S), and normalises them inside (ImageNet mean and std): a consumer sends pixels, not
+and centre-cropped to the card's `image_size`** by the card's `preprocessing` (its weights' own:
+e.g. resize the short side to 232, then centre-crop 224; without one, round(S*256/224) then S),
+and normalises them inside (the preprocessing's mean and std): a consumer sends pixels, not
 floats it has to normalise the same way. Its batch axis is dynamic; the output is `logits`
 [N, classes] (softmax them for probabilities).
 
@@ -33,7 +34,7 @@ from torch import nn
 
 from flowerml.core.documents import check_document, plain
 from flowerml.core.files import sha256_hex
-from flowerml.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from flowerml.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from flowerml.registry.export_record import (
     EXPORT_JSON,
     ONNX_FILE,
@@ -54,13 +55,16 @@ OUTPUT_NAME = "logits"
 
 
 class PixelsToLogits(nn.Module):
-    """uint8 NCHW pixels -> logits: the model behind the same normalisation as training's."""
+    """uint8 NCHW pixels -> logits: the model behind the same normalisation as training's
+    (`preprocessing`'s mean and std; default: ImageNet's)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing | None = None) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+        mean, std = ((preprocessing.mean, preprocessing.std) if preprocessing is not None
+                     else (IMAGENET_MEAN, IMAGENET_STD))
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model((images.float() - self.mean) / self.std)
@@ -85,12 +89,13 @@ class Parity:
 
 
 def export_onnx(model: nn.Module, image_size: int, path: Path,
-                opset: int = DEFAULT_OPSET) -> str:
-    """Write `model` (uint8 pixels in) as ONNX at `path`, checked by onnx's checker; returns
-    the exporter used: torch.export ("dynamo") where it works, else TorchScript."""
+                opset: int = DEFAULT_OPSET, preprocessing: Preprocessing | None = None) -> str:
+    """Write `model` (uint8 pixels in, normalised by `preprocessing`) as ONNX at `path`,
+    checked by onnx's checker; returns the exporter used: torch.export ("dynamo") where it
+    works, else TorchScript."""
     import onnx
 
-    wrapped = PixelsToLogits(model).eval()
+    wrapped = PixelsToLogits(model, preprocessing).eval()
     example = (torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8),)
     try:
         exporter = "dynamo"
@@ -124,9 +129,10 @@ def build_onnx_session(data: bytes, threads: int | None = None):
 
 
 @torch.no_grad()
-def measure_parity(model: nn.Module, session, batches) -> Parity:
+def measure_parity(model: nn.Module, session, batches,
+                   preprocessing: Preprocessing | None = None) -> Parity:
     """Score every (uint8 images, labels) batch with both runtimes and compare."""
-    wrapped = PixelsToLogits(model).eval()
+    wrapped = PixelsToLogits(model, preprocessing).eval()
     images = agree = 0
     max_diff = 0.0
     torch_seconds = onnx_seconds = 0.0
@@ -174,14 +180,16 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
     card = registry.get(version).card
     with tempfile.TemporaryDirectory(prefix="flowerml-export-") as temp:
         path = Path(temp) / ONNX_FILE
-        exporter = export_onnx(trained.model, trained.image_size, path, opset)
+        exporter = export_onnx(trained.model, trained.image_size, path, opset,
+                               trained.preprocessing)
         data = path.read_bytes()
     if not registry.attach(version, ONNX_FILE, data):
         # A concurrent export got there first: measure and record the file the version holds.
         data = registry.read_attachment(version, ONNX_FILE) or data
     batches = test_batches(registry.store, card, cache_dir, trained.image_size, workers,
-                           batch_size)
-    parity = measure_parity(trained.model, build_onnx_session(data), batches)
+                           batch_size, trained.preprocessing)
+    parity = measure_parity(trained.model, build_onnx_session(data), batches,
+                            trained.preprocessing)
     record = export_record(data, exporter, opset, trained, parity, card,
                            weights_size(registry, version))
     record = plain(check_document(ExportRecord, record, registry.attachment_key(
@@ -222,15 +230,18 @@ def show_on_card(registry: Registry, version: int, record: dict[str, Any]) -> No
 
 
 def test_batches(store, card: dict[str, Any], cache_dir: Path, image_size: int,
-                 workers: int | None, batch_size: int):
-    """The version's own test split (the manifest its card names) as uint8 batches."""
+                 workers: int | None, batch_size: int,
+                 preprocessing: Preprocessing | None = None):
+    """The version's own test split (the manifest its card names) as uint8 batches, decoded
+    by the model's `preprocessing`."""
     from flowerml.data.loaders import build_eval_loader
     from flowerml.data.manifest import resolve_dataset
 
     lineage = card.get("lineage", {})
     published = resolve_dataset(store, lineage["dataset"], lineage["dataset_version"])
     return build_eval_loader(store, published, cache_dir, split="test", image_size=image_size,
-                             batch_size=batch_size, workers=workers)
+                             batch_size=batch_size, workers=workers,
+                             preprocessing=preprocessing)
 
 
 def export_record(data: bytes, exporter: str, opset: int, trained, parity: Parity,
@@ -243,8 +254,7 @@ def export_record(data: bytes, exporter: str, opset: int, trained, parity: Parit
         "torch": torch.__version__, "onnxruntime": onnxruntime_version(),
         "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW", "channels": "RGB",
                   "size": [size, size],
-                  "preprocessing": f"resize the short side to {cache_side(size)}, centre-crop "
-                                   f"{size}; the graph normalises (ImageNet mean and std)"},
+                  "preprocessing": trained.preprocessing.describe()},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(trained.class_names)],
                    "meaning": "logits; softmax for probabilities; index i is label i + 1"},
         "parity": {**asdict(parity), "passed": parity.passed, "split": "test",
@@ -258,12 +268,6 @@ def weights_size(registry: Registry, version: int) -> int | None:
     for info in registry.store.list(registry.attachment_key(version, "model.safetensors")):
         return info.size
     return None
-
-
-def cache_side(image_size: int) -> int:
-    from flowerml.data.transforms import cache_resolution
-
-    return cache_resolution(image_size)
 
 
 def onnxruntime_version() -> str:

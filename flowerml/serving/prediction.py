@@ -8,7 +8,8 @@ s3:// keys and prefixes, by the rules `flowerml score` follows too).
   decompression-bomb limit is decoded at all. A file is read only when it is a regular file
   (a FIFO or a device named as an image, or found in a folder, is that input's error, never a
   read that blocks or never ends), and no further than `MAX_IMAGE_BYTES`.
-- `image_pixels`: an image as a model's input: uint8 [3, S, S], resized and centre-cropped.
+- `image_pixels`: an image as a model's input: uint8 [3, S, S], resized and centre-cropped by
+  the model's recorded `Preprocessing`.
 - `predict_inputs`: rows `{"image", "predictions"}` or `{"image", "error"}`, one per input, in
   input order, `batch_size` images decoded and classified at a time by a `Scorer` (PyTorch or
   ONNX Runtime).
@@ -29,7 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from flowerml.core.errors import UserError
 from flowerml.core.files import FileRefused, open_user_file
-from flowerml.data.cache import cache_resolution
+from flowerml.data.cache import FILTERS
+from flowerml.data.preprocessing import Preprocessing, default_preprocessing
 from flowerml.serving.inputs import MAX_IMAGE_BYTES, ImageInput, ImageUnreadable, expand_inputs
 from flowerml.serving.runtimes import Scorer, softmax_top_k
 
@@ -81,17 +83,21 @@ def decode_image(source: BinaryIO, short_side: int) -> Image.Image:
         raise ImageError(f"unreadable image: {describe(error)}") from None
 
 
-def image_pixels(source: Path | BinaryIO, image_size: int) -> np.ndarray:
-    """uint8 [3, S, S]: the image decoded (reduced when large), its short side resized to
-    round(S*256/224) and the centre S x S kept, as the ONNX export's input contract says
-    (`flowerml.serving.runtimes.Scorer`). One resize does both, on the crop's box in the original."""
-    short_side = cache_resolution(image_size)
+def image_pixels(source: Path | BinaryIO, preprocessing: Preprocessing | int) -> np.ndarray:
+    """uint8 [3, S, S]: the image decoded (reduced when large), its short side resized to the
+    model's `preprocessing.resize` and the centre S x S kept (S = its crop), with its filter,
+    as the ONNX export's input contract says (`flowerml.serving.runtimes.Scorer`). One resize
+    does both, on the crop's box in the original. An int is an image size with today's
+    preprocessing (`default_preprocessing`)."""
+    if isinstance(preprocessing, int):
+        preprocessing = default_preprocessing(preprocessing)
+    short_side, size = preprocessing.resize, preprocessing.crop
     image = open_image(source, short_side)
     width, height = image.size
-    half = min(width, height) * image_size / short_side / 2
+    half = min(width, height) * size / short_side / 2
     box = (width / 2 - half, height / 2 - half, width / 2 + half, height / 2 + half)
     try:
-        crop = image.resize((image_size, image_size), Image.Resampling.BILINEAR, box=box)
+        crop = image.resize((size, size), FILTERS[preprocessing.interpolation], box=box)
     except Exception as error:  # noqa: BLE001 - an odd image PIL cannot resize
         raise ImageError(f"unreadable image: {describe(error)}") from None
     return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))
@@ -110,16 +116,16 @@ def describe(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def decode_input(item: ImageInput, image_size: int) -> np.ndarray:
+def decode_input(item: ImageInput, preprocessing: Preprocessing) -> np.ndarray:
     if item.path is not None:
-        return image_pixels(item.path, image_size)
+        return image_pixels(item.path, preprocessing)
     if item.fetch is None:
         raise ImageError(item.error or "no file")
     try:
         data = item.fetch()
     except ImageUnreadable as error:
         raise ImageError(str(error)) from None
-    return image_pixels(io.BytesIO(data), image_size)
+    return image_pixels(io.BytesIO(data), preprocessing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +147,7 @@ def predict_inputs(scorer: Scorer, inputs: Iterable[ImageInput], *, top_k: int =
         decoded: list[np.ndarray | ImageError] = []
         for item in batch:
             try:
-                decoded.append(decode_input(item, scorer.image_size))
+                decoded.append(decode_input(item, scorer.preprocessing))
             except ImageError as error:
                 decoded.append(error)
         images = [d for d in decoded if isinstance(d, np.ndarray)]

@@ -1,7 +1,7 @@
 """A model ready to score pixels, run by PyTorch or by ONNX Runtime behind one contract.
 
 A `Scorer` takes what the ONNX export takes (`flowerml.serving.export`): uint8 RGB pixels, NCHW, at
-its `image_size`, resized and centre-cropped the evaluation's way, and returns logits. Both
+its `image_size`, resized and centre-cropped by its recorded `preprocessing`, and returns logits. Both
 `flowerml predict` and `flowerml score` run models through it, so the two runtimes are
 interchangeable wherever a model is used. `choose_runtime` picks and verifies the file a
 runtime will run (model.onnx against export.json, the weights against COMMITTED).
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowerml.core.errors import UserError
+from flowerml.data.preprocessing import Preprocessing, recorded_preprocessing
 from flowerml.registry.versions import Registry
 
 if TYPE_CHECKING:
@@ -30,7 +31,8 @@ class RuntimeRefused(UserError):
 
 @dataclass
 class Scorer:
-    """A loaded model: uint8 NCHW pixels -> logits, with the names of its classes."""
+    """A loaded model: uint8 NCHW pixels -> logits, with the names of its classes and the
+    preprocessing its card records (today's values for `image_size` when none is given)."""
 
     label: str
     runtime: str
@@ -38,6 +40,11 @@ class Scorer:
     image_size: int
     class_names: tuple[str, ...]
     logits: Callable[[np.ndarray], np.ndarray]
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = recorded_preprocessing(None, self.image_size)
 
 
 def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[str, str]:
@@ -80,8 +87,10 @@ def load_scorer(registry: Registry, version: int, runtime: str, sha256: str | No
         check_same_file(label, "model.onnx", record["sha256"], sha256)
         session = build_onnx_session(data, threads)
         del data
-        return Scorer(label, runtime, record["sha256"], int(record["input"]["size"][0]), names,
-                      lambda pixels: session.run(["logits"], {"images": pixels})[0])
+        size = int(record["input"]["size"][0])
+        return Scorer(label, runtime, record["sha256"], size, names,
+                      lambda pixels: session.run(["logits"], {"images": pixels})[0],
+                      recorded_preprocessing(card.get("preprocessing"), size))
     import torch
 
     from flowerml.registry.release import load_version
@@ -100,7 +109,7 @@ def scorer_from_model(trained: TrainedModel, label: str | None = None) -> Scorer
 
     from flowerml.serving.export import PixelsToLogits
 
-    wrapped = PixelsToLogits(trained.model).to(trained.device).eval()
+    wrapped = PixelsToLogits(trained.model, trained.preprocessing).to(trained.device).eval()
 
     def logits(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -108,7 +117,7 @@ def scorer_from_model(trained: TrainedModel, label: str | None = None) -> Scorer
             return wrapped(batch).float().cpu().numpy()
 
     return Scorer(label or trained.source, "torch", trained.weights_sha256, trained.image_size,
-                  trained.class_names, logits)
+                  trained.class_names, logits, trained.preprocessing)
 
 
 def check_same_file(label: str, name: str, actual: str, expected: str | None) -> None:

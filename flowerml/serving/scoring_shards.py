@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flowerml.data.preprocessing import Preprocessing
 from flowerml.io.storage import PreconditionFailed, S3Options, Store
 from flowerml.registry.versions import Registry
 from flowerml.serving.inputs import ImageUnreadable, KeyReader
@@ -33,10 +34,11 @@ LISTED_FAILURES = 100
 one)."""
 
 
-def load_pixels(reader: KeyReader, key: str, image_size: int) -> np.ndarray | str:
-    """A key's pixels, or why it has none."""
+def load_pixels(reader: KeyReader, key: str,
+                preprocessing: Preprocessing | int) -> np.ndarray | str:
+    """A key's pixels (the model's `preprocessing`), or why it has none."""
     try:
-        return image_pixels(io.BytesIO(reader.read(key)), image_size)
+        return image_pixels(io.BytesIO(reader.read(key)), preprocessing)
     except (ImageUnreadable, ImageError) as error:
         return str(error)
 
@@ -93,8 +95,9 @@ def score_rows(scorer: Scorer, reader: KeyReader, keys: list[str], *, batch_size
             as pool:
         def decode(batch: list[str]) -> list[Future | np.ndarray | str]:
             if decode_threads < 1:  # everything on this thread (the per-core benchmark)
-                return [load_pixels(reader, key, scorer.image_size) for key in batch]
-            return [pool.submit(load_pixels, reader, key, scorer.image_size) for key in batch]
+                return [load_pixels(reader, key, scorer.preprocessing) for key in batch]
+            return [pool.submit(load_pixels, reader, key, scorer.preprocessing)
+                    for key in batch]
 
         upcoming = decode(batches[0]) if batches else []
         for index, batch in enumerate(batches):

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from flowerml.core.progress import EpochReport, Progress
 from flowerml.core.recipes import TrainConfig
 from flowerml.data.manifest import PublishedDataset
-from flowerml.data.transforms import prepare_batch
+from flowerml.data.preprocessing import Preprocessing
+from flowerml.data.transforms import normalising, prepare_batch
 from flowerml.models.distributed import Placement, barrier, broadcast_flag
 from flowerml.training.checkpoints import TrainState, checkpoint_state
 from flowerml.training.loader_metrics import evaluate_loader
@@ -30,10 +31,12 @@ EventFn = Callable[[dict[str, Any]], None]
 
 
 def train_epoch(stepper: Stepper, loader: DataLoader, placement: Placement,
-                channels_last: bool, progress: Progress, label: str
+                channels_last: bool, progress: Progress, label: str,
+                preprocessing: Preprocessing | None = None
                 ) -> tuple[float, float, int, float]:
     """(mean loss, top-1 accuracy, images, seconds) of one pass over the training loader
-    (loss and accuracy of this rank's share, on the augmented images as trained)."""
+    (loss and accuracy of this rank's share, on the augmented images as trained), normalised
+    with the model's `preprocessing`."""
     stepper.model.train()
     progress.start(label, len(loader))
     total_loss = torch.zeros((), device=placement.device)
@@ -41,7 +44,8 @@ def train_epoch(stepper: Stepper, loader: DataLoader, placement: Placement,
     images = 0
     started = time.perf_counter()
     for batch, targets in loader:
-        inputs = prepare_batch(batch, placement.device, channels_last=channels_last)
+        inputs = prepare_batch(batch, placement.device, channels_last=channels_last,
+                               **normalising(preprocessing))
         targets = targets.to(placement.device, non_blocking=True)
         loss, batch_correct = stepper.step(inputs, targets)
         total_loss += loss * len(targets)
@@ -65,6 +69,7 @@ class EpochLoop:
     published: PublishedDataset
     emit: EventFn
     progress: Progress
+    preprocessing: Preprocessing | None = None  # the model's: None is today's default
 
     def train(self, state: TrainState, train_loader: DataLoader, valid_loader: DataLoader) -> None:
         while state.epoch < self.config.epochs and not state.stopped_early:
@@ -72,7 +77,7 @@ class EpochLoop:
             train_loader.sampler.set_epoch(epoch)
             loss, top1, images, seconds = train_epoch(
                 self.stepper, train_loader, self.placement, self.trainee.channels_last,
-                self.progress, f"epoch {epoch}/{self.config.epochs}")
+                self.progress, f"epoch {epoch}/{self.config.epochs}", self.preprocessing)
             state.train_images += images
             state.train_seconds += seconds
             stop, report = False, None
@@ -100,7 +105,8 @@ class EpochLoop:
         metrics = evaluate_loader(self.trainee.module, valid_loader, self.placement.device,
                                   self.published.class_names, amp=self.config.amp,
                                   channels_last=self.trainee.channels_last,
-                                  observe=probe.observe if probe is not None else None)
+                                  observe=probe.observe if probe is not None else None,
+                                  normalisation=self.preprocessing)
         row = {"epoch": epoch, "train_loss": round(loss, 5), "train_top1": round(train_top1, 5),
                "valid_loss": round(metrics.loss, 5),
                "valid_top1": round(metrics.top1, 5), "valid_top5": round(metrics.top5, 5),

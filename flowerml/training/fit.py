@@ -1,15 +1,16 @@
 """Training: `fit(...)` turns a published split into best-on-valid weights in `runs/<run_id>/`.
 
-The loop is plain PyTorch: mixed precision (bf16 where the GPU has it) and channels_last on
-CUDA, optional torch.compile, a warm-up + cosine schedule stepped per batch, label smoothing,
-early stopping on valid top-1. A checkpoint is written after every epoch, so re-running with
-the same run id resumes where the last one stopped (on the CPU bit for bit: each epoch's data
-order and augmentations depend on the seed and the epoch alone), and re-running it with more
-epochs, nothing else changed, goes on past its end (`extend_run`); under torchrun the same code
-trains with DDP, rank 0 evaluating and writing. `fit` takes explicit arguments, never the
-settings. This module assembles a run; its parts are their own modules: the task (what a step
-computes: `training_task`, `distillation_task`), the trainee (the whole model, or a linear
-probe's head: `trainee`, `linear_probe`), `optimization`, `seeding`, `precision`,
+The loop is plain PyTorch: mixed precision (bf16 where the GPU has it) and channels_last on CUDA,
+optional torch.compile, a warm-up + cosine schedule stepped per batch, label smoothing, early
+stopping on valid top-1, every split decoded and normalised the way the weights it starts from were
+measured (`weights_preprocessing`, recorded in config.json). A checkpoint is written after every
+epoch, so re-running with the same run id resumes where the last one stopped (on the CPU bit for
+bit: each epoch's data order and augmentations depend on the seed and the epoch alone), and
+re-running it with more epochs, nothing else changed, goes on past its end (`extend_run`); under
+torchrun the same code trains with DDP, rank 0 evaluating and writing. `fit` takes explicit
+arguments, never the settings. This module assembles a run; its parts are their own modules: the
+task (what a step computes: `training_task`, `distillation_task`), the trainee (the whole model, or
+a linear probe's head: `trainee`, `linear_probe`), `optimization`, `seeding`, `precision`,
 `checkpoints`, `run_record` (config.json) and `epoch_loop`.
 """
 
@@ -26,11 +27,12 @@ from torch.nn.parallel import DistributedDataParallel
 from flowerml.core.progress import NullProgress, Progress
 from flowerml.core.recipes import TrainConfig
 from flowerml.data.manifest import resolve_dataset
+from flowerml.data.preprocessing import Preprocessing, recorded_preprocessing
 from flowerml.io.storage import S3Options, Store
 from flowerml.models.backbones import FlowerModel, build_model, prepare_for_strategy
 from flowerml.models.distributed import Placement, barrier, start_placement, stop_placement
 from flowerml.models.precision import autocast_for, needs_grad_scaler
-from flowerml.models.weights import ResolvedWeights, resolve_weights
+from flowerml.models.weights import ResolvedWeights, resolve_weights, weights_preprocessing
 from flowerml.training.checkpoints import TrainState, restore_checkpoint
 from flowerml.training.epoch_loop import EpochLoop, EventFn
 from flowerml.training.linear_probe import LINEAR_PROBE, LinearProbe
@@ -110,6 +112,15 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
         stop_placement(placement)
 
 
+def run_preprocessing(run: RunFiles, pinned: bool, weights: ResolvedWeights,
+                      config: TrainConfig) -> Preprocessing:
+    """The weights' own preprocessing for a new run; a resumed or extended one keeps what its
+    config.json records (today's values when it was recorded before the field existed)."""
+    if pinned:
+        return recorded_preprocessing(run.record().preprocessing, config.image_size)
+    return weights_preprocessing(weights, config.image_size)
+
+
 def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir: Path,
          version: str | None, placement: Placement, workers: int | None,
          weights: ResolvedWeights, emit: EventFn, progress: Progress,
@@ -121,11 +132,12 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
     published = resolve_dataset(store, dataset, version)
     extends = pinned and check_compatible(run, config, published, task)
     task.prepare(published, placement, config)
+    preprocessing = run_preprocessing(run, pinned, weights, config)
     seed_everything(config.seed)
     trainee = trainee_for(prepare_model(config, published.num_classes, placement, weights),
                           config)
     train_loader, valid_loader = trainee.loaders(config, store, published, cache_dir,
-                                                 placement, workers)
+                                                 placement, workers, preprocessing)
     optimizer = build_optimizer(trainee.model, config)
     stepper = Stepper(wrap_for_training(trainee.module, config, placement), optimizer,
                       build_scheduler(optimizer, config, len(train_loader)), task,
@@ -133,7 +145,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
                       torch.amp.GradScaler("cuda") if needs_grad_scaler(
                           placement.device, config.amp) else None)
     if placement.is_main and not pinned:
-        start_run(run, run_record(config, published, placement, task))
+        start_run(run, run_record(config, published, placement, task, preprocessing))
     resumed_from = None
     state = TrainState()
     if run.has_checkpoint():
@@ -147,7 +159,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
           str(placement.device), "world_size": placement.world_size,
           "dataset": f"{published.dataset}@{published.version}"})
     EpochLoop(config, run, trainee, stepper, placement, published, emit,
-              progress).train(state, train_loader, valid_loader)
+              progress, preprocessing).train(state, train_loader, valid_loader)
     if placement.is_main:
         trainee.finish(run, state)
     barrier(placement)

@@ -12,6 +12,7 @@ import torch
 from flowerml.core.documents import plain
 from flowerml.core.recipes import TrainConfig
 from flowerml.data.manifest import PublishedDataset
+from flowerml.data.preprocessing import Preprocessing
 from flowerml.models.distributed import Placement
 from flowerml.training.checkpoints import TrainState
 from flowerml.training.optimization import Stepper, follow_schedule
@@ -28,13 +29,14 @@ from flowerml.training.training_task import TrainingTask, describe_task_record
 
 
 def run_record(config: TrainConfig, published: PublishedDataset, placement: Placement,
-               task: TrainingTask) -> RunRecord:
+               task: TrainingTask, preprocessing: Preprocessing | None = None) -> RunRecord:
     extra = task.record()
     return RunRecord.model_validate({
         "config": config.to_json(),
         **({"objective": extra} if extra is not None else {}),
         "dataset": {"name": published.dataset, "version": published.version,
                     "manifest_sha256": published.manifest_sha256},
+        **({"preprocessing": preprocessing.to_json()} if preprocessing is not None else {}),
         "classes": list(published.class_names),
         "torch": torch.__version__,
         "device": str(placement.device),

@@ -94,6 +94,17 @@ class RunExtension(StoredDocument):
     time: str
 
 
+class RecordedPreprocessing(StoredDocument):
+    """config.json's `preprocessing`: the pixels the model sees (`flowerml.data.preprocessing`);
+    a run recorded before the field existed reads as today's values."""
+
+    resize: int
+    crop: int
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bilinear"
+
+
 class RunRecord(StoredDocument):
     """`runs/<run_id>/config.json`: what was trained on what, written when the run starts
     (`flowerml.training.run_record`) and again when it is extended."""
@@ -101,6 +112,7 @@ class RunRecord(StoredDocument):
     config: RecordedConfig
     objective: RecordedObjective | None = None
     dataset: RecordedDataset
+    preprocessing: RecordedPreprocessing | None = None
     classes: list[str]
     torch: str
     device: str

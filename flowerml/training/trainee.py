@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from flowerml.core.recipes import TrainConfig
 from flowerml.data.loaders import build_loaders
 from flowerml.data.manifest import PublishedDataset
+from flowerml.data.preprocessing import Preprocessing
 from flowerml.io.storage import Store
 from flowerml.models.backbones import FlowerModel
 from flowerml.models.distributed import Placement
@@ -33,9 +34,10 @@ class Trainee:
         self.model, self.module, self.channels_last = model, module, channels_last
 
     def loaders(self, config: TrainConfig, store: Store, published: PublishedDataset,
-                cache_dir: Path, placement: Placement, workers: int | None
-                ) -> tuple[DataLoader, DataLoader]:
-        """(train, valid): train's sampler takes `set_epoch` before each epoch."""
+                cache_dir: Path, placement: Placement, workers: int | None,
+                preprocessing: Preprocessing | None = None) -> tuple[DataLoader, DataLoader]:
+        """(train, valid): train's sampler takes `set_epoch` before each epoch; images decoded
+        at the model's `preprocessing` (see `flowerml.data.loaders`)."""
         raise NotImplementedError
 
     def keep_best(self, run: RunFiles, state: TrainState, epoch: int, top1: float) -> None:
@@ -53,12 +55,12 @@ class WholeModel(Trainee):
         super().__init__(model, model, channels_last)
 
     def loaders(self, config: TrainConfig, store: Store, published: PublishedDataset,
-                cache_dir: Path, placement: Placement, workers: int | None
-                ) -> tuple[DataLoader, DataLoader]:
+                cache_dir: Path, placement: Placement, workers: int | None,
+                preprocessing: Preprocessing | None = None) -> tuple[DataLoader, DataLoader]:
         loaders = build_loaders(store, published, cache_dir, preset=config.augment,
                                 image_size=config.image_size, batch_size=config.batch_size,
                                 workers=workers, seed=config.seed,
-                                distributed=placement.distributed)
+                                distributed=placement.distributed, preprocessing=preprocessing)
         return epoch_loader(loaders.train, config.seed), loaders.valid
 
     def keep_best(self, run: RunFiles, state: TrainState, epoch: int, top1: float) -> None:

@@ -96,8 +96,8 @@ def test_linear_probe_computes_features_once(published_store: StoreAndCache,
     calls: list[int] = []
     original = linear_probe.compute_features
 
-    def counting(model, loader, device, amp):
-        features, labels = original(model, loader, device, amp)
+    def counting(model, loader, device, amp, *preprocessing):
+        features, labels = original(model, loader, device, amp, *preprocessing)
         calls.append(len(labels))
         return features, labels
 
