@@ -46,6 +46,7 @@ from flowerml.training.run_record import (
 )
 from flowerml.training.runs import RESULT_JSON, RunFiles, RunResult, check_run_id
 from flowerml.training.seeding import seed_everything
+from flowerml.training.tensorboard_log import tensorboard_events
 from flowerml.training.trainee import Trainee, WholeModel
 from flowerml.training.training_task import ClassificationTask, TrainingTask
 
@@ -158,8 +159,9 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
     emit({"event": "start", "run_id": run_id, "epochs": config.epochs, "device":
           str(placement.device), "world_size": placement.world_size,
           "dataset": f"{published.dataset}@{published.version}"})
-    EpochLoop(config, run, trainee, stepper, placement, published, emit,
-              progress, preprocessing).train(state, train_loader, valid_loader)
+    with tensorboard_events(run, state.history, emit, enabled=placement.is_main) as emit_epochs:
+        EpochLoop(config, run, trainee, stepper, placement, published, emit_epochs,
+                  progress, preprocessing).train(state, train_loader, valid_loader)
     if placement.is_main:
         trainee.finish(run, state)
     barrier(placement)
