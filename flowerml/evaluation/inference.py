@@ -52,6 +52,7 @@ from flowerml.models.distributed import select_device
 from flowerml.training.loader_metrics import evaluate_loader
 from flowerml.training.metrics import Metrics, per_class_rows
 from flowerml.training.runs import RunError, RunFiles, RunNotFound, check_run_id
+from flowerml.training.tensorboard_log import log_confusion_matrix
 
 
 @dataclass
@@ -200,6 +201,7 @@ def publish_report(store: Store, trained: TrainedModel, published: PublishedData
             plots["Training curves"] = plot_training_curves(history, Path(temp) / "curves.png")
         for path in plots.values():
             store.put_file(run.key(f"{prefix}/{path.name}"), path)
+        log_confusion_matrix(run, split, plots["Confusion matrix (row-normalised)"])
     context = {"run": trained.source, "dataset": f"{published.dataset}@{published.version}",
                "split": split, "arch": trained.arch,
                "weights sha256": trained.weights_sha256[:16]}
