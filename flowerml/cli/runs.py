@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from flowerml.cli.app import cli, emit_json, emit_listing, json_option, store_option
@@ -73,6 +75,7 @@ def describe_lines(run) -> list[str]:
     lines = [f"run {run.run_id}: {run.status}, {progress_text(run)}"
              + (" (stopped early)" if run.stopped_early else ""),
              f"  location: {run.location}",
+             *(tensorboard_lines(run.tensorboard) if run.tensorboard else []),
              f"  dataset: {dataset}",
              f"  best valid top-1: {score(run.best_valid_top1)}"
              + (f" (epoch {run.best_epoch})" if run.best_epoch else "")]
@@ -94,6 +97,17 @@ def describe_lines(run) -> list[str]:
                      f"{evaluation.dataset or '?'}; report {evaluation.report}")
     if run.registered:
         lines.append(f"  registered: {', '.join(run.registered)}")
+    return lines
+
+
+def tensorboard_lines(logdir: str) -> list[str]:
+    """The command that shows the run's curves and confusion matrices. TensorBoard reads an
+    s3:// logdir itself (through boto3), with the standard AWS chain but none of flowerml's
+    own FLOWERML_S3_* overrides, hence the note."""
+    lines = [f"  tensorboard: tensorboard --logdir {shlex.quote(logdir)}"]
+    if logdir.startswith("s3://"):
+        lines.append("    (TensorBoard reads S3 with the standard AWS credentials; for an "
+                     "S3-compatible server set AWS_ENDPOINT_URL_S3 to its URL first)")
     return lines
 
 

@@ -44,6 +44,7 @@ from flowerml.training.runs import (
     check_run_id,
     run_ids,
 )
+from flowerml.training.tensorboard_log import tensorboard_logdir
 
 RAW = "raw"  # datasets/<name>/raw/: the verified source files, not a version
 
@@ -118,6 +119,7 @@ class RunDetails(RunSummary):
     evaluations: list[Evaluation] = field(default_factory=list)
     extensions: list[dict] = field(default_factory=list)
     files: int = 0
+    tensorboard: str | None = None  # the --logdir of its event files, when it has any
 
 
 def registrations(store: Store) -> dict[str, list[str]]:
@@ -148,7 +150,9 @@ def describe_run(store: Store, run_id: str) -> RunDetails:
     """Everything `flowerml runs show` prints about one run."""
     run = open_run(store, run_id)
     details = RunDetails(**asdict(summarise_run(run, registrations(store).get(run_id, []))))
-    details.files = len(run.keys())
+    keys = run.keys()
+    details.files = len(keys)
+    details.tensorboard = tensorboard_logdir(run, keys)
     if details.problem is None:
         read_into(run, details, fill_details)
     return details

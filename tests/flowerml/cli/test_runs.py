@@ -10,9 +10,10 @@ import pytest
 
 from flowerml.cli import cli
 from flowerml.io.storage_local import LocalStore
+from flowerml.io.storage_s3 import S3Store
 from flowerml.training.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
-from tests.helpers.stores import copy_tree
+from tests.helpers.stores import copy_tree, store_keys
 from tests.helpers.synthetic import DATASET, TINY_RUN, RegisteredRun
 
 
@@ -74,6 +75,30 @@ def test_show(store: LocalStore, registered_run: RegisteredRun) -> None:
     assert any(line.startswith(f"  test: top-1 {registered_run.metrics['top1']:.4f}")
                and line.endswith(report) for line in lines)
     assert lines[-1] == "  registered: flowers102:000001"
+    assert lines[2] == (f"  tensorboard: tensorboard --logdir "
+                        f"{store.uri}/runs/{TINY_RUN}/tensorboard")
+
+
+def test_show_names_tensorboard_only_for_a_run_with_event_files(store: LocalStore) -> None:
+    result = invoke("runs", "show", "fresh", "--store", str(store.root))
+    assert result.exit_code == 0, result.output
+    assert not any(line.startswith("  tensorboard:") for line in result.stdout.splitlines())
+    result = invoke("runs", "show", "fresh", "--store", str(store.root), "--json")
+    assert json.loads(result.stdout)["tensorboard"] is None
+
+
+def test_show_on_s3_names_the_s3_logdir(store: LocalStore, s3_store: S3Store,
+                                        moto_endpoint: str) -> None:
+    for key in store_keys(store, f"runs/{TINY_RUN}/"):
+        s3_store.put_file(key, store.root / key)
+    result = invoke("runs", "show", TINY_RUN, "--store", s3_store.uri,
+                    env={"FLOWERML_S3_ENDPOINT_URL": moto_endpoint})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[2:4] == [
+        f"  tensorboard: tensorboard --logdir {s3_store.uri}/runs/{TINY_RUN}/tensorboard",
+        "    (TensorBoard reads S3 with the standard AWS credentials; for an S3-compatible "
+        "server set AWS_ENDPOINT_URL_S3 to its URL first)"]
 
 
 def test_show_json(store: LocalStore) -> None:
@@ -83,6 +108,7 @@ def test_show_json(store: LocalStore) -> None:
     assert shown["run_id"] == TINY_RUN and shown["status"] == "finished"
     assert shown["config"]["arch"] == "resnet18" and len(shown["history"]) == 1
     assert shown["evaluations"][0]["report"].startswith(store.uri)
+    assert shown["tensorboard"] == f"{store.uri}/runs/{TINY_RUN}/tensorboard"
 
 
 @pytest.mark.parametrize("command", [["show", "nope"], ["delete", "nope"]])
