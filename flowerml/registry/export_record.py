@@ -13,6 +13,7 @@ from flowerml.core.files import sha256_hex
 from flowerml.registry.versions import Registry
 
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
 EXPORT_JSON = "export.json"
 
 
@@ -41,18 +42,61 @@ class ExportOutput(StoredDocument):
 
 
 class ParityRecord(StoredDocument):
-    """`Parity`'s figures, whether it passed, and the test split it was measured on."""
+    """`Parity`'s figures, whether it passed, and the test split it was measured on. Exports
+    made before the evaluation kept its logits ran PyTorch again: `reference` "pytorch"."""
 
     images: int
     top1_agreement: float
     max_abs_logit_diff: float
-    torch_images_per_second: float
+    torch_images_per_second: float | None
     onnx_images_per_second: float
     min_agreement: float
     logit_tolerance: float
     passed: bool
     split: str
     manifest_sha256: Sha256 | None
+    reference: str = "pytorch"
+    reference_note: str | None = None
+    provider: str = "CPUExecutionProvider"
+    threads: int | None = None
+
+
+class Int8Calibration(StoredDocument):
+    split: str
+    images: int
+    method: str
+
+
+class Int8GateRecord(StoredDocument):
+    """`flowerml.serving.quantize.Int8Gate`'s figures on the test split, and the verdict."""
+
+    images: int
+    top1_agreement: float
+    fp32_top1: float
+    int8_top1: float
+    top1_delta: float
+    int8_images_per_second: float
+    min_agreement: float
+    max_top1_drop: float
+    passed: bool
+    split: str
+
+
+class Int8Record(StoredDocument):
+    """export.json's `int8` block: model.int8.onnx, how it was quantised and its gate."""
+
+    file: str
+    sha256: Sha256
+    bytes: int
+    quant_format: str
+    per_channel: bool
+    weights: str
+    activations: str
+    calibration: Int8Calibration
+    gate: Int8GateRecord
+    threads: int | None
+    int8_images_per_second: float
+    fp32_images_per_second: float | None
 
 
 class ExportRecord(StoredDocument):
@@ -72,6 +116,7 @@ class ExportRecord(StoredDocument):
     parity: ParityRecord
     weights_sha256: Sha256
     exported_at: str
+    int8: Int8Record | None = None
 
 
 def read_export(registry: Registry, version: int) -> dict[str, Any] | None:
@@ -96,4 +141,24 @@ def load_onnx_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, 
     if sha256_hex(data) != record["sha256"]:
         raise ExportError(f"{key} fails its checksum (sha256 {sha256_hex(data)}, recorded "
                           f"{record['sha256']})")
+    return data, record
+
+
+def load_int8_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, Any]]:
+    """A version's model.int8.onnx, verified against the sha256 export.json's `int8` records
+    (the export's record is returned whole)."""
+    record = read_export(registry, version)
+    label = f"{registry.model}:{version:06d}"
+    if record is None or not record.get("int8"):
+        raise ExportError(f"{label} has no int8 export (run: flowerml export "
+                          f"{registry.model}:{version} --quantize int8 on a version not yet "
+                          "exported)")
+    int8 = record["int8"]
+    key = registry.attachment_key(version, int8["file"])
+    data = registry.read_attachment(version, int8["file"])
+    if data is None:
+        raise ExportError(f"{key} is missing")
+    if sha256_hex(data) != int8["sha256"]:
+        raise ExportError(f"{key} fails its checksum (sha256 {sha256_hex(data)}, recorded "
+                          f"{int8['sha256']})")
     return data, record

@@ -21,6 +21,7 @@ whose export fails parity cannot be promoted without `--force` (see `flowerml.re
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -44,6 +45,14 @@ from flowerml.registry.export_record import (
     read_export,
 )
 from flowerml.registry.versions import Registry
+from flowerml.serving.quantize import (
+    INT8_FILE,
+    Int8Gate,
+    measure_int8,
+    quantize_int8,
+    sample_batches,
+)
+from flowerml.serving.stored_logits import stored_logits
 
 DEFAULT_OPSET = 18
 MIN_AGREEMENT = 0.999
@@ -52,6 +61,8 @@ LOGIT_TOLERANCE = 1e-3
 order of the sums in their kernels, which moves a logit by ~1e-5 in ResNet-152."""
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
 class PixelsToLogits(nn.Module):
@@ -72,15 +83,21 @@ class PixelsToLogits(nn.Module):
 
 @dataclass(frozen=True)
 class Parity:
-    """ONNX Runtime against PyTorch eager on the same images."""
+    """ONNX Runtime against PyTorch's logits on the same images: the evaluation's stored ones
+    (`reference` "evaluation-logits": PyTorch did not run again, `torch_images_per_second` is
+    None) or PyTorch eager run here ("pytorch"; `reference_note` says why)."""
 
     images: int
     top1_agreement: float
     max_abs_logit_diff: float
-    torch_images_per_second: float
+    torch_images_per_second: float | None
     onnx_images_per_second: float
     min_agreement: float = MIN_AGREEMENT
     logit_tolerance: float = LOGIT_TOLERANCE
+    reference: str = "pytorch"
+    reference_note: str | None = None
+    provider: str = CPU_PROVIDER
+    threads: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -116,41 +133,106 @@ def export_onnx(model: nn.Module, image_size: int, path: Path,
     return exporter
 
 
-def build_onnx_session(data: bytes, threads: int | None = None):
-    """An ONNX Runtime CPU session over a model's bytes, with `threads` intra-op threads (by
-    default as many as torch uses, so OMP_NUM_THREADS bounds both runtimes alike and a parity
-    check or a benchmark compares them on the same cores)."""
+def build_onnx_session(data: bytes, threads: int | None = None,
+                       providers: tuple[str, ...] = (CPU_PROVIDER,)):
+    """An ONNX Runtime session over a model's bytes, on the CPU by default, with `threads`
+    intra-op threads (by default as many as torch uses, so OMP_NUM_THREADS bounds both runtimes
+    alike and a benchmark compares them on the same cores). CUDA runs without TF32, so that
+    its logits stay fp32's."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's
-    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    chosen = [(name, {"use_tf32": 0}) if name == CUDA_PROVIDER else name for name in providers]
+    return onnxruntime.InferenceSession(data, options, providers=chosen)
+
+
+def parity_providers(available: list[str] | None = None,
+                     cuda: bool | None = None) -> tuple[str, ...]:
+    """Where the parity check runs: CUDA when a GPU is present and onnxruntime-gpu offers its
+    provider (`available`, `cuda`: what ONNX Runtime and torch report, by default), else the
+    CPU."""
+    if available is None:
+        import onnxruntime
+
+        available = onnxruntime.get_available_providers()
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return (CUDA_PROVIDER, CPU_PROVIDER) if cuda and CUDA_PROVIDER in available \
+        else (CPU_PROVIDER,)
+
+
+def parity_session(data: bytes):
+    """The parity check's session: on CUDA where `parity_providers` finds it, else on every
+    CPU core (the check runs alone: nothing else needs the cores meanwhile)."""
+    return build_onnx_session(data, threads=os.cpu_count(), providers=parity_providers())
+
+
+@dataclass(frozen=True)
+class TestScores:
+    """The ONNX graph's top-1 (0-based) and the true class of every image the parity check
+    scored, in order: what the int8 gate compares with."""
+
+    predicted: np.ndarray
+    labels: np.ndarray
 
 
 @torch.no_grad()
 def measure_parity(model: nn.Module, session, batches,
                    preprocessing: Preprocessing | None = None) -> Parity:
-    """Score every (uint8 images, labels) batch with both runtimes and compare."""
-    wrapped = PixelsToLogits(model, preprocessing).eval()
+    """Score every (uint8 images, labels) batch with both runtimes and compare (the two-pass
+    check, for a version whose evaluation kept no logits)."""
+    return compare_runtimes(session, batches, model=model, preprocessing=preprocessing)[0]
+
+
+@torch.no_grad()
+def compare_runtimes(session, batches, *, model: nn.Module | None = None,
+                     preprocessing: Preprocessing | None = None,
+                     stored: np.ndarray | None = None, reference_note: str | None = None
+                     ) -> tuple[Parity, TestScores]:
+    """ONNX Runtime over every (uint8 images, labels) batch, compared with the `stored` logits
+    of the same images in the same order (PyTorch does not run), or with `model` run here."""
+    wrapped = PixelsToLogits(model, preprocessing).eval() if stored is None else None
     images = agree = 0
     max_diff = 0.0
     torch_seconds = onnx_seconds = 0.0
-    for batch, _labels in batches:
+    predicted: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for batch, targets in batches:
         pixels = batch.to(torch.uint8).contiguous()
-        start = time.perf_counter()
-        expected = wrapped(pixels).float().numpy()
-        torch_seconds += time.perf_counter() - start
+        if wrapped is not None:
+            start = time.perf_counter()
+            expected = wrapped(pixels).float().numpy()
+            torch_seconds += time.perf_counter() - start
+        else:
+            expected = stored[images:images + len(pixels)]
+            if len(expected) != len(pixels):
+                raise ExportError(f"the evaluation's logits hold {len(stored)} images, fewer "
+                                  "than the test split")
         start = time.perf_counter()
         actual = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.numpy()})[0]
         onnx_seconds += time.perf_counter() - start
         images += len(pixels)
         agree += int((expected.argmax(1) == actual.argmax(1)).sum())
         max_diff = max(max_diff, float(np.abs(expected - actual).max()))
-    return Parity(images=images, top1_agreement=agree / images if images else 0.0,
-                  max_abs_logit_diff=max_diff,
-                  torch_images_per_second=images / torch_seconds if torch_seconds else 0.0,
-                  onnx_images_per_second=images / onnx_seconds if onnx_seconds else 0.0)
+        predicted.append(actual.argmax(1))
+        if targets is not None:
+            labels.append(np.asarray(targets))
+    if stored is not None and images != len(stored):
+        raise ExportError(f"the evaluation's logits hold {len(stored)} images, the test split "
+                          f"{images}")
+    parity = Parity(
+        images=images, top1_agreement=agree / images if images else 0.0,
+        max_abs_logit_diff=max_diff,
+        torch_images_per_second=(images / torch_seconds if torch_seconds else 0.0)
+        if stored is None else None,
+        onnx_images_per_second=images / onnx_seconds if onnx_seconds else 0.0,
+        reference="pytorch" if stored is None else "evaluation-logits",
+        reference_note=reference_note, provider=session.get_providers()[0],
+        threads=session.get_session_options().intra_op_num_threads)
+    return parity, TestScores(np.concatenate(predicted) if predicted else np.zeros(0, np.int64),
+                              np.concatenate(labels) if labels else np.zeros(0, np.int64))
 
 
 @dataclass(frozen=True)
@@ -164,17 +246,39 @@ class Export:
     def passed(self) -> bool:
         return bool(self.record.get("parity", {}).get("passed"))
 
+    @property
+    def int8_passed(self) -> bool | None:
+        """Whether its int8 graph passed its gate; None when none was made."""
+        return int8_passed(self.record)
+
+
+def int8_passed(record: dict[str, Any]) -> bool | None:
+    int8 = record.get("int8")
+    return None if not int8 else bool(int8["gate"]["passed"])
+
+
+QUANTIZE = ("none", "int8")
+
 
 def export_version(registry: Registry, version: int, *, cache_dir: Path,
                    opset: int = DEFAULT_OPSET, workers: int | None = None,
-                   batch_size: int = 32) -> Export:
-    """Export a committed version to ONNX, measure parity on its test split and attach
-    model.onnx, then export.json, create-only. Idempotent: an intact export is returned."""
+                   batch_size: int = 32, quantize: str = "none") -> Export:
+    """Export a committed version to ONNX, measure parity on its test split (against the
+    logits its evaluation kept; PyTorch runs again only for a version evaluated before they
+    were kept) and, with `quantize="int8"`, quantise it and gate the int8 graph; attach
+    model.onnx (and model.int8.onnx), then export.json, create-only. Idempotent: an intact
+    export is returned."""
     from flowerml.registry.release import load_version
 
+    if quantize not in QUANTIZE:
+        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZE)}: got {quantize!r}")
     existing = read_export(registry, version)
     if existing is not None:
         load_onnx_bytes(registry, version)  # an export on the store is reused only if intact
+        if quantize == "int8" and not existing.get("int8"):
+            raise ExportError(f"{registry.model}:{version:06d} was exported without int8 on "
+                              f"{existing['exported_at']}, and export.json is create-only: "
+                              "int8 is made with a version's first export")
         return Export(existing, created=False)
     trained = load_version(registry, version, device="cpu")  # verifies the weights' sha256
     card = registry.get(version).card
@@ -188,10 +292,18 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
         data = registry.read_attachment(version, ONNX_FILE) or data
     batches = test_batches(registry.store, card, cache_dir, trained.image_size, workers,
                            batch_size, trained.preprocessing)
-    parity = measure_parity(trained.model, build_onnx_session(data), batches,
-                            trained.preprocessing)
+    stored, note = stored_logits(registry, version, weights_sha256=trained.weights_sha256,
+                                 card=card, test_images=len(batches.dataset))
+    parity, scores = compare_runtimes(parity_session(data), batches, model=trained.model,
+                                      preprocessing=trained.preprocessing, stored=stored,
+                                      reference_note=note)
     record = export_record(data, exporter, opset, trained, parity, card,
                            weights_size(registry, version))
+    if quantize == "int8":
+        calibration = calibration_batches(registry.store, card, cache_dir, trained, workers,
+                                          batch_size)
+        record["int8"] = export_int8(registry, version, data, calibration, batches, scores,
+                                     parity)
     record = plain(check_document(ExportRecord, record, registry.attachment_key(
         version, EXPORT_JSON), ExportError))
     created = registry.attach(version, EXPORT_JSON, json.dumps(record, indent=2,
@@ -213,7 +325,37 @@ def export_summary(record: dict[str, Any]) -> dict[str, Any]:
             "max_abs_logit_diff": parity["max_abs_logit_diff"],
             "parity_images": parity["images"],
             "torch_images_per_second": parity["torch_images_per_second"],
-            "onnx_images_per_second": parity["onnx_images_per_second"]}
+            "onnx_images_per_second": parity["onnx_images_per_second"],
+            "parity_reference": parity.get("reference", "pytorch"),
+            "parity_provider": parity.get("provider", CPU_PROVIDER),
+            **int8_summary(record.get("int8"))}
+
+
+def int8_summary(int8: dict[str, Any] | None) -> dict[str, Any]:
+    """The int8 figures as the card and the reports show them (`int8_passed` None: no int8)."""
+    if not int8:
+        return {"int8_passed": None}
+    gate = int8["gate"]
+    return {"int8_passed": gate["passed"], "int8_file": int8["file"],
+            "int8_bytes": int8["bytes"], "int8_top1_agreement": gate["top1_agreement"],
+            "int8_top1_delta": gate["top1_delta"], "int8_images": gate["images"],
+            "int8_images_per_second": int8["int8_images_per_second"],
+            "fp32_images_per_second": int8["fp32_images_per_second"]}
+
+
+def int8_line(summary: dict[str, Any]) -> str | None:
+    """One line on the int8 graph for the CLI, the flow's log and the report; None when the
+    export made none."""
+    if summary.get("int8_passed") is None:
+        return None
+    figures = (f"top-1 agreement with fp32 {summary['int8_top1_agreement']:.2%}, test top-1 "
+               f"{summary['int8_top1_delta'] * 100:+.2f} points on {summary['int8_images']} "
+               f"test images; {summary['int8_bytes'] / 1e6:.1f} MB, "
+               f"{summary['int8_images_per_second']:.1f} images/s")
+    if summary["int8_passed"]:
+        return f"int8 passed its gate: {figures}"
+    return (f"int8 FAILED its gate ({figures}): the version is promoted and served on fp32 "
+            "ONNX; --runtime auto will not take int8")
 
 
 def show_on_card(registry: Registry, version: int, record: dict[str, Any]) -> None:
@@ -224,8 +366,11 @@ def show_on_card(registry: Registry, version: int, record: dict[str, Any]) -> No
     card = registry.get(version).card
     prefix = registry.attachment_key(version, "")
     files = sorted(info.key[len(prefix):] for info in registry.store.list(prefix))
-    markdown = render_card({**card, "export": export_summary(record)},
-                           [name for name in files if name not in {"CLAIM", "COMMITTED"}])
+    summary = export_summary(record)
+    shown = {**card, "export": summary}
+    if int8_line(summary):
+        shown["int8"] = int8_line(summary)  # in the summary table: what serves on a CPU
+    markdown = render_card(shown, [name for name in files if name not in {"CLAIM", "COMMITTED"}])
     registry.store.put_bytes(registry.attachment_key(version, "card.md"), markdown.encode())
 
 
@@ -242,6 +387,48 @@ def test_batches(store, card: dict[str, Any], cache_dir: Path, image_size: int,
     return build_eval_loader(store, published, cache_dir, split="test", image_size=image_size,
                              batch_size=batch_size, workers=workers,
                              preprocessing=preprocessing)
+
+
+def calibration_batches(store, card: dict[str, Any], cache_dir: Path, trained,
+                        workers: int | None, batch_size: int):
+    """The int8 calibration sample: `CALIBRATION_IMAGES` evenly spaced images of the version's
+    valid split, decoded as its test split is."""
+    from flowerml.data.loaders import build_eval_loader
+    from flowerml.data.manifest import resolve_dataset
+
+    lineage = card.get("lineage", {})
+    published = resolve_dataset(store, lineage["dataset"], lineage["dataset_version"])
+    loader = build_eval_loader(store, published, cache_dir, split="valid",
+                               image_size=trained.image_size, batch_size=batch_size,
+                               workers=workers, preprocessing=trained.preprocessing)
+    return sample_batches(loader, len(loader.dataset))
+
+
+def export_int8(registry: Registry, version: int, fp32: bytes, calibration, batches,
+                scores: TestScores, parity: Parity) -> dict[str, Any]:
+    """Quantise `fp32` on `calibration`, attach model.int8.onnx (create-only: a file an
+    interrupted export left is the one measured), gate it on the test split against the fp32
+    graph's `scores`: export.json's `int8` block."""
+    data, calibrated = quantize_int8(fp32, calibration)
+    if not registry.attach(version, INT8_FILE, data):
+        data = registry.read_attachment(version, INT8_FILE) or data
+    threads = os.cpu_count()
+    gate = measure_int8(build_onnx_session(data, threads=threads), batches, scores.predicted,
+                        scores.labels)
+    return int8_record(data, calibrated, gate, threads, parity)
+
+
+def int8_record(data: bytes, calibrated: int, gate: Int8Gate, threads: int | None,
+                parity: Parity) -> dict[str, Any]:
+    fp32_speed = parity.onnx_images_per_second if parity.provider == CPU_PROVIDER else None
+    return {"file": INT8_FILE, "sha256": sha256_hex(data), "bytes": len(data),
+            "quant_format": "QDQ", "per_channel": True, "weights": "int8",
+            "activations": "uint8",
+            "calibration": {"split": "valid", "images": calibrated, "method": "minmax"},
+            "gate": {**asdict(gate), "top1_delta": gate.top1_delta, "passed": gate.passed,
+                     "split": "test"},
+            "threads": threads, "int8_images_per_second": gate.int8_images_per_second,
+            "fp32_images_per_second": fp32_speed}
 
 
 def export_record(data: bytes, exporter: str, opset: int, trained, parity: Parity,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from flowerml.evaluation.predictions import ComparisonError
 from flowerml.io.storage_local import LocalStore
 from flowerml.models.backbones import build_model
 from flowerml.registry.export_record import (
@@ -18,21 +20,27 @@ from flowerml.registry.export_record import (
     ONNX_FILE,
     DamagedExportRecord,
     ExportError,
+    load_int8_bytes,
     load_onnx_bytes,
     read_export,
 )
 from flowerml.registry.names import RegistryError
 from flowerml.registry.versions import Registry
+from flowerml.serving import export as export_module
 from flowerml.serving.export import (
     Parity,
     PixelsToLogits,
     build_onnx_session,
     export_version,
     measure_parity,
+    parity_providers,
+    parity_session,
 )
+from flowerml.serving.quantize import Int8Gate, calibration_indices, measure_int8, quantize_int8
 from tests.helpers.registries import registry_copy
 from tests.helpers.registry_entries import card, weights
 from tests.helpers.stored_documents import fixture_bytes
+from tests.helpers.stores import replace_file
 from tests.helpers.synthetic import RegisteredRun
 
 
@@ -62,7 +70,11 @@ def test_export_writes_a_checked_onnx_file_and_its_record(exported: Exported) ->
     assert parity["images"] == 24  # the tiny dataset's test split
     assert parity["passed"] and parity["top1_agreement"] == 1.0
     assert parity["max_abs_logit_diff"] < parity["logit_tolerance"]
-    assert parity["onnx_images_per_second"] > 0 and parity["torch_images_per_second"] > 0
+    # compared with the logits the evaluation kept: PyTorch did not run again
+    assert (parity["reference"], parity["reference_note"]) == ("evaluation-logits", None)
+    assert parity["torch_images_per_second"] is None and parity["onnx_images_per_second"] > 0
+    assert (parity["provider"], parity["threads"]) == ("CPUExecutionProvider", os.cpu_count())
+    assert "int8" not in record or record["int8"] is None
 
 
 def test_the_onnx_graph_has_a_dynamic_batch_and_matches_eager(exported: Exported,
@@ -180,3 +192,171 @@ def test_an_edited_export_json_is_one_line_naming_file_and_field(local_store: Lo
     assert str(caught.value) == (f"registry/tulips/versions/000001/{EXPORT_JSON}: field "
                                  f"{field}")
     assert isinstance(caught.value, ExportError)
+
+
+# --------------------------------------------------------------------------------------------
+# One PyTorch pass: the parity check against the evaluation's logits, and its fallback
+
+
+def perturbed(data: bytes) -> bytes:
+    """The graph with one weight changed: the classifier's matrix (its one 2-D initializer)
+    scaled by 1.01, which moves every non-zero logit by 1% of itself."""
+    from onnx import numpy_helper
+
+    model = onnx.load_from_string(data)
+    (tensor,) = [t for t in model.graph.initializer if len(t.dims) == 2]
+    values = numpy_helper.to_array(tensor) * np.float32(1.01)
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    return model.SerializeToString()
+
+
+def test_a_graph_with_a_perturbed_weight_fails_fp32_parity(registered_run: RegisteredRun,
+                                                            tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The gate against the stored logits refuses a graph that is not the evaluated model:
+    export.json records the failure, and the version cannot be promoted on it."""
+    real = export_module.export_onnx
+
+    def export_perturbed(*args, **kwargs) -> str:
+        exporter = real(*args, **kwargs)
+        path = Path(args[2])
+        path.write_bytes(perturbed(path.read_bytes()))
+        return exporter
+
+    monkeypatch.setattr(export_module, "export_onnx", export_perturbed)
+    registry, cache = registry_copy(registered_run, tmp_path)
+    export = export_version(registry, 1, cache_dir=cache, workers=0)
+    parity = export.record["parity"]
+    assert not export.passed and not parity["passed"]
+    assert parity["reference"] == "evaluation-logits"
+    assert parity["max_abs_logit_diff"] > parity["logit_tolerance"]
+    assert read_export(registry, 1)["parity"]["passed"] is False
+
+
+def test_a_version_without_stored_logits_runs_pytorch_again(registered_run: RegisteredRun,
+                                                            tmp_path: Path) -> None:
+    """A version evaluated before the logits were kept (no `logits` block in its metrics.json)
+    gets today's two-pass check, and export.json says why."""
+    registry, cache = registry_copy(registered_run, tmp_path)
+    metrics_path = registry.store.root / registry.attachment_key(1, "metrics.json")
+    metrics = json.loads(metrics_path.read_text())
+    del metrics["predictions"]["logits"]
+    replace_file(metrics_path, json.dumps(metrics).encode())
+    (registry.store.root / registry.attachment_key(1, "logits.npy")).unlink()
+    parity = export_version(registry, 1, cache_dir=cache, workers=0).record["parity"]
+    assert parity["passed"] and parity["reference"] == "pytorch"
+    assert parity["reference_note"] == ("its evaluation kept no logits (evaluated before they "
+                                        "were kept)")
+    assert parity["torch_images_per_second"] > 0
+
+
+def test_tampered_stored_logits_are_refused(registered_run: RegisteredRun,
+                                            tmp_path: Path) -> None:
+    registry, cache = registry_copy(registered_run, tmp_path)
+    path = registry.store.root / registry.attachment_key(1, "logits.npy")
+    replace_file(path, path.read_bytes()[:-4] + b"\0\0\0\1")
+    with pytest.raises(ComparisonError, match="logits.npy: sha256 does not match"):
+        export_version(registry, 1, cache_dir=cache, workers=0)
+    assert registry.read_attachment(1, EXPORT_JSON) is None
+
+
+@pytest.mark.parametrize(("available", "cuda", "chosen"), [
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], True,
+     ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], False, ("CPUExecutionProvider",)),
+    (["AzureExecutionProvider", "CPUExecutionProvider"], True, ("CPUExecutionProvider",)),
+])
+def test_parity_runs_on_cuda_only_where_onnxruntime_gpu_and_a_gpu_are(available, cuda,
+                                                                       chosen) -> None:
+    assert parity_providers(available, cuda) == chosen
+
+
+def test_the_cpu_parity_session_uses_every_core(exported: Exported) -> None:
+    data, _ = load_onnx_bytes(exported.registry, 1)
+    session = parity_session(data)
+    assert session.get_providers()[0] == "CPUExecutionProvider"  # no GPU in the test suite
+    assert session.get_session_options().intra_op_num_threads == os.cpu_count()
+
+
+# --------------------------------------------------------------------------------------------
+# int8 behind its own gate
+
+
+@pytest.fixture(scope="module")
+def exported_int8(registered_run: RegisteredRun,
+                  tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    registry, cache = registry_copy(registered_run, tmp_path_factory.mktemp("exported-int8"))
+    export = export_version(registry, 1, cache_dir=cache, workers=0, quantize="int8")
+    assert export.created and export.passed
+    return Exported(registry, cache, export.record)
+
+
+def test_int8_export_writes_its_graph_and_gate_figures(exported_int8: Exported) -> None:
+    data, record = load_int8_bytes(exported_int8.registry, 1)
+    int8 = record["int8"]
+    assert record == exported_int8.record
+    assert (int8["file"], int8["bytes"]) == ("model.int8.onnx", len(data))
+    assert (int8["quant_format"], int8["per_channel"]) == ("QDQ", True)
+    model = onnx.load_from_string(data)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in model.graph.node}
+    # calibrated on the tiny dataset's valid split (4 classes x 3 images: all of it)
+    assert int8["calibration"] == {"split": "valid", "images": 12, "method": "minmax"}
+    gate = int8["gate"]
+    assert gate["images"] == 24
+    assert gate["top1_delta"] == pytest.approx(gate["int8_top1"] - gate["fp32_top1"])
+    assert gate["passed"] == (gate["top1_agreement"] >= 0.99 and gate["top1_delta"] >= -0.005)
+    assert gate["fp32_top1"] == pytest.approx(exported_int8.registry.get(1).card["metrics"]
+                                              ["top1"])
+    assert int8["int8_images_per_second"] > 0 and int8["fp32_images_per_second"] > 0
+    registry = exported_int8.registry
+    card = registry.store.get_bytes(registry.attachment_key(1, "card.md")).decode()
+    assert "int8_top1_agreement" in card and "model.int8.onnx" in card
+
+
+def test_an_int8_model_calibrated_on_one_blank_image_fails_its_gate(
+        exported_int8: Exported, tmp_path: Path) -> None:
+    """Calibrated on a single all-zero image, every activation range is that image's: the
+    int8 graph's top-1 parts from fp32's beyond what the gate allows. (A freshly initialised
+    ResNet-18, whose fp32 top-1 varies over the test images: the tiny trained model answers
+    one class for all of them, which any int8 graph agrees with.)"""
+    size = exported_int8.record["input"]["size"][0]
+    path = tmp_path / "model.onnx"
+    export_module.export_onnx(build_model("resnet18", 4, seed=3).eval(), size, path)
+    fp32 = path.read_bytes()
+    blank, calibrated = quantize_int8(fp32, [np.zeros((1, 3, size, size), np.uint8)])
+    assert calibrated == 1
+    batches = export_module.test_batches(exported_int8.registry.store,
+                                         exported_int8.registry.get(1).card,
+                                         exported_int8.cache, size, 0, 32)
+    parity, scores = export_module.compare_runtimes(build_onnx_session(fp32), batches,
+                                                    model=build_model("resnet18", 4, seed=3))
+    assert parity.passed and len(set(scores.predicted.tolist())) > 1
+    gate = measure_int8(build_onnx_session(blank), batches, scores.predicted, scores.labels)
+    assert gate.images == 24
+    assert gate.top1_agreement < gate.min_agreement or gate.top1_delta < -gate.max_top1_drop
+    assert not gate.passed
+
+
+def test_int8_gate_needs_both_agreement_and_top1() -> None:
+    def gate(agreement: float, fp32: float, int8: float) -> Int8Gate:
+        return Int8Gate(1000, agreement, fp32, int8, 1.0)
+
+    assert gate(0.995, 0.90, 0.897).passed
+    assert not gate(0.989, 0.90, 0.90).passed
+    assert not gate(1.0, 0.90, 0.894).passed
+    assert not Int8Gate(0, 1.0, 1.0, 1.0, 1.0).passed
+
+
+def test_a_version_exported_without_int8_is_not_quantised_later(exported: Exported) -> None:
+    with pytest.raises(ExportError, match=r"flowers102:000001 was exported without int8 on .*"
+                                          r"export.json is create-only"):
+        export_version(exported.registry, 1, cache_dir=exported.cache, workers=0,
+                       quantize="int8")
+    assert exported.registry.read_attachment(1, "model.int8.onnx") is None
+
+
+def test_calibration_takes_evenly_spaced_images_of_the_split() -> None:
+    assert calibration_indices(5, 8).tolist() == [0, 1, 2, 3, 4]
+    assert calibration_indices(1020, 128).tolist()[:3] == [0, 8, 16]
+    assert len(calibration_indices(1020, 128)) == 128
+    assert calibration_indices(1020, 128)[-1] == 1019
