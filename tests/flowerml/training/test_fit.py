@@ -218,8 +218,9 @@ def test_changed_configuration_is_refused_on_resume(published_store: StoreAndCac
 
 
 def run_files(store: LocalStore, run_id: str) -> list[str]:
+    """Every file of the run, by its path in the run's folder (tensorboard/... included)."""
     folder = store.root / "runs" / run_id
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
 def test_bad_weights_write_nothing_and_leave_the_run_id_free(published_store: StoreAndCache,
