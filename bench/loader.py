@@ -194,7 +194,8 @@ def machine() -> dict:
 def measure(args: argparse.Namespace, scratch: Path) -> dict:
     import torch
 
-    from flowerml.data.cache import build_decoded_split, cache_resolution
+    from flowerml.data.cache import build_decoded_split
+    from flowerml.data.preprocessing import cache_resolution
     from flowerml.data.sync import sync_split
     from flowerml.io.storage_local import LocalStore
 

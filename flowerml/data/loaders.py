@@ -126,8 +126,7 @@ def split_dataset(root: Path, published: PublishedDataset, split: str, preset: s
     if preset == "tutorial":
         return FolderImageDataset(root, published, split, transform)
     # Decoded on every core (workers=None): the DataLoader's workers have not started yet.
-    decoded = build_decoded_split(root, published, split, pre.resize,
-                                  interpolation=pre.interpolation)
+    decoded = build_decoded_split(root, published, split, pre)
     return CachedImageDataset(decoded, transform)
 
 

@@ -13,14 +13,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+
 from flowerml.core.errors import DataError
-from flowerml.data.cache import cache_resolution
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic")
-"""Pillow's BILINEAR and BICUBIC filters (antialiased when reducing), the two torchvision's
-classification weights use."""
+# The classic ImageNet ratio: resize the short side to 256 for a 224 crop (the tutorial's
+# Resize(256) + CenterCrop(224)): today's values for a model without weights of its own.
+RESIZE_RATIO = 256 / 224
+FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+"""Pillow's filters (antialiased when reducing) for the two torchvision's classification
+weights use."""
+INTERPOLATIONS = tuple(FILTERS)
+
+
+def cache_resolution(image_size: int) -> int:
+    """The resize for training at `image_size` without weights of its own (224 -> 256)."""
+    return round(image_size * RESIZE_RATIO)
 
 
 @dataclass(frozen=True)
@@ -50,11 +60,37 @@ class Preprocessing:
         return {"resize": self.resize, "crop": self.crop, "mean": list(self.mean),
                 "std": list(self.std), "interpolation": self.interpolation}
 
+    def crop_box(self, width: int, height: int,
+                 side: int | None = None) -> tuple[float, float, float, float]:
+        """The box of a `width` x `height` image that one Pillow resize to `side` x `side`
+        (default: the crop) takes to sample the very points torchvision's Resize(resize) +
+        CenterCrop(crop) keep: its resized long side truncated to whole pixels, its crop
+        offsets rounded. A `side` larger than the crop keeps a margin around it, placed so
+        that a CenterCrop(crop) of the square (the decode cache's) gives those pixels."""
+        side = side or self.crop
+        if width <= height:
+            resized_width, resized_height = self.resize, int(self.resize * height / width)
+        else:
+            resized_width, resized_height = int(self.resize * width / height), self.resize
+        margin = centre_offset(side, self.crop)
+        left = centre_offset(resized_width, self.crop) - margin
+        top = centre_offset(resized_height, self.crop) - margin
+        x_scale, y_scale = width / resized_width, height / resized_height
+        return (max(0.0, left * x_scale), max(0.0, top * y_scale),
+                min(float(width), (left + side) * x_scale),
+                min(float(height), (top + side) * y_scale))
+
     def describe(self) -> str:
         """One line, for export.json's input contract and reports."""
         return (f"resize the short side to {self.resize} ({self.interpolation}), centre-crop "
                 f"{self.crop}; the graph normalises (mean {list(self.mean)}, std "
                 f"{list(self.std)})")
+
+
+def centre_offset(size: int, crop: int) -> int:
+    """Where torchvision's CenterCrop starts a `crop` in `size` pixels (rounded half to even,
+    as Python's round: its own formula)."""
+    return int(round((size - crop) / 2.0))
 
 
 def default_preprocessing(image_size: int) -> Preprocessing:

@@ -30,8 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from flowerml.core.errors import UserError
 from flowerml.core.files import FileRefused, open_user_file
-from flowerml.data.cache import FILTERS
-from flowerml.data.preprocessing import Preprocessing, default_preprocessing
+from flowerml.data.preprocessing import FILTERS, Preprocessing, default_preprocessing
 from flowerml.serving.inputs import MAX_IMAGE_BYTES, ImageInput, ImageUnreadable, expand_inputs
 from flowerml.serving.runtimes import Scorer, softmax_top_k
 
@@ -86,18 +85,17 @@ def decode_image(source: BinaryIO, short_side: int) -> Image.Image:
 def image_pixels(source: Path | BinaryIO, preprocessing: Preprocessing | int) -> np.ndarray:
     """uint8 [3, S, S]: the image decoded (reduced when large), its short side resized to the
     model's `preprocessing.resize` and the centre S x S kept (S = its crop), with its filter,
-    as the ONNX export's input contract says (`flowerml.serving.runtimes.Scorer`). One resize
-    does both, on the crop's box in the original. An int is an image size with today's
-    preprocessing (`default_preprocessing`)."""
+    as the ONNX export's input contract says (`flowerml.serving.runtimes.Scorer`): torchvision's
+    Resize + CenterCrop pixels. One resize does both, on the crop's box in the original
+    (`Preprocessing.crop_box`). An int is an image size with today's preprocessing
+    (`default_preprocessing`)."""
     if isinstance(preprocessing, int):
         preprocessing = default_preprocessing(preprocessing)
-    short_side, size = preprocessing.resize, preprocessing.crop
-    image = open_image(source, short_side)
-    width, height = image.size
-    half = min(width, height) * size / short_side / 2
-    box = (width / 2 - half, height / 2 - half, width / 2 + half, height / 2 + half)
+    size = preprocessing.crop
+    image = open_image(source, preprocessing.resize)
     try:
-        crop = image.resize((size, size), FILTERS[preprocessing.interpolation], box=box)
+        crop = image.resize((size, size), FILTERS[preprocessing.interpolation],
+                            box=preprocessing.crop_box(*image.size))
     except Exception as error:  # noqa: BLE001 - an odd image PIL cannot resize
         raise ImageError(f"unreadable image: {describe(error)}") from None
     return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))

@@ -13,6 +13,7 @@ from flowerml.core.errors import DataError
 from flowerml.data import cache
 from flowerml.data.cache import build_decoded_split
 from flowerml.data.manifest import PublishedDataset
+from flowerml.data.preprocessing import Preprocessing, default_preprocessing
 from flowerml.data.sync import sync_split
 from flowerml.io.storage_local import LocalStore
 
@@ -61,6 +62,27 @@ def test_decoded_split_pickles_by_path(local_store: LocalStore,
     assert restored.labels.tolist() == decoded.labels.tolist()
 
 
+def test_each_preprocessing_has_its_own_cache(local_store: LocalStore,
+                                              local_published: PublishedDataset,
+                                              tmp_path: Path) -> None:
+    """A model's resize, crop and filter name its cache: a 232/224-like one and today's
+    256/224-like one (and a bicubic one) never read each other's pixels."""
+    root = sync_split(local_store, local_published, ["valid"], tmp_path / "cache")
+    squares = [default_preprocessing(32), Preprocessing(34, 32),
+               Preprocessing(37, 32, interpolation="bicubic"), Preprocessing(37, 30)]
+    built = [build_decoded_split(root, local_published, "valid", square) for square in squares]
+    assert len({decoded.path for decoded in built}) == len(squares)
+    assert all(decoded.decoded == 8 for decoded in built)
+    assert built[1].path.name.startswith("valid-34px-crop32-")
+    assert "-bicubic-" in built[2].path.name
+    first = root / local_published.split_files("valid")[0].key
+    for square, decoded in zip(squares, built, strict=True):
+        again = build_decoded_split(root, local_published, "valid", square)
+        assert again.decoded == 0 and again.path == decoded.path
+        assert np.array_equal(again.images[0], cache.decode_square(first, square))
+    assert not np.array_equal(built[0].images, built[2].images)  # the filter alone differs
+
+
 def test_decoding_needs_a_synced_split(local_published: PublishedDataset, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not in the local cache"):
         build_decoded_split(tmp_path, local_published, "test", RESOLUTION)
@@ -68,9 +90,10 @@ def test_decoding_needs_a_synced_split(local_published: PublishedDataset, tmp_pa
 
 
 
+@pytest.mark.parametrize("square", [RESOLUTION, Preprocessing(40, 32, interpolation="bicubic")])
 def test_many_workers_decode_in_processes_into_the_same_cache(
         local_store: LocalStore, local_published: PublishedDataset, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, square: int | Preprocessing) -> None:
     """From PROCESS_MIN_WORKERS workers on, spawned processes fill the memory-mapped file: the
     cache holds exactly what decoding each image gives, in manifest order."""
     monkeypatch.setattr(cache, "PROCESS_MIN_WORKERS", 2)
@@ -78,12 +101,12 @@ def test_many_workers_decode_in_processes_into_the_same_cache(
     monkeypatch.setattr(cache, "PROCESS_CHUNK", 3)  # 8 images: chunks of 3, 3 and 2
     root = sync_split(local_store, local_published, ["train"], tmp_path / "cache")
     assert cache.use_processes(2, 8)
-    decoded = build_decoded_split(root, local_published, "train", RESOLUTION, workers=2)
+    decoded = build_decoded_split(root, local_published, "train", square, workers=2)
     entries = local_published.split_files("train")
     assert decoded.decoded == 8
     for index, entry in enumerate(entries):
         assert np.array_equal(decoded.images[index],
-                              cache.decode_square(root / entry.key, RESOLUTION))
+                              cache.decode_square(root / entry.key, square))
 
 
 def test_a_bad_image_fails_the_processes_and_leaves_no_cache(

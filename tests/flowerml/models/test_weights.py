@@ -10,9 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowerml.data.preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocessing,
+    default_preprocessing,
+)
 from flowerml.models import weights
 from flowerml.models.backbones import FlowerModel, ModelError, build_model
-from flowerml.models.weights import WeightsUnavailable, resolve_weights
+from flowerml.models.weights import ResolvedWeights, WeightsUnavailable, resolve_weights
 from tests.helpers.backbones import (
     assert_backbone_equals,
     assert_fresh_head,
@@ -20,6 +26,12 @@ from tests.helpers.backbones import (
     source_resnet18,
 )
 from tests.helpers.network import free_port
+from tests.helpers.preprocessing import (
+    evaluated_tensor,
+    photo_variants,
+    served_tensor,
+    torchvision_tensor,
+)
 
 
 def build(arch: str, num_classes: int, value: str, *, seed: int | None = None,
@@ -262,3 +274,75 @@ def test_weights_are_fitted_to_the_arch_up_front_without_building_it(tmp_path: P
     assert str(up_front.value) == str(at_build.value)
     assert "key 'conv1.weight' has shape [64, 3, 3, 3], resnet18 needs [64, 3, 7, 7]" in \
         str(up_front.value)
+
+
+# --------------------------------------------------------------------------------------------
+# The weights' own preprocessing (read from torchvision's enum: no weights are loaded)
+
+
+def test_resnet152_v2_weights_are_evaluated_at_232_px() -> None:
+    assert weights.preprocessing_for("ResNet152_Weights.IMAGENET1K_V2", 224) == Preprocessing(
+        resize=232, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bilinear")
+    efficientnet = weights.preprocessing_for("EfficientNet_B0_Weights.IMAGENET1K_V1", 224)
+    assert (efficientnet.resize, efficientnet.interpolation) == (256, "bicubic")
+    # Another training size keeps the weights' resize-to-crop ratio: 232 / 224 at 112 px.
+    assert weights.preprocessing_for("ResNet152_Weights.IMAGENET1K_V2", 112).resize == 116
+
+
+def test_no_weights_keep_todays_preprocessing() -> None:
+    for size in (224, 96, 32):
+        assert weights.preprocessing_for(None, size) == default_preprocessing(size)
+        assert weights.preprocessing_for("none", size) == default_preprocessing(size)
+    assert default_preprocessing(224) == Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+    assert weights.weights_preprocessing(weights.NO_WEIGHTS, 224) == default_preprocessing(224)
+
+
+def test_the_preprocessing_follows_what_weights_resolved_to(tmp_path: Path) -> None:
+    imagenet = ResolvedWeights("imagenet:ResNet152_Weights.IMAGENET1K_V2",
+                               tmp_path / "resnet152-f82ba261.pth")
+    assert weights.weights_preprocessing(imagenet, 224).resize == 232
+    # A staged copy of torchvision's file (S3 or local) is known by its name...
+    staged = ResolvedWeights("s3://bucket/resnet152-f82ba261.pth",
+                             tmp_path / "resnet152-f82ba261.pth")
+    assert weights.weights_preprocessing(staged, 224).resize == 232
+    # ...and weights of unknown origin keep today's values.
+    own = ResolvedWeights("/data/my-backbone.safetensors", tmp_path / "my-backbone.safetensors")
+    assert weights.weights_preprocessing(own, 224) == default_preprocessing(224)
+
+
+def test_an_unknown_weights_name_is_refused() -> None:
+    with pytest.raises(weights.WeightsError, match="'ResNet152_Weights.NOPE' names no "
+                                                   "torchvision weights"):
+        weights.preprocessing_for("ResNet152_Weights.NOPE", 224)
+
+
+@pytest.mark.parametrize("weights_name", ["ResNet152_Weights.IMAGENET1K_V2",
+                                          "EfficientNet_B0_Weights.IMAGENET1K_V1",
+                                          "ResNet18_Weights.IMAGENET1K_V1"])
+def test_flowerml_gives_torchvisions_own_input_for_the_weights(tmp_path: Path,
+                                                               weights_name: str) -> None:
+    """The same JPEGs through `weights.transforms()` and through flowerml's evaluation (decode
+    cache + eval transform) and serving (`image_pixels`) paths, normalised: the same tensor.
+    Photos under twice the resize match to a grey level; a larger one is decoded at half scale
+    by libjpeg (flowerml's speed-up), which moves pixels a little, never the picture."""
+    preprocessing = weights.preprocessing_for(weights_name, 224)
+    one_grey_level = 1 / 255 / min(IMAGENET_STD)
+    for name, path in photo_variants(tmp_path).items():
+        expected = torchvision_tensor(weights_name, path)
+        for ours in (evaluated_tensor(preprocessing, path), served_tensor(preprocessing, path)):
+            difference = (ours - expected).abs()
+            assert ours.shape == expected.shape == (3, 224, 224)
+            if name == "whole":
+                assert difference.mean() < 0.05, (name, float(difference.mean()))
+            else:
+                assert difference.mean() < 0.01, (name, float(difference.mean()))
+                assert difference.quantile(0.99) <= 1.01 * one_grey_level, name
+
+
+def test_todays_preprocessing_is_not_resnet152_v2s(tmp_path: Path) -> None:
+    """What the previous test guards against: ResNet-152 V2's input made the 256/224 way
+    differs from torchvision's 232/224 by far more than that test allows."""
+    path = photo_variants(tmp_path)["wide"]
+    expected = torchvision_tensor("ResNet152_Weights.IMAGENET1K_V2", path)
+    todays = served_tensor(default_preprocessing(224), path)
+    assert (todays - expected).abs().mean() > 0.3
