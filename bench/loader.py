@@ -195,7 +195,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     import torch
 
     from flowerml.data.cache import build_decoded_split
-    from flowerml.data.preprocessing import cache_resolution
+    from flowerml.data.preprocessing import default_preprocessing
     from flowerml.data.sync import sync_split
     from flowerml.io.storage_local import LocalStore
 
@@ -212,7 +212,7 @@ def measure(args: argparse.Namespace, scratch: Path) -> dict:
     sync_seconds = time.perf_counter() - start
     log(f"synced the train split in {sync_seconds:.2f} s; decoding it once ...")
     start = time.perf_counter()
-    decoded = build_decoded_split(root, published, "train", cache_resolution(224),
+    decoded = build_decoded_split(root, published, "train", default_preprocessing(224),
                                   workers=os.cpu_count())
     decode_seconds = time.perf_counter() - start
     files = [root / entry.key for entry in published.split_files("train")]
