@@ -13,6 +13,7 @@ import these):
 - `multipart`: a file S3Store uploads in parts, and the uploads a bucket still holds pending.
 - `network`: free loopback ports and waiting for a server to answer.
 - `paired`: hand-built per-image predictions of two models on the same images.
+- `preprocessing`: a real photo through torchvision's weights.transforms() and flowerml's paths.
 - `prefect_runs`: a task run's outcome as the Prefect server recorded it.
 - `registries`: registries the tests build (the registered run copied, exported; two versions).
 - `registry_entries`: a registry entry's parts (manifest hash, model name, weights, card).
