@@ -46,9 +46,10 @@ DEFAULT_MODEL = "flowers102@production"
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Images decoded and classified at a time (memory grows with it).")
 @click.option("--runtime", type=Choice(RUNTIMES), default="auto", show_default=True,
-              help="torch, or onnx (ONNX Runtime on the CPU; needs an export that passed "
-                   "parity: flowerml export); auto: onnx when the version has one and the "
-                   "model would run on the CPU, else torch.")
+              help="torch, onnx or onnx-int8 (ONNX Runtime on the CPU; needs an export that "
+                   "passed parity, and for int8 its own gate: flowerml export --quantize "
+                   "int8); auto: on the CPU onnx-int8 when it passed, else onnx when that "
+                   "passed, else torch.")
 @device_option
 @json_option
 def predict(inputs: tuple[str, ...], model_ref: str | None, run_id: str | None,
@@ -90,7 +91,7 @@ def run_scorer(store: Store, run_id: str, runtime: str, device: str) -> Scorer:
     from flowerml.evaluation.inference import load_trained_model
     from flowerml.serving.runtimes import scorer_from_model
 
-    if runtime == "onnx":
+    if runtime in ("onnx", "onnx-int8"):
         raise CliError(f"run '{run_id}' has no ONNX export: register it (flowerml registry "
                        "register --run ID), export the version, and predict with --model")
     return scorer_from_model(load_trained_model(store, run_id, device))
@@ -106,8 +107,8 @@ def version_scorer(store: Store, ref: str, runtime: str, device: str) -> Scorer:
     chosen = resolve_ref(store, ref)
     registry = Registry(store, chosen.model)
     on_cpu = select_device(device).type == "cpu"
-    if runtime == "onnx" and not on_cpu:
-        raise CliError(f"--runtime onnx runs on the CPU: drop --device {device}, or use "
+    if runtime in ("onnx", "onnx-int8") and not on_cpu:
+        raise CliError(f"--runtime {runtime} runs on the CPU: drop --device {device}, or use "
                        "--runtime torch")
     runtime, sha256 = choose_runtime(registry, chosen.version,
                                      runtime if on_cpu or runtime != "auto" else "torch")

@@ -12,7 +12,8 @@ import click
 from flowerml.cli.app import EXIT_REFUSED, Choice, cli, emit_json, json_option, store_option
 from flowerml.settings import build_store, load_settings
 
-RUNTIME_CHOICES = ("auto", "onnx", "torch")  # flowerml.serving.scoring_plan.RUNTIMES, without imports
+# flowerml.serving.scoring_plan.RUNTIMES, without imports
+RUNTIME_CHOICES = ("auto", "onnx", "onnx-int8", "torch")
 
 
 @cli.command()
@@ -24,8 +25,9 @@ RUNTIME_CHOICES = ("auto", "onnx", "torch")  # flowerml.serving.scoring_plan.RUN
               help="Where results go: a folder, file://PATH or s3://bucket[/prefix]; they land "
                    "in OUTPUT/<model>/<version>/<input-id>/.")
 @click.option("--runtime", type=Choice(RUNTIME_CHOICES), default="auto", show_default=True,
-              help="onnx: the version's ONNX export (it must have passed parity); torch: "
-                   "PyTorch eager; auto: onnx when a passing export exists.")
+              help="onnx: the version's ONNX export (it must have passed parity); "
+                   "onnx-int8: its int8 graph (it must have passed its own gate); torch: "
+                   "PyTorch eager; auto: onnx-int8 when it passed, else onnx when it passed.")
 @click.option("--batch-size", type=int, default=64, show_default=True,
               help="Images decoded and scored at a time.")
 @click.option("--shard-size", type=int, default=1000, show_default=True,

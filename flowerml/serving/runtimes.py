@@ -22,7 +22,9 @@ from flowerml.registry.versions import Registry
 if TYPE_CHECKING:
     from flowerml.evaluation.inference import TrainedModel
 
-RUNTIMES = ("auto", "onnx", "torch")
+RUNTIMES = ("auto", "onnx", "onnx-int8", "torch")
+ONNX_RUNTIMES = ("onnx", "onnx-int8")
+"""The runtimes ONNX Runtime runs, on the CPU."""
 
 
 class RuntimeRefused(UserError):
@@ -47,10 +49,19 @@ class Scorer:
             self.preprocessing = recorded_preprocessing(None, self.image_size)
 
 
+def auto_runtime(record: dict | None) -> str:
+    """What `auto` runs on a CPU: the int8 graph when it passed its gate (and the fp32 export
+    its parity), else the fp32 ONNX graph when it passed parity, else PyTorch."""
+    if not (record and record.get("parity", {}).get("passed")):
+        return "torch"
+    int8 = record.get("int8")
+    return "onnx-int8" if int8 and int8["gate"]["passed"] else "onnx"
+
+
 def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[str, str]:
     """(runtime, sha256 of the file it runs), that file verified now, so that a bad one is
-    refused before any work. `auto` is onnx when a passing export exists, else torch."""
-    from flowerml.registry.export_record import load_onnx_bytes, read_export
+    refused before any work. `auto` (on a CPU) is `auto_runtime`'s choice."""
+    from flowerml.registry.export_record import load_int8_bytes, load_onnx_bytes, read_export
 
     if requested not in RUNTIMES:
         raise RuntimeRefused(f"--runtime must be one of {', '.join(RUNTIMES)}: got "
@@ -58,7 +69,17 @@ def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[st
     label = f"{registry.model}:{version:06d}"
     record = read_export(registry, version)
     passed = bool(record and record.get("parity", {}).get("passed"))
-    runtime = ("onnx" if passed else "torch") if requested == "auto" else requested
+    runtime = auto_runtime(record) if requested == "auto" else requested
+    if runtime == "onnx-int8":
+        int8 = (record or {}).get("int8")
+        if not int8:
+            raise RuntimeRefused(f"{label} has no int8 export (export a new version with "
+                                 "--quantize int8, or use --runtime onnx)")
+        if not (passed and int8["gate"]["passed"]):
+            raise RuntimeRefused(f"{label}'s int8 export failed its gate against fp32 (see "
+                                 "export.json): use --runtime onnx")
+        _, record = load_int8_bytes(registry, version)  # verifies its sha256
+        return "onnx-int8", record["int8"]["sha256"]
     if runtime == "onnx":
         if record is None:
             raise RuntimeRefused(f"{label} has no ONNX export (run: flowerml export "
@@ -79,16 +100,21 @@ def load_scorer(registry: Registry, version: int, runtime: str, sha256: str | No
     card = registry.require_committed(version).card
     names = tuple(c["name"] for c in card["classes"])
     label = f"{registry.model}:{version:06d}"
-    if runtime == "onnx":
-        from flowerml.registry.export_record import load_onnx_bytes
+    if runtime in ONNX_RUNTIMES:
+        from flowerml.registry.export_record import load_int8_bytes, load_onnx_bytes
         from flowerml.serving.export import build_onnx_session
 
-        data, record = load_onnx_bytes(registry, version)
-        check_same_file(label, "model.onnx", record["sha256"], sha256)
+        if runtime == "onnx":
+            data, record = load_onnx_bytes(registry, version)
+            file, file_sha256 = record["file"], record["sha256"]
+        else:
+            data, record = load_int8_bytes(registry, version)
+            file, file_sha256 = record["int8"]["file"], record["int8"]["sha256"]
+        check_same_file(label, file, file_sha256, sha256)
         session = build_onnx_session(data, threads)
         del data
         size = int(record["input"]["size"][0])
-        return Scorer(label, runtime, record["sha256"], size, names,
+        return Scorer(label, runtime, file_sha256, size, names,
                       lambda pixels: session.run(["logits"], {"images": pixels})[0],
                       recorded_preprocessing(card.get("preprocessing"), size))
     import torch

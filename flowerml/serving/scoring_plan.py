@@ -37,7 +37,7 @@ from flowerml.serving.inputs import list_input
 from flowerml.serving.runtimes import RuntimeRefused
 from flowerml.serving.scoring_spool import LISTING_FORMAT, Spooled, spool_listing, spooled_shards
 
-Runtime = Literal["auto", "onnx", "torch"]
+Runtime = Literal["auto", "onnx", "onnx-int8", "torch"]
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
 DEFAULT_SHARD_SIZE = 1000
 DEFAULT_BATCH_SIZE = 64
@@ -131,7 +131,7 @@ class ScoringPlan(ScoringListing):
 
     model_config = ConfigDict(frozen=True)
 
-    sha256: str  # of the file the runtime runs: model.onnx or model.safetensors
+    sha256: str  # of the file the runtime runs: model.onnx, model.int8.onnx or model.safetensors
     weights_sha256: str
     batch_size: int
     registry: str  # the registry's store URI
