@@ -102,6 +102,9 @@ class Scorecard:
     paired: Paired | None = None
     """A candidate's image-by-image comparison with the champion it is judged against (`a` the
     champion, `b` the candidate), or why there is none; None when nobody looked."""
+    int8_gate: bool | None = None
+    """Whether the version's int8 graph passed its own gate; None when it has none. A failed
+    int8 never blocks promotion (the version serves on fp32): the reasons say so."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.top1, int | float) or not 0 <= self.top1 <= 1:
@@ -127,7 +130,8 @@ class Scorecard:
             paired = {"unavailable": {"champion": self.paired.champion,
                                       "reason": self.paired.reason}}
         return {"top1": self.top1, "test_manifest_sha256": self.test_manifest_sha256,
-                "version": self.version, "export_parity": self.export_parity, "paired": paired}
+                "version": self.version, "export_parity": self.export_parity, "paired": paired,
+                "int8_gate": self.int8_gate}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> Scorecard:
@@ -139,7 +143,11 @@ class Scorecard:
         else:
             found = None
         return cls(value["top1"], value["test_manifest_sha256"], value.get("version"),
-                   value.get("export_parity"), found)
+                   value.get("export_parity"), found, value.get("int8_gate"))
+
+
+INT8_FAILED = ("its int8 export failed its gate (see export.json): promoted on fp32, served by "
+               "fp32 ONNX on a CPU")
 
 
 def decide_promotion(candidate: Scorecard, champion: Scorecard | None, gate: Gate, *,
@@ -172,6 +180,8 @@ def decide_promotion(candidate: Scorecard, champion: Scorecard | None, gate: Gat
     if candidate.export_parity is False:
         passes = False
         reasons.append("its ONNX export failed the parity check (see export.json)")
+    if candidate.int8_gate is False:
+        reasons.append(INT8_FAILED)
     if force:
         return True, [*reasons, "forced: promoted regardless of the gate"]
     return passes, reasons

@@ -173,7 +173,8 @@ def promote(registry: Registry, version: int, *, scorecard: Scorecard,
     """
     registry.require_committed(version)  # set_alias verifies the weights before any move
     candidate = replace(scorecard, version=version if scorecard.version is None
-                        else scorecard.version, export_parity=export_parity(registry, version))
+                        else scorecard.version, export_parity=export_parity(registry, version),
+                        int8_gate=int8_gate(registry, version))
     if champion is not None and champion.version is None:
         first_read = registry.alias(alias)
         if first_read is not None:
@@ -209,6 +210,14 @@ def export_parity(registry: Registry, version: int) -> bool | None:
 
     record = read_export(registry, version)
     return None if record is None else bool(record.get("parity", {}).get("passed"))
+
+
+def int8_gate(registry: Registry, version: int) -> bool | None:
+    """Whether the version's int8 graph passed its gate (None: it has none)."""
+    from flowerml.registry.export_record import read_export
+
+    int8 = (read_export(registry, version) or {}).get("int8")
+    return None if not int8 else bool(int8["gate"]["passed"])
 
 
 def _champion(registry: Registry, current: AliasState | None,

@@ -91,6 +91,31 @@ def test_a_version_whose_onnx_export_failed_parity_needs_force(local_store: Loca
     assert ok and state.version == 2  # a passing export does not stand in the way
 
 
+def int8_block(passed: bool) -> dict:
+    """export.json's int8 block of a graph that agreed with fp32 on 97% of 1000 images."""
+    return {"file": "model.int8.onnx", "sha256": "a" * 64, "bytes": 100, "quant_format": "QDQ",
+            "per_channel": True, "weights": "int8", "activations": "uint8",
+            "calibration": {"split": "valid", "images": 128, "method": "minmax"},
+            "gate": {"images": 1000, "top1_agreement": 0.97, "fp32_top1": 0.9,
+                     "int8_top1": 0.88, "top1_delta": -0.02, "int8_images_per_second": 9.0,
+                     "min_agreement": 0.99, "max_top1_drop": 0.005, "passed": passed,
+                     "split": "test"},
+            "threads": 2, "int8_images_per_second": 9.0, "fp32_images_per_second": 3.0}
+
+
+def test_a_version_whose_int8_failed_its_gate_is_promoted_on_fp32_and_says_so(
+        local_store: LocalStore) -> None:
+    registry = Registry(local_store, MODEL)
+    registry.register(weights(1), card(0.99))
+    record = {**json.loads(fixture_bytes("export.json")), "int8": int8_block(False)}
+    registry.attach(1, "export.json", json.dumps(record).encode())
+    ok, reasons, state = promote(registry, 1, scorecard=Scorecard(0.99, MANIFEST))
+    assert ok and state.version == 1 and registry.alias().version == 1
+    assert reasons[-1] == ("its int8 export failed its gate (see export.json): promoted on "
+                           "fp32, served by fp32 ONNX on a CPU")
+    assert reasons[-1] in json.dumps(registry.history()[-1])  # the audit trail says so too
+
+
 def test_promote_decides_again_when_the_champion_changed(local_store: LocalStore) -> None:
     registry = Registry(local_store, MODEL)
     for seed, top1 in ((1, 0.95), (2, 0.99), (3, 0.96)):
