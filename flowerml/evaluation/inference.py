@@ -140,7 +140,7 @@ def evaluate_with_logits(trained: TrainedModel, store: Store, published: Publish
     loader = build_eval_loader(store, published, cache_dir, split=split,
                                image_size=trained.image_size,
                                batch_size=batch_size or eval_batch_size(trained.device),
-                               workers=workers)
+                               workers=workers, preprocessing=trained.preprocessing)
     kept: list[np.ndarray] = []
 
     def keep(_inputs: torch.Tensor, logits: torch.Tensor) -> None:
@@ -148,7 +148,7 @@ def evaluate_with_logits(trained: TrainedModel, store: Store, published: Publish
 
     with full_fp32(trained.device):
         metrics = evaluate_loader(trained.model, loader, trained.device, published.class_names,
-                                  amp=False, observe=keep)
+                                  amp=False, observe=keep, normalisation=trained.preprocessing)
     logits = (np.concatenate(kept) if kept
               else np.zeros((0, len(published.class_names)), np.float32))
     return metrics, logits

@@ -474,3 +474,62 @@ def test_an_epoch_is_announced_only_once_its_checkpoint_is_on_the_store(
 
     run_fit(published_store, "announced", epochs=2, on_event=on_event)
     assert checkpointed_at == [(1, 1), (2, 2)]
+
+
+# --------------------------------------------------------------------------------------------
+# The weights' own preprocessing
+
+
+def test_a_run_without_weights_records_todays_preprocessing(published_store: StoreAndCache,
+                                                            uninterrupted_run) -> None:
+    from flowerml.data.preprocessing import default_preprocessing
+    from flowerml.evaluation.inference import load_trained_model
+
+    store, _ = published_store
+    record = json.loads(store.get_bytes("runs/straight/config.json"))
+    assert record["preprocessing"] == {"resize": 37, "crop": 32, "interpolation": "bilinear",
+                                       "mean": [0.485, 0.456, 0.406],
+                                       "std": [0.229, 0.224, 0.225]}
+    # A run recorded before the field existed reads as the same values.
+    copy_run(store, "straight", "recorded-before")
+    del record["preprocessing"]
+    store.put_bytes("runs/recorded-before/config.json", json.dumps(record).encode())
+    loaded = load_trained_model(store, "recorded-before", device="cpu")
+    assert loaded.preprocessing == default_preprocessing(32)
+
+
+def test_a_run_trains_validates_and_evaluates_at_its_weights_preprocessing(
+        published_store: StoreAndCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights measured at their own resize (as ResNet-152 V2's 232 for 224): config.json
+    records it, train and valid are decoded at it, an extension keeps what was recorded, and
+    the evaluation reads the test split at it too."""
+    from flowerml.data.preprocessing import Preprocessing
+    from flowerml.evaluation.inference import evaluate_run, load_trained_model
+
+    store, cache = published_store
+    own = Preprocessing(36, 32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25),
+                        interpolation="bicubic")
+    asked: list[tuple[str, int]] = []
+
+    def weights_preprocessing(weights, image_size):
+        asked.append((weights.source, image_size))
+        return own
+
+    monkeypatch.setattr(training, "weights_preprocessing", weights_preprocessing)
+    run_fit(published_store, "own-preprocessing", epochs=1)
+    assert asked == [("none", 32)]
+    record = json.loads(store.get_bytes("runs/own-preprocessing/config.json"))
+    assert record["preprocessing"] == own.to_json()
+    caches = {path.name.split("-")[0] for path in cache.rglob("*-36px-crop32-bicubic-*.npy")}
+    assert caches == {"train", "valid"}
+
+    monkeypatch.setattr(training, "weights_preprocessing",
+                        lambda *_: pytest.fail("a recorded run asked for its weights again"))
+    extended = run_fit(published_store, "own-preprocessing", epochs=2)
+    assert extended.epochs_run == 2
+    assert json.loads(store.get_bytes("runs/own-preprocessing/config.json"))[
+        "preprocessing"] == own.to_json()
+
+    assert load_trained_model(store, "own-preprocessing", device="cpu").preprocessing == own
+    evaluate_run(store, "own-preprocessing", cache_dir=cache, device="cpu", workers=0)
+    assert list(cache.rglob("test-36px-crop32-bicubic-*.npy"))
