@@ -41,6 +41,7 @@ from flowerml.io.storage import S3Options, Store  # noqa: E402
 from flowerml.io.storage_local import LocalStore  # noqa: E402
 from flowerml.io.storage_s3 import S3Store  # noqa: E402
 from flowerml.registry.versions import Registry  # noqa: E402
+from tests.helpers.prefect_database import migrated_database, seeded_test_harness  # noqa: E402
 from tests.helpers.s3_servers import denying_moto_server, seaweedfs_server  # noqa: E402
 from tests.helpers.synthetic import (  # noqa: E402
     DATASET,
@@ -173,11 +174,17 @@ def seaweedfs_store(seaweedfs_endpoint: str) -> S3Store:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    """One Prefect test server for the whole session (it takes seconds to start)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_database(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A Prefect database at head, migrated once for all xdist workers: every server the suite
+    starts begins from a copy (tests/helpers/prefect_database.py)."""
+    base = tmp_path_factory.getbasetemp()
+    return migrated_database((base if worker_id == "master" else base.parent) / "prefect-db")
 
-    with prefect_test_harness(server_startup_timeout=120):
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_database: Path) -> Iterator[None]:
+    """One Prefect test server for the whole session (it takes seconds to start)."""
+    with seeded_test_harness(prefect_database):
         yield
 
 

@@ -4,15 +4,17 @@ up as deploy/README.md says, so that the two modules run side by side on two xdi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.helpers.deployment import NEW_DATA_TRIGGER, LocalPrefect, short_zombie_automations
+from tests.helpers.prefect_database import copy_database
 
 
 @pytest.fixture(scope="module")
-def prefect_stack(tmp_path_factory: pytest.TempPathFactory,
-                  moto_endpoint: str) -> Iterator[LocalPrefect]:
+def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str,
+                  prefect_database: Path) -> Iterator[LocalPrefect]:
     """One server for the module, set up as the runbook says (pools, deployments, automations
     with the tests' short zombie threshold)."""
     tmp_path = tmp_path_factory.mktemp("prefect-stack")
@@ -23,6 +25,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory,
         "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT2S",
         "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "2",
     })
+    copy_database(prefect_database, tmp_path / "prefect.db")  # LocalPrefect's database
     try:
         prefect.start_server()
         prefect.set_up_deployments(short_zombie_automations(tmp_path))

@@ -6,13 +6,13 @@ import these):
 - `backbones`: a seeded torchvision ResNet-18 and the checks that a model holds its backbone.
 - `cli`: the library's `flowerml` command run in-process, and the one check of a refusal.
 - `deployment`: the deployment tests' tiny runs, worker processes and short zombie rule.
-- `http_files`: a scripted HTTP file server, and the download's backoff delays recorded.
 - `http_files`: a scripted HTTP file server for the download tests, and backoff delays recorded.
 - `images`: image files a user may hand over (photo-like JPEGs, a bomb's PNG header, cut ones).
 - `interrupts`: runs that die at a chosen point, in-process or as a SIGKILLed child.
 - `multipart`: a file S3Store uploads in parts, and the uploads a bucket still holds pending.
 - `network`: free loopback ports and waiting for a server to answer.
 - `paired`: hand-built per-image predictions of two models on the same images.
+- `prefect_database`: a Prefect database migrated once a session, copied for each server.
 - `preprocessing`: a real photo through torchvision's weights.transforms() and flowerml's paths.
 - `prefect_runs`: a task run's outcome as the Prefect server recorded it.
 - `registries`: registries the tests build (the registered run copied, exported; two versions).
