@@ -6,12 +6,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from flowerml.data.preprocessing import Preprocessing, default_preprocessing
 from flowerml.evaluation.inference import load_trained_model
 from flowerml.serving.inputs import ImageInput
-from flowerml.serving.prediction import ImageError, open_image, predict_images, predict_inputs
+from flowerml.serving.prediction import (
+    ImageError,
+    image_pixels,
+    open_image,
+    predict_images,
+    predict_inputs,
+)
 from flowerml.serving.runtimes import Scorer, scorer_from_model
 from tests.helpers.images import write_jpeg, write_png_header, write_truncated_jpeg
 from tests.helpers.stores import StoreAndCache
@@ -135,3 +143,22 @@ def test_top_k_beyond_the_classes_gives_every_class(model: Scorer,
     [row] = predict_images(model, test_images[:1], top_k=50)
     assert sorted(p["name"] for p in row["predictions"]) == sorted(model.class_names)
     assert sum(p["probability"] for p in row["predictions"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_images_are_read_by_the_models_recorded_preprocessing(tmp_path: Path) -> None:
+    """A scorer's preprocessing (what its card records) is how predict decodes each input:
+    torchvision's resize of the weights, not today's 256/224, reaches the model."""
+    seen: list[np.ndarray] = []
+
+    def logits(pixels: np.ndarray) -> np.ndarray:
+        seen.append(pixels)
+        return np.zeros((len(pixels), 2), np.float32)
+
+    resnet152_v2 = Preprocessing(232, 224)
+    scorer = Scorer("m:000001", "onnx", "0" * 64, 224, ("a", "b"), logits, resnet152_v2)
+    path = write_jpeg(tmp_path / "flower.jpg", 400, 300, seed=3)
+    predict_images(scorer, [path], top_k=1)
+    assert np.array_equal(seen[0][0], image_pixels(path, resnet152_v2))
+    assert not np.array_equal(seen[0][0], image_pixels(path, 224))  # today's 256/224
+    assert Scorer("m:000001", "onnx", "0" * 64, 224, ("a", "b"), logits).preprocessing == \
+        default_preprocessing(224)
