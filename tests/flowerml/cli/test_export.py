@@ -110,3 +110,58 @@ def test_predict_with_onnx_is_refused_without_an_export(registered_run: Register
     result = invoke("predict", image, "--run", "tiny", "--runtime", "onnx",
                     store=registered_run.store, cache=registered_run.cache)
     assert_refused(result, "run 'tiny' has no ONNX export")
+
+
+def test_export_quantize_int8_prints_its_gate_and_writes_the_graph(
+        registered_run: RegisteredRun, tmp_path: Path) -> None:
+    store, cache = store_copy(registered_run, tmp_path)
+    result = invoke("export", "flowers102@production", "--quantize", "int8", "--workers", "0",
+                    store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "(against the evaluation's logits, on CPUExecutionProvider)" in lines[1]
+    assert lines[2].startswith("int8 passed its gate: top-1 agreement with fp32 100.00%, "
+                               "test top-1 +0.00 points on 24 test images; ")
+    assert (store.root / VERSION_DIR / "model.int8.onnx").is_file()
+    assert "int8 passed its gate" in (store.root / VERSION_DIR / "card.md").read_text()
+
+
+def test_a_failed_int8_gate_is_reported_and_the_version_is_promoted_on_fp32(
+        registered_run: RegisteredRun, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A freshly initialised ResNet-18 (its top-1 varies over the test images), its int8 graph
+    calibrated on one all-zero image: the export passes parity (exit 0), says in one line that
+    int8 failed and that the version serves on fp32, the card says so, and promotion goes
+    ahead on fp32 with that reason."""
+    import numpy as np
+
+    from flowerml.models.backbones import build_model
+    from flowerml.registry.gates import INT8_FAILED, Scorecard
+    from flowerml.registry.promotion import promote
+    from flowerml.registry.versions import Registry
+    from flowerml.serving import export as export_module
+
+    store, cache = store_copy(registered_run, tmp_path)
+    registry = Registry(store, "flowers102")
+    card = {k: v for k, v in registry.get(1).card.items() if k not in {"model", "version"}}
+    registry.register(build_model("resnet18", 4, seed=3).state_dict(), card)
+    size = card["image_size"]
+    monkeypatch.setattr(export_module, "calibration_batches",
+                        lambda *args: [np.zeros((1, 3, size, size), np.uint8)])
+    result = invoke("export", "flowers102:2", "--quantize", "int8", "--workers", "0",
+                    "--json", store=store, cache=cache)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["parity_passed"] is True and summary["parity_reference"] == "pytorch"
+    assert summary["int8_passed"] is False
+    assert (summary["int8_top1_agreement"] < 0.99 or summary["int8_top1_delta"] < -0.005)
+    text = invoke("export", "flowers102:2", "--quantize", "int8", "--workers", "0",
+                  store=store, cache=cache).stdout
+    assert text.splitlines()[-1].startswith("int8 FAILED its gate (top-1 agreement with fp32 ")
+    assert text.splitlines()[-1].endswith("): the version is promoted and served on fp32 ONNX; "
+                                          "--runtime auto will not take int8")
+    assert "int8 FAILED its gate" in (store.root / registry.attachment_key(2, "card.md")
+                                      ).read_text()
+    ok, reasons, state = promote(registry, 2, scorecard=Scorecard.from_card(
+        registry.get(2).card, 2), force=True)
+    assert ok and state.version == 2 and INT8_FAILED in reasons
