@@ -360,3 +360,34 @@ def test_calibration_takes_evenly_spaced_images_of_the_split() -> None:
     assert calibration_indices(1020, 128).tolist()[:3] == [0, 8, 16]
     assert len(calibration_indices(1020, 128)) == 128
     assert calibration_indices(1020, 128)[-1] == 1019
+
+
+def test_the_graph_and_its_contract_follow_the_cards_preprocessing(
+        registered_run: RegisteredRun, tmp_path: Path) -> None:
+    """A version whose card records its weights' own preprocessing: export.json's input
+    contract says that resize and crop, the graph normalises with that mean and std, and the
+    parity check reads the test split at that resize."""
+    from flowerml.data.preprocessing import Preprocessing
+    from flowerml.registry.release import load_version
+    from flowerml.registry.versions import CARD_FIELDS
+
+    registry, cache = registry_copy(registered_run, tmp_path)
+    own = Preprocessing(44, 40, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3),
+                        interpolation="bicubic")
+    card = {k: v for k, v in registry.get(1).card.items() if k not in CARD_FIELDS}
+    registry.register(registry.load_weights(1), {**card, "preprocessing": own.to_json()})
+    export = export_version(registry, 2, cache_dir=cache, workers=0)
+    assert export.passed
+    assert export.record["input"]["preprocessing"] == (
+        "resize the short side to 44 (bicubic), centre-crop 40; the graph normalises "
+        "(mean [0.5, 0.4, 0.3], std [0.2, 0.25, 0.3])")
+    assert list(cache.rglob("test-44px-crop40-bicubic-*.npy"))
+    model = load_version(registry, 2, device="cpu").model.eval()
+    pixels = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)
+    mean = torch.tensor(own.mean).view(1, 3, 1, 1)
+    std = torch.tensor(own.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model((pixels.float() / 255 - mean) / std).numpy()
+    actual = build_onnx_session(load_onnx_bytes(registry, 2)[0]).run(
+        None, {"images": pixels.numpy()})[0]
+    np.testing.assert_allclose(actual, expected, atol=1e-3)
