@@ -59,7 +59,10 @@ def epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
 
 
 def has_event_files(store: Store, prefix: str) -> bool:
-    return any(EVENT_FILE_MARK in info.key.rsplit("/", 1)[-1] for info in store.list(prefix))
+    """Whether the folder `prefix` itself (not a TensorBoard run below it, like eval/) holds
+    event files."""
+    return any(EVENT_FILE_MARK in info.key[len(prefix):] and "/" not in info.key[len(prefix):]
+               for info in store.list(prefix))
 
 
 class LocalEvents:

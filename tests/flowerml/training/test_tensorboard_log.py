@@ -117,6 +117,8 @@ def test_a_resume_neither_duplicates_nor_skips_a_step(store: Store, tmp_path: Pa
 
 def test_a_run_resumed_without_event_files_gets_its_whole_history(store: Store,
                                                                    tmp_path: Path) -> None:
+    # Trained before event files existed, then evaluated: only eval/test has one.
+    store.put_bytes("runs/older/tensorboard/eval/test/events.out.tfevents.1.host", b"")
     board_of(store, "older", [row(1), row(2)], [row(3)])
     events = read_events(store, "runs/older/tensorboard/", tmp_path / "events")
     assert scalars(events, "top1/valid") == [(1, 0.1), (2, 0.2), (3, 0.3)]
