@@ -134,6 +134,9 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
 
 def announce(model: str, summary: dict[str, Any]) -> None:
     """The decision as a markdown artifact and a Prefect event automations can act on."""
+    from flowerml.serving.export import int8_line
+    from tasks.export import parity_reference
+
     verdict = "promoted" if summary["promoted"] else "rejected"
     lines = [f"# {model}: {verdict}", "",
              f"- version: {summary['version']}", f"- run: {summary['run_id']}",
@@ -148,8 +151,9 @@ def announce(model: str, summary: dict[str, Any]) -> None:
                   f"- `{export['location']}` ({export['bytes'] / 1e6:.1f} MB)",
                   f"- parity {parity}: top-1 agreement {export['top1_agreement']:.4%}, max "
                   f"|logit difference| {export['max_abs_logit_diff']:.2e}",
-                  f"- CPU images/s: PyTorch {export['torch_images_per_second']:.1f}, ONNX "
-                  f"Runtime {export['onnx_images_per_second']:.1f}"]
+                  f"- against {parity_reference(export)}"]
+        if int8_line(export):
+            lines.append(f"- {int8_line(export)}")
     create_markdown_artifact("\n".join(lines), key=artifact_key(model, "promotion-decision"),
                              description=f"Promotion decision: {model}")
     emit_event(event=f"flowerml.model.{verdict}",
