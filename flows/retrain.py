@@ -112,6 +112,12 @@ class RetrainParams(BaseModel):
                               description="After registering, export the version to ONNX and "
                                           "check its parity with PyTorch on the test split; a "
                                           "failed parity check blocks promotion")
+    export_int8: bool = Field(True, title="Also export int8",
+                              description="With the ONNX export, write model.int8.onnx "
+                                          "(static quantisation calibrated on the valid "
+                                          "split), gated on the test split against fp32; a "
+                                          "failed int8 gate does not block promotion: the "
+                                          "version serves on fp32")
     recovery_limit: int = Field(RECOVERY_LIMIT, ge=0, le=20, title="Crash recoveries",
                                 description="How many times a crashed run may be resumed "
                                             "automatically before it gives up")
@@ -188,8 +194,11 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
     decision = decide_task(model, params.alias, metrics, params.dataset, version, gate,
                            store=store, run_id=run_id)
     registered = register_task(run_id, model, metrics, decision, gate, store=store)
-    exported = export_task(model, registered["version"], store=store) \
+    exporting = export_task.submit(model, registered["version"], store=store,
+                                   quantize="int8" if params.export_int8 else "none") \
         if params.export_onnx else None
+    # promotion reads export.json (parity, int8 gate): it waits for the export
+    exported = exporting.result() if exporting is not None else None
     promoted, reasons = False, decision["reasons"]
     if decision["promote"]:
         moved = promote_task(model, registered["version"], params.alias,
