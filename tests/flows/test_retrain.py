@@ -60,6 +60,9 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     export = first["export"]
     assert export["parity_passed"]
     assert export["parity_images"] == first["metrics"]["n"]  # the whole test split
+    assert export["parity_reference"] == "evaluation-logits"  # PyTorch ran once on test
+    assert export["int8_images"] == first["metrics"]["n"]  # export_int8 is on by default
+    assert registry.read_attachment(1, "model.int8.onnx") is not None
     assert export["location"] == f"{registry.store.uri}/registry/flowers102/versions/000001/" \
                                  "model.onnx"
     assert export["sha256"] == json.loads(registry.read_attachment(1, "export.json"))["sha256"]
