@@ -3,8 +3,9 @@
 - the loss (`distillation_loss`): `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) *
   CE(labels)`, mixup-aware (`mix_batch`);
 - `DistillationTask`, a `training_task.TrainingTask`: the teacher sees the very batch the
-  student sees (augmented once, mixed once), under the same autocast, and each validation adds
-  the student's top-1 agreement with the teacher (`valid_agreement`);
+  student sees (augmented once, mixed once, both decoded by the teacher's own preprocessing),
+  under the same autocast, and each validation adds the student's top-1 agreement with the
+  teacher (`valid_agreement`);
 - what config.json records as the run's `objective` (`DistillationTask.record`), read back by
   `distillation_record`.
 """
@@ -12,7 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from flowerml.core.documents import plain
 from flowerml.core.recipes import DistillConfig, TrainConfig
 from flowerml.data.manifest import PublishedDataset
+from flowerml.data.preprocessing import Preprocessing
 from flowerml.distillation.teacher import DistillError, Teacher
 from flowerml.io.storage import Store
 from flowerml.models.distributed import Placement
@@ -92,6 +94,16 @@ class DistillationTask(TrainingTask):
         self.teacher.model.to(placement.device)
         if config.channels_last and placement.device.type == "cuda":
             self.teacher.model.to(memory_format=torch.channels_last)
+
+    def preprocessing(self, config: TrainConfig) -> Preprocessing:
+        """The teacher's own preprocessing (what its run or card records): it sees the very
+        batch the student sees, so both see the pixels the teacher was trained on; at another
+        student size, the teacher's resize-to-crop ratio at that size."""
+        theirs = self.teacher.trained.preprocessing
+        if theirs.crop == config.image_size:
+            return theirs
+        return replace(theirs, resize=round(config.image_size * theirs.resize / theirs.crop),
+                       crop=config.image_size)
 
     def record(self) -> dict[str, Any]:
         return {"kind": DISTILLATION, "description": f"distillation from {self.teacher.label}",

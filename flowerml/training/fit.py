@@ -114,12 +114,13 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
 
 
 def run_preprocessing(run: RunFiles, pinned: bool, weights: ResolvedWeights,
-                      config: TrainConfig) -> Preprocessing:
-    """The weights' own preprocessing for a new run; a resumed or extended one keeps what its
-    config.json records (today's values when it was recorded before the field existed)."""
+                      config: TrainConfig, task: TrainingTask) -> Preprocessing:
+    """A new run's: the task's when it decides (a distilled student sees its teacher's), else
+    the weights' own; a resumed or extended run keeps what its config.json records (today's
+    values when it was recorded before the field existed)."""
     if pinned:
         return recorded_preprocessing(run.record().preprocessing, config.image_size)
-    return weights_preprocessing(weights, config.image_size)
+    return task.preprocessing(config) or weights_preprocessing(weights, config.image_size)
 
 
 def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir: Path,
@@ -133,7 +134,7 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
     published = resolve_dataset(store, dataset, version)
     extends = pinned and check_compatible(run, config, published, task)
     task.prepare(published, placement, config)
-    preprocessing = run_preprocessing(run, pinned, weights, config)
+    preprocessing = run_preprocessing(run, pinned, weights, config, task)
     seed_everything(config.seed)
     trainee = trainee_for(prepare_model(config, published.num_classes, placement, weights),
                           config)

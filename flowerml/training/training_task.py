@@ -15,6 +15,7 @@ from torch import nn
 
 from flowerml.core.recipes import TrainConfig
 from flowerml.data.manifest import PublishedDataset
+from flowerml.data.preprocessing import Preprocessing
 from flowerml.models.distributed import Placement
 
 
@@ -35,7 +36,9 @@ class TrainingTask:
     - `record`: what config.json keeps as `objective` (None: nothing; its `description` names
       it in messages); a trained run resumes or extends only with the same record;
     - `compute`: (logits, loss) of one batch, called inside autocast: it runs the model itself;
-    - `validation_probe`: extra numbers of each validation pass, added to the epoch's row.
+    - `validation_probe`: extra numbers of each validation pass, added to the epoch's row;
+    - `preprocessing`: the pixels a new run must see when the task decides them (None: the
+      weights' own, `flowerml.models.weights.weights_preprocessing`).
     """
 
     def prepare(self, published: PublishedDataset, placement: Placement,
@@ -50,6 +53,9 @@ class TrainingTask:
         raise NotImplementedError
 
     def validation_probe(self) -> ValidationProbe | None:
+        return None
+
+    def preprocessing(self, config: TrainConfig) -> Preprocessing | None:
         return None
 
 

@@ -409,3 +409,19 @@ def test_release_registers_the_student_under_its_own_name_with_its_teacher(
     assert again.version == 1 and again.passes and again.promoted  # the same version reused
     assert Registry(store, "flowers102-small").alias("production").version == 1
     assert len(Registry(store, "flowers102-small").versions()) == 1
+
+
+def test_a_student_sees_the_pixels_its_teacher_was_trained_on() -> None:
+    """The teacher scores the student's very batch, so a new student run is decoded and
+    normalised by the teacher's recorded preprocessing (scaled to another student size)."""
+    from types import SimpleNamespace
+
+    from flowerml.data.preprocessing import Preprocessing
+    from flowerml.distillation.teacher import Teacher
+
+    resnet152_v2 = Preprocessing(232, 224, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25))
+    teacher = Teacher(SimpleNamespace(preprocessing=resnet152_v2), {"label": "t"}, 0)
+    task = DistillationTask(teacher, DistillConfig())
+    assert task.preprocessing(build_config("default", image_size=224)) == resnet152_v2
+    smaller = task.preprocessing(build_config("default", image_size=112))
+    assert (smaller.resize, smaller.crop, smaller.mean) == (116, 112, resnet152_v2.mean)
