@@ -10,6 +10,7 @@ from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
 from flowerml.core.errors import DataError
+from flowerml.data.preprocessing import Preprocessing
 from flowerml.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -52,6 +53,21 @@ def test_tutorial_preset_eval_transform() -> None:
     image = Image.new("RGB", (500, 375), (200, 40, 90))
     assert build_transforms("tutorial", 224, train=False)(image).shape == (3, 224, 224)
     assert build_transforms("tutorial", 192, train=True).transforms[1].size == (192, 192)
+
+
+def test_tutorial_preset_evaluates_at_the_models_preprocessing() -> None:
+    """The tutorial preset's eval resize, filter and normalisation are the model's (its
+    weights' own: 232 bicubic here), not a fixed Resize(256)."""
+    own = Preprocessing(232, 224, mean=(0.5, 0.4, 0.3), std=(0.2, 0.3, 0.25),
+                        interpolation="bicubic")
+    resize, crop, _, normalize = build_transforms("tutorial", 224, train=False,
+                                                  preprocessing=own).transforms
+    assert (resize.size, resize.interpolation) == (232, transforms.InterpolationMode.BICUBIC)
+    assert crop.size == (224, 224)
+    assert (tuple(normalize.mean), tuple(normalize.std)) == (own.mean, own.std)
+    train_normalize = build_transforms("tutorial", 224, train=True,
+                                       preprocessing=own).transforms[-1]
+    assert tuple(train_normalize.mean) == own.mean
 
 
 @pytest.mark.parametrize("preset", ["standard", "none"])

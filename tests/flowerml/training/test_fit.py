@@ -533,3 +533,20 @@ def test_a_run_trains_validates_and_evaluates_at_its_weights_preprocessing(
     assert load_trained_model(store, "own-preprocessing", device="cpu").preprocessing == own
     evaluate_run(store, "own-preprocessing", cache_dir=cache, device="cpu", workers=0)
     assert list(cache.rglob("test-36px-crop32-bicubic-*.npy"))
+
+
+def test_the_linear_probes_features_are_kept_per_preprocessing(
+        published_store: StoreAndCache) -> None:
+    """Features computed at one resize are never reused at another; today's preprocessing keeps
+    the keys features were cached under before it was recorded."""
+    from flowerml.data.manifest import resolve_dataset
+    from flowerml.data.preprocessing import Preprocessing, default_preprocessing
+
+    store, _ = published_store
+    published = resolve_dataset(store, "flowers102")
+    config = small_config(strategy="linear-probe")
+    before = linear_probe.feature_cache_key(config, published, "train")
+    assert linear_probe.feature_cache_key(config, published, "train",
+                                          default_preprocessing(32)) == before
+    assert linear_probe.feature_cache_key(config, published, "train",
+                                          Preprocessing(36, 32)) != before
