@@ -126,6 +126,22 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return value
 
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking server that mirrors runs and registry versions "
+                          "(else MLFLOW_TRACKING_URI; unset: no tracking).")
+    mlflow_tracking_uri: str | None = Field(
+        None, validation_alias="MLFLOW_TRACKING_URI",
+        description="MLflow's own variable, used when FLOWERML_MLFLOW_URI is not set.")
+    mlflow_required: bool = Field(
+        True, description="Refuse to train when the MLflow server cannot be reached at "
+                          "start (false: a warning, and the run trains untracked).")
+
+    def tracking_uri(self) -> str | None:
+        """The MLflow tracking server to mirror to: FLOWERML_MLFLOW_URI (or --mlflow), else
+        MLFLOW_TRACKING_URI; None when neither is set (or set empty)."""
+        return (self.mlflow_uri or "").strip() or (self.mlflow_tracking_uri or "").strip() \
+            or None
+
     def s3_options(self) -> S3Options:
         return S3Options(
             endpoint_url=self.s3_endpoint_url,
