@@ -36,7 +36,13 @@ from flowerml.serving.export import (
     parity_providers,
     parity_session,
 )
-from flowerml.serving.quantize import Int8Gate, calibration_indices, measure_int8, quantize_int8
+from flowerml.serving.quantize import (
+    Int8Gate,
+    calibration_indices,
+    measure_int8,
+    quantize_int8,
+    sample_batches,
+)
 from tests.helpers.registries import registry_copy
 from tests.helpers.registry_entries import card, weights
 from tests.helpers.stored_documents import fixture_bytes
@@ -391,3 +397,10 @@ def test_the_graph_and_its_contract_follow_the_cards_preprocessing(
     actual = build_onnx_session(load_onnx_bytes(registry, 2)[0]).run(
         None, {"images": pixels.numpy()})[0]
     np.testing.assert_allclose(actual, expected, atol=1e-3)
+
+
+def test_the_calibration_sample_is_rebatched_in_manifest_order() -> None:
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
+    loader = [(images[i:i + 3], None) for i in range(0, 10, 3)]
+    batches = list(sample_batches(loader, 10, wanted=5, batch=2))
+    assert [b.ravel().tolist() for b in batches] == [[0, 2], [4, 7], [9]]
