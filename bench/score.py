@@ -12,10 +12,15 @@ on the values), for ResNet-18 and ResNet-152 at 224 px:
   model behind the export's normalisation (`PixelsToLogits`), top-5 rows.
 - flowerml onnx: the same rows from ONNX Runtime's CPU provider running the model exported by
   `flowerml.serving.export.export_onnx` (the graph `flowerml export` writes).
+- flowerml onnx-int8: the same rows from that graph statically quantised as `flowerml export
+  --quantize int8` does (`flowerml.serving.quantize.quantize_int8`: QDQ, per-channel int8
+  weights), calibrated on `CALIBRATION_IMAGES` other JPEGs of the same kind. With random
+  weights its agreement with fp32 says nothing about the export gate (measured on real
+  weights and the test split): it is printed only as a sanity figure.
 
 All three run on one thread pinned to one core (torch and ONNX Runtime threads = 1, decoding
-on the same thread), so images/s is images/s per core. Target: ONNX batched >= 3x the
-tutorial's way per core.
+on the same thread), so images/s is images/s per core. Targets: ONNX batched >= 3x the
+tutorial's way per core; int8 >= 5x for ResNet-18 and >= 3x for ResNet-152.
 
 Then the `score-images` flow (Prefect, ephemeral server) with its shards on a Dask
 `LocalCluster` of 1 and then 2 single-threaded workers (torch runtime, ResNet-18, one model
@@ -44,6 +49,8 @@ from pathlib import Path
 from common import MB, load_average, peak_rss_mb, progress_log
 
 TARGET_ONNX_VS_TUTORIAL = 3.0
+TARGET_INT8_VS_TUTORIAL = {"resnet18": 5.0, "resnet152": 3.0}
+CALIBRATION_IMAGES = 8
 TARGET_RSS_MB = 1024
 CLASSES = 102
 SIZE = 224
@@ -102,22 +109,50 @@ def tutorial_images_per_second(model, paths: list[Path]) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def scorer_for(model, runtime: str, workdir: Path):
-    """A flowerml.serving.runtimes.Scorer over `model`, run by torch or by ONNX Runtime (one thread)."""
+def calibration_pixels(paths: list[Path]):
+    """uint8 NCHW batches of `paths` (short side to 256, centre crop 224), one image each."""
+    import numpy as np
+    from PIL import Image
+
+    for path in paths:
+        image = Image.open(path).convert("RGB")
+        scale = 256 / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)),
+                             Image.BILINEAR)
+        left, top = (image.width - SIZE) // 2, (image.height - SIZE) // 2
+        crop = np.asarray(image.crop((left, top, left + SIZE, top + SIZE)))
+        yield crop.transpose(2, 0, 1)[None].copy()
+
+
+def exported_graphs(model, workdir: Path, calibration: list[Path]) -> dict[str, bytes]:
+    """{"onnx": the fp32 graph `flowerml export` writes, "onnx-int8": it quantised as
+    `--quantize int8` does}."""
+    from flowerml.serving.export import export_onnx
+    from flowerml.serving.quantize import quantize_int8
+
+    path = workdir / f"model-{id(model)}.onnx"
+    start = time.perf_counter()
+    exporter = export_onnx(model, SIZE, path)
+    log(f"exported ({exporter}) in {time.perf_counter() - start:.1f} s, "
+        f"{path.stat().st_size / MB:.0f} MB")
+    start = time.perf_counter()
+    int8, _ = quantize_int8(path.read_bytes(), calibration_pixels(calibration))
+    log(f"quantised to int8 in {time.perf_counter() - start:.1f} s, {len(int8) / MB:.0f} MB")
+    return {"onnx": path.read_bytes(), "onnx-int8": int8}
+
+
+def scorer_for(model, runtime: str, graphs: dict[str, bytes] | None = None):
+    """A flowerml.serving.runtimes.Scorer over `model`, run by torch or by ONNX Runtime (one
+    thread) on `graphs[runtime]`."""
     import torch
 
-    from flowerml.serving.export import PixelsToLogits, build_onnx_session, export_onnx
+    from flowerml.serving.export import PixelsToLogits, build_onnx_session
     from flowerml.serving.runtimes import Scorer
 
     names = tuple(f"class {i}" for i in range(CLASSES))
-    if runtime == "onnx":
-        path = workdir / f"model-{id(model)}.onnx"
-        start = time.perf_counter()
-        exporter = export_onnx(model, SIZE, path)
-        log(f"exported ({exporter}) in {time.perf_counter() - start:.1f} s, "
-            f"{path.stat().st_size / MB:.0f} MB")
-        session = build_onnx_session(path.read_bytes(), threads=1)
-        return Scorer("bench", "onnx", "", SIZE, names,
+    if runtime in ("onnx", "onnx-int8"):
+        session = build_onnx_session(graphs[runtime], threads=1)
+        return Scorer("bench", runtime, "", SIZE, names,
                       lambda pixels: session.run(["logits"], {"images": pixels})[0])
     wrapped = PixelsToLogits(model).eval()
 
@@ -143,7 +178,20 @@ def flowerml_images_per_second(scorer, folder: Path, keys: list[str], batch_size
     return len(keys) / seconds
 
 
-def per_core(arch: str, paths: list[Path], batch_size: int, workdir: Path) -> dict:
+def int8_agreement(graphs: dict[str, bytes], paths: list[Path]) -> float:
+    """Share of `paths` whose top-1 the int8 graph and the fp32 one agree on."""
+    import numpy as np
+
+    from flowerml.serving.export import build_onnx_session
+
+    pixels = np.concatenate(list(calibration_pixels(paths)))
+    top1 = {runtime: build_onnx_session(graphs[runtime], threads=1).run(
+        ["logits"], {"images": pixels})[0].argmax(1) for runtime in ("onnx", "onnx-int8")}
+    return float((top1["onnx"] == top1["onnx-int8"]).mean())
+
+
+def per_core(arch: str, paths: list[Path], batch_size: int, workdir: Path,
+             calibration: list[Path]) -> dict:
     import torch
 
     from flowerml.models.backbones import build_model
@@ -154,18 +202,28 @@ def per_core(arch: str, paths: list[Path], batch_size: int, workdir: Path) -> di
     log(f"{arch}: tutorial loop on {len(paths)} images")
     tutorial = tutorial_images_per_second(model, paths)
     log(f"{arch}: flowerml torch, batch {batch_size}")
-    eager = flowerml_images_per_second(scorer_for(model, "torch", workdir), paths[0].parent,
+    eager = flowerml_images_per_second(scorer_for(model, "torch"), paths[0].parent,
                                        keys, batch_size)
+    graphs = exported_graphs(model, workdir, calibration)
     log(f"{arch}: flowerml onnx, batch {batch_size}")
-    onnx = flowerml_images_per_second(scorer_for(model, "onnx", workdir), paths[0].parent,
+    onnx = flowerml_images_per_second(scorer_for(model, "onnx", graphs), paths[0].parent,
                                       keys, batch_size)
+    log(f"{arch}: flowerml onnx-int8, batch {batch_size}")
+    int8 = flowerml_images_per_second(scorer_for(model, "onnx-int8", graphs),
+                                      paths[0].parent, keys, batch_size)
     result = {"images": len(paths), "batch_size": batch_size,
               "tutorial_images_per_s": round(tutorial, 2),
               "flowerml_torch_images_per_s": round(eager, 2),
               "flowerml_onnx_images_per_s": round(onnx, 2),
               "torch_vs_tutorial": round(eager / tutorial, 2),
               "onnx_vs_tutorial": round(onnx / tutorial, 2),
-              "onnx_meets_target": onnx / tutorial >= TARGET_ONNX_VS_TUTORIAL}
+              "onnx_meets_target": onnx / tutorial >= TARGET_ONNX_VS_TUTORIAL,
+              "flowerml_int8_images_per_s": round(int8, 2),
+              "int8_vs_tutorial": round(int8 / tutorial, 2),
+              "int8_vs_onnx": round(int8 / onnx, 2),
+              "int8_meets_target": int8 / tutorial >= TARGET_INT8_VS_TUTORIAL[arch],
+              "onnx_bytes": len(graphs["onnx"]), "int8_bytes": len(graphs["onnx-int8"]),
+              "int8_top1_agreement_random_weights": round(int8_agreement(graphs, paths), 3)}
     log(f"{arch}: {json.dumps(result)}")
     return result
 
@@ -298,13 +356,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flowerml-bench-score-") as temp:
         workdir = Path(temp)
         paths = write_images(workdir / "images", max(args.images, args.large_images))
+        calibration = write_images(workdir / "calibration", CALIBRATION_IMAGES, seed=3)
         sizes = [p.stat().st_size for p in paths]
         affinity = sorted(os.sched_getaffinity(0))
         core = pin_to_one_core()
         results = {
-            "resnet18": per_core("resnet18", paths[:args.images], args.batch_size, workdir),
+            "resnet18": per_core("resnet18", paths[:args.images], args.batch_size, workdir,
+                                 calibration),
             "resnet152": per_core("resnet152", paths[:args.large_images], args.batch_size,
-                                  workdir)}
+                                  workdir, calibration)}
         os.sched_setaffinity(0, set(affinity))  # Dask's workers get every core
         torch.set_num_threads(len(affinity))
         dask = dask_scaling(workdir, args.dask_images, args.dask_shard_size, args.batch_size)
@@ -320,6 +380,7 @@ def main() -> None:
                    "mean_kb": round(sum(sizes) / len(sizes) / 1024, 1), "image_size": SIZE},
         "per_core": results,
         "target_onnx_vs_tutorial": TARGET_ONNX_VS_TUTORIAL,
+        "target_int8_vs_tutorial": TARGET_INT8_VS_TUTORIAL,
         "dask_scaling": dask,
         "listing_100k": listing,
         "target_peak_rss_mb": TARGET_RSS_MB,
