@@ -123,7 +123,8 @@ def task_detail(events: list[dict], stage: str, task: dict, cli: int) -> dict:
                 "decode cache": part("data.decode_cache"), "evaluation loop": part("eval.loop"),
                 "report": part("eval.report")}
     if stage == "export":
-        return {"onnx export": part("export.onnx_export"), "parity": part("export.parity")}
+        return {"onnx export": part("export.onnx_export"), "parity": part("export.parity"),
+                "int8 (quantise and gate)": part("export.int8")}
     if stage == "fetch":
         return {"library": part("lib.fetch_sources")}
     if stage == "publish":

@@ -72,7 +72,8 @@ TRACED: dict[str, list[tuple[str, str]]] = {
                            ("publish_report", "eval.report")],
     "flowerml.serving.export": [("export_version", "export.export_version"),
                         ("export_onnx", "export.onnx_export"),
-                        ("measure_parity", "export.parity")],
+                        ("compare_runtimes", "export.parity"),
+                        ("export_int8", "export.int8")],
 }
 
 
