@@ -29,7 +29,11 @@ def print_retrain_summary(summary: dict, model_name: str, alias: str,
     for reason in summary["reasons"]:
         click.echo(f"  - {reason}")
     if summary.get("export"):
+        from flowerml.serving.export import int8_line
+
         click.echo(f"onnx: {describe_export(summary['export'])}")
+        if int8_line(summary["export"]):
+            click.echo(int8_line(summary["export"]))
     image = example_image(settings, summary["run_id"], summary["dataset_version"])
     # A version that was not promoted is not behind the alias: name it by number.
     model = f"{model_name}@{alias}" if summary["promoted"] else \
