@@ -19,7 +19,7 @@ from flowerml.data.raw_mirror import SourcesRecord
 from flowerml.distillation.agreement import Agreement
 from flowerml.evaluation.predictions import EvaluationMetrics
 from flowerml.registry.aliases import AliasRecord, HistoryEntry
-from flowerml.registry.export_record import ExportRecord
+from flowerml.registry.export_record import ExportRecord, Int8Record
 from flowerml.registry.model_card import ModelCard
 from flowerml.registry.versions import Claim, Committed
 from flowerml.serving.scoring import ScoringSuccess
@@ -42,6 +42,7 @@ DOCUMENTS: dict[str, type] = {
     "alias": AliasRecord,
     "alias-history-entry": HistoryEntry,
     "export": ExportRecord,
+    "export-int8": Int8Record,
     "scoring-listing": ScoringListing,
     "scoring-shard": ScoringShard,
     "scoring-success": ScoringSuccess,

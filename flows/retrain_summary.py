@@ -29,7 +29,7 @@ def print_retrain_summary(summary: dict, model_name: str, alias: str,
     for reason in summary["reasons"]:
         click.echo(f"  - {reason}")
     if summary.get("export"):
-        from flowerml.serving.export import int8_line
+        from flowerml.serving.export_summary import int8_line
 
         click.echo(f"onnx: {describe_export(summary['export'])}")
         if int8_line(summary["export"]):

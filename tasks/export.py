@@ -22,7 +22,8 @@ def export_task(model: str, version: int, store: str | None = None,
     fp32."""
     from flowerml.registry.export_record import ONNX_FILE
     from flowerml.registry.versions import Registry
-    from flowerml.serving.export import export_summary, export_version, int8_line
+    from flowerml.serving.export import export_version
+    from flowerml.serving.export_summary import export_summary, int8_line
 
     settings = load_settings(store=store)
     target = build_store(settings)
@@ -39,7 +40,7 @@ def export_task(model: str, version: int, store: str | None = None,
 
 
 def export_report(model: str, version: int, summary: dict[str, Any]) -> str:
-    from flowerml.serving.export import int8_line
+    from flowerml.serving.export_summary import int8_line
 
     verdict = "passed" if summary["parity_passed"] else "FAILED (promotion needs force)"
     int8 = int8_line(summary)

@@ -134,7 +134,7 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
 
 def announce(model: str, summary: dict[str, Any]) -> None:
     """The decision as a markdown artifact and a Prefect event automations can act on."""
-    from flowerml.serving.export import int8_line
+    from flowerml.serving.export_summary import int8_line
     from tasks.export import parity_reference
 
     verdict = "promoted" if summary["promoted"] else "rejected"

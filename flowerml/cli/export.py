@@ -43,7 +43,8 @@ def export(model_ref: str, export_format: str, opset: int, quantize: str, store:
     """
     from flowerml.registry.export_record import ONNX_FILE
     from flowerml.registry.versions import Registry, resolve_ref
-    from flowerml.serving.export import export_summary, export_version, int8_line
+    from flowerml.serving.export import export_version
+    from flowerml.serving.export_summary import export_summary, int8_line
 
     settings = load_settings(store=store)
     target = build_store(settings)

@@ -15,6 +15,9 @@ from flowerml.registry.versions import Registry
 ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"
 EXPORT_JSON = "export.json"
+INT8_JSON = "export.int8.json"
+"""The int8 record of a version exported before it was quantised (export.json is create-only):
+`read_export` shows it as export.json's `int8` block."""
 
 
 class ExportError(UserError):
@@ -23,7 +26,8 @@ class ExportError(UserError):
 
 
 class DamagedExportRecord(DocumentError, ExportError):
-    """An export.json that does not read as `ExportRecord`."""
+    """An export.json that does not read as `ExportRecord` (or an export.int8.json as
+    `Int8Record`)."""
 
 
 class ExportInput(StoredDocument):
@@ -120,12 +124,19 @@ class ExportRecord(StoredDocument):
 
 
 def read_export(registry: Registry, version: int) -> dict[str, Any] | None:
-    """A version's export.json, or None when it was never exported."""
+    """A version's export.json, or None when it was never exported; its `int8` block from
+    export.int8.json when the version was quantised after its export."""
     raw = registry.read_attachment(version, EXPORT_JSON)
     if raw is None:
         return None
-    return plain(read_document(ExportRecord, raw, registry.attachment_key(version, EXPORT_JSON),
-                               DamagedExportRecord))
+    record = plain(read_document(ExportRecord, raw, registry.attachment_key(
+        version, EXPORT_JSON), DamagedExportRecord))
+    if not record.get("int8"):
+        later = registry.read_attachment(version, INT8_JSON)
+        if later is not None:
+            record["int8"] = plain(read_document(Int8Record, later, registry.attachment_key(
+                version, INT8_JSON), DamagedExportRecord))
+    return record
 
 
 def load_onnx_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, Any]]:
@@ -151,8 +162,7 @@ def load_int8_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, 
     label = f"{registry.model}:{version:06d}"
     if record is None or not record.get("int8"):
         raise ExportError(f"{label} has no int8 export (run: flowerml export "
-                          f"{registry.model}:{version} --quantize int8 on a version not yet "
-                          "exported)")
+                          f"{registry.model}:{version} --quantize int8)")
     int8 = record["int8"]
     key = registry.attachment_key(version, int8["file"])
     data = registry.read_attachment(version, int8["file"])

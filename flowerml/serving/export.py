@@ -45,6 +45,7 @@ from flowerml.registry.export_record import (
     read_export,
 )
 from flowerml.registry.versions import Registry
+from flowerml.serving.export_summary import show_on_card
 from flowerml.serving.quantize import (
     INT8_FILE,
     Int8Gate,
@@ -276,9 +277,8 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
     if existing is not None:
         load_onnx_bytes(registry, version)  # an export on the store is reused only if intact
         if quantize == "int8" and not existing.get("int8"):
-            raise ExportError(f"{registry.model}:{version:06d} was exported without int8 on "
-                              f"{existing['exported_at']}, and export.json is create-only: "
-                              "int8 is made with a version's first export")
+            return quantize_exported(registry, version, existing, cache_dir, workers,
+                                     batch_size)
         return Export(existing, created=False)
     trained = load_version(registry, version, device="cpu")  # verifies the weights' sha256
     card = registry.get(version).card
@@ -303,7 +303,8 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
         calibration = calibration_batches(registry.store, card, cache_dir, trained, workers,
                                           batch_size)
         record["int8"] = export_int8(registry, version, data, calibration, batches, scores,
-                                     parity)
+                                     parity.onnx_images_per_second
+                                     if parity.provider == CPU_PROVIDER else None)
     record = plain(check_document(ExportRecord, record, registry.attachment_key(
         version, EXPORT_JSON), ExportError))
     created = registry.attach(version, EXPORT_JSON, json.dumps(record, indent=2,
@@ -312,66 +313,6 @@ def export_version(registry: Registry, version: int, *, cache_dir: Path,
         return Export(read_export(registry, version) or record, created=False)
     show_on_card(registry, version, record)
     return Export(record, created=True)
-
-
-def export_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """The export's figures as the card and the reports show them."""
-    parity = record["parity"]
-    return {"file": record["file"], "sha256": record["sha256"], "bytes": record["bytes"],
-            "weights_bytes": record.get("weights_bytes"), "exporter": record["exporter"],
-            "opset": record["opset"], "input": f"{record['input']['dtype']} "
-            f"{record['input']['layout']} {record['input']['size'][0]} px",
-            "parity_passed": parity["passed"], "top1_agreement": parity["top1_agreement"],
-            "max_abs_logit_diff": parity["max_abs_logit_diff"],
-            "parity_images": parity["images"],
-            "torch_images_per_second": parity["torch_images_per_second"],
-            "onnx_images_per_second": parity["onnx_images_per_second"],
-            "parity_reference": parity.get("reference", "pytorch"),
-            "parity_provider": parity.get("provider", CPU_PROVIDER),
-            **int8_summary(record.get("int8"))}
-
-
-def int8_summary(int8: dict[str, Any] | None) -> dict[str, Any]:
-    """The int8 figures as the card and the reports show them (`int8_passed` None: no int8)."""
-    if not int8:
-        return {"int8_passed": None}
-    gate = int8["gate"]
-    return {"int8_passed": gate["passed"], "int8_file": int8["file"],
-            "int8_bytes": int8["bytes"], "int8_top1_agreement": gate["top1_agreement"],
-            "int8_top1_delta": gate["top1_delta"], "int8_images": gate["images"],
-            "int8_images_per_second": int8["int8_images_per_second"],
-            "fp32_images_per_second": int8["fp32_images_per_second"]}
-
-
-def int8_line(summary: dict[str, Any]) -> str | None:
-    """One line on the int8 graph for the CLI, the flow's log and the report; None when the
-    export made none."""
-    if summary.get("int8_passed") is None:
-        return None
-    figures = (f"top-1 agreement with fp32 {summary['int8_top1_agreement']:.2%}, test top-1 "
-               f"{summary['int8_top1_delta'] * 100:+.2f} points on {summary['int8_images']} "
-               f"test images; {summary['int8_bytes'] / 1e6:.1f} MB, "
-               f"{summary['int8_images_per_second']:.1f} images/s")
-    if summary["int8_passed"]:
-        return f"int8 passed its gate: {figures}"
-    return (f"int8 FAILED its gate ({figures}): the version is promoted and served on fp32 "
-            "ONNX; --runtime auto will not take int8")
-
-
-def show_on_card(registry: Registry, version: int, record: dict[str, Any]) -> None:
-    """card.md again, with an `export` section: card.json stays as registered (it is the
-    version's record at registration); export.json is the export's own create-only record."""
-    from flowerml.registry.release import render_card
-
-    card = registry.get(version).card
-    prefix = registry.attachment_key(version, "")
-    files = sorted(info.key[len(prefix):] for info in registry.store.list(prefix))
-    summary = export_summary(record)
-    shown = {**card, "export": summary}
-    if int8_line(summary):
-        shown["int8"] = int8_line(summary)  # in the summary table: what serves on a CPU
-    markdown = render_card(shown, [name for name in files if name not in {"CLAIM", "COMMITTED"}])
-    registry.store.put_bytes(registry.attachment_key(version, "card.md"), markdown.encode())
 
 
 def test_batches(store, card: dict[str, Any], cache_dir: Path, image_size: int,
@@ -387,6 +328,50 @@ def test_batches(store, card: dict[str, Any], cache_dir: Path, image_size: int,
     return build_eval_loader(store, published, cache_dir, split="test", image_size=image_size,
                              batch_size=batch_size, workers=workers,
                              preprocessing=preprocessing)
+
+
+def quantize_exported(registry: Registry, version: int, existing: dict[str, Any],
+                      cache_dir: Path, workers: int | None, batch_size: int) -> Export:
+    """int8 for a version exported without it: its verified model.onnx scored by ONNX Runtime
+    on the test split (the fp32 predictions the gate compares with), quantised and gated;
+    model.int8.onnx, then export.int8.json (export.json is create-only), which `read_export`
+    shows as the record's `int8` block."""
+    from flowerml.registry.export_record import INT8_JSON, Int8Record
+    from flowerml.registry.release import load_version
+
+    data, _ = load_onnx_bytes(registry, version)
+    trained = load_version(registry, version, device="cpu")  # the preprocessing, verified
+    card = registry.get(version).card
+    batches = test_batches(registry.store, card, cache_dir, trained.image_size, workers,
+                           batch_size, trained.preprocessing)
+    scores, speed = score_onnx(build_onnx_session(data, threads=os.cpu_count()), batches)
+    calibration = calibration_batches(registry.store, card, cache_dir, trained, workers,
+                                      batch_size)
+    int8 = export_int8(registry, version, data, calibration, batches, scores, speed)
+    key = registry.attachment_key(version, INT8_JSON)
+    int8 = plain(check_document(Int8Record, int8, key, ExportError))
+    if not registry.attach(version, INT8_JSON, json.dumps(int8, indent=2,
+                                                          sort_keys=True).encode()):
+        return Export(read_export(registry, version) or existing, created=False)
+    record = {**existing, "int8": int8}
+    show_on_card(registry, version, record)
+    return Export(record, created=True)
+
+
+def score_onnx(session, batches) -> tuple[TestScores, float]:
+    """ONNX Runtime's top-1 and the labels over every batch, and its images/s."""
+    predicted: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    seconds = 0.0
+    for batch, targets in batches:
+        start = time.perf_counter()
+        logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch.to(torch.uint8).numpy()})[0]
+        seconds += time.perf_counter() - start
+        predicted.append(logits.argmax(1))
+        labels.append(np.asarray(targets))
+    images = sum(len(p) for p in predicted)
+    return (TestScores(np.concatenate(predicted), np.concatenate(labels)),
+            images / seconds if seconds else 0.0)
 
 
 def calibration_batches(store, card: dict[str, Any], cache_dir: Path, trained,
@@ -405,22 +390,22 @@ def calibration_batches(store, card: dict[str, Any], cache_dir: Path, trained,
 
 
 def export_int8(registry: Registry, version: int, fp32: bytes, calibration, batches,
-                scores: TestScores, parity: Parity) -> dict[str, Any]:
+                scores: TestScores, fp32_speed: float | None) -> dict[str, Any]:
     """Quantise `fp32` on `calibration`, attach model.int8.onnx (create-only: a file an
     interrupted export left is the one measured), gate it on the test split against the fp32
-    graph's `scores`: export.json's `int8` block."""
+    graph's `scores`: export.json's `int8` block (`fp32_speed`: the fp32 graph's images/s on
+    the CPU, None when it ran elsewhere)."""
     data, calibrated = quantize_int8(fp32, calibration)
     if not registry.attach(version, INT8_FILE, data):
         data = registry.read_attachment(version, INT8_FILE) or data
     threads = os.cpu_count()
     gate = measure_int8(build_onnx_session(data, threads=threads), batches, scores.predicted,
                         scores.labels)
-    return int8_record(data, calibrated, gate, threads, parity)
+    return int8_record(data, calibrated, gate, threads, fp32_speed)
 
 
 def int8_record(data: bytes, calibrated: int, gate: Int8Gate, threads: int | None,
-                parity: Parity) -> dict[str, Any]:
-    fp32_speed = parity.onnx_images_per_second if parity.provider == CPU_PROVIDER else None
+                fp32_speed: float | None) -> dict[str, Any]:
     return {"file": INT8_FILE, "sha256": sha256_hex(data), "bytes": len(data),
             "quant_format": "QDQ", "per_channel": True, "weights": "int8",
             "activations": "uint8",

@@ -73,8 +73,9 @@ def choose_runtime(registry: Registry, version: int, requested: str) -> tuple[st
     if runtime == "onnx-int8":
         int8 = (record or {}).get("int8")
         if not int8:
-            raise RuntimeRefused(f"{label} has no int8 export (export a new version with "
-                                 "--quantize int8, or use --runtime onnx)")
+            raise RuntimeRefused(f"{label} has no int8 export (run: flowerml export "
+                                 f"{registry.model}:{version} --quantize int8, or use "
+                                 "--runtime onnx)")
         if not (passed and int8["gate"]["passed"]):
             raise RuntimeRefused(f"{label}'s int8 export failed its gate against fp32 (see "
                                  "export.json): use --runtime onnx")

@@ -46,7 +46,7 @@ from flowerml.serving.quantize import (
 from tests.helpers.registries import registry_copy
 from tests.helpers.registry_entries import card, weights
 from tests.helpers.stored_documents import fixture_bytes
-from tests.helpers.stores import replace_file
+from tests.helpers.stores import copy_tree, replace_file
 from tests.helpers.synthetic import RegisteredRun
 
 
@@ -353,12 +353,23 @@ def test_int8_gate_needs_both_agreement_and_top1() -> None:
     assert not Int8Gate(0, 1.0, 1.0, 1.0, 1.0).passed
 
 
-def test_a_version_exported_without_int8_is_not_quantised_later(exported: Exported) -> None:
-    with pytest.raises(ExportError, match=r"flowers102:000001 was exported without int8 on .*"
-                                          r"export.json is create-only"):
-        export_version(exported.registry, 1, cache_dir=exported.cache, workers=0,
-                       quantize="int8")
-    assert exported.registry.read_attachment(1, "model.int8.onnx") is None
+def test_a_version_exported_without_int8_is_quantised_later(exported: Exported,
+                                                           tmp_path: Path) -> None:
+    """export.json is create-only: int8 made after the export lands in export.int8.json, which
+    read_export shows as the record's int8 block; its gate compares with the fp32 graph run
+    by ONNX Runtime on the test split."""
+    registry = Registry(LocalStore(copy_tree(exported.registry.store.root, tmp_path / "s")),
+                        exported.registry.model)
+    export = export_version(registry, 1, cache_dir=exported.cache, workers=0, quantize="int8")
+    assert export.created and export.int8_passed is not None
+    assert export.record["parity"] == exported.record["parity"]  # export.json as it was
+    assert json.loads(registry.read_attachment(1, EXPORT_JSON)) == exported.record
+    int8 = json.loads(registry.read_attachment(1, "export.int8.json"))
+    assert read_export(registry, 1)["int8"] == int8 == export.record["int8"]
+    assert int8["gate"]["images"] == 24 and int8["fp32_images_per_second"] > 0
+    assert load_int8_bytes(registry, 1)[1]["int8"]["sha256"] == int8["sha256"]
+    again = export_version(registry, 1, cache_dir=exported.cache, workers=0, quantize="int8")
+    assert not again.created and again.record == export.record
 
 
 def test_calibration_takes_evenly_spaced_images_of_the_split() -> None:

@@ -87,8 +87,8 @@ def test_a_failed_int8_leaves_auto_on_fp32_and_refuses_onnx_int8(int8_root: Path
 
 def test_onnx_int8_without_an_int8_export_says_so(exported_registry, tmp_path: Path) -> None:
     registry = own_copy(exported_registry.root, tmp_path / "store")
-    with pytest.raises(RuntimeRefused, match=r"^flowers102:000001 has no int8 export \(export "
-                                             r"a new version with --quantize int8"):
+    with pytest.raises(RuntimeRefused, match=r"^flowers102:000001 has no int8 export \(run: "
+                                             r"flowerml export flowers102:1 --quantize int8, "):
         choose_runtime(registry, 1, "onnx-int8")
     assert choose_runtime(registry, 1, "auto")[0] == "onnx"
 
