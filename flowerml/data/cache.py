@@ -1,13 +1,13 @@
-"""The decode cache: a synced split decoded once into one uint8 memmap at the working resolution.
+"""The decode cache: a synced split decoded once into one uint8 memmap at a model's resize.
 
 `build_decoded_split` decodes every JPEG of a split (short side resized to R, the square
 around the centre crop S kept) into
 `<root>/decoded/<split>-<R>px-crop<S>[-bicubic]-<manifest>-v<format>.npy`, [N, R, R, 3] uint8,
 plus the labels and a meta file written last; every epoch and every later run of the same
 version maps that file instead of decoding the full-size originals again. R, S and the filter
-are the model's `Preprocessing`: `default_preprocessing` (224 -> 256, the tutorial's Resize(256) +
-CenterCrop(224)) for a model without weights of its own, 232 for ResNet-152's IMAGENET1K_V2
-weights; each combination is its own file.
+are the model's `Preprocessing`: `default_preprocessing` (224 -> 256, the tutorial's
+Resize(256) + CenterCrop(224)) for a model without weights of its own, 232 for ResNet-152's
+IMAGENET1K_V2 weights; each combination is its own file.
 
 The decode runs on every core by default. Pillow releases the GIL only while it decodes and
 resizes (~93% of an image's time: two threads decode 1.87x as fast as one on two cores), so

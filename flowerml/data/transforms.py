@@ -174,7 +174,7 @@ def build_transforms(preset: str, image_size: int = 224, *, train: bool,
     - `standard`: on the uint8 decoded cache (short side `preprocessing.resize`, square). Train:
       RandomResizedCrop(S, scale 0.25-1) + horizontal flip + a mild colour jitter (p=0.8);
       flowers' colour is a class cue, so hue moves by at most 0.02 of the circle. Eval:
-      CenterCrop(S), the tutorial's Resize(256)+CenterCrop(224) geometry. Output uint8
+      CenterCrop(S) of the square, torchvision's Resize(resize) + CenterCrop(S). Output uint8
       [3, S, S]; `prepare_batch` normalises on the device.
     - `tutorial`: the original notebook's PIL transforms on the full-size JPEGs (eval: the
       preprocessing's resize, filter and crop), output normalised float (use with

@@ -46,7 +46,8 @@ resolved once, when the run starts, so every shard of a run uses the same versio
 Runtimes: `onnx` runs the version's ONNX export (it must have passed parity, and its sha256 is
 verified before it runs), `torch` runs the safetensors weights (sha-verified) in eager mode,
 `auto` picks onnx when a passing export exists. Both take the export's input contract: uint8
-RGB pixels, the short side resized to round(S*256/224) and the centre S x S cropped; a large
+RGB pixels, the short side resized to the card's recorded resize (round(S*256/224) for a model
+without weights of its own) and the centre S x S cropped; a large
 JPEG is decoded reduced first (`flowerml.serving.prediction.open_image`).
 """
 
