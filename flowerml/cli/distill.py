@@ -23,6 +23,14 @@ from flowerml.cli.app import (
     store_option,
     training_options,
 )
+from flowerml.cli.tracking import (
+    extra_tags,
+    mirror_registry,
+    mlflow_option,
+    mlflow_tag_option,
+    tracked_events,
+    tracking_server,
+)
 from flowerml.cli.training import (
     launched_options,
     new_run_id,
@@ -86,6 +94,8 @@ def distill_option(name: str) -> Any:
               help="Student gate: minimum test top-1.")
 @click.option("--max-gap", type=float, default=0.01, show_default=True,
               help="Student gate: how far below the teacher's test top-1 the student may be.")
+@mlflow_option
+@mlflow_tag_option
 @launched_options
 @json_option
 def distill(teacher_ref: str | None, teacher_run: str | None, student: str | None,
@@ -93,7 +103,8 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
             store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
             config_json: str | None, device: str, workers: int | None, run_id: str | None,
             register: bool, promote: bool, model_name: str | None, alias: str,
-            threshold: float, max_gap: float, exit_with_parent: int | None,
+            threshold: float, max_gap: float, mlflow_uri: str | None,
+            mlflow_tags: tuple[str, ...], exit_with_parent: int | None,
             json_progress: bool, as_json: bool, **options: Any) -> None:
     """Distil a teacher into a small student: train STUDENT on the published train split with
     alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels), both models seeing the
@@ -123,7 +134,8 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
     gate = StudentGate(threshold=threshold, max_gap=max_gap)
     if model_name is not None:
         check_name(model_name)
-    settings = load_settings(store=store, dataset=dataset)
+    settings = load_settings(store=store, dataset=dataset, mlflow_uri=mlflow_uri)
+    tags = extra_tags(mlflow_tags)
     target = build_store(settings)
     record = RunFiles(target, check_run_id(run_id)).optional_record() if run_id else None
     saved = plain(record) if record is not None else None
@@ -143,12 +155,16 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
     config = student_config(config_json, None if recipe_given or config_json else saved,
                             recipe, student, teacher.trained.image_size, options)
     machine_output = as_json or json_progress
-    with progress_for_terminal(quiet=machine_output) as progress:
+    server = tracking_server(settings)  # unreachable: refused here, before any training
+    run_id = run_id or new_run_id()
+    with progress_for_terminal(quiet=machine_output) as progress, tracked_events(
+            server, target, dataset=settings.dataset, run_id=run_id,
+            on_event=announce_distill(json_progress), tags=tags) as on_event:
         result = distill(config, settings_for_run, teacher, store=target,
-                         dataset=settings.dataset, run_id=run_id or new_run_id(),
+                         dataset=settings.dataset, run_id=run_id,
                          cache_dir=settings.cache_dir, version=dataset_version, device=device,
                          workers=workers, s3=settings.s3_options(),
-                         on_event=announce_distill(json_progress), progress=progress)
+                         on_event=on_event, progress=progress)
     if result.fit.rank != 0:
         return  # under torchrun, rank 0 speaks for the run
     release = None
@@ -158,6 +174,7 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
         release = release_student(target, result.fit.run_id, cache_dir=settings.cache_dir,
                                   model=model_name, alias=alias, gate=gate, promote=promote,
                                   device=device, workers=workers)
+        mirror_registry(settings, target, release.model)
     report(result, release, as_json=as_json, machine_output=machine_output)
     if promote and release is not None and not release.promoted:
         sys.exit(EXIT_REFUSED)

@@ -17,6 +17,7 @@ from flowerml.cli.app import (
     json_option,
     store_option,
 )
+from flowerml.cli.tracking import mirror_registry
 from flowerml.registry.gates import Gate
 from flowerml.registry.names import DEFAULT_ALIAS
 from flowerml.settings import build_store, load_settings
@@ -224,6 +225,8 @@ def registry_promote(name: str, version: int, alias: str, threshold: float, tole
     else:
         now = entry.alias(alias) if state is None else state
         previous = now.version if now else None  # nothing moved: where the alias is
+    if promoted:
+        mirror_registry(settings, entry.store, name)
     move_result(name, alias, version, previous, promoted, reasons, as_json)
     if not promoted:
         sys.exit(1)
@@ -258,9 +261,10 @@ def registry_rollback(name: str, alias: str, store: str | None, as_json: bool) -
     with nothing earlier it is refused (exit 2). Recorded in the history as a rollback.
     --json prints {model, alias, version, previous, promoted, reasons}.
     """
-    entry, _ = open_registry(name, store)
+    entry, settings = open_registry(name, store)
     require_model(entry)
     state = entry.rollback(alias)
+    mirror_registry(settings, entry.store, name)
     reason = (f"rolled back from {version_text(state.previous)} to the version promoted "
               "before it")
     if as_json:
@@ -340,6 +344,7 @@ def registry_register(run_id: str, name: str, alias: str, threshold: float, tole
                             "class_drop": class_drop, "force": False,
                             "paired": paired_figures(candidate.paired, gate)})
     registered = register_run(Registry(target, name), target, run_id, card)
+    mirror_registry(settings, target, name)
     where = location(target, f"registry/{name}/versions/{registered.version:06d}/")
     if as_json:
         emit_json({"model": name, "version": registered.version, "label": registered.label,
@@ -355,3 +360,35 @@ def registry_register(run_id: str, name: str, alias: str, threshold: float, tole
         click.echo(f"  - {reason}")
     click.echo(f"next: flowerml registry promote {name} {registered.version}"
                + (f" --alias {alias}" if alias != DEFAULT_ALIAS else ""))
+
+
+@registry.command("sync-mlflow")
+@click.argument("name")
+@store_option
+@json_option
+def registry_sync_mlflow(name: str, store: str | None, as_json: bool) -> None:
+    """Bring MLflow's registered model NAME level with ours: a model version for each of our
+    versions it lacks (weights, card and ONNX export as artifacts), and every alias at the
+    version ours points at. Needs FLOWERML_MLFLOW_URI (or MLFLOW_TRACKING_URI); idempotent.
+    --json prints {model, created, onnx_added, aliases}."""
+    from flowerml.registry.mlflow_sync import sync_model
+    from flowerml.tracking.server import TrackingServer
+
+    entry, settings = open_registry(name, store)
+    require_model(entry)
+    uri = settings.tracking_uri()
+    if uri is None:
+        raise CliError("no MLflow server to sync with: set FLOWERML_MLFLOW_URI (or "
+                       "MLFLOW_TRACKING_URI)")
+    server = TrackingServer(uri)
+    server.check_reachable()
+    result = sync_model(server, entry.store, name)
+    if as_json:
+        emit_json({"model": name, "created": result.created, "onnx_added": result.onnx_added,
+                   "aliases": result.aliases})
+        return
+    created = ", ".join(f"{ours:06d} as MLflow version {theirs}"
+                        for ours, theirs in result.created.items()) or "no new version"
+    aliases = ", ".join(f"{alias} -> {version:06d}"
+                        for alias, version in result.aliases.items()) or "no alias"
+    click.echo(f"MLflow model {name} at {server.shown}: {created}; {aliases}")

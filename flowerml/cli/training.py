@@ -20,6 +20,14 @@ from flowerml.cli.app import (
     store_option,
     training_options,
 )
+from flowerml.cli.tracking import (
+    extra_tags,
+    mirror_evaluation,
+    mlflow_option,
+    mlflow_tag_option,
+    tracked_events,
+    tracking_server,
+)
 from flowerml.core.recipes import RECIPE_NAMES
 from flowerml.io.storage import Store
 from flowerml.settings import build_store, load_settings
@@ -89,12 +97,14 @@ def say(text: str, machine_output: bool) -> None:
 @click.option("--run-id", default=None,
               help="Resume this run with its own config (a larger --epochs extends it), or "
                    "name a new one (default: a new time-stamped id).")
+@mlflow_option
+@mlflow_tag_option
 @launched_options
 @json_option
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
           config_json: str | None, device: str, workers: int | None, run_id: str | None,
-          exit_with_parent: int | None, json_progress: bool, as_json: bool,
-          **options: Any) -> None:
+          mlflow_uri: str | None, mlflow_tags: tuple[str, ...], exit_with_parent: int | None,
+          json_progress: bool, as_json: bool, **options: Any) -> None:
     """Fine-tune a model on the published train split, selecting on valid."""
     from flowerml.core.launch import exit_with_parent_process
     from flowerml.core.progress import progress_for_terminal
@@ -103,9 +113,10 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
 
     if exit_with_parent is not None:
         exit_with_parent_process(exit_with_parent)
-    settings = load_settings(store=store, dataset=dataset)
+    settings = load_settings(store=store, dataset=dataset, mlflow_uri=mlflow_uri)
     if config_json is not None and any(v is not None for v in options.values()):
         raise CliError("give --config or training options, not both")
+    tags = extra_tags(mlflow_tags)
     target = build_store(settings)
     target.check_writable()  # a read-only key is refused now, not at the first checkpoint
     recipe_given = click.get_current_context().get_parameter_source("recipe") \
@@ -117,10 +128,13 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
     else:
         config = load_config(config_json) if config_json else build_config(recipe, **options)
     machine_output = as_json or json_progress
-    on_event = announce_run(json_progress)
-    with progress_for_terminal(quiet=machine_output) as progress:
+    server = tracking_server(settings)  # unreachable: refused here, before any training
+    run_id = run_id or new_run_id()
+    with progress_for_terminal(quiet=machine_output) as progress, tracked_events(
+            server, target, dataset=settings.dataset, run_id=run_id,
+            on_event=announce_run(json_progress), tags=tags) as on_event:
         result = fit(config, store=target, dataset=settings.dataset,
-                     run_id=run_id or new_run_id(), cache_dir=settings.cache_dir,
+                     run_id=run_id, cache_dir=settings.cache_dir,
                      version=dataset_version, device=device, workers=workers,
                      s3=settings.s3_options(), on_event=on_event, progress=progress)
     if result.rank != 0:
@@ -167,6 +181,7 @@ def evaluate(run_id: str, store: str | None, split: str, dataset_version: str | 
         target, run_id, cache_dir=settings.cache_dir, split=split, version=dataset_version,
         device=device, workers=workers, batch_size=batch_size) \
         if distillation_record(target, run_id) else None
+    mirror_evaluation(settings, target, run_id, split, outcome.metrics.summary())
     if as_json:
         emit_json(outcome.to_json() | ({"agreement": agreement.agreement,
                                         "teacher": agreement.teacher,
