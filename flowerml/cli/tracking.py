@@ -118,30 +118,10 @@ def mirror_registry(settings: Settings, store: Store, model: str) -> bool:
     return mirror_model(settings.tracking_uri(), store, model)
 
 
-EVALUATION_FILES = ("report.md", "per_class.json", "confusion.png", "curves.png")
-"""What an evaluation adds to its MLflow run as artifacts (predictions.jsonl stays on the store)."""
-
-
 def mirror_evaluation(settings: Settings, store: Store, run_id: str, split: str,
-                      summary: Mapping[str, Any]) -> None:
-    """Add an evaluation (its top-1, top-5, mean class accuracy...; the report and plots) to the
-    run's MLflow run, when tracking is on; a failure is one warning line."""
-    import tempfile
-    from pathlib import Path
+                      summary: Mapping[str, Any]) -> bool:
+    """Add an evaluation to the run's MLflow run when tracking is on (see
+    `flowerml.evaluation.mlflow_report`: a failure is one warning line)."""
+    from flowerml.evaluation.mlflow_report import mirror_evaluation as mirror
 
-    from flowerml.io.storage import ObjectNotFound
-    from flowerml.tracking.training_runs import log_evaluation
-    from flowerml.training.runs import RunFiles
-
-    uri = settings.tracking_uri()
-    if not uri:
-        return
-    run = RunFiles(store, run_id)
-    with tempfile.TemporaryDirectory(prefix="flowerml-mlflow-") as temp:
-        files = []
-        for name in EVALUATION_FILES:
-            with contextlib.suppress(ObjectNotFound):
-                store.get_file(run.key(f"eval/{split}/{name}"), Path(temp) / name)
-                files.append(Path(temp) / name)
-        log_evaluation(TrackingServer(uri), dataset=run.record().dataset.name, run_id=run_id,
-                       split=split, metrics=summary, files=files)
+    return mirror(settings.tracking_uri(), store, run_id, split, summary)
