@@ -45,6 +45,7 @@ def evaluate_task(run_id: str, split: str = "test", store: str | None = None,
     `<prefix>-evaluation-report` and `<prefix>-per-class-accuracy`, so the UI keeps their
     history."""
     from flowerml.evaluation.inference import evaluate_run
+    from flowerml.evaluation.mlflow_report import mirror_evaluation
     from flowerml.training.metrics import per_class_rows
 
     settings = load_settings(store=store)
@@ -59,6 +60,8 @@ def evaluate_task(run_id: str, split: str = "test", store: str | None = None,
     create_table_artifact(per_class_rows(evaluation.metrics),
                           key=_key(artifact_prefix, "per-class-accuracy"),
                           description=f"Per-class accuracy of {run_id} on {split}")
+    mirror_evaluation(settings.tracking_uri(), target, run_id, split,
+                      evaluation.metrics.summary())
     return evaluation.to_json()
 
 
