@@ -81,6 +81,7 @@ def check_up_to_date_task(model: str, alias: str, dataset: str, version: str,
 def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, Any],
                   gate: dict[str, Any], store: str | None = None) -> dict[str, Any]:
     """An immutable registry version of the run (COMMITTED last), and where to find it."""
+    from flowerml.registry.mlflow_sync import mirror_model
     from flowerml.registry.release import build_card, register_run
     from flowerml.registry.versions import Registry
 
@@ -89,6 +90,7 @@ def register_task(run_id: str, model: str, metrics: dict, decision: dict[str, An
     card = build_card(target, run_id, metrics, promote=decision["promote"],
                       reasons=decision["reasons"], gate={**gate, "paired": decision.get("paired")})
     registered = register_run(Registry(target, model), target, run_id, card)
+    mirror_model(settings.tracking_uri(), target, model)
     uri = f"{target.uri}/registry/{model}/versions/{registered.version:06d}/"
     create_markdown_artifact(
         registry_entry(model, registered.version, uri, settings.s3_endpoint_url),
@@ -119,15 +121,19 @@ def promote_task(model: str, version: int, alias: str, candidate: dict[str, Any]
                  store: str | None = None) -> dict[str, Any]:
     """Move the alias by compare-and-swap; if production moved since the decision, decide again."""
     from flowerml.registry.gates import Scorecard
+    from flowerml.registry.mlflow_sync import mirror_model
     from flowerml.registry.promotion import promote
     from flowerml.registry.versions import Registry
 
-    registry = Registry(build_store(load_settings(store=store)), model)
+    settings = load_settings(store=store)
+    registry = Registry(build_store(settings), model)
     promoted, reasons, state = promote(
         registry, version, scorecard=Scorecard.from_json(candidate),
         champion=Scorecard.from_json(champion) if champion else None, gate=gate_of(gate),
         alias=alias,
         force=gate["force"])
+    if promoted:
+        mirror_model(settings.tracking_uri(), registry.store, model)
     return {"promoted": promoted, "reasons": reasons,
             "seq": state.seq if state else None}
 
