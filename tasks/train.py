@@ -86,8 +86,18 @@ def train_task(run_id: str, config: dict[str, Any], store: str | None = None,
     """Train (or resume) `run_id` with `config` (a TrainConfig); returns `flowerml train --json`."""
     config_json = load_config(json.dumps(config)).model_dump_json()
     arguments = child_arguments(run_id, config_json, store=store, dataset=dataset,
-                                dataset_version=dataset_version, device=device, workers=workers)
+                                dataset_version=dataset_version, device=device, workers=workers,
+                                mlflow_tag=flow_run_tag())
     return run_training_child(run_id, train_command(arguments, nproc_per_node), timeout_s)
+
+
+def flow_run_tag() -> str | None:
+    """The MLflow tag linking a training run to this Prefect flow run (its UI page), when
+    there is one (`flowerml train` sets it only when tracking is on)."""
+    from prefect.runtime import flow_run
+
+    url = flow_run.ui_url
+    return f"prefect.flow_run_url={url}" if url else None
 
 
 def run_training_child(run_id: str, command: list[str], timeout_s: float | None,
