@@ -21,6 +21,7 @@ stopped by SIGINT/SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Any
 
@@ -38,6 +39,7 @@ from flowerml.cli import (
     training_options,
 )
 from flowerml.cli.app import EXIT_REFUSED, FlowermlCommand, one_line
+from flowerml.cli.tracking import mlflow_option, tracking_server
 from flowerml.core.errors import FlowermlError
 from flowerml.core.recipes import RECIPE_NAMES
 from flowerml.registry.gates import Gate
@@ -94,13 +96,14 @@ from flows.stop_signals import Stopped, stop_on_signals, stopped_error
 @click.option("--export/--no-export", "export_onnx", default=True, show_default=True,
               help="Export the registered version to ONNX and check its parity with PyTorch "
                    "on the test split before promoting (a failed parity blocks promotion).")
+@mlflow_option
 @click.option("--verbose", "-v", is_flag=True,
               help="Show Prefect's own output too: its server, engine logs and tracebacks.")
 @json_option
 def retrain(preset: str | None, source: str | None, store: str | None, dataset: str | None,
             threshold: float | None, tolerance: float | None, class_drop: float | None,
             force: bool | None, force_train: bool, model_name: str, alias: str,
-            export_onnx: bool, verbose: bool,
+            export_onnx: bool, mlflow_uri: str | None, verbose: bool,
             as_json: bool, **training: Any) -> None:
     """Run the retrain flow: ingest, train, evaluate, register, promote past the gate.
 
@@ -109,7 +112,7 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     with this config: nothing trained), 1 not promoted, 2 not done (one line says why).
     """
     prefect_settings()
-    settings = load_settings(store=store, dataset=dataset)
+    settings = load_settings(store=store, dataset=dataset, mlflow_uri=mlflow_uri)
     check_names(model_name, alias)
     gate = {"threshold": threshold, "tolerance": tolerance, "class_drop": class_drop,
             "force": force}
@@ -121,6 +124,9 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     check_device(params.training.device)
     check_store_writable(settings)
     check_prefect_api()
+    tracking_server(settings)  # an unreachable MLflow server: refused before anything runs
+    if mlflow_uri:
+        os.environ["FLOWERML_MLFLOW_URI"] = mlflow_uri  # for the tasks and the training child
     if preset == "demo" and source is None:
         demo_source(settings.cache_dir)
     if not verbose:
