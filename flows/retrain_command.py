@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -125,20 +126,37 @@ def retrain(preset: str | None, source: str | None, store: str | None, dataset: 
     check_store_writable(settings)
     check_prefect_api()
     tracking_server(settings)  # an unreachable MLflow server: refused before anything runs
-    if mlflow_uri:
-        os.environ["FLOWERML_MLFLOW_URI"] = mlflow_uri  # for the tasks and the training child
     if preset == "demo" and source is None:
         demo_source(settings.cache_dir)
     if not verbose:
         silence_prefect_console()
         show_progress_lines()
-    summary = run_retrain(params)
+    with tracking_environment(mlflow_uri):
+        summary = run_retrain(params)
     if as_json:
         emit_json(summary)
     else:
         print_retrain_summary(summary, model_name, alias, settings)
     if not (summary["promoted"] or summary.get("up_to_date")):
         sys.exit(EXIT_REFUSED)
+
+
+@contextlib.contextmanager
+def tracking_environment(mlflow_uri: str | None) -> Iterator[None]:
+    """--mlflow as FLOWERML_MLFLOW_URI while the flow runs: its tasks and training child read
+    the settings themselves."""
+    if not mlflow_uri:
+        yield
+        return
+    before = os.environ.get("FLOWERML_MLFLOW_URI")
+    os.environ["FLOWERML_MLFLOW_URI"] = mlflow_uri
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FLOWERML_MLFLOW_URI", None)
+        else:
+            os.environ["FLOWERML_MLFLOW_URI"] = before
 
 
 def run_retrain(params: Any) -> dict[str, Any]:
