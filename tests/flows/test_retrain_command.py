@@ -128,6 +128,8 @@ def test_a_failed_flow_run_ends_with_its_error(tmp_path: Path, prefect_harness: 
     (["--store", "s3://Bad_Bucket!/x"], "invalid --store: 's3://Bad_Bucket!/x' has an invalid"),
     (["--dataset", "Bad"], "invalid --dataset"),
     (["--model-name", "Bad/Name"], "model name must be"),
+    (["--mlflow", "http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is "
+                                         "unreachable (connection refused)"),
 ])
 def test_bad_options_are_one_line_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   args: list[str], message: str) -> None:
