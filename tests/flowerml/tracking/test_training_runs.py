@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from flowerml.io.storage_local import LocalStore
-from flowerml.tracking import training_runs
 from flowerml.tracking.training_runs import RUN_ID_TAG, RunTracker, find_run
 from flowerml.training.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
@@ -223,10 +221,19 @@ def test_not_required_an_unreachable_server_is_a_warning_and_training_runs(
     assert json.loads(result.stdout)["epochs_run"] == 1
 
 
-def test_untracked_without_a_uri(published: StoreAndCache,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(training_runs, "RunTracker", None)  # never built
+def test_without_mlflow_installed_a_run_trains_untracked_and_a_uri_names_the_extra(
+        published: StoreAndCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base install: mlflow cannot be imported. Without a URI nothing asks for it; with one,
+    one line names the pip install, before training."""
+    import sys
+
+    for name in [n for n in sys.modules if n == "mlflow" or n.startswith("mlflow.")]:
+        monkeypatch.setitem(sys.modules, name, None)
     store, cache = published
     result = invoke(*TRAIN, "--epochs", "1", "--run-id", "plain", store=store, cache=cache)
     assert result.exit_code == 0, result.output
-    assert isinstance(store, LocalStore)
+    assert "MLflow" not in result.output and json.loads(result.stdout)["epochs_run"] == 1
+    refused = train(published, "http://127.0.0.1:5000", "needs-extra", 1)
+    assert_refused(refused, "flowerml: error: tracking to MLflow (--mlflow, FLOWERML_MLFLOW_URI) "
+                            "needs the mlflow extra: pip install 'flowerml[mlflow]'")
+    assert not (published.store.root / "runs/needs-extra").exists()
