@@ -59,8 +59,8 @@ def export_report(model: str, version: int, summary: dict[str, Any]) -> str:
 def parity_reference(summary: dict[str, Any]) -> str:
     """What the ONNX graph was compared with, and the images/s measured."""
     onnx = (f"ONNX Runtime {summary['onnx_images_per_second']:.1f} images/s on "
-            f"{summary['parity_provider']}")
-    if summary["parity_reference"] == "evaluation-logits":
+            f"{summary.get('parity_provider', 'CPUExecutionProvider')}")
+    if summary.get("parity_reference") == "evaluation-logits":  # absent: an older summary
         return f"the evaluation's logits (PyTorch not run again); {onnx}"
     return (f"PyTorch run again ({summary['torch_images_per_second']:.1f} images/s); "
             f"{onnx}")

@@ -190,12 +190,12 @@ def predictions_record(data: bytes, *, dataset: str, manifest_sha256: str, split
                        ) -> PredictionsRecord:
     """metrics.json's `predictions` block of the predictions file `data` (and of logits.npy's
     bytes `logits`, when kept)."""
-    kept = None if logits is None else LogitsRecord(
+    kept = {} if logits is None else {"logits": LogitsRecord(
         file=LOGITS_FILE, sha256=hashlib.sha256(logits).hexdigest(),
-        shape=[int(n) for n in logits_shape], dtype="float32", precision=precision)
+        shape=[int(n) for n in logits_shape], dtype="float32", precision=precision)}
     return PredictionsRecord(file=PREDICTIONS_FILE, sha256=hashlib.sha256(data).hexdigest(),
                              dataset=dataset, manifest_sha256=manifest_sha256, split=split,
-                             weights_sha256=weights_sha256, logits=kept)
+                             weights_sha256=weights_sha256, **kept)
 
 
 def read_logits(record: PredictionsRecord, read: Any, where: str) -> np.ndarray | None:

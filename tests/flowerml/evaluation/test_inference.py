@@ -174,7 +174,10 @@ def test_evaluate_stores_every_images_top5_beside_the_metrics(tiny_run: StoreAnd
                       "dataset": f"flowers102@{outcome.dataset_version}",
                       "manifest_sha256": resolve_dataset(store, "flowers102").split_sha256("test"),
                       "split": "test",
-                      "weights_sha256": RunFiles(store, "tiny").read_json("best.json")["sha256"]}
+                      "weights_sha256": RunFiles(store, "tiny").read_json("best.json")["sha256"],
+                      "logits": {"file": "logits.npy", "sha256": sha256_hex(store.get_bytes(
+                          "runs/tiny/eval/test/logits.npy")), "shape": [24, 4],
+                          "dtype": "float32", "precision": "float32"}}
     assert outcome.to_json()["predictions"] == f"{store.root}/runs/tiny/eval/test/" \
                                                "predictions.jsonl"
     assert run_predictions(store, "tiny").images == tuple(rows)
