@@ -362,7 +362,7 @@ def test_an_input_without_images_is_refused(registry: Registry, tmp_path: Path,
 @pytest.mark.parametrize(("options", "error", "message"), [
     ({"shard_size": 0}, ScoringError, "--shard-size must be a whole number of at least 1"),
     ({"batch_size": -1}, ScoringError, "--batch-size must be"),
-    ({"runtime": "tensorrt"}, ScoringError, "--runtime must be one of auto, onnx, torch"),
+    ({"runtime": "tensorrt"}, ScoringError, "--runtime must be one of auto, onnx, onnx-int8, torch"),
     ({"model": "flowers102@staging"}, RegistryError, "flowers102 has no alias 'staging'"),
     ({"model": "roses"}, RegistryError, "roses has no alias 'production'"),
 ])
