@@ -46,9 +46,10 @@ class ScoreParams(BaseModel):
     model: str = Field("flowers102@production", title="Model",
                        description="NAME@ALIAS or NAME:VERSION; an alias is resolved once, "
                                    "when the run starts")
-    runtime: Literal["auto", "onnx", "torch"] = Field(
+    runtime: Literal["auto", "onnx", "onnx-int8", "torch"] = Field(
         "auto", title="Runtime", description="onnx needs a version whose export passed "
-                                             "parity; auto uses it when there is one")
+                                             "parity, onnx-int8 one whose int8 passed its "
+                                             "gate; auto uses int8, else onnx, when there is one")
     batch_size: int = Field(64, ge=1, le=4096, title="Batch size")
     shard_size: int = Field(1000, ge=1, le=1_000_000, title="Images per shard")
     top_k: int = Field(5, ge=1, le=1000, title="Top-k flowers per image")
