@@ -275,7 +275,7 @@ def test_a_promotion_starts_a_rescore_of_the_standing_collection(
     assert deployment["enforce_parameter_schema"] and not deployment["schedules"]
     form = deployment["parameter_openapi_schema"]["definitions"]["ScoreParams"]
     assert set(form["required"]) == {"input", "output"}
-    assert form["properties"]["runtime"]["enum"] == ["auto", "onnx", "torch"]
+    assert form["properties"]["runtime"]["enum"] == ["auto", "onnx", "onnx-int8", "torch"]
     prefect.prefect("variable", "set", "flowerml_standing_collection", "s3://photos/standing",
                     "--overwrite")
     prefect.prefect("variable", "set", "flowerml_standing_scores", "s3://ml/scores",
