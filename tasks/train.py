@@ -92,12 +92,17 @@ def train_task(run_id: str, config: dict[str, Any], store: str | None = None,
 
 
 def flow_run_tag() -> str | None:
-    """The MLflow tag linking a training run to this Prefect flow run (its UI page), when
-    there is one (`flowerml train` sets it only when tracking is on)."""
+    """The MLflow tag linking a training run to this Prefect flow run: its UI page, or its id
+    where no UI URL is known (a temporary local server); None outside a flow run. `flowerml
+    train` sets it only when tracking is on."""
     from prefect.runtime import flow_run
 
+    if flow_run.id is None:
+        return None
     url = flow_run.ui_url
-    return f"prefect.flow_run_url={url}" if url else None
+    if url and url.startswith(("http://", "https://")):
+        return f"prefect.flow_run_url={url}"
+    return f"prefect.flow_run_id={flow_run.id}"
 
 
 def run_training_child(run_id: str, command: list[str], timeout_s: float | None,
