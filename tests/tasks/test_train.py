@@ -14,7 +14,7 @@ from flowerml.data.ingest import ingest
 from flowerml.data.source_files import FetchOptions
 from flowerml.io.storage_local import LocalStore
 from tasks.evaluate import evaluate_task, inline_images
-from tasks.train import child_arguments, progress_artifact, train_task
+from tasks.train import child_arguments, flow_run_tag, progress_artifact, train_task
 from tests.helpers.prefect_runs import task_outcome
 
 # The task takes a whole TrainConfig (the flow resolves the recipe before any work starts).
@@ -45,6 +45,26 @@ def test_child_arguments_carry_the_config_as_json() -> None:
     assert child_arguments("r1", '{"epochs": 2}', store="s3://b/p", workers=None, device="cpu") \
         == ["--run-id", "r1", "--json-progress", "--json", "--config", '{"epochs": 2}',
             "--store", "s3://b/p", "--device", "cpu"]
+
+
+def test_the_mlflow_tag_links_the_flow_run(prefect_harness: None) -> None:
+    """The training child's MLflow run is tagged with the flow run's UI page, or its id when
+    Prefect knows no UI URL; nothing outside a flow run."""
+    from prefect.settings import PREFECT_UI_URL, temporary_settings
+
+    @flow
+    def tagged() -> tuple:
+        from prefect.runtime import flow_run
+
+        return flow_run_tag(), flow_run.id
+
+    with temporary_settings(updates={PREFECT_UI_URL: "http://prefect.example:4200"}):
+        tag, flow_run_id = tagged()
+    assert tag == f"prefect.flow_run_url=http://prefect.example:4200/flow-runs/flow-run/{flow_run_id}"
+    with temporary_settings(restore_defaults={PREFECT_UI_URL}, updates={PREFECT_UI_URL: ""}):
+        tag, flow_run_id = tagged()
+    assert tag == f"prefect.flow_run_id={flow_run_id}"
+    assert flow_run_tag() is None
 
 
 @pytest.mark.slow
