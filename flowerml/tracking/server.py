@@ -15,6 +15,7 @@ and redacts URLs among the params.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ def import_mlflow() -> Any:
     # MLflow prints "View run ... at: URL" on stdout: it would break --json's output and show
     # the URI's user:pass@.
     variables.MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.set("true")
+    # ...and logs its progress at INFO ("Waiting up to 300 seconds for model version..."):
+    # our own lines say what the mirror did.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     if not variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES.defined:
         variables.MLFLOW_HTTP_REQUEST_MAX_RETRIES.set("0")
     if not variables.MLFLOW_HTTP_REQUEST_TIMEOUT.defined:
@@ -144,8 +148,6 @@ class TrackingServer:
 def connect(uri: str | None, *, required: bool) -> TrackingServer | None:
     """The tracking server at `uri`, checked to answer; None without a URI. An unreachable one
     raises `TrackingUnavailable` when `required`, else is logged as a warning and dropped."""
-    import logging
-
     if not uri:
         return None
     server = TrackingServer(uri)
