@@ -115,8 +115,8 @@ def check_same_classes(trained: TrainedModel, published: PublishedDataset) -> No
 
 def eval_batch_size(device: torch.device) -> int:
     """Evaluation keeps no activations for a backward pass, so on a GPU it takes batches 4x
-    the default recipe's 64 (a ResNet-152 at 224 px under autocast needs ~2 GB for them): fewer
-    launches per image. On a CPU a larger batch buys nothing and costs memory."""
+    the default recipe's 64 (a ResNet-152 at 224 px in fp32, as evaluation runs, needs a few
+    GB for them): fewer launches per image. On a CPU a larger batch buys nothing and costs memory."""
     return 256 if device.type == "cuda" else 64
 
 
