@@ -218,3 +218,27 @@ def test_an_onnx_export_is_added_to_its_mirrored_version(
     assert "model/model.onnx" in files
     assert len(mirrored.tags["flowerml.onnx_sha256"]) == 64
     assert mlflow_alias(mlflow_client, entry.model, "production") == 1
+
+
+def test_a_distilled_student_is_tracked_and_its_promotion_mirrored(
+        registered_run, model_name: str, mlflow_tracking: MlflowServer, mlflow_client,
+        tmp_path: Path) -> None:
+    """`flowerml distill --promote`: the student's run is an MLflow run, and its release (a new
+    model's version, moved to production by the student gate) is mirrored."""
+    from tests.helpers.registries import registry_copy
+
+    entry, cache = registry_copy(registered_run, tmp_path / "copy")
+    result = invoke("distill", "--teacher", "flowers102@production", "--student", "resnet18",
+                    "--weights", "none", "--epochs", "1", "--batch-size", "4", "--device",
+                    "cpu", "--workers", "0", "--run-id", "student", "--promote", "--threshold",
+                    "0", "--max-gap", "1", "--model", model_name, "--json",
+                    env=mlflow_env(mlflow_tracking.url), store=entry.store, cache=cache)
+    assert result.exit_code == 0, result.output
+    experiment = mlflow_client.get_experiment_by_name("flowerml/flowers102")
+    [run] = mlflow_client.search_runs([experiment.experiment_id],
+                                      filter_string="tags.`flowerml.run_id` = 'student'")
+    assert run.data.tags["flowerml.objective"] == "distillation"
+    assert [m.step for m in mlflow_client.get_metric_history(run.info.run_id, "valid_top1")] \
+        == [1]
+    assert Registry(entry.store, model_name).alias(ALIAS).version == 1
+    assert mlflow_alias(mlflow_client, model_name, ALIAS) == 1
