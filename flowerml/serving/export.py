@@ -164,10 +164,18 @@ def parity_providers(available: list[str] | None = None,
         else (CPU_PROVIDER,)
 
 
+def every_core() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, not the
+    host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def parity_session(data: bytes):
     """The parity check's session: on CUDA where `parity_providers` finds it, else on every
     CPU core (the check runs alone: nothing else needs the cores meanwhile)."""
-    return build_onnx_session(data, threads=os.cpu_count(), providers=parity_providers())
+    return build_onnx_session(data, threads=every_core(), providers=parity_providers())
 
 
 @dataclass(frozen=True)
@@ -344,7 +352,7 @@ def quantize_exported(registry: Registry, version: int, existing: dict[str, Any]
     card = registry.get(version).card
     batches = test_batches(registry.store, card, cache_dir, trained.image_size, workers,
                            batch_size, trained.preprocessing)
-    scores, speed = score_onnx(build_onnx_session(data, threads=os.cpu_count()), batches)
+    scores, speed = score_onnx(build_onnx_session(data, threads=every_core()), batches)
     calibration = calibration_batches(registry.store, card, cache_dir, trained, workers,
                                       batch_size)
     int8 = export_int8(registry, version, data, calibration, batches, scores, speed)
@@ -398,7 +406,7 @@ def export_int8(registry: Registry, version: int, fp32: bytes, calibration, batc
     data, calibrated = quantize_int8(fp32, calibration)
     if not registry.attach(version, INT8_FILE, data):
         data = registry.read_attachment(version, INT8_FILE) or data
-    threads = os.cpu_count()
+    threads = every_core()
     gate = measure_int8(build_onnx_session(data, threads=threads), batches, scores.predicted,
                         scores.labels)
     return int8_record(data, calibrated, gate, threads, fp32_speed)
