@@ -18,6 +18,7 @@ from flowerml.serving.runtimes import (
     choose_runtime,
     load_scorer,
 )
+from tests.helpers.cli import invoke
 from tests.helpers.registries import registry_copy
 from tests.helpers.stores import copy_tree, replace_file
 from tests.helpers.synthetic import DATASET, RegisteredRun
@@ -99,3 +100,27 @@ def test_a_tampered_int8_graph_is_refused(int8_root: Path, tmp_path: Path) -> No
     replace_file(path, path.read_bytes()[:-1] + b"\0")
     with pytest.raises(ExportError, match="model.int8.onnx fails its checksum"):
         choose_runtime(registry, 1, "auto")
+
+
+def test_score_auto_runs_int8_and_records_its_file(int8_root: Path, photos: Path,
+                                                   tmp_path: Path) -> None:
+    """`flowerml score` with auto on a version whose int8 passed: the int8 graph scores, and
+    _SUCCESS.json names it by runtime and sha256; the rows agree with the fp32 graph's."""
+    registry = own_copy(int8_root, tmp_path / "store")
+    export = json.loads(registry.read_attachment(1, EXPORT_JSON))
+
+    def score(runtime: str) -> tuple[dict, list[dict]]:
+        output = tmp_path / f"scores-{runtime}"
+        result = invoke("score", str(photos), "--output", str(output), "--runtime", runtime,
+                        "--json", store=registry.store, cache=tmp_path / "cache")
+        assert result.exit_code == 1, result.output  # photos holds one unreadable image
+        [success] = output.rglob("_SUCCESS.json")
+        rows = [json.loads(line) for part in sorted(success.parent.glob("part-*.jsonl"))
+                for line in part.read_text().splitlines()]
+        return json.loads(success.read_text()), rows
+
+    summary, rows = score("auto")
+    assert (summary["runtime"], summary["sha256"]) == ("onnx-int8", export["int8"]["sha256"])
+    _, fp32_rows = score("onnx")
+    assert [row.get("labels", [None])[0] for row in rows] == \
+        [row.get("labels", [None])[0] for row in fp32_rows]
