@@ -4,6 +4,10 @@ systemd or internet runs against the session's Prefect server, in the runbook's 
 shell runs it from the repository root. Each command must still appear in the runbook exactly
 as listed here, so a command edited there is edited here too, and the runbook cannot rot.
 
+The `prefect` commands and the `python deploy/...py` scripts run one after another in one
+interpreter (tests/helpers/prefect_cli.py: Prefect's console-script entry point, imported once
+instead of forty times), each with its exit code and output; the rest through bash.
+
 What runs differently from the page (`Step.run`): the server's URL for prefect.internal:4200,
 this test's folder for /tmp/flowerml-try, a second pool name where the runbook creates `gpu`
 again with another type, `--watch` dropped (no worker takes the run here), and a schedule id
@@ -17,12 +21,15 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.prefect_cli import CommandBatch
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "deploy/README.md"
@@ -172,23 +179,33 @@ def test_the_runbook_commands_run_against_a_server(prefect_harness: None,
            "TRY": str(tmp_path), "FLOWERML_STORE": str(tmp_path / "store"),
            "FLOWERML_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "250",  # rich: no "…"
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "gpu-a100",
-                    "--type", "process"], env=env, cwd=REPO, check=True, capture_output=True,
-                   timeout=120)  # the pool the runbook's --pool example names
-    output = ""
-    for step in STEPS:
-        command = step.text.replace("http://prefect.internal:4200", server) \
-            .replace("/tmp/flowerml-try", str(tmp_path))
-        for old, new in step.run.items():
-            command = command.replace(old, new)
-        if "<schedule-id>" in command:
-            command = command.replace("<schedule-id>", schedule_id(output))
-        done = subprocess.run(["bash", "-c", command], env=env, cwd=REPO, capture_output=True,
-                              text=True, timeout=180)
-        output = done.stdout + done.stderr
-        assert done.returncode == step.rc, f"{command}\n{output[-3000:]}"
-        assert words(step.says) in words(output), f"{command}\n{output[-3000:]}"  # rich wraps
-        assert "Traceback" not in output, f"{command}\n{output[-3000:]}"
+    with CommandBatch(env, REPO) as batch:
+        created = batch.run(["prefect", "work-pool", "create", "gpu-a100", "--type", "process"])
+        assert created.returncode == 0, created.output  # the pool the runbook's --pool names
+        output = ""
+        for step in STEPS:
+            command = step.text.replace("http://prefect.internal:4200", server) \
+                .replace("/tmp/flowerml-try", str(tmp_path))
+            for old, new in step.run.items():
+                command = command.replace(old, new)
+            if "<schedule-id>" in command:
+                command = command.replace("<schedule-id>", schedule_id(output))
+            returncode, output = run_step(command, batch, env)
+            assert returncode == step.rc, f"{command}\n{output[-3000:]}"
+            assert words(step.says) in words(output), f"{command}\n{output[-3000:]}"  # wraps
+            assert "Traceback" not in output, f"{command}\n{output[-3000:]}"
+
+
+def run_step(command: str, batch: CommandBatch, env: dict[str, str]) -> tuple[int, str]:
+    """`prefect ...` and `python SCRIPT.py ...` through the batch's one interpreter (the
+    arguments split as bash splits them: these commands use quotes and line continuations
+    only); anything else (variables, `VAR=value cmd`, `python -c`, curl) through bash."""
+    argv = shlex.split(command.replace("\\\n", " "))
+    if argv[0] == "prefect" or (argv[0] == "python" and argv[1].endswith(".py")):
+        return batch.run(argv)
+    done = subprocess.run(["bash", "-c", command], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    return done.returncode, done.stdout + done.stderr
 
 
 def words(text: str) -> str:

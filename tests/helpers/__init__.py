@@ -12,6 +12,7 @@ import these):
 - `multipart`: a file S3Store uploads in parts, and the uploads a bucket still holds pending.
 - `network`: free loopback ports and waiting for a server to answer.
 - `paired`: hand-built per-image predictions of two models on the same images.
+- `prefect_cli`: many `prefect` commands (and `python SCRIPT.py`) run by one interpreter.
 - `prefect_database`: a Prefect database migrated once a session, copied for each server.
 - `preprocessing`: a real photo through torchvision's weights.transforms() and flowerml's paths.
 - `prefect_runs`: a task run's outcome as the Prefect server recorded it.
