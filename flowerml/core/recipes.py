@@ -31,9 +31,10 @@ from pydantic.json_schema import SkipJsonSchema
 from flowerml.core.errors import UserError
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "alexnet", "vgg16",
-               "vgg19", "mobilenet_v3_large", "efficientnet_b0"]
+               "vgg19", "mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0"]
 # What `flowerml distill --student` accepts: the small and mobile members of Arch.
-StudentArch = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+StudentArch = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large", "mobilenet_v3_small",
+                      "efficientnet_b0"]
 Strategy = Literal["finetune", "linear-probe"]
 Augment = Literal["standard", "tutorial", "none"]
 Optimizer = Literal["adam", "adamw", "sgd"]
@@ -47,7 +48,7 @@ RECIPE_NAMES: tuple[str, ...] = get_args(RecipeName)
 # How many backbone stages `freeze_stages` can lock per arch (tests check it against models.py).
 STAGES: dict[str, int] = {"resnet18": 5, "resnet34": 5, "resnet50": 5, "resnet101": 5,
                           "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6,
-                          "mobilenet_v3_large": 6, "efficientnet_b0": 5}
+                          "mobilenet_v3_large": 6, "mobilenet_v3_small": 6, "efficientnet_b0": 5}
 
 
 class TrainConfig(BaseModel):

@@ -2,7 +2,8 @@
 
 This module owns three things:
 - the architectures (`ARCHS`): torchvision's ResNet-18/34/50/101/152, AlexNet, VGG-16/19 and
-  the mobile MobileNetV3-Large and EfficientNet-B0 (students for `flowerml distill`), cut
+  the mobile MobileNetV3-Large, MobileNetV3-Small and EfficientNet-B0 (students for
+  `flowerml distill`; the small one also keeps the tests' deployment runs light), cut
   before their ImageNet classifier into a `backbone` that outputs `[N, feature_dim]`, followed
   by a new `head` (`nn.Linear(feature_dim, num_classes)`);
 - loading a state dict into the backbone, strictly (`build_model(weights=...)` takes weights
@@ -44,7 +45,7 @@ STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 # Mobile architectures downsample with strided convolutions, not pooling: their stages are cut
 # where the resolution halves (see `backbone_stages`).
-MOBILE_ARCHS = ("mobilenet_v3_large", "efficientnet_b0")
+MOBILE_ARCHS = ("mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0")
 RESNET_STEM = ("conv1", "bn1", "relu", "maxpool")
 RESNET_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,

@@ -69,6 +69,7 @@ IMAGENET_WEIGHTS: dict[str, str] = {
     "vgg16": "IMAGENET1K_V1",
     "vgg19": "IMAGENET1K_V1",
     "mobilenet_v3_large": "IMAGENET1K_V2",
+    "mobilenet_v3_small": "IMAGENET1K_V1",
     "efficientnet_b0": "IMAGENET1K_V1",
 }
 TORCH_SUFFIXES = (".pth", ".pt")

@@ -135,7 +135,7 @@ BAD_INPUT = [
      "teacher flowers102:000001 was trained on 4 classes that differ from other@"),
     (["--teacher", TEACHER, *STUDENT[2:], "--student", "resnet9"],
      "--student must be one of resnet18, resnet34, resnet50, mobilenet_v3_large, "
-     "efficientnet_b0: got 'resnet9'"),
+     "mobilenet_v3_small, efficientnet_b0: got 'resnet9'"),
     (["--teacher", TEACHER, *STUDENT, "--temperature", "0"],
      "--temperature must be greater than 0 and at most 100 (got 0.0)"),
     (["--teacher", TEACHER, *STUDENT, "--temperature", "-2"],

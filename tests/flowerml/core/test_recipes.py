@@ -159,7 +159,7 @@ def test_float_bounds_are_named_as_numbers():
 def test_arch_must_be_a_known_backbone():
     assert _message(arch="resnet9") == (
         "--arch must be one of resnet18, resnet34, resnet50, resnet101, resnet152, alexnet, "
-        "vgg16, vgg19, mobilenet_v3_large, efficientnet_b0: got 'resnet9'")
+        "vgg16, vgg19, mobilenet_v3_large, mobilenet_v3_small, efficientnet_b0: got 'resnet9'")
 
 
 def test_other_choices_name_their_option():

@@ -32,9 +32,9 @@ from tests.helpers.backbones import (
 
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
                 "resnet152": 2048, "alexnet": 4096, "vgg16": 4096, "vgg19": 4096,
-                "mobilenet_v3_large": 1280, "efficientnet_b0": 1280}
+                "mobilenet_v3_large": 1280, "mobilenet_v3_small": 1024, "efficientnet_b0": 1280}
 STAGES = {"resnet18": 5, "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6,
-          "mobilenet_v3_large": 6, "efficientnet_b0": 5}
+          "mobilenet_v3_large": 6, "mobilenet_v3_small": 6, "efficientnet_b0": 5}
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,12 +251,13 @@ def test_prepare_for_strategy_validates() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Mobile students: MobileNetV3-Large and EfficientNet-B0
+# Mobile students: MobileNetV3-Large and -Small, EfficientNet-B0
 
 
 @pytest.mark.parametrize(("arch", "cuts"), [
     # features children starting each stage: a new stage where the resolution halves.
     ("mobilenet_v3_large", [0, 2, 4, 7, 13]),
+    ("mobilenet_v3_small", [0, 1, 2, 4, 9]),
     ("efficientnet_b0", [0, 2, 3, 4, 6]),
 ])
 def test_mobile_stages_are_cut_where_the_resolution_halves(arch: str, cuts: list[int]) -> None:
@@ -272,9 +273,9 @@ def test_mobile_stages_are_cut_where_the_resolution_halves(arch: str, cuts: list
             images = layer(images)
         sizes.append(images.shape[-1])
     assert sizes == [32, 16, 8, 4, 2]  # each stage halves the resolution once
-    # MobileNetV3 keeps a 960 -> 1280 layer before the head: one more stage to freeze;
-    # EfficientNet keeps only a Dropout, which has nothing to freeze.
-    assert len(stages) == len(cuts) + (arch == "mobilenet_v3_large")
+    # MobileNetV3 keeps a 960 -> 1280 (Small: 576 -> 1024) layer before the head: one more
+    # stage to freeze; EfficientNet keeps only a Dropout, which has nothing to freeze.
+    assert len(stages) == len(cuts) + arch.startswith("mobilenet_v3")
 
 
 def test_freezing_a_mobile_student_keeps_its_frozen_batchnorm_fixed() -> None:
@@ -294,7 +295,7 @@ def test_freezing_a_mobile_student_keeps_its_frozen_batchnorm_fixed() -> None:
         freeze_stages(model, 6)
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "efficientnet_b0"])
+@pytest.mark.parametrize("arch", ["mobilenet_v3_large", "mobilenet_v3_small", "efficientnet_b0"])
 def test_a_staged_torchvision_file_loads_into_a_mobile_backbone(arch: str,
                                                                 tmp_path: Path) -> None:
     """The same rule as `train --weights`: torchvision's state dict, its ImageNet classifier
@@ -318,7 +319,9 @@ def test_mobile_imagenet_weights_are_pinned_by_name() -> None:
     from flowerml.models.weights import imagenet_file_name, imagenet_weights_name
 
     assert imagenet_weights_name("mobilenet_v3_large") == "MobileNet_V3_Large_Weights.IMAGENET1K_V2"
+    assert imagenet_weights_name("mobilenet_v3_small") == "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
     assert imagenet_weights_name("efficientnet_b0") == "EfficientNet_B0_Weights.IMAGENET1K_V1"
     # torchvision's file names carry their sha256 prefix: a staged copy is checked against it.
     assert imagenet_file_name("mobilenet_v3_large") == "mobilenet_v3_large-5c1a4163.pth"
+    assert imagenet_file_name("mobilenet_v3_small") == "mobilenet_v3_small-047dcff4.pth"
     assert imagenet_file_name("efficientnet_b0") == "efficientnet_b0_rwightman-7f5810bc.pth"
