@@ -122,6 +122,9 @@ def test_the_notifications_apply_with_a_block(prefect_stack: LocalPrefect) -> No
         "flowerml-model-promoted", "flowerml-model-rejected")} == {block}
 
 
+KILLED_EPOCHS = 20  # ~0.1 s each here: the kill comes after the first, well before the last
+
+
 def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect, tmp_path: Path,
                                                      s3_bucket: str, moto_endpoint: str,
                                                      synthetic_source: Path) -> None:
@@ -130,7 +133,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
     # --limit 2: the worker could take both runs; only the pool's limit keeps them apart.
     worker = prefect.start_worker("gpu", "--limit", "2", name="worker-1")
     killed = prefect.run_deployment("retrain-flowers/retrain-weekly",
-                                    run_params(synthetic_source, s3_bucket, epochs=8))
+                                    run_params(synthetic_source, s3_bucket, epochs=KILLED_EPOCHS))
     waiting = prefect.run_deployment("retrain-flowers/retrain-manual",
                                      run_params(synthetic_source, s3_bucket, epochs=1))
     run_id = training_run_id("flowers102", killed)
@@ -169,7 +172,7 @@ def test_a_killed_worker_run_resumes_without_a_human(prefect_stack: LocalPrefect
     assert final["run_count"] == 2
     assert_nothing_left_running(prefect, killed)
     result = json.loads(store.get_bytes(RunFiles(store, run_id).key("result.json")))
-    assert result["resumed_from_epoch"] >= 1 and result["epochs_run"] == 8
+    assert result["resumed_from_epoch"] >= 1 and result["epochs_run"] == KILLED_EPOCHS
     registry = Registry(store, "flowers102")
     assert {v.card["lineage"]["run_id"] for v in registry.versions()} == {
         run_id, training_run_id("flowers102", waiting)}

@@ -118,7 +118,7 @@ def stop_busy_worker(prefect: LocalPrefect, worker, run: str, waiting: str | Non
     return timings
 
 
-EPOCHS = 40  # about 0.3 s each here: long enough to be stopped twice while training
+EPOCHS = 60  # ~0.1 s each here: long enough to be stopped twice while training
 
 
 def test_a_stopped_busy_worker_lets_go_and_the_run_resumes_on_the_next(
