@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any, TextIO, get_args
@@ -155,6 +156,15 @@ def show_library_warnings() -> None:
         logger.addHandler(handler)
         logger.setLevel(min(logger.level or logging.WARNING, logging.WARNING))
         logger.propagate = False  # said once, in our words, not again by the root logger
+
+
+def hide_torch_kernel_reregistration() -> None:
+    """torch 2.14 installs its own aten::bmm kernel for CUDA as it is imported; when two
+    threads import torch at once (the retrain flow's tasks and its background imports), it can
+    install the same kernel twice and warn about overriding it, a line that says nothing to a
+    user (seen on `flowerml retrain`'s stderr under load). The kernel is the same either way."""
+    warnings.filterwarnings("ignore", message="Warning only once for all operators",
+                            category=UserWarning)
 
 
 class StdoutClosed(BaseException):
@@ -315,6 +325,7 @@ class FlowermlGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         as_json = json_requested(args)
         show_library_warnings()
+        hide_torch_kernel_reregistration()
         try:
             with sigterm_stops_the_command(), stdout_for_json_only(as_json):
                 result = super().main(args, prog_name, complete_var, standalone_mode=False,
