@@ -10,6 +10,7 @@ FLOWERML_MLFLOW_REQUIRED=false. Once training runs, the mirror never stops it.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ import click
 
 from flowerml.io.storage import Store
 from flowerml.settings import Settings
-from flowerml.tracking.server import TrackingServer, connect
+from flowerml.tracking.server import TrackingServer, connect, failure_reason
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -85,25 +86,32 @@ def tracked_events(server: TrackingServer | None, store: Store, *, dataset: str,
     resumed_from = 0
     started = False
 
-    def observe(event: dict[str, Any]) -> None:
+    def track(event: dict[str, Any]) -> None:
         nonlocal resumed_from, started
         if event.get("event") == "resumed":
             resumed_from = int(event["from_epoch"])
         if event.get("event") == "start":
-            params, run_tags_ = run_tags(store, event.get("run_id", run_id))
+            params, run_tags_ = run_tags(store, run_id)
             history = [row for row in RunFiles(store, run_id).read_history()
                        if int(row["epoch"]) <= resumed_from]
             tracker.begin(params, {**run_tags_, **(tags or {})}, history)
             started = True
         tracker.observe(event)
+
+    def observe(event: dict[str, Any]) -> None:
+        try:
+            track(event)
+        except Exception as error:  # the mirror must not stop training
+            logging.getLogger("flowerml.tracking").warning(
+                "MLflow run of %s not updated: %s", run_id, failure_reason(error))
         on_event(event)
 
     status = "FAILED"
     try:
         yield observe
         status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
+    except BaseException as error:
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"  # Ctrl-C, a signal
         raise
     finally:
         if started:

@@ -96,7 +96,7 @@ def test_a_resumed_run_logs_into_the_same_run_without_duplicate_steps(
     logs epoch 2 from its checkpoint's history, then 3, each once."""
     log_epoch = RunTracker.log_epoch
 
-    class Killed(Exception):
+    class Killed(BaseException):  # as SIGKILL would: nothing after it runs in the process
         pass
 
     def die_at_epoch_2(self, row):
@@ -105,8 +105,8 @@ def test_a_resumed_run_logs_into_the_same_run_without_duplicate_steps(
         log_epoch(self, row)
 
     monkeypatch.setattr(RunTracker, "log_epoch", die_at_epoch_2)
-    died = train(published, mlflow_tracking.url, "resumed", 3)
-    assert isinstance(died.exception, Killed), died.output
+    with pytest.raises(Killed):
+        train(published, mlflow_tracking.url, "resumed", 3)
     assert json.loads((published.store.root / "runs/resumed/checkpoint.json").read_text())[
         "epoch"] == 2
     first = mlflow_run(mlflow_client, "resumed")
@@ -176,6 +176,20 @@ def test_a_server_killed_mid_run_does_not_stop_training(
                            "answers)")
     run_id = find_run(tracker.server, EXPERIMENT, "outage")
     assert [s for s, _ in steps(mlflow_client, run_id, "valid_top1")] == [1, 2, 3]
+
+
+def test_a_mirror_that_breaks_is_a_warning_and_training_goes_on(
+        published: StoreAndCache, mlflow_tracking: MlflowServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, event):
+        raise RuntimeError("mirror broke")
+
+    monkeypatch.setattr(RunTracker, "observe", broken)
+    result = train(published, mlflow_tracking.url, "broken-mirror", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["epochs_run"] == 1
+    assert result.stderr.count("flowerml: warning: MLflow run of broken-mirror not updated: "
+                               "mirror broke\n") == 2  # the start and the epoch
 
 
 def test_a_server_still_down_at_the_end_is_one_warning_and_caught_up_on_resume(
