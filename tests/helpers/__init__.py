@@ -9,6 +9,8 @@ import these):
 - `http_files`: a scripted HTTP file server for the download tests, and backoff delays recorded.
 - `images`: image files a user may hand over (photo-like JPEGs, a bomb's PNG header, cut ones).
 - `interrupts`: runs that die at a chosen point, in-process or as a SIGKILLed child.
+- `mlflow_servers`: a real `mlflow server` (sqlite, artifacts in a temporary folder), killed and
+  started again on the same port.
 - `multipart`: a file S3Store uploads in parts, and the uploads a bucket still holds pending.
 - `network`: free loopback ports and waiting for a server to answer.
 - `paired`: hand-built per-image predictions of two models on the same images.
