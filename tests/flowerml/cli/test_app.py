@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -254,3 +255,15 @@ def test_sigterm_stops_score_with_one_line_and_no_success_record(registered_run,
         {"error": "stopped by SIGTERM", "kind": "stopped"}]
     assert not list(output.rglob("_SUCCESS.json"))
     assert sorted(output.rglob(".tmp-*")) == []
+
+
+def test_torchs_kernel_reregistration_warning_is_not_shown() -> None:
+    """torch's warning about installing its own aten::bmm kernel twice (two threads importing
+    torch at once) is hidden by any flowerml command; other warnings still show."""
+    invoke("--help")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn("Warning only once for all operators,  other operators may also be "
+                      "overridden.\n  Overriding a previously registered kernel", UserWarning,
+                      stacklevel=1)
+        warnings.warn("a warning of flowerml's own", UserWarning, stacklevel=1)
+    assert [str(warning.message) for warning in shown] == ["a warning of flowerml's own"]
