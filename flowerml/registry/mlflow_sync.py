@@ -18,6 +18,7 @@ from pathlib import Path
 
 from flowerml.io.storage import ObjectNotFound, Store
 from flowerml.registry.export_record import ONNX_FILE, load_onnx_bytes, read_export
+from flowerml.registry.names import RegistryError
 from flowerml.registry.versions import CARD_JSON, CARD_MD, WEIGHTS, ModelVersion, Registry
 from flowerml.tracking.registry_mirror import ONNX_TAG, ModelMirror
 from flowerml.tracking.server import TrackingServer, failure_reason
@@ -54,10 +55,12 @@ def sync_model(server: TrackingServer, store: Store, model: str) -> SyncResult:
     mirror.ensure_model(f"Mirror of flowerml's registry model {model}: flowerml's "
                         "aliases and versions are the source of truth.")
     mirrored = mirror.versions()
+    committed = [entry for entry in registry.versions() if entry.committed]
+    for entry in committed:  # before anything is written
+        if entry.version in mirrored:
+            check_same_weights(entry, mirrored[entry.version], server)
     with tempfile.TemporaryDirectory(prefix="flowerml-mlflow-") as temp:
-        for entry in registry.versions():
-            if not entry.committed:
-                continue
+        for entry in committed:
             if entry.version not in mirrored:
                 mirrored[entry.version] = _add_version(registry, mirror, entry, Path(temp))
                 result.created[entry.version] = int(mirrored[entry.version].version)
@@ -65,6 +68,21 @@ def sync_model(server: TrackingServer, store: Store, model: str) -> SyncResult:
                 result.onnx_added.append(entry.version)
     result.aliases = sync_aliases(registry, mirror, mirrored)
     return result
+
+
+class MirrorConflict(RegistryError):
+    """MLflow's registered model of that name mirrors other weights (another store's registry
+    uses the same model name on this tracking server)."""
+
+
+def check_same_weights(entry: ModelVersion, mirrored, server: TrackingServer) -> None:
+    theirs = mirrored.tags.get("flowerml.sha256")
+    if theirs != entry.weights_sha256:
+        raise MirrorConflict(
+            f"MLflow model {entry.model} at {server.shown}: its version {mirrored.version} "
+            f"mirrors {entry.label} with other weights (sha256 {str(theirs)[:12]}..., ours "
+            f"{entry.weights_sha256[:12]}...): another store's registry uses the name "
+            f"{entry.model} on this server; nothing was changed in MLflow")
 
 
 def mirror_model(tracking_uri: str | None, store: Store, model: str) -> bool:

@@ -23,7 +23,7 @@ from flowerml.registry.versions import Registry
 from flowerml.settings import load_settings
 from flowerml.tracking.registry_mirror import ModelMirror
 from flowerml.tracking.server import TrackingServer
-from tests.helpers.cli import invoke
+from tests.helpers.cli import assert_refused, invoke
 from tests.helpers.mlflow_servers import MlflowServer
 from tests.helpers.network import free_port
 
@@ -187,8 +187,6 @@ def test_a_mirror_that_is_down_never_blocks_a_move_and_sync_brings_it_level(
 
 
 def test_sync_needs_a_tracking_server(registry: Registry) -> None:
-    from tests.helpers.cli import assert_refused
-
     assert_refused(invoke("registry", "sync-mlflow", registry.model, store=registry.store),
                    "flowerml: error: no MLflow server to sync with: set FLOWERML_MLFLOW_URI "
                    "(or MLFLOW_TRACKING_URI)")
@@ -242,3 +240,24 @@ def test_a_distilled_student_is_tracked_and_its_promotion_mirrored(
         == [1]
     assert Registry(entry.store, model_name).alias(ALIAS).version == 1
     assert mlflow_alias(mlflow_client, model_name, ALIAS) == 1
+
+
+def test_another_store_s_model_of_the_same_name_is_refused_not_overwritten(
+        registry: Registry, mlflow_tracking: MlflowServer, mlflow_client,
+        tmp_path: Path) -> None:
+    assert invoke("registry", "sync-mlflow", registry.model,
+                  env=mlflow_env(mlflow_tracking.url), store=registry.store).exit_code == 0
+    other = Registry(LocalStore(tmp_path / "other-store"), registry.model)
+    other.register(save({"w": torch.zeros(3)}), card(0.5), render=render_card)
+    result = invoke("registry", "sync-mlflow", registry.model,
+                    env=mlflow_env(mlflow_tracking.url), store=other.store)
+    mlflow_sha = registry.get(1).weights_sha256
+    assert_refused(result, f"flowerml: error: MLflow model {registry.model} at "
+                           f"{mlflow_tracking.url}: its version 1 mirrors {registry.model}:000001 "
+                           f"with other weights (sha256 {mlflow_sha[:12]}..., ours "
+                           f"{other.get(1).weights_sha256[:12]}...): another store's registry "
+                           f"uses the name {registry.model} on this server; nothing was changed "
+                           "in MLflow")
+    versions = mlflow_client.search_model_versions(f"name = '{registry.model}'")
+    assert sorted(v.tags["flowerml.sha256"] for v in versions) == sorted(
+        entry.weights_sha256 for entry in registry.versions())
