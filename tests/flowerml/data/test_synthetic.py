@@ -299,10 +299,13 @@ def test_a_stopped_synth_leaves_no_temp_file(tmp_path: Path, signum: str) -> Non
     import time
 
     out = tmp_path / "out"
+    # As a terminal starts a foreground command: SIGINT at its default. A suite run as a
+    # background job (`make test &`) has it ignored, and would hand that on to the command.
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("flowerml")), "synth", str(out), "--classes", "10",
          "--per-class", "50", "--image-size", "1024"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not list(out.glob(".tmp-*")):
