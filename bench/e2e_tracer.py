@@ -48,6 +48,8 @@ TRACED: dict[str, list[tuple[str, str]]] = {
     "prefect.server.api.server": [("SubprocessASGIServer.start", "prefect.server_start")],
     "prefect.flows": [("Flow.__call__", "prefect.flow")],
     "prefect.tasks": [("Task.__call__", "prefect.task")],
+    # A task the flow submits (the export) runs here, on a worker thread, not in __call__.
+    "prefect.task_engine": [("run_task_sync", "prefect.task")],
     "tasks.ingest": [("fetch_sources", "lib.fetch_sources"),
                      ("publish_split", "lib.publish_split")],
     "tasks.train": [("run_child", "lib.run_training_child")],
@@ -109,8 +111,9 @@ def _wrap(trace: _Trace, function: Callable, name: str) -> Callable:
             return function(*args, **kwargs)
         finally:
             label = name
-            if name == "prefect.task" and args:
-                label = f"prefect.task:{getattr(args[0], 'name', '?')}"
+            if name == "prefect.task":
+                task = args[0] if args else kwargs.get("task")
+                label = f"prefect.task:{getattr(task, 'name', '?')}"
             trace.record(label, start, time.time())
 
     traced.__flowerml_e2e__ = True
