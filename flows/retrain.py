@@ -73,6 +73,10 @@ class TrainingParams(TrainOverrides):
                              title="Training timeout (seconds)",
                              description="Stop an attempt after this long; the retry resumes it "
                                          "from its last checkpoint.")
+    checkpoint_every: int = Field(1, ge=1, le=1000, title="Checkpoint every N epochs",
+                                  description="The resumable checkpoint (weights and optimiser "
+                                              "state) after every N-th epoch and the last; a "
+                                              "retry redoes the epochs since.")
 
 
 class GateParams(BaseModel):
@@ -187,7 +191,8 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
     train_task(run_id, config.to_json(), store=store, dataset=params.dataset,
                dataset_version=version, device=params.training.device,
                workers=params.training.workers, nproc_per_node=params.training.nproc_per_node,
-               timeout_s=params.training.timeout_s)
+               timeout_s=params.training.timeout_s,
+               checkpoint_every=params.training.checkpoint_every)
     evaluated = evaluate_task(run_id, "test", store=store, dataset_version=version,
                               artifact_prefix=artifact_key(model))
     metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}

@@ -54,7 +54,12 @@ from flows.preflight import (
     check_store_writable,
     check_weights,
 )
-from flows.retrain_options import FiniteFloat, demo_source, validated_params
+from flows.retrain_options import (
+    DEMO_CHECKPOINT_EVERY,
+    FiniteFloat,
+    demo_source,
+    validated_params,
+)
 from flows.retrain_summary import print_retrain_summary
 from flows.run_progress import announce_run, show_progress_lines
 from flows.stop_signals import Stopped, stop_on_signals, stopped_error
@@ -79,6 +84,9 @@ from flows.stop_signals import Stopped, stop_on_signals, stopped_error
               help="GPUs (torchrun) for training (default 1).")
 @click.option("--timeout-s", type=FiniteFloat(), default=None,
               help="Stop a training attempt after this many seconds (default 7200).")
+@click.option("--checkpoint-every", type=click.IntRange(1, 1000), default=None,
+              help=f"Write the resumable checkpoint after every N-th epoch and the last "
+                   f"(default 1; {DEMO_CHECKPOINT_EVERY} with --preset demo).")
 @click.option("--threshold", type=FiniteFloat(), default=None,
               help=f"Minimum test top-1 (default {Gate.threshold:g}; 0.7 with --preset demo).")
 @click.option("--tolerance", type=FiniteFloat(), default=None,

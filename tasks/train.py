@@ -82,12 +82,13 @@ def child_arguments(run_id: str, config_json: str, **options: Any) -> list[str]:
 def train_task(run_id: str, config: dict[str, Any], store: str | None = None,
                dataset: str | None = None, dataset_version: str | None = None,
                device: str = "auto", workers: int | None = None, nproc_per_node: int = 1,
-               timeout_s: float | None = None) -> dict[str, Any]:
+               timeout_s: float | None = None, checkpoint_every: int = 1) -> dict[str, Any]:
     """Train (or resume) `run_id` with `config` (a TrainConfig); returns `flowerml train --json`."""
     config_json = load_config(json.dumps(config)).model_dump_json()
     arguments = child_arguments(run_id, config_json, store=store, dataset=dataset,
                                 dataset_version=dataset_version, device=device, workers=workers,
-                                mlflow_tag=flow_run_tag())
+                                checkpoint_every=checkpoint_every if checkpoint_every != 1
+                                else None, mlflow_tag=flow_run_tag())
     return run_training_child(run_id, train_command(arguments, nproc_per_node), timeout_s)
 
 

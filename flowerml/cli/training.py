@@ -94,6 +94,9 @@ def say(text: str, machine_output: bool) -> None:
               help="A whole training config as JSON, instead of --recipe and the options above.")
 @device_option
 @workers_option
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Write the resumable checkpoint after every N-th epoch (and the last); a "
+                   "stopped run redoes the epochs since its last one.")
 @click.option("--run-id", default=None,
               help="Resume this run with its own config (a larger --epochs extends it), or "
                    "name a new one (default: a new time-stamped id).")
@@ -102,7 +105,8 @@ def say(text: str, machine_output: bool) -> None:
 @launched_options
 @json_option
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
-          config_json: str | None, device: str, workers: int | None, run_id: str | None,
+          config_json: str | None, device: str, workers: int | None, checkpoint_every: int,
+          run_id: str | None,
           mlflow_uri: str | None, mlflow_tags: tuple[str, ...], exit_with_parent: int | None,
           json_progress: bool, as_json: bool, **options: Any) -> None:
     """Fine-tune a model on the published train split, selecting on valid."""
@@ -136,7 +140,8 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
         result = fit(config, store=target, dataset=settings.dataset,
                      run_id=run_id, cache_dir=settings.cache_dir,
                      version=dataset_version, device=device, workers=workers,
-                     s3=settings.s3_options(), on_event=on_event, progress=progress)
+                     s3=settings.s3_options(), on_event=on_event, progress=progress,
+                     checkpoint_every=checkpoint_every)
     if result.rank != 0:
         return  # under torchrun, rank 0 speaks for the run
     if as_json:

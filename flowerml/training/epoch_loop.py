@@ -70,6 +70,7 @@ class EpochLoop:
     emit: EventFn
     progress: Progress
     preprocessing: Preprocessing | None = None  # the model's: None is today's default
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always has one
 
     def train(self, state: TrainState, train_loader: DataLoader, valid_loader: DataLoader) -> None:
         while state.epoch < self.config.epochs and not state.stopped_early:
@@ -87,13 +88,20 @@ class EpochLoop:
             state.epoch = epoch
             state.stopped_early = broadcast_flag(self.placement, stop)
             if self.placement.is_main:
-                self.files.save_checkpoint(checkpoint_state(
-                    self.trainee.module, self.trainee.model.num_classes, self.stepper, state),
-                    epoch)
-                # Announced only once the checkpoint is on the store: whoever sees "epoch N"
-                # and stops the run then resumes it from epoch N, not N-1.
+                if self.checkpoint_due(state):
+                    self.files.save_checkpoint(checkpoint_state(
+                        self.trainee.module, self.trainee.model.num_classes, self.stepper,
+                        state), epoch)
+                # Announced only once its checkpoint (if it has one) is on the store: whoever
+                # sees "epoch N" and stops the run then resumes it from epoch N, not N-1.
                 report()
             barrier(self.placement)
+
+    def checkpoint_due(self, state: TrainState) -> bool:
+        """Every `checkpoint_every`-th epoch, and the run's last (its end or an early stop),
+        which an extension or a finished run's resume starts from."""
+        return (state.epoch % self.checkpoint_every == 0 or state.epoch >= self.config.epochs
+                or state.stopped_early)
 
     def after_epoch(self, state: TrainState, epoch: int, loss: float, train_top1: float,
                     images: int, seconds: float, valid_loader: DataLoader

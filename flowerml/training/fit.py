@@ -90,7 +90,8 @@ def wrap_for_training(model: nn.Module, config: TrainConfig, placement: Placemen
 def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_dir: Path,
         version: str | None = None, device: str = "auto", workers: int | None = None,
         s3: S3Options | None = None, on_event: EventFn | None = None,
-        progress: Progress | None = None, task: TrainingTask | None = None) -> FitResult:
+        progress: Progress | None = None, task: TrainingTask | None = None,
+        checkpoint_every: int = 1) -> FitResult:
     """Train (or resume) run `run_id` on `dataset`, keeping the best-on-valid weights.
 
     `config.weights` is resolved here, once, before anything else (S3 weights with `s3`, into
@@ -99,7 +100,10 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
     are built; a run id whose run never finished an epoch may start again with a new config,
     and a trained one takes a larger `config.epochs` (`extend_run`), nothing else.
     `task` is what each step computes (default: `ClassificationTask`, cross-entropy on the
-    labels with the config's label smoothing; see `TrainingTask`).
+    labels with the config's label smoothing; see `TrainingTask`). A checkpoint is written
+    after every `checkpoint_every`-th epoch and after the last: a run stopped in between
+    resumes from the last one, so it does the epochs since again (bit for bit where training
+    is deterministic). It is how the run is kept, not what it computes: not in `config`.
     """
     check_run_id(run_id)
     weights = resolve_weights(config.weights, config.arch, cache_dir=Path(cache_dir), s3=s3)
@@ -108,7 +112,7 @@ def fit(config: TrainConfig, *, store: Store, dataset: str, run_id: str, cache_d
         emit = on_event if on_event and placement.is_main else (lambda _event: None)
         return _fit(config, store, dataset, run_id, Path(cache_dir), version, placement,
                     workers, weights, emit, progress or NullProgress(),
-                    task or ClassificationTask(config.label_smoothing))
+                    task or ClassificationTask(config.label_smoothing), checkpoint_every)
     finally:
         stop_placement(placement)
 
@@ -126,7 +130,7 @@ def run_preprocessing(run: RunFiles, pinned: bool, weights: ResolvedWeights,
 def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir: Path,
          version: str | None, placement: Placement, workers: int | None,
          weights: ResolvedWeights, emit: EventFn, progress: Progress,
-         task: TrainingTask) -> FitResult:
+         task: TrainingTask, checkpoint_every: int = 1) -> FitResult:
     run = RunFiles(store, run_id)
     pinned = has_trained(run)
     if version is None and pinned:
@@ -162,7 +166,8 @@ def _fit(config: TrainConfig, store: Store, dataset: str, run_id: str, cache_dir
           "dataset": f"{published.dataset}@{published.version}"})
     with tensorboard_events(run, state.history, emit, enabled=placement.is_main) as emit_epochs:
         EpochLoop(config, run, trainee, stepper, placement, published, emit_epochs,
-                  progress, preprocessing).train(state, train_loader, valid_loader)
+                  progress, preprocessing, checkpoint_every).train(state, train_loader,
+                                                                   valid_loader)
     if placement.is_main:
         trainee.finish(run, state)
     barrier(placement)

@@ -121,6 +121,7 @@ def test_a_failed_flow_run_ends_with_its_error(tmp_path: Path, prefect_harness: 
     (["--threshold", "1.5"], "--threshold must be at most 1 (got 1.5)"),
     (["--threshold", "nan"], "--threshold must be a finite number: got 'nan'"),
     (["--timeout-s", "-1"], "--timeout-s must be more than 0 (got -1.0)"),
+    (["--checkpoint-every", "0"], "--checkpoint-every"),
     (["--weights", "missing.pth"], "--weights missing.pth: no such file missing.pth"),
     (["--weights", "s3://bucket/"], "an S3 source needs s3://bucket/key to a file"),
     (["--source", "ftp://host/x"], "source 'ftp://host/x' uses an unsupported scheme"),
@@ -162,6 +163,21 @@ def test_no_export_turns_the_flows_export_off(tmp_path: Path, monkeypatch: pytes
         "FLOWERML_STORE": str(tmp_path / "store"), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
     assert result.exit_code == 0, result.output
     assert [params.export_onnx for params in ran] == [export_onnx]
+
+
+@pytest.mark.parametrize(("args", "every"), [([], 5), (["--checkpoint-every", "1"], 1),
+                                             (["--checkpoint-every", "3"], 3)])
+def test_the_demo_checkpoints_every_fifth_epoch_unless_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], every: int) -> None:
+    ran = []
+    monkeypatch.setattr(retrain_command, "run_retrain", lambda params: ran.append(params) or {
+        "promoted": True, "version": 1, "metrics": {}, "reasons": [], "export": None,
+        "run_id": "r", "dataset_version": "v"})
+    monkeypatch.setattr(retrain_command, "check_prefect_api", lambda: None)
+    result = CliRunner().invoke(cli, ["retrain", "--preset", "demo", *args, "--json"], env={
+        "FLOWERML_STORE": str(tmp_path / "store"), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
+    assert result.exit_code == 0, result.output
+    assert [params.training.checkpoint_every for params in ran] == [every]
 
 
 @pytest.mark.parametrize(("args", "force_train"), [([], False), (["--force-train"], True)])

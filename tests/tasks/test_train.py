@@ -47,6 +47,21 @@ def test_child_arguments_carry_the_config_as_json() -> None:
             "--store", "s3://b/p", "--device", "cpu"]
 
 
+def test_the_child_checkpoints_as_often_as_the_task_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`checkpoint_every` reaches `flowerml train` as --checkpoint-every; the default (every
+    epoch) adds nothing to its command line."""
+    import tasks.train as train_module
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(train_module, "run_training_child",
+                        lambda run_id, command, timeout_s: commands.append(command) or {})
+    train_task.fn("every-5", TINY, checkpoint_every=5, **ON_CPU)
+    train_task.fn("every-1", TINY, **ON_CPU)
+    every_5, every_1 = commands
+    assert every_5[every_5.index("--checkpoint-every") + 1] == "5"
+    assert "--checkpoint-every" not in every_1
+
+
 def test_the_mlflow_tag_links_the_flow_run(prefect_harness: None) -> None:
     """The training child's MLflow run is tagged with the flow run's UI page, or its id when
     Prefect knows no UI URL; nothing outside a flow run."""

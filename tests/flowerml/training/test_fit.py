@@ -49,11 +49,11 @@ def small_config(**overrides):
 
 
 def run_fit(published_store: StoreAndCache, run_id: str, *, workers: int = 0,
-            on_event=None, **overrides) -> training.FitResult:
+            on_event=None, checkpoint_every: int = 1, **overrides) -> training.FitResult:
     store, cache = published_store
     return training.fit(small_config(**overrides), store=store, dataset="flowers102",
                         run_id=run_id, cache_dir=cache, device="cpu", workers=workers,
-                        on_event=on_event)
+                        on_event=on_event, checkpoint_every=checkpoint_every)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,32 @@ def test_resumed_run_has_exactly_the_weights_of_an_uninterrupted_run(
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == EPOCHS
     assert resumed.best_valid_top1 == straight.best_valid_top1
     assert_same_run(store, run_id, "straight")
+
+
+def test_a_run_checkpointed_every_second_epoch_resumes_from_its_last_checkpoint(
+        published_store: StoreAndCache, uninterrupted_run,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint_every=2 over 3 epochs checkpoints after epoch 2 and the last only; a run that
+    dies before its last checkpoint resumes from epoch 2, does epoch 3 again and ends with
+    exactly the uninterrupted run's weights and history."""
+    store, _ = published_store
+    saved: list[int] = []
+    save = RunFiles.save_checkpoint
+
+    def spy(self: RunFiles, state: dict, epoch: int) -> None:
+        saved.append(epoch)
+        save(self, state, epoch)
+
+    monkeypatch.setattr(RunFiles, "save_checkpoint", spy)
+    die_before_checkpoint(monkeypatch, epoch=EPOCHS)
+    with pytest.raises(DiedBeforeCheckpoint):
+        run_fit(published_store, "every-2", checkpoint_every=2)
+    assert saved == [2]
+    assert RunFiles(store, "every-2").read_json("checkpoint.json")["epoch"] == 2
+    monkeypatch.undo()
+    resumed = run_fit(published_store, "every-2", checkpoint_every=2)
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == EPOCHS
+    assert_same_run(store, "every-2", "straight")
 
 
 @pytest.mark.slow  # child processes: a training run killed with SIGKILL, then resumed
