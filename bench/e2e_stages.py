@@ -52,7 +52,7 @@ def secs(seconds: float) -> float:
 TASK_STAGES = {"fetch-sources": "fetch", "publish-split": "publish", "train": "train",
                "evaluate": "test evaluation", "decide-promotion": "decide",
                "register-model": "register", "export-onnx": "export",
-               "promote-model": "promote"}
+               "publish-evaluation": "test evaluation", "promote-model": "promote"}
 
 
 # The order stages are listed (and stacked) in: the run's own order, Prefect's share last.

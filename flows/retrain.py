@@ -37,7 +37,7 @@ from flows.distill import DistillStageParams, Runner, distill_stage
 from flows.run_once import run_once
 from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key
-from tasks.evaluate import evaluate_task
+from tasks.evaluate import evaluate_task, publish_evaluation_task
 from tasks.export import export_task
 from tasks.ingest import (
     fetch_sources_task,
@@ -194,16 +194,20 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
                timeout_s=params.training.timeout_s,
                checkpoint_every=params.training.checkpoint_every)
     evaluated = evaluate_task(run_id, "test", store=store, dataset_version=version,
-                              artifact_prefix=artifact_key(model))
+                              publish=False)
     metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}
     decision = decide_task(model, params.alias, metrics, params.dataset, version, gate,
                            store=store, run_id=run_id)
     registered = register_task(run_id, model, metrics, decision, gate, store=store)
+    # The export (ONNX graph, parity, int8) and the report's publishing (artifacts, MLflow)
+    # run side by side; promotion reads export.json (parity, int8 gate), so it waits for both.
     exporting = export_task.submit(model, registered["version"], store=store,
                                    quantize="int8" if params.export_int8 else "none") \
         if params.export_onnx else None
-    # promotion reads export.json (parity, int8 gate): it waits for the export
+    publishing = publish_evaluation_task.submit(run_id, "test", evaluated, store=store,
+                                                artifact_prefix=artifact_key(model))
     exported = exporting.result() if exporting is not None else None
+    publishing.result()
     promoted, reasons = False, decision["reasons"]
     if decision["promote"]:
         moved = promote_task(model, registered["version"], params.alias,

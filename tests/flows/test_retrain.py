@@ -22,6 +22,7 @@ from flows.retrain import RetrainParams, retrain_flowers
 from flows.run_once import describe_parameter_error
 from tasks.registry import register_task
 from tests.helpers.additions import split_folders
+from tests.helpers.prefect_runs import task_run_times
 
 GOOD = {"recipe": "demo", "epochs": 8, "image_size": 40, "batch_size": 8, "device": "cpu",
         "workers": 0}
@@ -66,6 +67,13 @@ def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     assert export["location"] == f"{registry.store.uri}/registry/flowers102/versions/000001/" \
                                  "model.onnx"
     assert export["sha256"] == json.loads(registry.read_attachment(1, "export.json"))["sha256"]
+    # The export and the report's publishing ran side by side; promotion waited for both.
+    times = task_run_times(first["run_id"].removeprefix("flowers102-"),
+                           ("export ", "publish the evaluation", "promote "))
+    (export_start, export_end), (report_start, report_end) = (times["export "],
+                                                              times["publish the evaluation"])
+    assert report_start < export_end and export_start < report_end, times
+    assert times["promote "][0] >= max(export_end, report_end), times
     assert "no production model yet: decided by the threshold alone" in first["reasons"]
     assert registry.alias().version == 1
     card = registry.get(1).card

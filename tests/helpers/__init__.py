@@ -16,8 +16,8 @@ import these):
 - `paired`: hand-built per-image predictions of two models on the same images.
 - `prefect_cli`: many `prefect` commands (and `python SCRIPT.py`) run by one interpreter.
 - `prefect_database`: a Prefect database migrated once a session, copied for each server.
+- `prefect_runs`: a task run's outcome and a flow run's task-run times, as the server has them.
 - `preprocessing`: a real photo through torchvision's weights.transforms() and flowerml's paths.
-- `prefect_runs`: a task run's outcome as the Prefect server recorded it.
 - `registries`: registries the tests build (the registered run copied, exported; two versions).
 - `registry_entries`: a registry entry's parts (manifest hash, model name, weights, card).
 - `s3_servers`: the S3 servers a session starts besides moto's threaded one.
