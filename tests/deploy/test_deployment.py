@@ -260,7 +260,7 @@ def test_the_ui_shows_a_form_of_dropdowns_and_the_report_with_its_plots(
     prefect.api(f"/flow_runs/{submitted[0]['id']}", method="DELETE")
     training = submitted[0]["parameters"]["params"]["training"]
     assert training == {"recipe": "default", "device": "auto", "nproc_per_node": 1,
-                        "timeout_s": 7200}, training  # nothing overrides the recipe
+                        "timeout_s": 7200, "checkpoint_every": 1}, training  # the recipe's
 
 
 def test_a_promotion_starts_a_rescore_of_the_standing_collection(
