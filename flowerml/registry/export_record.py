@@ -145,30 +145,28 @@ def load_onnx_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, 
     if record is None:
         raise ExportError(f"{registry.model}:{version:06d} has no ONNX export (run: flowerml "
                           f"export {registry.model}:{version})")
-    data = registry.read_attachment(version, ONNX_FILE)
-    key = registry.attachment_key(version, ONNX_FILE)
-    if data is None:
-        raise ExportError(f"{key} is missing")
-    if sha256_hex(data) != record["sha256"]:
-        raise ExportError(f"{key} fails its checksum (sha256 {sha256_hex(data)}, recorded "
-                          f"{record['sha256']})")
-    return data, record
+    return verified_attachment(registry, version, ONNX_FILE, record["sha256"]), record
 
 
 def load_int8_bytes(registry: Registry, version: int) -> tuple[bytes, dict[str, Any]]:
     """A version's model.int8.onnx, verified against the sha256 export.json's `int8` records
     (the export's record is returned whole)."""
     record = read_export(registry, version)
-    label = f"{registry.model}:{version:06d}"
     if record is None or not record.get("int8"):
-        raise ExportError(f"{label} has no int8 export (run: flowerml export "
-                          f"{registry.model}:{version} --quantize int8)")
+        raise ExportError(f"{registry.model}:{version:06d} has no int8 export (run: flowerml "
+                          f"export {registry.model}:{version} --quantize int8)")
     int8 = record["int8"]
-    key = registry.attachment_key(version, int8["file"])
-    data = registry.read_attachment(version, int8["file"])
+    return verified_attachment(registry, version, int8["file"], int8["sha256"]), record
+
+
+def verified_attachment(registry: Registry, version: int, name: str, sha256: str) -> bytes:
+    """A version's attachment `name`, refused (ExportError naming its key) when missing or
+    not the bytes `sha256` names."""
+    key = registry.attachment_key(version, name)
+    data = registry.read_attachment(version, name)
     if data is None:
         raise ExportError(f"{key} is missing")
-    if sha256_hex(data) != int8["sha256"]:
-        raise ExportError(f"{key} fails its checksum (sha256 {sha256_hex(data)}, recorded "
-                          f"{int8['sha256']})")
-    return data, record
+    actual = sha256_hex(data)
+    if actual != sha256:
+        raise ExportError(f"{key} fails its checksum (sha256 {actual}, recorded {sha256})")
+    return data
