@@ -34,7 +34,12 @@ from flowerml.registry.promotion import promote_student_version
 from flowerml.registry.versions import Registry
 from flowerml.training.fit import fit
 from flowerml.training.runs import RunError, RunFiles
-from tests.helpers.interrupts import DiedBeforeCheckpoint, die_before_checkpoint, kill_then_resume
+from tests.helpers.cli import invoke
+from tests.helpers.interrupts import (
+    DiedBeforeCheckpoint,
+    die_before_checkpoint,
+    kill_at_first_checkpoint,
+)
 from tests.helpers.stores import StoreAndCache, copy_tree
 from tests.helpers.synthetic import DATASET, RegisteredRun
 
@@ -258,17 +263,21 @@ def test_an_interrupted_distillation_resumes_bit_for_bit(teacher_store: StoreAnd
     assert_same_run(store, "interrupted", "straight")
 
 
-@pytest.mark.slow  # child processes: a distillation killed with SIGKILL, then resumed
+@pytest.mark.slow  # a child process: a distillation killed with SIGKILL
 def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_store: StoreAndCache,
                                                            straight) -> None:
+    """The kill needs a real process; the same `flowerml distill` resumes it in-process."""
     store, cache = teacher_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
-    command = [sys.executable, "-m", "flowerml.cli", "distill", "--teacher", TEACHER,
-               "--config", json.dumps(student_config().to_json()), "--temperature", "3",
-               "--alpha", "0.7", "--mixup", "0.5", "--device", "cpu", "--workers", "0",
-               "--run-id", "killed", "--json"]
-    killed_at, result = kill_then_resume(command, env, store.root / "runs" / "killed")
+    args = ["distill", "--teacher", TEACHER, "--config", json.dumps(student_config().to_json()),
+            "--temperature", "3", "--alpha", "0.7", "--mixup", "0.5", "--device", "cpu",
+            "--workers", "0", "--run-id", "killed", "--json"]
+    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "flowerml.cli", *args], env,
+                                         store.root / "runs" / "killed")
     assert 1 <= killed_at < EPOCHS
+    resumed = invoke(*args, store=store, cache=cache)
+    assert resumed.exit_code == 0, resumed.output
+    result = json.loads(resumed.stdout)
     assert result["resumed_from_epoch"] == killed_at and result["epochs_run"] == EPOCHS
     assert result["agreement_valid"] == straight.agreement_valid
     assert_same_run(store, "killed", "straight")

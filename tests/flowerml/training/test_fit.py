@@ -1,5 +1,7 @@
 """Training on CPU with tiny synthetic data: learning, bit-exact resume, linear probe, DDP,
-bad input. Most tests reuse the one uninterrupted run 'straight'."""
+bad input. Most tests reuse one of two uninterrupted runs: 'straight' (ResNet-18, which learns
+here) or, where learning is not the point, 'straight-small' (MobileNetV3-Small: ~3x cheaper
+steps, an 18 MB checkpoint instead of 134 MB)."""
 
 from __future__ import annotations
 
@@ -23,7 +25,12 @@ from flowerml.training import linear_probe
 from flowerml.training.optimization import build_scheduler, follow_schedule, lr_factor
 from flowerml.training.run_record import start_run
 from flowerml.training.runs import RunError, RunFiles
-from tests.helpers.interrupts import DiedBeforeCheckpoint, die_before_checkpoint, kill_then_resume
+from tests.helpers.cli import invoke
+from tests.helpers.interrupts import (
+    DiedBeforeCheckpoint,
+    die_before_checkpoint,
+    kill_at_first_checkpoint,
+)
 from tests.helpers.stores import StoreAndCache, copy_tree
 from tests.helpers.synthetic import SyntheticData
 
@@ -31,6 +38,9 @@ TRAIN_SPEC = SyntheticSpec(classes=4, per_class=24, image_size=64, seed=3)
 """4 classes x 24 images: 6 train, 6 valid and 12 test images per class."""
 
 EPOCHS = 3
+
+SMALL = "mobilenet_v3_small"
+"""The arch of the runs that test resuming, restarting and extending, not learning."""
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +71,13 @@ def uninterrupted_run(published_store: StoreAndCache) -> tuple[training.FitResul
     """Run 'straight': small_config() trained in one go, and the events it emitted."""
     events: list[dict] = []
     return run_fit(published_store, "straight", on_event=events.append), events
+
+
+@pytest.fixture(scope="module")
+def small_run(published_store: StoreAndCache) -> training.FitResult:
+    """Run 'straight-small': small_config(arch=SMALL) trained in one go, the reference of the
+    resume tests."""
+    return run_fit(published_store, "straight-small", arch=SMALL)
 
 
 def copy_run(store: LocalStore, run_id: str, new_id: str) -> None:
@@ -150,27 +167,26 @@ def assert_same_run(store: LocalStore, run_id: str, reference: str) -> None:
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resumed_run_has_exactly_the_weights_of_an_uninterrupted_run(
-        published_store: StoreAndCache, uninterrupted_run, workers: int,
+        published_store: StoreAndCache, small_run, workers: int,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU training resumes bit-exactly: each epoch's order and augmentations come from
     (seed, epoch) alone, the RNG states from the checkpoint; DataLoader workers (2 here, 0 in
     the reference run) change nothing."""
     store, _ = published_store
-    straight, _ = uninterrupted_run
     run_id = f"interrupted-{workers}"
     die_before_checkpoint(monkeypatch, epoch=2)
     with pytest.raises(DiedBeforeCheckpoint):
-        run_fit(published_store, run_id, workers=workers)
+        run_fit(published_store, run_id, workers=workers, arch=SMALL)
     assert RunFiles(store, run_id).read_json("checkpoint.json")["epoch"] == 1
     monkeypatch.undo()
-    resumed = run_fit(published_store, run_id, workers=workers)
+    resumed = run_fit(published_store, run_id, workers=workers, arch=SMALL)
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == EPOCHS
-    assert resumed.best_valid_top1 == straight.best_valid_top1
-    assert_same_run(store, run_id, "straight")
+    assert resumed.best_valid_top1 == small_run.best_valid_top1
+    assert_same_run(store, run_id, "straight-small")
 
 
 def test_a_run_checkpointed_every_second_epoch_resumes_from_its_last_checkpoint(
-        published_store: StoreAndCache, uninterrupted_run,
+        published_store: StoreAndCache, small_run,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """checkpoint_every=2 over 3 epochs checkpoints after epoch 2 and the last only; a run that
     dies before its last checkpoint resumes from epoch 2, does epoch 3 again and ends with
@@ -186,27 +202,31 @@ def test_a_run_checkpointed_every_second_epoch_resumes_from_its_last_checkpoint(
     monkeypatch.setattr(RunFiles, "save_checkpoint", spy)
     die_before_checkpoint(monkeypatch, epoch=EPOCHS)
     with pytest.raises(DiedBeforeCheckpoint):
-        run_fit(published_store, "every-2", checkpoint_every=2)
+        run_fit(published_store, "every-2", checkpoint_every=2, arch=SMALL)
     assert saved == [2]
     assert RunFiles(store, "every-2").read_json("checkpoint.json")["epoch"] == 2
     monkeypatch.undo()
-    resumed = run_fit(published_store, "every-2", checkpoint_every=2)
+    resumed = run_fit(published_store, "every-2", checkpoint_every=2, arch=SMALL)
     assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == EPOCHS
-    assert_same_run(store, "every-2", "straight")
+    assert_same_run(store, "every-2", "straight-small")
 
 
-@pytest.mark.slow  # child processes: a training run killed with SIGKILL, then resumed
+@pytest.mark.slow  # a child process: a training run killed with SIGKILL
 def test_resume_after_sigkill_matches_an_uninterrupted_run(published_store: StoreAndCache,
-                                                           uninterrupted_run) -> None:
+                                                           small_run) -> None:
+    """The kill needs a real process; the same `flowerml train` resumes it in-process."""
     store, cache = published_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
-    command = [sys.executable, "-m", "flowerml.cli", "train", "--config",
-               json.dumps(small_config().to_json()), "--device", "cpu", "--workers", "0",
-               "--run-id", "killed", "--json"]
-    killed_at, result = kill_then_resume(command, env, store.root / "runs" / "killed")
+    args = ["train", "--config", json.dumps(small_config(arch=SMALL).to_json()), "--device", "cpu",
+            "--workers", "0", "--run-id", "killed", "--json"]
+    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "flowerml.cli", *args], env,
+                                         store.root / "runs" / "killed")
     assert 1 <= killed_at < EPOCHS
+    resumed = invoke(*args, store=store, cache=cache)
+    assert resumed.exit_code == 0, resumed.output
+    result = json.loads(resumed.stdout)
     assert result["resumed_from_epoch"] == killed_at and result["epochs_run"] == EPOCHS
-    assert_same_run(store, "killed", "straight")
+    assert_same_run(store, "killed", "straight-small")
 
 
 @pytest.mark.slow  # torchrun: two training processes
@@ -216,7 +236,7 @@ def test_ddp_with_two_gloo_processes(published_store: StoreAndCache) -> None:
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node=2", "-m", "flowerml.cli", "train", "--run-id", "ddp",
-               "--arch", "resnet18", "--weights", "none", "--epochs", "2", "--batch-size", "8",
+               "--arch", SMALL, "--weights", "none", "--epochs", "2", "--batch-size", "8",
                "--image-size", "32", "--device", "cpu", "--workers", "0", "--json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -260,9 +280,9 @@ def test_bad_weights_write_nothing_and_leave_the_run_id_free(published_store: St
                              ("s3://bucket", "needs s3://bucket/key"),
                              (str(garbage), "cannot be loaded as weights")]:
         with pytest.raises(UserError, match=message):
-            run_fit(published_store, "typo", weights=weights)
+            run_fit(published_store, "typo", weights=weights, arch=SMALL)
         assert run_files(store, "typo") == []
-    result = run_fit(published_store, "typo", epochs=1)
+    result = run_fit(published_store, "typo", epochs=1, arch=SMALL)
     assert result.epochs_run == 1 and result.resumed_from_epoch is None
     assert RunFiles(store, "typo").read_json("config.json")["config"]["weights"] == "none"
 
@@ -272,20 +292,21 @@ def test_run_without_a_checkpoint_restarts_with_a_new_config(
     store, _ = published_store
     die_before_checkpoint(monkeypatch, epoch=1)
     with pytest.raises(DiedBeforeCheckpoint):
-        run_fit(published_store, "restart", epochs=2)
+        run_fit(published_store, "restart", epochs=2, arch=SMALL)
     monkeypatch.undo()
     run = RunFiles(store, "restart")
     assert run.exists() and not run.has_checkpoint()
     assert run.read_json("best.json")["epoch"] == 1
     events: list[dict] = []
-    result = run_fit(published_store, "restart", epochs=1, lr=2e-3, on_event=events.append)
+    result = run_fit(published_store, "restart", epochs=1, lr=2e-3, on_event=events.append,
+                     arch=SMALL)
     assert result.resumed_from_epoch is None and result.epochs_run == 1
     assert not any(e["event"] == "resumed" for e in events)
     assert run.read_json("config.json")["config"]["lr"] == 2e-3
     assert len(store.get_bytes("runs/restart/metrics.jsonl").splitlines()) == 1
     # Once it has a checkpoint, the new config is the one it keeps.
     with pytest.raises(RunError, match="different configuration.*lr"):
-        run_fit(published_store, "restart", epochs=1, lr=1e-3)
+        run_fit(published_store, "restart", epochs=1, lr=1e-3, arch=SMALL)
     assert [name for name in run_files(store, "restart") if name.startswith("best-")] == [
         run.weights_key().rsplit("/", 1)[1]]
 
@@ -296,7 +317,7 @@ def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAn
     store, _ = published_store
     die_before_checkpoint(monkeypatch, epoch=1)
     with pytest.raises(DiedBeforeCheckpoint):
-        run_fit(published_store, "abandoned", epochs=2)
+        run_fit(published_store, "abandoned", epochs=2, arch=SMALL)
     assert "best.json" in run_files(store, "abandoned")
     run = RunFiles(store, "abandoned")
     record = run.record()
@@ -368,12 +389,14 @@ def history_without_timings(store: LocalStore, run_id: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def extended_run(published_store: StoreAndCache, uninterrupted_run
+def extended_run(published_store: StoreAndCache, small_run
                  ) -> tuple[training.FitResult, list[dict]]:
-    """Run 'longer': a copy of 'straight' (3 epochs) given epochs=5, and the events it emitted."""
-    copy_run(published_store.store, "straight", "longer")
+    """Run 'longer': a copy of 'straight-small' (3 epochs) given epochs=5, and the events it
+    emitted."""
+    copy_run(published_store.store, "straight-small", "longer")
     events: list[dict] = []
-    return run_fit(published_store, "longer", epochs=5, on_event=events.append), events
+    return run_fit(published_store, "longer", epochs=5, on_event=events.append,
+                   arch=SMALL), events
 
 
 def test_more_epochs_continue_a_finished_run_from_its_checkpoint(
@@ -383,7 +406,7 @@ def test_more_epochs_continue_a_finished_run_from_its_checkpoint(
     assert result.resumed_from_epoch == EPOCHS and result.epochs_run == 5
     history = history_without_timings(store, "longer")
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
-    assert history[:EPOCHS] == history_without_timings(store, "straight")
+    assert history[:EPOCHS] == history_without_timings(store, "straight-small")
     # The epochs left follow the 5-epoch cosine from where it is at epoch 3 (no warm-up here),
     # not the 3-epoch one, which ended at zero.
     assert history[3]["lr"] == pytest.approx(1e-3 * lr_factor(4, 5, 0, "cosine"))
@@ -403,26 +426,26 @@ def test_an_extended_run_resumes_as_itself(published_store: StoreAndCache, exten
     (nothing recorded again) and the old length is a different configuration."""
     store, _ = published_store
     events: list[dict] = []
-    again = run_fit(published_store, "longer", epochs=5, on_event=events.append)
+    again = run_fit(published_store, "longer", epochs=5, on_event=events.append, arch=SMALL)
     assert again.resumed_from_epoch == 5 and again.epochs_run == 5
     assert not any(e["event"] == "extended" for e in events)
     assert len(RunFiles(store, "longer").read_json("config.json")["extensions"]) == 1
     with pytest.raises(RunError, match=r"different configuration \(epochs 5 -> 3\); a trained "
                                        r"run takes only a larger --epochs"):
-        run_fit(published_store, "longer")
+        run_fit(published_store, "longer", arch=SMALL)
 
 
 def test_an_interrupted_extension_resumes_bit_for_bit(published_store: StoreAndCache,
                                                       extended_run,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     store, _ = published_store
-    copy_run(store, "straight", "longer-interrupted")
+    copy_run(store, "straight-small", "longer-interrupted")
     die_before_checkpoint(monkeypatch, epoch=5)
     with pytest.raises(DiedBeforeCheckpoint):
-        run_fit(published_store, "longer-interrupted", epochs=5)
+        run_fit(published_store, "longer-interrupted", epochs=5, arch=SMALL)
     assert RunFiles(store, "longer-interrupted").read_json("checkpoint.json")["epoch"] == 4
     monkeypatch.undo()
-    resumed = run_fit(published_store, "longer-interrupted", epochs=5)
+    resumed = run_fit(published_store, "longer-interrupted", epochs=5, arch=SMALL)
     assert resumed.resumed_from_epoch == 4 and resumed.epochs_run == 5
     assert_same_run(store, "longer-interrupted", "longer")
 
@@ -498,7 +521,7 @@ def test_an_epoch_is_announced_only_once_its_checkpoint_is_on_the_store(
             saved = RunFiles(store, "announced").read_json("checkpoint.json")["epoch"]
             checkpointed_at.append((event["epoch"], saved))
 
-    run_fit(published_store, "announced", epochs=2, on_event=on_event)
+    run_fit(published_store, "announced", epochs=2, on_event=on_event, arch=SMALL)
     assert checkpointed_at == [(1, 1), (2, 2)]
 
 
@@ -542,7 +565,7 @@ def test_a_run_trains_validates_and_evaluates_at_its_weights_preprocessing(
         return own
 
     monkeypatch.setattr(training, "weights_preprocessing", weights_preprocessing)
-    run_fit(published_store, "own-preprocessing", epochs=1)
+    run_fit(published_store, "own-preprocessing", epochs=1, arch=SMALL)
     assert asked == [("none", 32)]
     record = json.loads(store.get_bytes("runs/own-preprocessing/config.json"))
     assert record["preprocessing"] == own.to_json()
@@ -551,7 +574,7 @@ def test_a_run_trains_validates_and_evaluates_at_its_weights_preprocessing(
 
     monkeypatch.setattr(training, "weights_preprocessing",
                         lambda *_: pytest.fail("a recorded run asked for its weights again"))
-    extended = run_fit(published_store, "own-preprocessing", epochs=2)
+    extended = run_fit(published_store, "own-preprocessing", epochs=2, arch=SMALL)
     assert extended.epochs_run == 2
     assert json.loads(store.get_bytes("runs/own-preprocessing/config.json"))[
         "preprocessing"] == own.to_json()
