@@ -214,8 +214,9 @@ def test_sigterm_stops_train_with_one_line_and_json(local_published, local_store
                                                     tmp_path: Path) -> None:
     run = local_store.root / "runs" / "stopped"
     process = command_process(
-        ["train", "--recipe", "demo", "--epochs", "200", "--image-size", "40", "--device", "cpu",
-         "--workers", "0", "--run-id", "stopped", "--json"],
+        ["train", "--recipe", "demo", "--arch", "mobilenet_v3_small", "--epochs", "200",
+         "--image-size", "40", "--device", "cpu", "--workers", "0", "--run-id", "stopped",
+         "--json"],
         {"FLOWERML_STORE": str(local_store.root), "FLOWERML_CACHE_DIR": str(tmp_path / "c")})
     wait_until(lambda: (run / "checkpoint.json").exists(), process, "a first checkpoint")
     stdout, lines = stop_with_sigterm(process)
