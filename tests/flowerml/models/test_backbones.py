@@ -43,7 +43,10 @@ STAGES = {"resnet18": 5, "resnet152": 5, "alexnet": 4, "vgg16": 6, "vgg19": 6,
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_arch_builds_with_feature_dim_and_stages(arch: str) -> None:
-    model = build_model(arch, 5, seed=0)
+    # On the meta device: the layers and their shapes without initialising 138M parameters
+    # (VGG); the initialisation itself is checked on real tensors below.
+    with torch.device("meta"):
+        model = build_model(arch, 5, seed=0)
     assert isinstance(model, FlowerModel)
     assert (model.arch, model.num_classes, model.feature_dim) == (arch, 5, FEATURE_DIMS[arch])
     assert model.head.in_features == FEATURE_DIMS[arch] and model.head.out_features == 5
@@ -101,7 +104,9 @@ def test_vgg_family_drops_only_the_final_classifier() -> None:
 
 
 def test_wrong_arch_state_dicts_name_a_key(tmp_path: Path) -> None:
-    resnet18 = save_pth(source_resnet18().state_dict(), tmp_path / "r18.pth")
+    source = source_resnet18()
+    state = source.state_dict()
+    resnet18 = save_pth(state, tmp_path / "r18.pth")
     with pytest.raises(ModelError) as info:
         build_model("resnet34", 10, weights=resolve_weights(str(resnet18), "resnet34"))
     message = str(info.value)
@@ -112,22 +117,22 @@ def test_wrong_arch_state_dicts_name_a_key(tmp_path: Path) -> None:
     # resnet34 holds every resnet18 key with the same shape, plus more blocks: still refused.
     with pytest.raises(ModelError, match="unexpected key 'layer1.2.conv1.weight'"):
         load_backbone_state(model, torchvision.models.resnet34().state_dict(), "r34.pth")
-    reshaped = source_resnet18().state_dict()
+    reshaped = dict(state)
     reshaped["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)  # as in a resnet50
     with pytest.raises(ModelError, match=r"'layer1.0.conv1.weight' has shape \[64, 64, 1, 1\]"):
         load_backbone_state(model, reshaped, "r50.pth")
-    not_tensor = {**source_resnet18().state_dict(), "bn1.weight": [1.0]}
+    not_tensor = {**state, "bn1.weight": [1.0]}
     with pytest.raises(ModelError, match="'bn1.weight' holds a list"):
         load_backbone_state(model, not_tensor, "odd.pth")
-    partial = source_resnet18().state_dict()
+    partial = dict(state)
     del partial["layer4.1.bn2.weight"]
     with pytest.raises(ModelError, match="missing key 'layer4.1.bn2.weight'"):
         load_backbone_state(model, partial, "partial.pth")
     # Checkpoints older than BatchNorm's counter still load.
-    old = {k: v for k, v in source_resnet18().state_dict().items()
+    old = {k: v for k, v in state.items()
            if not k.endswith("num_batches_tracked")}
     load_backbone_state(model, old, "old.pth")
-    assert_backbone_equals(model, source_resnet18())
+    assert_backbone_equals(model, source)
 
 
 # --------------------------------------------------------------------------------------------
