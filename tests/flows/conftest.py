@@ -26,10 +26,20 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[object]:
-    """Two single-threaded worker processes, each restarted by its nanny when killed."""
+def dask_workers() -> int:
+    """How many worker processes `cluster` starts: two, so that one killed leaves another (a
+    module that needs only "on the cluster, not here" overrides this with 1: each worker
+    imports torch and loads the model, seconds of CPU)."""
+    return 2
+
+
+@pytest.fixture(scope="module")
+def cluster(dask_workers: int) -> Iterator[object]:
+    """`dask_workers` single-threaded worker processes, each restarted by its nanny when
+    killed."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+    with LocalCluster(n_workers=dask_workers, threads_per_worker=1, processes=True,
+                      host="127.0.0.1",
                       dashboard_address=":0", silence_logs=40) as local:
         yield local

@@ -22,6 +22,13 @@ from tests.helpers.scoring import rows_in_folder
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # Prefect's server, Dask processes
 
 
+@pytest.fixture(scope="module")
+def dask_workers() -> int:
+    """One worker: enough to show the shards ran on the cluster and not in `flowerml score`
+    (test_score.py's cluster has two, for the worker it kills)."""
+    return 1
+
+
 def harness_env() -> dict[str, str]:
     """This environment, reporting to the session's Prefect test server."""
     from prefect.settings import PREFECT_API_URL

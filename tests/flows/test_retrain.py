@@ -25,7 +25,7 @@ from tests.helpers.additions import split_folders
 from tests.helpers.prefect_runs import task_run_times
 
 GOOD = {"recipe": "demo", "epochs": 8, "image_size": 40, "batch_size": 8, "device": "cpu",
-        "workers": 0}
+        "workers": 0, "checkpoint_every": 8}
 BAD = {**GOOD, "epochs": 1, "lr": 1e-7}
 
 

@@ -1,15 +1,19 @@
 """Registries the tests build: copies of the session's registered tiny run (as they are, or
-exported to ONNX), and a registry of two versions on the small published dataset."""
+exported to ONNX), a registry of two versions on the small published dataset, and exports that
+take a graph already exported instead of running torch.onnx again."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
+
 from flowerml.data.manifest import PublishedDataset, resolve_dataset
 from flowerml.io.storage_local import LocalStore
 from flowerml.models.backbones import build_model
 from flowerml.registry.versions import Registry
+from flowerml.serving import export as export_module
 from flowerml.serving.export import export_version
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import DATASET, SMALL_SPEC, RegisteredRun, SyntheticData
@@ -65,3 +69,14 @@ def two_version_registry(synthetic_data: SyntheticData, dest: Path) -> Registry:
     pristine = synthetic_data.once("registry-two-versions", build)
     store, _ = synthetic_data.copy(pristine, dest)
     return Registry(store, DATASET)
+
+
+def export_writes(monkeypatch: pytest.MonkeyPatch, graph: bytes, exporter: str) -> None:
+    """`export_version` takes `graph` (an export of the same weights made earlier, or a changed
+    copy of one) as what torch.onnx wrote, without running it again (~2 CPU-s a time): for the
+    tests whose point is what follows the export (parity, its fallback, refusals, int8)."""
+    def write(model, image_size: int, path: Path, *args, **kwargs) -> str:
+        Path(path).write_bytes(graph)
+        return exporter
+
+    monkeypatch.setattr(export_module, "export_onnx", write)

@@ -9,6 +9,7 @@ import pytest
 
 from flowerml.io.storage_local import LocalStore
 from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.registries import export_writes
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import RegisteredRun
 
@@ -113,7 +114,11 @@ def test_predict_with_onnx_is_refused_without_an_export(registered_run: Register
 
 
 def test_export_quantize_int8_prints_its_gate_and_writes_the_graph(
-        registered_run: RegisteredRun, tmp_path: Path) -> None:
+        registered_run: RegisteredRun, exported, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one go: fp32 (the module's graph of the same weights), its parity, then int8."""
+    graph = (exported[0].root / VERSION_DIR / "model.onnx").read_bytes()
+    export_writes(monkeypatch, graph, exported[2]["exporter"])
     store, cache = store_copy(registered_run, tmp_path)
     result = invoke("export", "flowers102@production", "--quantize", "int8", "--workers", "0",
                     store=store, cache=cache)

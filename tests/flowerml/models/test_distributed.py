@@ -1,4 +1,6 @@
-"""flowerml.models.distributed: device selection, and a real two-process gloo group under torchrun."""
+"""flowerml.models.distributed: device selection, and a real two-process gloo group joined as under
+torchrun (torchrun itself launches the DDP runs of tests/flowerml/training/test_fit.py and
+tests/flowerml/distillation/test_distill.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from flowerml.models.distributed import (
     start_placement,
     stop_placement,
 )
+from tests.helpers.network import free_port
 
 TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                       "MASTER_PORT")
@@ -124,20 +127,36 @@ WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # two torch processes join a gloo group (~8 s)
+def torchrun_environment(rank: int, port: int) -> dict[str, str]:
+    """What torchrun gives each of its 2 local workers, for a group on 127.0.0.1:`port`."""
+    return {"TORCHELASTIC_RUN_ID": "test", "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+@pytest.mark.slow  # two torch processes join a gloo group (~5 s)
 def test_two_gloo_processes_join_agree_and_leave(tmp_path: Path):
+    """The two ranks are started with torchrun's variables directly: a launcher process (one
+    more interpreter importing torch) adds nothing to what is checked here."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in TORCHRUN_VARIABLES:
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", str(script), str(tmp_path)]
+    port = free_port()
+    ranks = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                              env={**env, **torchrun_environment(rank, port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[3])
+             for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=180) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
 
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
-                          cwd=Path(__file__).resolve().parents[3])
-
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert [rank.returncode for rank in ranks] == [0, 0], [err[-3000:] for _, err in outputs]
     rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert rows == [
         {"rank": 0, "world": 2, "main": True, "distributed": True, "device": "cpu",

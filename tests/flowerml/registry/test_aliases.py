@@ -236,7 +236,7 @@ def race(registry: Registry, barrier: threading.Barrier | multiprocessing.synchr
 
 
 def test_concurrent_alias_moves_from_threads(store: Store) -> None:
-    workers, rounds = 8, 5
+    workers, rounds = 4, 3  # each round a four-way race for the next history slot
     registry = setup_race(store)
     barrier = threading.Barrier(workers)
     errors: list[BaseException] = []
@@ -272,7 +272,7 @@ def race_process(spec: tuple[str, ...], barrier: multiprocessing.synchronize.Bar
 
 @pytest.mark.slow  # spawned worker processes
 def test_concurrent_alias_moves_from_processes(store: Store) -> None:
-    workers, rounds = 4, 5
+    workers, rounds = 3, 3  # each round a three-way race; a spawned worker costs ~1 CPU-s
     registry = setup_race(store)
     if isinstance(store, LocalStore):
         spec: tuple[str, ...] = ("local", str(store.root))

@@ -43,7 +43,7 @@ from flowerml.serving.quantize import (
     quantize_int8,
     sample_batches,
 )
-from tests.helpers.registries import registry_copy
+from tests.helpers.registries import export_writes, registry_copy
 from tests.helpers.registry_entries import card, weights
 from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.stores import copy_tree, replace_file
@@ -218,19 +218,12 @@ def perturbed(data: bytes) -> bytes:
 
 
 def test_a_graph_with_a_perturbed_weight_fails_fp32_parity(registered_run: RegisteredRun,
-                                                            tmp_path: Path,
+                                                            exported: Exported, tmp_path: Path,
                                                             monkeypatch) -> None:
     """The gate against the stored logits refuses a graph that is not the evaluated model:
     export.json records the failure, and the version cannot be promoted on it."""
-    real = export_module.export_onnx
-
-    def export_perturbed(*args, **kwargs) -> str:
-        exporter = real(*args, **kwargs)
-        path = Path(args[2])
-        path.write_bytes(perturbed(path.read_bytes()))
-        return exporter
-
-    monkeypatch.setattr(export_module, "export_onnx", export_perturbed)
+    data, record = load_onnx_bytes(exported.registry, 1)
+    export_writes(monkeypatch, perturbed(data), record["exporter"])
     registry, cache = registry_copy(registered_run, tmp_path)
     export = export_version(registry, 1, cache_dir=cache, workers=0)
     parity = export.record["parity"]
@@ -241,9 +234,12 @@ def test_a_graph_with_a_perturbed_weight_fails_fp32_parity(registered_run: Regis
 
 
 def test_a_version_without_stored_logits_runs_pytorch_again(registered_run: RegisteredRun,
-                                                            tmp_path: Path) -> None:
+                                                            exported: Exported, tmp_path: Path,
+                                                            monkeypatch) -> None:
     """A version evaluated before the logits were kept (no `logits` block in its metrics.json)
     gets today's two-pass check, and export.json says why."""
+    data, record = load_onnx_bytes(exported.registry, 1)
+    export_writes(monkeypatch, data, record["exporter"])
     registry, cache = registry_copy(registered_run, tmp_path)
     metrics_path = registry.store.root / registry.attachment_key(1, "metrics.json")
     metrics = json.loads(metrics_path.read_text())
@@ -257,8 +253,10 @@ def test_a_version_without_stored_logits_runs_pytorch_again(registered_run: Regi
     assert parity["torch_images_per_second"] > 0
 
 
-def test_tampered_stored_logits_are_refused(registered_run: RegisteredRun,
-                                            tmp_path: Path) -> None:
+def test_tampered_stored_logits_are_refused(registered_run: RegisteredRun, exported: Exported,
+                                            tmp_path: Path, monkeypatch) -> None:
+    data, record = load_onnx_bytes(exported.registry, 1)
+    export_writes(monkeypatch, data, record["exporter"])
     registry, cache = registry_copy(registered_run, tmp_path)
     path = registry.store.root / registry.attachment_key(1, "logits.npy")
     replace_file(path, path.read_bytes()[:-4] + b"\0\0\0\1")
@@ -290,10 +288,14 @@ def test_the_cpu_parity_session_uses_every_core(exported: Exported) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported_int8(registered_run: RegisteredRun,
+def exported_int8(registered_run: RegisteredRun, exported: Exported,
                   tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """Version 1 exported with int8 in one go (its fp32 graph the module's `exported` one)."""
     registry, cache = registry_copy(registered_run, tmp_path_factory.mktemp("exported-int8"))
-    export = export_version(registry, 1, cache_dir=cache, workers=0, quantize="int8")
+    data, record = load_onnx_bytes(exported.registry, 1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        export_writes(monkeypatch, data, record["exporter"])
+        export = export_version(registry, 1, cache_dir=cache, workers=0, quantize="int8")
     assert export.created and export.passed
     return Exported(registry, cache, export.record)
 
