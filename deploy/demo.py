@@ -67,6 +67,8 @@ def free_port() -> int:
 class LocalPrefect:
     """A Prefect server and workers on loopback, each a process group of its own."""
 
+    poll_s = 1.0  # how often a wait asks the API again
+
     def __init__(self, root: Path, *, ui: bool = True, env: dict[str, str] | None = None) -> None:
         self.root = root
         self.port = free_port()
@@ -189,7 +191,7 @@ class LocalPrefect:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"flow run {run_id} still {run['state_name']} after "
                                    f"{timeout:g} s; logs in {self.root}")
-            time.sleep(1)
+            time.sleep(self.poll_s)
 
     def runs_of(self, deployment: str) -> list[dict[str, Any]]:
         """The flow runs of `deployment` (FLOW/NAME), oldest first."""
@@ -208,7 +210,7 @@ class LocalPrefect:
                 return new[0]
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no run of {deployment} was triggered in {timeout:g} s")
-            time.sleep(1)
+            time.sleep(self.poll_s)
 
     def set_deployment_params(self, deployment: str, **params: Any) -> None:
         """Change some of a retrain-style deployment's default `params` (the ones a schedule or

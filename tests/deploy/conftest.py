@@ -8,22 +8,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.deployment import NEW_DATA_TRIGGER, LocalPrefect, short_zombie_automations
+from tests.helpers.deployment import NEW_DATA_TRIGGER, BatchedPrefect, short_zombie_automations
 from tests.helpers.prefect_database import copy_database
 
 
 @pytest.fixture(scope="module")
 def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str,
-                  prefect_database: Path) -> Iterator[LocalPrefect]:
+                  prefect_database: Path) -> Iterator[BatchedPrefect]:
     """One server for the module, set up as the runbook says (pools, deployments, automations
-    with the tests' short zombie threshold)."""
+    with the tests' short zombie threshold). Its loops that the tests wait on run every
+    second or two instead of every 5-60 s: the scheduler's pass over deployments just
+    registered, the proactive (zombie) triggers' evaluation, the late-runs marker, and the
+    event persister's flush (the tests read stored events); workers ask for runs every
+    second."""
     tmp_path = tmp_path_factory.mktemp("prefect-stack")
-    prefect = LocalPrefect(tmp_path, ui=True, env={
+    prefect = BatchedPrefect(tmp_path, ui=True, env={
         "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
         "FLOWERML_CACHE_DIR": str(tmp_path / "cache"),
         "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
-        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT2S",
+        "PREFECT_SERVER_EVENTS_PROACTIVE_GRANULARITY": "PT1S",
         "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
     })
     copy_database(prefect_database, tmp_path / "prefect.db")  # LocalPrefect's database
     try:

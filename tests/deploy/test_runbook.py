@@ -4,9 +4,10 @@ systemd or internet runs against the session's Prefect server, in the runbook's 
 shell runs it from the repository root. Each command must still appear in the runbook exactly
 as listed here, so a command edited there is edited here too, and the runbook cannot rot.
 
-The `prefect` commands and the `python deploy/...py` scripts run one after another in one
-interpreter (tests/helpers/prefect_cli.py: Prefect's console-script entry point, imported once
-instead of forty times), each with its exit code and output; the rest through bash.
+The `prefect` and `flowerml` commands, the `python deploy/...py` scripts and `python -c` run
+one after another in one interpreter (tests/helpers/prefect_cli.py: the console scripts' entry
+points, imported once instead of fifty times), each with its exit code and output; the rest
+(shell variables, `VAR=value cmd`, curl) through bash.
 
 What runs differently from the page (`Step.run`): the server's URL for prefect.internal:4200,
 this test's folder for /tmp/flowerml-try, a second pool name where the runbook creates `gpu`
@@ -197,12 +198,15 @@ def test_the_runbook_commands_run_against_a_server(prefect_harness: None,
 
 
 def run_step(command: str, batch: CommandBatch, env: dict[str, str]) -> tuple[int, str]:
-    """`prefect ...` and `python SCRIPT.py ...` through the batch's one interpreter (the
-    arguments split as bash splits them: these commands use quotes and line continuations
-    only); anything else (variables, `VAR=value cmd`, `python -c`, curl) through bash."""
+    """`prefect ...`, `flowerml ...`, `python SCRIPT.py ...` and `python -c CODE` through the
+    batch's one interpreter (the arguments split as bash splits them: these commands use
+    quotes and line continuations only); anything else (shell variables, `VAR=value cmd`,
+    curl) through bash."""
     argv = shlex.split(command.replace("\\\n", " "))
-    if argv[0] == "prefect" or (argv[0] == "python" and argv[1].endswith(".py")):
-        return batch.run(argv)
+    if "$" not in command and (argv[0] in ("prefect", "flowerml") or (argv[0] == "python" and (
+            argv[1].endswith(".py") or argv[1] == "-c"))):
+        done = batch.run(argv)
+        return done.returncode, done.output
     done = subprocess.run(["bash", "-c", command], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=180)
     return done.returncode, done.stdout + done.stderr

@@ -18,7 +18,8 @@ import these):
 - `prefect_database`: a Prefect database migrated once a session, copied for each server.
 - `prefect_runs`: a task run's outcome and a flow run's task-run times, as the server has them.
 - `preprocessing`: a real photo through torchvision's weights.transforms() and flowerml's paths.
-- `registries`: registries the tests build (the registered run copied, exported; two versions).
+- `registries`: registries the tests build (the registered run copied, exported; two versions),
+  and exports that take a graph exported earlier instead of running torch.onnx again.
 - `registry_entries`: a registry entry's parts (manifest hash, model name, weights, card).
 - `s3_servers`: the S3 servers a session starts besides moto's threaded one.
 - `scoring`: a folder of photos to score, and the rows a scoring run wrote.
