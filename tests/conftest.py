@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -37,21 +38,13 @@ os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 for name in [n for n in os.environ if n.startswith("FLOWERML_")]:
     del os.environ[name]
 
-from flowerml.io.storage import S3Options, Store  # noqa: E402
-from flowerml.io.storage_local import LocalStore  # noqa: E402
-from flowerml.io.storage_s3 import S3Store  # noqa: E402
-from flowerml.registry.versions import Registry  # noqa: E402
-from tests.helpers.prefect_database import migrated_database, seeded_test_harness  # noqa: E402
-from tests.helpers.s3_servers import denying_moto_server, seaweedfs_server  # noqa: E402
-from tests.helpers.synthetic import (  # noqa: E402
-    DATASET,
-    SMALL_SPEC,
-    TINY_RUN,
-    TINY_SPEC,
-    RegisteredRun,
-    SyntheticData,
-    tiny_config,
-)
+if TYPE_CHECKING:  # the fixtures import what they use: a pytest that only loads this file
+    # (tests/test_reaper.py's nested sessions, an xdist master) imports no flowerml, boto3 or
+    # scipy for nothing
+    from flowerml.io.storage import S3Options, Store
+    from flowerml.io.storage_local import LocalStore
+    from flowerml.io.storage_s3 import S3Store
+    from tests.helpers.synthetic import RegisteredRun, SyntheticData
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -117,6 +110,8 @@ def moto_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def denying_s3_endpoint() -> Iterator[str]:
     """A moto server that enforces IAM auth, so our test credentials are refused (HTTP 403)."""
+    from tests.helpers.s3_servers import denying_moto_server
+
     with denying_moto_server() as url:
         yield url
 
@@ -133,16 +128,22 @@ def s3_bucket(moto_endpoint: str) -> str:
 
 @pytest.fixture
 def s3_options(moto_endpoint: str) -> S3Options:
+    from flowerml.io.storage import S3Options
+
     return S3Options(endpoint_url=moto_endpoint, addressing_style="path")
 
 
 @pytest.fixture
 def s3_store(s3_bucket: str, s3_options: S3Options) -> S3Store:
+    from flowerml.io.storage_s3 import S3Store
+
     return S3Store(s3_bucket, "store", s3_options, concurrency=8)
 
 
 @pytest.fixture
 def local_store(tmp_path: Path) -> LocalStore:
+    from flowerml.io.storage_local import LocalStore
+
     return LocalStore(tmp_path / "store", concurrency=8)
 
 
@@ -158,6 +159,8 @@ def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     process) on free loopback ports, enforcing the test credentials; started once per session.
 
     Skipped, with the reason, only where the binary is missing or cannot start here."""
+    from tests.helpers.s3_servers import seaweedfs_server
+
     with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs")) as url:
         yield url
 
@@ -166,6 +169,9 @@ def seaweedfs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
 def seaweedfs_store(seaweedfs_endpoint: str) -> S3Store:
     """An S3Store on a fresh bucket of the session's SeaweedFS server."""
     import boto3
+
+    from flowerml.io.storage import S3Options
+    from flowerml.io.storage_s3 import S3Store
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=seaweedfs_endpoint).create_bucket(Bucket=name)
@@ -177,6 +183,8 @@ def seaweedfs_store(seaweedfs_endpoint: str) -> S3Store:
 def prefect_database(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """A Prefect database at head, migrated once for all xdist workers: every server the suite
     starts begins from a copy (tests/helpers/prefect_database.py)."""
+    from tests.helpers.prefect_database import migrated_database
+
     base = tmp_path_factory.getbasetemp()
     return migrated_database((base if worker_id == "master" else base.parent) / "prefect-db")
 
@@ -184,6 +192,8 @@ def prefect_database(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -
 @pytest.fixture(scope="session")
 def prefect_harness(prefect_database: Path) -> Iterator[None]:
     """One Prefect test server for the whole session (it takes seconds to start)."""
+    from tests.helpers.prefect_database import seeded_test_harness
+
     with seeded_test_harness(prefect_database):
         yield
 
@@ -193,6 +203,8 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory,
                    worker_id: str) -> SyntheticData:
     """The session's synthetic archives, ingests and trained runs, each built once for all
     xdist workers (in the folder their base temp dirs share, which is this session's own)."""
+    from tests.helpers.synthetic import SyntheticData
+
     if worker_id == "master":
         return SyntheticData(tmp_path_factory.mktemp("synthetic-data"))
     root = tmp_path_factory.getbasetemp().parent / "synthetic-data"
@@ -203,6 +215,8 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="session")
 def synthetic_source(synthetic_data: SyntheticData) -> Path:
     """A small archive in the official format: 4 classes x 6 images, 48 px (read-only)."""
+    from tests.helpers.synthetic import SMALL_SPEC
+
     return synthetic_data.source(SMALL_SPEC)
 
 
@@ -218,6 +232,8 @@ def registered_run(synthetic_data: SyntheticData,
     """The tiny run evaluated, registered as flowers102:1 and made production (read-only)."""
     from flowerml.evaluation.inference import evaluate_run
     from flowerml.registry.release import build_card, register_run
+    from flowerml.registry.versions import Registry
+    from tests.helpers.synthetic import DATASET, TINY_RUN, TINY_SPEC, RegisteredRun, tiny_config
 
     pristine = synthetic_data.trained(TINY_SPEC, TINY_RUN, tiny_config())
     store, cache = synthetic_data.copy(pristine, tmp_path_factory.mktemp("registered-run"))
