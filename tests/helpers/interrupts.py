@@ -1,18 +1,16 @@
 """Runs that die at a chosen point, the interruptions the resume tests start from: in-process,
-before a chosen checkpoint, or a `flowerml` child SIGKILLed once it has checkpointed."""
+before a chosen checkpoint, or a `flowerml` child (forked) SIGKILLed once it has checkpointed."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from flowerml.training.runs import RunFiles
+from tests.helpers.forked_commands import fork_flowerml
 
 
 class DiedBeforeCheckpoint(Exception):
@@ -32,17 +30,20 @@ def die_before_checkpoint(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
     monkeypatch.setattr(RunFiles, "save_checkpoint", save_or_die)
 
 
-def kill_at_first_checkpoint(command: list[str], env: dict[str, str], run_dir: Path,
-                             timeout: float = 180) -> int:
-    """Run a `flowerml train`/`distill` child and SIGKILL it once its first checkpoint is on
-    the store; returns the epoch it was killed at. The caller resumes the run (in-process: only
-    the kill needs a child)."""
-    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+def kill_at_first_checkpoint(args: list[str], env: dict[str, str], run_dir: Path,
+                             outputs: Path, timeout: float = 180) -> int:
+    """Run `flowerml ARGS` (train or distill) in a child process and SIGKILL it once its first
+    checkpoint is on the store; returns the epoch it was killed at. The caller resumes the run
+    (in-process: only the kill needs a child). The child is forked from this process
+    (tests/helpers/forked_commands.py: no second interpreter importing torch); its output goes
+    to `outputs`."""
+    child = fork_flowerml(args, env, outputs, name="killed")
     checkpoint = run_dir / "checkpoint.json"
     deadline = time.monotonic() + timeout
-    while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    try:
+        while not checkpoint.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.02)
+    finally:
+        child.kill()
+    assert checkpoint.exists(), f"no checkpoint (exit {child.returncode}): {child.stderr()[-3000:]}"
     return json.loads(checkpoint.read_text())["epoch"]

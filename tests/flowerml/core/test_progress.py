@@ -157,9 +157,9 @@ def test_the_terminal_decision_can_be_given(quiet: bool, terminal: bool, expecte
 
 def test_train_off_a_terminal_prints_a_line_per_epoch(tiny_run: StoreAndCache):
     store, cache = tiny_run
-    result = invoke("train", "--recipe", "demo", "--epochs", "2", "--image-size", "40",
-                    "--device", "cpu", "--workers", "0", "--run-id", "lines",
-                    store=store, cache=cache)
+    result = invoke("train", "--recipe", "demo", "--arch", "mobilenet_v3_small", "--epochs",
+                    "2", "--image-size", "40", "--device", "cpu", "--workers", "0", "--run-id",
+                    "lines", store=store, cache=cache)
     assert result.exit_code == 0, result.output
     epochs = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], result.stderr
@@ -174,9 +174,9 @@ def test_train_off_a_terminal_prints_a_line_per_epoch(tiny_run: StoreAndCache):
 
 def test_train_json_prints_no_epoch_lines(tiny_run: StoreAndCache):
     store, cache = tiny_run
-    result = invoke("train", "--recipe", "demo", "--epochs", "1", "--image-size", "40",
-                    "--device", "cpu", "--workers", "0", "--run-id", "quiet", "--json",
-                    store=store, cache=cache)
+    result = invoke("train", "--recipe", "demo", "--arch", "mobilenet_v3_small", "--epochs",
+                    "1", "--image-size", "40", "--device", "cpu", "--workers", "0", "--run-id",
+                    "quiet", "--json", store=store, cache=cache)
     assert result.exit_code == 0, result.output
     assert "epoch 1/1" not in result.stderr
     assert json.loads(result.stdout)["run_id"] == "quiet"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ from flowerml.io.storage_s3 import S3Store
 from tests.helpers.additions import class_folders
 from tests.helpers.archives import archive_members, rewrite_archive
 from tests.helpers.cli import assert_refused, invoke
+from tests.helpers.forked_commands import Forked, fork_call, fork_flowerml, reaped
 from tests.helpers.stores import store_keys
 from tests.helpers.synthetic import DATASET
 
@@ -149,7 +148,7 @@ def listing(store: Store, prefix: str) -> dict[str, tuple[int, str]]:
     return {info.key: (info.size, info.etag) for info in store.list(prefix)}
 
 
-@pytest.mark.slow  # child processes: an ingest killed with SIGKILL, then run again
+@pytest.mark.slow  # a child process: an ingest killed with SIGKILL, then run again
 def test_killed_ingest_resumes_to_the_same_store(tmp_path: Path, moto_endpoint: str) -> None:
     import boto3
 
@@ -157,34 +156,34 @@ def test_killed_ingest_resumes_to_the_same_store(tmp_path: Path, moto_endpoint: 
     from flowerml.io.storage import S3Options
 
     source = tmp_path / "src"
-    write_synthetic_archive(source, SyntheticSpec(classes=10, per_class=30, image_size=48))
+    write_synthetic_archive(source, SyntheticSpec(classes=6, per_class=20, image_size=32))
     client = boto3.client("s3", endpoint_url=moto_endpoint)
     for bucket in ("interrupted", "reference"):
         client.create_bucket(Bucket=bucket)
     env = {**os.environ, "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
            "FLOWERML_TRANSFER_CONCURRENCY": "1", "FLOWERML_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "flowerml.cli", "ingest", "--source", str(source),
-               "--json", "--workers", "1"]
+    args = ["ingest", "--source", str(source), "--json", "--workers", "1"]
 
-    child = subprocess.Popen([*command, "--store", "s3://interrupted/x"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    uploaded = 0
-    while time.monotonic() < deadline and child.poll() is None:
-        listed = client.list_objects_v2(Bucket="interrupted", Prefix="x/datasets/")
-        uploaded = sum(k["Key"].endswith(".jpg") for k in listed.get("Contents", []))
-        if uploaded >= 30:
-            break
-        time.sleep(0.02)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    assert 30 <= uploaded < 300, "the kill must land part-way through the upload"
+    # The child is forked from this process (flowerml is imported already): a process of its
+    # own, uploading one image at a time, for the kill to land in.
+    child = fork_flowerml([*args, "--store", "s3://interrupted/x"], env, tmp_path / "child")
+    with reaped([child]):
+        deadline = time.monotonic() + 120
+        uploaded = 0
+        while time.monotonic() < deadline and child.poll() is None:
+            listed = client.list_objects_v2(Bucket="interrupted", Prefix="x/datasets/")
+            uploaded = sum(k["Key"].endswith(".jpg") for k in listed.get("Contents", []))
+            if uploaded >= 30:
+                break
+            time.sleep(0.02)
+    assert child.returncode == -signal.SIGKILL, child.stderr()[-3000:]
+    assert 30 <= uploaded < 120, "the kill must land part-way through the upload"
     interrupted = S3Store("interrupted", "x", S3Options(endpoint_url=moto_endpoint))
     assert not any(k.endswith(("manifest.json", "CURRENT")) for k in store_keys(interrupted))
 
     # The kill needed a child; resuming and the reference run do not.
     for bucket in ("interrupted", "reference"):
-        done = invoke(*command[3:], "--store", f"s3://{bucket}/x", env=env)
+        done = invoke(*args, "--store", f"s3://{bucket}/x", env=env)
         assert done.exit_code == 0, done.output
     reference = S3Store("reference", "x", S3Options(endpoint_url=moto_endpoint))
     assert listing(interrupted, "datasets/") == listing(reference, "datasets/")
@@ -345,34 +344,36 @@ def test_failed_upload_leaves_no_empty_folders_and_resumes(synthetic_source: Pat
     assert resumed.uploaded + resumed.skipped == 24 and resumed.uploaded < 24
 
 
-# `flowerml` whose store takes a quarter of a second per image (a slow disk or link), so that a
-# test can stop an ingest part-way through publishing the version.
-SLOW_UPLOADS = """
-import sys, time
-from flowerml.io.storage_local import LocalStore
-put = LocalStore.put_bytes
-def put_slowly(self, key, data, **options):
-    if key.endswith('.jpg'):
-        time.sleep(0.25)
-    return put(self, key, data, **options)
-LocalStore.put_bytes = put_slowly
-from flowerml.cli import main
-main(sys.argv[1:])
-"""
+def slow_ingest(source: Path) -> None:
+    """`flowerml ingest --json` whose store takes a quarter of a second per image (a slow disk
+    or link), so that a test can stop an ingest part-way through publishing the version. Run
+    in a child process: the slow store is that process's alone."""
+    from flowerml.cli import main
+
+    put = LocalStore.put_bytes
+
+    def put_slowly(self: LocalStore, key: str, data: bytes, **options) -> str:
+        if key.endswith(".jpg"):
+            time.sleep(0.25)
+        return put(self, key, data, **options)
+
+    LocalStore.put_bytes = put_slowly
+    main(["ingest", "--source", str(source), "--json"])
 
 
-def start_slow_ingest(source: Path, store: LocalStore, cache: Path) -> subprocess.Popen:
-    """`flowerml ingest --json` onto `store` in its own interpreter, one slow upload at a time;
-    returns once it is publishing (the first image is on the store)."""
+def start_slow_ingest(source: Path, store: LocalStore, cache: Path, outputs: Path) -> Forked:
+    """`slow_ingest` onto `store` in a child process (forked from this one, which has imported
+    flowerml already), one slow upload at a time; returns once it is publishing (the first
+    image is on the store). Its stdout and stderr go to files in `outputs`."""
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache),
            "FLOWERML_TRANSFER_CONCURRENCY": "1"}
-    child = subprocess.Popen([sys.executable, "-c", SLOW_UPLOADS, "ingest", "--source",
-                              str(source), "--json"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    child = fork_call(lambda: slow_ingest(source), env, outputs, name="ingest")
     deadline = time.monotonic() + 120
     while not any((store.root / "datasets").rglob("image_*.jpg")):
-        assert child.poll() is None, child.communicate()
-        assert time.monotonic() < deadline, "the ingest never started publishing"
+        assert child.poll() is None, (child.stdout(), child.stderr())
+        if time.monotonic() >= deadline:
+            child.kill()
+            pytest.fail("the ingest never started publishing")
         time.sleep(0.05)
     return child
 
@@ -387,9 +388,12 @@ def test_sigterm_stops_an_ingest_with_one_line_and_publishes_nothing(
     """systemd, Kubernetes and `timeout` stop with SIGTERM: the same line and JSON as Ctrl-C,
     exit 143, the uploads under way finish or leave no temp file, and no manifest or CURRENT
     makes the half-uploaded version look published."""
-    child = start_slow_ingest(synthetic_source, local_store, tmp_path / "cache")
-    child.send_signal(signal.SIGTERM)
-    stdout, stderr = child.communicate(timeout=60)
+    child = start_slow_ingest(synthetic_source, local_store, tmp_path / "cache",
+                              tmp_path / "child")
+    with reaped([child]):
+        os.kill(child.pid, signal.SIGTERM)
+        child.wait(timeout=60)
+    stdout, stderr = child.stdout(), child.stderr()
     assert child.returncode == 143, stderr
     assert stderr == "flowerml: error: stopped by SIGTERM\n"
     assert [json.loads(line) for line in stdout.splitlines()] == [
@@ -403,9 +407,9 @@ def test_sigterm_stops_an_ingest_with_one_line_and_publishes_nothing(
 @pytest.mark.slow  # a child process killed with SIGKILL
 def test_a_resumed_ingest_removes_the_temp_files_a_killed_one_left(
         local_store: LocalStore, synthetic_source: Path, tmp_path: Path) -> None:
-    child = start_slow_ingest(synthetic_source, local_store, tmp_path / "cache")
+    child = start_slow_ingest(synthetic_source, local_store, tmp_path / "cache",
+                              tmp_path / "child")
     child.kill()  # SIGKILL: no `finally` runs, so a write under way leaves its temp file
-    child.communicate()
     image = next((local_store.root / "datasets").rglob("image_*.jpg"))
     # What a write cut short by the kill leaves beside its object (files.temp_beside's name).
     left = image.with_name(".tmp-0123456789abcdef.jpg")

@@ -1,14 +1,10 @@
 """flowerml.models.distributed: device selection, and a real two-process gloo group joined as under
-torchrun (torchrun itself launches the DDP runs of tests/flowerml/training/test_fit.py and
-tests/flowerml/distillation/test_distill.py)."""
+torchrun (torchrun itself launches the DDP run of tests/flowerml/training/test_fit.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,10 +20,13 @@ from flowerml.models.distributed import (
     start_placement,
     stop_placement,
 )
+from tests.helpers.forked_commands import (
+    TORCHRUN_VARIABLES,
+    fork_call,
+    reaped,
+    torchrun_environment,
+)
 from tests.helpers.network import free_port
-
-TORCHRUN_VARIABLES = ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                      "MASTER_PORT")
 
 
 @pytest.fixture
@@ -107,10 +106,11 @@ def test_a_bad_device_fails_before_any_group_is_joined(not_under_torchrun: None)
 
 # --- two processes under torchrun ------------------------------------------------------------
 
-WORKER = textwrap.dedent("""
-    import json, sys
+
+def join_agree_and_leave(out: Path) -> None:
+    """One rank's part, run in its own (forked) process: join, agree, leave, and write down
+    what it saw."""
     import torch.distributed as dist
-    from flowerml.models.distributed import barrier, broadcast_flag, start_placement, stop_placement
 
     placement = start_placement("cpu")
     # Each rank proposes its own answer; rank 0's must win everywhere.
@@ -121,42 +121,26 @@ WORKER = textwrap.dedent("""
            "decided": decided, "initialized": dist.is_initialized()}
     stop_placement(placement)
     row["after_stop"] = dist.is_initialized()
-    # One file per rank: both ranks share stdout, where their lines can interleave.
-    with open(f"{sys.argv[1]}/rank{placement.rank}.json", "w") as out:
-        json.dump(row, out)
-""")
+    # One file per rank: each rank's stdout is a file of its own too.
+    (out / f"rank{placement.rank}.json").write_text(json.dumps(row))
 
 
-def torchrun_environment(rank: int, port: int) -> dict[str, str]:
-    """What torchrun gives each of its 2 local workers, for a group on 127.0.0.1:`port`."""
-    return {"TORCHELASTIC_RUN_ID": "test", "RANK": str(rank), "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-
-
-@pytest.mark.slow  # two torch processes join a gloo group (~5 s)
+@pytest.mark.slow  # two torch processes join a gloo group
 def test_two_gloo_processes_join_agree_and_leave(tmp_path: Path):
     """The two ranks are started with torchrun's variables directly: a launcher process (one
-    more interpreter importing torch) adds nothing to what is checked here."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for name in TORCHRUN_VARIABLES:
-        env.pop(name, None)
+    more interpreter importing torch) adds nothing to what is checked here. Each is forked
+    from this process, which has imported torch and flowerml already."""
+    env = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
+    env["OMP_NUM_THREADS"] = "1"
     port = free_port()
-    ranks = [subprocess.Popen([sys.executable, str(script), str(tmp_path)],
-                              env={**env, **torchrun_environment(rank, port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[3])
+    ranks = [fork_call(lambda: join_agree_and_leave(tmp_path),
+                       {**env, **torchrun_environment(rank, port)}, tmp_path / "output",
+                       name=f"rank{rank}")
              for rank in (0, 1)]
-    try:
-        outputs = [rank.communicate(timeout=180) for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
-            rank.wait()
+    with reaped(ranks):
+        codes = [rank.wait(timeout=180) for rank in ranks]
 
-    assert [rank.returncode for rank in ranks] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert codes == [0, 0], [rank.stderr()[-3000:] for rank in ranks]
     rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert rows == [
         {"rank": 0, "world": 2, "main": True, "distributed": True, "device": "cpu",

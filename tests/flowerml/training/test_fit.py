@@ -1,7 +1,7 @@
 """Training on CPU with tiny synthetic data: learning, bit-exact resume, linear probe, DDP,
-bad input. Most tests reuse one of two uninterrupted runs: 'straight' (ResNet-18, which learns
-here) or, where learning is not the point, 'straight-small' (MobileNetV3-Small: ~3x cheaper
-steps, an 18 MB checkpoint instead of 134 MB)."""
+bad input. The learning test has its uninterrupted run 'straight' (ResNet-18, which learns
+here); every test where learning is not the point reuses 'straight-small' (MobileNetV3-Small:
+~3x cheaper steps, an 18 MB checkpoint instead of 134 MB)."""
 
 from __future__ import annotations
 
@@ -68,9 +68,12 @@ def run_fit(published_store: StoreAndCache, run_id: str, *, workers: int = 0,
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(published_store: StoreAndCache) -> tuple[training.FitResult, list[dict]]:
-    """Run 'straight': small_config() trained in one go, and the events it emitted."""
+    """Run 'straight': small_config() trained in one go, and the events it emitted. It learns;
+    what it leaves for a resume is checked on 'straight-small', so it checkpoints only its last
+    epoch (two 134 MB checkpoints fewer)."""
     events: list[dict] = []
-    return run_fit(published_store, "straight", on_event=events.append), events
+    return run_fit(published_store, "straight", on_event=events.append,
+                   checkpoint_every=EPOCHS), events
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +104,9 @@ def test_learns_better_than_chance(published_store: StoreAndCache, uninterrupted
 
 
 def test_rerun_of_a_finished_run_resumes_at_its_end(published_store: StoreAndCache,
-                                                     uninterrupted_run) -> None:
-    first, _ = uninterrupted_run
-    again = run_fit(published_store, "straight")
+                                                     small_run) -> None:
+    first = small_run
+    again = run_fit(published_store, "straight-small", arch=SMALL)
     assert again.resumed_from_epoch == EPOCHS and again.epochs_run == EPOCHS
     assert again.best_valid_top1 == first.best_valid_top1
 
@@ -135,10 +138,10 @@ def test_linear_probe_computes_features_once(published_store: StoreAndCache,
 
 
 def test_a_checkpoint_keeps_the_layout_earlier_runs_were_written_with(
-        published_store: StoreAndCache, uninterrupted_run) -> None:
+        published_store: StoreAndCache, small_run) -> None:
     """Runs checkpointed by earlier releases resume: the layout and the state's fields stay."""
     store, _ = published_store
-    checkpoint = RunFiles(store, "straight").load_checkpoint()
+    checkpoint = RunFiles(store, "straight-small").load_checkpoint()
     assert set(checkpoint) == {"model", "optimizer", "scheduler", "scaler", "rng", "state",
                                "best_head", "classes"}
     assert set(checkpoint["state"]) == {"epoch", "best_top1", "best_epoch", "bad_epochs",
@@ -213,14 +216,15 @@ def test_a_run_checkpointed_every_second_epoch_resumes_from_its_last_checkpoint(
 
 @pytest.mark.slow  # a child process: a training run killed with SIGKILL
 def test_resume_after_sigkill_matches_an_uninterrupted_run(published_store: StoreAndCache,
-                                                           small_run) -> None:
-    """The kill needs a real process; the same `flowerml train` resumes it in-process."""
+                                                           small_run, tmp_path) -> None:
+    """The kill needs a real process (forked from this one: torch is imported already); the
+    same `flowerml train` resumes it in-process."""
     store, cache = published_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
     args = ["train", "--config", json.dumps(small_config(arch=SMALL).to_json()), "--device", "cpu",
             "--workers", "0", "--run-id", "killed", "--json"]
-    killed_at = kill_at_first_checkpoint([sys.executable, "-m", "flowerml.cli", *args], env,
-                                         store.root / "runs" / "killed")
+    killed_at = kill_at_first_checkpoint(args, env, store.root / "runs" / "killed",
+                                         tmp_path / "child")
     assert 1 <= killed_at < EPOCHS
     resumed = invoke(*args, store=store, cache=cache)
     assert resumed.exit_code == 0, resumed.output
@@ -246,21 +250,21 @@ def test_ddp_with_two_gloo_processes(published_store: StoreAndCache) -> None:
     assert RunFiles(store, "ddp").has_checkpoint()
 
 
-def test_corrupt_checkpoint_is_refused(published_store: StoreAndCache, uninterrupted_run) -> None:
+def test_corrupt_checkpoint_is_refused(published_store: StoreAndCache, small_run) -> None:
     store, _ = published_store
-    copy_run(store, "straight", "corrupt")
+    copy_run(store, "straight-small", "corrupt")
     key = RunFiles(store, "corrupt").checkpoint_key()  # the blob checkpoint.json names
     assert key.startswith("runs/corrupt/checkpoint-")
     data = store.get_bytes(key)
     store.put_bytes(key, data[: len(data) // 2])
     with pytest.raises(RunError, match=rf"{re.escape(key)}: sha256 mismatch"):
-        run_fit(published_store, "corrupt")
+        run_fit(published_store, "corrupt", arch=SMALL)
 
 
 def test_changed_configuration_is_refused_on_resume(published_store: StoreAndCache,
-                                                    uninterrupted_run) -> None:
+                                                    small_run) -> None:
     with pytest.raises(RunError, match="different configuration.*lr"):
-        run_fit(published_store, "straight", lr=0.1)
+        run_fit(published_store, "straight-small", lr=0.1, arch=SMALL)
 
 
 def run_files(store: LocalStore, run_id: str) -> list[str]:
@@ -328,16 +332,17 @@ def test_restart_removes_what_the_dead_first_epoch_left(published_store: StoreAn
 
 def test_checkpoint_with_other_classes_is_refused(published_store: StoreAndCache,
                                                   synthetic_data: SyntheticData,
-                                                  uninterrupted_run) -> None:
+                                                  small_run) -> None:
     store, cache = published_store
     other = synthetic_data.source(SyntheticSpec(classes=3, per_class=6, image_size=40, seed=9))
     ingest(str(other), store, "three", cache, FetchOptions())
     (store.root / "runs" / "classes-3").mkdir(parents=True)
-    blob = RunFiles(store, "straight").read_json("checkpoint.json")["key"]
+    blob = RunFiles(store, "straight-small").read_json("checkpoint.json")["key"]
     for name in (blob, "checkpoint.json"):
-        os.link(store.root / "runs" / "straight" / name, store.root / "runs" / "classes-3" / name)
+        os.link(store.root / "runs" / "straight-small" / name,
+                store.root / "runs" / "classes-3" / name)
     with pytest.raises(RunError, match="has 4 classes but the dataset has 3"):
-        training.fit(small_config(), store=store, dataset="three", run_id="classes-3",
+        training.fit(small_config(arch=SMALL), store=store, dataset="three", run_id="classes-3",
                      cache_dir=cache, device="cpu", workers=0)
 
 
@@ -455,22 +460,22 @@ def test_an_interrupted_extension_resumes_bit_for_bit(published_store: StoreAndC
     ({"epochs": 2}, "epochs 3 -> 2"),
 ])
 def test_fewer_epochs_or_another_change_are_refused_and_write_nothing(
-        published_store: StoreAndCache, uninterrupted_run, overrides: dict, shown: str) -> None:
+        published_store: StoreAndCache, small_run, overrides: dict, shown: str) -> None:
     store, _ = published_store
     run_id = f"changed-{len(overrides)}"
-    copy_run(store, "straight", run_id)
+    copy_run(store, "straight-small", run_id)
     before = {name: (store.root / "runs" / run_id / name).read_bytes()
               for name in run_files(store, run_id)}
     with pytest.raises(RunError, match=re.escape(f"different configuration ({shown})")):
-        run_fit(published_store, run_id, **overrides)
+        run_fit(published_store, run_id, arch=SMALL, **overrides)
     assert {name: (store.root / "runs" / run_id / name).read_bytes()
             for name in run_files(store, run_id)} == before
 
 
 def test_a_run_that_stopped_early_is_not_extended(published_store: StoreAndCache,
-                                                  uninterrupted_run) -> None:
+                                                  small_run) -> None:
     store, _ = published_store
-    copy_run(store, "straight", "stopped-early")
+    copy_run(store, "straight-small", "stopped-early")
     run = RunFiles(store, "stopped-early")
     saved = run.load_checkpoint()
     saved["state"]["stopped_early"] = True
@@ -479,7 +484,7 @@ def test_a_run_that_stopped_early_is_not_extended(published_store: StoreAndCache
               for name in run_files(store, "stopped-early")}
     with pytest.raises(RunError, match="stopped early at epoch 3 .*more --epochs would not "
                                        "train it further"):
-        run_fit(published_store, "stopped-early", epochs=5)
+        run_fit(published_store, "stopped-early", epochs=5, arch=SMALL)
     assert {name: (store.root / "runs" / "stopped-early" / name).read_bytes()
             for name in run_files(store, "stopped-early")} == before
 
@@ -530,17 +535,17 @@ def test_an_epoch_is_announced_only_once_its_checkpoint_is_on_the_store(
 
 
 def test_a_run_without_weights_records_todays_preprocessing(published_store: StoreAndCache,
-                                                            uninterrupted_run) -> None:
+                                                            small_run) -> None:
     from flowerml.data.preprocessing import default_preprocessing
     from flowerml.evaluation.inference import load_trained_model
 
     store, _ = published_store
-    record = json.loads(store.get_bytes("runs/straight/config.json"))
+    record = json.loads(store.get_bytes("runs/straight-small/config.json"))
     assert record["preprocessing"] == {"resize": 37, "crop": 32, "interpolation": "bilinear",
                                        "mean": [0.485, 0.456, 0.406],
                                        "std": [0.229, 0.224, 0.225]}
     # A run recorded before the field existed reads as the same values.
-    copy_run(store, "straight", "recorded-before")
+    copy_run(store, "straight-small", "recorded-before")
     del record["preprocessing"]
     store.put_bytes("runs/recorded-before/config.json", json.dumps(record).encode())
     loaded = load_trained_model(store, "recorded-before", device="cpu")
