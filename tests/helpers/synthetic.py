@@ -50,7 +50,8 @@ def spec_name(spec: SyntheticSpec) -> str:
 
 
 class SyntheticData:
-    """Synthetic archives, their ingests and tiny trained runs, each built once per session.
+    """Synthetic archives, their ingests, tiny trained runs and their registrations, each built
+    once per session.
 
     Each is built on first use under its own folder, named by what it is, and returned as a
     pristine path that no test may change: a test that changes things works on `copy(...)`.
@@ -106,6 +107,28 @@ class SyntheticData:
 
         return self.once(f"trained-{spec_name(spec)}-{hashlib.sha256(identity).hexdigest()[:12]}",
                          build)
+
+    def registered(self, spec: SyntheticSpec, run_id: str, config: TrainConfig) -> Path:
+        """`trained(spec, run_id, config)` evaluated on its test split, registered as
+        flowers102:1 and made production, with the evaluation's summary in `metrics.json`
+        beside `store/` and `cache/`."""
+        trained = self.trained(spec, run_id, config)
+
+        def build(folder: Path) -> None:
+            from flowerml.evaluation.inference import evaluate_run
+            from flowerml.registry.release import build_card, register_run
+
+            store, cache = self.copy(trained, folder)
+            metrics = evaluate_run(store, run_id, cache_dir=cache, device="cpu",
+                                   workers=0).metrics.summary()
+            registry = Registry(store, DATASET)
+            card = build_card(store, run_id, metrics, promote=True, reasons=["test"],
+                              gate={"threshold": 0.0, "tolerance": 0.0, "force": True})
+            version = register_run(registry, store, run_id, card)
+            registry.set_alias("production", version.version, reason="test", forced=True)
+            (folder / "metrics.json").write_text(json.dumps(metrics))
+
+        return self.once(f"registered-{trained.name}", build)
 
     @staticmethod
     def copy(pristine: Path, dest: Path) -> StoreAndCache:
