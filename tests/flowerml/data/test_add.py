@@ -4,8 +4,8 @@ racing adds, on LocalStore, moto and SeaweedFS."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from flowerml.data.sync import sync_split
 from flowerml.io.storage import Store
 from flowerml.io.storage_local import LocalStore
 from tests.helpers.additions import class_folders, copy_published_image, csv_list, jsonl_list
+from tests.helpers.forked_commands import fork_call, reaped
 from tests.helpers.stores import store_keys
 from tests.helpers.synthetic import DATASET, SMALL_SPEC, SyntheticData, publish_copy
 
@@ -112,32 +113,34 @@ def test_an_s3_prefix_of_class_folders(local_store: LocalStore,
     assert result.added == {"train": {"001": 1, "003": 2}}
 
 
-KILL_AFTER_UPLOADS = """
-import os, signal, sys
-from pathlib import Path
-from flowerml.data.add import add_images
-from flowerml.io.storage_local import LocalStore
-uploads = 0
-put_bytes = LocalStore.put_bytes
-def put_then_die(self, key, data, **options):
-    global uploads
-    if "/train/" in key:
-        uploads += 1
-        if uploads == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return put_bytes(self, key, data, **options)
-LocalStore.put_bytes = put_then_die
-store = LocalStore(sys.argv[1], concurrency=1)
-add_images(store, "flowers102", sys.argv[2], Path(sys.argv[3]))
-"""
+def add_then_die(store_root: Path, source: str, cache: Path) -> None:
+    """`add_images` onto a LocalStore that SIGKILLs its own process at the third image
+    uploaded; run in a child process."""
+    uploads = 0
+    put_bytes = LocalStore.put_bytes
+
+    def put_then_die(self: LocalStore, key: str, data: bytes, **options) -> str:
+        nonlocal uploads
+        if "/train/" in key:
+            uploads += 1
+            if uploads == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return put_bytes(self, key, data, **options)
+
+    LocalStore.put_bytes = put_then_die
+    add_images(LocalStore(store_root, concurrency=1), DATASET, source, cache)
 
 
 def test_a_sigkilled_add_resumes(local_store: LocalStore, local_published: PublishedDataset,
                                  tmp_path: Path) -> None:
+    """The add is killed in a child process forked from this one (flowerml is imported
+    already); the resume runs here."""
     source = str(class_folders(tmp_path / "new", {"1": 3, "2": 3}))
-    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_UPLOADS, str(local_store.root),
-                             source, str(tmp_path / "cache")], capture_output=True)
-    assert killed.returncode == -9, killed.stderr
+    killed = fork_call(lambda: add_then_die(local_store.root, source, tmp_path / "cache"),
+                       dict(os.environ), tmp_path / "child")
+    with reaped([killed]):
+        killed.wait(timeout=120)
+    assert killed.returncode == -9, killed.stderr()
     assert resolve_dataset(local_store, DATASET).version == local_published.version
     resumed = add_images(local_store, DATASET, source, tmp_path / "cache")
     assert resumed.published and resumed.uploaded == 4  # 2 landed before the kill

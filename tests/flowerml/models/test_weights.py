@@ -41,11 +41,18 @@ def build(arch: str, num_classes: int, value: str, *, seed: int | None = None,
     return build_model(arch, num_classes, weights=resolved, seed=seed)
 
 
+@pytest.fixture(scope="module")
+def source() -> torch.nn.Module:
+    """The seeded torchvision ResNet-18 a staged file holds (tests/helpers/backbones.py), built
+    once for the module: the tests read it, never change it."""
+    return source_resnet18()
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
-def test_staged_file_loads_backbone_exactly_with_fresh_head(tmp_path: Path, suffix: str) -> None:
+def test_staged_file_loads_backbone_exactly_with_fresh_head(tmp_path: Path, suffix: str,
+                                                          source: torch.nn.Module) -> None:
     from safetensors.torch import save_file
 
-    source = source_resnet18()
     path = tmp_path / f"r18{suffix}"
     if suffix == ".safetensors":
         save_file(source.state_dict(), str(path))
@@ -60,8 +67,8 @@ def test_staged_file_loads_backbone_exactly_with_fresh_head(tmp_path: Path, suff
 
 
 @pytest.mark.parametrize("wrap", ["state_dict", "model", "module", "flowermodel"])
-def test_wrapped_and_flowermodel_state_dicts(tmp_path: Path, wrap: str) -> None:
-    source = source_resnet18()
+def test_wrapped_and_flowermodel_state_dicts(tmp_path: Path, wrap: str,
+                                             source: torch.nn.Module) -> None:
     state = source.state_dict()
     if wrap == "module":
         state = {f"module.{k}": v for k, v in state.items()}
@@ -77,10 +84,10 @@ def test_wrapped_and_flowermodel_state_dicts(tmp_path: Path, wrap: str) -> None:
     assert model.head.weight.shape == (6, 512)
 
 
-def test_weights_from_s3(tmp_path: Path, s3_bucket: str, s3_options, moto_endpoint: str) -> None:
+def test_weights_from_s3(tmp_path: Path, s3_bucket: str, s3_options, moto_endpoint: str,
+                        source: torch.nn.Module) -> None:
     import boto3
 
-    source = source_resnet18()
     path = save_pth(source.state_dict(), tmp_path / "r18.pth")
     boto3.client("s3", endpoint_url=moto_endpoint).upload_file(str(path), s3_bucket,
                                                                "weights/r18.pth")
@@ -148,9 +155,9 @@ def test_bad_weights_sources(tmp_path: Path) -> None:
         build("resnet18", 10, "s3://bucket/../escape.pth", cache_dir=tmp_path)
 
 
-def test_staged_torchvision_file_is_hash_checked(tmp_path: Path) -> None:
+def test_staged_torchvision_file_is_hash_checked(tmp_path: Path, source: torch.nn.Module) -> None:
     # The name torchvision downloads resnet18 to; its content here is not the real file.
-    fake = save_pth(source_resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    fake = save_pth(source.state_dict(), tmp_path / "resnet18-f37072fd.pth")
     with pytest.raises(ModelError, match="sha256"):
         build("resnet18", 10, str(fake))
 
@@ -178,12 +185,12 @@ def test_imagenet_without_network_explains_how_to_stage(tmp_path: Path,
     assert "--weights s3://bucket/resnet18-f37072fd.pth" in message
 
 
-def test_imagenet_uses_a_staged_hub_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_uses_a_staged_hub_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         source: torch.nn.Module) -> None:
     """A file already in $TORCH_HOME/hub/checkpoints is used without any network access."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    source = source_resnet18()
     staged = save_pth(source.state_dict(), checkpoints / "resnet18-f37072fd.pth")
 
     # Our stand-in cannot match the real file's hash, so it is refused as damaged...
@@ -200,12 +207,13 @@ def test_imagenet_uses_a_staged_hub_file(tmp_path: Path, monkeypatch: pytest.Mon
     assert model.weights_source == "imagenet:ResNet18_Weights.IMAGENET1K_V1"
 
 
-def test_resolution_happens_before_any_model_is_built(tmp_path: Path) -> None:
+def test_resolution_happens_before_any_model_is_built(tmp_path: Path,
+                                                       source: torch.nn.Module) -> None:
     from flowerml.models.weights import NO_WEIGHTS
 
     assert resolve_weights(" None ", "resnet18") == NO_WEIGHTS
     assert NO_WEIGHTS.state_dict() is None
-    path = save_pth(source_resnet18().state_dict(), tmp_path / "r18.pth")
+    path = save_pth(source.state_dict(), tmp_path / "r18.pth")
     resolved = resolve_weights(str(path), "resnet18")
     assert (resolved.file, resolved.source) == (path, str(path))
     with pytest.raises(ModelError, match="--arch must be one of"):
