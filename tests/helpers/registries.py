@@ -1,12 +1,19 @@
 """Registries the tests build: copies of the session's registered tiny run (as they are, or
-exported to ONNX), a registry of two versions on the small published dataset, and exports that
-take a graph already exported instead of running torch.onnx again."""
+exported to ONNX), a registry of two versions on the small published dataset, exports that
+take a graph already exported instead of running torch.onnx again, and ONNX graphs (and their
+int8 quantisations) made once a session for the same weights and inputs, shared by every xdist
+worker."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 
 from flowerml.data.manifest import PublishedDataset, resolve_dataset
@@ -34,9 +41,12 @@ class ExportedRegistry(NamedTuple):
 
 
 def export_registry_copy(registered_run: RegisteredRun, root: Path) -> ExportedRegistry:
-    """The registered tiny run's registry copied under `root` and exported to ONNX."""
+    """The registered tiny run's registry copied under `root` (a folder of the session's
+    temporary tree) and exported to ONNX, its graph made once a session (`made_once`)."""
     registry, cache = registry_copy(registered_run, root)
-    assert export_version(registry, 1, cache_dir=cache, workers=0).passed
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        made_once(monkeypatch, session_folder(root.parent))
+        assert export_version(registry, 1, cache_dir=cache, workers=0).passed
     return ExportedRegistry(registry, root)
 
 
@@ -80,3 +90,105 @@ def export_writes(monkeypatch: pytest.MonkeyPatch, graph: bytes, exporter: str) 
         return exporter
 
     monkeypatch.setattr(export_module, "export_onnx", write)
+
+
+# --------------------------------------------------------------------------------------------
+# Graphs made once a session: torch.onnx costs ~2 CPU-s a graph (~4 for a process's first), and
+# ONNX Runtime's static quantisation ~0.7; the same weights, normalisation and input size give
+# the same graph wherever a test exports them.
+
+_export_onnx = export_module.export_onnx
+_quantize_int8 = export_module.quantize_int8
+
+
+def session_folder(basetemp: Path) -> Path:
+    """The folder of graphs made once, shared by every xdist worker of this session (beside
+    `synthetic_data`'s: in the parent of a worker's base temporary folder)."""
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    folder = shared / "onnx-graphs"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def once(folder: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """`folder/name`, written by `make(path)` the first time any worker asks for it (the
+    others wait on its lock, then read it)."""
+    path = folder / name
+    if not path.exists():
+        with open(folder / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                temp = folder / f"partial-{name}"
+                make(temp)
+                temp.replace(path)
+    return path
+
+
+def graph_key(model, image_size: int, opset: int, preprocessing) -> str:
+    """What the exported graph depends on: the module's structure and every tensor of it
+    behind its normalisation (weights, buffers, mean and std), the example's size, the opset."""
+    digest = hashlib.sha256(repr((str(model), image_size, opset)).encode())
+    wrapped = export_module.PixelsToLogits(model, preprocessing)
+    for name, tensor in wrapped.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def made_once(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """`export_version` (and anything else that calls flowerml.serving.export's export_onnx or
+    quantize_int8) takes the graph made for the same inputs earlier this session, from
+    `folder`: each is made (and checked) once by the real torch.onnx and ONNX Runtime. For the
+    tests whose point is what follows an export, not the export itself."""
+    exports_made_once(monkeypatch, folder)
+    int8_made_once(monkeypatch, folder)
+
+
+def exports_made_once(monkeypatch: pytest.MonkeyPatch, folder: Path, *,
+                      fresh: bool = False) -> None:
+    """flowerml.serving.export's export_onnx takes the graph of the same inputs made earlier
+    this session (`fresh`: runs torch.onnx all the same, and leaves its graph for the others
+    when none was made yet: for the tests whose point is the export)."""
+    def export_onnx(model, image_size: int, path: Path,
+                    opset: int = export_module.DEFAULT_OPSET, preprocessing=None) -> str:
+        key = graph_key(model, image_size, opset, preprocessing)
+
+        made = _export_onnx(model, image_size, path, opset, preprocessing) if fresh else None
+
+        def make(graph: Path) -> None:
+            if made is None:
+                exporter = _export_onnx(model, image_size, graph, opset, preprocessing)
+            else:
+                exporter = made
+                graph.write_bytes(Path(path).read_bytes())
+            (folder / f"{key}.exporter").write_text(exporter)
+
+        graph = once(folder, f"{key}.onnx", make)
+        if made is not None:
+            return made
+        Path(path).write_bytes(graph.read_bytes())
+        return (folder / f"{key}.exporter").read_text()
+
+    monkeypatch.setattr(export_module, "export_onnx", export_onnx)
+
+
+def int8_made_once(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """flowerml.serving.export's quantize_int8 takes the int8 graph of the same fp32 graph and
+    calibration images made earlier this session."""
+    def quantize_int8(fp32: bytes, calibration) -> tuple[bytes, int]:
+        batches = [np.ascontiguousarray(batch, dtype=np.uint8) for batch in calibration]
+        digest = hashlib.sha256(fp32)
+        for batch in batches:
+            digest.update(repr(batch.shape).encode())
+            digest.update(batch.tobytes())
+        key = digest.hexdigest()[:32]
+
+        def make(graph: Path) -> None:
+            data, calibrated = _quantize_int8(fp32, batches)
+            (folder / f"{key}.calibrated").write_text(str(calibrated))
+            graph.write_bytes(data)
+
+        data = once(folder, f"{key}.int8.onnx", make).read_bytes()
+        return data, int((folder / f"{key}.calibrated").read_text())
+
+    monkeypatch.setattr(export_module, "quantize_int8", quantize_int8)

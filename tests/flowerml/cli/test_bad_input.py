@@ -162,10 +162,11 @@ def test_the_cache_dir_and_a_dotenv_that_is_not_utf8(registered_run: RegisteredR
 
 def test_a_decompression_bomb_is_its_own_row_not_a_traceback(registered_run: RegisteredRun,
                                                              tmp_path: Path) -> None:
-    from PIL import Image
+    from tests.helpers.images import write_png_header
 
-    bomb = tmp_path / "bomb.png"
-    Image.new("1", (30_000, 30_000)).save(bomb)  # 900 megapixels, a few hundred KB on disk
+    # 900 megapixels by its header, which is all PIL reads to refuse it (writing the whole
+    # image would cost a second of PNG compression)
+    bomb = write_png_header(tmp_path / "bomb.png", 30_000, 30_000)
     result = run(["predict", str(bomb), "--json"], registered_run, tmp_path)
     assert result.exit_code == 1  # predict's rule: a failed input is a row, and exit 1
     assert "Traceback" not in result.output

@@ -9,7 +9,12 @@ import pytest
 
 from flowerml.io.storage_local import LocalStore
 from tests.helpers.cli import assert_refused, invoke
-from tests.helpers.registries import export_writes
+from tests.helpers.registries import (
+    export_writes,
+    int8_made_once,
+    made_once,
+    session_folder,
+)
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import RegisteredRun
 
@@ -23,11 +28,20 @@ def store_copy(registered_run: RegisteredRun, dest: Path) -> tuple[LocalStore, P
 
 
 @pytest.fixture(scope="module")
-def exported(registered_run: RegisteredRun,
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's graphs made once (tests/helpers/registries.py): what the command prints
+    and refuses is the point here; serving/test_export.py checks the export itself."""
+    return session_folder(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def exported(registered_run: RegisteredRun, graphs: Path,
              tmp_path_factory: pytest.TempPathFactory) -> tuple[LocalStore, Path, dict]:
     store, cache = store_copy(registered_run, tmp_path_factory.mktemp("cli-export"))
-    result = invoke("export", "flowers102@production", "--workers", "0", "--json",
-                    store=store, cache=cache)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        made_once(monkeypatch, graphs)
+        result = invoke("export", "flowers102@production", "--workers", "0", "--json",
+                        store=store, cache=cache)
     assert result.exit_code == 0, result.output
     return store, cache, json.loads(result.stdout)
 
@@ -114,11 +128,13 @@ def test_predict_with_onnx_is_refused_without_an_export(registered_run: Register
 
 
 def test_export_quantize_int8_prints_its_gate_and_writes_the_graph(
-        registered_run: RegisteredRun, exported, tmp_path: Path,
+        registered_run: RegisteredRun, exported, graphs: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """In one go: fp32 (the module's graph of the same weights), its parity, then int8."""
+    """In one go: fp32 (the module's graph of the same weights), its parity, then int8 (its
+    graph quantised once a session)."""
     graph = (exported[0].root / VERSION_DIR / "model.onnx").read_bytes()
     export_writes(monkeypatch, graph, exported[2]["exporter"])
+    int8_made_once(monkeypatch, graphs)
     store, cache = store_copy(registered_run, tmp_path)
     result = invoke("export", "flowers102@production", "--quantize", "int8", "--workers", "0",
                     store=store, cache=cache)
@@ -132,12 +148,14 @@ def test_export_quantize_int8_prints_its_gate_and_writes_the_graph(
 
 
 def test_a_failed_int8_gate_is_reported_and_the_version_is_promoted_on_fp32(
-        registered_run: RegisteredRun, tmp_path: Path,
+        registered_run: RegisteredRun, graphs: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A freshly initialised ResNet-18 (its top-1 varies over the test images), its int8 graph
     calibrated on one all-zero image: the export passes parity (exit 0), says in one line that
     int8 failed and that the version serves on fp32, the card says so, and promotion goes
-    ahead on fp32 with that reason."""
+    ahead on fp32 with that reason. (Both graphs made once a session: serving/test_export.py's
+    blank-calibration test is the same pair.)"""
+    made_once(monkeypatch, graphs)
     import numpy as np
 
     from flowerml.models.backbones import build_model

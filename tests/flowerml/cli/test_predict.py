@@ -38,7 +38,7 @@ def predict(tiny_run: StoreAndCache, *args: str) -> Result:
 
 
 FLOWERML = Path(sys.executable).with_name("flowerml")
-"""The console script, for what depends on the real process: its stdout, a FIFO's blocking."""
+"""The console script, for what depends on the real process: its stdout closed under it."""
 
 
 def predict_process(tiny_run: StoreAndCache, *args: str, **popen: object) -> subprocess.Popen:
@@ -164,16 +164,16 @@ def test_every_option_has_help(tiny_run: StoreAndCache) -> None:
         assert len(line.split(None, 2)) == 3, line  # the option, its metavar and its help
 
 
+@pytest.mark.timeout(120)  # seconds when it works; a FIFO's read would block: fail instead
 def test_a_fifo_is_its_own_error_row_and_never_blocks(tiny_run: StoreAndCache, photos: Path,
                                                       tmp_path: Path) -> None:
     """A FIFO named as an image, or found in a folder, would block its read forever: it is
     that input's row, and the folder's images around it are predicted."""
     os.mkfifo(tmp_path / "named.jpg")
     os.mkfifo(photos / "pipe.jpg")
-    process = predict_process(tiny_run, str(tmp_path / "named.jpg"), str(photos), "--json",
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = process.communicate(timeout=120)  # seconds when it works
-    assert process.returncode == 1, stderr
+    result = predict(tiny_run, str(tmp_path / "named.jpg"), str(photos), "--json")
+    stdout, stderr = result.stdout, result.stderr
+    assert result.exit_code == 1, stderr
     rows = [json.loads(line) for line in stdout.splitlines()]
     fifo = "is a FIFO (named pipe), not a regular file"
     assert rows[0] == {"image": str(tmp_path / "named.jpg"), "error": fifo}

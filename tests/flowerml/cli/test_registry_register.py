@@ -35,6 +35,25 @@ def evaluate(where: StoreAndCache) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.fixture(scope="module")
+def evaluated_once(tiny_run: StoreAndCache,
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The tiny run evaluated by `flowerml evaluate` once for the module, on a copy of its
+    store: that store's folder and what the command printed."""
+    root = tmp_path_factory.mktemp("evaluated")
+    copy_tree(tiny_run.store.root, root / "store")
+    return root / "store", evaluate(StoreAndCache(LocalStore(root / "store"), tiny_run.cache))
+
+
+@pytest.fixture
+def evaluated(evaluated_once: tuple[Path, dict], tiny_run: StoreAndCache,
+              tmp_path: Path) -> tuple[StoreAndCache, dict]:
+    """A private copy of the store with the tiny run trained and evaluated (`flowerml evaluate`
+    --json's summary beside it)."""
+    copy_tree(evaluated_once[0], tmp_path / "store")
+    return StoreAndCache(LocalStore(tmp_path / "store"), tiny_run.cache), evaluated_once[1]
+
+
 def test_a_run_without_a_test_evaluation_is_refused(trained: StoreAndCache) -> None:
     result = run_cli(trained, "registry", "register", "--run", TINY_RUN)
     assert_refused(result, "run 'tiny' has no test evaluation: run flowerml evaluate --run "
@@ -49,14 +68,15 @@ def test_an_unknown_run(trained: StoreAndCache) -> None:
     assert json.loads(result.stdout.splitlines()[-1])["kind"] == "not-found"
 
 
-def test_register_an_evaluated_run_with_the_flows_card(trained: StoreAndCache) -> None:
+def test_register_an_evaluated_run_with_the_flows_card(
+        evaluated: tuple[StoreAndCache, dict]) -> None:
+    trained, summary = evaluated
     store, _ = trained
-    evaluated = evaluate(trained)
     result = run_cli(trained, "registry", "register", "--run", TINY_RUN, "--threshold", "0.0",
                      "--device", "cpu", "--json")
     assert result.exit_code == 0, result.output
     registered = json.loads(result.stdout)
-    metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}
+    metrics = {k: summary[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}
     assert registered["version"] == 1 and registered["metrics"] == metrics
     assert registered["location"] == f"{store.uri}/registry/flowers102/versions/000001/"
     assert registered["gate"]["promote"] is True
@@ -74,7 +94,7 @@ def test_register_an_evaluated_run_with_the_flows_card(trained: StoreAndCache) -
     assert {k: v for k, v in card.items() if k != "software"} == {
         k: v for k, v in expected.items() if k != "software"}
     assert card["lineage"]["run_id"] == TINY_RUN
-    assert card["lineage"]["dataset_version"] == evaluated["dataset_version"]
+    assert card["lineage"]["dataset_version"] == summary["dataset_version"]
     for name in ("card.md", "report.md", "metrics.json", "confusion.png"):
         assert store.exists(f"registry/flowers102/versions/000001/{name}"), name
 
@@ -88,8 +108,8 @@ def test_register_an_evaluated_run_with_the_flows_card(trained: StoreAndCache) -
 
 
 def test_human_output_names_the_location_the_verdict_and_the_next_step(
-        trained: StoreAndCache) -> None:
-    evaluate(trained)
+        evaluated: tuple[StoreAndCache, dict]) -> None:
+    trained, _ = evaluated
     result = run_cli(trained, "registry", "register", "--run", TINY_RUN, "--model", "roses",
                      "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -100,10 +120,11 @@ def test_human_output_names_the_location_the_verdict_and_the_next_step(
     assert lines[-1] == "next: flowerml registry promote roses 1"
 
 
-def test_an_evaluation_of_older_weights_is_refused(trained: StoreAndCache) -> None:
+def test_an_evaluation_of_older_weights_is_refused(evaluated: tuple[StoreAndCache, dict]
+                                                   ) -> None:
     """Evaluated, then trained further: the card would claim the old weights' score."""
+    trained, _ = evaluated
     store, _ = trained
-    evaluate(trained)
     run = RunFiles(store, TINY_RUN)
     tensors, _ = run.load_weights()
     run.save_weights({k: v * 2 if v.is_floating_point() else v for k, v in tensors.items()},
@@ -114,8 +135,8 @@ def test_an_evaluation_of_older_weights_is_refused(trained: StoreAndCache) -> No
     assert list(store.list("registry/")) == []
 
 
-def test_a_bad_model_name_or_gate(trained: StoreAndCache) -> None:
-    evaluate(trained)
+def test_a_bad_model_name_or_gate(evaluated: tuple[StoreAndCache, dict]) -> None:
+    trained, _ = evaluated
     assert_refused(run_cli(trained, "registry", "register", "--run", TINY_RUN, "--model",
                            "Bad Name"), "Bad Name")
     assert_refused(run_cli(trained, "registry", "register", "--run", TINY_RUN, "--threshold",

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
+from click.testing import Result
 
-from flowerml.evaluation.inference import eval_batch_size, evaluate_run
+from flowerml.evaluation.inference import Evaluation, eval_batch_size, evaluate_run
 from flowerml.evaluation.predictions import (
     ComparisonError,
     EvaluationMetrics,
@@ -17,14 +19,41 @@ from flowerml.evaluation.predictions import (
     decode_predictions,
     read_logits,
 )
+from flowerml.io.storage_local import LocalStore
 from flowerml.training.runs import RunFiles
 from tests.helpers.cli import assert_refused, invoke
-from tests.helpers.stores import StoreAndCache
+from tests.helpers.stores import StoreAndCache, copy_tree
 
 
-def test_evaluate_publishes_report_and_plots(tiny_run: StoreAndCache) -> None:
+class Evaluated(NamedTuple):
+    store: LocalStore
+    cache: Path
+    outcome: Evaluation
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_run: StoreAndCache, tmp_path_factory: pytest.TempPathFactory) -> Evaluated:
+    """The tiny run evaluated once through the library, on a copy of the module's store that
+    nothing else evaluates (the tests below read what that one evaluation wrote)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    store = LocalStore(copy_tree(tiny_run.store.root, root / "store"))
+    cache = copy_tree(tiny_run.cache, root / "cache")
+    return Evaluated(store, cache, evaluate_run(store, "tiny", cache_dir=cache, device="cpu",
+                                                workers=0))
+
+
+@pytest.fixture(scope="module")
+def cli_evaluated(tiny_run: StoreAndCache) -> tuple[Result, bytes]:
+    """`flowerml evaluate --run tiny --json` on the module's store, once: its result and the
+    predictions.jsonl it wrote."""
     store, cache = tiny_run
-    outcome = evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    result = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0", "--json",
+                    store=store, cache=cache)
+    return result, store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
+
+
+def test_evaluate_publishes_report_and_plots(evaluated: Evaluated) -> None:
+    store, _, outcome = evaluated
     summary = outcome.metrics.summary()
     assert summary["n"] == 24  # the test split: 6 per class
     assert 0.0 <= summary["top1"] <= summary["top5"] <= 1.0
@@ -35,13 +64,12 @@ def test_evaluate_publishes_report_and_plots(tiny_run: StoreAndCache) -> None:
     assert "pink primrose" in report and "confusion.png" in report
 
 
-def test_evaluate_keeps_every_images_full_logits_checksummed(tiny_run: StoreAndCache) -> None:
+def test_evaluate_keeps_every_images_full_logits_checksummed(evaluated: Evaluated) -> None:
     """logits.npy beside predictions.jsonl: float32 [images, classes], same order, its sha256
     and shape in metrics.json; a changed byte is refused on read."""
     import hashlib
 
-    store, cache = tiny_run
-    evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    store = evaluated.store
     folder = "runs/tiny/eval/test"
     metrics = EvaluationMetrics.model_validate_json(store.get_bytes(f"{folder}/metrics.json"))
     data = store.get_bytes(f"{folder}/logits.npy")
@@ -58,23 +86,23 @@ def test_evaluate_keeps_every_images_full_logits_checksummed(tiny_run: StoreAndC
         read_logits(metrics.predictions, lambda name: data[:-1] + b"\1", folder)
 
 
-def test_evaluate_cli_json(tiny_run: StoreAndCache) -> None:
-    store, cache = tiny_run
-    result = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0", "--json",
-                    store=store, cache=cache)
+def test_evaluate_cli_json(tiny_run: StoreAndCache, cli_evaluated: tuple[Result, bytes]
+                          ) -> None:
+    store, _ = tiny_run
+    result, _ = cli_evaluated
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert {"top1", "top5", "mean_class_accuracy", "loss", "n", "report"} <= set(summary)
     assert summary["report"] == f"{store.root}/runs/tiny/eval/test/report.md"
 
 
-def test_the_batch_size_changes_nothing_but_the_passes(tiny_run: StoreAndCache) -> None:
+def test_the_batch_size_changes_nothing_but_the_passes(
+        tiny_run: StoreAndCache, cli_evaluated: tuple[Result, bytes]) -> None:
     """`--batch-size` (and the GPU's larger default) only changes how images are grouped: the
     metrics and per-image predictions are the same, the last batch partial or not."""
     store, cache = tiny_run
-    whole = json.loads(invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
-                              "--json", store=store, cache=cache).stdout)
-    whole_predictions = store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
+    whole = json.loads(cli_evaluated[0].stdout)  # the default batch: all 24 in one
+    whole_predictions = cli_evaluated[1]
     fives = invoke("evaluate", "--run", "tiny", "--device", "cpu", "--workers", "0",
                    "--batch-size", "5", "--json", store=store, cache=cache)
     assert fives.exit_code == 0, fives.output
@@ -153,13 +181,12 @@ def test_train_cli_json(tiny_run: StoreAndCache) -> None:
     assert summary["checkpoint"] == store.location(RunFiles(store, "cli-run").weights_key())
 
 
-def test_evaluate_stores_every_images_top5_beside_the_metrics(tiny_run: StoreAndCache) -> None:
+def test_evaluate_stores_every_images_top5_beside_the_metrics(evaluated: Evaluated) -> None:
     from flowerml.core.files import sha256_hex
     from flowerml.data.manifest import resolve_dataset
     from flowerml.evaluation.predictions import decode_predictions, run_predictions
 
-    store, cache = tiny_run
-    outcome = evaluate_run(store, "tiny", cache_dir=cache, device="cpu", workers=0)
+    store, _, outcome = evaluated
     data = store.get_bytes("runs/tiny/eval/test/predictions.jsonl")
     rows = decode_predictions(data, "predictions.jsonl")
     entries = resolve_dataset(store, "flowers102").split_files("test")

@@ -2,8 +2,8 @@
 rolling it back along its chain, moves a crash left half-done rolled forward, and races of
 many writers, in threads and processes, on LocalStore, moto and SeaweedFS.
 
-torch is imported inside the tests that need it: the race test's spawned workers import this
-module, and importing torch would cost each of them seconds.
+torch is imported inside the tests that need it: the race test's worker processes import this
+module (their forkserver, once), and importing torch would cost seconds.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -270,16 +271,32 @@ def race_process(spec: tuple[str, ...], barrier: multiprocessing.synchronize.Bar
     race(Registry(open_spec(spec), MODEL), barrier, worker, rounds)
 
 
-@pytest.mark.slow  # spawned worker processes
-def test_concurrent_alias_moves_from_processes(store: Store) -> None:
-    workers, rounds = 3, 3  # each round a three-way race; a spawned worker costs ~1 CPU-s
+@pytest.fixture(scope="module")
+def race_processes() -> Iterator[multiprocessing.context.BaseContext]:
+    """Where the race's worker processes start: a forkserver that imported this module (the
+    registry, boto3) once, so that each worker, a process of its own with its own store, does
+    not spend a second importing them again as a spawned one would. Stopped (and reaped) after
+    the module, so that the next user of a forkserver in this process starts its own with what
+    it preloads (tests/flows/conftest.py's Dask cluster)."""
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    yield context
+    forkserver._forkserver._stop()
+
+
+@pytest.mark.slow  # worker processes
+def test_concurrent_alias_moves_from_processes(
+        store: Store, race_processes: multiprocessing.context.BaseContext) -> None:
+    workers, rounds = 3, 3  # each round a three-way race
     registry = setup_race(store)
     if isinstance(store, LocalStore):
         spec: tuple[str, ...] = ("local", str(store.root))
     else:
         assert isinstance(store, S3Store)
         spec = ("s3", store.bucket, store.prefix, store.endpoint)
-    context = multiprocessing.get_context("spawn")
+    context = race_processes
     barrier = context.Barrier(workers)
     processes = [context.Process(target=race_process, args=(spec, barrier, w, rounds))
                  for w in range(workers)]
@@ -305,9 +322,10 @@ def test_concurrent_alias_moves_from_threads_on_seaweedfs(seaweedfs_store: S3Sto
     test_concurrent_alias_moves_from_threads(seaweedfs_store)
 
 
-@pytest.mark.slow  # a SeaweedFS server process and spawned worker processes
-def test_concurrent_alias_moves_from_processes_on_seaweedfs(seaweedfs_store: S3Store) -> None:
-    test_concurrent_alias_moves_from_processes(seaweedfs_store)
+@pytest.mark.slow  # a SeaweedFS server process and worker processes
+def test_concurrent_alias_moves_from_processes_on_seaweedfs(
+        seaweedfs_store: S3Store, race_processes: multiprocessing.context.BaseContext) -> None:
+    test_concurrent_alias_moves_from_processes(seaweedfs_store, race_processes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,10 +40,16 @@ from flowerml.serving.quantize import (
     Int8Gate,
     calibration_indices,
     measure_int8,
-    quantize_int8,
     sample_batches,
 )
-from tests.helpers.registries import export_writes, registry_copy
+from tests.helpers.registries import (
+    export_writes,
+    exports_made_once,
+    int8_made_once,
+    made_once,
+    registry_copy,
+    session_folder,
+)
 from tests.helpers.registry_entries import card, weights
 from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.stores import copy_tree, replace_file
@@ -57,10 +63,19 @@ class Exported(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def exported(registered_run: RegisteredRun,
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's graphs made once (tests/helpers/registries.py)."""
+    return session_folder(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def exported(registered_run: RegisteredRun, graphs: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """Version 1 exported by torch.onnx here (its graph then left for the other modules)."""
     registry, cache = registry_copy(registered_run, tmp_path_factory.mktemp("exported"))
-    export = export_version(registry, 1, cache_dir=cache, workers=0)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        exports_made_once(monkeypatch, graphs, fresh=True)
+        export = export_version(registry, 1, cache_dir=cache, workers=0)
     assert export.created
     return Exported(registry, cache, export.record)
 
@@ -288,13 +303,15 @@ def test_the_cpu_parity_session_uses_every_core(exported: Exported) -> None:
 
 
 @pytest.fixture(scope="module")
-def exported_int8(registered_run: RegisteredRun, exported: Exported,
+def exported_int8(registered_run: RegisteredRun, exported: Exported, graphs: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """Version 1 exported with int8 in one go (its fp32 graph the module's `exported` one)."""
+    """Version 1 exported with int8 in one go (its fp32 graph the module's `exported` one, its
+    int8 graph quantised once a session)."""
     registry, cache = registry_copy(registered_run, tmp_path_factory.mktemp("exported-int8"))
     data, record = load_onnx_bytes(exported.registry, 1)
     with pytest.MonkeyPatch.context() as monkeypatch:
         export_writes(monkeypatch, data, record["exporter"])
+        int8_made_once(monkeypatch, graphs)
         export = export_version(registry, 1, cache_dir=cache, workers=0, quantize="int8")
     assert export.created and export.passed
     return Exported(registry, cache, export.record)
@@ -323,16 +340,21 @@ def test_int8_export_writes_its_graph_and_gate_figures(exported_int8: Exported) 
 
 
 def test_an_int8_model_calibrated_on_one_blank_image_fails_its_gate(
-        exported_int8: Exported, tmp_path: Path) -> None:
+        exported_int8: Exported, graphs: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Calibrated on a single all-zero image, every activation range is that image's: the
     int8 graph's top-1 parts from fp32's beyond what the gate allows. (A freshly initialised
     ResNet-18, whose fp32 top-1 varies over the test images: the tiny trained model answers
-    one class for all of them, which any int8 graph agrees with.)"""
+    one class for all of them, which any int8 graph agrees with.) Both graphs are made once a
+    session (cli/test_export.py's failed int8 gate is the same pair); parity checks the fp32
+    one against the eager model here."""
+    made_once(monkeypatch, graphs)
     size = exported_int8.record["input"]["size"][0]
     path = tmp_path / "model.onnx"
     export_module.export_onnx(build_model("resnet18", 4, seed=3).eval(), size, path)
     fp32 = path.read_bytes()
-    blank, calibrated = quantize_int8(fp32, [np.zeros((1, 3, size, size), np.uint8)])
+    blank, calibrated = export_module.quantize_int8(fp32, [np.zeros((1, 3, size, size),
+                                                                    np.uint8)])
     assert calibrated == 1
     batches = export_module.test_batches(exported_int8.registry.store,
                                          exported_int8.registry.get(1).card,
@@ -356,11 +378,14 @@ def test_int8_gate_needs_both_agreement_and_top1() -> None:
     assert not Int8Gate(0, 1.0, 1.0, 1.0, 1.0).passed
 
 
-def test_a_version_exported_without_int8_is_quantised_later(exported: Exported,
-                                                           tmp_path: Path) -> None:
+def test_a_version_exported_without_int8_is_quantised_later(
+        exported: Exported, graphs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
     """export.json is create-only: int8 made after the export lands in export.int8.json, which
     read_export shows as the record's int8 block; its gate compares with the fp32 graph run
-    by ONNX Runtime on the test split."""
+    by ONNX Runtime on the test split. (The int8 graph of the same fp32 graph and calibration
+    images is quantised once a session.)"""
+    int8_made_once(monkeypatch, graphs)
     registry = Registry(LocalStore(copy_tree(exported.registry.store.root, tmp_path / "s")),
                         exported.registry.model)
     export = export_version(registry, 1, cache_dir=exported.cache, workers=0, quantize="int8")

@@ -19,7 +19,7 @@ from flowerml.serving.runtimes import (
     load_scorer,
 )
 from tests.helpers.cli import invoke
-from tests.helpers.registries import registry_copy
+from tests.helpers.registries import made_once, registry_copy, session_folder
 from tests.helpers.stores import copy_tree, replace_file
 from tests.helpers.synthetic import DATASET, RegisteredRun
 
@@ -43,10 +43,13 @@ def test_auto_takes_int8_only_when_it_passed_its_gate(export, chosen: str) -> No
 
 @pytest.fixture(scope="module")
 def int8_root(registered_run: RegisteredRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The registered tiny run exported with int8, once per module (tests copy it)."""
+    """The registered tiny run exported with int8, once per module (tests copy it; its fp32 and
+    int8 graphs made once a session, tests/helpers/registries.py)."""
     root = tmp_path_factory.mktemp("int8-registry")
     registry, cache = registry_copy(registered_run, root)
-    export = export_version(registry, 1, cache_dir=cache, workers=0, quantize="int8")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        made_once(monkeypatch, session_folder(root.parent))
+        export = export_version(registry, 1, cache_dir=cache, workers=0, quantize="int8")
     assert export.passed and export.int8_passed  # the tiny model: one class for every image
     return root
 

@@ -197,10 +197,14 @@ def test_sync_needs_a_tracking_server(registry: Registry) -> None:
 
 
 def test_an_onnx_export_is_added_to_its_mirrored_version(
-        registered_run, mlflow_tracking: MlflowServer, mlflow_client, tmp_path: Path) -> None:
-    """The registered tiny run, exported after it was mirrored: the next sync adds model.onnx."""
+        registered_run, mlflow_tracking: MlflowServer, mlflow_client, tmp_path: Path,
+        tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The registered tiny run, exported after it was mirrored (its graph made once a session,
+    tests/helpers/registries.py): the next sync adds model.onnx."""
     from flowerml.serving.export import export_version
-    from tests.helpers.registries import registry_copy
+    from tests.helpers.registries import exports_made_once, registry_copy, session_folder
+
+    exports_made_once(monkeypatch, session_folder(tmp_path_factory.getbasetemp()))
 
     entry, cache = registry_copy(registered_run, tmp_path / "copy")
     from mlflow.exceptions import MlflowException
@@ -220,13 +224,21 @@ def test_an_onnx_export_is_added_to_its_mirrored_version(
 
 def test_a_distilled_student_is_tracked_and_its_promotion_mirrored(
         registered_run, model_name: str, mlflow_tracking: MlflowServer, mlflow_client,
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`flowerml distill --promote`: the student's run is an MLflow run, and its release (a new
-    model's version, moved to production by the student gate) is mirrored."""
+    model's version, moved to production by the student gate) is mirrored. The student is a
+    MobileNetV3-Small (as distillation is used: smaller than its ResNet-18 teacher), and the
+    release times each model for 0.05 s, not 1 s (its figures are test_distill.py's point)."""
+    import functools
+
+    from flowerml.distillation import distill as distillation
     from tests.helpers.registries import registry_copy
 
+    monkeypatch.setattr(distillation, "release_student",
+                        functools.partial(distillation.release_student, speed_seconds=0.05))
     entry, cache = registry_copy(registered_run, tmp_path / "copy")
-    result = invoke("distill", "--teacher", "flowers102@production", "--student", "resnet18",
+    result = invoke("distill", "--teacher", "flowers102@production", "--student",
+                    "mobilenet_v3_small",
                     "--weights", "none", "--epochs", "1", "--batch-size", "4", "--device",
                     "cpu", "--workers", "0", "--run-id", "student", "--promote", "--threshold",
                     "0", "--max-gap", "1", "--model", model_name, "--json",
