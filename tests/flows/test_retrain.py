@@ -24,9 +24,13 @@ from tasks.registry import register_task
 from tests.helpers.additions import split_folders
 from tests.helpers.prefect_runs import task_run_times
 
-GOOD = {"recipe": "demo", "epochs": 8, "image_size": 40, "batch_size": 8, "device": "cpu",
+# 32 px: the demo's ResNet-18 at seed 0 reaches test top-1 0.78 here (0.69 at 40 px).
+GOOD = {"recipe": "demo", "epochs": 8, "image_size": 32, "batch_size": 8, "device": "cpu",
         "workers": 0, "checkpoint_every": 8}
-BAD = {**GOOD, "epochs": 1, "lr": 1e-7}
+# The candidates that lose (and production once forced): one epoch of a model that learns
+# nothing at lr 1e-7 (test top-1 0.25, chance). MobileNetV3-Small: its kind is not the point,
+# and its 6 MB weights and 18 MB checkpoint cost the store (moto) less than ResNet-18's 45/134.
+BAD = {**GOOD, "arch": "mobilenet_v3_small", "epochs": 1, "lr": 1e-7}
 
 
 @pytest.fixture

@@ -60,14 +60,15 @@ def assert_only_flowerml_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # about 50 s on 2 quiet cores: Prefect's temporary server, a synthetic
-# archive of 300 images, one epoch, evaluation, ONNX export and parity
+@pytest.mark.timeout(600)  # about 40 s on 2 quiet cores: Prefect's temporary server, a synthetic
+# archive of 300 images, one epoch at 32 px (the smallest --image-size allowed),
+# evaluation, ONNX export and parity
 def test_retrain_demo_preset_json(tmp_path: Path, prefect_database: Path) -> None:
     """`flowerml retrain --preset demo` end to end, in Prefect's ephemeral mode: the flow run
     is named first, then one line per epoch; one epoch cannot pass the demo's 0.7 gate, so the
     run registers a version, is not promoted and exits 1, like `registry promote`."""
     seed_prefect_home(tmp_path / "prefect", prefect_database)  # the temporary server's database
-    done = retrain_process(tmp_path, "--preset", "demo", "--epochs", "1", "--image-size", "40",
+    done = retrain_process(tmp_path, "--preset", "demo", "--epochs", "1", "--image-size", "32",
                            "--json")
     assert done.returncode == 1, done.stderr[-3000:]
     summary = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
