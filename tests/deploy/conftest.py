@@ -20,7 +20,9 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str,
     second or two instead of every 5-60 s: the scheduler's pass over deployments just
     registered, the proactive (zombie) triggers' evaluation, the late-runs marker, and the
     event persister's flush (the tests read stored events); workers ask for runs every
-    second."""
+    second. Services that act on nothing these tests make are off: the foreman (marks
+    workers and queues offline after a minute without a poll), the cancellation cleanup and
+    the pause expirations (no run is cancelled or paused here)."""
     tmp_path = tmp_path_factory.mktemp("prefect-stack")
     prefect = BatchedPrefect(tmp_path, ui=True, env={
         "FLOWERML_S3_ENDPOINT_URL": moto_endpoint,
@@ -30,6 +32,9 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str,
         "PREFECT_SERVER_SERVICES_LATE_RUNS_LOOP_SECONDS": "2",
         "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
     })
     copy_database(prefect_database, tmp_path / "prefect.db")  # LocalPrefect's database
     try:
