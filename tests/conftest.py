@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,13 @@ import pytest
 # Set before anything imports torch; child processes inherit it.
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
+
+# This machine's environment sets PYTHONDONTWRITEBYTECODE=1, so every pytest process (each
+# xdist worker, each nested session) compiled every test module again and rewrote its asserts:
+# 2.6 of a worker's 10.3 CPU-s to collect the suite. Python's default instead: bytecode cached in
+# __pycache__ (git ignores it), by this process and the processes it starts.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # Prefect reads these when first imported: keep its state out of ~ and off the network.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="flowerml-prefect-home-")
@@ -57,6 +65,40 @@ def pytest_configure(config: pytest.Config) -> None:
     is_xdist_master = (not hasattr(config, "workerinput")
                        and bool(config.getoption("numprocesses", None)))
     reaper.guard_this_process(pass_sigterm_to_children=is_xdist_master)
+    if is_xdist_master:
+        rewrite_test_modules_once(config)
+
+
+def rewrite_test_modules_once(config: pytest.Config) -> None:
+    """The test modules the workers will collect, their asserts rewritten and cached (as pytest
+    does on import) by the master before it starts them: on a fresh checkout each worker would
+    otherwise rewrite every one itself, all at the same time. Pytest's own functions, which are
+    not public: should they change, the workers rewrite as they always have."""
+    try:
+        from _pytest.assertion.rewrite import (
+            PYC_TAIL,
+            _read_pyc,
+            _rewrite_test,
+            _write_pyc,
+            assertstate_key,
+            get_cache_dir,
+            try_makedirs,
+        )
+
+        state = config.stash[assertstate_key]
+        paths = [Path(arg.split("::", 1)[0]) for arg in config.args] or [config.rootpath]
+        for path in paths:
+            files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+            for source in files:
+                if not (source.name.startswith("test_") or source.name == "conftest.py"):
+                    continue
+                cache = get_cache_dir(source)
+                pyc = cache / (source.name[:-3] + PYC_TAIL)
+                if _read_pyc(source, pyc) is None and try_makedirs(cache):
+                    source_hash, code = _rewrite_test(source, config)
+                    _write_pyc(state, code, source_hash, pyc)
+    except Exception:  # noqa: BLE001 - only an optimisation
+        return
 
 
 # A test that needs one of these servers is slow (make test-fast starts none of them): the
