@@ -34,12 +34,54 @@ def dask_workers() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster(dask_workers: int) -> Iterator[object]:
+def dask_forkserver() -> bool:
+    """Whether `cluster`'s nannies start their workers from a forkserver that has imported
+    what scoring needs once (Dask's own multiprocessing method "forkserver"), rather than by
+    spawning each from scratch. A spawned worker spends ~5 CPU-s importing torch, Prefect and
+    the score task before its first shard; forked from the forkserver, two workers and the
+    restart of a killed one cost one import between them (test_score.py: ~43 -> ~39 CPU-s). A
+    module with one worker that is never restarted gains nothing and overrides this."""
+    return True
+
+
+# What a worker imports to score a shard: Prefect, prefect-dask, torch, torchvision, the score
+# flow and task, and the library's scoring.
+SCORING_MODULES = ["distributed", "prefect_dask", "torch", "torchvision", "flows.score",
+                   "tasks.score", "flowerml.serving.scoring"]
+
+
+@pytest.fixture(scope="module")
+def cluster(dask_workers: int, dask_forkserver: bool) -> Iterator[object]:
     """`dask_workers` single-threaded worker processes, each restarted by its nanny when
-    killed."""
+    killed; each a process of its own, however it is started (`dask_forkserver`)."""
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=dask_workers, threads_per_worker=1, processes=True,
-                      host="127.0.0.1",
-                      dashboard_address=":0", silence_logs=40) as local:
-        yield local
+    method = "forkserver" if dask_forkserver else "spawn"
+    with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+        if dask_forkserver:
+            from distributed.utils import get_mp_context
+
+            # Dask sets its forkserver's preload list on its first call; ours replaces it
+            # before the forkserver starts (with the first worker).
+            get_mp_context().set_forkserver_preload(SCORING_MODULES)
+        try:
+            with LocalCluster(n_workers=dask_workers, threads_per_worker=1, processes=True,
+                              host="127.0.0.1",
+                              dashboard_address=":0", silence_logs=40) as local:
+                yield local
+        finally:
+            if dask_forkserver:
+                stop_forkserver()
+
+
+def stop_forkserver() -> None:
+    """Stop the forkserver and wait for it, as CPython's own tests do: it reaped the workers it
+    forked, so their CPU time and its own are counted with this process's children (left
+    running, it would outlive pytest as an orphan, uncounted). The next module's cluster
+    starts a fresh one."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # noqa: SLF001
+    if stop is not None:
+        stop()

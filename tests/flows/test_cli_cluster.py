@@ -29,6 +29,13 @@ def dask_workers() -> int:
     return 1
 
 
+@pytest.fixture(scope="module")
+def dask_forkserver() -> bool:
+    """Spawned, as `dask worker` processes start: a forkserver would import as much for this
+    one worker as the worker itself does."""
+    return False
+
+
 def harness_env() -> dict[str, str]:
     """This environment, reporting to the session's Prefect test server."""
     from prefect.settings import PREFECT_API_URL
