@@ -121,7 +121,8 @@ def distill_stage(teacher: dict[str, Any], student: StudentParams, runner: Runne
                            device=runner.device, workers=runner.workers,
                            nproc_per_node=runner.nproc_per_node, timeout_s=runner.timeout_s)
     release = release_student_task(run_id, student.model_name, student.alias,
-                                   student.gate.model_dump(), store=store, device=runner.device)
+                                   student.gate.model_dump(), store=store, device=runner.device,
+                                   workers=runner.workers)
     return {"run_id": run_id, "agreement_valid": trained.get("agreement_valid"), **release}
 
 

@@ -69,16 +69,18 @@ def distill_task(run_id: str, teacher: str, config: dict[str, Any],
 @task(name="release-student", task_run_name="release student {run_id}", retries=2,
       retry_delay_seconds=10, retry_condition_fn=retry_transient)
 def release_student_task(run_id: str, model: str | None, alias: str, gate: dict[str, Any],
-                         store: str | None = None, device: str = "auto") -> dict[str, Any]:
+                         store: str | None = None, device: str = "auto",
+                         workers: int | None = None) -> dict[str, Any]:
     """Evaluate the student, register it under its own model name, promote it on the student
-    gate; a report artifact says what it costs next to its teacher."""
+    gate; a report artifact says what it costs next to its teacher. `workers`: DataLoader
+    processes for its evaluations (None: one per core), as the run was trained with."""
     from flowerml.distillation.distill import release_student
     from flowerml.registry.gates import StudentGate
 
     settings = load_settings(store=store)
     release = release_student(build_store(settings), run_id, cache_dir=settings.cache_dir,
                               model=model, alias=alias, gate=StudentGate(**gate), promote=True,
-                              device=device)
+                              device=device, workers=workers)
     create_markdown_artifact(student_report(release.to_json()),
                              key=artifact_key(release.model, "student-release"),
                              description=f"Student {release.label} of {release.teacher['label']}")
