@@ -5,6 +5,9 @@ gloo sockets), but it starts with the interpreter, torch and flowerml the test p
 already imported, instead of importing them again (~3 CPU-seconds per `python -m flowerml.cli`
 train or distill). Use it where the test's point is a process (a kill, two DDP ranks), not
 how a fresh interpreter starts; the console script and torchrun are tested elsewhere.
+Never for a child that runs autograd (training, distillation, DDP ranks): PyTorch refuses
+autograd in a child forked after the parent's autograd threads started, and whether they have
+depends on what ran before in the same pytest worker.
 
 The child gets the environment it is given, stdin from /dev/null, stdout and stderr on files,
 the default SIGTERM and SIGINT handling of a new interpreter, and ends with `os._exit` (never

@@ -1,16 +1,17 @@
 """Runs that die at a chosen point, the interruptions the resume tests start from: in-process,
-before a chosen checkpoint, or a `flowerml` child (forked) SIGKILLed once it has checkpointed."""
+before a chosen checkpoint, or a `flowerml` child process SIGKILLed once it has checkpointed."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from flowerml.training.runs import RunFiles
-from tests.helpers.forked_commands import fork_flowerml
 
 
 class DiedBeforeCheckpoint(Exception):
@@ -32,12 +33,17 @@ def die_before_checkpoint(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
 
 def kill_at_first_checkpoint(args: list[str], env: dict[str, str], run_dir: Path,
                              outputs: Path, timeout: float = 180) -> int:
-    """Run `flowerml ARGS` (train or distill) in a child process and SIGKILL it once its first
-    checkpoint is on the store; returns the epoch it was killed at. The caller resumes the run
-    (in-process: only the kill needs a child). The child is forked from this process
-    (tests/helpers/forked_commands.py: no second interpreter importing torch); its output goes
-    to `outputs`."""
-    child = fork_flowerml(args, env, outputs, name="killed")
+    """Run `flowerml ARGS` (train or distill) as `python -m flowerml.cli` and SIGKILL it once
+    its first checkpoint is on the store; returns the epoch it was killed at. The caller
+    resumes the run (in-process: only the kill needs a child). A fresh interpreter, not a child
+    forked from the test process: PyTorch refuses autograd in a child forked after the parent's
+    autograd threads started, which depends on what ran before in the same pytest worker. Its
+    output goes to `outputs`."""
+    outputs.mkdir(parents=True, exist_ok=True)
+    stderr = outputs / "killed.stderr"
+    with (outputs / "killed.stdout").open("w") as out, stderr.open("w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "flowerml.cli", *args], env=env,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=err)
     checkpoint = run_dir / "checkpoint.json"
     deadline = time.monotonic() + timeout
     try:
@@ -45,5 +51,7 @@ def kill_at_first_checkpoint(args: list[str], env: dict[str, str], run_dir: Path
             time.sleep(0.02)
     finally:
         child.kill()
-    assert checkpoint.exists(), f"no checkpoint (exit {child.returncode}): {child.stderr()[-3000:]}"
+        child.wait()
+    assert checkpoint.exists(), \
+        f"no checkpoint (exit {child.returncode}): {stderr.read_text()[-3000:]}"
     return json.loads(checkpoint.read_text())["epoch"]

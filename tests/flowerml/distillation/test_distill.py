@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,18 +36,12 @@ from flowerml.registry.versions import Registry
 from flowerml.training.fit import fit
 from flowerml.training.runs import RunError, RunFiles
 from tests.helpers.cli import invoke
-from tests.helpers.forked_commands import (
-    TORCHRUN_VARIABLES,
-    fork_flowerml,
-    reaped,
-    torchrun_environment,
-)
+from tests.helpers.forked_commands import TORCHRUN_VARIABLES
 from tests.helpers.interrupts import (
     DiedBeforeCheckpoint,
     die_before_checkpoint,
     kill_at_first_checkpoint,
 )
-from tests.helpers.network import free_port
 from tests.helpers.stores import StoreAndCache, copy_tree
 from tests.helpers.synthetic import DATASET, RegisteredRun
 
@@ -272,7 +268,7 @@ def test_an_interrupted_distillation_resumes_bit_for_bit(teacher_store: StoreAnd
 @pytest.mark.slow  # a child process: a distillation killed with SIGKILL
 def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_store: StoreAndCache,
                                                            straight, tmp_path: Path) -> None:
-    """The kill needs a real process (forked from this one: torch is imported already); the
+    """The kill needs a real process (`python -m flowerml.cli`); the
     same `flowerml distill` resumes it in-process."""
     store, cache = teacher_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
@@ -291,24 +287,21 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_store: StoreA
 
 
 @pytest.mark.slow  # two distillation processes (gloo on the CPU)
-def test_ddp_with_two_gloo_processes(teacher_store: StoreAndCache, tmp_path: Path) -> None:
-    """Two ranks started with torchrun's variables, each forked from this process (torch is
-    imported already); torchrun itself launches tests/flowerml/training/test_fit.py's DDP run."""
+def test_ddp_with_two_gloo_processes(teacher_store: StoreAndCache) -> None:
+    """torchrun starts two distillation ranks (a child forked from this process could not run
+    autograd once this process's autograd threads had started)."""
     store, cache = teacher_store
     env = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
     env.update({"FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache),
                 "OMP_NUM_THREADS": "1"})
-    args = ["distill", "--teacher", TEACHER, "--student", "mobilenet_v3_small", "--weights",
-            "none", "--epochs", "1", "--batch-size", "4", "--mixup", "0.5", "--device", "cpu",
-            "--workers", "0", "--run-id", "ddp", "--json"]
-    port = free_port()
-    ranks = [fork_flowerml(args, {**env, **torchrun_environment(rank, port)}, tmp_path,
-                           name=f"rank{rank}") for rank in (0, 1)]
-    with reaped(ranks):
-        codes = [rank.wait(timeout=300) for rank in ranks]
-    assert codes == [0, 0], [rank.stderr()[-2000:] for rank in ranks]
-    results = [json.loads(line) for rank in ranks for line in rank.stdout().splitlines()
-               if line.startswith("{")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "flowerml.cli", "distill", "--teacher", TEACHER,
+               "--student", "mobilenet_v3_small", "--weights", "none", "--epochs", "1",
+               "--batch-size", "4", "--mixup", "0.5", "--device", "cpu", "--workers", "0",
+               "--run-id", "ddp", "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1  # rank 0 speaks for the run
     assert results[0]["world_size"] == 2 and 0 <= results[0]["agreement_valid"] <= 1
     assert RunFiles(store, "ddp").read_json("config.json")["objective"]["teacher"]["version"] == 1

@@ -217,7 +217,7 @@ def test_a_run_checkpointed_every_second_epoch_resumes_from_its_last_checkpoint(
 @pytest.mark.slow  # a child process: a training run killed with SIGKILL
 def test_resume_after_sigkill_matches_an_uninterrupted_run(published_store: StoreAndCache,
                                                            small_run, tmp_path) -> None:
-    """The kill needs a real process (forked from this one: torch is imported already); the
+    """The kill needs a real process (`python -m flowerml.cli`); the
     same `flowerml train` resumes it in-process."""
     store, cache = published_store
     env = {**os.environ, "FLOWERML_STORE": str(store.root), "FLOWERML_CACHE_DIR": str(cache)}
