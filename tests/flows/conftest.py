@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.forkservers import stop_forkserver
 from tests.helpers.scoring import write_photos
 from tests.helpers.stores import copy_tree
 from tests.helpers.synthetic import RegisteredRun
@@ -74,14 +75,3 @@ def cluster(dask_workers: int, dask_forkserver: bool) -> Iterator[object]:
             if dask_forkserver:
                 stop_forkserver()
 
-
-def stop_forkserver() -> None:
-    """Stop the forkserver and wait for it, as CPython's own tests do: it reaped the workers it
-    forked, so their CPU time and its own are counted with this process's children (left
-    running, it would outlive pytest as an orphan, uncounted). The next module's cluster
-    starts a fresh one."""
-    from multiprocessing import forkserver
-
-    stop = getattr(forkserver._forkserver, "_stop", None)  # noqa: SLF001
-    if stop is not None:
-        stop()

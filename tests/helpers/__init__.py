@@ -6,6 +6,7 @@ import these):
 - `backbones`: a seeded torchvision ResNet-18 and the checks that a model holds its backbone.
 - `cli`: the library's `flowerml` command run in-process, and the one check of a refusal.
 - `deployment`: the deployment tests' tiny runs, worker processes and short zombie rule.
+- `forkservers`: stopping the multiprocessing forkserver worker processes were started from.
 - `forked_commands`: `flowerml` commands in real child processes forked from the test's own
   process (a kill, two DDP ranks), without a fresh interpreter's imports.
 - `http_files`: a scripted HTTP file server for the download tests, and backoff delays recorded.

@@ -6,10 +6,8 @@ worker."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -110,20 +108,6 @@ def session_folder(basetemp: Path) -> Path:
     return folder
 
 
-def once(folder: Path, name: str, make: Callable[[Path], None]) -> Path:
-    """`folder/name`, written by `make(path)` the first time any worker asks for it (the
-    others wait on its lock, then read it)."""
-    path = folder / name
-    if not path.exists():
-        with open(folder / f"{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.exists():
-                temp = folder / f"partial-{name}"
-                make(temp)
-                temp.replace(path)
-    return path
-
-
 def graph_key(model, image_size: int, opset: int, preprocessing) -> str:
     """What the exported graph depends on: the module's structure and every tensor of it
     behind its normalisation (weights, buffers, mean and std), the example's size, the opset."""
@@ -155,19 +139,20 @@ def exports_made_once(monkeypatch: pytest.MonkeyPatch, folder: Path, *,
 
         made = _export_onnx(model, image_size, path, opset, preprocessing) if fresh else None
 
-        def make(graph: Path) -> None:
+        def make(built: Path) -> None:
+            graph = built / "model.onnx"
             if made is None:
                 exporter = _export_onnx(model, image_size, graph, opset, preprocessing)
             else:
                 exporter = made
                 graph.write_bytes(Path(path).read_bytes())
-            (folder / f"{key}.exporter").write_text(exporter)
+            (built / "exporter").write_text(exporter)
 
-        graph = once(folder, f"{key}.onnx", make)
+        built = SyntheticData(folder).once(f"graph-{key}", make)
         if made is not None:
             return made
-        Path(path).write_bytes(graph.read_bytes())
-        return (folder / f"{key}.exporter").read_text()
+        Path(path).write_bytes((built / "model.onnx").read_bytes())
+        return (built / "exporter").read_text()
 
     monkeypatch.setattr(export_module, "export_onnx", export_onnx)
 
@@ -183,12 +168,12 @@ def int8_made_once(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
             digest.update(batch.tobytes())
         key = digest.hexdigest()[:32]
 
-        def make(graph: Path) -> None:
+        def make(built: Path) -> None:
             data, calibrated = _quantize_int8(fp32, batches)
-            (folder / f"{key}.calibrated").write_text(str(calibrated))
-            graph.write_bytes(data)
+            (built / "model.int8.onnx").write_bytes(data)
+            (built / "calibrated").write_text(str(calibrated))
 
-        data = once(folder, f"{key}.int8.onnx", make).read_bytes()
-        return data, int((folder / f"{key}.calibrated").read_text())
+        built = SyntheticData(folder).once(f"int8-{key}", make)
+        return (built / "model.int8.onnx").read_bytes(), int((built / "calibrated").read_text())
 
     monkeypatch.setattr(export_module, "quantize_int8", quantize_int8)

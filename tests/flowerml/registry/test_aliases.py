@@ -25,6 +25,7 @@ from flowerml.registry.gates import Scorecard
 from flowerml.registry.names import RegistryError
 from flowerml.registry.promotion import promote
 from flowerml.registry.versions import Registry
+from tests.helpers.forkservers import stop_forkserver
 from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 
 # --------------------------------------------------------------------------------------------
@@ -278,12 +279,10 @@ def race_processes() -> Iterator[multiprocessing.context.BaseContext]:
     not spend a second importing them again as a spawned one would. Stopped (and reaped) after
     the module, so that the next user of a forkserver in this process starts its own with what
     it preloads (tests/flows/conftest.py's Dask cluster)."""
-    from multiprocessing import forkserver
-
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])
     yield context
-    forkserver._forkserver._stop()
+    stop_forkserver()
 
 
 @pytest.mark.slow  # worker processes
