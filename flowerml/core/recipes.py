@@ -94,9 +94,11 @@ class TrainConfig(BaseModel):
     freeze_stages: int = Field(0, ge=0, title="Frozen stages",
                                description="Lock the first K backbone stages (5 for ResNets).")
     seed: int = Field(0, ge=0, le=2**31 - 1, title="Random seed")
-    amp: bool = Field(True, title="Mixed precision", description="bf16/fp16 autocast on CUDA.")
+    amp: bool = Field(True, title="Mixed precision",
+                      description="bf16/fp16 autocast on CUDA, bf16 on CPUs that compute it "
+                                  "natively (AVX512-BF16, AMX).")
     channels_last: bool = Field(True, title="Channels-last memory format",
-                                description="On CUDA.")
+                                description="On CUDA and the CPU.")
     compile: bool = Field(False, title="torch.compile", description="Compile the model on CUDA.")
 
     @model_validator(mode="after")

@@ -146,9 +146,13 @@ def evaluate_with_logits(trained: TrainedModel, store: Store, published: Publish
     def keep(_inputs: torch.Tensor, logits: torch.Tensor) -> None:
         kept.append(logits.float().cpu().numpy())
 
+    # channels_last: oneDNN's and cuDNN's fastest fp32 convolutions (~1.2x on a CPU), same
+    # arithmetic
+    trained.model.to(memory_format=torch.channels_last)
     with full_fp32(trained.device):
         metrics = evaluate_loader(trained.model, loader, trained.device, published.class_names,
-                                  amp=False, observe=keep, normalisation=trained.preprocessing)
+                                  amp=False, channels_last=True, observe=keep,
+                                  normalisation=trained.preprocessing)
     logits = (np.concatenate(kept) if kept
               else np.zeros((0, len(published.class_names)), np.float32))
     return metrics, logits

@@ -1,18 +1,17 @@
 """Training: `fit(...)` turns a published split into best-on-valid weights in `runs/<run_id>/`.
 
-The loop is plain PyTorch: mixed precision (bf16 where the GPU has it) and channels_last on CUDA,
-optional torch.compile, a warm-up + cosine schedule stepped per batch, label smoothing, early
-stopping on valid top-1, every split decoded and normalised the way the weights it starts from were
-measured (`weights_preprocessing`, recorded in config.json). A checkpoint is written after every
-epoch, so re-running with the same run id resumes where the last one stopped (on the CPU bit for
-bit: each epoch's data order and augmentations depend on the seed and the epoch alone), and
-re-running it with more epochs, nothing else changed, goes on past its end (`extend_run`); under
-torchrun the same code trains with DDP, rank 0 evaluating and writing. `fit` takes explicit
-arguments, never the settings. This module assembles a run; its parts are their own modules: the
-task (what a step computes: `training_task`, `distillation_task`), the trainee (the whole model, or
-a linear probe's head: `trainee`, `linear_probe`), `optimization`, `seeding`, `precision`,
-`checkpoints`, `run_record` (config.json) and `epoch_loop`.
-"""
+The loop is plain PyTorch: mixed precision (bf16 where the GPU or the CPU computes it natively),
+channels_last, optional torch.compile, a warm-up + cosine schedule stepped per batch, label
+smoothing, early stopping on valid top-1, every split decoded and normalised the way the weights it
+starts from were measured (`weights_preprocessing`, recorded in config.json). A checkpoint is
+written after every epoch, so re-running with the same run id resumes where the last one stopped
+(on the CPU bit for bit: each epoch's data order and augmentations depend on the seed and the epoch
+alone), and re-running it with more epochs, nothing else changed, goes on past its end
+(`extend_run`); under torchrun the same code trains with DDP, rank 0 evaluating and writing. `fit`
+takes explicit arguments, never the settings. This module assembles a run; its parts are their own
+modules: the task (what a step computes: `training_task`, `distillation_task`), the trainee (the
+whole model, or a linear probe's head: `trainee`, `linear_probe`), `optimization`, `seeding`,
+`precision`, `checkpoints`, `run_record` (config.json) and `epoch_loop`. """
 
 from __future__ import annotations
 
@@ -66,7 +65,7 @@ def prepare_model(config: TrainConfig, num_classes: int, placement: Placement,
     model = build_model(config.arch, num_classes, weights=weights, seed=config.seed)
     prepare_for_strategy(model, config.strategy, config.freeze_stages)
     model.to(placement.device)
-    if config.channels_last and placement.device.type == "cuda":
+    if config.channels_last and placement.device.type in ("cuda", "cpu"):
         model.to(memory_format=torch.channels_last)
     return model
 
