@@ -312,5 +312,6 @@ def publish_image_folder(location: ImageFolderLocation, store: Store, dataset: s
                                "seed": seed if ratios is not None else None}}
     result = publish_version(store, dataset, folder.class_names, entries, quarantine,
                              sources=sources, synthetic=False,
-                             staged=lambda entry: staged / entry.sha256, progress=progress)
+                             staged=lambda entry: staged / entry.sha256, progress=progress,
+                             cache_dir=cache_dir)
     return result, folder.class_names

@@ -74,6 +74,8 @@ from flowerml.data.source_files import (
     resolve_source,
 )
 from flowerml.data.splits import OfficialSplit, read_official_split
+from flowerml.data.sync import file_state, version_root
+from flowerml.data.sync_seed import SyncSeed
 from flowerml.data.synthetic import is_synthetic
 from flowerml.io.locations import OfficialLocation, SourceLocation
 from flowerml.io.storage import ObjectNotFound, Store
@@ -226,20 +228,24 @@ def check_leakage(entries: list[ManifestEntry]) -> None:
 
 def upload_missing(store: Store, prefix: str, entries: Sequence[ManifestEntry],
                    staged: Callable[[ManifestEntry], Path],
-                   progress: Progress) -> tuple[int, int, int]:
+                   progress: Progress, seed: SyncSeed | None = None) -> tuple[int, int, int]:
     """Upload the entries not under `prefix` yet (by key and size) from their staged files,
-    each checked against its sha256 first; (uploaded, bytes uploaded, already there)."""
+    each checked against its sha256 first (read through its link in the local copy when
+    `seed` makes one); (uploaded, bytes uploaded, already there)."""
     existing = {info.key: info.size for info in store.list(prefix + "/")}
     todo = [e for e in entries if existing.get(f"{prefix}/{e.key}") != e.size]
     progress.start("uploading images", len(todo))
     sent = 0
 
     def read_checked(entry: ManifestEntry) -> bytes:
-        path = staged(entry)
+        path = seed.link(entry, staged(entry)) if seed else staged(entry)
+        state = file_state(path)  # before the read: a write during it changes the state
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise SourceError(f"{path}: staged image changed since it was checked; delete "
                               f"{path.parent} and re-run")
+        if seed:
+            seed.record(entry, path, state)
         return data
 
     def advance(size: int) -> None:
@@ -274,16 +280,18 @@ def publish_split(store: Store, dataset: str, cache_dir: Path, *, workers: int |
     return publish_version(
         store, dataset, flowers.class_names_for(split.num_classes), entries, quarantine,
         sources=record["files"], synthetic=is_synthetic(files[flowers.LABELS]),
-        staged=lambda entry: survey.staged(flowers.image_id(entry.image)), progress=progress)
+        staged=lambda entry: survey.staged(flowers.image_id(entry.image)), progress=progress,
+        cache_dir=cache_dir)
 
 
 def publish_version(store: Store, dataset: str, class_names: Sequence[str],
                     entries: list[ManifestEntry], quarantine: list[dict], *, sources: dict,
                     synthetic: bool, staged: Callable[[ManifestEntry], Path],
-                    progress: Progress) -> IngestResult:
+                    progress: Progress, cache_dir: Path | None = None) -> IngestResult:
     """The one publish path of a dataset's version (the official split, an imagefolder):
     content-addressed version, the images not on the store yet (read from `staged`), then
-    `quarantine.json`, `manifest.json` last of the version, then CURRENT."""
+    `quarantine.json`, `manifest.json` last of the version, then CURRENT. With `cache_dir`,
+    the uploaded images are left in its local copy of the version (`SyncSeed`)."""
     quarantined_images = [q["image"] for q in quarantine]
     version = content_version(entries, quarantined_images, synthetic, class_names)
     prefix = version_prefix(dataset, version)
@@ -292,11 +300,15 @@ def publish_version(store: Store, dataset: str, class_names: Sequence[str],
     with store.writing_under(prefix):
         manifest = published_manifest(store, dataset, version)
         if manifest is None:
-            uploaded, _bytes, skipped = upload_missing(store, prefix, entries, staged, progress)
+            seed = SyncSeed(version_root(cache_dir, dataset, version)) if cache_dir else None
+            uploaded, _bytes, skipped = upload_missing(store, prefix, entries, staged, progress,
+                                                       seed)
             store.put_bytes(quarantine_key(dataset, version), encode_json(quarantine))
             manifest = write_manifest(store, dataset, version, class_names, entries,
                                       quarantined_images=quarantined_images,
                                       sources=sources, synthetic=synthetic)
+            if seed:
+                seed.stamp(hashlib.sha256(manifest).hexdigest())
         else:
             uploaded, skipped = 0, len(entries)
     replaced = move_current(store, dataset, version, manifest)

@@ -29,7 +29,11 @@ FileState = list[int]  # [size, mtime_ns, ctime_ns]
 
 
 def local_root(cache_dir: Path, published: PublishedDataset) -> Path:
-    return Path(cache_dir) / published.dataset / published.version
+    return version_root(cache_dir, published.dataset, published.version)
+
+
+def version_root(cache_dir: Path, dataset: str, version: str) -> Path:
+    return Path(cache_dir) / dataset / version
 
 
 def file_state(path: Path) -> FileState | None:

@@ -1,5 +1,5 @@
 """Stores in tests: the keys a store holds, hard-linked copies of built trees (a store with its
-cache), and replacing a file of such a copy."""
+cache), replacing a file of such a copy, and what a sync downloads and reports."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import NamedTuple
+
+import pytest
 
 from flowerml.io.storage import Store
 from flowerml.io.storage_local import LocalStore
@@ -36,3 +38,30 @@ def replace_file(path: Path, data: bytes) -> None:
     """Replace a file of a `copy_tree` copy (never write into it: it shares the pristine one)."""
     path.unlink()
     path.write_bytes(data)
+
+
+class Recorder:
+    """A Progress that remembers its calls."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, int | None]] = []
+        self.advanced = 0
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.stages.append((stage, total))
+
+    def advance(self, amount: int = 1) -> None:
+        self.advanced += amount
+
+
+def count_downloads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every key `store.get_file` is asked for from now on."""
+    keys: list[str] = []
+    original = store.get_file
+
+    def get_file(key: str, path: Path) -> Path:
+        keys.append(key)
+        return original(key, path)
+
+    monkeypatch.setattr(store, "get_file", get_file)
+    return keys

@@ -71,7 +71,7 @@ def test_split_folders_publish_a_dataset_named_by_its_class_folders(
     assert [(c.label, c.dir, c.name) for c in manifest.classes] == [
         (1, "001", "Rose"), (2, "002", "daisy"), (3, "003", "tulip")]
     synced = sync_split(store, published, "train", tmp_path / "cache")
-    assert len(list(synced.rglob("*.jpg"))) == 6
+    assert len(list((synced / "train").rglob("*.jpg"))) == 6
 
 
 def test_the_same_folder_again_is_the_same_version_and_uploads_nothing(

@@ -12,35 +12,9 @@ from flowerml.data.manifest import ManifestEntry, PublishedDataset
 from flowerml.data.sync import sync_split
 from flowerml.io.storage import Store
 from flowerml.io.storage_local import LocalStore
+from tests.helpers.stores import Recorder, count_downloads
 
 DATASET = "flowers102"
-
-
-class Recorder:
-    """A Progress that remembers its calls."""
-
-    def __init__(self) -> None:
-        self.stages: list[tuple[str, int | None]] = []
-        self.advanced = 0
-
-    def start(self, stage: str, total: int | None) -> None:
-        self.stages.append((stage, total))
-
-    def advance(self, amount: int = 1) -> None:
-        self.advanced += amount
-
-
-def count_downloads(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every key `store.get_file` is asked for from now on."""
-    keys: list[str] = []
-    original = store.get_file
-
-    def get_file(key: str, path: Path) -> Path:
-        keys.append(key)
-        return original(key, path)
-
-    monkeypatch.setattr(store, "get_file", get_file)
-    return keys
 
 
 def image_key(published: PublishedDataset, entry: ManifestEntry) -> str:

@@ -208,3 +208,57 @@ def test_evaluate_stores_every_images_top5_beside_the_metrics(evaluated: Evaluat
     assert outcome.to_json()["predictions"] == f"{store.root}/runs/tiny/eval/test/" \
                                                "predictions.jsonl"
     assert run_predictions(store, "tiny").images == tuple(rows)
+
+
+def randomised_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch norms with running statistics and affine weights far from their initial identity,
+    so that folding them is visible in the weights."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            size = module.num_features
+            module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(size, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(size, generator=generator) * 0.1)
+    return model.eval()
+
+
+def test_the_inference_model_folds_batch_norms_and_computes_the_same_logits() -> None:
+    from flowerml.evaluation.inference import build_inference_model
+    from flowerml.models.backbones import build_model
+
+    model = randomised_batch_norms(build_model("resnet18", 5, weights=None, seed=0))
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+        folded = build_inference_model(model)
+        actual = folded(images.contiguous(memory_format=torch.channels_last))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20  # untouched
+    first_conv = next(m for m in folded.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (actual.argmax(1) == expected.argmax(1)).all()
+    assert (actual - expected).abs().max().item() < 1e-4
+
+
+def test_a_model_fx_cannot_trace_is_evaluated_unfolded() -> None:
+    from flowerml.evaluation.inference import build_inference_model
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            if images.mean() > 2:  # control flow on a value: FX cannot trace it
+                images = images * 2
+            return self.norm(self.conv(images)).mean((2, 3))
+
+    model = randomised_batch_norms(DataDependent())
+    images = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(images)
+        same = build_inference_model(model)
+        assert same is model and isinstance(same.norm, torch.nn.BatchNorm2d)
+        assert torch.allclose(same(images), expected, atol=1e-6)
