@@ -239,7 +239,7 @@ def upload_missing(store: Store, prefix: str, entries: Sequence[ManifestEntry],
 
     def read_checked(entry: ManifestEntry) -> bytes:
         path = seed.link(entry, staged(entry)) if seed else staged(entry)
-        state = file_state(path)  # before the read: a write during it changes the state
+        state = file_state(path) if seed else None  # before the read: a write changes it
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise SourceError(f"{path}: staged image changed since it was checked; delete "

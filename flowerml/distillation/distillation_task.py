@@ -92,7 +92,7 @@ class DistillationTask(TrainingTask):
         self.label_smoothing = config.label_smoothing
         self.autocast = autocast_for(placement.device, config.amp)
         self.teacher.model.to(placement.device)
-        if config.channels_last and placement.device.type in ("cuda", "cpu"):
+        if config.channels_last:
             self.teacher.model.to(memory_format=torch.channels_last)
 
     def preprocessing(self, config: TrainConfig) -> Preprocessing:

@@ -11,7 +11,8 @@ alone), and re-running it with more epochs, nothing else changed, goes on past i
 takes explicit arguments, never the settings. This module assembles a run; its parts are their own
 modules: the task (what a step computes: `training_task`, `distillation_task`), the trainee (the
 whole model, or a linear probe's head: `trainee`, `linear_probe`), `optimization`, `seeding`,
-`precision`, `checkpoints`, `run_record` (config.json) and `epoch_loop`. """
+`precision`, `checkpoints`, `run_record` (config.json) and `epoch_loop`.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def prepare_model(config: TrainConfig, num_classes: int, placement: Placement,
     model = build_model(config.arch, num_classes, weights=weights, seed=config.seed)
     prepare_for_strategy(model, config.strategy, config.freeze_stages)
     model.to(placement.device)
-    if config.channels_last and placement.device.type in ("cuda", "cpu"):
+    if config.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
