@@ -37,7 +37,11 @@ from flows.distill import DistillStageParams, Runner, distill_stage
 from flows.run_once import run_once
 from tasks.attempts import close_interrupted_attempts
 from tasks.common import artifact_key
-from tasks.evaluate import evaluate_task, publish_evaluation_task
+from tasks.evaluate import (
+    evaluate_task,
+    prepare_evaluation_split_task,
+    publish_evaluation_task,
+)
 from tasks.export import export_task
 from tasks.ingest import (
     fetch_sources_task,
@@ -188,11 +192,16 @@ def retrain_flowers(params: RetrainForm) -> dict[str, Any] | State:
         if fresh["up_to_date"]:
             return up_to_date(version, fresh)
     run_id = training_run_id(model, flow_run.id)
+    # The test split is synced and decoded meanwhile, on the cycles training leaves idle.
+    preparing = prepare_evaluation_split_task.submit(
+        "test", config.arch, config.weights, config.image_size, store=store,
+        dataset=params.dataset, dataset_version=version)
     train_task(run_id, config.to_json(), store=store, dataset=params.dataset,
                dataset_version=version, device=params.training.device,
                workers=params.training.workers, nproc_per_node=params.training.nproc_per_node,
                timeout_s=params.training.timeout_s,
                checkpoint_every=params.training.checkpoint_every)
+    preparing.wait()
     evaluated = evaluate_task(run_id, "test", store=store, dataset_version=version,
                               publish=False)
     metrics = {k: evaluated[k] for k in ("top1", "top5", "mean_class_accuracy", "loss", "n")}

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE
 
@@ -61,6 +61,27 @@ def evaluate_task(run_id: str, split: str = "test", store: str | None = None,
         publish_evaluation(target, settings.tracking_uri(), run_id, split, evaluated,
                            artifact_prefix)
     return evaluated
+
+
+@task(name="prepare-evaluation-split", task_run_name="prepare the {split} split")
+def prepare_evaluation_split_task(split: str, arch: str, weights: str, image_size: int,
+                                  store: str | None = None, dataset: str | None = None,
+                                  dataset_version: str | None = None) -> dict[str, Any]:
+    """Sync and decode `split` for the evaluation, at the idle priority, while training runs
+    (`flowerml.evaluation.ahead`). It never fails the run: a problem is a warning, and the
+    evaluation meets it again (and reports it) when it reads the split itself."""
+    from flowerml.core.errors import FlowermlError
+    from flowerml.evaluation.ahead import prepare_evaluation_split
+
+    settings = load_settings(store=store, dataset=dataset)
+    try:
+        prepared = prepare_evaluation_split(
+            build_store(settings), settings.dataset, dataset_version, settings.cache_dir,
+            arch=arch, weights=weights, image_size=image_size, split=split)
+    except FlowermlError as error:
+        get_run_logger().warning("the %s split was not prepared ahead: %s", split, error)
+        return {"split": split, "skipped": str(error)}
+    return prepared.to_json()
 
 
 @task(name="publish-evaluation", task_run_name="publish the evaluation of {run_id} on {split}",

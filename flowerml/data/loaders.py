@@ -3,10 +3,11 @@
 `build_loaders` syncs the splits a run asks for, builds each one's dataset through its preset's
 transform (the decode cache for `standard` and `none`, the synced JPEG folder for `tutorial`)
 and wraps it in a DataLoader: train shuffled by a seeded generator (a DistributedSampler under
-torchrun), valid and test whole and in order. `build_eval_loader` is one split for evaluation;
-`ShardSampler` shards an evaluation across ranks without duplicates. Every split is decoded at
-the model's `Preprocessing` (resize and filter; default: `default_preprocessing(image_size)`),
-so a model is validated and evaluated on the pixels its weights expect.
+torchrun), valid and test whole and in order. `build_eval_loader` is one split for evaluation
+(`prepare_eval_split` makes it ready ahead); `ShardSampler` shards an evaluation across ranks
+without duplicates. Every split is decoded at the model's `Preprocessing` (resize and filter;
+default: `default_preprocessing(image_size)`), so a model is validated and evaluated on the
+pixels its weights expect.
 """
 
 from __future__ import annotations
@@ -215,4 +216,15 @@ def build_eval_loader(store: Store, published: PublishedDataset, cache_dir: Path
     dataset = split_dataset(root, published, split, preset, image_size, False, preprocessing)
     return make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=pin_memory,
                        persistent=False)
+
+
+def prepare_eval_split(store: Store, published: PublishedDataset, cache_dir: Path, *,
+                       split: str = "test", image_size: int = 224,
+                       preprocessing: Preprocessing | None = None) -> DecodedSplit:
+    """What `build_eval_loader` reads, made ahead: the split synced and decoded at the model's
+    `preprocessing`. Both steps hold a lock, so a loader built meanwhile waits, then reuses."""
+    check_split(split)
+    root = sync_split(store, published, (split,), cache_dir)
+    return build_decoded_split(root, published, split,
+                               model_preprocessing(preprocessing, image_size))
 

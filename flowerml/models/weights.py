@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -294,6 +294,20 @@ def weights_preprocessing(weights: ResolvedWeights, image_size: int) -> Preproce
     named like one of torchvision's: a staged copy, its hash checked against that name);
     today's values for random init or a file of unknown origin."""
     return preprocessing_for(torchvision_weights_name(weights), image_size)
+
+
+def expected_preprocessing(value: str, arch: str, image_size: int) -> Preprocessing:
+    """What a new run trained with `--weights value` will record, judged from the value alone
+    (nothing fetched, no hash checked): `imagenet`'s weights, a file or S3 key named like a
+    torchvision checkpoint, today's values otherwise. The training child decides for real
+    (`weights_preprocessing`); this is for work done ahead, which a wrong guess only wastes."""
+    value = _check_form(value)
+    if value.lower() == "none":
+        return default_preprocessing(image_size)
+    if value.lower() == "imagenet":
+        return preprocessing_for(imagenet_weights_name(arch), image_size)
+    name = PurePosixPath(value.removeprefix("file://")).name
+    return preprocessing_for(_torchvision_file_weights().get(name), image_size)
 
 
 def torchvision_weights_name(weights: ResolvedWeights) -> str | None:

@@ -22,6 +22,7 @@ from flows.retrain import RetrainParams, retrain_flowers
 from flows.run_once import describe_parameter_error
 from tasks.registry import register_task
 from tests.helpers.additions import split_folders
+from tests.helpers.decodes import record_decodes
 from tests.helpers.prefect_runs import task_run_times
 
 # 32 px: the demo's ResNet-18 at seed 0 reaches test top-1 0.78 here (0.69 at 40 px).
@@ -59,8 +60,15 @@ def story(prefect_harness: None, monkeypatch: pytest.MonkeyPatch, moto_endpoint:
 @pytest.mark.timeout(900)  # about 70 s on 2 quiet cores: five flow runs, four that train
 def test_retrain_story(story, monkeypatch: pytest.MonkeyPatch) -> None:
     run, registry = story
+    decodes = record_decodes(monkeypatch)
 
     first = run(GOOD, export_onnx=True)
+    # The test split was decoded once, ahead, on the idle thread, while training ran.
+    assert [d.thread for d in decodes if d.file.startswith("test-")] == ["prepare-test"]
+    times = task_run_times(first["run_id"].removeprefix("flowers102-"),
+                           ("prepare the test split", "train ", "evaluate "))
+    assert times["prepare the test split"][0] <= times["train "][1], times
+    assert times["prepare the test split"][1] <= times["evaluate "][0], times
     assert first["promoted"] and first["version"] == 1, first["reasons"]
     export = first["export"]
     assert export["parity_passed"]

@@ -318,6 +318,23 @@ def test_the_preprocessing_follows_what_weights_resolved_to(tmp_path: Path) -> N
     assert weights.weights_preprocessing(own, 224) == default_preprocessing(224)
 
 
+def test_the_expected_preprocessing_is_judged_from_the_weights_value_alone() -> None:
+    """What work done ahead of training decodes for: nothing is fetched (no such file
+    exists here), the value's form and name decide."""
+    expected = weights.expected_preprocessing
+    assert expected("none", "resnet152", 112) == default_preprocessing(112)
+    assert expected("imagenet", "resnet152", 224) == \
+        weights.preprocessing_for("ResNet152_Weights.IMAGENET1K_V2", 224)
+    assert expected("imagenet", "resnet152", 224).resize == 232
+    for named in ("s3://bucket/weights/resnet152-f82ba261.pth",
+                  "file:///nowhere/resnet152-f82ba261.pth", "/nowhere/resnet152-f82ba261.pth"):
+        assert expected(named, "resnet152", 224).resize == 232, named
+    assert expected("/nowhere/my-backbone.safetensors", "resnet152", 224) == \
+        default_preprocessing(224)
+    with pytest.raises(weights.WeightsError, match="scheme 'ftp' is not"):
+        expected("ftp://host/resnet152-f82ba261.pth", "resnet152", 224)
+
+
 def test_an_unknown_weights_name_is_refused() -> None:
     with pytest.raises(weights.WeightsError, match="'ResNet152_Weights.NOPE' names no "
                                                    "torchvision weights"):
