@@ -333,6 +333,20 @@ class DiskFullAtValid(LocalStore):
         return super().put_bytes(key, data, **conditions)
 
 
+def test_a_staged_image_changed_after_the_survey_is_refused_and_nothing_published(
+        local_store: LocalStore, synthetic_source: Path, tmp_path: Path) -> None:
+    """Each image is checked against its surveyed sha256 as it is read for upload (on the
+    upload threads): one altered since is named, and no version or CURRENT appears."""
+    cache = tmp_path / "cache"
+    ingest.fetch_sources(str(synthetic_source), local_store, DATASET, cache, FetchOptions())
+    staged = next(cache.rglob("image_*.jpg"))
+    staged.write_bytes(staged.read_bytes() + b"edited")
+    with pytest.raises(SourceError, match=f"{staged.name}: staged image changed since it was "
+                                          "checked; delete .* and re-run"):
+        publish_split(local_store, DATASET, cache)
+    assert not any(k.endswith(("manifest.json", "CURRENT")) for k in store_keys(local_store))
+
+
 def test_failed_upload_leaves_no_empty_folders_and_resumes(synthetic_source: Path,
                                                            tmp_path: Path) -> None:
     failing = DiskFullAtValid(tmp_path / "store", concurrency=4)
