@@ -1,7 +1,10 @@
 """Running training as a child process: stream its output, stop it whole.
 
-The child runs in its own process group (its own session), so stopping it, on timeout, on
-cancellation of the parent or on any error, stops torchrun and all of its workers with it.
+The child runs in its own process group, so stopping it, on timeout, on cancellation of the
+parent or on any error, stops torchrun and all of its workers with it. It stays in its
+launcher's session: Linux's autogroup scheduler shares the CPU between sessions first, so a
+child in a session of its own would compete as an equal with the work its launcher runs at the
+idle priority meanwhile (`flowerml.core.priority`), instead of taking the CPU from it.
 A child also watches its launcher (`--exit-with-parent`): when the launcher dies without
 stopping it (SIGKILL, out of memory), the child stops its own group within seconds instead of
 training on unattended, holding the GPU, until a write to its dead pipe fails.
@@ -130,7 +133,8 @@ def run_child(command: Sequence[str], *, on_line: Callable[[str], None],
               grace: float = 10.0) -> ChildOutcome:
     """Run `command`, passing each output line to `on_line`; stop its group on any exit path."""
     process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1, env=env, start_new_session=True)
+                               stdin=subprocess.DEVNULL, text=True, bufsize=1, env=env,
+                               process_group=0)
     # Everything after the child exists is inside the try: a SIGTERM turned into an exception
     # while the pump thread starts (milliseconds on a loaded machine) must still stop the child.
     try:

@@ -7,6 +7,10 @@ started inside `work` idles with it; the caller's thread and every other thread 
 priority, and a pooled thread is never lowered for good (an unprivileged process cannot raise
 it again). Where Linux's per-thread scheduling is absent, `idle_priority_available()` is False
 and the caller decides whether to run the work at all.
+
+Linux's autogroup scheduler first shares the CPU between sessions, then within each: the idle
+class yields to the work of its own session only. The training child therefore stays in its
+launcher's session (`flowerml.core.launch`, a process group of its own).
 """
 
 from __future__ import annotations

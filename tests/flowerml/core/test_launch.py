@@ -48,6 +48,19 @@ def test_streams_lines_and_returns_exit_code() -> None:
     assert outcome.returncode == 3 and outcome.tail == ("a", '{"x": 1}')
 
 
+def test_the_child_leads_its_own_group_in_its_launchers_session() -> None:
+    """Its own group, so that stopping it stops everything it started; its launcher's
+    session (Linux's autogroup), so that work the launcher runs at the idle priority
+    meanwhile yields to training instead of sharing the CPU with it as an equal."""
+    seen: list[str] = []
+    script = "import os, sys; print(os.getpid(), os.getpgid(0), os.getsid(0)); print(sys.stdin.read() == '')"
+    assert run_child([sys.executable, "-c", script], on_line=seen.append).returncode == 0
+    pid, group, session = map(int, seen[0].split())
+    assert group == pid != os.getpgid(0)
+    assert session == os.getsid(0)
+    assert seen[1] == "True"  # no terminal to read from: its input is empty
+
+
 def test_timeout_stops_the_whole_process_group() -> None:
     pids: list[str] = []
     started = time.monotonic()
