@@ -18,7 +18,7 @@ CATEGORIES = [  # (category, colour, stage names or prefixes)
                             "train task (Prefect)")),
     ("data: fetch, publish, split", "#26a69a", ("fetch", "publish", "split script",
                                                 "demo archive")),
-    ("data: sync and decode cache", "#80cbc4", ("sync", "decode cache")),
+    ("data: sync and decode cache", "#80cbc4", ("sync", "decode cache", "test split prepared")),
     ("model build and setup", "#ffb74d", ("model build", "training setup",
                                           "loaders and model build")),
     ("training epochs", "#e53935", ("epoch", "epochs train")),
