@@ -18,7 +18,9 @@ SIGTERM (systemd, `timeout`, Kubernetes, a launcher stopping its child) stops a 
 Ctrl-C does: it is raised in the main thread as `StoppedBySignal`, so every `finally` runs on
 the way out (a training child's process group is stopped, temp files are removed, a half-done
 upload is never published), then `flowerml: error: stopped by SIGTERM`, `{"error", "kind":
-"stopped"}` with --json, and exit 143 (130 for SIGINT).
+"stopped"}` with --json, and exit 143 (130 for SIGINT). Python drops an exception raised in a
+finaliser; `train` and `distill` raise such a lost SIGTERM again at their next epoch
+(`raise_if_stop_was_lost`).
 
 An empty value for any text option or argument (`--run-id ''`) is refused, naming it: an empty
 string would otherwise read as "not given" and quietly pick a default.
@@ -221,24 +223,39 @@ def sigterm_stops_the_command() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _raised_stop
     owner = os.getpid()
-    raised = False
 
     def stop(signum: int, _frame: Any) -> None:
-        nonlocal raised
+        global _raised_stop
         if os.getpid() != owner:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if not raised:
-            raised = True
-            raise StoppedBySignal(signum)
+        if _raised_stop is None:
+            _raised_stop = StoppedBySignal(signum)
+            raise _raised_stop
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _raised_stop = None
+
+
+_raised_stop: StoppedBySignal | None = None
+"""The SIGTERM the running command raised, if any (at most one: see above)."""
+
+
+def raise_if_stop_was_lost() -> None:
+    """Raise again the SIGTERM that was raised but never reached the command: Python drops an
+    exception raised inside a weakref callback or a finaliser (import's module-lock cleanup
+    runs one at any moment), so the command would run on to its end and exit 0. Long
+    commands call this between steps (each epoch's event); while the exception is on its way
+    out (a `finally` that reports progress) it does nothing."""
+    if _raised_stop is not None and sys.exc_info()[1] is not _raised_stop:
+        raise _raised_stop
 
 
 class NotEmpty(click.ParamType):

@@ -20,6 +20,7 @@ from flowerml.cli.app import (
     device_option,
     emit_json,
     json_option,
+    raise_if_stop_was_lost,
     store_option,
     training_options,
 )
@@ -201,6 +202,7 @@ def student_config(config_json: str | None, saved: dict | None, recipe: str,
 def announce_distill(json_progress: bool):
     """As `flowerml train`, but the resume hint names `flowerml distill`."""
     def on_event(event: dict) -> None:
+        raise_if_stop_was_lost()
         if event.get("event") == "start":
             click.echo(f"flowerml: run {event['run_id']} (resume it with: flowerml distill "
                        f"--run-id {event['run_id']})", err=True)

@@ -17,6 +17,7 @@ from flowerml.cli.app import (
     device_option,
     emit_json,
     json_option,
+    raise_if_stop_was_lost,
     store_option,
     training_options,
 )
@@ -60,6 +61,7 @@ def announce_run(json_progress: bool) -> Callable[[dict], None]:
     the run exists), so that a Ctrl-C or a crash still says which run to resume; with
     --json-progress every event as a JSON line on stdout."""
     def on_event(event: dict) -> None:
+        raise_if_stop_was_lost()
         if event.get("event") == "start":
             run_id = event["run_id"]
             click.echo(f"flowerml: run {run_id} (resume it with: flowerml train --run-id "

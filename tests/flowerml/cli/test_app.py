@@ -10,13 +10,20 @@ import subprocess
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner
 
-from flowerml.cli.app import FlowermlGroup, emit_json, json_option, json_requested
+from flowerml.cli.app import (
+    FlowermlGroup,
+    emit_json,
+    json_option,
+    json_requested,
+    raise_if_stop_was_lost,
+)
 from flowerml.core.errors import DatasetNotFound
 from tests.helpers.cli import assert_refused, invoke
 
@@ -179,6 +186,42 @@ def test_sigterm_unwinds_the_command_and_says_so_in_one_line(as_json: bool) -> N
                              if as_json else "")
     assert tidied == ["finally ran"]
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone after it
+
+
+def test_a_sigterm_python_drops_in_a_finaliser_still_stops_the_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python drops an exception raised in a weakref callback (import's module-lock cleanup
+    runs one at any moment): a SIGTERM handled there once let `flowerml train` run on to its
+    end and exit 0. The next step raises it again, and the command stops as usual."""
+    steps: list[int] = []
+    dropped: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: dropped.append(info.exc_value))
+
+    @click.group(cls=FlowermlGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def loses() -> None:
+        class Owner:
+            pass
+
+        def finaliser() -> None:  # the signal arrives while this runs, and is dropped
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(100_000))
+
+        owner = Owner()
+        weakref.finalize(owner, finaliser)
+        del owner
+        for step in range(50):
+            raise_if_stop_was_lost()  # what each epoch's event does
+            steps.append(step)
+
+    result = CliRunner().invoke(group, ["loses"])
+    assert [type(error).__name__ for error in dropped] == ["StoppedBySignal"]  # Python did
+    assert result.exit_code == 143, result.output
+    assert result.stderr.splitlines()[-1] == "flowerml: error: stopped by SIGTERM"
+    assert steps == []
 
 
 def command_process(args: list[str], env: dict[str, str],
