@@ -36,7 +36,9 @@ Cases (`--case`):
   promotion path runs too; and, in the same run, the original tutorial's pipeline on the same
   data and model (its split script re-saving every JPEG, ImageFolder with its PIL transforms,
   fp32, Adam, batch 48, num_workers 0): one epoch of train + valid and part of the test split
-  timed, its full run (40 epochs) extrapolated, and also at flowerml's epoch count.
+  timed, its full run (40 epochs) extrapolated, and also at flowerml's epoch count. With
+  `--repeat N`, N such pairs alternate (this machine's speed drifts by 10-20% within the hour)
+  and the pair with the median ratio is the one reported in full; `pairs` lists them all.
 - `gpu`: the default recipe (ResNet-152, 224 px, its full schedule) on CUDA, and the
   tutorial's pipeline with the same model at 224 px.
 - `demo`: `flowerml retrain --preset demo` as `make demo` runs it (a fresh working folder,
@@ -59,6 +61,7 @@ Prints exactly one JSON object on stdout (also written to `--out`); `--chart` dr
 as a stacked bar chart (matplotlib). Progress goes to stderr.
 
     python bench/e2e.py --scale 0.25                         # the CPU case, a quarter scale
+    python bench/e2e.py --scale 1 --repeat 3                 # 3 alternating pairs, the median
     python bench/e2e.py --case demo --baseline HEAD~1 --baseline-paths flows/cli.py --repeat 2
     python bench/e2e.py --case gpu --out gpu-e2e.json        # on a CUDA machine
 """
@@ -198,28 +201,53 @@ def stage_seconds(run: dict, name: str) -> float:
 
 
 def training_case(case: str, workdir: Path, args: argparse.Namespace) -> dict:
-    """A retrain of the case on the archive at `--scale`, and the tutorial's pipeline on it."""
+    """A retrain of the case on the archive at `--scale`, and the tutorial's pipeline on it;
+    with `--repeat N`, N such pairs, alternating, so that the machine's drift over the run
+    falls on both sides: the pair whose ratio is the median is reported in full, every pair's
+    figures beside it."""
     archive, facts = prepare_archive(workdir, args.scale, args.jpeg_size, args.jpeg_quality)
     setup = CASES[case]
-    flowerml = one_retrain(case, "flowerml", REPO, archive, workdir, args)
-    result: dict = {"archive": facts, "setup": {**setup, "epochs": args.epochs or setup["epochs"]
-                                                 or 30, "recipe": "default", "weights": "none"},
-                    "flowerml": flowerml}
-    if args.tutorial:
-        scratch = Path(tempfile.mkdtemp(prefix="tutorial-", dir=workdir))
-        try:
-            epochs = result["setup"]["epochs"]
-            result["tutorial"] = run_tutorial(
-                archive, scratch, arch=setup["arch"], image_size=setup["image_size"],
-                device=setup["device"], test_images=args.tutorial_test_images,
-                epochs_full=TUTORIAL_EPOCHS, epochs_same=epochs)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        full = result["tutorial"]["extrapolated_full_run"]["seconds"]
-        same = result["tutorial"]["extrapolated_same_epochs"]["seconds"]
-        result["speedup"] = {"vs_tutorial_full_run": secs(full / flowerml["wall_seconds"]),
-                             "vs_tutorial_same_epochs": secs(same / flowerml["wall_seconds"])}
+    epochs = args.epochs or setup["epochs"] or 30
+    pairs = []
+    for _repeat in range(args.repeat if args.tutorial else 1):
+        flowerml = one_retrain(case, "flowerml", REPO, archive, workdir, args)
+        tutorial = tutorial_run(archive, workdir, setup, args, epochs) if args.tutorial else None
+        pairs.append((flowerml, tutorial))
+    result: dict = {"archive": facts, "setup": {**setup, "epochs": epochs, "recipe": "default",
+                                                 "weights": "none"}}
+    if not args.tutorial:
+        return result | {"flowerml": pairs[0][0]}
+    ratios = [same_epochs(tutorial) / flowerml["wall_seconds"] for flowerml, tutorial in pairs]
+    middle = sorted(range(len(pairs)), key=ratios.__getitem__)[len(pairs) // 2]
+    flowerml, tutorial = pairs[middle]
+    full = tutorial["extrapolated_full_run"]["seconds"]
+    result |= {"flowerml": flowerml, "tutorial": tutorial,
+               "speedup": {"vs_tutorial_full_run": secs(full / flowerml["wall_seconds"]),
+                           "vs_tutorial_same_epochs": secs(ratios[middle])}}
+    if len(pairs) > 1:
+        result["pairs"] = [{"flowerml_seconds": f["wall_seconds"],
+                            "tutorial_same_epochs_seconds": secs(same_epochs(t)),
+                            "vs_tutorial_same_epochs": secs(ratio)}
+                           for (f, t), ratio in zip(pairs, ratios, strict=True)]
+        result["reported_pair"] = middle
     return result
+
+
+def tutorial_run(archive: Path, workdir: Path, setup: dict, args: argparse.Namespace,
+                 epochs: int) -> dict:
+    """The tutorial's pipeline on the archive, in a scratch folder."""
+    scratch = Path(tempfile.mkdtemp(prefix="tutorial-", dir=workdir))
+    try:
+        return run_tutorial(archive, scratch, arch=setup["arch"],
+                            image_size=setup["image_size"], device=setup["device"],
+                            test_images=args.tutorial_test_images, epochs_full=TUTORIAL_EPOCHS,
+                            epochs_same=epochs)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def same_epochs(tutorial: dict) -> float:
+    return tutorial["extrapolated_same_epochs"]["seconds"]
 
 
 def machine() -> dict:
@@ -254,7 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-paths", nargs="*", default=[],
                         help="demo: take only these files from --baseline, the rest from the "
                              "working tree")
-    parser.add_argument("--repeat", type=int, default=1, help="demo: runs per code version")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="demo: runs per code version; cpu/gpu: flowerml-tutorial pairs")
     parser.add_argument("--timeout", type=float, default=3 * 3600,
                         help="seconds before a retrain is stopped")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "flowerml-e2e"),
