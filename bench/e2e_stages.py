@@ -61,8 +61,9 @@ BACKGROUND_TASKS = frozenset({"prepare-evaluation-split"})
 
 # The order stages are listed (and stacked) in: the run's own order, Prefect's share last.
 STAGE_ORDER = ["CLI start", "option checks", "before the flow", "demo archive", "Prefect start",
-               "fetch", "publish", "train", "test split prepared", "test evaluation", "decide", "register", "export",
-               "promote", "Prefect between tasks", "Prefect stop", "summary and exit"]
+               "fetch", "publish", "train", "test split prepared", "test evaluation", "decide",
+               "register", "export", "promote", "Prefect between tasks", "Prefect stop",
+               "summary and exit"]
 
 
 def training_stages(events: list[dict], task: dict, child: int | None) -> list[dict]:
@@ -176,6 +177,7 @@ def stage_table(run: dict) -> dict:
     tasks = sorted((e for e in events if e["pid"] == cli and e["name"].startswith("prefect.task:")),
                    key=lambda e: e["start"])
     server = first(events, "prefect.server_start", cli)
+
     def task_name(task: dict) -> str:
         return task["name"].removeprefix("prefect.task:")
 

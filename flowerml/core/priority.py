@@ -30,15 +30,13 @@ def idle_priority_available() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "sched_setscheduler")
 
 
-def lower_this_thread() -> str:
-    """Move the calling thread to SCHED_IDLE, or to nice 19 where that is refused; which one."""
+def lower_this_thread() -> None:
+    """Move the calling thread to SCHED_IDLE, or to nice 19 where that class is refused."""
     thread = threading.get_native_id()
     try:
         os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
-        return "idle"
-    except (OSError, AttributeError):
+    except OSError:
         os.setpriority(os.PRIO_PROCESS, thread, LOWEST_NICE)
-        return "nice"
 
 
 def run_when_idle(work: Callable[[], T], name: str = "flowerml-idle") -> T:

@@ -223,8 +223,6 @@ def prepare_eval_split(store: Store, published: PublishedDataset, cache_dir: Pat
                        preprocessing: Preprocessing | None = None) -> DecodedSplit:
     """What `build_eval_loader` reads, made ahead: the split synced and decoded at the model's
     `preprocessing`. Both steps hold a lock, so a loader built meanwhile waits, then reuses."""
-    check_split(split)
     root = sync_split(store, published, (split,), cache_dir)
     return build_decoded_split(root, published, split,
                                model_preprocessing(preprocessing, image_size))
-

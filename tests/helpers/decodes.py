@@ -12,7 +12,6 @@ import pytest
 class Decode(NamedTuple):
     thread: str
     file: str  # the decoded cache's file name: "<split>-<R>px-..."
-    images: int
 
 
 def record_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Decode]:
@@ -23,7 +22,7 @@ def record_decodes(monkeypatch: pytest.MonkeyPatch) -> list[Decode]:
     original = flowerml.data.cache.decode_into
 
     def recording(path: Path, files: list[Path], *args: Any, **kwargs: Any) -> None:
-        decodes.append(Decode(threading.current_thread().name, path.name, len(files)))
+        decodes.append(Decode(threading.current_thread().name, path.name))
         original(path, files, *args, **kwargs)
 
     monkeypatch.setattr(flowerml.data.cache, "decode_into", recording)

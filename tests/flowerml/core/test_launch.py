@@ -53,7 +53,8 @@ def test_the_child_leads_its_own_group_in_its_launchers_session() -> None:
     session (Linux's autogroup), so that work the launcher runs at the idle priority
     meanwhile yields to training instead of sharing the CPU with it as an equal."""
     seen: list[str] = []
-    script = "import os, sys; print(os.getpid(), os.getpgid(0), os.getsid(0)); print(sys.stdin.read() == '')"
+    script = ("import os, sys; print(os.getpid(), os.getpgid(0), os.getsid(0)); "
+              "print(sys.stdin.read() == '')")
     assert run_child([sys.executable, "-c", script], on_line=seen.append).returncode == 0
     pid, group, session = map(int, seen[0].split())
     assert group == pid != os.getpgid(0)
