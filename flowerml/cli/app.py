@@ -215,7 +215,8 @@ class StoppedBySignal(BaseException):
 @contextlib.contextmanager
 def sigterm_stops_the_command() -> Iterator[None]:
     """While the command runs, SIGTERM raises `StoppedBySignal` in the main thread, once (a
-    second SIGTERM must not cut short the tidying the first one started).
+    second SIGTERM must not cut short the tidying the first one started). The handler found
+    is put back afterwards, unless the command installed its own meanwhile.
 
     Only in this process: a process forked from it (DataLoader workers, the decode cache's
     pool) that gets the signal dies of it as it did before, instead of unwinding a copy of the
@@ -240,7 +241,11 @@ def sigterm_stops_the_command() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # A command that took SIGTERM over (`flowerml worker` drains on it) keeps it until the
+        # process ends: restored to the default, a second SIGTERM during exit would turn the
+        # command's clean exit into death by signal.
+        if signal.getsignal(signal.SIGTERM) is stop:
+            signal.signal(signal.SIGTERM, previous)
         _raised_stop = None
 
 

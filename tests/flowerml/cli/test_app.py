@@ -188,6 +188,35 @@ def test_sigterm_unwinds_the_command_and_says_so_in_one_line(as_json: bool) -> N
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone after it
 
 
+def test_a_command_that_takes_sigterm_over_keeps_it_until_the_process_ends() -> None:
+    """`flowerml worker` drains on SIGTERM with its own handler: put back to the default when
+    the command returned, a second SIGTERM during the process's exit killed it (-15) after a
+    clean drain. A command that leaves SIGTERM alone gets the handler it found back (above)."""
+    before = signal.getsignal(signal.SIGTERM)
+    requests: list[int] = []
+
+    def own(signum: int, _frame: object) -> None:
+        requests.append(signum)
+
+    @click.group(cls=FlowermlGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def drains() -> None:
+        signal.signal(signal.SIGTERM, own)
+
+    try:
+        result = CliRunner().invoke(group, ["drains"])
+        assert result.exit_code == 0, result.output
+        assert signal.getsignal(signal.SIGTERM) is own
+        os.kill(os.getpid(), signal.SIGTERM)  # the second SIGTERM, after the command
+        time.sleep(0.1)
+        assert requests == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_sigterm_python_drops_in_a_finaliser_still_stops_the_command(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Python drops an exception raised in a weakref callback (import's module-lock cleanup
