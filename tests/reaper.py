@@ -54,8 +54,18 @@ def guard_this_process(*, pass_sigterm_to_children: bool = False) -> str:
     os.environ[OWNER_VARIABLE] = mark
     _guarded.update(pid=os.getpid(), mark=mark, watchdog=start_watchdog(os.getpid(), mark))
     if threading.current_thread() is threading.main_thread():
+        answer_sigint_as_from_a_terminal()
         stop_cleanly_on_sigterm(mark if pass_sigterm_to_children else None)
     return mark
+
+
+def answer_sigint_as_from_a_terminal() -> None:
+    """Python's own SIGINT handling in this process, also when it started with SIGINT ignored (a
+    shell's background job, some CI runners): the ignoring passes on to every process a test
+    starts, so a stand-in server that stops on SIGINT, as Prefect's does, would sit out the whole
+    grace period of a stop (40 s of one test) instead."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def start_watchdog(owner_pid: int, mark: str) -> subprocess.Popen:

@@ -155,6 +155,28 @@ def test_this_process_is_guarded_and_only_its_own_processes_are_its() -> None:
             unmarked.kill()
 
 
+def test_a_pytest_started_with_sigint_ignored_starts_processes_that_stop_on_it() -> None:
+    """As a shell's background job starts pytest: the ignoring would pass on to the servers the
+    tests start, and a stop that begins with SIGINT would wait out its grace period."""
+    ours = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        reaper.answer_sigint_as_from_a_terminal()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as child:
+            assert child.stdout.readline() == b"up\n"
+            child.send_signal(signal.SIGINT)
+            try:
+                assert child.wait(timeout=30) != 0
+            finally:
+                child.kill()
+            assert b"KeyboardInterrupt" in child.stderr.read()
+    finally:
+        signal.signal(signal.SIGINT, ours)
+
+
 def test_a_test_that_replaces_the_signal_handlers_gets_them_back() -> None:
     """As `flowerml retrain` run through CliRunner does: the next test's SIGTERM still stops
     pytest cleanly."""
