@@ -265,7 +265,6 @@ def connection_failure(error: BaseException, host: str | None = None) -> str:
 
 def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:
     """A boto3 S3 client: the standard AWS chain, with our overrides on top."""
-    import boto3
     from botocore.config import Config
 
     config_args: dict[str, Any] = {
@@ -281,7 +280,7 @@ def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:
     if options.response_checksum_validation:
         config_args["response_checksum_validation"] = options.response_checksum_validation
     try:
-        session = boto3.session.Session(region_name=options.region)
+        session = build_boto3_session(options.region)
         return session.client("s3", endpoint_url=options.endpoint_url,
                               config=Config(**config_args))
     except Exception as error:  # noqa: BLE001 - botocore's configuration errors, below
@@ -289,6 +288,32 @@ def build_s3_client(options: S3Options, concurrency: int = 16) -> Any:
         if refused is None:
             raise
         raise refused from None
+
+
+_data_loader: list[Any] = []
+"""This process's botocore data loader, once built (`build_boto3_session`)."""
+_data_loader_guard = threading.Lock()
+
+
+def build_boto3_session(region: str | None) -> Any:
+    """A boto3 session of its own (credentials, region and configuration resolved afresh, as
+    `boto3.session.Session()` does) whose data loader, the parsed service models, is the one
+    every session of this process shares: each would otherwise parse S3's model again, 88 of
+    the 98 ms of CPU a client costs here (10 ms shared), and every task and command builds its
+    store's client anew."""
+    import boto3
+    import botocore.session
+
+    core = botocore.session.Session()
+    with _data_loader_guard:
+        if not _data_loader:
+            _data_loader.append(core.get_component("data_loader"))
+    loader = _data_loader[0]
+    core.register_component("data_loader", loader)
+    session = boto3.session.Session(botocore_session=core, region_name=region)
+    with _data_loader_guard:  # boto3 adds its data folder to the search path of each session
+        loader.search_paths[:] = list(dict.fromkeys(loader.search_paths))
+    return session
 
 
 ENDPOINT_ORIGINS = "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or endpoint_url in the AWS config"

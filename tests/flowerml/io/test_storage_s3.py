@@ -11,7 +11,7 @@ import pytest
 
 from flowerml.core.errors import RetriesExhausted, TransientError, UserError
 from flowerml.io.storage import S3Options, StoreAccessError, StoreUnreachable
-from flowerml.io.storage_s3 import S3Store
+from flowerml.io.storage_s3 import S3Store, build_boto3_session, build_s3_client
 from tests.helpers.multipart import MULTIPART_TEST_THRESHOLD, big_file, pending_uploads
 from tests.helpers.network import free_port
 from tests.helpers.stores import store_keys
@@ -161,3 +161,29 @@ def test_the_write_probe_refuses_a_read_only_credential_on_seaweedfs(
                                         f"to bucket '{reader.bucket}'")
     assert "reader-secret" not in str(caught.value)
     assert store_keys(seaweedfs_store) == []
+
+
+def test_clients_share_the_parsed_service_models_but_not_their_credentials(
+        moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every task builds its store's client anew: S3's service model is read from disk for the
+    first only, and each client still takes the credentials the environment holds then."""
+    import botocore.loaders
+
+    options = S3Options(endpoint_url=moto_endpoint)
+    build_s3_client(options)
+    reads: list[str] = []
+    original = botocore.loaders.JSONFileLoader.load_file
+
+    def counted(self, file_path, *args, **kwargs):
+        reads.append(file_path)
+        return original(self, file_path, *args, **kwargs)
+
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", counted)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "second-key")
+    second = build_boto3_session(None)
+    client = second.client("s3", endpoint_url=moto_endpoint)
+    assert reads == []
+    assert second.get_credentials().access_key == "second-key"
+    assert client.list_buckets()["ResponseMetadata"]["HTTPStatusCode"] == 200
+    paths = second._session.get_component("data_loader").search_paths  # noqa: SLF001
+    assert len(paths) == len(set(paths))  # boto3's data folder once, however many sessions
