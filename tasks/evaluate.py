@@ -71,7 +71,7 @@ def prepare_evaluation_split_task(split: str, arch: str, weights: str, image_siz
     (`flowerml.evaluation.ahead`). It never fails the run: a problem is a warning, and the
     evaluation meets it again (and reports it) when it reads the split itself."""
     from flowerml.core.errors import FlowermlError
-    from flowerml.evaluation.ahead import prepare_evaluation_split
+    from flowerml.evaluation.ahead import PreparedSplit, prepare_evaluation_split
 
     settings = load_settings(store=store, dataset=dataset)
     try:
@@ -80,7 +80,7 @@ def prepare_evaluation_split_task(split: str, arch: str, weights: str, image_siz
             arch=arch, weights=weights, image_size=image_size, split=split)
     except FlowermlError as error:
         get_run_logger().warning("the %s split was not prepared ahead: %s", split, error)
-        return {"split": split, "skipped": str(error)}
+        return PreparedSplit(split, skipped=str(error)).to_json()
     return prepared.to_json()
 
 
