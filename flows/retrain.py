@@ -77,7 +77,8 @@ class TrainingParams(TrainOverrides):
                              title="Training timeout (seconds)",
                              description="Stop an attempt after this long; the retry resumes it "
                                          "from its last checkpoint.")
-    checkpoint_every: int = Field(1, ge=1, le=1000, title="Checkpoint every N epochs",
+    checkpoint_every: int = Field(1, ge=1, le=1000,
+                                  title="Checkpoint every N epochs",
                                   description="The resumable checkpoint (weights and optimiser "
                                               "state) after every N-th epoch and the last; a "
                                               "retry redoes the epochs since.")

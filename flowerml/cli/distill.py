@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
 from flowerml.cli.app import (
     EXIT_REFUSED,
@@ -16,27 +15,18 @@ from flowerml.cli.app import (
     CliError,
     alias_option,
     cli,
-    dataset_option,
     device_option,
     emit_json,
-    json_option,
     raise_if_stop_was_lost,
-    store_option,
     training_options,
 )
-from flowerml.cli.tracking import (
-    extra_tags,
-    mirror_registry,
-    mlflow_option,
-    mlflow_tag_option,
-    tracked_events,
-    tracking_server,
-)
+from flowerml.cli.tracking import extra_tags, mirror_registry
 from flowerml.cli.training import (
-    launched_options,
-    new_run_id,
+    live_run,
+    recipe_was_typed,
+    run_reporting_options,
+    run_source_options,
     say,
-    train_dataset_version_option,
     workers_option,
 )
 from flowerml.core.documents import plain
@@ -67,9 +57,7 @@ def distill_option(name: str) -> Any:
 @distill_option("temperature")
 @distill_option("alpha")
 @distill_option("mixup")
-@store_option
-@dataset_option
-@train_dataset_version_option
+@run_source_options
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
               help="A named set of the options below; explicit options override it. The "
                    "image size defaults to the teacher's.")
@@ -95,10 +83,7 @@ def distill_option(name: str) -> Any:
               help="Student gate: minimum test top-1.")
 @click.option("--max-gap", type=float, default=0.01, show_default=True,
               help="Student gate: how far below the teacher's test top-1 the student may be.")
-@mlflow_option
-@mlflow_tag_option
-@launched_options
-@json_option
+@run_reporting_options
 def distill(teacher_ref: str | None, teacher_run: str | None, student: str | None,
             temperature: float | None, alpha: float | None, mixup: float | None,
             store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
@@ -117,7 +102,6 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
     student gate, 2 bad input (one line; nothing is written).
     """
     from flowerml.core.launch import exit_with_parent_process
-    from flowerml.core.progress import progress_for_terminal
     from flowerml.core.recipes import build_distill_config
     from flowerml.distillation.distill import distill
     from flowerml.distillation.teacher import load_recorded_teacher, load_teacher
@@ -151,21 +135,16 @@ def distill(teacher_ref: str | None, teacher_run: str | None, student: str | Non
         teacher = load_recorded_teacher(target, saved_objective["teacher"])
     else:
         raise CliError("give the teacher: --teacher NAME@ALIAS|NAME:VERSION or --teacher-run ID")
-    recipe_given = click.get_current_context().get_parameter_source("recipe") \
-        is not ParameterSource.DEFAULT
-    config = student_config(config_json, None if recipe_given or config_json else saved,
+    config = student_config(config_json, None if recipe_was_typed() or config_json else saved,
                             recipe, student, teacher.trained.image_size, options)
     machine_output = as_json or json_progress
-    server = tracking_server(settings)  # unreachable: refused here, before any training
-    run_id = run_id or new_run_id()
-    with progress_for_terminal(quiet=machine_output) as progress, tracked_events(
-            server, target, dataset=settings.dataset, run_id=run_id,
-            on_event=announce_distill(json_progress), tags=tags) as on_event:
+    with live_run(settings, target, run_id, announce_distill(json_progress), tags,
+                  quiet=machine_output) as run:
         result = distill(config, settings_for_run, teacher, store=target,
-                         dataset=settings.dataset, run_id=run_id,
+                         dataset=settings.dataset, run_id=run.run_id,
                          cache_dir=settings.cache_dir, version=dataset_version, device=device,
                          workers=workers, s3=settings.s3_options(),
-                         on_event=on_event, progress=progress)
+                         on_event=run.on_event, progress=run.progress)
     if result.fit.rank != 0:
         return  # under torchrun, rank 0 speaks for the run
     release = None

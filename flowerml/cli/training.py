@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import click
 from click.core import ParameterSource
@@ -49,6 +50,49 @@ def launched_options(command: Callable) -> Callable:
                         help="Stop when this process id is gone (set by the launcher).")(command)
 
 
+def run_source_options(command: Callable) -> Callable:
+    """Where a training run's images come from: the store, the dataset and its version."""
+    for decorator in (train_dataset_version_option, dataset_option, store_option):
+        command = decorator(command)
+    return command
+
+
+def run_reporting_options(command: Callable) -> Callable:
+    """How a training run reports: MLflow, the launcher's progress lines, --json."""
+    for decorator in (json_option, launched_options, mlflow_tag_option, mlflow_option):
+        command = decorator(command)
+    return command
+
+
+class LiveRun(NamedTuple):
+    """What a training command runs under: its id, its progress display, its event sink."""
+    run_id: str
+    progress: Any
+    on_event: Callable[[dict], None]
+
+
+@contextmanager
+def live_run(settings: Any, target: Store, run_id: str | None,
+             announce: Callable[[dict], None], tags: dict[str, str],
+             quiet: bool) -> Iterator[LiveRun]:
+    """A training run's surroundings: an unreachable tracking server is refused here, before
+    any training; a new run gets a time-stamped id; events go to the terminal and MLflow."""
+    from flowerml.core.progress import progress_for_terminal
+
+    server = tracking_server(settings)
+    run_id = run_id or new_run_id()
+    with progress_for_terminal(quiet=quiet) as progress, tracked_events(
+            server, target, dataset=settings.dataset, run_id=run_id,
+            on_event=announce, tags=tags) as on_event:
+        yield LiveRun(run_id, progress, on_event)
+
+
+def recipe_was_typed() -> bool:
+    """Whether --recipe was given: a resumed run otherwise keeps its own config."""
+    return click.get_current_context().get_parameter_source("recipe") \
+        is not ParameterSource.DEFAULT
+
+
 def new_run_id() -> str:
     import secrets
     import time
@@ -86,9 +130,7 @@ def say(text: str, machine_output: bool) -> None:
 
 
 @cli.command()
-@store_option
-@dataset_option
-@train_dataset_version_option
+@run_source_options
 @click.option("--recipe", type=Choice(RECIPE_NAMES), default="default", show_default=True,
               help="A named set of the options below; explicit options override it.")
 @training_options
@@ -102,10 +144,7 @@ def say(text: str, machine_output: bool) -> None:
 @click.option("--run-id", default=None,
               help="Resume this run with its own config (a larger --epochs extends it), or "
                    "name a new one (default: a new time-stamped id).")
-@mlflow_option
-@mlflow_tag_option
-@launched_options
-@json_option
+@run_reporting_options
 def train(store: str | None, dataset: str | None, dataset_version: str | None, recipe: str,
           config_json: str | None, device: str, workers: int | None, checkpoint_every: int,
           run_id: str | None,
@@ -113,7 +152,6 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
           json_progress: bool, as_json: bool, **options: Any) -> None:
     """Fine-tune a model on the published train split, selecting on valid."""
     from flowerml.core.launch import exit_with_parent_process
-    from flowerml.core.progress import progress_for_terminal
     from flowerml.core.recipes import build_config, load_config
     from flowerml.training.fit import fit
 
@@ -125,24 +163,18 @@ def train(store: str | None, dataset: str | None, dataset_version: str | None, r
     tags = extra_tags(mlflow_tags)
     target = build_store(settings)
     target.check_writable()  # a read-only key is refused now, not at the first checkpoint
-    recipe_given = click.get_current_context().get_parameter_source("recipe") \
-        is not ParameterSource.DEFAULT
-    saved = None if config_json or recipe_given or not run_id else saved_config(target, run_id)
+    saved = None if config_json or recipe_was_typed() or not run_id else saved_config(target, run_id)
     if saved is not None:  # resuming or extending: the run's own config, with what was typed
         config = load_config(json.dumps({**saved, **{k: v for k, v in options.items()
                                                      if v is not None}}))
     else:
         config = load_config(config_json) if config_json else build_config(recipe, **options)
-    machine_output = as_json or json_progress
-    server = tracking_server(settings)  # unreachable: refused here, before any training
-    run_id = run_id or new_run_id()
-    with progress_for_terminal(quiet=machine_output) as progress, tracked_events(
-            server, target, dataset=settings.dataset, run_id=run_id,
-            on_event=announce_run(json_progress), tags=tags) as on_event:
+    with live_run(settings, target, run_id, announce_run(json_progress), tags,
+                  quiet=as_json or json_progress) as run:
         result = fit(config, store=target, dataset=settings.dataset,
-                     run_id=run_id, cache_dir=settings.cache_dir,
+                     run_id=run.run_id, cache_dir=settings.cache_dir,
                      version=dataset_version, device=device, workers=workers,
-                     s3=settings.s3_options(), on_event=on_event, progress=progress,
+                     s3=settings.s3_options(), on_event=run.on_event, progress=run.progress,
                      checkpoint_every=checkpoint_every)
     if result.rank != 0:
         return  # under torchrun, rank 0 speaks for the run

@@ -229,10 +229,6 @@ class PredictionSet:
     class_names: tuple[str, ...]
     images: tuple[ImagePrediction, ...]
 
-    @property
-    def top1(self) -> float:
-        return sum(row.correct for row in self.images) / len(self.images)
-
 
 def read_prediction_set(metrics: EvaluationMetrics | None, read: Any, *, source: str, where: str,
                         class_names: Sequence[str], fix: str) -> PredictionSet:
