@@ -4,6 +4,7 @@ two models' outcomes on the same images, and registry versions that store them."
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 from flowerml.core.documents import plain
 from flowerml.core.files import json_bytes
@@ -56,6 +57,11 @@ def paired_outcomes(*, both_right: int, a_only: int, b_only: int, both_wrong: in
     return a, b
 
 
+def top1_of(rows: Sequence[ImagePrediction]) -> float:
+    """The share of rows whose best guess is their label."""
+    return sum(row.correct for row in rows) / len(rows)
+
+
 def register_with_predictions(registry: Registry, seed: int,
                               outcomes: list[tuple[int, int]], *,
                               manifest: str = MANIFEST) -> ModelVersion:
@@ -67,7 +73,7 @@ def register_with_predictions(registry: Registry, seed: int,
     sha = hashlib.sha256(data).hexdigest()
     rows = prediction_set("x", outcomes, manifest=manifest, weights_sha256=sha).images
     encoded = encode_predictions(rows)
-    top1 = sum(row.correct for row in rows) / len(rows)
+    top1 = top1_of(rows)
     metrics = EvaluationMetrics(
         top1=top1, top5=top1, mean_class_accuracy=top1, loss=0.0, n=len(rows),
         predictions=predictions_record(encoded, dataset="flowers102@abc",

@@ -15,6 +15,7 @@ from flowerml.io.storage_local import LocalStore
 from flowerml.registry.gates import Gate, Scorecard
 from flowerml.registry.promotion import champion_scorecard, promote, promote_released_student
 from flowerml.registry.versions import Registry, resolve_ref
+from tests.helpers.paired import top1_of
 from tests.helpers.registry_entries import MANIFEST, MODEL, card, weights
 from tests.helpers.stored_documents import fixture_bytes
 from tests.helpers.synthetic import RegisteredRun
@@ -259,7 +260,7 @@ def test_a_champion_re_evaluated_on_another_manifest_brings_its_new_predictions(
     predictions = champion.predictions
     assert predictions.manifest_sha256 == "0" * 64  # measured there, not read from the card
     assert len(predictions.images) == metrics["n"]
-    assert predictions.top1 == pytest.approx(champion.scorecard.top1)
+    assert top1_of(predictions.images) == pytest.approx(champion.scorecard.top1)
     assert predictions.weights_sha256 == registry.get(1).weights_sha256
 
 
