@@ -15,6 +15,7 @@ import sys
 import threading
 
 from flowerml.cli import cli
+from flowerml.core.garbage import collect_long_lived_objects_rarely
 from flows import cli_cluster  # noqa: F401  (adds `score --dask-address` and `pools`)
 from flows.retrain_command import retrain
 from flows.worker import build_worker_command
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is not None:
         cli.main(args=argv, prog_name="flowerml")
         return
+    collect_long_lived_objects_rarely()  # this process is ours (flowerml/core/garbage.py)
     try:
         cli.main(prog_name="flowerml")
     except SystemExit as done:

@@ -59,8 +59,12 @@ if TYPE_CHECKING:  # the fixtures import what they use: a pytest that only loads
 def pytest_configure(config: pytest.Config) -> None:
     """Every process this pytest process (master or xdist worker) starts dies with it, however
     it ends: normal end, Ctrl-C, SIGTERM, SIGKILL (tests/reaper.py). Before any fixture or
-    xdist worker starts, so that each inherits this process's mark."""
+    xdist worker starts, so that each inherits this process's mark. The garbage collector runs
+    on the schedule of the processes the console script starts (flowerml/core/garbage.py)."""
+    from flowerml.core.garbage import collect_long_lived_objects_rarely
     from tests import reaper
+
+    collect_long_lived_objects_rarely()
 
     is_xdist_master = (not hasattr(config, "workerinput")
                        and bool(config.getoption("numprocesses", None)))
