@@ -36,12 +36,29 @@ Content = bytes | bytearray | memoryview | Callable[[Path], object]
 """What `write_atomically` writes: bytes, or a function that fills the temp file at a path."""
 
 
+def make_folder(folder: Path) -> None:
+    """`folder` and its parents, also while another thread removes empty folders there:
+    Path.mkdir(exist_ok=True) raises FileExistsError when the folder it found is removed before
+    it checks that it is one."""
+    for _ in range(100):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        except FileExistsError:
+            if folder.is_dir():
+                return  # made again by the other thread
+            if folder.exists():
+                raise  # a file where the folder should be
+            # removed under us: make it again
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def temp_beside(path: Path) -> Iterator[Path]:
     """A fresh, empty temp file in `path`'s directory (same filesystem, so it can be renamed or
     linked into place); removed on exit unless it was moved. Its name starts with a dot, so
     listings that skip hidden files never see it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     created: list[Path] = []
     try:
         yield _create_exclusive(path.parent, prefix=".tmp-", suffix=path.suffix, into=created)
@@ -63,6 +80,12 @@ def _create_exclusive(directory: Path, prefix: str, suffix: str, into: list[Path
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                              | getattr(os, "O_CLOEXEC", 0), 0o666)
             except FileExistsError:
+                continue
+            except FileNotFoundError:
+                # A concurrent tidy-up (LocalStore.remove_empty_folders, the write probe's
+                # folder) removed the folder while it was still empty: make it again. Once
+                # the temp file is in it, rmdir leaves it alone.
+                make_folder(directory)
                 continue
             into.append(name)
         os.close(fd)

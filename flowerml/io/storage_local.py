@@ -233,8 +233,9 @@ class LocalStore(Store):
         """Remove the empty folders under `prefix`, then `prefix` and its parents while empty,
         then the root and its parents if check() created them and they are empty.
 
-        rmdir removes only empty folders, so nothing written is lost; but a concurrent writer
-        that has just made a folder and not yet put its temp file there sees that write fail.
+        rmdir removes only empty folders, so nothing written is lost; a concurrent writer that
+        has just made a folder and not yet put its temp file there makes it again
+        (`flowerml.core.files.temp_beside`).
         """
         top = self._path(prefix.strip("/"))
         for folder, _, _ in os.walk(top, topdown=False):

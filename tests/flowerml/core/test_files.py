@@ -79,6 +79,52 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
 
 
+def test_a_folder_tidied_away_before_the_temp_file_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's removal of empty folders (LocalStore's write probe) may rmdir the folder
+    between temp_beside's mkdir and its open: the write still lands."""
+    folder = tmp_path / "_probe"
+    real_open = os.open
+    removed = []
+
+    def open_after_a_tidy_up(path, *args, **kwargs):
+        if not removed:
+            Path(path).parent.rmdir()  # what the other thread's tidy-up does
+            removed.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("flowerml.core.files.os.open", open_after_a_tidy_up)
+    target = write_atomically(folder / "probe", b"written")
+    assert removed and target.read_bytes() == b"written"
+    assert [p.name for p in folder.iterdir()] == ["probe"]
+
+
+def test_racing_write_probes_of_a_local_store_all_pass(tmp_path: Path) -> None:
+    """Each probe removes the `_probe/` folder once it is empty: three threads probing at once
+    removed it under each other (a failure seen in the suite)."""
+    import threading
+
+    store = LocalStore(tmp_path / "store")
+    store.check()
+    barrier, errors = threading.Barrier(3), []
+
+    def probe() -> None:
+        barrier.wait()
+        try:
+            for _ in range(50):
+                store.check_writable()
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=probe) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert not (tmp_path / "store" / "_probe").exists()
+
+
 @pytest.mark.timeout(30)  # a FIFO that is opened or read blocks: fail, do not hang the suite
 def test_a_user_file_is_a_regular_file_or_one_clear_refusal(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "pipe.jpg")
