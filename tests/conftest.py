@@ -73,6 +73,34 @@ def pytest_configure(config: pytest.Config) -> None:
         rewrite_test_modules_once(config)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist starts the workers
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """An xdist master running the whole suite (not a selection by marks, such as `make
+    test-fast`, which starts no Prefect server) migrates the workers' template database."""
+    config = session.config
+    if (not hasattr(config, "workerinput") and config.getoption("numprocesses", None)
+            and not config.getoption("markexpr", "")):
+        migrate_prefect_database_early(config)
+
+
+def migrate_prefect_database_early(config: pytest.Config) -> None:
+    """The workers' template Prefect database (`prefect_database`), migrated by the master in
+    the background while the workers collect: otherwise the first worker to need it migrates it
+    (7 s) while the others wait on its lock with a core idle. Where the master's temporary
+    folder cannot be found (pytest's private `_tmp_path_factory`, as xdist itself uses), the
+    first worker migrates it as before."""
+    import threading
+
+    from tests.helpers.prefect_database import migrated_database
+
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    folder = factory.getbasetemp() / PREFECT_DATABASE_FOLDER
+    threading.Thread(target=migrated_database, args=(folder,), daemon=True,
+                     name="migrate-prefect-database").start()
+
+
 def rewrite_test_modules_once(config: pytest.Config) -> None:
     """The test modules the workers will collect, their asserts rewritten and cached (as pytest
     does on import) by the master before it starts them: on a fresh checkout each worker would
@@ -107,6 +135,7 @@ def rewrite_test_modules_once(config: pytest.Config) -> None:
 
 # A test that needs one of these servers is slow (make test-fast starts none of them): the
 # Prefect test server, SeaweedFS, moto's IAM-enforcing process (moto's threaded one is quick).
+PREFECT_DATABASE_FOLDER = "prefect-db"  # in the master's basetemp, which every worker's is under
 SERVER_FIXTURES = frozenset({"prefect_harness", "seaweedfs_endpoint", "denying_s3_endpoint"})
 
 
@@ -233,7 +262,8 @@ def prefect_database(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -
     from tests.helpers.prefect_database import migrated_database
 
     base = tmp_path_factory.getbasetemp()
-    return migrated_database((base if worker_id == "master" else base.parent) / "prefect-db")
+    return migrated_database((base if worker_id == "master" else base.parent)
+                             / PREFECT_DATABASE_FOLDER)
 
 
 @pytest.fixture(scope="session")
