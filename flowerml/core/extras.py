@@ -7,6 +7,9 @@ only some installs need:
 - `dask`: prefect-dask and distributed, to score shards on a Dask cluster
   (`flowerml score --dask-address`, `python -m flows.score --dask-address`, the score-images
   flow's `dask_address`).
+- `mlflow`: mirror runs and registry versions to an MLflow tracking server (`--mlflow URI`,
+  `FLOWERML_MLFLOW_URI`); flowerml.tracking imports it lazily and raises this module's
+  `MissingExtra` itself, so a run without a tracking URI never needs it.
 
 `require_extra` is called where such a feature starts, before anything is listed or written: a
 missing extra is one line naming the `pip install` to run (a `UserError`: exit code 2).
