@@ -37,19 +37,22 @@ Content = bytes | bytearray | memoryview | Callable[[Path], object]
 
 
 def make_folder(folder: Path) -> None:
-    """`folder` and its parents, also while another thread removes empty folders there:
-    Path.mkdir(exist_ok=True) raises FileExistsError when the folder it found is removed before
-    it checks that it is one."""
+    """`folder` and its parents, also while other threads remove empty folders there and make
+    them again: Path.mkdir(exist_ok=True) raises FileExistsError when the folder it found is
+    removed before it checks that it is one. One stat decides (two checks could see the folder
+    gone, then made again)."""
     for _ in range(100):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             return
         except FileExistsError:
-            if folder.is_dir():
-                return  # made again by the other thread
-            if folder.exists():
-                raise  # a file where the folder should be
-            # removed under us: make it again
+            try:
+                mode = folder.stat().st_mode
+            except FileNotFoundError:
+                continue  # removed under us: make it again
+            if stat.S_ISDIR(mode):
+                return  # made again by another thread
+            raise  # a file where the folder should be
     folder.mkdir(parents=True, exist_ok=True)
 
 

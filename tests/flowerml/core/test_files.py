@@ -3,6 +3,7 @@ a user names is read only when it is a regular file, and only up to its cap."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -13,6 +14,7 @@ import pytest
 
 from flowerml.core.files import (
     FileRefused,
+    make_folder,
     md5_file,
     open_user_file,
     read_user_file,
@@ -97,6 +99,77 @@ def test_a_folder_tidied_away_before_the_temp_file_is_made_again(
     target = write_atomically(folder / "probe", b"written")
     assert removed and target.read_bytes() == b"written"
     assert [p.name for p in folder.iterdir()] == ["probe"]
+
+
+def test_a_folder_removed_as_mkdir_finds_it_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkdir finds the folder (EEXIST), then another thread's tidy-up removes it before the
+    check that it is a folder: it is made again instead of the write failing."""
+    folder = tmp_path / "_probe"
+    folder.mkdir()
+    real_mkdir = os.mkdir
+    tidied = []
+
+    def mkdir_then_tidy_up(path, *args, **kwargs):
+        if not tidied and Path(path) == folder:
+            tidied.append(path)
+            try:
+                real_mkdir(path, *args, **kwargs)
+            finally:
+                folder.rmdir()  # what the other thread's tidy-up does
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr("pathlib.os.mkdir", mkdir_then_tidy_up)
+    make_folder(folder)
+    assert tidied and folder.is_dir()
+
+
+def test_make_folder_holds_while_others_remove_and_remake_it(tmp_path: Path) -> None:
+    """Threads that rmdir and mkdir the folder all the time (the write probes' tidy-up and
+    their writes) never make make_folder fail: a check that saw the folder gone, then a second
+    that saw it back, once raised 'File exists' in the suite. Thread switches are forced every
+    microsecond so that the interleavings happen within the test's second or two."""
+    import sys
+    import threading
+
+    folder = tmp_path / "_probe"
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        while not stop.is_set():
+            for change in (folder.rmdir, folder.mkdir):
+                with contextlib.suppress(OSError):
+                    change()
+
+    def make() -> None:
+        try:
+            for _ in range(100_000):
+                make_folder(folder)
+        except OSError as error:
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        churners = [threading.Thread(target=churn) for _ in range(2)]
+        makers = [threading.Thread(target=make) for _ in range(2)]
+        for thread in churners + makers:
+            thread.start()
+        for thread in makers:
+            thread.join()
+        stop.set()
+        for thread in churners:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+
+
+def test_a_file_where_the_folder_should_be_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_bytes(b"a file")
+    with pytest.raises(FileExistsError):
+        make_folder(tmp_path / "taken")
+    assert (tmp_path / "taken").read_bytes() == b"a file"
 
 
 def test_racing_write_probes_of_a_local_store_all_pass(tmp_path: Path) -> None:
